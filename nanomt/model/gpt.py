@@ -1,0 +1,170 @@
+"""The GPT decoder: embedding -> transformer layers -> final norm -> vocab-parallel head and loss.
+
+Plain PyTorch around tensor-parallel parts. The same class builds
+  - the whole model on one process (grid=None: every parallel piece is an ordinary layer),
+  - one tensor-parallel shard of it (grid.tp_size > 1),
+  - one pipeline chunk of it: `layer_range` picks the layers, `pre_process` adds the embedding
+    (first chunk) and `post_process` the head and loss (last chunk).
+
+Initialisation is layout-independent: each block of parameters draws its full tensor from its own
+generator seeded by (seed, block index), then keeps its shard. So the model at any (tp, pp)
+holds exactly the slices of the single-process model. Weights are N(0, init_std); the two output
+projections of each layer use init_std / sqrt(2 * num_layers), as in GPT-2 and Megatron.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanomt.model.config import ModelConfig
+from nanomt.model.layers import TransformerLayer, make_norm
+from nanomt.parallel import comm
+from nanomt.parallel.cross_entropy import vocab_parallel_cross_entropy
+from nanomt.parallel.mappings import (
+    gather_from_tensor_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from nanomt.parallel.random import TensorParallelRNG
+from nanomt.parallel.tensor_parallel import (
+    InitFn,
+    VocabParallelEmbedding,
+    parallel_lm_logits,
+    shard_parameter,
+    tp_rank_and_size,
+)
+
+# Init-stream index of each block of parameters (layers start at FIRST_LAYER_STREAM).
+WORD_EMBEDDING_STREAM, POSITION_EMBEDDING_STREAM, OUTPUT_LAYER_STREAM = 0, 1, 2
+FIRST_LAYER_STREAM = 3
+
+
+def normal_init(std: float, seed: int, stream: int) -> InitFn:
+    """Draws full tensors N(0, std) from a generator private to (seed, stream)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + stream)
+
+    def init(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+    return init
+
+
+class GPT(nn.Module):
+    """A GPT decoder, or the tensor/pipeline-parallel piece of one held by this rank."""
+
+    def __init__(self, cfg: ModelConfig, grid=None, *, seed: int = 1234,
+                 sequence_parallel: bool = False, layer_range: range | None = None,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.tp_group = grid.tp_group if grid is not None else None
+        tp_rank, tp = tp_rank_and_size(self.tp_group)
+        self.sequence_parallel = sequence_parallel and tp > 1
+        if self.sequence_parallel and cfg.seq_len % tp:
+            raise ValueError(f"sequence parallelism needs model.seq_len ({cfg.seq_len}) "
+                             f"divisible by tp ({tp})")
+        self.padded_vocab_size = cfg.padded_vocab_size(tp)
+        self.layer_range = layer_range if layer_range is not None else range(cfg.num_layers)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.rng = TensorParallelRNG(seed, tp_rank)
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+
+        if pre_process or (post_process and cfg.tie_embeddings):
+            # The last pipeline stage keeps its own copy of a tied word embedding; the two copies
+            # start equal and the embedding group sums their gradients every step.
+            self.word_embedding = VocabParallelEmbedding(
+                cfg.vocab_size, self.padded_vocab_size, cfg.hidden_size, self.tp_group,
+                normal_init(std, seed, WORD_EMBEDDING_STREAM))
+            self.word_embedding.weight.shared_embedding = cfg.tie_embeddings
+        if pre_process and cfg.style == "gpt":
+            self.position_embedding = shard_parameter(
+                normal_init(std, seed, POSITION_EMBEDDING_STREAM)((cfg.seq_len, cfg.hidden_size)),
+                self.tp_group, dim=None)
+        self.layers = nn.ModuleList(
+            TransformerLayer(cfg, self.tp_group,
+                             normal_init(std, seed, FIRST_LAYER_STREAM + 2 * i),
+                             normal_init(out_std, seed, FIRST_LAYER_STREAM + 2 * i + 1),
+                             self.sequence_parallel, self.rng)
+            for i in self.layer_range)
+        if post_process:
+            self.final_norm = make_norm(cfg, self.sequence_parallel)
+            if not cfg.tie_embeddings:
+                self.output_layer = VocabParallelEmbedding(
+                    cfg.vocab_size, self.padded_vocab_size, cfg.hidden_size, self.tp_group,
+                    normal_init(std, seed, OUTPUT_LAYER_STREAM))
+
+    # ---- pieces of forward -------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [b, s] -> hidden [b, s, h] (or [b, s/t, h] under sequence parallelism)."""
+        hidden = self.word_embedding(tokens)
+        if self.cfg.style == "gpt":
+            hidden = hidden + self.position_embedding[: tokens.shape[1]]
+        if self.sequence_parallel:
+            hidden = scatter_to_sequence_parallel_region(hidden, self.tp_group)
+        if self.training and self.cfg.dropout > 0:
+            if self.sequence_parallel:
+                with self.rng.fork():
+                    return F.dropout(hidden, self.cfg.dropout, training=True)
+            hidden = F.dropout(hidden, self.cfg.dropout, training=True)
+        return hidden
+
+    def output_weight(self) -> torch.Tensor:
+        if self.cfg.tie_embeddings:
+            return self.word_embedding.weight
+        return self.output_layer.weight
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden -> logits for this rank's vocabulary shard [b, s, V_padded / t]."""
+        hidden = self.final_norm(hidden)
+        return parallel_lm_logits(hidden, self.output_weight(), self.tp_group,
+                                  self.sequence_parallel)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """First chunk takes token ids, later chunks the previous chunk's hidden state.
+
+        Returns the hidden state (not the last chunk), the local logits shard (last chunk, no
+        targets) or the mean cross-entropy loss over all tokens (last chunk, with targets).
+        """
+        hidden = self.embed(inputs) if self.pre_process else inputs
+        for layer in self.layers:
+            hidden = layer(hidden)
+        if not self.post_process:
+            return hidden
+        logits = self.head(hidden)
+        if targets is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, targets, self.tp_group,
+                                            self.cfg.vocab_size).mean()
+
+    @torch.no_grad()
+    def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Whole-vocabulary logits [b, s, V] (gathered over tp, padding removed): for tests."""
+        logits = gather_from_tensor_parallel_region(self.forward(tokens), self.tp_group)
+        return logits[..., : self.cfg.vocab_size]
+
+    def num_local_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def replicated_over_tp(param: nn.Parameter) -> bool:
+    """True for parameters every tp rank holds in full (norms, row-parallel biases, positions)."""
+    return getattr(param, "tp_split_dim", None) is None
+
+
+def allreduce_sequence_parallel_grads(model: nn.Module, tp_group) -> None:
+    """Under SP, norms and row-parallel biases see only my sequence shard: sum over tp."""
+    if comm.group_size(tp_group) == 1:
+        return
+    grads = [p.grad for p in model.parameters()
+             if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    comm.all_reduce(flat, tp_group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -1,0 +1,141 @@
+"""One transformer layer, built from tensor-parallel pieces.
+
+    x = x + Dropout(Attention(Norm(x)))     Attention = ColumnParallel(QKV) -> SDPA -> RowParallel
+    x = x + Dropout(MLP(Norm(x)))           MLP       = ColumnParallel -> GeLU/SwiGLU -> RowParallel
+
+With tp=1 every parallel linear is an ordinary linear and this is a plain pre-norm GPT block.
+With tp=t each rank holds num_heads/t heads and ffn/t MLP columns, and the layer issues one f and
+one g per block. With sequence parallelism the norms and dropouts run on [b, s/t, h].
+
+The fused QKV weight is laid out per head, rows [head0: q k v | head1: q k v | ...], so that a
+contiguous split over tp ranks hands each rank whole heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanomt.model.config import ModelConfig
+from nanomt.parallel.random import TensorParallelRNG
+from nanomt.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    InitFn,
+    RowParallelLinear,
+    divide,
+    tp_rank_and_size,
+)
+
+
+def make_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
+    norm = (nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps) if cfg.style == "gpt"
+            else nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps))
+    for param in norm.parameters():
+        param.tp_split_dim = None
+        # Under SP each tp rank normalises a different slice of the sequence: partial gradients.
+        param.sequence_parallel = sequence_parallel
+    return norm
+
+
+def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [seq_len, head_dim/2] for rotary position embeddings (Su et al.)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + d/2]) of x [b, heads, s, d] (the "rotate half" convention)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos[: x.shape[-2]].to(x.dtype), sin[: x.shape[-2]].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class ParallelAttention(nn.Module):
+    """Causal self-attention with heads split across the tp group."""
+
+    def __init__(self, cfg: ModelConfig, tp_group, init_fn: InitFn, out_init_fn: InitFn,
+                 sequence_parallel: bool, rng: TensorParallelRNG):
+        super().__init__()
+        _, tp = tp_rank_and_size(tp_group)
+        self.heads_per_rank = divide(cfg.num_heads, tp, "model.num_heads")
+        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.use_rope = cfg.style == "llama"
+        self.dropout_p, self.rng = cfg.attention_dropout, rng
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp_group, init_fn,
+                                        bias=cfg.use_bias, sequence_parallel=sequence_parallel)
+        self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp_group, out_init_fn,
+                                      bias=cfg.use_bias, sequence_parallel=sequence_parallel)
+        if self.use_rope:
+            cos, sin = rope_cache(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + causal mask) v on this rank's heads."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        with self.rng.fork():  # different heads on each tp rank: different dropout masks
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)  # [b, s, 3h/t] (full sequence even under SP)
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, self.heads_per_rank, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # each [b, heads/t, s, d]
+        if self.use_rope:
+            q = apply_rope(q, self.rope_cos, self.rope_sin)
+            k = apply_rope(k, self.rope_cos, self.rope_sin)
+        out = self.core_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(b, s, self.heads_per_rank * self.head_dim)
+        return self.proj(out)
+
+
+class ParallelMLP(nn.Module):
+    """GeLU MLP h -> ffn -> h (gpt) or SwiGLU down(silu(gate x) * up x) (llama)."""
+
+    def __init__(self, cfg: ModelConfig, tp_group, init_fn: InitFn, out_init_fn: InitFn,
+                 sequence_parallel: bool):
+        super().__init__()
+        h, f, bias = cfg.hidden_size, cfg.ffn_hidden_size, cfg.use_bias
+        self.swiglu = cfg.style == "llama"
+        self.fc1 = ColumnParallelLinear(h, f, tp_group, init_fn, bias=bias,
+                                        sequence_parallel=sequence_parallel)
+        if self.swiglu:
+            self.gate = ColumnParallelLinear(h, f, tp_group, init_fn, bias=False,
+                                             sequence_parallel=sequence_parallel)
+        self.fc2 = RowParallelLinear(f, h, tp_group, out_init_fn, bias=bias,
+                                     sequence_parallel=sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.fc2(F.silu(self.gate(x)) * self.fc1(x))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, tp_group, init_fn: InitFn, out_init_fn: InitFn,
+                 sequence_parallel: bool, rng: TensorParallelRNG):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+        self.dropout_p, self.rng = cfg.dropout, rng
+        self.norm1 = make_norm(cfg, sequence_parallel)
+        self.attention = ParallelAttention(cfg, tp_group, init_fn, out_init_fn,
+                                           sequence_parallel, rng)
+        self.norm2 = make_norm(cfg, sequence_parallel)
+        self.mlp = ParallelMLP(cfg, tp_group, init_fn, out_init_fn, sequence_parallel)
+
+    def residual_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.dropout_p == 0.0:
+            return x
+        if self.sequence_parallel:  # each tp rank holds a different sequence shard
+            with self.rng.fork():
+                return F.dropout(x, self.dropout_p, training=True)
+        return F.dropout(x, self.dropout_p, training=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.residual_dropout(self.attention(self.norm1(x)))
+        return x + self.residual_dropout(self.mlp(self.norm2(x)))

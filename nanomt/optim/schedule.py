@@ -1,0 +1,36 @@
+"""Learning-rate schedule of GPT-3 and MT-NLG: linear warm-up, then cosine decay to a floor.
+
+    lr(t) = lr_max * t / T_warm                                        for t < T_warm
+    lr(t) = lr_min + (lr_max - lr_min) * (1 + cos(pi * p)) / 2         p = (t - T_warm) / (T_decay - T_warm)
+    lr(t) = lr_min                                                     for t >= T_decay
+
+MT-NLG: lr_max 5e-5, warm-up over 1B tokens, cosine decay to 10% (lr_min = lr_max / 10).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    max_lr: float
+    min_lr: float
+    warmup_steps: int
+    decay_steps: int
+
+    def __post_init__(self) -> None:
+        if self.min_lr > self.max_lr:
+            raise ValueError(f"optim.min_lr ({self.min_lr}) exceeds optim.lr ({self.max_lr})")
+        if self.warmup_steps < 0 or self.decay_steps < 1:
+            raise ValueError("optim.warmup_steps must be >= 0 and the decay length >= 1")
+
+    def __call__(self, step: int) -> float:
+        """Learning rate for optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.max_lr * (step + 1) / self.warmup_steps
+        if step >= self.decay_steps:
+            return self.min_lr
+        progress = (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps)
+        return self.min_lr + (self.max_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))

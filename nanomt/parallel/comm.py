@@ -1,0 +1,86 @@
+"""Collectives, in one place, so they can be counted.
+
+Every collective nanomt issues for tensor parallelism goes through these few functions. Each is a
+no-op on a group of one (the single-process model pays nothing), and each records its kind and
+element count into `COMM_LOG` while a `count_collectives()` block is open: that is how the tests
+check the paper's communication volume (two all-reduces per layer forward, two backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+# (kind, numel) of each collective issued while counting; None when not counting.
+COMM_LOG: list[tuple[str, int]] | None = None
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[list[tuple[str, int]]]:
+    """Record every collective issued inside the block as (kind, numel of the full tensor)."""
+    global COMM_LOG
+    previous, COMM_LOG = COMM_LOG, []
+    try:
+        yield COMM_LOG
+    finally:
+        COMM_LOG = previous
+
+
+def _record(kind: str, numel: int) -> None:
+    if COMM_LOG is not None:
+        COMM_LOG.append((kind, numel))
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over `group`; returns the tensor."""
+    if group_size(group) == 1:
+        return tensor
+    _record("all_reduce", tensor.numel())
+    dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Concatenate every rank's `tensor` along `dim`, in rank order."""
+    world = group_size(group)
+    if world == 1:
+        return tensor
+    moved = tensor.movedim(dim, 0).contiguous()
+    out = torch.empty((world * moved.shape[0],) + moved.shape[1:], dtype=moved.dtype,
+                      device=moved.device)
+    _record("all_gather", out.numel())
+    dist.all_gather_into_tensor(out, moved, group=group)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Sum `tensor` over the group and keep this rank's slice of it along `dim`."""
+    world = group_size(group)
+    if world == 1:
+        return tensor
+    moved = tensor.movedim(dim, 0).contiguous()
+    if moved.shape[0] % world:
+        raise ValueError(f"dim {dim} of size {moved.shape[0]} does not split over {world} ranks")
+    out = torch.empty((moved.shape[0] // world,) + moved.shape[1:], dtype=moved.dtype,
+                      device=moved.device)
+    _record("reduce_scatter", moved.numel())
+    dist.reduce_scatter_tensor(out, moved, group=group)
+    return out.movedim(0, dim)
+
+
+def split(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's slice of `tensor` along `dim` (no communication)."""
+    world = group_size(group)
+    if world == 1:
+        return tensor
+    if tensor.shape[dim] % world:
+        raise ValueError(f"dim {dim} of size {tensor.shape[dim]} does not split over {world} ranks")
+    rank = dist.get_rank(group)
+    return tensor.chunk(world, dim=dim)[rank].contiguous()
