@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup train test clean
 
@@ -11,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: on this kind of machine torch==2.13.0 is a local CPU wheel; a bare
 	# "torch" could resolve to a multi-GB CUDA build.
-	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
