@@ -3,15 +3,24 @@
 The reference schedule is plain gradient accumulation, no pipelining: for each of the m
 micro-batches, forward then backward, gradients summing in .grad. Each micro-batch's loss is
 divided by m, so the accumulated gradient is that of the mean loss over the whole batch.
-Pipeline schedules (1F1B, interleaved) compute the same gradients in a different order.
+Pipeline schedules (GPipe, 1F1B, interleaved 1F1B; nanomt.parallel.pipeline) compute the same
+gradients in a different order, over model chunks held by different ranks.
+
+`get_forward_backward_func(layout)` picks the schedule for a layout, as Megatron's function of
+the same name: every schedule is called the same way, fn(model_chunks, micro_batches, grid,
+forward_only=..., timeline=...), and returns the sum of the micro-batch losses (on the last
+pipeline stage; zero elsewhere).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+from nanomt.parallel.pipeline.engine import forward_backward_pipelining
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
 
@@ -43,3 +52,23 @@ def forward_only_no_pipelining(model: nn.Module,
     for inputs, targets in micro_batches:
         loss_sum = loss_sum + model(inputs, targets).float().cpu()
     return loss_sum
+
+
+def forward_backward_without_pipeline(model_chunks: Sequence[nn.Module],
+                                      micro_batches: Sequence[MicroBatch], grid=None, *,
+                                      forward_only: bool = False, timeline=None) -> torch.Tensor:
+    """The no-pipelining schedule behind the common signature (one chunk, one stage)."""
+    if len(model_chunks) != 1:
+        raise ValueError(f"without pipelining a rank holds one model chunk, got "
+                         f"{len(model_chunks)}; set parallel.virtual_stages=1")
+    if forward_only:
+        return forward_only_no_pipelining(model_chunks[0], micro_batches)
+    return forward_backward_no_pipelining(model_chunks[0], micro_batches)
+
+
+def get_forward_backward_func(layout, schedule: str = "1f1b") -> Callable[..., torch.Tensor]:
+    """The schedule for `layout` (anything with .pp and .virtual_stages): no pipelining when
+    pp == 1, else `schedule` ("1f1b": 1F1B, interleaved when virtual_stages > 1; "gpipe")."""
+    if layout.pp == 1:
+        return forward_backward_without_pipeline
+    return functools.partial(forward_backward_pipelining, schedule=schedule)

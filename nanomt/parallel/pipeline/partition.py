@@ -1,0 +1,73 @@
+"""Splitting the model into pipeline chunks, and the tied embedding they share.
+
+The l layers are cut into p*v equal chunks of l/(p*v) consecutive layers (Narayanan et al. 2021,
+section 2.2.2). Chunk k goes to pipeline rank k mod p, so with v > 1 each rank holds v chunks
+spread over the depth of the model (rank 0 holds chunks 0, p, 2p, ...). The first chunk also
+holds the embedding, the last the final norm, the output head and the loss.
+
+With tied input/output embeddings (GPT) the last stage keeps its own copy of the word
+embedding. Both copies start equal, and after every backward the first and last stage sum their
+gradients over the grid's embedding group, so both equal the single-process gradient and both
+copies stay equal after every optimizer step (Megatron's embedding group).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanomt.model.config import ModelConfig
+from nanomt.model.gpt import GPT
+from nanomt.parallel import comm
+
+
+def chunk_layer_ranges(num_layers: int, pp: int, virtual_stages: int) -> list[range]:
+    """Layers of each of the p*v global chunks, in model order."""
+    chunks = pp * virtual_stages
+    if num_layers < chunks or num_layers % chunks:
+        raise ValueError(f"model.num_layers = {num_layers} does not split into pp * "
+                         f"virtual_stages = {chunks} equal chunks; change parallel.pp or "
+                         f"parallel.virtual_stages")
+    per_chunk = num_layers // chunks
+    return [range(k * per_chunk, (k + 1) * per_chunk) for k in range(chunks)]
+
+
+def global_chunk_index(local_chunk: int, pp_rank: int, pp: int) -> int:
+    """Local chunk j of pipeline rank r is chunk j*p + r of the model."""
+    return local_chunk * pp + pp_rank
+
+
+def build_model_chunks(cfg: ModelConfig, grid, virtual_stages: int = 1, *, seed: int = 1234,
+                       sequence_parallel: bool = False,
+                       device: torch.device | str = "cpu") -> list[GPT]:
+    """This rank's v model chunks, local chunk 0 first (each a GPT over its layer range)."""
+    pp = grid.pp_size if grid is not None else 1
+    pp_rank = grid.pp_rank if grid is not None else 0
+    ranges = chunk_layer_ranges(cfg.num_layers, pp, virtual_stages)
+    last = len(ranges) - 1
+    chunks = []
+    for local in range(virtual_stages):
+        k = global_chunk_index(local, pp_rank, pp)
+        chunk = GPT(cfg, grid, seed=seed, sequence_parallel=sequence_parallel,
+                    layer_range=ranges[k], pre_process=k == 0, post_process=k == last)
+        chunks.append(chunk.to(device))
+    return chunks
+
+
+def shared_embedding_params(model_chunks: list[nn.Module]) -> list[nn.Parameter]:
+    return [p for chunk in model_chunks for p in chunk.parameters()
+            if getattr(p, "shared_embedding", False)]
+
+
+def allreduce_embedding_grads(model_chunks: list[nn.Module], grid) -> None:
+    """Sum the tied word embedding's gradient over the first and last pipeline stage."""
+    if grid is None or grid.pp_size == 1 or grid.embedding_group is None:
+        return
+    params = shared_embedding_params(model_chunks)
+    if len(params) != 1:
+        raise ValueError(f"pipeline rank {grid.pp_rank} holds {len(params)} tied embeddings, "
+                         f"expected 1 on the first and last stage")
+    weight = params[0]
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    comm.all_reduce(weight.grad, grid.embedding_group)

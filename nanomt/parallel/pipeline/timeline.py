@@ -1,0 +1,75 @@
+"""Each rank's record of its own pipeline work, for pictures of the schedule and its bubble.
+
+When `train.timeline=true`, every rank notes the wall-clock start and end of each forward and
+backward pass (micro-batch, chunk) and of each wait for a neighbour's message, step by step, and
+writes them to `<run>/timeline/rank<N>.json`. tools/pipeline_timeline.py draws them.
+
+The bubble is the time a rank is idle during a step. Narayanan et al. 2021 (section 2.2) give
+it relative to the ideal compute time: (p-1)/m for GPipe and 1F1B, (p-1)/(v*m) interleaved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class Timeline:
+    """Events of one rank: (kind, micro-batch, chunk, start_s, end_s); kind is F, B or wait."""
+
+    def __init__(self, meta: dict | None = None):
+        self.meta = dict(meta or {})
+        self.steps: list[dict] = []
+        self.events: list[list] = []
+
+    def begin_step(self, step: int) -> None:
+        self.events = []
+        self.steps.append({"step": step, "events": self.events})
+
+    @contextlib.contextmanager
+    def span(self, kind: str, microbatch: int = -1, chunk: int = -1) -> Iterator[None]:
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.events.append([kind, microbatch, chunk, start, time.time()])
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**self.meta, "steps": self.steps}))
+
+
+def maybe_span(timeline: Timeline | None, kind: str, microbatch: int = -1, chunk: int = -1):
+    """timeline.span(...) or a no-op when no timeline is being recorded."""
+    if timeline is None:
+        return contextlib.nullcontext()
+    return timeline.span(kind, microbatch, chunk)
+
+
+def load_timelines(folder: Path) -> list[dict]:
+    """Every rank's timeline from a run's timeline/ folder, in rank order."""
+    files = sorted(Path(folder).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
+    if not files:
+        raise FileNotFoundError(f"no rank*.json in {folder}: run with train.timeline=true")
+    return [json.loads(f.read_text()) for f in files]
+
+
+def bubble_fraction(rank_events: list[list[list]]) -> tuple[float, float]:
+    """(idle / busy, idle / span) averaged over ranks, for one step's events of every rank.
+
+    The step spans from the first pass on any rank to the last; a rank is busy while it runs a
+    forward or backward pass (waits count as idle).
+    """
+    passes = [[e for e in events if e[0] in ("F", "B")] for events in rank_events]
+    start = min(e[3] for events in passes for e in events)
+    end = max(e[4] for events in passes for e in events)
+    span = end - start
+    idle_over_busy, idle_over_span = 0.0, 0.0
+    for events in passes:
+        busy = sum(e[4] - e[3] for e in events)
+        idle_over_busy += (span - busy) / busy
+        idle_over_span += (span - busy) / span
+    return idle_over_busy / len(passes), idle_over_span / len(passes)
