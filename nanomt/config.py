@@ -24,9 +24,6 @@ NOT_IMPLEMENTED: list[tuple[str, object]] = [
     ("interleaved pipeline (parallel.virtual_stages > 1)", lambda c: c.parallel.virtual_stages > 1),
     ("ZeRO sharding (parallel.zero_stage > 0)", lambda c: c.parallel.zero_stage > 0),
     ("mixed precision (train.precision != fp32)", lambda c: c.train.precision != "fp32"),
-    ("resuming (train.resume != none)", lambda c: str(c.train.resume) != "none"),
-    ("checkpointing (checkpoint.interval > 0)", lambda c: c.checkpoint.interval > 0),
-    ("train.exit_after", lambda c: c.train.exit_after is not None),
 ]
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from nanomt.checkpoint.checkpointer import Checkpointer
 from nanomt.config import Layout, check_config
 from nanomt.data import GlobalBatchSampler, build_tokenizer, load_token_splits
 from nanomt.logger import RunLogger, write_json_atomic
@@ -112,6 +113,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     optimizer = build_adamw(model, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
     lr_at = WarmupCosine(o.lr, o.min_lr, o.warmup_steps, o.decay_steps or cfg.train.steps)
     train_data, val_data = build_data(cfg, model_cfg)
+    checkpointer = Checkpointer(cfg, run_dir, model_cfg, layout, grid, device)
+    start_step = checkpointer.resume([model], optimizer, train_data)  # 0 unless train.resume
 
     # -- run folder --------------------------------------------------------------------------
     is_writer = rank == 0
@@ -128,16 +131,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "num_microbatches": num_microbatches,
             "model_parameters": model_cfg.num_parameters(),
             "ranks": ranks, "started": datetime.now().isoformat(timespec="seconds")})
-    start_step, steps = 0, cfg.train.steps
+    steps = cfg.train.steps
     logger = RunLogger(run_dir, is_writer, steps, start_step, resolved["logging"]["wandb"],
                        resolved, cfg.train.progress_bar)
     logger.print(f"nanomt: {model_cfg.num_parameters():,} parameters, layout tp={layout.tp} "
                  f"pp={layout.pp} dp={layout.dp}, {num_microbatches} micro-batches/step, "
                  f"run folder {run_dir}")
+    if checkpointer.resumed_from:
+        logger.print(f"resumed from {checkpointer.resumed_from} at step {start_step}")
 
     # -- the loop ----------------------------------------------------------------------------
     tokens_per_step = cfg.train.global_batch_size * model_cfg.seq_len
     loss = val_loss = float("nan")
+    steps_done = start_step
     t_start = time.perf_counter()
     model.train()
     for step in range(start_step, steps):
@@ -167,11 +173,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             val_loss = evaluate(model, val_data, cfg, grid, device)
             record["val_loss"] = val_loss
         logger.log_step(record)
+        steps_done = step + 1
+        if checkpointer.after_step(steps_done, [model], optimizer, train_data, lr):
+            break  # train.exit_after reached, or SIGTERM: saved, stop cleanly
 
+    checkpointer.close()
     elapsed = time.perf_counter() - t_start
-    summary = {"steps": steps, "final_loss": loss, "val_loss": val_loss,
-               "tokens": steps * tokens_per_step, "time_s": elapsed,
-               "tokens_per_s": (steps - start_step) * tokens_per_step / max(elapsed, 1e-9)}
+    summary = {"steps": steps_done, "final_loss": loss, "val_loss": val_loss,
+               "tokens": steps_done * tokens_per_step, "time_s": elapsed,
+               "tokens_per_s": (steps_done - start_step) * tokens_per_step / max(elapsed, 1e-9)}
     logger.finish(summary)
     return summary
 

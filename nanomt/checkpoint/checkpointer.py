@@ -1,0 +1,95 @@
+"""The training loop's side of checkpointing: resume at the start, save when due, stop when asked.
+
+    train.resume      none | auto (latest under the checkpoint folder, if any) | <folder>
+    checkpoint.interval  save every N steps, and at the end of the run (0: no periodic saves)
+    checkpoint.keep_last keep the newest K checkpoints
+    train.exit_after  stop cleanly after N steps of this launch, with a checkpoint; the LR
+                      schedule still spans train.steps, so a run in several launches equals one
+    SIGTERM           save at the end of the current step and stop (SLURM's pre-kill warning)
+
+A resumed run continues bit for bit: weights, AdamW moments and step, the data position, the LR
+step and every RNG stream come back exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from nanomt.checkpoint.load import find_resume_checkpoint, load_checkpoint
+from nanomt.checkpoint.save import PreemptionSignal, save_checkpoint
+
+
+def checkpoint_dir(cfg: DictConfig, run_dir: Path) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(run_dir) / "checkpoints"
+
+
+class Checkpointer:
+    def __init__(self, cfg: DictConfig, run_dir: Path, model_cfg, layout, grid,
+                 device: torch.device | str = "cpu"):
+        self.dir = checkpoint_dir(cfg, run_dir)
+        self.interval = int(cfg.checkpoint.interval)
+        self.keep_last = int(cfg.checkpoint.keep_last)
+        self.exit_after = cfg.train.exit_after
+        if self.exit_after is not None and int(self.exit_after) < 1:
+            raise ValueError(f"train.exit_after must be >= 1 (or null), got {self.exit_after}")
+        self.total_steps = int(cfg.train.steps)
+        self.resume_setting = str(cfg.train.resume)
+        self.grid, self.device = grid, device
+        self.run_meta = {
+            "model": model_cfg.to_dict(),
+            "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
+                       "virtual_stages": layout.virtual_stages,
+                       "sequence_parallel": layout.sequence_parallel,
+                       "zero_stage": layout.zero_stage},
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        self.preemption = PreemptionSignal()
+        self.start_step = 0
+        self.resumed_from: str | None = None
+        self.last_saved: Path | None = None
+
+    def resume(self, chunks: list[nn.Module], optimizer, train_data,
+               loss_scaler=None) -> int:
+        """Load the checkpoint train.resume names (if any); returns the step to start from."""
+        path = find_resume_checkpoint(self.resume_setting, self.dir)
+        if path is None:
+            return 0
+        meta = load_checkpoint(path, chunks, optimizer, self.grid, self.run_meta["model"])
+        if meta.get("data"):
+            train_data.load_state_dict(meta["data"])
+        if loss_scaler is not None and meta.get("loss_scaler"):
+            loss_scaler.load_state_dict(meta["loss_scaler"])
+        self.start_step, self.resumed_from = int(meta["step"]), meta["folder"]
+        return self.start_step
+
+    def save(self, steps_done: int, chunks: list[nn.Module], optimizer, train_data, lr: float,
+             loss_scaler=None) -> Path:
+        meta = dict(self.run_meta)
+        meta["data"] = train_data.state_dict()
+        meta["consumed_samples"] = train_data.consumed_samples
+        meta["schedule"] = {"step": steps_done, "last_lr": lr}
+        meta["loss_scaler"] = loss_scaler.state_dict() if loss_scaler is not None else None
+        self.last_saved = save_checkpoint(self.dir, steps_done, chunks, optimizer, self.grid,
+                                          meta, self.keep_last)
+        return self.last_saved
+
+    def after_step(self, steps_done: int, chunks: list[nn.Module], optimizer, train_data,
+                   lr: float, loss_scaler=None) -> bool:
+        """Save if a checkpoint is due; True when the loop must stop now (exit_after, SIGTERM).
+
+        Collective: every rank calls it after every step."""
+        stop = (self.exit_after is not None
+                and steps_done - self.start_step >= int(self.exit_after))
+        stop = self.preemption.requested(self.device) or stop
+        periodic = self.interval > 0 and (steps_done % self.interval == 0
+                                          or steps_done == self.total_steps)
+        if stop or periodic:
+            self.save(steps_done, chunks, optimizer, train_data, lr, loss_scaler)
+        return stop
+
+    def close(self) -> None:
+        self.preemption.restore()

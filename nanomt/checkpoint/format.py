@@ -1,0 +1,203 @@
+"""The checkpoint format: layout-independent names and slices.
+
+A checkpoint is a folder
+
+    step_00000100/
+        meta.json               config, layout, step, data/LR/loss-scale state, every RNG state,
+                                and the index: which shard file holds which slice of what
+        rank_00000.safetensors  one file per rank (no pickle), possibly empty
+        rank_00001.safetensors  ...
+
+and a `latest` text file beside the step folders names the newest complete one.
+
+Every tensor is stored under its name in the single-process model ("layers.7.attention.qkv.weight"
+even when this rank's pipeline chunk calls it "layers.0..."), with the full shape and the slice
+the shard holds, so any other layout can cut its own slices out again:
+
+    piece = (key, name, shape, box, flat)
+      shape  the full tensor's shape (vocabulary rows unpadded: tp-independent)
+      box    [start, stop) per dim: the region of the full tensor this rank's tensor covers
+             (a tensor-parallel shard covers 1/t of its split dim; a replica covers all of it)
+      flat   optional [a, b): only elements a..b-1 of the box, flattened row-major
+             (a ZeRO shard of the optimizer state holds a flat range of the rank's parameters)
+
+Keys are "<section>/<name>": section "model" for weights, "optimizer/<state>" for optimizer
+state (e.g. "optimizer/exp_avg/layers.0.mlp.fc1.weight").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+FORMAT_NAME = "nanomt-checkpoint"
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+LATEST_FILE = "latest"
+STEP_PREFIX = "step_"
+
+# Tensors whose dim 0 is the (padded) vocabulary: the padding rows are not stored.
+VOCAB_TENSORS = ("word_embedding.weight", "output_layer.weight")
+
+# Model-config fields that change the tensors a checkpoint holds (dropout and the vocabulary
+# padding multiple do not).
+SHAPE_FIELDS = ("style", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size",
+                "vocab_size", "seq_len", "tie_embeddings", "norm_eps", "rope_theta")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message says what to change."""
+
+
+def step_folder_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def shard_file_name(rank: int) -> str:
+    return f"rank_{rank:05d}.safetensors"
+
+
+@dataclass
+class Piece:
+    """One stored tensor: a slice (box, optionally a flat range of it) of a full tensor."""
+
+    key: str
+    name: str
+    shape: list[int]
+    box: list[list[int]]
+    flat: list[int] | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> "Piece":
+        return cls(**values)
+
+    @property
+    def numel(self) -> int:
+        if self.flat is not None:
+            return self.flat[1] - self.flat[0]
+        return math.prod(stop - start for start, stop in self.box)
+
+
+# ---- names --------------------------------------------------------------------------------------
+def global_name(local_name: str, layer_range: range) -> str:
+    """"layers.<i>.rest" of a pipeline chunk -> "layers.<layer_range[i]>.rest" of the full model."""
+    parts = local_name.split(".")
+    if parts[0] == "layers":
+        parts[1] = str(layer_range[int(parts[1])])
+    return ".".join(parts)
+
+
+def named_chunk_parameters(chunk: nn.Module) -> list[tuple[str, nn.Parameter, bool]]:
+    """(full-model name, parameter, owned) for one GPT chunk.
+
+    `owned` is False for the last pipeline stage's copy of a tied word embedding: it equals the
+    first stage's, so only the first stage stores it (every stage that has it loads it)."""
+    layer_range = getattr(chunk, "layer_range", range(10**9))
+    has_embedding_input = getattr(chunk, "pre_process", True)
+    named = []
+    for local_name, param in chunk.named_parameters():
+        name = global_name(local_name, layer_range)
+        owned = not (name == "word_embedding.weight" and not has_embedding_input)
+        named.append((name, param, owned))
+    return named
+
+
+def section_key(section: str, name: str) -> str:
+    return f"{section}/{name}"
+
+
+# ---- slices -------------------------------------------------------------------------------------
+def padded_box(local_shape: tuple[int, ...], split_dim: int | None, tp_rank: int,
+               tp_size: int) -> tuple[list[int], list[list[int]]]:
+    """(padded full shape, box) of a tensor-parallel shard of local shape `local_shape`."""
+    full = list(local_shape)
+    box = [[0, n] for n in local_shape]
+    if split_dim is not None and tp_size > 1:
+        n = local_shape[split_dim]
+        full[split_dim] = n * tp_size
+        box[split_dim] = [tp_rank * n, (tp_rank + 1) * n]
+    return full, box
+
+
+def logical_shape(name: str, padded_shape: list[int], vocab_size: int) -> list[int]:
+    """The stored (unpadded) shape: vocabulary tensors keep only their `vocab_size` real rows."""
+    if name in VOCAB_TENSORS:
+        return [vocab_size] + list(padded_shape[1:])
+    return list(padded_shape)
+
+
+def make_piece(key: str, name: str, tensor: torch.Tensor, shape: list[int],
+               box: list[list[int]], flat: list[int] | None = None
+               ) -> tuple[Piece, torch.Tensor] | None:
+    """Clip a (possibly padded) slice to the full tensor's real rows; None if nothing is left.
+
+    Rows are dim 0 and the layout is row-major, so dropping trailing rows of a box keeps the
+    flat index of every remaining element: a flat range is clipped by cutting its end."""
+    if shape and box and box[0][1] > shape[0]:
+        start, stop = box[0]
+        kept_rows = max(0, shape[0] - start)
+        box = [[start, start + kept_rows]] + [list(b) for b in box[1:]]
+        if flat is None:
+            tensor = tensor[:kept_rows]
+        else:
+            row_numel = math.prod(b[1] - b[0] for b in box[1:])
+            end = min(flat[1], kept_rows * row_numel)
+            if end <= flat[0]:
+                return None
+            tensor = tensor[: end - flat[0]]
+            flat = [flat[0], end]
+        if kept_rows == 0:
+            return None
+    piece = Piece(key=key, name=name, shape=list(shape), box=box, flat=flat)
+    return piece, tensor.detach().contiguous()
+
+
+def assemble(pieces: list[tuple[Piece, torch.Tensor]]) -> torch.Tensor:
+    """The full tensor from the pieces that cover it (each element exactly once)."""
+    first = pieces[0][0]
+    full = torch.zeros(first.shape, dtype=pieces[0][1].dtype)
+    covered = 0
+    for piece, tensor in pieces:
+        region = tuple(slice(start, stop) for start, stop in piece.box)
+        if piece.flat is None:
+            full[region] = tensor.reshape(full[region].shape)
+        else:
+            box_values = full[region].reshape(-1).clone()
+            box_values[piece.flat[0]: piece.flat[1]] = tensor.reshape(-1)
+            full[region] = box_values.view(full[region].shape)
+        covered += piece.numel
+    if covered != full.numel():
+        raise CheckpointError(
+            f"the checkpoint's pieces of {first.key} cover {covered} of its {full.numel()} "
+            f"elements: a shard is missing or the checkpoint is inconsistent")
+    return full
+
+
+def cut(full: torch.Tensor, padded_shape: list[int], box: list[list[int]],
+        flat: list[int] | None = None) -> torch.Tensor:
+    """The slice `box` (and `flat`) of `full`, zero-padding rows past the stored ones."""
+    if list(full.shape) != list(padded_shape):
+        padded = torch.zeros(padded_shape, dtype=full.dtype)
+        padded[tuple(slice(0, n) for n in full.shape)] = full
+        full = padded
+    region = full[tuple(slice(start, stop) for start, stop in box)]
+    if flat is not None:
+        return region.reshape(-1)[flat[0]: flat[1]]
+    return region
+
+
+def check_model_config(saved: dict, current: dict, where: str) -> None:
+    """Refuse a checkpoint whose tensors belong to a different model."""
+    differences = [f"model.{key}: checkpoint {saved.get(key)!r}, run {current.get(key)!r}"
+                   for key in SHAPE_FIELDS if saved.get(key) != current.get(key)]
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {where} was saved for a different model ("
+            + "; ".join(differences) + "): change the model config to match, or pass "
+            "another checkpoint in train.resume")

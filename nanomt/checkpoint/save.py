@@ -1,0 +1,196 @@
+"""Saving a checkpoint atomically: a crash at any moment leaves the previous one whole.
+
+    1. every rank writes its shard into  step_N.tmp/  and fsyncs it
+    2. rank 0 writes meta.json (index, config, step, RNG of every rank), fsyncs it and the folder
+    3. rename step_N.tmp -> step_N       (atomic on POSIX: the folder appears complete or not at all)
+    4. write latest.tmp, rename -> latest (the pointer moves last)
+    5. delete checkpoints older than the last `keep_last` (never the one `latest` names)
+
+A reader only ever follows `latest`, which names a folder that was complete before the pointer
+moved. A run killed during 1-3 leaves a stale step_N.tmp that the next save removes.
+
+`PreemptionSignal` turns SIGTERM (what SLURM sends before it kills a job) into a request that the
+training loop sees at the end of a step; all ranks agree on it, save, and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from nanomt.checkpoint.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    META_FILE,
+    STEP_PREFIX,
+    shard_file_name,
+    step_folder_name,
+)
+from nanomt.checkpoint.state import capture_rng, model_pieces, optimizer_pieces
+
+# Tests set this to a function of the stage name to simulate a crash between two writes.
+FAULT_HOOK = None
+
+
+def _fault_point(stage: str) -> None:
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(stage)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (a rename is durable once its folder is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_shard(folder: Path, rank: int, pieces: list) -> dict:
+    """One rank's safetensors file; returns its index entry."""
+    tensors = {piece.key: tensor.cpu() for piece, tensor in pieces}
+    index = [piece.to_json() for piece, _ in pieces]
+    data = safetensors_bytes(tensors, metadata={"format": FORMAT_NAME,
+                                                "pieces": json.dumps(index)})
+    name = shard_file_name(rank)
+    write_durably(folder / name, data)
+    return {"file": name, "rank": rank, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), "pieces": index}
+
+
+def _gather_to_rank0(value: dict) -> list[dict] | None:
+    if not dist.is_initialized():
+        return [value]
+    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, everyone, dst=0)
+    return everyone
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete step folders under root, oldest first."""
+    found = []
+    for folder in root.glob(f"{STEP_PREFIX}*"):
+        suffix = folder.name[len(STEP_PREFIX):]
+        if suffix.isdigit() and (folder / META_FILE).exists():
+            found.append((int(suffix), folder))
+    return sorted(found)
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Remove stale temporary folders and all but the newest `keep_last` checkpoints."""
+    pointer = root / LATEST_FILE
+    latest = pointer.read_text().strip() if pointer.exists() else None
+    for folder in root.glob(f"{STEP_PREFIX}*.tmp"):
+        shutil.rmtree(folder, ignore_errors=True)
+    if keep_last <= 0:
+        return
+    complete = list_checkpoints(root)
+    for _, folder in complete[: max(0, len(complete) - keep_last)]:
+        if folder.name != latest:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _publish(tmp: Path, final: Path, root: Path) -> None:
+    """Steps 3 and 4: rename the finished folder into place, then move the pointer."""
+    _fault_point("before_rename")
+    if final.exists():  # saved again at the same step: replace the old copy after the new is whole
+        old = final.with_name(final.name + ".old")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_path(root)
+    _fault_point("before_latest")
+    pointer_tmp = root / (LATEST_FILE + ".tmp")
+    write_durably(pointer_tmp, (final.name + "\n").encode())
+    os.replace(pointer_tmp, root / LATEST_FILE)
+    fsync_path(root)
+
+
+def save_checkpoint(root: str | Path, step: int, chunks: list[nn.Module], optimizer, grid,
+                    meta: dict, keep_last: int = 0) -> Path:
+    """Collective over all ranks: write checkpoint `step` under `root`; returns its folder.
+
+    `meta` is what the run needs besides tensors (config, model config, layout, data/LR/loss-scaler
+    state); this adds the index, the RNG state of every rank and the step."""
+    root = Path(root)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final = root / step_folder_name(step)
+    tmp = root / (final.name + ".tmp")
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+        tmp.mkdir()
+    _barrier()
+
+    vocab_size = meta["model"]["vocab_size"]
+    pieces = model_pieces(chunks, grid, vocab_size)
+    if optimizer is not None:
+        pieces += optimizer_pieces(optimizer, chunks, grid, vocab_size)
+    shard = _write_shard(tmp, rank, pieces)
+    shard["rng"] = capture_rng(chunks, grid)
+    _fault_point("shards_written")
+    shards = _gather_to_rank0(shard)  # also tells rank 0 that every shard is on disk
+
+    if rank == 0:
+        rng = [s.pop("rng") for s in shards]
+        full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step,
+                     "has_optimizer": optimizer is not None, **meta, "rng": rng,
+                     "shards": shards}
+        write_durably(tmp / META_FILE, json.dumps(full_meta, indent=1, default=str).encode())
+        fsync_path(tmp)
+        _publish(tmp, final, root)
+        prune_checkpoints(root, keep_last)
+    _barrier()
+    return final
+
+
+class PreemptionSignal:
+    """Remembers a SIGTERM so the loop can save and stop at the end of the current step."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.received = False
+        self.previous = {}
+        for signum in signals:
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def requested(self, device: torch.device | str = "cpu") -> bool:
+        """True on every rank if any rank received the signal (one tiny all-reduce)."""
+        if not dist.is_initialized():
+            return self.received
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
