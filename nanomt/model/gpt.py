@@ -24,10 +24,7 @@ from nanomt.model.config import ModelConfig
 from nanomt.model.layers import TransformerLayer, make_norm
 from nanomt.parallel import comm
 from nanomt.parallel.cross_entropy import vocab_parallel_cross_entropy
-from nanomt.parallel.mappings import (
-    gather_from_tensor_parallel_region,
-    scatter_to_sequence_parallel_region,
-)
+from nanomt.parallel.mappings import gather_from_tensor_parallel_region
 from nanomt.parallel.random import TensorParallelRNG
 from nanomt.parallel.tensor_parallel import (
     InitFn,
@@ -62,6 +59,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tp_group = grid.tp_group if grid is not None else None
         tp_rank, tp = tp_rank_and_size(self.tp_group)
+        self.tp_rank, self.tp_size = tp_rank, tp
         self.sequence_parallel = sequence_parallel and tp > 1
         if self.sequence_parallel and cfg.seq_len % tp:
             raise ValueError(f"sequence parallelism needs model.seq_len ({cfg.seq_len}) "
@@ -77,12 +75,15 @@ class GPT(nn.Module):
             # start equal and the embedding group sums their gradients every step.
             self.word_embedding = VocabParallelEmbedding(
                 cfg.vocab_size, self.padded_vocab_size, cfg.hidden_size, self.tp_group,
-                normal_init(std, seed, WORD_EMBEDDING_STREAM))
+                normal_init(std, seed, WORD_EMBEDDING_STREAM),
+                sequence_parallel=self.sequence_parallel)
             self.word_embedding.weight.shared_embedding = cfg.tie_embeddings
         if pre_process and cfg.style == "gpt":
             self.position_embedding = shard_parameter(
                 normal_init(std, seed, POSITION_EMBEDDING_STREAM)((cfg.seq_len, cfg.hidden_size)),
                 self.tp_group, dim=None)
+            # Under SP each rank adds only its shard's positions: a partial gradient.
+            self.position_embedding.sequence_parallel = self.sequence_parallel
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, self.tp_group,
                              normal_init(std, seed, FIRST_LAYER_STREAM + 2 * i),
@@ -99,11 +100,12 @@ class GPT(nn.Module):
     # ---- pieces of forward -------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] -> hidden [b, s, h] (or [b, s/t, h] under sequence parallelism)."""
-        hidden = self.word_embedding(tokens)
+        hidden = self.word_embedding(tokens)  # under SP already reduce-scattered: [b, s/t, h]
         if self.cfg.style == "gpt":
-            hidden = hidden + self.position_embedding[: tokens.shape[1]]
-        if self.sequence_parallel:
-            hidden = scatter_to_sequence_parallel_region(hidden, self.tp_group)
+            positions = self.position_embedding[: tokens.shape[1]]
+            if self.sequence_parallel:  # the positions of my sequence shard
+                positions = positions.chunk(self.tp_size, dim=0)[self.tp_rank]
+            hidden = hidden + positions
         if self.training and self.cfg.dropout > 0:
             if self.sequence_parallel:
                 with self.rng.fork():

@@ -109,8 +109,10 @@ class ParallelMLP(nn.Module):
                                      sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
-            return self.fc2(F.silu(self.gate(x)) * self.fc1(x))
+        if self.swiglu:  # gate and up read the same input: enter the tp region once
+            x = self.fc1.enter_parallel_region(x)
+            up = self.fc1(x, input_entered=True)
+            return self.fc2(F.silu(self.gate(x, input_entered=True)) * up)
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 

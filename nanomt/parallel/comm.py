@@ -14,6 +14,10 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed the single-tensor collectives (the old names warn); accept either.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 # (kind, numel) of each collective issued while counting; None when not counting.
 COMM_LOG: list[tuple[str, int]] | None = None
 
@@ -56,7 +60,7 @@ def all_gather(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
     out = torch.empty((world * moved.shape[0],) + moved.shape[1:], dtype=moved.dtype,
                       device=moved.device)
     _record("all_gather", out.numel())
-    dist.all_gather_into_tensor(out, moved, group=group)
+    _all_gather_single(out, moved, group=group)
     return out.movedim(0, dim)
 
 
@@ -71,7 +75,7 @@ def reduce_scatter(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
     out = torch.empty((moved.shape[0] // world,) + moved.shape[1:], dtype=moved.dtype,
                       device=moved.device)
     _record("reduce_scatter", moved.numel())
-    dist.reduce_scatter_tensor(out, moved, group=group)
+    _reduce_scatter_single(out, moved, group=group)
     return out.movedim(0, dim)
 
 

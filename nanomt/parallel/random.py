@@ -30,39 +30,51 @@ def seed_everything(seed: int, pp_rank: int = 0) -> None:
 
 
 class TensorParallelRNG:
-    """A private generator state for dropout inside tensor-parallel regions."""
+    """A private generator state for dropout inside tensor-parallel regions.
 
-    def __init__(self, seed: int, tp_rank: int, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        saved = self._get_default_state()
-        torch.manual_seed(seed + TP_SEED_OFFSET + tp_rank)
-        self.state = self._get_default_state()
-        self._set_default_state(saved)
+    `fork()` swaps it in for the default generator of the device dropout runs on: the CPU's,
+    and the current GPU's when CUDA is available (the model may be moved there after it is
+    built), so a GPU run forks the stream its dropout really draws from.
+    """
 
-    def _get_default_state(self) -> torch.Tensor:
-        if self.device.type == "cuda":
-            return torch.cuda.get_rng_state(self.device)
-        return torch.get_rng_state()
+    def __init__(self, seed: int, tp_rank: int):
+        self.seed = seed + TP_SEED_OFFSET + tp_rank
+        # Fresh generators: seeding them leaves the default streams untouched.
+        self.states = {"cpu": torch.Generator().manual_seed(self.seed).get_state()}
+        if torch.cuda.is_available():
+            cuda = torch.Generator(device="cuda").manual_seed(self.seed)
+            self.states["cuda"] = cuda.get_state()
 
-    def _set_default_state(self, state: torch.Tensor) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state, self.device)
+    @staticmethod
+    def _get_default_state(device: str) -> torch.Tensor:
+        return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+    @staticmethod
+    def _set_default_state(device: str, state: torch.Tensor) -> None:
+        if device == "cuda":
+            torch.cuda.set_rng_state(state)
         else:
             torch.set_rng_state(state)
 
     @contextlib.contextmanager
     def fork(self) -> Iterator[None]:
         """Draw from the tensor-parallel stream inside the block, then switch back."""
-        outer = self._get_default_state()
-        self._set_default_state(self.state)
+        outer = {device: self._get_default_state(device) for device in self.states}
+        for device, state in self.states.items():
+            self._set_default_state(device, state)
         try:
             yield
         finally:
-            self.state = self._get_default_state()
-            self._set_default_state(outer)
+            for device in self.states:
+                self.states[device] = self._get_default_state(device)
+                self._set_default_state(device, outer[device])
 
     def state_dict(self) -> dict:
-        return {"state": self.state.clone()}
+        return {device: state.clone() for device, state in self.states.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.state = state["state"].clone()
+        if "state" in state:  # the earlier single-device format
+            state = {"cpu": state["state"]}
+        for device, value in state.items():
+            if device in self.states:
+                self.states[device] = value.clone()

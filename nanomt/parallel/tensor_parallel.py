@@ -72,11 +72,17 @@ class ColumnParallelLinear(nn.Module):
         self.weight = shard_parameter(init_fn((out_features, in_features)), tp_group, dim=0)
         self.bias = shard_parameter(torch.zeros(out_features), tp_group, dim=0) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:  # g-bar: gather the sequence shards
-            x = gather_from_sequence_parallel_region(x, self.tp_group)
-        else:  # f
-            x = copy_to_tensor_parallel_region(x, self.tp_group)
+    def enter_parallel_region(self, x: torch.Tensor) -> torch.Tensor:
+        """f (identity fwd, all-reduce bwd), or under SP g-bar (all-gather the sequence)."""
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(x, self.tp_group)
+        return copy_to_tensor_parallel_region(x, self.tp_group)
+
+    def forward(self, x: torch.Tensor, input_entered: bool = False) -> torch.Tensor:
+        """`input_entered`: x already went through `enter_parallel_region` (two column-parallel
+        linears reading one input, as SwiGLU's gate and up, share one f: one collective)."""
+        if not input_entered:
+            x = self.enter_parallel_region(x)
         y = F.linear(x, self.weight, self.bias)
         if self.gather_output:
             y = gather_from_tensor_parallel_region(y, self.tp_group)
@@ -111,15 +117,18 @@ class VocabParallelEmbedding(nn.Module):
     """Word embedding with the vocabulary split across tp ranks (rows [start, end) on each).
 
     A rank looks up the tokens it owns, writes zeros for the others, and g sums the partial
-    embeddings. `padded_vocab_size` rows exist (divisible by tp); rows past `vocab_size` are
-    padding, initialised to zero and masked out of the loss.
+    embeddings. Under sequence parallelism the sum is a reduce-scatter instead: the output is
+    this rank's sequence shard [b, s/t, h] (half the traffic of the all-reduce, and no
+    full-sequence copy). `padded_vocab_size` rows exist (divisible by tp); rows past
+    `vocab_size` are padding, initialised to zero and masked out of the loss.
     """
 
     def __init__(self, vocab_size: int, padded_vocab_size: int, embedding_dim: int, tp_group,
-                 init_fn: InitFn):
+                 init_fn: InitFn, sequence_parallel: bool = False):
         super().__init__()
         rank, tp = tp_rank_and_size(tp_group)
         self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and tp > 1
         self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
         per_rank = divide(padded_vocab_size, tp, "padded vocabulary size")
         self.vocab_start, self.vocab_end = rank * per_rank, (rank + 1) * per_rank
@@ -133,6 +142,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (token_ids < self.vocab_start) | (token_ids >= self.vocab_end)
         local_ids = (token_ids - self.vocab_start).masked_fill(outside, 0)
         partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)
         return reduce_from_tensor_parallel_region(partial, self.tp_group)
 
 

@@ -1,0 +1,116 @@
+"""The process grid: the rank formula, and groups that really connect the ranks they claim.
+
+    global_rank = (pp_rank * dp + dp_rank) * tp + tp_rank    (tp innermost, pp outermost)
+
+One spawn of four ranks builds every layout of a world of four and, for each group, all-reduces
+a one-hot vector of the ranks: what comes back is who actually took part in the collective.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from nanomt.parallel import comm
+from nanomt.parallel.grid import ParallelGrid, default_backend, infer_dp, validate_layout
+from nanomt.testing import run_distributed
+
+WORLD = 4
+LAYOUTS = [(4, 1, 1), (1, 4, 1), (1, 1, 4), (2, 2, 1), (2, 1, 2), (1, 2, 2)]  # (tp, pp, dp)
+GROUPS = ("tp_group", "dp_group", "pp_group", "embedding_group", "model_parallel_group")
+
+
+def expected_rank(tp_rank: int, pp_rank: int, dp_rank: int, tp: int, dp: int) -> int:
+    return (pp_rank * dp + dp_rank) * tp + tp_rank
+
+
+def expected_groups(rank: int, tp: int, pp: int, dp: int) -> dict[str, list[int]]:
+    coords = {expected_rank(t, p, d, tp, dp): (t, p, d)
+              for t in range(tp) for p in range(pp) for d in range(dp)}
+    t0, p0, d0 = coords[rank]
+    pp_ranks = [expected_rank(t0, p, d0, tp, dp) for p in range(pp)]
+    embedding = sorted({pp_ranks[0], pp_ranks[-1]})
+    return {
+        "tp_group": [expected_rank(t, p0, d0, tp, dp) for t in range(tp)],
+        "dp_group": [expected_rank(t0, p0, d, tp, dp) for d in range(dp)],
+        "pp_group": pp_ranks,
+        # Middle pipeline stages hold no embedding and belong to no embedding group.
+        "embedding_group": embedding if rank in embedding else [rank],
+        "model_parallel_group": sorted(expected_rank(t, p, d0, tp, dp)
+                                       for t in range(tp) for p in range(pp)),
+    }
+
+
+def members_by_collective(group) -> list[int]:
+    """The ranks that contribute to an all-reduce over `group` (a group of one: just me)."""
+    onehot = torch.zeros(dist.get_world_size())
+    onehot[dist.get_rank()] = 1.0
+    comm.all_reduce(onehot, group)
+    return onehot.nonzero().flatten().tolist()
+
+
+def _grid_checks() -> dict:
+    results = {}
+    for tp, pp, dp in LAYOUTS:
+        grid = ParallelGrid(tp=tp, pp=pp, dp=dp, timeout_s=60)
+        coords = {r: grid.coord_of(r) for r in range(WORLD)}
+        results[(tp, pp, dp)] = {
+            "coord": (grid.tp_rank, grid.pp_rank, grid.dp_rank),
+            "round_trip": all(grid.global_rank(c.tp, c.pp, c.dp) == r for r, c in coords.items()),
+            "members": {name: members_by_collective(getattr(grid, name)) for name in GROUPS},
+            "first_last": (grid.is_first_stage, grid.is_last_stage),
+        }
+    try:  # a bad layout fails before any collective, on every rank alike
+        ParallelGrid(tp=3, pp=1, dp=1)
+        results["bad"] = "no error"
+    except ValueError as error:
+        results["bad"] = str(error)
+    return results
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return run_distributed(_grid_checks, world_size=WORLD, timeout_s=400)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_groups_connect_the_ranks_the_formula_names(ranks, layout):
+    tp, pp, dp = layout
+    for rank, result in enumerate(ranks):
+        r = result[layout]
+        t, p, d = r["coord"]
+        assert expected_rank(t, p, d, tp, dp) == rank
+        assert r["round_trip"]
+        assert r["members"] == expected_groups(rank, tp, pp, dp)
+        assert r["first_last"] == (p == 0, p == pp - 1)
+
+
+def test_tensor_parallel_ranks_are_consecutive(ranks):
+    assert ranks[1][(2, 2, 1)]["members"]["tp_group"] == [0, 1]
+    assert ranks[3][(2, 1, 2)]["members"]["tp_group"] == [2, 3]
+    assert ranks[2][(2, 1, 2)]["members"]["dp_group"] == [0, 2]
+
+
+def test_bad_layout_is_a_clear_error_on_every_rank(ranks):
+    for result in ranks:
+        assert "world size 4 != tp*pp*dp" in result["bad"]
+
+
+def test_world_of_one_has_no_groups():
+    grid = ParallelGrid()
+    assert (grid.tp_rank, grid.pp_rank, grid.dp_rank) == (0, 0, 0)
+    assert all(getattr(grid, name) is None for name in GROUPS)
+    assert grid.is_first_stage and grid.is_last_stage and not grid.is_distributed
+
+
+def test_layout_validation():
+    validate_layout(8, 2, 2, 2)
+    with pytest.raises(ValueError, match="parallel.tp/pp/dp"):
+        validate_layout(8, 2, 2, 1)
+    with pytest.raises(ValueError, match="parallel.pp must be a positive integer"):
+        validate_layout(8, 2, 0, 2)
+    assert infer_dp(8, 2, 2) == 2
+    with pytest.raises(ValueError, match="not divisible by tp\\*pp"):
+        infer_dp(6, 4, 1)
+    assert default_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
