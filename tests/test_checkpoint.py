@@ -29,7 +29,12 @@ SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "mod
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """Loss per step; a step logged twice (run killed after it, then resumed) counts last."""
+    by_step = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = record["loss"]
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -75,3 +80,168 @@ def test_exit_after_and_resume_is_bit_exact(tmp_path):
     whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
     assert len(whole) == len(split) == 20
     assert whole == split  # every loss bit for bit
+
+
+# ---- keep_last, broken inputs -----------------------------------------------------------------
+def _small_model_config() -> ModelConfig:
+    return ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=32, vocab_size=256)
+
+
+def test_keep_last_and_clear_errors_that_leave_good_checkpoints_alone(tmp_path):
+    overrides = SMALL + ["train.steps=8", "checkpoint.interval=2", "checkpoint.keep_last=2"]
+    run(compose_config(overrides), tmp_path / "run")
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000006", "step_00000008"]
+    good = tree_digest(root)
+    model_cfg = _small_model_config()
+
+    def load(path, cfg=model_cfg):
+        return load_checkpoint(path, [GPT(cfg)], None, None, cfg.to_dict())
+
+    assert load(root)["step"] == 8  # follows latest
+
+    def broken_copy(name: str) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(root, copy)
+        return copy
+
+    shard = Path("step_00000008") / "rank_00000.safetensors"
+    truncated = broken_copy("truncated")
+    data = (truncated / shard).read_bytes()
+    (truncated / shard).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load(truncated)
+
+    flipped = broken_copy("flipped")
+    data = bytearray((flipped / shard).read_bytes())
+    data[-5] ^= 0xFF
+    (flipped / shard).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load(flipped)
+    # without the hash check, safetensors itself must still refuse a broken header
+    data = bytearray((flipped / shard).read_bytes())
+    data[8:16] = b"\xff" * 8
+    (flipped / shard).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        CheckpointReader(flipped / "step_00000008", verify=False).full("model/final_norm.weight")
+
+    missing = broken_copy("missing")
+    (missing / shard).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load(missing)
+
+    dangling = broken_copy("dangling")
+    (dangling / "latest").write_text("step_00000010\n")
+    with pytest.raises(CheckpointError, match="step_00000010"):
+        load(dangling)
+    # ... and a run asked to resume from it fails before it writes anything
+    with pytest.raises(CheckpointError, match="step_00000010"):
+        run(compose_config(overrides + [f"train.resume={dangling}", "train.steps=12"]),
+            tmp_path / "resumer")
+
+    other = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, seq_len=32, vocab_size=256)
+    with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint 32, run 64"):
+        load(root, other)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load(tmp_path / "nowhere")
+    assert tree_digest(root) == good  # nothing above touched the good checkpoints
+    assert tree_digest(dangling / "step_00000008") == {
+        k[len("step_00000008/"):]: v for k, v in good.items() if k.startswith("step_00000008/")}
+
+
+# ---- crashes in the middle of a save, SIGTERM -------------------------------------------------
+CRASHING_RUN = """
+import os, signal, sys
+from pathlib import Path
+import nanomt.checkpoint.save as save
+from nanomt.testing import compose_config
+from nanomt.train import run
+
+stage, run_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+seen = []
+def crash_on_second_save(reached):
+    if reached == stage:
+        seen.append(reached)
+        if len(seen) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as a node failure
+save.FAULT_HOOK = crash_on_second_save
+run(compose_config(overrides), Path(run_dir))
+"""
+
+
+def _python_env() -> dict:
+    return {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT)}
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
+    overrides = SMALL + ["train.steps=4", "checkpoint.interval=2"]
+    run(compose_config(overrides), tmp_path / "whole")
+    for stage in ("shards_written", "before_latest"):
+        run_dir = tmp_path / stage
+        proc = subprocess.run([sys.executable, "-c", CRASHING_RUN, stage, str(run_dir)]
+                              + overrides, env=_python_env(), capture_output=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+        root = run_dir / "checkpoints"
+        assert (root / "latest").read_text().strip() == "step_00000002"
+        model_cfg = _small_model_config()
+        assert load_checkpoint(root, [GPT(model_cfg)], None, None,
+                               model_cfg.to_dict())["step"] == 2
+        # resuming continues as if nothing had happened
+        run(compose_config(overrides + ["train.resume=auto"]), run_dir)
+        assert losses(run_dir) == losses(tmp_path / "whole")
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002",
+                                                          "step_00000004"]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nanomt.train", *SMALL, "train.steps=100000",
+           f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, env=_python_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output.decode()[-2000:]
+    steps_logged = len(metrics.read_text().splitlines())
+    root = run_dir / "checkpoints"
+    assert (root / "latest").read_text().strip() == f"step_{steps_logged:08d}"
+    meta = json.loads((root / f"step_{steps_logged:08d}" / "meta.json").read_text())
+    assert meta["step"] == steps_logged and meta["data"]["next_step"] == steps_logged
+
+
+# ---- resharding to other layouts --------------------------------------------------------------
+# vocab_pad_multiple=3: 258 padded rows at tp=1 and 2, 264 at tp=4: padding must not leak.
+RESHARD = SMALL + ["model.vocab_pad_multiple=3", "train.steps=8", "optim.decay_steps=8"]
+
+
+def _save_then_resume_on_other_layouts(base: str) -> int:
+    """On 4 ranks: train 4 steps at tp=2 x dp=2 and save; resume at tp=4 and at dp=4."""
+    base = Path(base)
+    run(compose_config(RESHARD + ["parallel.tp=2", "train.exit_after=4"]), base / "tp2_dp2")
+    saved = base / "tp2_dp2" / "checkpoints"
+    for tp in (4, 1):
+        run(compose_config(RESHARD + [f"parallel.tp={tp}", f"train.resume={saved}"]),
+            base / f"tp{tp}_dp{4 // tp}")
+    return 0
+
+
+def test_resume_on_other_tensor_and_data_parallel_layouts(tmp_path):
+    run(compose_config(RESHARD), tmp_path / "reference")
+    run_distributed(_save_then_resume_on_other_layouts, world_size=4, args=(str(tmp_path),),
+                    timeout_s=400)
+    # ... and on a single process, from the tp=2 x dp=2 checkpoint
+    run(compose_config(RESHARD + [f"train.resume={tmp_path / 'tp2_dp2' / 'checkpoints'}"]),
+        tmp_path / "single")
+    reference = losses(tmp_path / "reference")
+    assert losses(tmp_path / "tp2_dp2") == pytest.approx(reference[:4], rel=1e-5)
+    for name in ("tp4_dp1", "tp1_dp4", "single"):
+        resumed = losses(tmp_path / name)
+        assert len(resumed) == 4, name
+        assert resumed == pytest.approx(reference[4:], rel=1e-5), name

@@ -37,7 +37,9 @@ from nanomt.checkpoint.state import (
     load_model,
     load_optimizer,
     pick_rng_state,
+    reset_optimizer_state,
     restore_rng,
+    whole_parameters,
 )
 
 
@@ -87,6 +89,13 @@ def read_meta(folder: Path) -> dict:
     if meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{folder / META_FILE} is not a {FORMAT_NAME} file")
     return meta
+
+
+class MissingTensorError(CheckpointError, KeyError):
+    """The checkpoint has no such tensor (a KeyError too: callers may treat it as optional)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass
@@ -142,7 +151,7 @@ class CheckpointReader:
 
     def full(self, key: str) -> torch.Tensor:
         if key not in self.pieces:
-            raise CheckpointError(f"{key} is not in checkpoint {self.folder}")
+            raise MissingTensorError(f"{key} is not in checkpoint {self.folder}")
         loaded = []
         for stored in self.pieces[key]:
             try:
@@ -167,9 +176,14 @@ def load_checkpoint(path: str | Path, chunks: list[nn.Module], optimizer, grid,
     reader = CheckpointReader(folder, verify=verify)
     meta = reader.meta
     check_model_config(meta["model"], model_config, str(folder))
-    load_model(chunks, reader.read, grid)
+    with whole_parameters(optimizer, writeback=True):
+        load_model(chunks, reader.read, grid)
     if optimizer is not None and meta.get("has_optimizer", False):
         load_optimizer(optimizer, chunks, reader, grid)
+        if meta.get("optimizer_scalars") and hasattr(optimizer, "load_scalar_state"):
+            optimizer.load_scalar_state(meta["optimizer_scalars"])
+    elif optimizer is not None:
+        reset_optimizer_state(optimizer)
     if meta.get("rng"):
         restore_rng(pick_rng_state(meta["rng"], grid), chunks)
     meta["folder"] = str(folder)

@@ -36,7 +36,12 @@ from nanomt.checkpoint.format import (
     shard_file_name,
     step_folder_name,
 )
-from nanomt.checkpoint.state import capture_rng, model_pieces, optimizer_pieces
+from nanomt.checkpoint.state import (
+    capture_rng,
+    model_pieces,
+    optimizer_pieces,
+    whole_parameters,
+)
 
 # Tests set this to a function of the stage name to simulate a crash between two writes.
 FAULT_HOOK = None
@@ -147,9 +152,12 @@ def save_checkpoint(root: str | Path, step: int, chunks: list[nn.Module], optimi
     _barrier()
 
     vocab_size = meta["model"]["vocab_size"]
-    pieces = model_pieces(chunks, grid, vocab_size)
+    with whole_parameters(optimizer):
+        pieces = model_pieces(chunks, grid, vocab_size)
     if optimizer is not None:
         pieces += optimizer_pieces(optimizer, chunks, grid, vocab_size)
+        if hasattr(optimizer, "scalar_state"):  # Adam's step, the loss scale
+            meta = {**meta, "optimizer_scalars": optimizer.scalar_state()}
     shard = _write_shard(tmp, rank, pieces)
     shard["rng"] = capture_rng(chunks, grid)
     _fault_point("shards_written")

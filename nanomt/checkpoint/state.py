@@ -8,10 +8,13 @@ by tp rank 0 only, and every tensor by dp rank 0 only (the other replicas hold t
 Optimizer state, two shapes of it:
   - per parameter (torch.optim.AdamW): `state[param]` = {step, exp_avg, exp_avg_sq}; tensors of
     the parameter's shape are sliced like the parameter, scalars (step) are replicated.
-  - flat shards (ZeRO): the optimizer exposes `checkpoint_state()` -> a list of
-    (param, state_name, tensor, flat_range) where flat_range is [a, b) of the parameter's
-    flattened local (tp-shard) tensor held by this dp rank, and `load_checkpoint_state(read)`
-    with read(param, state_name, flat_range) -> tensor. Every dp rank writes its own range.
+  - flat shards (ZeRO, see nanomt/parallel/zero/state.py): the optimizer exposes
+    `checkpoint_state()` -> a list of (param, state_name, tensor, flat_range) where flat_range
+    is [a, b) of the parameter's flattened local (tp-shard) tensor held by this dp rank, and
+    `load_checkpoint_state(read)` with read(param, state_name, flat_range) -> tensor. Every dp
+    rank writes its own range (at stage 0, where each holds everything, dp rank 0 only). Its
+    scalars (Adam step, loss scale) go to meta.json via `scalar_state()`, and under ZeRO-3
+    weights are read and written inside `full_parameters()`, where they are whole.
 
 RNG: Python's, torch's CPU (and CUDA) generators and each chunk's tensor-parallel tracker.
 """
@@ -19,6 +22,7 @@ RNG: Python's, torch's CPU (and CUDA) generators and each chunk's tensor-paralle
 from __future__ import annotations
 
 import base64
+import contextlib
 import random
 
 import torch
@@ -34,6 +38,13 @@ from nanomt.checkpoint.format import (
 )
 
 MODEL_SECTION = "model"
+
+
+def whole_parameters(optimizer, writeback: bool = False):
+    """ZeRO-3 holds weights as shards: materialise them to save or load; otherwise a no-op."""
+    if hasattr(optimizer, "full_parameters"):
+        return optimizer.full_parameters(writeback=writeback)
+    return contextlib.nullcontext()
 
 
 def optimizer_section(state_name: str) -> str:
@@ -89,6 +100,8 @@ def optimizer_pieces(optimizer, chunks: list[nn.Module], grid,
     names = parameter_names(chunks)
     pieces = []
     if hasattr(optimizer, "checkpoint_state"):  # flat shards: every dp rank writes its own
+        if getattr(optimizer, "stage", None) == 0 and not writes_replicas(grid):
+            return []  # ZeRO stage 0: every dp rank holds the whole state
         for param, state_name, tensor, flat in optimizer.checkpoint_state():
             name, owned = names[param]
             if _stores_param(param, owned, grid):
@@ -156,6 +169,20 @@ def load_optimizer(optimizer, chunks: list[nn.Module], reader, grid) -> None:
                 state[state_name] = state[state_name].to(param.device)
             if state:
                 optimizer.state[param] = state
+
+
+def reset_optimizer_state(optimizer) -> None:
+    """A checkpoint without optimizer state (an imported model): fresh moments for the loaded
+    weights (flat-shard optimizers must still copy the new weights into their masters)."""
+    if hasattr(optimizer, "load_checkpoint_state"):
+        def fresh(param: nn.Parameter, state_name: str, flat) -> torch.Tensor:
+            if state_name == "master":
+                raise KeyError(state_name)  # taken from the loaded weights
+            return torch.zeros(flat[1] - flat[0])
+
+        optimizer.load_checkpoint_state(fresh)
+    else:
+        optimizer.state.clear()
 
 
 # ---- random number generators ------------------------------------------------------------------
