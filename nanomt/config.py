@@ -14,14 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanomt.model.config import ModelConfig
 from nanomt.parallel.grid import infer_dp, validate_layout
+from nanomt.parallel.pipeline.schedules import check_pipeline_config
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Features whose config keys exist but whose implementation has not landed. Each entry:
 # (description, predicate on the config). Removing an entry is part of landing the feature.
 NOT_IMPLEMENTED: list[tuple[str, object]] = [
-    ("pipeline parallelism (parallel.pp > 1)", lambda c: c.parallel.pp > 1),
-    ("interleaved pipeline (parallel.virtual_stages > 1)", lambda c: c.parallel.virtual_stages > 1),
     ("ZeRO sharding (parallel.zero_stage > 0)", lambda c: c.parallel.zero_stage > 0),
     ("mixed precision (train.precision != fp32)", lambda c: c.train.precision != "fp32"),
 ]
@@ -83,6 +82,19 @@ def check_batch(cfg: DictConfig, layout: Layout) -> int:
     return t.global_batch_size // (t.micro_batch_size * layout.dp)
 
 
+def check_pipeline(cfg: DictConfig, model: ModelConfig, layout: Layout, num_microbatches: int
+                   ) -> None:
+    """Layers split into pp * virtual_stages chunks; interleaving needs m (and the evaluation's
+    micro-batches) a multiple of pp."""
+    schedule = str(cfg.parallel.schedule)
+    check_pipeline_config(model.num_layers, layout.pp, layout.virtual_stages, num_microbatches,
+                          schedule)
+    if layout.virtual_stages > 1 and schedule == "1f1b" and cfg.train.eval_batches % layout.pp:
+        raise ValueError(f"interleaved 1F1B evaluates train.eval_batches "
+                         f"({cfg.train.eval_batches}) micro-batches: make it a multiple of "
+                         f"parallel.pp ({layout.pp})")
+
+
 def check_config(cfg: DictConfig, world_size: int) -> tuple[ModelConfig, Layout, int]:
     """Everything that can be checked before a collective. Returns (model, layout, micro-batches)."""
     if cfg.train.precision not in PRECISIONS:
@@ -93,6 +105,7 @@ def check_config(cfg: DictConfig, world_size: int) -> tuple[ModelConfig, Layout,
     layout = resolve_layout(cfg, world_size)
     check_model_fits_layout(model, layout)
     num_microbatches = check_batch(cfg, layout)
+    check_pipeline(cfg, model, layout, num_microbatches)
     for description, applies in NOT_IMPLEMENTED:
         if applies(cfg):
             raise NotImplementedError(f"{description} is not implemented yet")

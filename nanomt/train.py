@@ -35,7 +35,8 @@ from nanomt.parallel import comm
 from nanomt.parallel.data_parallel import allreduce_gradients
 from nanomt.parallel.grid import ParallelGrid, init_distributed
 from nanomt.parallel.random import seed_everything
-from nanomt.parallel.schedules import forward_backward_no_pipelining, forward_only_no_pipelining
+from nanomt.parallel.pipeline import Timeline, build_model_chunks
+from nanomt.parallel.schedules import get_forward_backward_func
 
 
 def pick_device(name: str) -> torch.device:
@@ -59,16 +60,18 @@ def build_data(cfg: DictConfig, model_cfg: ModelConfig):
 
 
 def build_model(model_cfg: ModelConfig, layout: Layout, grid: ParallelGrid, seed: int,
-                device: torch.device) -> GPT:
-    model = GPT(model_cfg, grid, seed=seed, sequence_parallel=layout.sequence_parallel)
-    return model.to(device)
+                device: torch.device) -> list[GPT]:
+    """This rank's model chunks: the whole model, or the v chunks of its pipeline stage."""
+    return build_model_chunks(model_cfg, grid, layout.virtual_stages, seed=seed,
+                              sequence_parallel=layout.sequence_parallel, device=device)
 
 
 def describe_ranks(grid: ParallelGrid, model: torch.nn.Module) -> list[dict]:
     """Every rank's coordinates, host and parameter count, gathered onto every rank."""
     mine = {"rank": grid.rank, "tp": grid.tp_rank, "pp": grid.pp_rank, "dp": grid.dp_rank,
             "host": socket.gethostname(),
-            "num_parameters": sum(p.numel() for p in model.parameters())}
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "layers": [[chunk.layer_range.start, chunk.layer_range.stop] for chunk in model]}
     if not grid.is_distributed:
         return [mine]
     everyone: list = [None] * grid.world_size
@@ -86,13 +89,13 @@ def mean_over_batch(loss_sum: torch.Tensor, num_microbatches: int, grid: Paralle
     return float(loss) / grid.dp_size
 
 
-def evaluate(model: GPT, val_data: GlobalBatchSampler, cfg: DictConfig, grid: ParallelGrid,
-             device: torch.device) -> float:
+def evaluate(model: torch.nn.ModuleList, val_data: GlobalBatchSampler, cfg: DictConfig,
+             grid: ParallelGrid, device: torch.device, forward_backward) -> float:
     model.eval()
     batches = [(x.to(device), y.to(device)) for x, y in val_data.eval_batches(
         cfg.train.eval_batches, cfg.train.micro_batch_size * grid.dp_size,
         grid.dp_rank, grid.dp_size)]
-    loss_sum = forward_only_no_pipelining(model, batches)
+    loss_sum = forward_backward(list(model), batches, grid, forward_only=True)
     model.train()
     return mean_over_batch(loss_sum, len(batches), grid)
 
@@ -107,14 +110,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(cfg.train.seed, grid.pp_rank)
 
     # -- model, optimizer, schedule, data ---------------------------------------------------
-    model = build_model(model_cfg, layout, grid, cfg.train.seed, device)
+    model_chunks = build_model(model_cfg, layout, grid, cfg.train.seed, device)
+    model = torch.nn.ModuleList(model_chunks)  # one module over this rank's chunks
+    forward_backward = get_forward_backward_func(layout, cfg.parallel.schedule)
+    timeline = Timeline({"rank": grid.rank, "pp_rank": grid.pp_rank, "tp_rank": grid.tp_rank,
+                         "dp_rank": grid.dp_rank, "pp": layout.pp,
+                         "virtual_stages": layout.virtual_stages,
+                         "num_microbatches": num_microbatches}) if cfg.train.timeline else None
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = build_adamw(model, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
     lr_at = WarmupCosine(o.lr, o.min_lr, o.warmup_steps, o.decay_steps or cfg.train.steps)
     train_data, val_data = build_data(cfg, model_cfg)
     checkpointer = Checkpointer(cfg, run_dir, model_cfg, layout, grid, device)
-    start_step = checkpointer.resume([model], optimizer, train_data)  # 0 unless train.resume
+    start_step = checkpointer.resume(model_chunks, optimizer, train_data)  # 0 unless train.resume
 
     # -- run folder --------------------------------------------------------------------------
     is_writer = rank == 0
@@ -126,6 +135,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "config": resolved, "world_size": world_size,
             "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
                        "virtual_stages": layout.virtual_stages,
+                       "schedule": str(cfg.parallel.schedule),
                        "sequence_parallel": layout.sequence_parallel,
                        "zero_stage": layout.zero_stage},
             "num_microbatches": num_microbatches,
@@ -157,7 +167,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             for i in range(num_microbatches)]
 
         optimizer.zero_grad(set_to_none=True)
-        loss_sum = forward_backward_no_pipelining(model, micro_batches)
+        if timeline is not None:
+            timeline.begin_step(step + 1)
+        loss_sum = forward_backward(model_chunks, micro_batches, grid, timeline=timeline)
         allreduce_sequence_parallel_grads(model, grid.tp_group)
         allreduce_gradients(params, grid.dp_group)
         grad_norm = clip_grad_norm(params, o.grad_clip, grid)
@@ -170,14 +182,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                   "tokens_per_s": tokens_per_step / step_time}
         eval_interval = cfg.train.eval_interval
         if (eval_interval and (step + 1) % eval_interval == 0) or step + 1 == steps:
-            val_loss = evaluate(model, val_data, cfg, grid, device)
+            val_loss = evaluate(model, val_data, cfg, grid, device, forward_backward)
             record["val_loss"] = val_loss
         logger.log_step(record)
         steps_done = step + 1
-        if checkpointer.after_step(steps_done, [model], optimizer, train_data, lr):
+        if checkpointer.after_step(steps_done, model_chunks, optimizer, train_data, lr):
             break  # train.exit_after reached, or SIGTERM: saved, stop cleanly
 
     checkpointer.close()
+    if timeline is not None:
+        timeline.save(run_dir / "timeline" / f"rank{grid.rank}.json")
     elapsed = time.perf_counter() - t_start
     summary = {"steps": steps_done, "final_loss": loss, "val_loss": val_loss,
                "tokens": steps_done * tokens_per_step, "time_s": elapsed,

@@ -33,6 +33,7 @@ from nanomt.parallel.pipeline.p2p import (
     dtype_code,
     message_tag,
 )
+from nanomt.parallel.pipeline.partition import allreduce_embedding_grads
 from nanomt.parallel.pipeline.schedules import SCHEDULES, PipelineOp, checked_schedule
 from nanomt.parallel.pipeline.timeline import Timeline, maybe_span
 
@@ -189,7 +190,8 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
                                 stats: PipelineStats | None = None,
                                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Run this rank's part of the pipeline schedule. Returns the sum of micro-batch losses
-    (last stage; zero elsewhere). Gradients accumulate in the chunks' .grad."""
+    (last stage; zero elsewhere). Gradients accumulate in the chunks' .grad; the tied word
+    embedding's gradient is summed over the first and last stage before returning."""
     m, v = len(micro_batches), len(model_chunks)
     shape = activation_shape(model_chunks[0], micro_batches[0])
     agree_on_schedule(grid, {"schedule": SCHEDULES.index(schedule), "microbatches": m,
@@ -201,4 +203,7 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
     comm = PipelineComm(grid, shape, dtype, device)
     step = PipelineStep(model_chunks, micro_batches, comm, order, forward_only, timeline,
                         stats if stats is not None else PipelineStats())
-    return step.run()
+    loss_sum = step.run()
+    if not forward_only:
+        allreduce_embedding_grads(model_chunks, grid)
+    return loss_sum
