@@ -2,7 +2,7 @@
 
     1. every rank writes its shard into  step_N.tmp/  and fsyncs it
     2. rank 0 writes meta.json (index, config, step, RNG of every rank), fsyncs it and the folder
-    3. rename step_N.tmp -> step_N       (atomic on POSIX: the folder appears complete or not at all)
+    3. rename step_N.tmp -> step_N       (atomic on POSIX: the folder appears whole or not at all)
     4. write latest.tmp, rename -> latest (the pointer moves last)
     5. delete checkpoints older than the last `keep_last` (never the one `latest` names)
 
@@ -136,7 +136,7 @@ def _publish(tmp: Path, final: Path, root: Path) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, chunks: list[nn.Module], optimizer, grid,
-                    meta: dict, keep_last: int = 0) -> Path:
+                    meta: dict, keep_last: int = 0, include_rng: bool = True) -> Path:
     """Collective over all ranks: write checkpoint `step` under `root`; returns its folder.
 
     `meta` is what the run needs besides tensors (config, model config, layout, data/LR/loss-scaler
@@ -159,12 +159,12 @@ def save_checkpoint(root: str | Path, step: int, chunks: list[nn.Module], optimi
         if hasattr(optimizer, "scalar_state"):  # Adam's step, the loss scale
             meta = {**meta, "optimizer_scalars": optimizer.scalar_state()}
     shard = _write_shard(tmp, rank, pieces)
-    shard["rng"] = capture_rng(chunks, grid)
+    shard["rng"] = capture_rng(chunks, grid) if include_rng else None
     _fault_point("shards_written")
     shards = _gather_to_rank0(shard)  # also tells rank 0 that every shard is on disk
 
     if rank == 0:
-        rng = [s.pop("rng") for s in shards]
+        rng = [s.pop("rng") for s in shards] if include_rng else []
         full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step,
                      "has_optimizer": optimizer is not None, **meta, "rng": rng,
                      "shards": shards}

@@ -76,7 +76,8 @@ def _stores_param(param: nn.Parameter, owned: bool, grid) -> bool:
     return owned and (not replicated or tp_rank == 0)
 
 
-def model_pieces(chunks: list[nn.Module], grid, vocab_size: int) -> list[tuple[Piece, torch.Tensor]]:
+def model_pieces(chunks: list[nn.Module], grid,
+                 vocab_size: int) -> list[tuple[Piece, torch.Tensor]]:
     if not writes_replicas(grid):
         return []
     pieces = []
@@ -130,7 +131,7 @@ def optimizer_pieces(optimizer, chunks: list[nn.Module], grid,
 
 # ---- loading ----------------------------------------------------------------------------------
 def load_model(chunks: list[nn.Module], read, grid) -> None:
-    """Copy this rank's slice of every parameter out of the checkpoint (`read(key, padded, box)`)."""
+    """Copy this rank's slice of every parameter out of the checkpoint (`read`: reader.read)."""
     tp_rank, tp_size = _tp(grid)
     for chunk in chunks:
         for name, param, _ in named_chunk_parameters(chunk):

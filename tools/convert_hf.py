@@ -1,0 +1,241 @@
+"""Convert nanomt checkpoints to and from Hugging Face transformers folders.
+
+    python tools/convert_hf.py export --checkpoint CKPT_DIR --output HF_DIR
+    python tools/convert_hf.py import --input HF_DIR --output CKPT_DIR
+
+style=gpt   <-> GPT2LMHeadModel   learned positions, LayerNorm, GeLU (tanh: "gelu_new"), tied
+                                  embeddings. GPT-2's Conv1D stores weights as [in, out], so
+                                  every linear is transposed; its fused c_attn columns are
+                                  [q_all | k_all | v_all] while nanomt's fused QKV rows are per
+                                  head [head0: q k v | head1: q k v | ...] (so tp splits heads).
+style=llama <-> LlamaForCausalLM  RoPE (both use the rotate-half convention: no permutation),
+                                  RMSNorm, SwiGLU with fc1 = up_proj, gate = gate_proj,
+                                  fc2 = down_proj; untied lm_head.
+
+A checkpoint of any layout exports (its tensors are stored layout-independently); an import is
+a single-shard checkpoint at step 0 without optimizer state, which any layout can load
+(`train.resume=CKPT_DIR` starts training from it with fresh Adam moments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nanomt.checkpoint import CheckpointReader, resolve_checkpoint, save_checkpoint  # noqa: E402
+from nanomt.model import GPT, ModelConfig  # noqa: E402
+
+
+# ---- the fused QKV layout -----------------------------------------------------------------------
+def split_qkv(weight: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, ...]:
+    """nanomt's per-head [3h(, h)] -> (q, k, v), each [h(, h)] in head order."""
+    rest = weight.shape[1:]
+    per_head = weight.reshape(num_heads, 3, -1, *rest)
+    return tuple(per_head[:, j].reshape(-1, *rest) for j in range(3))
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(q, k, v) each [h(, h)] -> nanomt's per-head [3h(, h)]."""
+    rest = q.shape[1:]
+    stacked = torch.stack([t.reshape(num_heads, -1, *rest) for t in (q, k, v)], dim=1)
+    return stacked.reshape(-1, *rest)
+
+
+# ---- name maps: (nanomt name, hf name, transpose) per layer ------------------------------------
+def gpt2_layer_map(i: int) -> list[tuple[str, str, bool]]:
+    n, h = f"layers.{i}.", f"transformer.h.{i}."
+    return [(n + "norm1.weight", h + "ln_1.weight", False),
+            (n + "norm1.bias", h + "ln_1.bias", False),
+            (n + "attention.proj.weight", h + "attn.c_proj.weight", True),
+            (n + "attention.proj.bias", h + "attn.c_proj.bias", False),
+            (n + "norm2.weight", h + "ln_2.weight", False),
+            (n + "norm2.bias", h + "ln_2.bias", False),
+            (n + "mlp.fc1.weight", h + "mlp.c_fc.weight", True),
+            (n + "mlp.fc1.bias", h + "mlp.c_fc.bias", False),
+            (n + "mlp.fc2.weight", h + "mlp.c_proj.weight", True),
+            (n + "mlp.fc2.bias", h + "mlp.c_proj.bias", False)]
+
+
+def llama_layer_map(i: int) -> list[tuple[str, str, bool]]:
+    n, h = f"layers.{i}.", f"model.layers.{i}."
+    return [(n + "norm1.weight", h + "input_layernorm.weight", False),
+            (n + "attention.proj.weight", h + "self_attn.o_proj.weight", False),
+            (n + "norm2.weight", h + "post_attention_layernorm.weight", False),
+            (n + "mlp.fc1.weight", h + "mlp.up_proj.weight", False),
+            (n + "mlp.gate.weight", h + "mlp.gate_proj.weight", False),
+            (n + "mlp.fc2.weight", h + "mlp.down_proj.weight", False)]
+
+
+def name_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
+    """Every tensor except the fused QKV, as (nanomt name, HF name, transposed)."""
+    if cfg.style == "gpt":
+        pairs = [("word_embedding.weight", "transformer.wte.weight", False),
+                 ("position_embedding", "transformer.wpe.weight", False),
+                 ("final_norm.weight", "transformer.ln_f.weight", False),
+                 ("final_norm.bias", "transformer.ln_f.bias", False)]
+        layer_map = gpt2_layer_map
+    else:
+        pairs = [("word_embedding.weight", "model.embed_tokens.weight", False),
+                 ("final_norm.weight", "model.norm.weight", False)]
+        layer_map = llama_layer_map
+    if not cfg.tie_embeddings:
+        pairs.append(("output_layer.weight", "lm_head.weight", False))
+    for i in range(cfg.num_layers):
+        pairs += layer_map(i)
+    return pairs
+
+
+def to_hf_state(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    hf = {hf_name: (tensors[name].t() if transpose else tensors[name]).contiguous()
+          for name, hf_name, transpose in name_map(cfg)}
+    for i in range(cfg.num_layers):
+        weight = tensors[f"layers.{i}.attention.qkv.weight"]
+        q, k, v = split_qkv(weight, cfg.num_heads)
+        if cfg.style == "gpt":
+            prefix = f"transformer.h.{i}.attn.c_attn."
+            hf[prefix + "weight"] = torch.cat([q, k, v]).t().contiguous()
+            bias = split_qkv(tensors[f"layers.{i}.attention.qkv.bias"], cfg.num_heads)
+            hf[prefix + "bias"] = torch.cat(bias).contiguous()
+        else:
+            prefix = f"model.layers.{i}.self_attn."
+            for part, tensor in zip("qkv", (q, k, v)):
+                hf[f"{prefix}{part}_proj.weight"] = tensor.contiguous()
+    return hf
+
+
+def from_hf_state(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    tensors = {name: (hf[hf_name].t() if transpose else hf[hf_name]).contiguous()
+               for name, hf_name, transpose in name_map(cfg)}
+    h = cfg.hidden_size
+    for i in range(cfg.num_layers):
+        if cfg.style == "gpt":
+            prefix = f"transformer.h.{i}.attn.c_attn."
+            q, k, v = hf[prefix + "weight"].t().split(h)
+            tensors[f"layers.{i}.attention.qkv.bias"] = fuse_qkv(*hf[prefix + "bias"].split(h),
+                                                                 cfg.num_heads)
+        else:
+            prefix = f"model.layers.{i}.self_attn."
+            q, k, v = (hf[f"{prefix}{part}_proj.weight"] for part in "qkv")
+        tensors[f"layers.{i}.attention.qkv.weight"] = fuse_qkv(q, k, v, cfg.num_heads)
+    return tensors
+
+
+# ---- configs ------------------------------------------------------------------------------------
+def hf_config(cfg: ModelConfig):
+    from transformers import GPT2Config, LlamaConfig
+
+    if cfg.style == "gpt":
+        return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.seq_len,
+                          n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                          n_inner=cfg.ffn_hidden_size,
+                          activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                          tie_word_embeddings=cfg.tie_embeddings,
+                          architectures=["GPT2LMHeadModel"])
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
+                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+                       head_dim=cfg.head_dim, max_position_embeddings=cfg.seq_len,
+                       rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                       tie_word_embeddings=cfg.tie_embeddings, attention_bias=False,
+                       mlp_bias=False, hidden_act="silu", architectures=["LlamaForCausalLM"])
+
+
+def model_config_from_hf(config: dict) -> ModelConfig:
+    kind = config.get("model_type")
+    if kind == "gpt2":
+        if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"GPT-2 activation {config['activation_function']!r}: nanomt's GeLU "
+                             f"is the tanh approximation (gelu_new)")
+        return ModelConfig(style="gpt", num_layers=config["n_layer"], hidden_size=config["n_embd"],
+                           num_heads=config["n_head"], ffn_hidden_size=config.get("n_inner"),
+                           seq_len=config["n_positions"], vocab_size=config["vocab_size"],
+                           norm_eps=config.get("layer_norm_epsilon", 1e-5),
+                           tie_embeddings=config.get("tie_word_embeddings", True))
+    if kind == "llama":
+        heads = config["num_attention_heads"]
+        if config.get("num_key_value_heads", heads) != heads:
+            raise ValueError("grouped-query attention (num_key_value_heads != "
+                             "num_attention_heads) is not supported by nanomt")
+        if config.get("attention_bias") or config.get("mlp_bias"):
+            raise ValueError("Llama with attention_bias/mlp_bias is not supported by nanomt")
+        rope = config.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
+            raise ValueError("only unscaled (default) RoPE is supported by nanomt")
+        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        return ModelConfig(style="llama", num_layers=config["num_hidden_layers"],
+                           hidden_size=config["hidden_size"], num_heads=heads,
+                           ffn_hidden_size=config["intermediate_size"],
+                           seq_len=config["max_position_embeddings"],
+                           vocab_size=config["vocab_size"], norm_eps=config["rms_norm_eps"],
+                           rope_theta=theta,
+                           tie_embeddings=config.get("tie_word_embeddings", False))
+    raise ValueError(f"model_type {kind!r}: only gpt2 and llama folders can be imported")
+
+
+# ---- the two commands ---------------------------------------------------------------------------
+def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
+    """nanomt checkpoint (any layout) -> Hugging Face folder (config.json + model.safetensors)."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    reader = CheckpointReader(resolve_checkpoint(checkpoint))
+    cfg = ModelConfig.from_dict(reader.meta["model"])
+    tensors = {key.split("/", 1)[1]: reader.full(key) for key in reader.pieces
+               if key.startswith("model/")}
+    model_class = GPT2LMHeadModel if cfg.style == "gpt" else LlamaForCausalLM
+    model = model_class(hf_config(cfg))
+    missing, unexpected = model.load_state_dict(to_hf_state(cfg, tensors), strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight names disagree: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_embeddings:
+        model.tie_weights()
+    model.save_pretrained(str(output), safe_serialization=True)
+    return Path(output)
+
+
+def import_checkpoint(hf_dir: str | Path, output: str | Path) -> Path:
+    """Hugging Face GPT-2 / Llama folder -> nanomt checkpoint (step 0, no optimizer state)."""
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    cfg = model_config_from_hf(config)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True,
+                                                    dtype=torch.float32)
+    tensors = from_hf_state(cfg, hf_model.state_dict())
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            value = tensors[name]
+            param.zero_()  # padding rows of the vocabulary stay zero
+            param[tuple(slice(0, n) for n in value.shape)] = value
+    meta = {"model": cfg.to_dict(), "source": str(hf_dir),
+            "layout": {"tp": 1, "pp": 1, "dp": 1, "virtual_stages": 1,
+                       "sequence_parallel": False, "zero_stage": 0}}
+    return save_checkpoint(output, 0, [model], None, None, meta, include_rng=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="nanomt checkpoint -> Hugging Face folder")
+    export.add_argument("--checkpoint", required=True, help="a step folder or checkpoint root")
+    export.add_argument("--output", required=True)
+    imp = commands.add_parser("import", help="Hugging Face folder -> nanomt checkpoint")
+    imp.add_argument("--input", required=True)
+    imp.add_argument("--output", required=True, help="checkpoint root to create")
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        print(f"exported to {export_checkpoint(args.checkpoint, args.output)}")
+    else:
+        print(f"imported to {import_checkpoint(args.input, args.output)}")
+
+
+if __name__ == "__main__":
+    main()
