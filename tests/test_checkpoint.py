@@ -18,6 +18,7 @@ import torch
 
 from nanomt.checkpoint import CheckpointError, CheckpointReader, load_checkpoint
 from nanomt.checkpoint.format import Piece, assemble, cut, make_piece
+from nanomt.config import NOT_IMPLEMENTED
 from nanomt.model import GPT, ModelConfig
 from nanomt.testing import compose_config, run_distributed
 from nanomt.train import run
@@ -218,30 +219,43 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 # ---- resharding to other layouts --------------------------------------------------------------
 # vocab_pad_multiple=3: 258 padded rows at tp=1 and 2, 264 at tp=4: padding must not leak.
-RESHARD = SMALL + ["model.vocab_pad_multiple=3", "train.steps=8", "optim.decay_steps=8"]
+RESHARD = SMALL + ["model.num_layers=4", "model.vocab_pad_multiple=3", "train.micro_batch_size=1",
+                   "train.steps=8", "optim.decay_steps=8", "train.eval_batches=4"]
+ZERO_LANDED = not any("ZeRO" in description for description, _ in NOT_IMPLEMENTED)
+SAVED_LAYOUT = "tp2_pp2_dp2"
+RESUMED_LAYOUTS = {  # name: (tp, pp, virtual stages, zero stage), dp = 8 / (tp * pp)
+    "tp1_pp4_dp2": (1, 4, 1, 2),
+    "tp4_pp1_dp2": (4, 1, 1, 0),
+    "tp1_pp2v2_dp4": (1, 2, 2, 1),
+}
+
+
+def _layout(tp: int, pp: int, virtual_stages: int, zero_stage: int) -> list[str]:
+    return [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.virtual_stages={virtual_stages}",
+            f"parallel.zero_stage={zero_stage if ZERO_LANDED else 0}"]
 
 
 def _save_then_resume_on_other_layouts(base: str) -> int:
-    """On 4 ranks: train 4 steps at tp=2 x dp=2 and save; resume at tp=4 and at dp=4."""
+    """On 8 ranks: 4 steps at (tp, pp, dp, zero) = (2, 2, 2, 1) and save; resume elsewhere."""
     base = Path(base)
-    run(compose_config(RESHARD + ["parallel.tp=2", "train.exit_after=4"]), base / "tp2_dp2")
-    saved = base / "tp2_dp2" / "checkpoints"
-    for tp in (4, 1):
-        run(compose_config(RESHARD + [f"parallel.tp={tp}", f"train.resume={saved}"]),
-            base / f"tp{tp}_dp{4 // tp}")
+    run(compose_config(RESHARD + _layout(2, 2, 1, 1) + ["train.exit_after=4"]),
+        base / SAVED_LAYOUT)
+    saved = base / SAVED_LAYOUT / "checkpoints"
+    for name, layout in RESUMED_LAYOUTS.items():
+        run(compose_config(RESHARD + _layout(*layout) + [f"train.resume={saved}"]), base / name)
     return 0
 
 
-def test_resume_on_other_tensor_and_data_parallel_layouts(tmp_path):
+def test_resume_on_other_layouts(tmp_path):
     run(compose_config(RESHARD), tmp_path / "reference")
-    run_distributed(_save_then_resume_on_other_layouts, world_size=4, args=(str(tmp_path),),
+    run_distributed(_save_then_resume_on_other_layouts, world_size=8, args=(str(tmp_path),),
                     timeout_s=400)
-    # ... and on a single process, from the tp=2 x dp=2 checkpoint
-    run(compose_config(RESHARD + [f"train.resume={tmp_path / 'tp2_dp2' / 'checkpoints'}"]),
+    # ... and on a single process
+    run(compose_config(RESHARD + [f"train.resume={tmp_path / SAVED_LAYOUT / 'checkpoints'}"]),
         tmp_path / "single")
     reference = losses(tmp_path / "reference")
-    assert losses(tmp_path / "tp2_dp2") == pytest.approx(reference[:4], rel=1e-5)
-    for name in ("tp4_dp1", "tp1_dp4", "single"):
+    assert losses(tmp_path / SAVED_LAYOUT) == pytest.approx(reference[:4], rel=1e-5)
+    for name in [*RESUMED_LAYOUTS, "single"]:
         resumed = losses(tmp_path / name)
         assert len(resumed) == 4, name
         assert resumed == pytest.approx(reference[4:], rel=1e-5), name
