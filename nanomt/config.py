@@ -21,8 +21,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # Features whose config keys exist but whose implementation has not landed. Each entry:
 # (description, predicate on the config). Removing an entry is part of landing the feature.
 NOT_IMPLEMENTED: list[tuple[str, object]] = [
-    ("ZeRO sharding (parallel.zero_stage > 0)", lambda c: c.parallel.zero_stage > 0),
-    ("mixed precision (train.precision != fp32)", lambda c: c.train.precision != "fp32"),
 ]
 
 

@@ -26,15 +26,14 @@ from nanomt.checkpoint.checkpointer import Checkpointer
 from nanomt.config import Layout, check_config
 from nanomt.data import GlobalBatchSampler, build_tokenizer, load_token_splits
 from nanomt.logger import RunLogger, write_json_atomic
+from nanomt.memory import PeakMemoryMeter, memory_report
 from nanomt.model import GPT, ModelConfig
-from nanomt.model.gpt import allreduce_sequence_parallel_grads
-from nanomt.optim.adamw import build_adamw
-from nanomt.optim.grad_norm import clip_grad_norm
+from nanomt.model.checkpointing import set_activation_checkpointing
 from nanomt.optim.schedule import WarmupCosine
 from nanomt.parallel import comm
-from nanomt.parallel.data_parallel import allreduce_gradients
 from nanomt.parallel.grid import ParallelGrid, init_distributed
 from nanomt.parallel.random import seed_everything
+from nanomt.parallel.zero import build_optimizer
 from nanomt.parallel.pipeline import Timeline, build_model_chunks
 from nanomt.parallel.schedules import get_forward_backward_func
 
@@ -117,9 +116,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                          "dp_rank": grid.dp_rank, "pp": layout.pp,
                          "virtual_stages": layout.virtual_stages,
                          "num_microbatches": num_microbatches}) if cfg.train.timeline else None
-    params = [p for p in model.parameters() if p.requires_grad]
+    set_activation_checkpointing(model_chunks, cfg.train.activation_checkpointing)
     o = cfg.optim
-    optimizer = build_adamw(model, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
+    # Data parallelism lives in the optimizer: gradient buckets reduced during backward, ZeRO
+    # sharding (parallel.zero_stage), precision, clipping and AdamW (nanomt.parallel.zero).
+    optimizer = build_optimizer(model_chunks, cfg, grid)
     lr_at = WarmupCosine(o.lr, o.min_lr, o.warmup_steps, o.decay_steps or cfg.train.steps)
     train_data, val_data = build_data(cfg, model_cfg)
     checkpointer = Checkpointer(cfg, run_dir, model_cfg, layout, grid, device)
@@ -155,6 +156,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     loss = val_loss = float("nan")
     steps_done = start_step
     t_start = time.perf_counter()
+    activation_meter = PeakMemoryMeter()  # watches the first step's forward and backward
     model.train()
     for step in range(start_step, steps):
         t0 = time.perf_counter()
@@ -169,17 +171,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if timeline is not None:
             timeline.begin_step(step + 1)
-        loss_sum = forward_backward(model_chunks, micro_batches, grid, timeline=timeline)
-        allreduce_sequence_parallel_grads(model, grid.tp_group)
-        allreduce_gradients(params, grid.dp_group)
-        grad_norm = clip_grad_norm(params, o.grad_clip, grid)
-        optimizer.step()
+        with activation_meter.watch(step == start_step and cfg.train.measure_memory):
+            loss_sum = forward_backward(model_chunks, micro_batches, grid, timeline=timeline)
+        result = optimizer.step()  # reduce, clip by the global norm, update (or skip: fp16)
+        grad_norm = result.grad_norm
 
         loss = mean_over_batch(loss_sum, num_microbatches, grid)
         step_time = time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": (step + 1) * tokens_per_step, "step_time_s": step_time,
-                  "tokens_per_s": tokens_per_step / step_time}
+                  "tokens_per_s": tokens_per_step / step_time, "skipped": result.skipped}
         eval_interval = cfg.train.eval_interval
         if (eval_interval and (step + 1) % eval_interval == 0) or step + 1 == steps:
             val_loss = evaluate(model, val_data, cfg, grid, device, forward_backward)
@@ -195,7 +196,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     elapsed = time.perf_counter() - t_start
     summary = {"steps": steps_done, "final_loss": loss, "val_loss": val_loss,
                "tokens": steps_done * tokens_per_step, "time_s": elapsed,
-               "tokens_per_s": (steps_done - start_step) * tokens_per_step / max(elapsed, 1e-9)}
+               "tokens_per_s": (steps_done - start_step) * tokens_per_step / max(elapsed, 1e-9),
+               "memory_per_rank": memory_report(optimizer, activation_meter.peak_bytes, grid)}
     logger.finish(summary)
     return summary
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanomt.model.checkpointing import checkpoint
 from nanomt.model.config import ModelConfig
 from nanomt.parallel.random import TensorParallelRNG
 from nanomt.parallel.tensor_parallel import (
@@ -64,6 +65,7 @@ class ParallelAttention(nn.Module):
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.use_rope = cfg.style == "llama"
         self.dropout_p, self.rng = cfg.attention_dropout, rng
+        self.recompute = "none"  # "selective": recompute core_attention in backward
         self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp_group, init_fn,
                                         bias=cfg.use_bias, sequence_parallel=sequence_parallel)
         self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp_group, out_init_fn,
@@ -87,7 +89,10 @@ class ParallelAttention(nn.Module):
         if self.use_rope:
             q = apply_rope(q, self.rope_cos, self.rope_sin)
             k = apply_rope(k, self.rope_cos, self.rope_sin)
-        out = self.core_attention(q, k, v)
+        if self.recompute == "selective" and torch.is_grad_enabled():
+            out = checkpoint(self.core_attention, q, k, v, rng=self.rng)  # keep only q, k, v
+        else:
+            out = self.core_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, s, self.heads_per_rank * self.head_dim)
         return self.proj(out)
 
@@ -124,6 +129,7 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.sequence_parallel = sequence_parallel
         self.dropout_p, self.rng = cfg.dropout, rng
+        self.recompute = "none"  # "full": keep only the input, recompute the layer in backward
         self.norm1 = make_norm(cfg, sequence_parallel)
         self.attention = ParallelAttention(cfg, tp_group, init_fn, out_init_fn,
                                            sequence_parallel, rng)
@@ -139,5 +145,10 @@ class TransformerLayer(nn.Module):
         return F.dropout(x, self.dropout_p, training=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return checkpoint(self.layer, x, rng=self.rng)  # keep only the input x
+        return self.layer(x)
+
+    def layer(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.residual_dropout(self.attention(self.norm1(x)))
         return x + self.residual_dropout(self.mlp(self.norm2(x)))

@@ -22,3 +22,29 @@ def build_adamw(model: nn.Module, lr: float, betas: tuple[float, float], eps: fl
     # happen to be grouped (keeps single-process and sharded runs bitwise comparable).
     return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
                              foreach=False)
+
+
+def adamw_update_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                  exp_avg_sq: torch.Tensor, step: int, lr: float, betas: tuple[float, float],
+                  eps: float) -> None:
+    """One Adam step on flat fp32 tensors, in place: the same element-wise math (and operation
+    order) as torch.optim.AdamW's single-tensor path, so a sharded update matches it bitwise.
+
+        m <- b1 m + (1 - b1) g        v <- b2 v + (1 - b2) g^2
+        w <- w - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    Decoupled weight decay, w <- w (1 - lr * wd), is applied by the caller before this update
+    (per parameter: it depends on the parameter group).
+    """
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    master.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def decays(param: torch.Tensor) -> bool:
+    """The parameter-group rule of `parameter_groups`: matrices decay, vectors do not."""
+    return param.ndim >= 2

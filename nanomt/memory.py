@@ -1,0 +1,101 @@
+"""Memory accounting per rank: parameters, gradients, optimizer state and peak activations.
+
+The model-state side is read off the ZeRO optimizer's buffers (what this rank really holds between
+steps) and compared with ZeRO's formulas (Rajbhandari et al. 2019, section 3.1): with Psi
+parameters, N_d data-parallel ranks, p/g bytes per parameter and gradient element and K bytes of
+optimizer state per parameter (mixed-precision Adam: p = g = 2, K = 12 -> 16 bytes/param),
+
+    stage 0: params p Psi       grads g Psi       state K Psi
+    stage 1: params p Psi       grads g Psi       state K Psi / N_d
+    stage 2: params p Psi       grads g Psi / N_d state K Psi / N_d
+    stage 3: params p Psi / N_d grads g Psi / N_d state K Psi / N_d
+
+Activations are measured, not estimated: `PeakMemoryMeter` watches every tensor storage created
+while it is active (forward and backward, including recomputation) and reports the peak of the
+bytes still alive: saved activations, gradients being formed and temporaries, above what existed
+before. It works on CPU, where torch keeps no allocator statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def storage_bytes(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().nbytes()
+
+
+def optimizer_memory(optimizer) -> dict[str, int]:
+    """Bytes this rank holds for parameters, gradients and optimizer state, between steps."""
+    params = grads = state = 0
+    for b in optimizer.buckets:
+        params += storage_bytes(b.param_buffer)
+        if optimizer.stage == 3:
+            params += storage_bytes(b.param_shard)
+        grads += storage_bytes(b.grad_buffer)
+        if optimizer.stage >= 2:
+            grads += storage_bytes(b.grad_shard)
+        state += storage_bytes(b.exp_avg) + storage_bytes(b.exp_avg_sq)
+        own = b.param_shard if optimizer.stage == 3 else b.param_buffer
+        if b.master.untyped_storage().data_ptr() != own.untyped_storage().data_ptr():
+            state += storage_bytes(b.master)
+    return {"params": params, "grads": grads, "optimizer_state": state}
+
+
+def zero_formula_bytes(num_params: int, dp: int, stage: int, param_bytes: int = 2,
+                       grad_bytes: int = 2, state_bytes: int = 12) -> dict[str, float]:
+    """ZeRO's per-rank bytes for `num_params` parameters at `stage` (module docstring)."""
+    return {"params": param_bytes * num_params / (dp if stage >= 3 else 1),
+            "grads": grad_bytes * num_params / (dp if stage >= 2 else 1),
+            "optimizer_state": state_bytes * num_params / (dp if stage >= 1 else 1)}
+
+
+class PeakMemoryMeter(TorchDispatchMode):
+    """with PeakMemoryMeter() as meter: ...  ->  meter.peak_bytes (storages created inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current_bytes = 0
+        self.peak_bytes = 0
+
+    def watch(self, enabled: bool = True):
+        """`with meter.watch(cond):` measures only when cond holds."""
+        return self if enabled else contextlib.nullcontext()
+
+    def _forget_freed(self) -> None:
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current_bytes -= self.live.pop(key)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._forget_freed()
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key and key not in self.live:
+                self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                self.current_bytes += storage.nbytes()
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        return out
+
+
+def memory_report(optimizer, peak_activation_bytes: int | None, grid) -> list[dict]:
+    """Every rank's accounting, gathered onto every rank (rank order)."""
+    mine = {"rank": grid.rank if grid is not None else 0, **optimizer_memory(optimizer),
+            "peak_activations": peak_activation_bytes}
+    if grid is None or not grid.is_distributed:
+        return [mine]
+    everyone: list = [None] * grid.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
+
+
+__all__ = ["PeakMemoryMeter", "memory_report", "optimizer_memory", "zero_formula_bytes"]

@@ -1,0 +1,58 @@
+"""Dynamic loss scaling for fp16 training (Micikevicius et al. 2018, "Mixed Precision Training").
+
+fp16 has 5 exponent bits: small gradients underflow to zero. Multiplying the loss by a scale S
+multiplies every gradient by S (backward is linear), lifting them into range; the optimizer
+divides by S again before the update. S is chosen dynamically:
+
+    a step whose gradients hold inf/nan  -> skip the update, S <- max(S / 2, min_scale)
+    growth_interval clean steps in a row -> S <- 2 S
+
+Every rank of every group must take the same decision (or the replicas diverge), so the
+overflow flag is summed over the whole world before anyone looks at it (see ZeroOptimizer.step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by `scale` backward. Wrapping the loss
+    in it scales every gradient without changing the loss value a schedule reports."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+class DynamicLossScaler:
+    def __init__(self, initial_scale: float = 2.0**16, growth_interval: int = 1000,
+                 min_scale: float = 1.0):
+        if initial_scale <= 0 or min_scale <= 0 or growth_interval < 1:
+            raise ValueError("train.loss_scale: initial and min must be > 0, "
+                             "growth_interval >= 1")
+        self.scale = float(initial_scale)
+        self.growth_interval = growth_interval
+        self.min_scale = float(min_scale)
+        self.clean_steps = 0
+
+    def update(self, found_overflow: bool) -> None:
+        if found_overflow:
+            self.scale = max(self.scale / 2, self.min_scale)
+            self.clean_steps = 0
+            return
+        self.clean_steps += 1
+        if self.clean_steps % self.growth_interval == 0:
+            self.scale *= 2
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean_steps": self.clean_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.clean_steps = int(state["clean_steps"])

@@ -1,0 +1,154 @@
+"""Flat buffers and buckets: how ZeRO lays the parameters and gradients of a rank out in memory.
+
+Every parameter lives in a bucket: a flat, contiguous buffer of one dtype holding several
+parameters back to back, padded so that it splits into dp equal shards (Rajbhandari et al. 2019,
+section 5: "partition the [...] states into N_d equal partitions"):
+
+    bucket (padded_numel = dp * shard_numel)
+    | p_7 ......... | p_6 ... | p_5 ............... | pad |
+    |   shard of dp rank 0    |   shard of dp rank 1      |
+
+Parameters are views into the bucket's `param_buffer` and their gradients are accumulated into
+views of its `grad_buffer` (`param.main_grad`), so a whole bucket is reduced with one collective.
+Buckets are filled in reverse parameter order, the order in which backward produces gradients,
+so the first bucket to be complete is the first one sent.
+
+A `ShardSegment` is the piece of one parameter that falls inside this rank's shard: the optimizer
+walks segments to apply per-parameter rules (weight decay on matrices only, counting a
+tensor-parallel replica once in the gradient norm) to a flat shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ShardSegment:
+    """Elements [param_lo, param_hi) of the flattened `param` sit at [shard_lo, shard_hi) of the
+    owning bucket's shard."""
+
+    param: nn.Parameter
+    name: str
+    param_lo: int
+    param_hi: int
+    shard_lo: int
+    shard_hi: int
+
+
+@dataclass
+class Bucket:
+    """A flat group of same-dtype parameters, reduced by one collective and sharded over dp."""
+
+    index: int
+    params: list[nn.Parameter]
+    names: list[str]
+    offsets: list[int]            # start of each parameter in the flat buffer
+    dtype: torch.dtype
+    padded_numel: int
+    shard_world: int              # 1 (ZeRO-0: nothing sharded) or dp
+    shard_rank: int
+    owner: nn.Module | None = None  # ZeRO-3: the module whose forward needs this bucket gathered
+    segments: list[ShardSegment] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return self.offsets[-1] + self.params[-1].numel() if self.params else 0
+
+    @property
+    def shard_numel(self) -> int:
+        return self.padded_numel // self.shard_world
+
+    @property
+    def shard_lo(self) -> int:
+        return self.shard_rank * self.shard_numel
+
+    def shard_of(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a full flat buffer of this bucket."""
+        return flat[self.shard_lo: self.shard_lo + self.shard_numel]
+
+
+def pad_to_multiple(numel: int, multiple: int) -> int:
+    return -(-numel // multiple) * multiple
+
+
+def make_bucket(index: int, named_params: list[tuple[str, nn.Parameter]], shard_world: int,
+                shard_rank: int, owner: nn.Module | None = None) -> Bucket:
+    """Lay `named_params` out back to back; compute which of their pieces are in my shard."""
+    dtypes = {p.dtype for _, p in named_params}
+    if len(dtypes) != 1:
+        raise ValueError(f"a bucket holds one dtype, got {sorted(map(str, dtypes))}")
+    offsets, total = [], 0
+    for _, param in named_params:
+        offsets.append(total)
+        total += param.numel()
+    bucket = Bucket(index=index, params=[p for _, p in named_params],
+                    names=[n for n, _ in named_params], offsets=offsets, dtype=dtypes.pop(),
+                    padded_numel=pad_to_multiple(max(total, 1), shard_world),
+                    shard_world=shard_world, shard_rank=shard_rank, owner=owner)
+    lo, hi = bucket.shard_lo, bucket.shard_lo + bucket.shard_numel
+    for (name, param), offset in zip(named_params, offsets):
+        start, end = max(offset, lo), min(offset + param.numel(), hi)
+        if start < end:
+            bucket.segments.append(ShardSegment(param, name, start - offset, end - offset,
+                                                start - lo, end - lo))
+    return bucket
+
+
+def split_by_size(named_params: list[tuple[str, nn.Parameter]],
+                  bucket_numel: int) -> list[list[tuple[str, nn.Parameter]]]:
+    """Consecutive groups of one dtype, each closed once it holds >= bucket_numel elements."""
+    groups: list[list[tuple[str, nn.Parameter]]] = []
+    current: list[tuple[str, nn.Parameter]] = []
+    size = 0
+    for name, param in named_params:
+        if current and (param.dtype != current[0][1].dtype or size >= bucket_numel):
+            groups.append(current)
+            current, size = [], 0
+        current.append((name, param))
+        size += param.numel()
+    if current:
+        groups.append(current)
+    return groups
+
+
+def plan_by_size(named_params: list[tuple[str, nn.Parameter]], bucket_size_mb: float,
+                 separate: list[nn.Parameter]) -> list[tuple[list, nn.Module | None]]:
+    """ZeRO 0-2: buckets of about bucket_size_mb in backward (reverse) order.
+
+    Parameters in `separate` (the tied word embedding under pipeline parallelism) get a bucket of
+    their own, so its layout, and hence its shard, is the same on the first and the last stage.
+    """
+    alone = {id(p) for p in separate}
+    ordered = [(n, p) for n, p in reversed(named_params) if id(p) not in alone]
+    itemsize = ordered[0][1].element_size() if ordered else 4
+    bucket_numel = max(1, int(bucket_size_mb * 2**20) // itemsize)
+    plans = [([(n, p)], None) for n, p in named_params if id(p) in alone]
+    plans += [(group, None) for group in split_by_size(ordered, bucket_numel)]
+    return plans
+
+
+def plan_by_layer(chunks: list[nn.Module], names: dict[int, str],
+                  separate: list[nn.Parameter]) -> list[tuple[list, nn.Module]]:
+    """ZeRO-3: one bucket per transformer layer (gathered around that layer's forward and
+    backward) and one per chunk for the rest (embeddings, final norm, head), in backward order."""
+    alone = {id(p) for p in separate}
+    plans: list[tuple[list, nn.Module]] = []
+    for chunk in reversed(chunks):
+        layers = list(getattr(chunk, "layers", []))
+        in_layers = set()
+        for layer in reversed(layers):
+            params = [(names[id(p)], p) for p in layer.parameters() if p.requires_grad]
+            in_layers.update(id(p) for _, p in params)
+            if params:
+                plans.append((params, layer))
+        rest = [(names[id(p)], p) for p in chunk.parameters()
+                if p.requires_grad and id(p) not in in_layers]
+        shared = [(n, p) for n, p in rest if id(p) in alone]
+        others = [(n, p) for n, p in rest if id(p) not in alone]
+        for group in ([others] if others else []) + [[item] for item in shared]:
+            plans.append((group, chunk))
+    return plans
