@@ -268,8 +268,16 @@ def _train_runs(root: str) -> dict:
 
 
 def test_training_through_the_pipeline_matches_one_process():
+    import importlib.util
+
     from nanomt.testing import compose_config
     from nanomt.train import run
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "pipeline_timeline.py"
+    spec = importlib.util.spec_from_file_location("pipeline_timeline", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    draw_timeline = module.main
 
     with tempfile.TemporaryDirectory() as root:
         run(compose_config(TRAIN_OVERRIDES), Path(root) / "single")
@@ -277,8 +285,12 @@ def test_training_through_the_pipeline_matches_one_process():
         single_params = json.loads((Path(root) / "single" / "run.json").read_text())["ranks"][0][
             "num_parameters"]
         results = run_distributed(_train_runs, world_size=4, args=(root,), timeout_s=400)[0]
-        timeline_files = sorted(p.name for p in (Path(root) / "pp2_dp2_interleaved" /
-                                                 "timeline").glob("*.json"))
+        timeline_dir = Path(root) / "pp2_dp2_interleaved" / "timeline"
+        timeline_files = sorted(p.name for p in timeline_dir.glob("rank*.json"))
+        recorded = [json.loads((timeline_dir / name).read_text()) for name in timeline_files]
+        draw_timeline([str(timeline_dir.parent)])  # tools/pipeline_timeline.py
+        trace = json.loads((timeline_dir / "trace.json").read_text())
+        assert (timeline_dir / "timeline.png").stat().st_size > 10_000
     assert expected[-1]["loss"] < expected[0]["loss"]
     for name, result in results.items():
         got = result["metrics"]
@@ -298,3 +310,10 @@ def test_training_through_the_pipeline_matches_one_process():
     embedding_copy = 256 * 32
     assert sum(r["num_parameters"] for r in ranks) == single_params + embedding_copy
     assert timeline_files == [f"rank{r}.json" for r in range(4)]
+    # Each rank recorded every step, and in each step the passes of its interleaved order.
+    for timeline in recorded:
+        assert [s["step"] for s in timeline["steps"]] == list(range(1, 11))
+        passes = [e for e in timeline["steps"][-1]["events"] if e[0] in ("F", "B")]
+        names = [f"{k}{mb}" + (f".{c}" if c else "") for k, mb, c, _, _ in passes]
+        assert names == paper_interleaved(2, timeline["pp_rank"], 4, 2)
+    assert sum(1 for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] != "wait") == 4 * 16

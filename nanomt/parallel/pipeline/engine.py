@@ -12,8 +12,9 @@ The schedule (schedules.py) says in which order this rank runs its passes; this 
            (or from the loss on the last chunk); the input's gradient is sent back.
 
 Between passes, the send of what the pass produced and the receive the next pass needs go out
-together (p2p.PipelineComm.exchange). Gradients accumulate in .grad over all micro-batches, so
-after the last pass they equal the single-process gradient of the mean loss.
+together (p2p.PipelineComm.exchange). Gradients accumulate in .grad over all micro-batches, and
+the tied word embedding's two copies (first and last stage) sum theirs at the end, so after the
+schedule they equal the single-process gradient of the mean loss.
 """
 
 from __future__ import annotations
