@@ -189,11 +189,13 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
                                 schedule: str = "1f1b", forward_only: bool = False,
                                 timeline: Timeline | None = None,
                                 stats: PipelineStats | None = None,
-                                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                                dtype: torch.dtype | None = None) -> torch.Tensor:
     """Run this rank's part of the pipeline schedule. Returns the sum of micro-batch losses
     (last stage; zero elsewhere). Gradients accumulate in the chunks' .grad; the tied word
     embedding's gradient is summed over the first and last stage before returning."""
     m, v = len(micro_batches), len(model_chunks)
+    if dtype is None:  # activations travel in the parameters' dtype (bf16 under mixed precision)
+        dtype = next(model_chunks[0].parameters()).dtype
     shape = activation_shape(model_chunks[0], micro_batches[0])
     agree_on_schedule(grid, {"schedule": SCHEDULES.index(schedule), "microbatches": m,
                              "virtual_stages": v, "forward_only": forward_only,

@@ -60,7 +60,9 @@ def shared_embedding_params(model_chunks: list[nn.Module]) -> list[nn.Parameter]
 
 
 def allreduce_embedding_grads(model_chunks: list[nn.Module], grid) -> None:
-    """Sum the tied word embedding's gradient over the first and last pipeline stage."""
+    """Sum the tied word embedding's gradient over the first and last pipeline stage.
+
+    Both stages hold the same config, so either both see a .grad here or neither does."""
     if grid is None or grid.pp_size == 1 or grid.embedding_group is None:
         return
     params = shared_embedding_params(model_chunks)
@@ -69,5 +71,7 @@ def allreduce_embedding_grads(model_chunks: list[nn.Module], grid) -> None:
                          f"expected 1 on the first and last stage")
     weight = params[0]
     if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
+        # A gradient-reduction hook (nanomt.parallel.zero) has moved the gradient into its own
+        # buffer; it sums the two copies there, after its data-parallel reduction.
+        return
     comm.all_reduce(weight.grad, grid.embedding_group)
