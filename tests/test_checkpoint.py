@@ -225,7 +225,7 @@ ZERO_LANDED = not any("ZeRO" in description for description, _ in NOT_IMPLEMENTE
 SAVED_LAYOUT = "tp2_pp2_dp2"
 RESUMED_LAYOUTS = {  # name: (tp, pp, virtual stages, zero stage), dp = 8 / (tp * pp)
     "tp1_pp4_dp2": (1, 4, 1, 2),
-    "tp4_pp1_dp2": (4, 1, 1, 0),
+    "tp4_pp1_dp2": (4, 1, 1, 3),
     "tp1_pp2v2_dp4": (1, 2, 2, 1),
 }
 

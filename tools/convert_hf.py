@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanomt.checkpoint import CheckpointReader, resolve_checkpoint, save_checkpoint  # noqa: E402
+from nanomt.checkpoint.state import weight_key  # noqa: E402
 from nanomt.model import GPT, ModelConfig  # noqa: E402
 
 
@@ -186,8 +187,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
 
     reader = CheckpointReader(resolve_checkpoint(checkpoint))
     cfg = ModelConfig.from_dict(reader.meta["model"])
-    tensors = {key.split("/", 1)[1]: reader.full(key) for key in reader.pieces
-               if key.startswith("model/")}
+    tensors = {name: reader.full(weight_key(reader, name)).float() for name in
+               (key.split("/", 1)[1] for key in reader.pieces if key.startswith("model/"))}
     model_class = GPT2LMHeadModel if cfg.style == "gpt" else LlamaForCausalLM
     model = model_class(hf_config(cfg))
     missing, unexpected = model.load_state_dict(to_hf_state(cfg, tensors), strict=False)

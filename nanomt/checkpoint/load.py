@@ -177,7 +177,7 @@ def load_checkpoint(path: str | Path, chunks: list[nn.Module], optimizer, grid,
     meta = reader.meta
     check_model_config(meta["model"], model_config, str(folder))
     with whole_parameters(optimizer, writeback=True):
-        load_model(chunks, reader.read, grid)
+        load_model(chunks, reader, grid)
     if optimizer is not None and meta.get("has_optimizer", False):
         load_optimizer(optimizer, chunks, reader, grid)
         if meta.get("optimizer_scalars") and hasattr(optimizer, "load_scalar_state"):

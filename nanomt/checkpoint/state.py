@@ -130,14 +130,20 @@ def optimizer_pieces(optimizer, chunks: list[nn.Module], grid,
 
 
 # ---- loading ----------------------------------------------------------------------------------
-def load_model(chunks: list[nn.Module], read, grid) -> None:
-    """Copy this rank's slice of every parameter out of the checkpoint (`read`: reader.read)."""
+def weight_key(reader, name: str) -> str:
+    """The most exact copy of a weight: the fp32 master of a bf16/fp16 run, if saved."""
+    master = section_key(optimizer_section("master"), name)
+    return master if reader.has(master) else section_key(MODEL_SECTION, name)
+
+
+def load_model(chunks: list[nn.Module], reader, grid) -> None:
+    """Copy this rank's slice of every parameter out of the checkpoint."""
     tp_rank, tp_size = _tp(grid)
     for chunk in chunks:
         for name, param, _ in named_chunk_parameters(chunk):
             padded, box = padded_box(tuple(param.shape), getattr(param, "tp_split_dim", None),
                                      tp_rank, tp_size)
-            value = read(section_key(MODEL_SECTION, name), padded, box, None)
+            value = reader.read(weight_key(reader, name), padded, box, None)
             with torch.no_grad():
                 param.copy_(value.view(param.shape))
 
