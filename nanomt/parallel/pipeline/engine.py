@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nanomt.parallel.comm import group_size
 from nanomt.parallel.pipeline.p2p import (
     ACTIVATION,
     GRADIENT,
@@ -81,7 +82,8 @@ class PipelineStep:
     def __init__(self, model_chunks: Sequence[nn.Module], micro_batches: Sequence[MicroBatch],
                  comm: PipelineComm, order: Sequence[PipelineOp], forward_only: bool,
                  timeline: Timeline | None, stats: PipelineStats):
-        self.chunks, self.micro_batches, self.comm, self.order = model_chunks, micro_batches, comm, order
+        self.chunks, self.micro_batches = model_chunks, micro_batches
+        self.comm, self.order = comm, order
         self.forward_only, self.timeline, self.stats = forward_only, timeline, stats
         grid = comm.grid
         self.pp, self.pp_rank = grid.pp_size, grid.pp_rank
@@ -95,7 +97,7 @@ class PipelineStep:
         return op.chunk * self.pp + self.pp_rank
 
     def message_for(self, op: PipelineOp | None) -> Message | None:
-        """The receive `op` needs: an activation from the previous chunk, a gradient from the next."""
+        """The receive `op` needs: the previous chunk's activation or the next chunk's gradient."""
         if op is None:
             return None
         k = self.global_chunk(op)
@@ -178,7 +180,7 @@ class PipelineStep:
 def activation_shape(model_chunk: nn.Module, micro_batch: MicroBatch) -> tuple[int, int, int]:
     """[b, s, h] sent between stages, or the sequence shard [b, s/t, h] under SP."""
     batch, seq = micro_batch[0].shape
-    tp = 1 if model_chunk.tp_group is None else torch.distributed.get_world_size(model_chunk.tp_group)
+    tp = group_size(model_chunk.tp_group)
     if model_chunk.sequence_parallel:
         seq //= tp
     return (batch, seq, model_chunk.cfg.hidden_size)

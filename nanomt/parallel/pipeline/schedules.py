@@ -150,7 +150,8 @@ def check_deadlock_free(orders: list[list[PipelineOp]], pp: int, v: int) -> None
         k = op.chunk * pp + rank
         if op.kind == "F":
             return k == 0 or ("F", op.microbatch, k - 1) in done
-        return ("F", op.microbatch, k) in done and (k == last or ("B", op.microbatch, k + 1) in done)
+        forward_done = ("F", op.microbatch, k) in done
+        return forward_done and (k == last or ("B", op.microbatch, k + 1) in done)
 
     progressed = True
     while progressed:
