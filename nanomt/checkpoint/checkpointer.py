@@ -13,6 +13,8 @@ step and every RNG stream come back exactly.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -27,10 +29,23 @@ def checkpoint_dir(cfg: DictConfig, run_dir: Path) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(run_dir) / "checkpoints"
 
 
+def forget_metrics_after(metrics_file: Path, step: int) -> None:
+    """A run killed after its last checkpoint logged steps that the resumed run will redo: drop
+    them, so metrics.jsonl reads as one run."""
+    if not metrics_file.exists():
+        return
+    kept = [line for line in metrics_file.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = metrics_file.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, metrics_file)
+
+
 class Checkpointer:
     def __init__(self, cfg: DictConfig, run_dir: Path, model_cfg, layout, grid,
                  device: torch.device | str = "cpu"):
         self.dir = checkpoint_dir(cfg, run_dir)
+        self.run_dir = Path(run_dir)
         self.interval = int(cfg.checkpoint.interval)
         self.keep_last = int(cfg.checkpoint.keep_last)
         self.exit_after = cfg.train.exit_after
@@ -64,6 +79,8 @@ class Checkpointer:
         if loss_scaler is not None and meta.get("loss_scaler"):
             loss_scaler.load_state_dict(meta["loss_scaler"])
         self.start_step, self.resumed_from = int(meta["step"]), meta["folder"]
+        if self.grid is None or self.grid.rank == 0:
+            forget_metrics_after(self.run_dir / "metrics.jsonl", self.start_step)
         return self.start_step
 
     def save(self, steps_done: int, chunks: list[nn.Module], optimizer, train_data, lr: float,
