@@ -83,8 +83,9 @@ def test_exit_after_and_resume_is_bit_exact(tmp_path):
     assert whole == split  # every loss bit for bit
 
 
-def test_fp16_resume_restores_master_weights_and_loss_scale(tmp_path):
-    overrides = SMALL + ["train.steps=6", "train.precision=fp16", "optim.decay_steps=6"]
+def test_fp16_zero3_resume_restores_master_weights_and_loss_scale(tmp_path):
+    overrides = SMALL + ["train.steps=6", "train.precision=fp16", "optim.decay_steps=6",
+                         "parallel.zero_stage=3"]  # weights exist only inside full_parameters()
     run(compose_config(overrides), tmp_path / "whole")
     run(compose_config(overrides + ["train.exit_after=3"]), tmp_path / "split")
     meta = json.loads((tmp_path / "split" / "checkpoints" / "step_00000003" / "meta.json")

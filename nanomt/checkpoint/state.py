@@ -84,7 +84,9 @@ def model_pieces(chunks: list[nn.Module], grid,
     for chunk in chunks:
         for name, param, owned in named_chunk_parameters(chunk):
             if _stores_param(param, owned, grid):
-                piece = _param_piece(MODEL_SECTION, name, param, param.data, grid, vocab_size)
+                # a copy: under ZeRO-3 the gathered weights are freed when saving moves on
+                value = param.detach().to("cpu", copy=True)
+                piece = _param_piece(MODEL_SECTION, name, param, value, grid, vocab_size)
                 if piece is not None:
                     pieces.append(piece)
     return pieces
