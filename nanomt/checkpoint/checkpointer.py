@@ -67,8 +67,7 @@ class Checkpointer:
         self.resumed_from: str | None = None
         self.last_saved: Path | None = None
 
-    def resume(self, chunks: list[nn.Module], optimizer, train_data,
-               loss_scaler=None) -> int:
+    def resume(self, chunks: list[nn.Module], optimizer, train_data) -> int:
         """Load the checkpoint train.resume names (if any); returns the step to start from."""
         path = find_resume_checkpoint(self.resume_setting, self.dir)
         if path is None:
@@ -76,26 +75,24 @@ class Checkpointer:
         meta = load_checkpoint(path, chunks, optimizer, self.grid, self.run_meta["model"])
         if meta.get("data"):
             train_data.load_state_dict(meta["data"])
-        if loss_scaler is not None and meta.get("loss_scaler"):
-            loss_scaler.load_state_dict(meta["loss_scaler"])
         self.start_step, self.resumed_from = int(meta["step"]), meta["folder"]
         if self.grid is None or self.grid.rank == 0:
             forget_metrics_after(self.run_dir / "metrics.jsonl", self.start_step)
         return self.start_step
 
-    def save(self, steps_done: int, chunks: list[nn.Module], optimizer, train_data, lr: float,
-             loss_scaler=None) -> Path:
+    def save(self, steps_done: int, chunks: list[nn.Module], optimizer, train_data,
+             lr: float) -> Path:
+        """The loss scale and Adam's step travel with the optimizer (`scalar_state()`)."""
         meta = dict(self.run_meta)
         meta["data"] = train_data.state_dict()
         meta["consumed_samples"] = train_data.consumed_samples
         meta["schedule"] = {"step": steps_done, "last_lr": lr}
-        meta["loss_scaler"] = loss_scaler.state_dict() if loss_scaler is not None else None
         self.last_saved = save_checkpoint(self.dir, steps_done, chunks, optimizer, self.grid,
                                           meta, self.keep_last)
         return self.last_saved
 
     def after_step(self, steps_done: int, chunks: list[nn.Module], optimizer, train_data,
-                   lr: float, loss_scaler=None) -> bool:
+                   lr: float) -> bool:
         """Save if a checkpoint is due; True when the loop must stop now (exit_after, SIGTERM).
 
         Collective: every rank calls it after every step."""
@@ -105,7 +102,7 @@ class Checkpointer:
         periodic = self.interval > 0 and (steps_done % self.interval == 0
                                           or steps_done == self.total_steps)
         if stop or periodic:
-            self.save(steps_done, chunks, optimizer, train_data, lr, loss_scaler)
+            self.save(steps_done, chunks, optimizer, train_data, lr)
         return stop
 
     def close(self) -> None:

@@ -105,21 +105,27 @@ class StoredPiece:
 
 
 class CheckpointReader:
-    """The index of a checkpoint folder, verified; reads full tensors and slices of them."""
+    """The index of a checkpoint folder; reads full tensors and slices of them.
+
+    Every shard's presence and size are checked up front; its SHA-256 the first time this rank
+    reads from it (a rank reads only the shards holding tensors it needs)."""
 
     def __init__(self, folder: Path, verify: bool = True):
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
+        self.verify = verify
         self.pieces: dict[str, list[StoredPiece]] = {}
+        self.shard_of_file: dict[Path, dict] = {}
+        self.hashed: set[Path] = set()
         for shard in self.meta["shards"]:
             file = self.folder / shard["file"]
-            if verify:
-                self._verify(file, shard)
+            self.shard_of_file[file] = shard
+            self._check_size(file, shard)
             for values in shard["pieces"]:
                 piece = Piece.from_json(values)
                 self.pieces.setdefault(piece.key, []).append(StoredPiece(file, piece))
 
-    def _verify(self, file: Path, shard: dict) -> None:
+    def _check_size(self, file: Path, shard: dict) -> None:
         if not file.exists():
             raise CheckpointError(f"shard {file.name} (rank {shard['rank']}) is missing from "
                                   f"{self.folder}: the checkpoint is incomplete; resume from "
@@ -128,9 +134,14 @@ class CheckpointReader:
         if size != shard["bytes"]:
             raise CheckpointError(f"shard {file} is truncated or altered: {size} bytes, "
                                   f"{shard['bytes']} expected; resume from an earlier checkpoint")
-        if _sha256(file) != shard["sha256"]:
+
+    def _check_hash(self, file: Path) -> None:
+        if not self.verify or file in self.hashed:
+            return
+        if _sha256(file) != self.shard_of_file[file]["sha256"]:
             raise CheckpointError(f"shard {file} is corrupted (SHA-256 differs from "
                                   f"{META_FILE}); resume from an earlier checkpoint")
+        self.hashed.add(file)
 
     def has(self, key: str) -> bool:
         return key in self.pieces
@@ -154,6 +165,7 @@ class CheckpointReader:
             raise MissingTensorError(f"{key} is not in checkpoint {self.folder}")
         loaded = []
         for stored in self.pieces[key]:
+            self._check_hash(stored.file)
             try:
                 with safe_open(str(stored.file), framework="pt") as f:
                     loaded.append((stored.piece, f.get_tensor(key)))
