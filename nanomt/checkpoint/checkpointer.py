@@ -99,9 +99,11 @@ class Checkpointer:
         stop = (self.exit_after is not None
                 and steps_done - self.start_step >= int(self.exit_after))
         stop = self.preemption.requested(self.device) or stop
-        periodic = self.interval > 0 and (steps_done % self.interval == 0
-                                          or steps_done == self.total_steps)
-        if stop or periodic:
+        periodic = self.interval > 0 and steps_done % self.interval == 0
+        # the end of the run: saved when saving was asked for at all
+        final = steps_done == self.total_steps and (self.interval > 0
+                                                    or self.exit_after is not None)
+        if stop or periodic or final:
             self.save(steps_done, chunks, optimizer, train_data, lr)
         return stop
 
