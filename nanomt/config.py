@@ -82,15 +82,10 @@ def check_batch(cfg: DictConfig, layout: Layout) -> int:
 
 def check_pipeline(cfg: DictConfig, model: ModelConfig, layout: Layout, num_microbatches: int
                    ) -> None:
-    """Layers split into pp * virtual_stages chunks; interleaving needs m (and the evaluation's
-    micro-batches) a multiple of pp."""
+    """Layers split into pp * virtual_stages chunks; interleaving needs m a multiple of pp."""
     schedule = str(cfg.parallel.schedule)
     check_pipeline_config(model.num_layers, layout.pp, layout.virtual_stages, num_microbatches,
                           schedule)
-    if layout.virtual_stages > 1 and schedule == "1f1b" and cfg.train.eval_batches % layout.pp:
-        raise ValueError(f"interleaved 1F1B evaluates train.eval_batches "
-                         f"({cfg.train.eval_batches}) micro-batches: make it a multiple of "
-                         f"parallel.pp ({layout.pp})")
 
 
 def check_config(cfg: DictConfig, world_size: int) -> tuple[ModelConfig, Layout, int]:

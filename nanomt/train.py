@@ -14,8 +14,11 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -25,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from nanomt.checkpoint.checkpointer import Checkpointer
 from nanomt.config import Layout, check_config
 from nanomt.data import GlobalBatchSampler, build_tokenizer, load_token_splits
+from nanomt.flops import flops_per_iteration
 from nanomt.logger import RunLogger, write_json_atomic
 from nanomt.memory import PeakMemoryMeter, memory_report
 from nanomt.model import GPT, ModelConfig
@@ -78,9 +82,11 @@ def describe_ranks(grid: ParallelGrid, model: torch.nn.Module) -> list[dict]:
     return everyone
 
 
-def mean_over_batch(loss_sum: torch.Tensor, num_microbatches: int, grid: ParallelGrid) -> float:
-    """The global batch's mean loss, known on every rank (only last stages hold a loss)."""
-    loss = loss_sum.float().reshape(1) / num_microbatches
+def mean_over_batch(loss_sum: torch.Tensor, num_microbatches: int, grid: ParallelGrid,
+                    device: torch.device) -> float:
+    """The global batch's mean loss, known on every rank (only last stages hold a loss).
+    One host sync per step, here; the all-reduces run on the device (NCCL has no CPU path)."""
+    loss = loss_sum.to(device=device, dtype=torch.float32).reshape(1) / num_microbatches
     if not grid.is_last_stage:
         loss.zero_()
     comm.all_reduce(loss, grid.pp_group)  # from the last stage to all stages
@@ -88,116 +94,160 @@ def mean_over_batch(loss_sum: torch.Tensor, num_microbatches: int, grid: Paralle
     return float(loss) / grid.dp_size
 
 
-def evaluate(model: torch.nn.ModuleList, val_data: GlobalBatchSampler, cfg: DictConfig,
-             grid: ParallelGrid, device: torch.device, forward_backward) -> float:
-    model.eval()
-    batches = [(x.to(device), y.to(device)) for x, y in val_data.eval_batches(
-        cfg.train.eval_batches, cfg.train.micro_batch_size * grid.dp_size,
-        grid.dp_rank, grid.dp_size)]
-    loss_sum = forward_backward(list(model), batches, grid, forward_only=True)
-    model.train()
-    return mean_over_batch(loss_sum, len(batches), grid)
+@dataclass
+class Trainer:
+    """Everything the training loop touches, built once by `setup`."""
+
+    cfg: DictConfig
+    run_dir: Path
+    model_cfg: ModelConfig
+    layout: Layout
+    grid: ParallelGrid
+    device: torch.device
+    num_microbatches: int
+    model_chunks: list[GPT]
+    forward_backward: Callable
+    optimizer: Any
+    lr_at: WarmupCosine
+    train_data: GlobalBatchSampler
+    val_data: GlobalBatchSampler
+    checkpointer: Checkpointer
+    timeline: Timeline | None
+    start_step: int
+
+    def micro_batches(self, data: GlobalBatchSampler, step: int) -> list[tuple]:
+        """This dp rank's m micro-batches of the global batch of `step` (train or eval data)."""
+        mbs, grid = self.cfg.train.micro_batch_size, self.grid
+        return [tuple(t.to(self.device) for t in data.micro_batch(
+                    step, i, grid.dp_rank, grid.dp_size, mbs))
+                for i in range(self.num_microbatches)]
+
+    def train_step(self, step: int, measure: PeakMemoryMeter) -> dict:
+        """One optimizer step over the global batch of `step`; returns its metrics."""
+        t0 = time.perf_counter()
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = self.micro_batches(self.train_data, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.timeline is not None:
+            self.timeline.begin_step(step + 1)
+        with measure.watch(step == self.start_step and self.cfg.train.measure_memory):
+            loss_sum = self.forward_backward(self.model_chunks, micro_batches, self.grid,
+                                             timeline=self.timeline)
+        result = self.optimizer.step()  # reduce, clip by the global norm, update (or skip: fp16)
+        loss = mean_over_batch(loss_sum, self.num_microbatches, self.grid, self.device)
+        step_time = time.perf_counter() - t0
+        tokens_per_step = self.cfg.train.global_batch_size * self.model_cfg.seq_len
+        flops = flops_per_iteration(self.model_cfg, self.cfg.train.global_batch_size)
+        return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
+                "tokens": (step + 1) * tokens_per_step, "step_time_s": step_time,
+                "tokens_per_s": tokens_per_step / step_time,
+                "tflops_per_device": flops / step_time / self.grid.world_size / 1e12,
+                "skipped": result.skipped}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over `train.eval_batches` fixed validation batches of global_batch_size
+        sequences: the same sequences, split the same way, under every layout."""
+        chunks = self.model_chunks
+        for chunk in chunks:
+            chunk.eval()
+        mbs, grid, G = self.cfg.train.micro_batch_size, self.grid, self.cfg.train.global_batch_size
+        loss_sum = torch.zeros(())
+        for inputs, targets in self.val_data.eval_batches(self.cfg.train.eval_batches, G,
+                                                          grid.dp_rank, grid.dp_size):
+            micro_batches = [(x.to(self.device), y.to(self.device))
+                             for x, y in zip(inputs.split(mbs), targets.split(mbs))]
+            loss_sum += self.forward_backward(chunks, micro_batches, grid,
+                                              forward_only=True).float().cpu()
+        for chunk in chunks:
+            chunk.train()
+        return mean_over_batch(loss_sum, self.num_microbatches * self.cfg.train.eval_batches,
+                               grid, self.device)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """The whole training run; returns the summary. Callable without Hydra (tests do)."""
-    # -- config and grid --------------------------------------------------------------------
-    rank, world_size, _ = init_distributed(cfg.parallel.timeout_s)
+def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
+    """config -> grid -> model -> schedule -> optimizer -> data -> checkpoint (resume)."""
+    _, world_size, _ = init_distributed(cfg.parallel.timeout_s)
     model_cfg, layout, num_microbatches = check_config(cfg, world_size)
     device = pick_device(cfg.train.device)
     grid = ParallelGrid(layout.tp, layout.pp, layout.dp, timeout_s=cfg.parallel.timeout_s)
     seed_everything(cfg.train.seed, grid.pp_rank)
 
-    # -- model, optimizer, schedule, data ---------------------------------------------------
     model_chunks = build_model(model_cfg, layout, grid, cfg.train.seed, device)
-    model = torch.nn.ModuleList(model_chunks)  # one module over this rank's chunks
+    set_activation_checkpointing(model_chunks, cfg.train.activation_checkpointing)
     forward_backward = get_forward_backward_func(layout, cfg.parallel.schedule)
     timeline = Timeline({"rank": grid.rank, "pp_rank": grid.pp_rank, "tp_rank": grid.tp_rank,
                          "dp_rank": grid.dp_rank, "pp": layout.pp,
                          "virtual_stages": layout.virtual_stages,
                          "num_microbatches": num_microbatches}) if cfg.train.timeline else None
-    set_activation_checkpointing(model_chunks, cfg.train.activation_checkpointing)
-    o = cfg.optim
     # Data parallelism lives in the optimizer: gradient buckets reduced during backward, ZeRO
     # sharding (parallel.zero_stage), precision, clipping and AdamW (nanomt.parallel.zero).
     optimizer = build_optimizer(model_chunks, cfg, grid)
+    o = cfg.optim
     lr_at = WarmupCosine(o.lr, o.min_lr, o.warmup_steps, o.decay_steps or cfg.train.steps)
     train_data, val_data = build_data(cfg, model_cfg)
     checkpointer = Checkpointer(cfg, run_dir, model_cfg, layout, grid, device)
     start_step = checkpointer.resume(model_chunks, optimizer, train_data)  # 0 unless train.resume
+    return Trainer(cfg, run_dir, model_cfg, layout, grid, device, num_microbatches, model_chunks,
+                   forward_backward, optimizer, lr_at, train_data, val_data, checkpointer,
+                   timeline, start_step)
 
-    # -- run folder --------------------------------------------------------------------------
-    is_writer = rank == 0
+
+def write_run_json(t: Trainer) -> None:
+    """run.json: resolved config, layout and, per rank, coordinates, host and parameters."""
+    ranks = describe_ranks(t.grid, torch.nn.ModuleList(t.model_chunks))  # collective
+    if t.grid.rank != 0:
+        return
+    t.run_dir.mkdir(parents=True, exist_ok=True)
+    layout = {"tp": t.layout.tp, "pp": t.layout.pp, "dp": t.layout.dp,
+              "virtual_stages": t.layout.virtual_stages, "schedule": str(t.cfg.parallel.schedule),
+              "sequence_parallel": t.layout.sequence_parallel, "zero_stage": t.layout.zero_stage}
+    write_json_atomic(t.run_dir / "run.json", {
+        "config": OmegaConf.to_container(t.cfg, resolve=True), "world_size": t.grid.world_size,
+        "layout": layout, "num_microbatches": t.num_microbatches,
+        "model_parameters": t.model_cfg.num_parameters(), "ranks": ranks,
+        "started": datetime.now().isoformat(timespec="seconds")})
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """The whole training run; returns the summary. Callable without Hydra (tests do)."""
+    t = setup(cfg, run_dir)
+    write_run_json(t)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    ranks = describe_ranks(grid, model)
-    if is_writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "run.json", {
-            "config": resolved, "world_size": world_size,
-            "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
-                       "virtual_stages": layout.virtual_stages,
-                       "schedule": str(cfg.parallel.schedule),
-                       "sequence_parallel": layout.sequence_parallel,
-                       "zero_stage": layout.zero_stage},
-            "num_microbatches": num_microbatches,
-            "model_parameters": model_cfg.num_parameters(),
-            "ranks": ranks, "started": datetime.now().isoformat(timespec="seconds")})
-    steps = cfg.train.steps
-    logger = RunLogger(run_dir, is_writer, steps, start_step, resolved["logging"]["wandb"],
-                       resolved, cfg.train.progress_bar)
-    logger.print(f"nanomt: {model_cfg.num_parameters():,} parameters, layout tp={layout.tp} "
-                 f"pp={layout.pp} dp={layout.dp}, {num_microbatches} micro-batches/step, "
+    steps, layout = cfg.train.steps, t.layout
+    logger = RunLogger(run_dir, t.grid.rank == 0, steps, t.start_step,
+                       resolved["logging"]["wandb"], resolved, cfg.train.progress_bar)
+    logger.print(f"nanomt: {t.model_cfg.num_parameters():,} parameters, layout tp={layout.tp} "
+                 f"pp={layout.pp} dp={layout.dp}, {t.num_microbatches} micro-batches/step, "
                  f"run folder {run_dir}")
-    if checkpointer.resumed_from:
-        logger.print(f"resumed from {checkpointer.resumed_from} at step {start_step}")
+    if t.checkpointer.resumed_from:
+        logger.print(f"resumed from {t.checkpointer.resumed_from} at step {t.start_step}")
 
-    # -- the loop ----------------------------------------------------------------------------
-    tokens_per_step = cfg.train.global_batch_size * model_cfg.seq_len
-    loss = val_loss = float("nan")
-    steps_done = start_step
-    t_start = time.perf_counter()
+    record, val_loss, steps_done = {"loss": float("nan")}, float("nan"), t.start_step
     activation_meter = PeakMemoryMeter()  # watches the first step's forward and backward
-    model.train()
-    for step in range(start_step, steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = [
-            tuple(t.to(device) for t in train_data.micro_batch(
-                step, i, grid.dp_rank, grid.dp_size, cfg.train.micro_batch_size))
-            for i in range(num_microbatches)]
-
-        optimizer.zero_grad(set_to_none=True)
-        if timeline is not None:
-            timeline.begin_step(step + 1)
-        with activation_meter.watch(step == start_step and cfg.train.measure_memory):
-            loss_sum = forward_backward(model_chunks, micro_batches, grid, timeline=timeline)
-        result = optimizer.step()  # reduce, clip by the global norm, update (or skip: fp16)
-        grad_norm = result.grad_norm
-
-        loss = mean_over_batch(loss_sum, num_microbatches, grid)
-        step_time = time.perf_counter() - t0
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": (step + 1) * tokens_per_step, "step_time_s": step_time,
-                  "tokens_per_s": tokens_per_step / step_time, "skipped": result.skipped}
-        eval_interval = cfg.train.eval_interval
-        if (eval_interval and (step + 1) % eval_interval == 0) or step + 1 == steps:
-            val_loss = evaluate(model, val_data, cfg, grid, device, forward_backward)
-            record["val_loss"] = val_loss
+    t_start = time.perf_counter()
+    for step in range(t.start_step, steps):
+        record = t.train_step(step, activation_meter)
+        interval = cfg.train.eval_interval
+        if (interval and (step + 1) % interval == 0) or step + 1 == steps:
+            val_loss = record["val_loss"] = t.evaluate()
         logger.log_step(record)
         steps_done = step + 1
-        if checkpointer.after_step(steps_done, model_chunks, optimizer, train_data, lr):
+        if t.checkpointer.after_step(steps_done, t.model_chunks, t.optimizer, t.train_data,
+                                     record["lr"]):
             break  # train.exit_after reached, or SIGTERM: saved, stop cleanly
 
-    checkpointer.close()
-    if timeline is not None:
-        timeline.save(run_dir / "timeline" / f"rank{grid.rank}.json")
+    t.checkpointer.close()
+    if t.timeline is not None:
+        t.timeline.save(run_dir / "timeline" / f"rank{t.grid.rank}.json")
     elapsed = time.perf_counter() - t_start
-    summary = {"steps": steps_done, "final_loss": loss, "val_loss": val_loss,
+    tokens_per_step = cfg.train.global_batch_size * t.model_cfg.seq_len
+    summary = {"steps": steps_done, "final_loss": record["loss"], "val_loss": val_loss,
                "tokens": steps_done * tokens_per_step, "time_s": elapsed,
-               "tokens_per_s": (steps_done - start_step) * tokens_per_step / max(elapsed, 1e-9),
-               "memory_per_rank": memory_report(optimizer, activation_meter.peak_bytes, grid)}
+               "tokens_per_s": (steps_done - t.start_step) * tokens_per_step / max(elapsed, 1e-9),
+               "memory_per_rank": memory_report(t.optimizer, activation_meter.peak_bytes, t.grid)}
     logger.finish(summary)
     return summary
 

@@ -271,8 +271,8 @@ def test_resume_on_other_layouts(tmp_path):
     run_distributed(_save_then_resume_on_other_layouts, world_size=8, args=(str(tmp_path),),
                     timeout_s=400)
     # ... and on a single process
-    run(compose_config(RESHARD + [f"train.resume={tmp_path / SAVED_LAYOUT / 'checkpoints'}"]),
-        tmp_path / "single")
+    step_4 = tmp_path / SAVED_LAYOUT / "checkpoints" / "step_00000004"  # not the latest any more
+    run(compose_config(RESHARD + [f"train.resume={step_4}"]), tmp_path / "single")
     reference = losses(tmp_path / "reference")
     assert losses(tmp_path / SAVED_LAYOUT) == losses(tmp_path / "same_layout_whole")
     assert losses(tmp_path / SAVED_LAYOUT) == pytest.approx(reference, rel=1e-5)
