@@ -16,10 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanomt.checkpoint import CheckpointError, CheckpointReader, load_checkpoint
-from nanomt.checkpoint.format import Piece, assemble, cut, make_piece
-from nanomt.config import NOT_IMPLEMENTED
+import nanomt.checkpoint.load as checkpoint_load
+import nanomt.checkpoint.save as checkpoint_save
+from nanomt.checkpoint import (
+    CheckpointError,
+    CheckpointReader,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from nanomt.checkpoint.format import Piece, TensorSource, make_piece, read_region
 from nanomt.model import GPT, ModelConfig
+from nanomt.parallel.zero.stage3 import ParameterGatherer
 from nanomt.testing import compose_config, run_distributed
 from nanomt.train import run
 
@@ -44,7 +52,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 # ---- format pieces ----------------------------------------------------------------------------
-def test_pieces_strip_vocab_padding_and_reassemble():
+def test_pieces_strip_vocab_padding_and_slices_read_back():
     full = torch.arange(10 * 4, dtype=torch.float32).view(10, 4)  # 10 real rows
     padded = torch.cat([full, torch.zeros(2, 4)])  # 12 rows: padding for tp=3
     pieces = []
@@ -54,18 +62,71 @@ def test_pieces_strip_vocab_padding_and_reassemble():
                           padded[4 * rank: 4 * rank + 4], [10, 4], box)
         pieces.append(made)
     assert pieces[2][0].box == [[8, 10], [0, 4]]
-    assert torch.equal(assemble(pieces), full)
+    stored = [(piece, TensorSource(tensor)) for piece, tensor in pieces]
+    assert torch.equal(read_region(stored, [[0, 10], [0, 4]]), full)
     # ZeRO-style flat ranges of a tp shard: [0, 6) and [6, 16) of the last shard's 16 elements
     flat_pieces = [make_piece("k", "word_embedding.weight", padded[8:12].reshape(-1)[a:b],
                               [10, 4], [[8, 12], [0, 4]], [a, b]) for a, b in ((0, 6), (6, 16))]
     assert flat_pieces[1][0].flat == [6, 8]  # clipped at the last real row
-    whole = pieces[:2] + flat_pieces
-    assert torch.equal(assemble(whole), full)
-    # cut for another layout: tp=2 with 12 padded rows -> rows [6, 12), padding zero
-    assert torch.equal(cut(full, [12, 4], [[6, 12], [0, 4]]), padded[6:12])
+    mixed = stored[:2] + [(piece, TensorSource(tensor)) for piece, tensor in flat_pieces]
+    assert torch.equal(read_region(mixed, [[0, 10], [0, 4]]), full)
+    # slices for other layouts: tp=2 with 12 padded rows -> rows [6, 12), padding zero; a column
+    # split; flat ranges of those (another ZeRO shard), across piece borders
+    for box in ([[6, 12], [0, 4]], [[0, 12], [2, 4]], [[0, 6], [0, 4]]):
+        expected = padded[box[0][0]: box[0][1], box[1][0]: box[1][1]]
+        assert torch.equal(read_region(mixed, box), expected)
+        for a, b in ((0, expected.numel()), (3, 17), (5, 6), (expected.numel() - 7, expected.numel())):
+            assert torch.equal(read_region(mixed, box, [a, b]), expected.reshape(-1)[a:b])
     with pytest.raises(CheckpointError, match="cover"):
-        assemble(pieces[:2])
+        read_region(stored[:2], [[0, 10], [0, 4]])
     assert isinstance(pieces[0][0], Piece)
+
+
+class CountingOpen:
+    """safe_open, counting files opened and whole-tensor reads."""
+
+    def __init__(self, real):
+        self.real, self.opened, self.whole_reads = real, 0, 0
+
+    def __call__(self, *args, **kwargs):
+        self.opened += 1
+        handle, counter = self.real(*args, **kwargs), self
+
+        class Handle:
+            def get_slice(self, key):
+                return handle.get_slice(key)
+
+            def get_tensor(self, key):
+                counter.whole_reads += 1
+                return handle.get_tensor(key)
+        return Handle()
+
+
+def test_loading_opens_each_shard_once_and_reads_slices(tmp_path, monkeypatch):
+    model_cfg = _small_model_config()
+    model = GPT(model_cfg, seed=1)
+    save_checkpoint(tmp_path, 3, [model], None, None, {"model": model_cfg.to_dict()})
+    counting = CountingOpen(checkpoint_load.safe_open)
+    monkeypatch.setattr(checkpoint_load, "safe_open", counting)
+    loaded = GPT(model_cfg, seed=2)
+    load_checkpoint(tmp_path, [loaded], None, None, model_cfg.to_dict())
+    assert counting.opened == 1 and counting.whole_reads == 0
+    for (name, a), (_, b) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_seq_len_refused_only_where_it_shapes_a_tensor(tmp_path):
+    for style in ("gpt", "llama"):
+        short = ModelConfig(style=style, num_layers=1, hidden_size=16, num_heads=2, seq_len=8,
+                            vocab_size=32)
+        save_checkpoint(tmp_path / style, 1, [GPT(short)], None, None,
+                        {"model": short.to_dict()})
+        longer = ModelConfig(**{**short.to_dict(), "seq_len": 16})
+        if style == "gpt":  # the learned position embedding has seq_len rows
+            with pytest.raises(CheckpointError, match="model.seq_len: checkpoint 8, run 16"):
+                load_checkpoint(tmp_path / style, [GPT(longer)], None, None, longer.to_dict())
+        else:  # RoPE: no tensor depends on it
+            load_checkpoint(tmp_path / style, [GPT(longer)], None, None, longer.to_dict())
 
 
 # ---- bit-exact resume -------------------------------------------------------------------------
@@ -83,9 +144,15 @@ def test_exit_after_and_resume_is_bit_exact(tmp_path):
     assert whole == split  # every loss bit for bit
 
 
-def test_fp16_zero3_resume_restores_master_weights_and_loss_scale(tmp_path):
+def _no_gathering(*args, **kwargs):
+    raise AssertionError("a checkpoint gathered ZeRO-3's whole model")
+
+
+def test_fp16_zero3_resume_restores_master_weights_and_loss_scale(tmp_path, monkeypatch):
     overrides = SMALL + ["train.steps=6", "train.precision=fp16", "optim.decay_steps=6",
-                         "parallel.zero_stage=3"]  # weights exist only inside full_parameters()
+                         "parallel.zero_stage=3"]  # weights exist only as dp shards
+    # saving and loading work on each rank's shards: the whole model is never gathered
+    monkeypatch.setattr(ParameterGatherer, "gather_all", _no_gathering)
     run(compose_config(overrides), tmp_path / "whole")
     run(compose_config(overrides + ["train.exit_after=3"]), tmp_path / "split")
     meta = json.loads((tmp_path / "split" / "checkpoints" / "step_00000003" / "meta.json")
@@ -163,6 +230,53 @@ def test_keep_last_and_clear_errors_that_leave_good_checkpoints_alone(tmp_path):
         k[len("step_00000008/"):]: v for k, v in good.items() if k.startswith("step_00000008/")}
 
 
+def _tiny() -> tuple[ModelConfig, dict]:
+    cfg = ModelConfig(num_layers=1, hidden_size=16, num_heads=2, seq_len=8, vocab_size=32)
+    return cfg, {"model": cfg.to_dict(), "layout": {}}
+
+
+def test_going_back_to_an_earlier_step_sets_later_checkpoints_aside(tmp_path):
+    cfg, meta = _tiny()
+    model = GPT(cfg)
+    for step in (5, 10, 20):
+        save_checkpoint(tmp_path, step, [model], None, None, meta, keep_last=2)
+    # the run goes back to step 10 (say, after a loss spike) and continues from there
+    for step in (11, 12):
+        save_checkpoint(tmp_path, step, [model], None, None, meta, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest", "step_00000011", "step_00000012", "step_00000020.abandoned"]
+    assert (tmp_path / "latest").read_text().strip() == "step_00000012"
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def test_saving_a_step_again_killed_between_its_renames_keeps_a_good_copy(tmp_path,
+                                                                          monkeypatch):
+    cfg, meta = _tiny()
+    first, second = GPT(cfg, seed=1), GPT(cfg, seed=2)
+    save_checkpoint(tmp_path, 4, [first], None, None, meta)
+
+    def crash(stage: str) -> None:
+        if stage == "between_renames":
+            raise SimulatedCrash  # nothing cleaned up: the disk as a killed process leaves it
+
+    monkeypatch.setattr(checkpoint_save, "FAULT_HOOK", crash)
+    with pytest.raises(SimulatedCrash):
+        save_checkpoint(tmp_path, 4, [second], None, None, meta)
+    monkeypatch.setattr(checkpoint_save, "FAULT_HOOK", None)
+    assert not (tmp_path / "step_00000004").exists()  # what `latest` names is gone ...
+    assert resolve_checkpoint(tmp_path).name == "step_00000004.previous"  # ... the old copy is
+    loaded = GPT(cfg, seed=3)
+    load_checkpoint(tmp_path, [loaded], None, None, cfg.to_dict())
+    assert torch.equal(loaded.word_embedding.weight, first.word_embedding.weight)
+    save_checkpoint(tmp_path, 4, [second], None, None, meta)  # saving again cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000004"]
+    load_checkpoint(tmp_path, [loaded], None, None, cfg.to_dict())
+    assert torch.equal(loaded.word_embedding.weight, second.word_embedding.weight)
+
+
 # ---- crashes in the middle of a save, SIGTERM -------------------------------------------------
 CRASHING_RUN = """
 import os, signal, sys
@@ -237,7 +351,6 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 # vocab_pad_multiple=3: 258 padded rows at tp=1 and 2, 264 at tp=4: padding must not leak.
 RESHARD = SMALL + ["model.num_layers=4", "model.vocab_pad_multiple=3", "train.micro_batch_size=1",
                    "train.steps=8", "optim.decay_steps=8", "train.eval_batches=4"]
-ZERO_LANDED = not any("ZeRO" in description for description, _ in NOT_IMPLEMENTED)
 SAVED_LAYOUT = "tp2_pp2_dp2"
 RESUMED_LAYOUTS = {  # name: (tp, pp, virtual stages, zero stage), dp = 8 / (tp * pp)
     "tp1_pp4_dp2": (1, 4, 1, 2),
@@ -248,7 +361,7 @@ RESUMED_LAYOUTS = {  # name: (tp, pp, virtual stages, zero stage), dp = 8 / (tp 
 
 def _layout(tp: int, pp: int, virtual_stages: int, zero_stage: int) -> list[str]:
     return [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.virtual_stages={virtual_stages}",
-            f"parallel.zero_stage={zero_stage if ZERO_LANDED else 0}"]
+            f"parallel.zero_stage={zero_stage}"]
 
 
 def _save_then_resume_on_other_layouts(base: str) -> int:

@@ -2,7 +2,7 @@
 
     train.resume      none | auto (latest under the checkpoint folder, if any) | <folder>
     checkpoint.interval  save every N steps, and at the end of the run (0: no periodic saves)
-    checkpoint.keep_last keep the newest K checkpoints
+    checkpoint.keep_last keep the newest K checkpoints (0: keep all)
     train.exit_after  stop cleanly after N steps of this launch, with a checkpoint; the LR
                       schedule still spans train.steps, so a run in several launches equals one
     SIGTERM           save at the end of the current step and stop (SLURM's pre-kill warning)
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,22 @@ from torch import nn
 
 from nanomt.checkpoint.load import find_resume_checkpoint, load_checkpoint
 from nanomt.checkpoint.save import PreemptionSignal, save_checkpoint
+from nanomt.checkpoint.state import Optimizer
+
+if TYPE_CHECKING:
+    from nanomt.config import Layout
+    from nanomt.model import ModelConfig
+    from nanomt.parallel.grid import ParallelGrid
+
+
+class BatchSource(Protocol):
+    """The training data's resumable position (nanomt.data's sampler wrapper)."""
+
+    consumed_samples: int
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def checkpoint_dir(cfg: DictConfig, run_dir: Path) -> Path:
@@ -42,12 +59,15 @@ def forget_metrics_after(metrics_file: Path, step: int) -> None:
 
 
 class Checkpointer:
-    def __init__(self, cfg: DictConfig, run_dir: Path, model_cfg, layout, grid,
-                 device: torch.device | str = "cpu"):
+    def __init__(self, cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, layout: Layout,
+                 grid: ParallelGrid | None, device: torch.device | str = "cpu"):
         self.dir = checkpoint_dir(cfg, run_dir)
         self.run_dir = Path(run_dir)
         self.interval = int(cfg.checkpoint.interval)
         self.keep_last = int(cfg.checkpoint.keep_last)
+        if self.keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last must be >= 0 (0 keeps every checkpoint), "
+                             f"got {self.keep_last}")
         self.exit_after = cfg.train.exit_after
         if self.exit_after is not None and int(self.exit_after) < 1:
             raise ValueError(f"train.exit_after must be >= 1 (or null), got {self.exit_after}")
@@ -67,7 +87,8 @@ class Checkpointer:
         self.resumed_from: str | None = None
         self.last_saved: Path | None = None
 
-    def resume(self, chunks: list[nn.Module], optimizer, train_data) -> int:
+    def resume(self, chunks: list[nn.Module], optimizer: Optimizer | None,
+               train_data: BatchSource) -> int:
         """Load the checkpoint train.resume names (if any); returns the step to start from."""
         path = find_resume_checkpoint(self.resume_setting, self.dir)
         if path is None:
@@ -80,8 +101,8 @@ class Checkpointer:
             forget_metrics_after(self.run_dir / "metrics.jsonl", self.start_step)
         return self.start_step
 
-    def save(self, steps_done: int, chunks: list[nn.Module], optimizer, train_data,
-             lr: float) -> Path:
+    def save(self, steps_done: int, chunks: list[nn.Module], optimizer: Optimizer | None,
+             train_data: BatchSource, lr: float) -> Path:
         """The loss scale and Adam's step travel with the optimizer (`scalar_state()`)."""
         meta = dict(self.run_meta)
         meta["data"] = train_data.state_dict()
@@ -91,8 +112,8 @@ class Checkpointer:
                                           meta, self.keep_last)
         return self.last_saved
 
-    def after_step(self, steps_done: int, chunks: list[nn.Module], optimizer, train_data,
-                   lr: float) -> bool:
+    def after_step(self, steps_done: int, chunks: list[nn.Module], optimizer: Optimizer | None,
+                   train_data: BatchSource, lr: float) -> bool:
         """Save if a checkpoint is due; True when the loop must stop now (exit_after, SIGTERM).
 
         Collective: every rank calls it after every step."""

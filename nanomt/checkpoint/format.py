@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -37,15 +38,21 @@ FORMAT_NAME = "nanomt-checkpoint"
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
+# step_N.previous: the old copy while step N is saved again; step_N.abandoned: a checkpoint past
+# the step a run went back to (kept for inspection, never pruned, never resumed from by itself).
+PREVIOUS_SUFFIX = ".previous"
+ABANDONED_SUFFIX = ".abandoned"
 STEP_PREFIX = "step_"
 
 # Tensors whose dim 0 is the (padded) vocabulary: the padding rows are not stored.
 VOCAB_TENSORS = ("word_embedding.weight", "output_layer.weight")
 
-# Model-config fields that change the tensors a checkpoint holds (dropout and the vocabulary
-# padding multiple do not).
+# Model-config fields that change the tensors a checkpoint holds or what they mean (dropout and
+# the vocabulary padding multiple do not). seq_len shapes only gpt's learned position
+# embedding: a llama (RoPE) run may resume with a longer context.
 SHAPE_FIELDS = ("style", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size",
-                "vocab_size", "seq_len", "tie_embeddings", "norm_eps", "rope_theta")
+                "vocab_size", "tie_embeddings", "norm_eps", "rope_theta")
+GPT_SHAPE_FIELDS = SHAPE_FIELDS + ("seq_len",)
 
 
 class CheckpointError(ValueError):
@@ -158,44 +165,107 @@ def make_piece(key: str, name: str, tensor: torch.Tensor, shape: list[int],
     return piece, tensor.detach().contiguous()
 
 
-def assemble(pieces: list[tuple[Piece, torch.Tensor]]) -> torch.Tensor:
-    """The full tensor from the pieces that cover it (each element exactly once)."""
-    first = pieces[0][0]
-    full = torch.zeros(first.shape, dtype=pieces[0][1].dtype)
-    covered = 0
-    for piece, tensor in pieces:
-        region = tuple(slice(start, stop) for start, stop in piece.box)
-        if piece.flat is None:
-            full[region] = tensor.reshape(full[region].shape)
-        else:
-            box_values = full[region].reshape(-1).clone()
-            box_values[piece.flat[0]: piece.flat[1]] = tensor.reshape(-1)
-            full[region] = box_values.view(full[region].shape)
-        covered += piece.numel
-    if covered != full.numel():
+class PieceSource(Protocol):
+    """Where a stored piece's values come from: a safetensors slice, or a tensor in tests."""
+
+    def box_slice(self, region: tuple[slice, ...]) -> torch.Tensor: ...
+
+    def flat_slice(self, start: int, stop: int) -> torch.Tensor: ...
+
+
+class TensorSource:
+    """A piece held in memory (tests, and anything that already has the tensor)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def box_slice(self, region: tuple[slice, ...]) -> torch.Tensor:
+        return self.tensor[region]
+
+    def flat_slice(self, start: int, stop: int) -> torch.Tensor:
+        return self.tensor.reshape(-1)[start:stop]
+
+
+def _rows_of_flat(box: list[list[int]], flat: list[int] | None) -> tuple[int, int, int]:
+    """(first row, end row, elements per row) of the rows of `box` that `flat` touches."""
+    row_numel = math.prod(stop - start for start, stop in box[1:])
+    if flat is None:
+        return box[0][0], box[0][1], row_numel
+    first = box[0][0] + flat[0] // row_numel
+    end = box[0][0] + -(-flat[1] // row_numel)
+    return first, end, row_numel
+
+
+def _place(piece: Piece, source: PieceSource, out: torch.Tensor | None,
+           covered: torch.Tensor, region: list[list[int]]) -> torch.Tensor | None:
+    """Copy the part of one stored piece that overlaps `region` into `out` (rows x rest)."""
+    first, end, row_numel = _rows_of_flat(piece.box, piece.flat)
+    rows = [max(first, region[0][0]), min(end, region[0][1])]
+    rest = [[max(b[0], r[0]), min(b[1], r[1])] for b, r in zip(piece.box[1:], region[1:])]
+    if any(start >= stop for start, stop in [rows] + rest):
+        return out
+    dst = tuple(slice(a - r[0], b - r[0]) for (a, b), r in zip([rows] + rest, region))
+    if piece.flat is None:
+        src = tuple(slice(a - b[0], z - b[0]) for (a, z), b in zip([rows] + rest, piece.box))
+        values, mask = source.box_slice(src), None
+    else:  # whole rows of the box, only the elements of the flat range valid
+        lo = (rows[0] - piece.box[0][0]) * row_numel
+        hi = (rows[1] - piece.box[0][0]) * row_numel
+        a, b = max(lo, piece.flat[0]), min(hi, piece.flat[1])
+        flat_values = source.flat_slice(a - piece.flat[0], b - piece.flat[0]).reshape(-1)
+        row_shape = [rows[1] - rows[0]] + [stop - start for start, stop in piece.box[1:]]
+        buffer = torch.zeros(row_shape, dtype=flat_values.dtype)
+        mask = torch.zeros(row_shape, dtype=torch.bool)
+        buffer.view(-1)[a - lo: b - lo] = flat_values
+        mask.view(-1)[a - lo: b - lo] = True
+        src = (slice(None),) + tuple(slice(a - bx[0], z - bx[0])
+                                     for (a, z), bx in zip(rest, piece.box[1:]))
+        values, mask = buffer[src], mask[src]
+    if out is None:
+        out = torch.zeros(covered.shape, dtype=values.dtype)
+    if mask is None:
+        out[dst] = values.reshape(out[dst].shape)
+        covered[dst] = True
+    else:
+        out[dst] = torch.where(mask, values, out[dst])
+        covered[dst] |= mask
+    return out
+
+
+def read_region(stored: list[tuple[Piece, PieceSource]], box: list[list[int]],
+                flat: list[int] | None = None) -> torch.Tensor:
+    """The slice `box` (then elements `flat` of it, row-major) of a stored tensor.
+
+    Only the stored pieces overlapping the slice are read, and only their overlapping part;
+    rows past the stored (real) rows are padding: zero."""
+    first = stored[0][0]
+    if not first.shape:  # a scalar
+        return stored[0][1].box_slice(())
+    rows_start, rows_end, row_numel = _rows_of_flat(box, flat)
+    region = [[rows_start, rows_end]] + [list(b) for b in box[1:]]
+    covered = torch.zeros([stop - start for start, stop in region], dtype=torch.bool)
+    out = None
+    for piece, source in stored:
+        out = _place(piece, source, out, covered, region)
+    real_rows = max(0, min(rows_end, first.shape[0]) - rows_start)
+    if out is None and real_rows == 0:  # only padding rows
+        dtype = stored[0][1].box_slice((slice(0, 0),)).dtype
+        out = torch.zeros(covered.shape, dtype=dtype)
+    if out is None or not bool(covered[:real_rows].all()):
         raise CheckpointError(
-            f"the checkpoint's pieces of {first.key} cover {covered} of its {full.numel()} "
-            f"elements: a shard is missing or the checkpoint is inconsistent")
-    return full
-
-
-def cut(full: torch.Tensor, padded_shape: list[int], box: list[list[int]],
-        flat: list[int] | None = None) -> torch.Tensor:
-    """The slice `box` (and `flat`) of `full`, zero-padding rows past the stored ones."""
-    if list(full.shape) != list(padded_shape):
-        padded = torch.zeros(padded_shape, dtype=full.dtype)
-        padded[tuple(slice(0, n) for n in full.shape)] = full
-        full = padded
-    region = full[tuple(slice(start, stop) for start, stop in box)]
-    if flat is not None:
-        return region.reshape(-1)[flat[0]: flat[1]]
-    return region
+            f"the checkpoint's pieces of {first.key} do not cover the slice {box} of it: a "
+            f"shard is missing or the checkpoint is inconsistent")
+    if flat is None:
+        return out
+    offset = (rows_start - box[0][0]) * row_numel
+    return out.reshape(-1)[flat[0] - offset: flat[1] - offset]
 
 
 def check_model_config(saved: dict, current: dict, where: str) -> None:
     """Refuse a checkpoint whose tensors belong to a different model."""
+    fields = GPT_SHAPE_FIELDS if current.get("style", "gpt") == "gpt" else SHAPE_FIELDS
     differences = [f"model.{key}: checkpoint {saved.get(key)!r}, run {current.get(key)!r}"
-                   for key in SHAPE_FIELDS if saved.get(key) != current.get(key)]
+                   for key in fields if saved.get(key) != current.get(key)]
     if differences:
         raise CheckpointError(
             f"checkpoint {where} was saved for a different model ("

@@ -4,10 +4,14 @@
     2. rank 0 writes meta.json (index, config, step, RNG of every rank), fsyncs it and the folder
     3. rename step_N.tmp -> step_N       (atomic on POSIX: the folder appears whole or not at all)
     4. write latest.tmp, rename -> latest (the pointer moves last)
-    5. delete checkpoints older than the last `keep_last` (never the one `latest` names)
+    5. rename checkpoints of steps after N (a run that went back to an earlier step) to
+       step_M.abandoned, then delete all but the newest `keep_last` of steps <= N
 
 A reader only ever follows `latest`, which names a folder that was complete before the pointer
-moved. A run killed during 1-3 leaves a stale step_N.tmp that the next save removes.
+moved. A run killed during 1-3 leaves a stale step_N.tmp that the next save removes. Saving a
+step that already exists renames the old copy to step_N.previous first; resolving `latest`
+falls back to it if a crash came between the two renames, and it is removed once `latest`
+names the new copy.
 
 `PreemptionSignal` turns SIGTERM (what SLURM sends before it kills a job) into a request that the
 training loop sees at the end of a step; all ranks agree on it, save, and exit cleanly.
@@ -28,19 +32,22 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from nanomt.checkpoint.format import (
+    ABANDONED_SUFFIX,
     FORMAT_NAME,
     FORMAT_VERSION,
     LATEST_FILE,
     META_FILE,
+    PREVIOUS_SUFFIX,
     STEP_PREFIX,
     shard_file_name,
     step_folder_name,
 )
 from nanomt.checkpoint.state import (
+    Grid,
+    Optimizer,
     capture_rng,
     model_pieces,
     optimizer_pieces,
-    whole_parameters,
 )
 
 # Tests set this to a function of the stage name to simulate a crash between two writes.
@@ -103,12 +110,29 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_checkpoints(root: Path, keep_last: int) -> None:
-    """Remove stale temporary folders and all but the newest `keep_last` checkpoints."""
+def set_aside_abandoned(root: Path, step: int) -> None:
+    """Checkpoints of steps after `step` belong to a lineage the run went back from (a resume
+    from an earlier checkpoint): rename them out of the way, so they never count as the newest
+    for keep_last nor get resumed by `auto`. Never deleted: a person decides."""
+    for later_step, folder in list_checkpoints(root):
+        if later_step > step:
+            target = folder.with_name(folder.name + ABANDONED_SUFFIX)
+            copy = 1
+            while target.exists():
+                target = folder.with_name(f"{folder.name}{ABANDONED_SUFFIX}.{copy}")
+                copy += 1
+            os.replace(folder, target)
+
+
+def prune_checkpoints(root: Path, step: int, keep_last: int) -> None:
+    """After `latest` names step `step`: remove stale temporary folders, set aside checkpoints
+    of later steps, and remove all but the newest `keep_last` (0: keep all) of the rest."""
     pointer = root / LATEST_FILE
     latest = pointer.read_text().strip() if pointer.exists() else None
-    for folder in root.glob(f"{STEP_PREFIX}*.tmp"):
-        shutil.rmtree(folder, ignore_errors=True)
+    for pattern in (f"{STEP_PREFIX}*.tmp", f"{STEP_PREFIX}*{PREVIOUS_SUFFIX}"):
+        for folder in root.glob(pattern):
+            shutil.rmtree(folder, ignore_errors=True)
+    set_aside_abandoned(root, step)
     if keep_last <= 0:
         return
     complete = list_checkpoints(root)
@@ -120,13 +144,12 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 def _publish(tmp: Path, final: Path, root: Path) -> None:
     """Steps 3 and 4: rename the finished folder into place, then move the pointer."""
     _fault_point("before_rename")
-    if final.exists():  # saved again at the same step: replace the old copy after the new is whole
-        old = final.with_name(final.name + ".old")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    if final.exists():  # saved again at the same step: keep the old copy until latest moves
+        previous = final.with_name(final.name + PREVIOUS_SUFFIX)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)
+        _fault_point("between_renames")  # latest -> final is missing; resolve uses previous
+    os.replace(tmp, final)
     fsync_path(root)
     _fault_point("before_latest")
     pointer_tmp = root / (LATEST_FILE + ".tmp")
@@ -135,8 +158,9 @@ def _publish(tmp: Path, final: Path, root: Path) -> None:
     fsync_path(root)
 
 
-def save_checkpoint(root: str | Path, step: int, chunks: list[nn.Module], optimizer, grid,
-                    meta: dict, keep_last: int = 0, include_rng: bool = True) -> Path:
+def save_checkpoint(root: str | Path, step: int, chunks: list[nn.Module], optimizer: Optimizer,
+                    grid: Grid, meta: dict, keep_last: int = 0,
+                    include_rng: bool = True) -> Path:
     """Collective over all ranks: write checkpoint `step` under `root`; returns its folder.
 
     `meta` is what the run needs besides tensors (config, model config, layout, data/LR/loss-scaler
@@ -152,8 +176,7 @@ def save_checkpoint(root: str | Path, step: int, chunks: list[nn.Module], optimi
     _barrier()
 
     vocab_size = meta["model"]["vocab_size"]
-    with whole_parameters(optimizer):
-        pieces = model_pieces(chunks, grid, vocab_size)
+    pieces = model_pieces(chunks, optimizer, grid, vocab_size)
     if optimizer is not None:
         pieces += optimizer_pieces(optimizer, chunks, grid, vocab_size)
         if hasattr(optimizer, "scalar_state"):  # Adam's step, the loss scale
@@ -171,7 +194,7 @@ def save_checkpoint(root: str | Path, step: int, chunks: list[nn.Module], optimi
         write_durably(tmp / META_FILE, json.dumps(full_meta, indent=1, default=str).encode())
         fsync_path(tmp)
         _publish(tmp, final, root)
-        prune_checkpoints(root, keep_last)
+        prune_checkpoints(root, step, keep_last)
     _barrier()
     return final
 

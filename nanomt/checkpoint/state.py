@@ -13,8 +13,8 @@ Optimizer state, two shapes of it:
     is [a, b) of the parameter's flattened local (tp-shard) tensor held by this dp rank, and
     `load_checkpoint_state(read)` with read(param, state_name, flat_range) -> tensor. Every dp
     rank writes its own range (at stage 0, where each holds everything, dp rank 0 only). Its
-    scalars (Adam step, loss scale) go to meta.json via `scalar_state()`, and under ZeRO-3
-    weights are read and written inside `full_parameters()`, where they are whole.
+    scalars (Adam step, loss scale) go to meta.json via `scalar_state()`. Under ZeRO-3 the
+    weights too are written as flat pieces of each dp rank's shard and read back into it.
 
 RNG: Python's, torch's CPU (and CUDA) generators and each chunk's tensor-parallel tracker.
 """
@@ -22,11 +22,13 @@ RNG: Python's, torch's CPU (and CUDA) generators and each chunk's tensor-paralle
 from __future__ import annotations
 
 import base64
-import contextlib
 import random
+from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from nanomt.parallel.grid import ParallelGrid
 
 from nanomt.checkpoint.format import (
     Piece,
@@ -39,27 +41,41 @@ from nanomt.checkpoint.format import (
 
 MODEL_SECTION = "model"
 
+Grid = Optional[ParallelGrid]  # None: a single process
+# A torch optimizer (per-parameter state) or a flat-shard one speaking the protocol above.
+Optimizer = Any
+# A nanomt.checkpoint.load.CheckpointReader (not imported here: load imports this module).
+Reader = Any
 
-def whole_parameters(optimizer, writeback: bool = False):
-    """ZeRO-3 holds weights as shards: materialise them to save or load; otherwise a no-op."""
-    if hasattr(optimizer, "full_parameters"):
-        return optimizer.full_parameters(writeback=writeback)
-    return contextlib.nullcontext()
+
+def weight_shards(optimizer: Optimizer
+                  ) -> list[tuple[nn.Parameter, torch.Tensor, tuple[int, int]]] | None:
+    """ZeRO-3's weights as this dp rank holds them: (param, its shard view, (lo, hi)) with
+    elements [lo, hi) of the flattened (tp-local) parameter; None when weights are whole.
+
+    Saving writes these flat pieces from every dp rank and loading fills them in place, so no
+    rank ever gathers the model."""
+    if getattr(optimizer, "stage", None) != 3 or getattr(optimizer, "gatherer", None) is None:
+        return None
+    if hasattr(optimizer, "parameter_shards"):
+        return optimizer.parameter_shards()
+    return [(s.param, b.param_shard[s.shard_lo: s.shard_hi], (s.param_lo, s.param_hi))
+            for b in optimizer.buckets for s in b.segments]
 
 
 def optimizer_section(state_name: str) -> str:
     return f"optimizer/{state_name}"
 
 
-def writes_replicas(grid) -> bool:
+def writes_replicas(grid: Grid) -> bool:
     return grid is None or grid.dp_rank == 0
 
 
-def _tp(grid) -> tuple[int, int]:
+def _tp(grid: Grid) -> tuple[int, int]:
     return (0, 1) if grid is None else (grid.tp_rank, grid.tp_size)
 
 
-def _param_piece(section: str, name: str, param: nn.Parameter, tensor: torch.Tensor, grid,
+def _param_piece(section: str, name: str, param: nn.Parameter, tensor: torch.Tensor, grid: Grid,
                  vocab_size: int, flat: list[int] | None = None):
     """The piece of `tensor` (the param itself, or state of the param's shape, or a flat range)."""
     tp_rank, tp_size = _tp(grid)
@@ -69,26 +85,31 @@ def _param_piece(section: str, name: str, param: nn.Parameter, tensor: torch.Ten
                       vocab_size), box, flat)
 
 
-def _stores_param(param: nn.Parameter, owned: bool, grid) -> bool:
+def _stores_param(param: nn.Parameter, owned: bool, grid: Grid) -> bool:
     """Only one copy of every value: tp rank 0 for replicated tensors, and owned tensors only."""
     tp_rank, _ = _tp(grid)
     replicated = getattr(param, "tp_split_dim", None) is None
     return owned and (not replicated or tp_rank == 0)
 
 
-def model_pieces(chunks: list[nn.Module], grid,
+def model_pieces(chunks: list[nn.Module], optimizer: Optimizer, grid: Grid,
                  vocab_size: int) -> list[tuple[Piece, torch.Tensor]]:
-    if not writes_replicas(grid):
+    names = parameter_names(chunks)
+    shards = weight_shards(optimizer)
+    if shards is not None:  # ZeRO-3: every dp rank writes its own flat range of each weight
+        values = [(param, shard.detach().to("cpu", copy=True), list(flat))
+                  for param, shard, flat in shards]
+    elif writes_replicas(grid):
+        values = [(param, param.detach().to("cpu", copy=True), None) for param in names]
+    else:
         return []
     pieces = []
-    for chunk in chunks:
-        for name, param, owned in named_chunk_parameters(chunk):
-            if _stores_param(param, owned, grid):
-                # a copy: under ZeRO-3 the gathered weights are freed when saving moves on
-                value = param.detach().to("cpu", copy=True)
-                piece = _param_piece(MODEL_SECTION, name, param, value, grid, vocab_size)
-                if piece is not None:
-                    pieces.append(piece)
+    for param, value, flat in values:
+        name, owned = names[param]
+        if _stores_param(param, owned, grid):
+            piece = _param_piece(MODEL_SECTION, name, param, value, grid, vocab_size, flat)
+            if piece is not None:
+                pieces.append(piece)
     return pieces
 
 
@@ -97,7 +118,7 @@ def parameter_names(chunks: list[nn.Module]) -> dict[nn.Parameter, tuple[str, bo
             for name, param, owned in named_chunk_parameters(chunk)}
 
 
-def optimizer_pieces(optimizer, chunks: list[nn.Module], grid,
+def optimizer_pieces(optimizer: Optimizer, chunks: list[nn.Module], grid: Grid,
                      vocab_size: int) -> list[tuple[Piece, torch.Tensor]]:
     """Pieces of the optimizer state (per-parameter, or flat ZeRO shards)."""
     names = parameter_names(chunks)
@@ -132,35 +153,45 @@ def optimizer_pieces(optimizer, chunks: list[nn.Module], grid,
 
 
 # ---- loading ----------------------------------------------------------------------------------
-def weight_key(reader, name: str) -> str:
+def weight_key(reader: Reader, name: str) -> str:
     """The most exact copy of a weight: the fp32 master of a bf16/fp16 run, if saved."""
     master = section_key(optimizer_section("master"), name)
     return master if reader.has(master) else section_key(MODEL_SECTION, name)
 
 
-def load_model(chunks: list[nn.Module], reader, grid) -> None:
-    """Copy this rank's slice of every parameter out of the checkpoint."""
+def _box(param: nn.Parameter, grid: Grid) -> list[list[int]]:
     tp_rank, tp_size = _tp(grid)
-    for chunk in chunks:
-        for name, param, _ in named_chunk_parameters(chunk):
-            padded, box = padded_box(tuple(param.shape), getattr(param, "tp_split_dim", None),
-                                     tp_rank, tp_size)
-            value = reader.read(weight_key(reader, name), padded, box, None)
-            with torch.no_grad():
-                param.copy_(value.view(param.shape))
+    return padded_box(tuple(param.shape), getattr(param, "tp_split_dim", None), tp_rank,
+                      tp_size)[1]
 
 
-def load_optimizer(optimizer, chunks: list[nn.Module], reader, grid) -> None:
+@torch.no_grad()
+def load_model(chunks: list[nn.Module], optimizer: Optimizer, reader: Reader,
+               grid: Grid) -> None:
+    """Copy this rank's slice of every parameter (under ZeRO-3: of its shard) out of the
+    checkpoint."""
+    names = parameter_names(chunks)
+    shards = weight_shards(optimizer)
+    if shards is not None:
+        for param, shard, flat in shards:
+            name, _ = names[param]
+            shard.copy_(reader.read(weight_key(reader, name), _box(param, grid), list(flat)))
+        return
+    for param, (name, _) in names.items():
+        value = reader.read(weight_key(reader, name), _box(param, grid), None)
+        param.copy_(value.view(param.shape))
+
+
+def load_optimizer(optimizer: Optimizer, chunks: list[nn.Module], reader: Reader,
+                   grid: Grid) -> None:
     """Rebuild this rank's optimizer state from the checkpoint's full tensors."""
-    tp_rank, tp_size = _tp(grid)
     names = parameter_names(chunks)
 
-    def read(param: nn.Parameter, state_name: str, flat=None) -> torch.Tensor:
+    def read(param: nn.Parameter, state_name: str,
+             flat: tuple[int, int] | None = None) -> torch.Tensor:
         name, _ = names[param]
-        padded, box = padded_box(tuple(param.shape), getattr(param, "tp_split_dim", None),
-                                 tp_rank, tp_size)
         key = section_key(optimizer_section(state_name), name)
-        return reader.read(key, padded, box, list(flat) if flat is not None else None)
+        return reader.read(key, _box(param, grid), list(flat) if flat is not None else None)
 
     if hasattr(optimizer, "load_checkpoint_state"):
         optimizer.load_checkpoint_state(read)
@@ -180,11 +211,11 @@ def load_optimizer(optimizer, chunks: list[nn.Module], reader, grid) -> None:
                 optimizer.state[param] = state
 
 
-def reset_optimizer_state(optimizer) -> None:
+def reset_optimizer_state(optimizer: Optimizer) -> None:
     """A checkpoint without optimizer state (an imported model): fresh moments for the loaded
     weights (flat-shard optimizers must still copy the new weights into their masters)."""
     if hasattr(optimizer, "load_checkpoint_state"):
-        def fresh(param: nn.Parameter, state_name: str, flat) -> torch.Tensor:
+        def fresh(param: nn.Parameter, state_name: str, flat: tuple[int, int]) -> torch.Tensor:
             if state_name == "master":
                 raise KeyError(state_name)  # taken from the loaded weights
             return torch.zeros(flat[1] - flat[0])
@@ -203,7 +234,7 @@ def _decode(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
 
 
-def capture_rng(chunks: list[nn.Module], grid) -> dict:
+def capture_rng(chunks: list[nn.Module], grid: Grid) -> dict:
     """This rank's generator states, JSON-ready."""
     version, internal, gauss = random.getstate()
     coord = (0, 0, 0) if grid is None else (grid.tp_rank, grid.pp_rank, grid.dp_rank)
@@ -228,7 +259,7 @@ def restore_rng(state: dict, chunks: list[nn.Module]) -> None:
         tracker.load_state_dict({key: _decode(value) for key, value in encoded.items()})
 
 
-def pick_rng_state(saved: list[dict], grid) -> dict:
+def pick_rng_state(saved: list[dict], grid: Grid) -> dict:
     """The saved rank at my coordinates (same layout: exact continuation); on another layout the
     rank at my coordinates modulo the saved sizes (dropout masks then differ from the old run)."""
     sizes = {axis: 1 + max(s["coord"][axis] for s in saved) for axis in ("tp", "pp", "dp")}
