@@ -28,6 +28,8 @@ SPEC.loader.exec_module(convert_hf)
 CONFIGS = {
     "gpt": dict(style="gpt", num_layers=2, hidden_size=32, num_heads=4, seq_len=16,
                 vocab_size=100),
+    "gpt_untied": dict(style="gpt", num_layers=2, hidden_size=32, num_heads=4, seq_len=16,
+                       vocab_size=100, tie_embeddings=False),
     "llama": dict(style="llama", num_layers=2, hidden_size=32, num_heads=4, seq_len=16,
                   vocab_size=100, ffn_hidden_size=48, rope_theta=500.0, norm_eps=1e-6),
 }
@@ -68,7 +70,7 @@ def hf_logits(folder: Path) -> torch.Tensor:
         return model(TOKENS).logits
 
 
-@pytest.mark.parametrize("style", ["gpt", "llama"])
+@pytest.mark.parametrize("style", ["gpt", "gpt_untied", "llama"])
 def test_export_matches_transformers_logits(style, tmp_path):
     cfg = ModelConfig(**CONFIGS[style])
     model = random_nanomt_model(cfg)
@@ -78,7 +80,7 @@ def test_export_matches_transformers_logits(style, tmp_path):
     convert_hf.main(["export", "--checkpoint", str(tmp_path / "ckpt"),
                      "--output", str(tmp_path / "hf")])
     config = (tmp_path / "hf" / "config.json").read_text()
-    assert ("GPT2LMHeadModel" if style == "gpt" else "LlamaForCausalLM") in config
+    assert ("LlamaForCausalLM" if style == "llama" else "GPT2LMHeadModel") in config
     expected = model.full_logits(TOKENS)
     assert relative_error(hf_logits(tmp_path / "hf"), expected) < 1e-4
 
@@ -99,6 +101,8 @@ def test_import_matches_transformers_logits_on_one_process_and_tp2(tmp_path):
     torch.manual_seed(0)
     made = {
         "gpt": transformers.GPT2LMHeadModel(convert_hf.hf_config(ModelConfig(**CONFIGS["gpt"]))),
+        "gpt_untied": transformers.GPT2LMHeadModel(
+            convert_hf.hf_config(ModelConfig(**CONFIGS["gpt_untied"]))),
         "llama": transformers.LlamaForCausalLM(
             convert_hf.hf_config(ModelConfig(**CONFIGS["llama"]))),
     }
@@ -121,3 +125,32 @@ def test_import_matches_transformers_logits_on_one_process_and_tp2(tmp_path):
     for style in made:
         for rank_logits in tp2:
             assert relative_error(rank_logits[style], expected[style]) < 1e-4, style
+
+
+def test_import_refuses_a_non_empty_output_and_configs_nanomt_computes_differently(tmp_path):
+    hf_dir = tmp_path / "hf"
+    transformers.GPT2LMHeadModel(convert_hf.hf_config(ModelConfig(**CONFIGS["gpt"]))) \
+        .save_pretrained(str(hf_dir))
+    run_checkpoints = tmp_path / "run" / "checkpoints"
+    run_checkpoints.mkdir(parents=True)
+    (run_checkpoints / "latest").write_text("step_00000100\n")
+    with pytest.raises(ValueError, match="not empty"):
+        convert_hf.main(["import", "--input", str(hf_dir), "--output", str(run_checkpoints)])
+    assert [p.name for p in run_checkpoints.iterdir()] == ["latest"]
+
+    llama = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=4, head_dim=8)
+    assert convert_hf.model_config_from_hf(transformers.LlamaConfig(**llama)).num_heads == 4
+    refused = {
+        "num_key_value_heads=2": transformers.LlamaConfig(**{**llama, "num_key_value_heads": 2}),
+        "head_dim=16": transformers.LlamaConfig(**{**llama, "head_dim": 16}),
+        "hidden_act='gelu'": transformers.LlamaConfig(**{**llama, "hidden_act": "gelu"}),
+        "rope_scaling 'linear'": transformers.LlamaConfig(
+            **llama, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        "scale_attn_by_inverse_layer_idx": transformers.GPT2Config(
+            scale_attn_by_inverse_layer_idx=True),
+        "reorder_and_upcast_attn": transformers.GPT2Config(reorder_and_upcast_attn=True),
+    }
+    for message, config in refused.items():
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            convert_hf.model_config_from_hf(config)

@@ -20,9 +20,9 @@ a single-shard checkpoint at step 0 without optimizer state, which any layout ca
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nanomt.checkpoint import CheckpointReader, resolve_checkpoint, save_checkpoint  # noqa: E402
 from nanomt.checkpoint.state import weight_key  # noqa: E402
 from nanomt.model import GPT, ModelConfig  # noqa: E402
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 # ---- the fused QKV layout -----------------------------------------------------------------------
@@ -128,7 +131,7 @@ def from_hf_state(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, to
 
 
 # ---- configs ------------------------------------------------------------------------------------
-def hf_config(cfg: ModelConfig):
+def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     from transformers import GPT2Config, LlamaConfig
 
     if cfg.style == "gpt":
@@ -148,36 +151,66 @@ def hf_config(cfg: ModelConfig):
                        mlp_bias=False, hidden_act="silu", architectures=["LlamaForCausalLM"])
 
 
-def model_config_from_hf(config: dict) -> ModelConfig:
-    kind = config.get("model_type")
-    if kind == "gpt2":
-        if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"GPT-2 activation {config['activation_function']!r}: nanomt's GeLU "
-                             f"is the tanh approximation (gelu_new)")
-        return ModelConfig(style="gpt", num_layers=config["n_layer"], hidden_size=config["n_embd"],
-                           num_heads=config["n_head"], ffn_hidden_size=config.get("n_inner"),
-                           seq_len=config["n_positions"], vocab_size=config["vocab_size"],
-                           norm_eps=config.get("layer_norm_epsilon", 1e-5),
-                           tie_embeddings=config.get("tie_word_embeddings", True))
-    if kind == "llama":
-        heads = config["num_attention_heads"]
-        if config.get("num_key_value_heads", heads) != heads:
-            raise ValueError("grouped-query attention (num_key_value_heads != "
-                             "num_attention_heads) is not supported by nanomt")
-        if config.get("attention_bias") or config.get("mlp_bias"):
-            raise ValueError("Llama with attention_bias/mlp_bias is not supported by nanomt")
-        rope = config.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
-            raise ValueError("only unscaled (default) RoPE is supported by nanomt")
-        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-        return ModelConfig(style="llama", num_layers=config["num_hidden_layers"],
-                           hidden_size=config["hidden_size"], num_heads=heads,
-                           ffn_hidden_size=config["intermediate_size"],
-                           seq_len=config["max_position_embeddings"],
-                           vocab_size=config["vocab_size"], norm_eps=config["rms_norm_eps"],
-                           rope_theta=theta,
-                           tie_embeddings=config.get("tie_word_embeddings", False))
-    raise ValueError(f"model_type {kind!r}: only gpt2 and llama folders can be imported")
+def _gpt2_model_config(config: PretrainedConfig) -> ModelConfig:
+    activation = getattr(config, "activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"GPT-2 activation_function={activation!r}: nanomt's GeLU is the tanh "
+                         f"approximation (gelu_new)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if getattr(config, flag, False):
+            raise ValueError(f"GPT-2 with {flag}=true is not supported by nanomt (its "
+                             f"attention scales scores by 1/sqrt(head_dim) only)")
+    if not getattr(config, "scale_attn_weights", True):
+        raise ValueError("GPT-2 with scale_attn_weights=false is not supported by nanomt")
+    return ModelConfig(style="gpt", num_layers=config.n_layer, hidden_size=config.n_embd,
+                       num_heads=config.n_head, ffn_hidden_size=config.n_inner,
+                       seq_len=config.n_positions, vocab_size=config.vocab_size,
+                       norm_eps=config.layer_norm_epsilon,
+                       tie_embeddings=bool(config.tie_word_embeddings))
+
+
+def _llama_rope_theta(config: PretrainedConfig) -> float:
+    """RoPE's base; scaled variants (linear, dynamic, yarn, llama3, ...) are refused."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+                or {})
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    theta = rope.pop("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if kind != "default" or rope:
+        raise ValueError(f"Llama rope_scaling {kind!r} {rope}: only unscaled (default) RoPE is "
+                         f"supported by nanomt")
+    return float(theta)
+
+
+def _llama_model_config(config: PretrainedConfig) -> ModelConfig:
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if kv_heads != heads:
+        raise ValueError(f"Llama num_key_value_heads={kv_heads} != num_attention_heads={heads}: "
+                         f"grouped-query attention is not supported by nanomt")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    if head_dim * heads != hidden:
+        raise ValueError(f"Llama head_dim={head_dim} != hidden_size/num_attention_heads="
+                         f"{hidden}/{heads}: nanomt's heads split the hidden size")
+    if config.hidden_act != "silu":
+        raise ValueError(f"Llama hidden_act={config.hidden_act!r}: nanomt's SwiGLU uses silu")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ValueError("Llama with attention_bias/mlp_bias is not supported by nanomt")
+    return ModelConfig(style="llama", num_layers=config.num_hidden_layers, hidden_size=hidden,
+                       num_heads=heads, ffn_hidden_size=config.intermediate_size,
+                       seq_len=config.max_position_embeddings, vocab_size=config.vocab_size,
+                       norm_eps=config.rms_norm_eps, rope_theta=_llama_rope_theta(config),
+                       tie_embeddings=bool(config.tie_word_embeddings))
+
+
+def model_config_from_hf(config: PretrainedConfig) -> ModelConfig:
+    """A transformers config (AutoConfig) -> nanomt's; anything nanomt computes differently is
+    refused with the field to blame."""
+    if config.model_type == "gpt2":
+        return _gpt2_model_config(config)
+    if config.model_type == "llama":
+        return _llama_model_config(config)
+    raise ValueError(f"model_type {config.model_type!r}: only gpt2 and llama folders can be "
+                     f"imported")
 
 
 # ---- the two commands ---------------------------------------------------------------------------
@@ -203,10 +236,13 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
 
 def import_checkpoint(hf_dir: str | Path, output: str | Path) -> Path:
     """Hugging Face GPT-2 / Llama folder -> nanomt checkpoint (step 0, no optimizer state)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = json.loads((Path(hf_dir) / "config.json").read_text())
-    cfg = model_config_from_hf(config)
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise ValueError(f"--output {output} is not empty: importing there could overwrite a "
+                         f"run's checkpoints; pass a new folder")
+    cfg = model_config_from_hf(AutoConfig.from_pretrained(str(hf_dir), local_files_only=True))
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True,
                                                     dtype=torch.float32)
     tensors = from_hf_state(cfg, hf_model.state_dict())
