@@ -39,7 +39,7 @@ from nanomt.parallel.grid import ParallelGrid, init_distributed
 from nanomt.parallel.random import seed_everything
 from nanomt.parallel.zero import build_optimizer
 from nanomt.parallel.pipeline import Timeline, build_model_chunks
-from nanomt.parallel.schedules import get_forward_backward_func
+from nanomt.parallel.no_pipelining import get_forward_backward_func
 
 
 def pick_device(name: str) -> torch.device:

@@ -19,10 +19,19 @@ import pytest
 import torch
 
 from nanomt.model import GPT, ModelConfig
+from nanomt.parallel.pipeline.engine import deallocate_output
+from nanomt.parallel.pipeline.posting import (
+    Transfer,
+    Unit,
+    check_posting,
+    checked_plans,
+    communication_plan,
+)
 from nanomt.parallel.pipeline.schedules import (
     PipelineOp,
     check_deadlock_free,
     check_pipeline_config,
+    checked_schedule,
     one_f_one_b_order,
     schedule_order,
 )
@@ -68,9 +77,29 @@ FIGURE_4_DEVICE_1 = ("F0 F1 F2 F3 F0.1 F1.1 F2.1 F3.1 F4 F5 "
 FIGURE_3_DEVICE_1 = "F0 F1 F2 F3 B0 F4 B1 F5 B2 F6 B3 F7 B4 B5 B6 B7".split()
 
 
+# Every device of the two figures (p=4, m=8; v=2 for figure 4), as literal rows: device d is
+# pipeline rank d-1, the paper's micro-batch i is i-1 here, ".1" marks the second chunk.
+FIGURE_3 = ["F0 F1 F2 F3 B0 F4 B1 F5 B2 F6 B3 F7 B4 B5 B6 B7",
+            "F0 F1 F2 B0 F3 B1 F4 B2 F5 B3 F6 B4 F7 B5 B6 B7",
+            "F0 F1 B0 F2 B1 F3 B2 F4 B3 F5 B4 F6 B5 F7 B6 B7",
+            "F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5 F6 B6 F7 B7"]
+FIGURE_4 = [
+    "F0 F1 F2 F3 F0.1 F1.1 F2.1 F3.1 F4 F5 F6 B0.1 F7 B1.1 F4.1 B2.1 F5.1 B3.1 F6.1 B0 F7.1 B1 "
+    "B2 B3 B4.1 B5.1 B6.1 B7.1 B4 B5 B6 B7",
+    "F0 F1 F2 F3 F0.1 F1.1 F2.1 F3.1 F4 B0.1 F5 B1.1 F6 B2.1 F7 B3.1 F4.1 B0 F5.1 B1 F6.1 B2 "
+    "F7.1 B3 B4.1 B5.1 B6.1 B7.1 B4 B5 B6 B7",
+    "F0 F1 F2 F3 F0.1 F1.1 F2.1 B0.1 F3.1 B1.1 F4 B2.1 F5 B3.1 F6 B0 F7 B1 F4.1 B2 F5.1 B3 "
+    "F6.1 B4.1 F7.1 B5.1 B6.1 B7.1 B4 B5 B6 B7",
+    "F0 F1 F2 F3 F0.1 B0.1 F1.1 B1.1 F2.1 B2.1 F3.1 B3.1 F4 B0 F5 B1 F6 B2 F7 B3 F4.1 B4.1 "
+    "F5.1 B5.1 F6.1 B6.1 F7.1 B7.1 B4 B5 B6 B7"]
+
+
 def test_orders_match_the_papers():
     assert [str(op) for op in schedule_order("1f1b", 4, 0, 8, 2)] == FIGURE_4_DEVICE_1
     assert [str(op) for op in schedule_order("1f1b", 4, 0, 8, 1)] == FIGURE_3_DEVICE_1
+    for rank in range(4):
+        assert [str(op) for op in schedule_order("1f1b", 4, rank, 8, 1)] == FIGURE_3[rank].split()
+        assert [str(op) for op in schedule_order("1f1b", 4, rank, 8, 2)] == FIGURE_4[rank].split()
     for pp, m, v in [(4, 8, 1), (4, 8, 2), (2, 4, 2), (4, 12, 3), (2, 6, 1)]:
         for rank in range(pp):
             expected = paper_1f1b(pp, rank, m) if v == 1 else paper_interleaved(pp, rank, m, v)
@@ -92,6 +121,69 @@ def test_clear_errors_for_bad_pipelines():
         check_deadlock_free(bad, pp=2, v=1)
 
 
+# ---- NCCL's blocking rules: the messages as the engine posts them ----------------------------
+NCCL_CASES = [(schedule, pp, v, m, forward_only)
+              for schedule in ("1f1b", "gpipe") for pp in (2, 3, 4, 8) for v in (1, 2, 3)
+              for m in ((1, 2, 3, 5, pp, 2 * pp) if v == 1 else (pp, 2 * pp, 3 * pp))
+              for forward_only in (False, True)]
+
+
+def test_posting_cannot_hang_on_nccl():
+    """Every schedule's units complete under NCCL's rules (send waits for its receive, matched in
+    posting order, units complete in order), for 1F1B, interleaved, GPipe and forward-only."""
+    for schedule, pp, v, m, forward_only in NCCL_CASES:
+        plans = checked_plans(schedule, pp, m, v, forward_only)
+        assert len(plans) == pp
+
+
+def test_posting_after_every_pass_hangs_interleaved_1f1b():
+    """The earlier posting (each pass's sends + the next pass's receive, one unit per pass) waits
+    in a cycle for interleaved 1F1B; Megatron's posting (F and B, then one unit) does not."""
+    for pp, m, v in [(2, 4, 2), (2, 8, 2), (3, 6, 2), (4, 8, 2)]:
+        orders = checked_schedule("1f1b", pp, m, v, False)
+        per_pass = [communication_plan(order, len(order), rank, pp, v, m)  # no paired slots
+                    for rank, order in enumerate(orders)]
+        with pytest.raises(ValueError, match="deadlock on NCCL"):
+            check_posting(per_pass)
+        check_posting([list(plan) for plan in checked_plans("1f1b", pp, m, v, False)])
+
+
+def test_posting_model_catches_cycles_and_misordered_matches():
+    op = PipelineOp("F", 0)
+    # Both ranks send first and post the matching receive only in a later unit: a cycle.
+    cycle = [[Unit((), (Transfer(True, op, 1, 0),)), Unit((op,), (Transfer(False, op, 1, 1),))],
+             [Unit((), (Transfer(True, op, 0, 1),)), Unit((op,), (Transfer(False, op, 0, 0),))]]
+    with pytest.raises(ValueError, match="rank 0 .*rank 1"):
+        check_posting(cycle)
+    swapped = [[Unit((), (Transfer(True, op, 1, 0), Transfer(True, op, 1, 2)))],
+               [Unit((), (Transfer(False, op, 0, 2), Transfer(False, op, 0, 0)))]]
+    with pytest.raises(ValueError, match="out of order"):
+        check_posting(swapped)
+
+
+def test_gpipe_interleaved_needs_whole_groups_and_views_are_not_freed():
+    with pytest.raises(ValueError, match="multiple of parallel.pp"):
+        check_pipeline_config(8, pp=4, virtual_stages=2, num_microbatches=6, schedule="gpipe")
+    with pytest.raises(ValueError, match="multiple of parallel.pp"):
+        schedule_order("gpipe", 4, 0, 6, 2)
+    with pytest.raises(AssertionError):
+        deallocate_output(torch.ones(4)[:2])  # freeing a view would free nothing
+
+
+def test_dropout_masks_differ_across_stages_and_chunks():
+    """Each chunk's tensor-parallel stream is its own: the attention dropout of pipeline stage
+    (or virtual chunk) 1 does not repeat stage 0's masks."""
+    cfg = ModelConfig(num_layers=4, hidden_size=32, num_heads=4, seq_len=16, vocab_size=64,
+                      dropout=0.1)
+    chunks = [GPT(cfg, None, seed=SEED, layer_range=range(k, k + 1), pre_process=k == 0,
+                  post_process=k == 3) for k in range(4)]
+    masks = []
+    for chunk in chunks:
+        with chunk.rng.fork():
+            masks.append(torch.rand(64))
+    assert all(not torch.equal(masks[0], mask) for mask in masks[1:])
+
+
 # ---- distributed: gradients, executed orders, memory, errors ----------------------------------
 SEED = 1234
 
@@ -102,11 +194,15 @@ def make_micro_batches(m: int, seed: int = 0, batch: int = MICRO_BATCH):
     return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
 
-def reference(m: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and gradients of the single-process model (plain gradient accumulation)."""
-    from nanomt.parallel.schedules import forward_backward_no_pipelining
+LLAMA_CFG = ModelConfig(style="llama", num_layers=4, hidden_size=32, num_heads=4, seq_len=16,
+                        vocab_size=64, ffn_hidden_size=64)
 
-    model = GPT(CFG, None, seed=SEED)
+
+def reference(m: int, cfg: ModelConfig = CFG) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradients of the single-process model (plain gradient accumulation)."""
+    from nanomt.parallel.no_pipelining import forward_backward_no_pipelining
+
+    model = GPT(cfg, None, seed=SEED)
     loss_sum = forward_backward_no_pipelining(model, make_micro_batches(m))
     return loss_sum / m, {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -133,7 +229,23 @@ def compare_grads(chunks, ref_grads, tp_rank: int, tp: int) -> tuple[float, list
     return worst, names
 
 
-def run_case(grid, tp: int, pp: int, v: int, m: int, refs, schedule="1f1b", sp=False) -> dict:
+def nccl_like_batches(ops, one_per_op):
+    """Like NCCL's batch_isend_irecv: ONE work for the whole batch (Gloo returns one per op)."""
+    class CoalescedWork:
+        def __init__(self, works):
+            self.works = works
+
+        def wait(self):
+            return all(work.wait() for work in self.works)
+
+        def is_completed(self):
+            return all(work.is_completed() for work in self.works)
+
+    return [CoalescedWork(one_per_op(ops))]
+
+
+def run_case(grid, tp: int, pp: int, v: int, m: int, refs, schedule="1f1b", sp=False,
+             cfg: ModelConfig = CFG) -> dict:
     from nanomt.model.gpt import allreduce_sequence_parallel_grads
     from nanomt.parallel import comm
     from nanomt.parallel.pipeline import (
@@ -142,7 +254,7 @@ def run_case(grid, tp: int, pp: int, v: int, m: int, refs, schedule="1f1b", sp=F
         forward_backward_pipelining,
     )
 
-    chunks = build_model_chunks(CFG, grid, v, seed=SEED, sequence_parallel=sp)
+    chunks = build_model_chunks(cfg, grid, v, seed=SEED, sequence_parallel=sp)
     stats = PipelineStats()
     loss_sum = forward_backward_pipelining(chunks, make_micro_batches(m), grid,
                                            schedule=schedule, stats=stats)
@@ -150,7 +262,7 @@ def run_case(grid, tp: int, pp: int, v: int, m: int, refs, schedule="1f1b", sp=F
         allreduce_sequence_parallel_grads(chunk, grid.tp_group)
     loss = (loss_sum / m).reshape(1)
     comm.all_reduce(loss, grid.pp_group)  # only the last stage holds it
-    ref_loss, ref_grads = refs[m]
+    ref_loss, ref_grads = refs[(cfg.style, m)]
     worst, names = compare_grads(chunks, ref_grads, grid.tp_rank, tp)
     return {"loss_err": abs(float(loss) - float(ref_loss)) / float(ref_loss),
             "grad_err": worst, "names": names, "order": stats.op_order,
@@ -168,6 +280,8 @@ def expect_error(fn) -> str:
 
 
 def _pipeline_checks(refs) -> dict:
+    import unittest.mock
+
     from nanomt.parallel.grid import ParallelGrid
     from nanomt.parallel.pipeline import build_model_chunks, forward_backward_pipelining
 
@@ -183,25 +297,35 @@ def _pipeline_checks(refs) -> dict:
     for v in (1, 2):
         out[("pp2tp2", v, 4)] = run_case(pp2_tp2, 2, 2, v, 4, refs)
     out[("pp2tp2sp", 2, 8)] = run_case(pp2_tp2, 2, 2, 2, 8, refs, sp=True)
+    # Untied embeddings (llama): nothing to sum over the embedding group, two steps in a row.
+    run_case(pp2_dp2, 1, 2, 1, 4, refs, cfg=LLAMA_CFG)
+    out[("llama_pp2", 1, 4)] = run_case(pp2_dp2, 1, 2, 1, 4, refs, cfg=LLAMA_CFG)
+    # One work per batch, as NCCL returns: every sent output is still freed.
+    one_per_op = torch.distributed.batch_isend_irecv
+    with unittest.mock.patch("torch.distributed.batch_isend_irecv",
+                             lambda ops: nccl_like_batches(ops, one_per_op)):
+        out[("nccl_like", 2, 8)] = run_case(pp4, 1, 4, 2, 8, refs)
 
     # Ranks that disagree on the schedule fail together instead of waiting on each other.
+    # (Signatures are agreed on once and cached: use micro-batch counts not run above.)
     chunks = build_model_chunks(CFG, pp4, 1, seed=SEED)
-    m = 4 if pp4.pp_rank == 0 else 8
+    m = 5 if pp4.pp_rank == 0 else 6
     out["mismatched_m"] = expect_error(
         lambda: forward_backward_pipelining(chunks, make_micro_batches(m), pp4))
     batch = 1 if pp4.is_last_stage else 2
     out["mismatched_shape"] = expect_error(
-        lambda: forward_backward_pipelining(chunks, make_micro_batches(4, batch=batch), pp4))
+        lambda: forward_backward_pipelining(chunks, make_micro_batches(7, batch=batch), pp4))
     return out
 
 
 def test_pipeline_equals_single_process():
-    refs = {m: reference(m) for m in (4, 8)}
+    refs = {("gpt", m): reference(m) for m in (4, 8)}
+    refs[("llama", 4)] = reference(4, LLAMA_CFG)
     results = run_distributed(_pipeline_checks, world_size=4, args=(refs,), timeout_s=400)
-    all_names = set(refs[4][1])
     for case in results[0]:
         if not isinstance(case, tuple):
             continue
+        all_names = set(refs[("llama" if case[0] == "llama_pp2" else "gpt", 4)][1])
         per_rank = [r[case] for r in results]
         for r in per_rank:
             assert r["loss_err"] < 1e-5, (case, r["loss_err"])
@@ -231,7 +355,7 @@ def test_pipeline_equals_single_process():
 
     for r in results:
         assert "disagree on the schedule" in r["mismatched_m"]
-        assert "microbatches=4" in r["mismatched_m"] and "microbatches=8" in r["mismatched_m"]
+        assert "microbatches=5" in r["mismatched_m"] and "microbatches=6" in r["mismatched_m"]
         assert "batch=1" in r["mismatched_shape"]
 
 
@@ -315,3 +439,17 @@ def test_training_through_the_pipeline_matches_one_process():
         names = [f"{k}{mb}" + (f".{c}" if c else "") for k, mb, c, _, _ in passes]
         assert names == paper_interleaved(2, timeline["pp_rank"], 4, 2)
     assert sum(1 for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] != "wait") == 4 * 16
+
+
+def test_timeline_keeps_only_the_last_steps(tmp_path):
+    from nanomt.parallel.pipeline import Timeline
+
+    timeline = Timeline({"rank": 0}, keep_last=3, cuda_events=False)
+    for step in range(1, 8):
+        timeline.begin_step(step)
+        with timeline.span("F", 0, 0):
+            pass
+    timeline.save(tmp_path / "rank0.json")
+    saved = json.loads((tmp_path / "rank0.json").read_text())
+    assert [s["step"] for s in saved["steps"]] == [5, 6, 7]
+    assert all(len(s["events"]) == 1 and s["events"][0][:3] == ["F", 0, 0] for s in saved["steps"])

@@ -400,3 +400,27 @@ def test_run_in_a_world_of_one_rejects_tp2(tmp_path):
     with pytest.raises(ValueError, match="world size 1"):
         run(compose_config(FAST + ["parallel.tp=2"]), tmp_path)
 
+
+
+def test_cross_entropy_rejects_targets_outside_the_vocabulary():
+    logits = torch.randn(2, 3, 8)
+    for bad in (-100, 8):
+        targets = torch.zeros(2, 3, dtype=torch.long)
+        targets[1, 2] = bad
+        with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 8\)"):
+            vocab_parallel_cross_entropy(logits, targets, None, 8)
+
+
+def test_no_rng_fork_without_dropout(monkeypatch):
+    """With dropout 0 the layers never swap RNG states in (a CPU+GPU state copy per layer)."""
+    from nanomt.model import GPT, ModelConfig
+    from nanomt.parallel.random import TensorParallelRNG
+
+    def forbidden(self):
+        raise AssertionError("fork() called with dropout 0")
+
+    monkeypatch.setattr(TensorParallelRNG, "fork", forbidden)
+    model = GPT(ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16,
+                            vocab_size=64), None).train()
+    tokens = torch.randint(0, 64, (2, 16))
+    model(tokens, tokens).backward()

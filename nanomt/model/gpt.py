@@ -67,7 +67,8 @@ class GPT(nn.Module):
         self.padded_vocab_size = cfg.padded_vocab_size(tp)
         self.layer_range = layer_range if layer_range is not None else range(cfg.num_layers)
         self.pre_process, self.post_process = pre_process, post_process
-        self.rng = TensorParallelRNG(seed, tp_rank)
+        # One stream per chunk (named by its first layer): stages draw different masks.
+        self.rng = TensorParallelRNG(seed, tp_rank, stream=self.layer_range.start)
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
 
         if pre_process or (post_process and cfg.tie_embeddings):

@@ -77,9 +77,11 @@ class ParallelAttention(nn.Module):
 
     def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T / sqrt(d) + causal mask) v on this rank's heads."""
-        dropout_p = self.dropout_p if self.training else 0.0
+        if not self.training or self.dropout_p == 0.0:  # no draws: skip the RNG state swaps
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         with self.rng.fork():  # different heads on each tp rank: different dropout masks
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p,
+                                                  is_causal=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)  # [b, s, 3h/t] (full sequence even under SP)

@@ -10,6 +10,10 @@ gradient is softmax(z) - onehot(y), computed locally. Memory per rank: b*s*V/t, 
 
 Columns past the real vocabulary (padding so that V divides by t) get -inf logits: they take no
 probability mass, so the loss equals the one over the unpadded vocabulary.
+
+Targets must lie in [0, vocab_size): there is no ignore_index (a -100 would silently take the
+padding columns' zero gradient and a wrong loss), so an out-of-range target is an error. The
+check runs on the device (`torch._assert_async`): no host sync on a GPU.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch.distributed as dist
 
 from nanomt.parallel import comm
 from nanomt.parallel.tensor_parallel import tp_rank_and_size
+
+Group = dist.ProcessGroup | None
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -62,7 +68,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.input_dtype), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group,
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group: Group,
                                  vocab_size: int) -> torch.Tensor:
-    """Per-token loss from vocab-split logits [..., V_padded/t] and targets [...] (global ids)."""
+    """Per-token loss from vocab-split logits [..., V_padded/t] and targets [...] (global ids
+    in [0, vocab_size); anything else, e.g. an ignore_index of -100, is an error)."""
+    in_range = ((target >= 0) & (target < vocab_size)).all()
+    torch._assert_async(in_range, f"cross-entropy targets must lie in [0, {vocab_size}) "
+                                  f"(model.vocab_size); ignore_index is not supported")
     return _VocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size)

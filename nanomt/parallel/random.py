@@ -7,6 +7,8 @@ Two kinds of dropout live in a tensor-parallel layer:
   - inside them (attention-probability dropout on this rank's heads; residual dropout on this
     rank's sequence shard under sequence parallelism): each rank owns different elements, so the
     masks must differ: a second stream seeded seed + 2718 + tp_rank, entered with `fork()`.
+    Each model chunk has its own tracker, so the stream is also offset by the chunk's first
+    layer: pipeline stages and the v chunks of one rank draw different masks.
 
 The tracker's state is part of every checkpoint so a resumed run draws the same masks.
 """
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 import torch
 
 TP_SEED_OFFSET = 2718
+CHUNK_SEED_STRIDE = 65_536  # more than any tp size: (stream, tp_rank) never collide
 
 
 def seed_everything(seed: int, pp_rank: int = 0) -> None:
@@ -37,8 +40,8 @@ class TensorParallelRNG:
     built), so a GPU run forks the stream its dropout really draws from.
     """
 
-    def __init__(self, seed: int, tp_rank: int):
-        self.seed = seed + TP_SEED_OFFSET + tp_rank
+    def __init__(self, seed: int, tp_rank: int, stream: int = 0):
+        self.seed = seed + TP_SEED_OFFSET + tp_rank + CHUNK_SEED_STRIDE * stream
         # Fresh generators: seeding them leaves the default streams untouched.
         self.states = {"cpu": torch.Generator().manual_seed(self.seed).get_state()}
         if torch.cuda.is_available():

@@ -11,10 +11,13 @@ The schedule (schedules.py) says in which order this rank runs its passes; this 
   backward B(i, chunk):  backward from the output with the gradient received from the next chunk
            (or from the loss on the last chunk); the input's gradient is sent back.
 
-Between passes, the send of what the pass produced and the receive the next pass needs go out
-together (p2p.PipelineComm.exchange). Gradients accumulate in .grad over all micro-batches, and
-the tied word embedding's two copies (first and last stage) sum theirs at the end, so after the
-schedule they equal the single-process gradient of the mean loss.
+Messages go out in units (posting.communication_plan): in the steady state a forward and a
+backward run back to back, then ONE batch carries both sends and the receives for the next
+forward and backward (Megatron's posting); this order cannot wait in a cycle on NCCL, where a
+send completes only once its receive is posted (posting.check_posting). Before each slot the
+rank waits for the previous unit, then frees the outputs it sent. Gradients accumulate in .grad
+over all micro-batches, and the tied word embedding's two copies (first and last stage) sum
+theirs at the end, so after the schedule they equal the single-process gradient of the mean loss.
 """
 
 from __future__ import annotations
@@ -26,24 +29,20 @@ import torch
 from torch import nn
 
 from nanomt.parallel.comm import group_size
-from nanomt.parallel.pipeline.p2p import (
-    ACTIVATION,
-    GRADIENT,
-    Message,
-    PipelineComm,
-    agree_on_schedule,
-    dtype_code,
-    message_tag,
-)
+from nanomt.parallel.grid import ParallelGrid
+from nanomt.parallel.pipeline.p2p import P2PBatch, PipelineComm, agree_on_schedule, dtype_code
 from nanomt.parallel.pipeline.partition import allreduce_embedding_grads
-from nanomt.parallel.pipeline.schedules import SCHEDULES, PipelineOp, checked_schedule
+from nanomt.parallel.pipeline.posting import Unit, checked_plans
+from nanomt.parallel.pipeline.schedules import SCHEDULES, PipelineOp
 from nanomt.parallel.pipeline.timeline import Timeline, maybe_span
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
 
 
 def deallocate_output(output: torch.Tensor) -> None:
-    """Free the data of a sent output; its grad_fn (the graph) stays for the backward."""
+    """Free the data of a sent output; its grad_fn (the graph) stays for the backward.
+    A view would keep its base's storage alive, so only a tensor that owns its data is freed."""
+    assert output._base is None, "deallocate_output needs a tensor that owns its storage"
     output.data = torch.empty((1,), device=output.device, dtype=output.dtype)
 
 
@@ -80,59 +79,68 @@ class PipelineStep:
     """One rank's passes of one optimizer step (or evaluation, forward_only)."""
 
     def __init__(self, model_chunks: Sequence[nn.Module], micro_batches: Sequence[MicroBatch],
-                 comm: PipelineComm, order: Sequence[PipelineOp], forward_only: bool,
+                 comm: PipelineComm, plan: Sequence[Unit], forward_only: bool,
                  timeline: Timeline | None, stats: PipelineStats):
         self.chunks, self.micro_batches = model_chunks, micro_batches
-        self.comm, self.order = comm, order
+        self.comm, self.plan = comm, plan
         self.forward_only, self.timeline, self.stats = forward_only, timeline, stats
         grid = comm.grid
         self.pp, self.pp_rank = grid.pp_size, grid.pp_rank
         self.m = len(micro_batches)
         self.last_chunk = self.pp * len(model_chunks) - 1
         self.in_flight: dict[tuple[int, int], InFlight] = {}
-        self.unfreed: list[tuple[object, torch.Tensor | None]] = []  # (send work, output to free)
-        self.loss_sum = torch.zeros(())
+        self.received: dict[PipelineOp, torch.Tensor] = {}  # receive buffers, by the pass
+        self.outgoing: dict[PipelineOp, torch.Tensor] = {}  # what a pass sends, until posted
+        self.to_free: list[torch.Tensor] = []  # outputs sent in the last posted unit
+        self.loss_sum = torch.zeros((), device=micro_batches[0][0].device)
 
     def global_chunk(self, op: PipelineOp) -> int:
         return op.chunk * self.pp + self.pp_rank
 
-    def message_for(self, op: PipelineOp | None) -> Message | None:
-        """The receive `op` needs: the previous chunk's activation or the next chunk's gradient."""
-        if op is None:
-            return None
-        k = self.global_chunk(op)
-        if op.kind == "F" and k > 0:
-            return Message(self.comm.prev_rank, message_tag(ACTIVATION, k, op.microbatch, self.m))
-        if op.kind == "B" and k < self.last_chunk:
-            return Message(self.comm.next_rank, message_tag(GRADIENT, k, op.microbatch, self.m))
-        return None
-
     def run(self) -> torch.Tensor:
-        buffer, receive, _ = self.comm.exchange([], self.message_for(self.order[0]))
-        for index, op in enumerate(self.order):
-            if receive is not None:
-                with maybe_span(self.timeline, "wait", op.microbatch, op.chunk):
-                    receive.wait()
-            self.stats.op_order.append(str(op))
-            with maybe_span(self.timeline, op.kind, op.microbatch, op.chunk):
-                sends = self.forward(op, buffer) if op.kind == "F" else self.backward(op, buffer)
-            next_op = self.order[index + 1] if index + 1 < len(self.order) else None
-            buffer, receive, works = self.comm.exchange(
-                [(tensor, msg) for tensor, msg, _ in sends], self.message_for(next_op))
-            self.unfreed += [(work, to_free) for work, (_, _, to_free) in zip(works, sends)]
-            self.free_sent_outputs(wait=False)
-        self.free_sent_outputs(wait=True)
+        batch: P2PBatch | None = None
+        for unit in self.plan:
+            if batch is not None:
+                first = unit.passes[0] if unit.passes else PipelineOp("wait", -1, -1)
+                with maybe_span(self.timeline, "wait", first.microbatch, first.chunk):
+                    batch.wait()
+            self.free_sent_outputs()
+            for op in unit.passes:
+                self.stats.op_order.append(str(op))
+                with maybe_span(self.timeline, op.kind, op.microbatch, op.chunk):
+                    self.forward(op) if op.kind == "F" else self.backward(op)
+            batch = self.post(unit)
+        if batch is not None:
+            batch.wait()
+        self.free_sent_outputs()
         return self.loss_sum
 
-    def forward(self, op: PipelineOp, received: torch.Tensor | None) -> list:
+    def post(self, unit: Unit) -> P2PBatch | None:
+        """Post the unit's sends (what its passes produced) and receives together."""
+        transfers = [(t, self.outgoing.pop(t.op) if t.is_send else None)
+                     for t in unit.transfers]
+        batch, buffers = self.comm.post(transfers)
+        self.received.update(buffers)
+        held = sum(out.numel() * out.element_size() for out in self.to_free)
+        self.stats.peak_unfreed_output_bytes = max(self.stats.peak_unfreed_output_bytes, held)
+        return batch
+
+    def free_sent_outputs(self) -> None:
+        """Free the data of the outputs sent in a unit that has completed."""
+        for output in self.to_free:
+            deallocate_output(output)
+            self.stats.outputs_freed += 1
+        self.to_free = []
+
+    def forward(self, op: PipelineOp) -> None:
         k = self.global_chunk(op)
         inputs, targets = self.micro_batches[op.microbatch]
         if k > 0:
-            inputs = received.requires_grad_(not self.forward_only)
+            inputs = self.received.pop(op).requires_grad_(not self.forward_only)
         with torch.set_grad_enabled(not self.forward_only):
             if k == self.last_chunk:
                 loss = self.chunks[op.chunk](inputs, targets)
-                self.loss_sum = self.loss_sum + loss.detach().float().cpu()
+                self.loss_sum = self.loss_sum + loss.detach().float()
                 output = loss / self.m
             else:
                 output = self.chunks[op.chunk](inputs)
@@ -140,41 +148,22 @@ class PipelineStep:
             self.in_flight[(op.microbatch, op.chunk)] = InFlight(inputs if k > 0 else None, output)
             self.stats.peak_in_flight = max(self.stats.peak_in_flight, len(self.in_flight))
         if k == self.last_chunk:
-            return []
+            return
         self.comm.check_outgoing(output)
         self.stats.outputs_sent += 1
-        msg = Message(self.comm.next_rank, message_tag(ACTIVATION, k + 1, op.microbatch, self.m))
-        return [(output.detach(), msg, output)]
+        self.outgoing[op] = output.detach()
+        if not self.forward_only:
+            self.to_free.append(output)
 
-    def backward(self, op: PipelineOp, received: torch.Tensor | None) -> list:
+    def backward(self, op: PipelineOp) -> None:
         k = self.global_chunk(op)
         flight = self.in_flight.pop((op.microbatch, op.chunk))
         if k == self.last_chunk:
             torch.autograd.backward(flight.output)
         else:
-            self.free_sent_outputs(wait=True, only=flight.output)
-            backward_from(flight.output, received)
-        if k == 0:
-            return []
-        msg = Message(self.comm.prev_rank, message_tag(GRADIENT, k - 1, op.microbatch, self.m))
-        return [(flight.input.grad, msg, None)]
-
-    def free_sent_outputs(self, wait: bool, only: torch.Tensor | None = None) -> None:
-        """Free the data of outputs whose send has completed (all, or `only`, when wait=True)."""
-        held = 0
-        still_unfreed = []
-        for work, output in self.unfreed:
-            selected = only is None or output is only
-            if (wait and selected) or work.is_completed():
-                work.wait()
-                if output is not None:
-                    deallocate_output(output)
-                    self.stats.outputs_freed += 1
-            else:
-                still_unfreed.append((work, output))
-                held += output.numel() * output.element_size() if output is not None else 0
-        self.unfreed = still_unfreed
-        self.stats.peak_unfreed_output_bytes = max(self.stats.peak_unfreed_output_bytes, held)
+            backward_from(flight.output, self.received.pop(op))
+        if k > 0:
+            self.outgoing[op] = flight.input.grad
 
 
 def activation_shape(model_chunk: nn.Module, micro_batch: MicroBatch) -> tuple[int, int, int]:
@@ -187,26 +176,26 @@ def activation_shape(model_chunk: nn.Module, micro_batch: MicroBatch) -> tuple[i
 
 
 def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
-                                micro_batches: Sequence[MicroBatch], grid, *,
+                                micro_batches: Sequence[MicroBatch], grid: ParallelGrid, *,
                                 schedule: str = "1f1b", forward_only: bool = False,
                                 timeline: Timeline | None = None,
                                 stats: PipelineStats | None = None,
                                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """Run this rank's part of the pipeline schedule. Returns the sum of micro-batch losses
-    (last stage; zero elsewhere). Gradients accumulate in the chunks' .grad; the tied word
+    as a tensor on the micro-batches' device (last stage; zero elsewhere). Gradients accumulate in the chunks' .grad; the tied word
     embedding's gradient is summed over the first and last stage before returning."""
     m, v = len(micro_batches), len(model_chunks)
     if dtype is None:  # activations travel in the parameters' dtype (bf16 under mixed precision)
         dtype = next(model_chunks[0].parameters()).dtype
     shape = activation_shape(model_chunks[0], micro_batches[0])
+    device = micro_batches[0][0].device
     agree_on_schedule(grid, {"schedule": SCHEDULES.index(schedule), "microbatches": m,
                              "virtual_stages": v, "forward_only": forward_only,
                              "batch": shape[0], "seq": shape[1], "hidden": shape[2],
-                             "dtype": dtype_code(dtype)})
-    order = checked_schedule(schedule, grid.pp_size, m, v, forward_only)[grid.pp_rank]
-    device = micro_batches[0][0].device
+                             "dtype": dtype_code(dtype)}, device)
+    plan = checked_plans(schedule, grid.pp_size, m, v, forward_only)[grid.pp_rank]
     comm = PipelineComm(grid, shape, dtype, device)
-    step = PipelineStep(model_chunks, micro_batches, comm, order, forward_only, timeline,
+    step = PipelineStep(model_chunks, micro_batches, comm, plan, forward_only, timeline,
                         stats if stats is not None else PipelineStats())
     loss_sum = step.run()
     if not forward_only:

@@ -3,43 +3,45 @@
 Forward, a stage sends its chunk's output activation to the rank holding the next chunk;
 backward, it sends the gradient of its chunk's input to the rank holding the previous chunk.
 Chunk k lives on pipeline rank k mod p, so the next chunk is always on pipeline rank r+1 and the
-previous on r-1, wrapping around between the last and first rank under interleaving.
+previous on r-1, wrapping around between the last and first rank under interleaving (Narayanan
+et al. 2021, section 2.2.2).
 
 Every message has a shape known up front ([b, s, h], or the sequence shard [b, s/t, h] under
-sequence parallelism), so the receiver allocates its buffer before the data arrives, and a tag
-naming what it carries (activation or gradient, chunk, micro-batch), so a message can never be
-taken for another one even when two ranks exchange several at once. After each pass a rank posts
-its send together with the receive its next pass needs, in one `batch_isend_irecv`, and then
-waits only for the receive: a send never blocks, so any deadlock-free order (see
-schedules.check_deadlock_free) runs without deadlocking, whatever the relative speed of ranks.
+sequence parallelism), so the receiver allocates its buffer before the data arrives. Which
+messages go out together is fixed by posting.communication_plan (one `batch_isend_irecv` per
+unit, Megatron's posting); on NCCL a send blocks until its receive is posted, and posting.
+check_posting has checked that the plan never waits in a cycle. A posted unit is one `P2PBatch`:
+NCCL returns a single work for the whole batch, Gloo one per operation; the handle waits for all.
 
 Before the first message, `agree_on_schedule` all-gathers each rank's view of the schedule (kind,
-micro-batches, chunks, shape, dtype) over the pipeline group: ranks that disagree would wait on
-each other forever, so they fail together with a clear error instead.
+micro-batches, chunks, shape, dtype) over the pipeline group, once per distinct schedule:
+ranks that disagree would wait on each other forever, so they fail together with a clear error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
 
 import torch
 import torch.distributed as dist
 
-ACTIVATION, GRADIENT = 0, 1
+from nanomt.parallel.pipeline.posting import Transfer
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-@dataclass(frozen=True)
-class Message:
-    """What one receive expects: from which rank, under which tag."""
+class P2PBatch:
+    """The handle of one posted unit: done when every send and receive in it is done."""
 
-    peer: int
-    tag: int
+    def __init__(self, works: list):
+        self.works = works
 
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
 
-def message_tag(kind: int, global_chunk: int, microbatch: int, num_microbatches: int) -> int:
-    """A tag unique within one schedule: (chunk that receives it, micro-batch, kind)."""
-    return (global_chunk * num_microbatches + microbatch) * 2 + kind
+    def is_completed(self) -> bool:
+        return all(work.is_completed() for work in self.works)
 
 
 class PipelineComm:
@@ -49,23 +51,25 @@ class PipelineComm:
                  device: torch.device):
         self.grid = grid
         self.group = grid.pp_group
-        pp, r = grid.pp_size, grid.pp_rank
-        self.prev_rank = grid.pp_ranks[(r - 1) % pp]
-        self.next_rank = grid.pp_ranks[(r + 1) % pp]
         self.shape, self.dtype, self.device = tuple(activation_shape), dtype, device
 
-    def exchange(self, sends: list[tuple[torch.Tensor, Message]], receive: Message | None):
-        """Post `sends` and `receive` together. Returns (buffer, receive work, send works)."""
-        ops = [dist.P2POp(dist.isend, tensor.contiguous(), msg.peer, self.group, msg.tag)
-               for tensor, msg in sends]
-        buffer = None
-        if receive is not None:
-            buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, buffer, receive.peer, self.group, receive.tag))
-        works = dist.batch_isend_irecv(ops) if ops else []
-        if receive is None:
-            return None, None, works
-        return buffer, works[-1], works[:-1]
+    def post(self, transfers: list[tuple[Transfer, torch.Tensor | None]]
+             ) -> tuple[P2PBatch | None, dict]:
+        """Post one unit: (transfer, tensor to send or None for a receive) in plan order.
+        Returns the unit's handle and the receive buffers by pass."""
+        ops, buffers = [], {}
+        for transfer, tensor in transfers:
+            peer = self.grid.pp_ranks[transfer.peer]
+            if transfer.is_send:
+                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer, self.group,
+                                      transfer.tag))
+            else:
+                buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                buffers[transfer.op] = buffer
+                ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group, transfer.tag))
+        if not ops:
+            return None, buffers
+        return P2PBatch(dist.batch_isend_irecv(ops)), buffers
 
     def check_outgoing(self, tensor: torch.Tensor) -> None:
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
@@ -75,18 +79,31 @@ class PipelineComm:
                 f"stage outputs must keep the activation shape")
 
 
-def agree_on_schedule(grid, signature: dict[str, int]) -> None:
-    """All-gather `signature` over the pipeline group; ValueError on every rank if they differ."""
+# Signatures every pipeline group has already agreed on (checked once, not every step).
+_AGREED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def agree_on_schedule(grid, signature: dict[str, int], device: torch.device) -> None:
+    """All-gather `signature` over the pipeline group; ValueError on every rank if they differ.
+
+    Runs once per distinct signature (then cached), on a tensor on `device`: an NCCL group has
+    no CPU path. A rank whose signature is cached skips the check, so a disagreement is caught
+    when the signatures first appear, which is the first step of a run."""
     if grid.pp_group is None or grid.pp_size == 1:
         return
     keys = sorted(signature)
-    mine = torch.tensor([int(signature[k]) for k in keys], dtype=torch.int64)
+    key = tuple((k, int(signature[k])) for k in keys)
+    agreed = _AGREED.setdefault(grid, set())
+    if key in agreed:
+        return
+    mine = torch.tensor([value for _, value in key], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(grid.pp_size)]
     dist.all_gather(everyone, mine, group=grid.pp_group)
     if any(not torch.equal(other, mine) for other in everyone):
         table = "; ".join(f"pp rank {r}: " + ", ".join(f"{k}={int(v)}" for k, v in zip(keys, row))
                           for r, row in enumerate(everyone))
         raise ValueError(f"pipeline ranks disagree on the schedule and would deadlock: {table}")
+    agreed.add(key)
 
 
 def dtype_code(dtype: torch.dtype) -> int:

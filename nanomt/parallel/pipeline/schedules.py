@@ -18,6 +18,13 @@ Narayanan et al. 2021 as plain loops:
 `check_deadlock_free` replays every rank's order against the data dependencies between stages
 (a forward needs the previous chunk's output, a backward the next chunk's input gradient) and
 fails early, naming the stuck ranks, instead of letting a bad order hang the job.
+
+Messages are posted in units (one `batch_isend_irecv` each; `communication_plan`): a forward
+directly followed by a backward runs as one slot, and after each slot one unit carries the
+slot's sends and the receives the next slot needs (Megatron's posting). `check_posting` replays
+those units under NCCL's rules, which are stricter than the data dependencies alone: a send
+completes only once its matching receive is posted, sends and receives between two ranks match
+in posting order (tags are ignored), and a rank's units complete in the order they were posted.
 """
 
 from __future__ import annotations
@@ -58,9 +65,9 @@ def check_pipeline_config(num_layers: int, pp: int, virtual_stages: int, num_mic
         raise ValueError(f"model.num_layers = {num_layers} is not divisible by pp * "
                          f"virtual_stages = {chunks}; change parallel.pp or "
                          f"parallel.virtual_stages")
-    if virtual_stages > 1 and schedule == "1f1b" and num_microbatches % pp:
+    if virtual_stages > 1 and num_microbatches % pp:
         raise ValueError(
-            f"interleaved 1F1B needs the number of micro-batches ({num_microbatches} = "
+            f"interleaved schedules (virtual_stages > 1, {schedule}) need the number of micro-batches ({num_microbatches} = "
             f"train.global_batch_size / (train.micro_batch_size * dp)) to be a multiple of "
             f"parallel.pp = {pp}")
 
@@ -74,6 +81,7 @@ def virtual_op(kind: str, index: int, pp: int, v: int) -> PipelineOp:
     """
     group, within = divmod(index, pp * v)
     chunk, offset = divmod(within, pp)
+    assert 0 <= chunk < v and 0 <= group * pp + offset, (kind, index, pp, v)
     if kind == "B":
         chunk = v - 1 - chunk
     return PipelineOp(kind, group * pp + offset, chunk)
@@ -81,7 +89,11 @@ def virtual_op(kind: str, index: int, pp: int, v: int) -> PipelineOp:
 
 # ---- the schedules -------------------------------------------------------------------------
 def gpipe_order(pp: int, rank: int, m: int, v: int = 1) -> list[PipelineOp]:
-    """All forwards, then all backwards (in the same micro-batch order)."""
+    """All forwards, then all backwards (in the same micro-batch order); with v > 1 the
+    micro-batches go in groups of p, so m must be a multiple of p."""
+    if v > 1 and m % pp:
+        raise ValueError(f"GPipe over virtual_stages = {v} chunks needs micro-batches ({m}) to be "
+                         f"a multiple of parallel.pp ({pp})")
     forwards = [virtual_op("F", i, pp, v) for i in range(m * v)]
     backwards = [virtual_op("B", i, pp, v) for i in range(m * v)]
     return forwards + backwards
@@ -131,7 +143,19 @@ def schedule_order(schedule: str, pp: int, rank: int, m: int, v: int = 1,
         raise ValueError(f"parallel.schedule must be one of {SCHEDULES}, got {schedule!r}")
     if forward_only:
         order = [op for op in order if op.kind == "F"]
+    kinds = ("F",) if forward_only else ("F", "B")
+    expected = sorted((kind, i, c) for kind in kinds for i in range(m) for c in range(v))
+    assert sorted((op.kind, op.microbatch, op.chunk) for op in order) == expected, \
+        f"{schedule} order of rank {rank} (pp={pp}, m={m}, v={v}) misses or repeats passes"
     return order
+
+
+def warmup_forwards(schedule: str, pp: int, rank: int, m: int, v: int = 1,
+                    forward_only: bool = False) -> int:
+    """Forwards a rank runs before its steady state (every forward, when there is none)."""
+    if forward_only or schedule == "gpipe":
+        return m * v
+    return min(pp - rank - 1, m) if v == 1 else interleaved_warmup(pp, rank, m, v)
 
 
 # ---- deadlock check ------------------------------------------------------------------------
@@ -139,8 +163,9 @@ def check_deadlock_free(orders: list[list[PipelineOp]], pp: int, v: int) -> None
     """Replay every rank's order; raise ValueError if some rank would wait forever.
 
     Model chunk j of rank r is global chunk k = j*pp + r. F(i, k) needs F(i, k-1) done (its
-    input), B(i, k) needs F(i, k) and B(i, k+1) done (its output gradient). Sends never block,
-    so a rank is stuck exactly when its next pass misses an input nobody will produce.
+    input), B(i, k) needs F(i, k) and B(i, k+1) done (its output gradient). This checks the data
+    dependencies alone (as if messages were buffered without limit); `check_posting` then checks
+    the messages as the engine posts them, under NCCL's blocking rules.
     """
     last = pp * v - 1
     done: set[tuple[str, int, int]] = set()

@@ -16,28 +16,68 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 
 class Timeline:
-    """Events of one rank: (kind, micro-batch, chunk, start_s, end_s); kind is F, B or wait."""
+    """Events of one rank: (kind, micro-batch, chunk, start_s, end_s); kind is F, B or wait.
 
-    def __init__(self, meta: dict | None = None):
+    Only the last `keep_last` steps are held (a long run would otherwise grow without bound).
+    On a GPU the passes are asynchronous, so each span records a pair of CUDA events instead of
+    host clock reads, and a step's pairs are converted to seconds when the step ends (one
+    synchronize per step, only while recording)."""
+
+    def __init__(self, meta: dict | None = None, keep_last: int = 50,
+                 cuda_events: bool | None = None):
         self.meta = dict(meta or {})
+        self.keep_last = keep_last
+        self.cuda_events = torch.cuda.is_available() if cuda_events is None else cuda_events
         self.steps: list[dict] = []
         self.events: list[list] = []
+        self.pending: list[tuple[str, int, int, object, object]] = []  # CUDA event pairs
+        self.anchor: tuple[object, float] | None = None  # (CUDA event, its host time)
 
     def begin_step(self, step: int) -> None:
+        self.end_step()
         self.events = []
         self.steps.append({"step": step, "events": self.events})
+        del self.steps[:-self.keep_last]
+        if self.cuda_events:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.anchor = (start, time.time())
+
+    def end_step(self) -> None:
+        """Turn the step's CUDA event pairs into seconds since the epoch (no-op on the CPU)."""
+        if not self.pending:
+            return
+        anchor, anchor_s = self.anchor
+        self.pending[-1][4].synchronize()
+        for kind, microbatch, chunk, start, end in self.pending:
+            self.events.append([kind, microbatch, chunk,
+                                anchor_s + anchor.elapsed_time(start) / 1e3,
+                                anchor_s + anchor.elapsed_time(end) / 1e3])
+        self.pending = []
 
     @contextlib.contextmanager
     def span(self, kind: str, microbatch: int = -1, chunk: int = -1) -> Iterator[None]:
-        start = time.time()
+        if self.cuda_events and self.anchor is not None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self.pending.append((kind, microbatch, chunk, start, end))
+            return
+        start_s = time.time()
         try:
             yield
         finally:
-            self.events.append([kind, microbatch, chunk, start, time.time()])
+            self.events.append([kind, microbatch, chunk, start_s, time.time()])
 
     def save(self, path: Path) -> None:
+        self.end_step()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**self.meta, "steps": self.steps}))
 

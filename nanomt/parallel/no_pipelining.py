@@ -1,4 +1,4 @@
-"""Forward/backward schedules: how one optimizer step's micro-batches flow through the model.
+"""Forward/backward without pipelining, and the choice of schedule for a layout.
 
 The reference schedule is plain gradient accumulation, no pipelining: for each of the m
 micro-batches, forward then backward, gradients summing in .grad. Each micro-batch's loss is
@@ -9,7 +9,8 @@ gradients in a different order, over model chunks held by different ranks.
 `get_forward_backward_func(layout)` picks the schedule for a layout, as Megatron's function of
 the same name: every schedule is called the same way, fn(model_chunks, micro_batches, grid,
 forward_only=..., timeline=...), and returns the sum of the micro-batch losses (on the last
-pipeline stage; zero elsewhere).
+pipeline stage; zero elsewhere) as a tensor on the model's device: no host sync per
+micro-batch; the caller syncs once per step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from nanomt.parallel.grid import ParallelGrid
 from nanomt.parallel.pipeline.engine import forward_backward_pipelining
+from nanomt.parallel.pipeline.timeline import Timeline
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
 
@@ -37,10 +40,10 @@ def forward_backward_no_pipelining(model: nn.Module,
                                    micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
     """Gradient accumulation over all micro-batches. Returns the sum of their mean losses."""
     num_microbatches = len(micro_batches)
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
     for inputs, targets in micro_batches:
         loss_sum = loss_sum + forward_backward_step(model, inputs, targets,
-                                                    num_microbatches).cpu()
+                                                    num_microbatches).float()
     return loss_sum
 
 
@@ -48,15 +51,17 @@ def forward_backward_no_pipelining(model: nn.Module,
 def forward_only_no_pipelining(model: nn.Module,
                                micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
     """Evaluation: the sum of the micro-batches' mean losses, no gradients."""
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
     for inputs, targets in micro_batches:
-        loss_sum = loss_sum + model(inputs, targets).float().cpu()
+        loss_sum = loss_sum + model(inputs, targets).float()
     return loss_sum
 
 
 def forward_backward_without_pipeline(model_chunks: Sequence[nn.Module],
-                                      micro_batches: Sequence[MicroBatch], grid=None, *,
-                                      forward_only: bool = False, timeline=None) -> torch.Tensor:
+                                      micro_batches: Sequence[MicroBatch],
+                                      grid: ParallelGrid | None = None, *,
+                                      forward_only: bool = False,
+                                      timeline: Timeline | None = None) -> torch.Tensor:
     """The no-pipelining schedule behind the common signature (one chunk, one stage)."""
     if len(model_chunks) != 1:
         raise ValueError(f"without pipelining a rank holds one model chunk, got "
