@@ -76,7 +76,8 @@ def test_pieces_strip_vocab_padding_and_slices_read_back():
     for box in ([[6, 12], [0, 4]], [[0, 12], [2, 4]], [[0, 6], [0, 4]]):
         expected = padded[box[0][0]: box[0][1], box[1][0]: box[1][1]]
         assert torch.equal(read_region(mixed, box), expected)
-        for a, b in ((0, expected.numel()), (3, 17), (5, 6), (expected.numel() - 7, expected.numel())):
+        numel = expected.numel()
+        for a, b in ((0, numel), (3, 17), (5, 6), (numel - 7, numel)):
             assert torch.equal(read_region(mixed, box, [a, b]), expected.reshape(-1)[a:b])
     with pytest.raises(CheckpointError, match="cover"):
         read_region(stored[:2], [[0, 10], [0, 4]])
