@@ -113,4 +113,10 @@ def test_layout_validation():
     assert infer_dp(8, 2, 2) == 2
     with pytest.raises(ValueError, match="not divisible by tp\\*pp"):
         infer_dp(6, 4, 1)
-    assert default_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def test_default_backend_follows_the_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_backend() == "nccl"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_backend() == "gloo"
