@@ -320,6 +320,7 @@ FAST = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "mode
         "logging.wandb.mode=disabled"]
 TRAIN_LAYOUTS = {
     "tp4": ["parallel.tp=4"],
+    "tp2_dp2": ["parallel.tp=2"],
     "tp4_sp": ["parallel.tp=4", "parallel.sequence_parallel=true"],
     "tp2_dp2_sp_llama": ["parallel.tp=2", "parallel.sequence_parallel=true", "model.style=llama",
                          "model.ffn_hidden_size=128"],
