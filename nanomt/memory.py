@@ -1,14 +1,18 @@
 """Memory accounting per rank: parameters, gradients, optimizer state and peak activations.
 
-The model-state side is read off the ZeRO optimizer's buffers (what this rank really holds between
-steps) and compared with ZeRO's formulas (Rajbhandari et al. 2019, section 3.1): with Psi
-parameters, N_d data-parallel ranks, p/g bytes per parameter and gradient element and K bytes of
-optimizer state per parameter (mixed-precision Adam: p = g = 2, K = 12 -> 16 bytes/param),
+The model-state side is read off the ZeRO optimizer's buffers (what this rank really holds) and
+compared with ZeRO's formulas (Rajbhandari et al. 2019, section 3.1): with Psi parameters, N_d
+data-parallel ranks, p/g bytes per parameter and gradient element and K bytes of optimizer state
+per parameter (the paper's mixed-precision Adam: p = g = 2, K = 12 -> 16 bytes/param; nanomt
+keeps bf16/fp16 gradients in fp32 by default, g = 4),
 
     stage 0: params p Psi       grads g Psi       state K Psi
     stage 1: params p Psi       grads g Psi       state K Psi / N_d
     stage 2: params p Psi       grads g Psi / N_d state K Psi / N_d
     stage 3: params p Psi / N_d grads g Psi / N_d state K Psi / N_d
+
+The gradient term holds at the step's peak, after backward and before the update (the
+optimizer records `memory_after_backward` there), not only between steps when buffers are freed.
 
 Activations are measured, not estimated: `PeakMemoryMeter` watches every tensor storage created
 while it is active (forward and backward, including recomputation) and reports the peak of the
@@ -19,36 +23,44 @@ before. It works on CPU, where torch keeps no allocator statistics.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+if TYPE_CHECKING:
+    from nanomt.parallel.grid import ParallelGrid
+    from nanomt.parallel.zero.optimizer import ZeroOptimizer
+
 
 def storage_bytes(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().nbytes()
 
 
-def optimizer_memory(optimizer) -> dict[str, int]:
-    """Bytes this rank holds for parameters, gradients and optimizer state, between steps."""
+def optimizer_memory(optimizer: ZeroOptimizer) -> dict[str, int]:
+    """Bytes this rank holds right now for parameters, gradients and optimizer state."""
     params = grads = state = 0
     for b in optimizer.buckets:
         params += storage_bytes(b.param_buffer)
         if optimizer.stage == 3:
             params += storage_bytes(b.param_shard)
-        grads += storage_bytes(b.grad_buffer)
+        if b.grad_buffer is not None:
+            grads += storage_bytes(b.grad_buffer)
         if optimizer.stage >= 2:
-            grads += storage_bytes(b.grad_shard)
+            grads += storage_bytes(b.grad_shard)  # at stages 0-1, a view of grad_buffer
         state += storage_bytes(b.exp_avg) + storage_bytes(b.exp_avg_sq)
         own = b.param_shard if optimizer.stage == 3 else b.param_buffer
         if b.master.untyped_storage().data_ptr() != own.untyped_storage().data_ptr():
             state += storage_bytes(b.master)
+    for _, _, full, reduced in getattr(optimizer, "in_flight", []):
+        grads += storage_bytes(full) + storage_bytes(reduced)
     return {"params": params, "grads": grads, "optimizer_state": state}
 
 
 def zero_formula_bytes(num_params: int, dp: int, stage: int, param_bytes: int = 2,
-                       grad_bytes: int = 2, state_bytes: int = 12) -> dict[str, float]:
+                       grad_bytes: int = 4, state_bytes: int = 12) -> dict[str, float]:
     """ZeRO's per-rank bytes for `num_params` parameters at `stage` (module docstring)."""
     return {"params": param_bytes * num_params / (dp if stage >= 3 else 1),
             "grads": grad_bytes * num_params / (dp if stage >= 2 else 1),
@@ -87,10 +99,18 @@ class PeakMemoryMeter(TorchDispatchMode):
         return out
 
 
-def memory_report(optimizer, peak_activation_bytes: int | None, grid) -> list[dict]:
-    """Every rank's accounting, gathered onto every rank (rank order)."""
+def memory_report(optimizer: ZeroOptimizer, peak_activation_bytes: int | None,
+                  grid: ParallelGrid | None) -> list[dict]:
+    """Every rank's accounting, gathered onto every rank (rank order): model-state bytes now
+    (between steps) and at the step's peak (`after_backward`: the last step's gradients
+    complete, before the update; `grads_peak_in_backward`: the most gradient bytes held at once
+    during that backward, in-flight full buckets included)."""
+    after_backward = getattr(optimizer, "memory_after_backward", {})
     mine = {"rank": grid.rank if grid is not None else 0, **optimizer_memory(optimizer),
-            "peak_activations": peak_activation_bytes}
+            "peak_activations": peak_activation_bytes,
+            "after_backward": after_backward,  # the model-state peak: gradients complete
+            "peak_model_state": sum(after_backward.get(k, 0)
+                                    for k in ("params", "grads", "optimizer_state"))}
     if grid is None or not grid.is_distributed:
         return [mine]
     everyone: list = [None] * grid.world_size

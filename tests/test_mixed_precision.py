@@ -1,4 +1,5 @@
-"""Mixed precision: fp16 dynamic loss scaling across data-parallel ranks, bf16 against fp32.
+"""Mixed precision: fp16 dynamic loss scaling across tensor- and data-parallel ranks, bf16
+against fp32.
 
 CPUs here have no bf16/fp16 units (a big bf16 matmul is ~150x slower than fp32), so the models
 are tiny: the point is the bookkeeping (masters, scaling, skip decisions), not speed.
@@ -39,18 +40,34 @@ def test_loss_scaler_halves_on_overflow_and_doubles_after_clean_steps():
     assert restored.scale == scaler.scale and restored.clean_steps == scaler.clean_steps
 
 
+def test_loss_scaler_raises_when_overflows_persist_at_the_minimum():
+    scaler = DynamicLossScaler(initial_scale=4.0, growth_interval=3, min_scale=1.0,
+                               max_overflows_at_min=3)
+    for _ in range(2):  # 4 -> 2 -> 1: not yet at the minimum when these overflowed
+        scaler.update(found_overflow=True)
+    scaler.update(found_overflow=True)
+    scaler.update(found_overflow=False)  # a clean step resets the count
+    for _ in range(2):
+        scaler.update(found_overflow=True)
+    with pytest.raises(FloatingPointError, match="train.loss_scale.min"):
+        scaler.update(found_overflow=True)
+
+
 def _fp16_overflow_checks() -> dict:
+    """A 2 (tp) x 2 (dp) grid; the inf appears on one rank only: tp rank 1 of dp rank 0."""
     from nanomt.model import GPT, ModelConfig
     from nanomt.parallel.grid import ParallelGrid
     from nanomt.parallel.zero import build_optimizer
 
-    grid = ParallelGrid(1, 1, 2)
+    grid = ParallelGrid(2, 1, 2)
     model_cfg = ModelConfig(num_layers=1, hidden_size=32, num_heads=4, seq_len=16)
-    tokens = torch.randint(0, 256, (2, 2, 16), generator=torch.Generator().manual_seed(grid.rank))
+    tokens = torch.randint(0, 256, (2, 2, 16),
+                           generator=torch.Generator().manual_seed(grid.dp_rank))
 
     def one_step(precision: str, poison: bool = False, steps: int = 1):
         cfg = compose_config(TINY + ["parallel.zero_stage=1", f"train.precision={precision}",
-                                     "train.loss_scale.initial=1024"])
+                                     "train.loss_scale.initial=1024", "parallel.tp=2",
+                                     "parallel.dp=2"])
         model = GPT(model_cfg, grid, seed=1)
         optimizer = build_optimizer([model], cfg, grid, num_microbatches=1)
         for step in range(steps):
@@ -64,10 +81,11 @@ def _fp16_overflow_checks() -> dict:
     out["fp32_norm"], out["fp16_norm"], out["clean_skipped"] = (
         fp32_result.grad_norm, clean.grad_norm, clean.skipped)
     out["scale_before"] = optimizer.loss_scaler.scale
-    # A second step whose gradient overflows on dp rank 0 only, after the reduction.
+    # A second step whose gradient overflows on one rank only, after the reductions: every
+    # other rank (its tp peer, the other dp replica and its tp peer) must skip with it.
     model(tokens[1], tokens[1]).backward()
     optimizer.finish_grad_sync()
-    if grid.dp_rank == 0:
+    if grid.dp_rank == 0 and grid.tp_rank == 1:
         optimizer.local_grad_shards()[0][0] = float("inf")
     params_before = [p.detach().clone() for p in model.parameters()]
     masters_before = [b.master.clone() for b in optimizer.buckets]
@@ -84,7 +102,7 @@ def _fp16_overflow_checks() -> dict:
 
 @pytest.fixture(scope="module")
 def fp16_results() -> list[dict]:
-    return run_distributed(_fp16_overflow_checks, world_size=2, timeout_s=400,
+    return run_distributed(_fp16_overflow_checks, world_size=4, timeout_s=400,
                            collective_timeout_s=120)
 
 

@@ -1,10 +1,12 @@
-"""ZeRO data parallelism against the single-process AdamW run.
+"""ZeRO data parallelism against a single-process torch.optim.AdamW run.
 
-One spawn per layout (dp=2, dp=4, tp=2 x pp=2 x dp=2) trains the tiny model 20 steps at every ZeRO stage
-through nanomt.train.run; the test compares each loss and gradient-norm trajectory with the
-single-process run of the same global batch (torch.optim.AdamW, nanomt's clip_grad_norm). The
-dp=2 spawn also measures the per-rank bytes of parameters, gradients and optimizer state against
-ZeRO's formulas and counts the gradient reductions of a step.
+One spawn per layout (dp=2, dp=4, tp=2 x pp=2 x dp=2) trains the tiny model 20 steps at every
+ZeRO stage through nanomt.train.run (ZeRO-3 with full activation checkpointing under tp2 x pp2 x
+dp2); the test compares each loss and gradient-norm trajectory with a run built from torch alone
+in the test process (torch.optim.AdamW, torch.nn.utils.clip_grad_norm_, the same global batches).
+The dp=2 spawn also measures the per-rank bytes of parameters, gradients and optimizer state
+against ZeRO's formulas (between steps and at the peak, after backward), counts the gradient
+reductions of a step in both accumulation modes, and calls finish_grad_sync() twice.
 """
 
 from __future__ import annotations
@@ -31,49 +33,100 @@ def trajectory(run_dir: Path) -> tuple[list[float], list[float]]:
     return [r["loss"] for r in records], [r["grad_norm"] for r in records]
 
 
-def _train_every_stage(run_root: str, layout: list[str], extra_runs: dict) -> None:
+def _train_every_stage(run_root: str, layout: list[str], extra_runs: dict,
+                       per_stage: dict | None = None) -> None:
     from nanomt.train import run
 
     for stage in STAGES:
-        run(compose_config(FAST + layout + [f"parallel.zero_stage={stage}"]),
-            Path(run_root) / f"stage{stage}")
+        overrides = [f"parallel.zero_stage={stage}"] + (per_stage or {}).get(stage, [])
+        run(compose_config(FAST + layout + overrides), Path(run_root) / f"stage{stage}")
     for name, overrides in extra_runs.items():
         run(compose_config(FAST + layout + overrides), Path(run_root) / name)
 
 
-def _memory_and_reduction_checks() -> dict:
-    """Model-state bytes per rank at every stage (bf16 and fp32), and reductions per step."""
+def _model_state_checks(grid) -> dict:
+    """Model-state bytes per rank at every stage (bf16 and fp32), between steps and at the
+    step's peak: after backward, gradients complete, before the update frees anything."""
     from nanomt.memory import optimizer_memory
     from nanomt.model import GPT, ModelConfig
-    from nanomt.parallel.grid import ParallelGrid
     from nanomt.parallel.zero import build_optimizer
 
-    grid = ParallelGrid(1, 1, 2)
     model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16)
-    out: dict = {"memory": {}}
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(grid.rank))
+    out = {}
     for precision in ("bf16", "fp32"):
         for stage in STAGES:
             cfg = compose_config(FAST + [f"parallel.zero_stage={stage}",
                                          f"train.precision={precision}"])
             model = GPT(model_cfg, grid, seed=1)
-            optimizer = build_optimizer([model], cfg, grid)
-            out["memory"][(precision, stage)] = {
-                **optimizer_memory(optimizer), "num_params": model.num_local_parameters(),
-                "num_buckets": len(optimizer.buckets)}
-    # Three micro-batches, stage 2: each bucket is reduce-scattered once, after the last one.
-    cfg = compose_config(FAST + ["parallel.zero_stage=2"])
-    model = GPT(model_cfg, grid, seed=1)
-    optimizer = build_optimizer([model], cfg, grid, num_microbatches=3)
-    tokens = torch.randint(0, 256, (3, 2, 16), generator=torch.Generator().manual_seed(grid.rank))
-    launched_after = []
-    for i in range(3):
-        (model(tokens[i], tokens[i]) / 3).backward()
-        launched_after.append(optimizer.reductions_launched)
-    result = optimizer.step()
-    out["reductions"] = {"after_each_microbatch": launched_after,
-                         "num_buckets": len(optimizer.buckets), "skipped": result.skipped,
-                         "grad_left_on_params": any(p.grad is not None for p in model.parameters())}
+            optimizer = build_optimizer([model], cfg, grid, num_microbatches=1)
+            model(tokens, tokens).backward()
+            optimizer.step()
+            out[(precision, stage)] = {
+                "between_steps": optimizer_memory(optimizer),
+                "after_backward": optimizer.memory_after_backward,
+                "num_params": model.num_local_parameters(),
+                "num_buckets": len(optimizer.buckets),
+                "largest_bucket": max(b.padded_numel for b in optimizer.buckets)}
     return out
+
+
+def _accumulation_checks(grid) -> dict:
+    """Three micro-batches at stage 2, both parallel.grad_reduce modes: reductions launched
+    after each micro-batch, gradient bytes at the end of backward and at their peak."""
+    from nanomt.model import GPT, ModelConfig
+    from nanomt.parallel.zero import build_optimizer
+
+    model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16)
+    tokens = torch.randint(0, 256, (3, 2, 16), generator=torch.Generator().manual_seed(grid.rank))
+    out = {}
+    for mode in ("microbatch", "step"):
+        cfg = compose_config(FAST + ["parallel.zero_stage=2", f"parallel.grad_reduce={mode}"])
+        model = GPT(model_cfg, grid, seed=1)
+        optimizer = build_optimizer([model], cfg, grid, num_microbatches=3)
+        launched_after = []
+        for i in range(3):
+            (model(tokens[i], tokens[i]) / 3).backward()
+            launched_after.append(optimizer.reductions_launched)
+        result = optimizer.step()
+        out[mode] = {"after_each_microbatch": launched_after, "skipped": result.skipped,
+                     "num_buckets": len(optimizer.buckets), "norm": result.grad_norm,
+                     "largest_bucket": max(b.padded_numel for b in optimizer.buckets),
+                     "num_params": model.num_local_parameters(),
+                     "after_backward": optimizer.memory_after_backward,
+                     "grad_left_on_params": any(p.grad is not None for p in model.parameters())}
+    return out
+
+
+def _finish_grad_sync_twice_checks() -> dict:
+    """tp=2 with sequence parallelism over the two ranks: a second finish_grad_sync() must not
+    add the sequence-parallel gradients over tp again."""
+    from nanomt.model import GPT, ModelConfig
+    from nanomt.parallel.grid import ParallelGrid
+    from nanomt.parallel.zero import build_optimizer
+
+    grid = ParallelGrid(2, 1, 1)
+    model_cfg = ModelConfig(num_layers=1, hidden_size=32, num_heads=4, seq_len=16)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    norms = {}
+    for twice in (False, True):
+        cfg = compose_config(FAST + ["parallel.zero_stage=1", "parallel.tp=2",
+                                     "parallel.sequence_parallel=true"])
+        model = GPT(model_cfg, grid, seed=1, sequence_parallel=True)
+        optimizer = build_optimizer([model], cfg, grid, num_microbatches=1)
+        model(tokens, tokens).backward()
+        if twice:
+            optimizer.finish_grad_sync()
+        norms[twice] = optimizer.step().grad_norm
+    return norms
+
+
+def _memory_and_reduction_checks() -> dict:
+    from nanomt.parallel.grid import ParallelGrid
+
+    grid = ParallelGrid(1, 1, 2)
+    return {"memory": _model_state_checks(grid), "accumulation": _accumulation_checks(grid),
+            "sync_twice": _finish_grad_sync_twice_checks()}
 
 
 def _dp2_checks(run_root: str) -> dict:
@@ -90,21 +143,50 @@ def _dp4_checks(run_root: str) -> None:
 
 
 def _tp2_pp2_dp2_checks(run_root: str) -> None:
+    # ZeRO-3 runs with full activation checkpointing here: recomputation inside the pipeline
+    # schedule, with layers gathered and freed around it, must not change the trajectory.
     _train_every_stage(run_root, ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2",
-                                  "parallel.sequence_parallel=true"], {})
+                                  "parallel.sequence_parallel=true"], {},
+                       per_stage={3: ["train.activation_checkpointing=full"]})
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[list[float], list[float]]:
-    """The single-process run: torch.optim.AdamW-equivalent, same global batch."""
-    from nanomt.train import run
+def reference() -> tuple[list[float], list[float]]:
+    """The single-process run, built from torch alone: torch.optim.AdamW (foreach=False, decay
+    on ndim >= 2) and torch.nn.utils.clip_grad_norm_, on the whole global batch of each step
+    (GlobalBatchSampler), with train.py's learning-rate schedule."""
+    from nanomt.config import check_config
+    from nanomt.model import GPT
+    from nanomt.optim.schedule import WarmupCosine
+    from nanomt.train import build_data
 
-    run_dir = tmp_path_factory.mktemp("reference")
-    run(compose_config(FAST + ["train.micro_batch_size=2"]), run_dir)
-    return trajectory(run_dir)
+    cfg = compose_config(FAST)
+    model_cfg, _, _ = check_config(cfg, 1)
+    model = GPT(model_cfg, None, seed=cfg.train.seed)
+    o = cfg.optim
+    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2],
+               "weight_decay": o.weight_decay},
+              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                              foreach=False)
+    lr_at = WarmupCosine(o.lr, o.min_lr, o.warmup_steps, o.decay_steps or cfg.train.steps)
+    train_data, _ = build_data(cfg, model_cfg)
+    losses, norms = [], []
+    for step in range(STEPS):
+        for group in adamw.param_groups:
+            group["lr"] = lr_at(step)
+        inputs, targets = train_data.global_batch(step)
+        adamw.zero_grad(set_to_none=True)
+        loss = model(inputs, targets)
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)))
+        adamw.step()
+        losses.append(float(loss.detach()))
+    return losses, norms
 
 
-LAYOUTS = {"dp2": (_dp2_checks, 2), "dp4": (_dp4_checks, 4), "tp2_pp2_dp2": (_tp2_pp2_dp2_checks, 8)}
+LAYOUTS = {"dp2": (_dp2_checks, 2), "dp4": (_dp4_checks, 4),
+           "tp2_pp2_dp2": (_tp2_pp2_dp2_checks, 8)}
 
 
 @pytest.fixture(scope="module")
@@ -185,33 +267,108 @@ def test_zero_with_activation_checkpointing_matches(reference, layout_runs, name
     assert norms == pytest.approx(reference[1], rel=1e-5)
 
 
-# ZeRO's bytes per parameter: (param, grad, optimizer state). Mixed-precision Adam: 2 + 2 + 12 =
-# 16; fp32 Adam: the parameters are the master weights, so 4 + 4 + 8.
-BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
+# Bytes per parameter: (param, grad, optimizer state). Mixed precision: bf16 params, fp32
+# gradients (train.fp32_grads), fp32 masters + 2 moments = 2 + 4 + 12; fp32 Adam: the parameters
+# are the master weights, so 4 + 4 + 8.
+BYTES = {"bf16": (2, 4, 12), "fp32": (4, 4, 8)}
+KINDS = ("params", "grads", "optimizer_state")
 
 
 @pytest.mark.parametrize("precision", list(BYTES))
 @pytest.mark.parametrize("stage", STAGES)
-def test_bytes_per_rank_follow_zero_formulas(layout_runs, precision, stage):
+@pytest.mark.parametrize("when", ["after_backward", "between_steps"])
+def test_bytes_per_rank_follow_zero_formulas(layout_runs, precision, stage, when):
+    """After backward (the peak: every gradient reduced, nothing freed yet) and between steps."""
     from nanomt.memory import zero_formula_bytes
 
     dp = 2
     for rank_result in layout_runs["dp2"][1]:
-        measured = rank_result["memory"][(precision, stage)]
-        expected = zero_formula_bytes(measured["num_params"], dp, stage, *BYTES[precision])
-        for what, per_elem in zip(("params", "grads", "optimizer_state"), BYTES[precision]):
+        result = rank_result["memory"][(precision, stage)]
+        measured = result[when]
+        expected = zero_formula_bytes(result["num_params"], dp, stage, *BYTES[precision])
+        for what, per_elem in zip(KINDS, BYTES[precision]):
             # Each bucket pads to a multiple of dp: at most dp - 1 extra elements per bucket.
-            slack = measured["num_buckets"] * (dp - 1) * per_elem
+            slack = result["num_buckets"] * (dp - 1) * per_elem
             assert expected[what] <= measured[what] <= expected[what] + slack, (what, measured)
     if precision == "bf16":
-        total = 16 * measured["num_params"]
-        sharded = sum(measured[k] for k in ("params", "grads", "optimizer_state"))
+        total = 18 * result["num_params"]
+        sharded = sum(measured[k] for k in KINDS)
         assert sharded / total == pytest.approx(
-            {0: 1.0, 1: (4 + 12 / dp) / 16, 2: (2 + 14 / dp) / 16, 3: 1 / dp}[stage], rel=0.01)
+            {0: 1.0, 1: (6 + 12 / dp) / 18, 2: (2 + 16 / dp) / 18, 3: 1 / dp}[stage], rel=0.01)
 
 
-def test_gradients_reduced_once_per_step_after_the_last_microbatch(layout_runs):
+def test_gradients_during_backward_stay_below_the_full_model(layout_runs):
+    """ZeRO-2/3 never hold the whole model's gradients beside the shards: during backward, full
+    buffers exist for the bucket being filled and the one being reduce-scattered (with its
+    reduced shard); keeping every bucket until step() would reach shards + 4 Psi."""
+    dp = 2
     for rank_result in layout_runs["dp2"][1]:
-        r = rank_result["reductions"]
-        assert r["after_each_microbatch"] == [0, 0, r["num_buckets"]]
-        assert r["num_buckets"] > 1 and not r["skipped"] and not r["grad_left_on_params"]
+        for stage in (2, 3):
+            result = rank_result["memory"][("fp32", stage)]
+            shards = result["after_backward"]["grads"]
+            beyond_shards = result["after_backward"]["grads_peak_in_backward"] - shards
+            largest = 4 * result["largest_bucket"]
+            assert beyond_shards <= 2 * largest + largest / dp, (stage, beyond_shards, largest)
+            assert beyond_shards < 4 * result["num_params"], (stage, beyond_shards)
+
+
+def test_accumulation_modes(layout_runs):
+    """grad_reduce=microbatch: a reduce-scatter per bucket per micro-batch, only the shard left
+    after backward. grad_reduce=step: once, after the last micro-batch, full buffers during
+    accumulation. Both give the same gradient."""
+    dp = 2
+    for rank_result in layout_runs["dp2"][1]:
+        per_micro, per_step = (rank_result["accumulation"][mode]
+                               for mode in ("microbatch", "step"))
+        buckets = per_step["num_buckets"]
+        assert buckets > 1
+        assert per_step["after_each_microbatch"] == [0, 0, buckets]
+        assert per_micro["after_each_microbatch"] == [buckets, 2 * buckets, 3 * buckets]
+        for r in (per_micro, per_step):
+            assert not r["skipped"] and not r["grad_left_on_params"]
+            slack = buckets * (dp - 1) * 4
+            assert r["after_backward"]["grads"] <= 4 * r["num_params"] / dp + slack
+        assert per_micro["norm"] == pytest.approx(per_step["norm"], rel=1e-5)
+        # "step" keeps every full buffer through the accumulation; "microbatch" about 2.5 buckets.
+        step_peak = per_step["after_backward"]["grads_peak_in_backward"]
+        micro_peak = per_micro["after_backward"]["grads_peak_in_backward"]
+        assert step_peak >= 4 * per_step["num_params"]
+        beyond_shards = micro_peak - per_micro["after_backward"]["grads"]
+        largest = 4 * per_micro["largest_bucket"]
+        assert beyond_shards <= 2 * largest + largest / dp and micro_peak < step_peak
+
+
+def test_finish_grad_sync_twice_is_a_no_op(layout_runs):
+    for rank_result in layout_runs["dp2"][1]:
+        norms = rank_result["sync_twice"]
+        assert norms[True] == norms[False]
+
+
+def _tiny_optimizer(num_microbatches: int = 1, **kwargs):
+    from nanomt.model import GPT, ModelConfig
+    from nanomt.parallel.zero import ZeroOptimizer
+
+    model = GPT(ModelConfig(num_layers=1, hidden_size=32, num_heads=4, seq_len=16), None, seed=3)
+    optimizer = ZeroOptimizer([model], None, zero_stage=kwargs.pop("zero_stage", 2), lr=1e-3,
+                              betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=1.0,
+                              num_microbatches=num_microbatches, **kwargs)
+    return model, optimizer
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_more_backward_passes_than_microbatches_raise(stage):
+    model, optimizer = _tiny_optimizer(zero_stage=stage)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(tokens, tokens).backward()
+    with pytest.raises(RuntimeError, match="num_microbatches"):
+        model(tokens, tokens).backward()
+    optimizer.zero_grad(num_microbatches=2)  # the caller says how many: now it is fine
+    for _ in range(2):
+        model(tokens, tokens).backward()
+    assert not optimizer.step().skipped
+
+
+def test_bucket_size_must_be_positive():
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="parallel.bucket_size_mb"):
+            _tiny_optimizer(bucket_size_mb=bad)

@@ -23,11 +23,13 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from nanomt.parallel.random import TensorParallelRNG
+
 MODES = ("none", "selective", "full")
 
 
 @contextlib.contextmanager
-def _tracker_at(rng, state: dict) -> Iterator[None]:
+def _tracker_at(rng: TensorParallelRNG, state: dict) -> Iterator[None]:
     """Run the block with the tracker rewound to `state`; leave it where it was afterwards."""
     current = rng.state_dict()
     rng.load_state_dict(state)
@@ -37,7 +39,8 @@ def _tracker_at(rng, state: dict) -> Iterator[None]:
         rng.load_state_dict(current)
 
 
-def checkpoint(function: Callable, *args: torch.Tensor, rng=None) -> torch.Tensor:
+def checkpoint(function: Callable, *args: torch.Tensor,
+               rng: TensorParallelRNG | None = None) -> torch.Tensor:
     """function(*args), keeping only its inputs for backward and recomputing the rest there."""
     tracker_state = rng.state_dict() if rng is not None else None
 

@@ -1,4 +1,9 @@
-"""AdamW with MT-NLG's parameter groups: weight decay on matrices, none on biases and norms."""
+"""AdamW (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization") with MT-NLG's
+parameter groups: weight decay on matrices, none on biases and norms.
+
+Decoupled weight decay shrinks the weights directly, w <- w (1 - lr * wd), instead of adding
+wd * w to the gradient (which Adam's per-element scaling would distort).
+"""
 
 from __future__ import annotations
 

@@ -6,18 +6,30 @@ A tensor-parallel shard contributes its own squares; a tensor replicated on ever
 (norms, row-parallel biases, position embeddings) is counted on tp rank 0 only; a tied word
 embedding kept on both the first and last pipeline stage is counted on the first only. The
 partial sums are then added over the model-parallel group (tp x pp). Data-parallel replicas hold
-identical (all-reduced) gradients and are not added again; sharded gradients (ZeRO-2/3) pass
-`dp_sharded=True` and are summed over dp too.
+identical (all-reduced) gradients and are not added again; sharded gradients (ZeRO-1/2/3 shards)
+are summed over dp too.
+
+`norm_and_overflow` is the one implementation of this rule: the ZeRO optimizer calls it with the
+pieces of its flat shards, `global_grad_norm` with whole `.grad` tensors. It also counts inf/nan
+elements in the same all-reduce, so that every rank of the world agrees on an fp16 overflow.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from nanomt.parallel import comm
 
+if TYPE_CHECKING:
+    from nanomt.parallel.grid import ParallelGrid
 
-def counted_once(param: torch.nn.Parameter, tp_rank: int, is_first_stage: bool) -> bool:
+
+def counted_once(param: nn.Parameter, tp_rank: int, is_first_stage: bool) -> bool:
+    """Whether this rank's copy of `param` is the one that counts in the global norm."""
     if getattr(param, "tp_split_dim", None) is None and tp_rank != 0:
         return False
     if getattr(param, "shared_embedding", False) and not is_first_stage:
@@ -25,26 +37,44 @@ def counted_once(param: torch.nn.Parameter, tp_rank: int, is_first_stage: bool) 
     return True
 
 
-def global_grad_norm(params: list[torch.nn.Parameter], grid, dp_sharded: bool = False,
-                     grads: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """The L2 norm of the whole model's gradient (fp32 scalar, equal on every rank)."""
+def norm_and_overflow(pieces: list[tuple[nn.Parameter, torch.Tensor]],
+                      grid: ParallelGrid | None, dp_group: dist.ProcessGroup | None = None,
+                      count_squares: bool = True) -> tuple[torch.Tensor, bool]:
+    """(||g|| over the whole model, whether any rank holds an inf/nan gradient).
+
+    pieces: (parameter, gradient or a slice of it) held by this rank. dp_group: the group whose
+    ranks hold different pieces of the same parameters (ZeRO shards); None when dp replicas are
+    identical. count_squares=False: this rank only reports inf/nan (a dp replica of a gradient
+    another rank counts). One all-reduce over dp, one over tp x pp.
+    """
     tp_rank = grid.tp_rank if grid is not None else 0
     first = grid.is_first_stage if grid is not None else True
+    device = pieces[0][1].device if pieces else torch.device("cpu")
+    totals = torch.zeros(2, dtype=torch.float32, device=device)  # [sum of squares, inf/nan]
+    for param, grad in pieces:
+        totals[1] += (~torch.isfinite(grad)).sum()
+        if count_squares and counted_once(param, tp_rank, first):
+            totals[0] += grad.float().pow(2).sum()
+    comm.all_reduce(totals, dp_group)
+    if grid is not None:
+        comm.all_reduce(totals, grid.model_parallel_group)
+    overflow = bool(totals[1] > 0) or not bool(torch.isfinite(totals[0]))
+    return totals[0].sqrt(), overflow
+
+
+def global_grad_norm(params: list[nn.Parameter], grid: ParallelGrid | None,
+                     dp_sharded: bool = False,
+                     grads: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient (fp32 scalar, equal on every rank)."""
     if grads is None:
         grads = [p.grad for p in params]
-    device = grads[0].device if grads else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for param, grad in zip(params, grads):
-        if grad is not None and counted_once(param, tp_rank, first):
-            total += grad.detach().float().pow(2).sum()
-    if grid is not None:
-        comm.all_reduce(total, grid.model_parallel_group)
-        if dp_sharded:
-            comm.all_reduce(total, grid.dp_group)
-    return total.sqrt()
+    pieces = [(param, grad.detach()) for param, grad in zip(params, grads) if grad is not None]
+    dp_group = grid.dp_group if grid is not None and dp_sharded else None
+    norm, _ = norm_and_overflow(pieces, grid, dp_group)
+    return norm
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, grid,
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, grid: ParallelGrid | None,
                    dp_sharded: bool = False) -> float:
     """Scale every gradient by min(1, max_norm / ||g||); returns ||g|| before clipping."""
     norm = global_grad_norm(params, grid, dp_sharded)

@@ -88,3 +88,23 @@ def split(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
         raise ValueError(f"dim {dim} of size {tensor.shape[dim]} does not split over {world} ranks")
     rank = dist.get_rank(group)
     return tensor.chunk(world, dim=dim)[rank].contiguous()
+
+
+def all_gather_into(output: torch.Tensor, shard: torch.Tensor, group, async_op: bool = False):
+    """Flat all-gather into a given buffer: output = cat(every rank's equal-sized `shard`).
+    Returns the work handle when async_op (None on a group of one)."""
+    if group_size(group) == 1:
+        output.copy_(shard)
+        return None
+    _record("all_gather", output.numel())
+    return _all_gather_single(output, shard, group=group, async_op=async_op)
+
+
+def reduce_scatter_into(shard: torch.Tensor, full: torch.Tensor, group, async_op: bool = False):
+    """Flat reduce-scatter into a given buffer: shard = my slice of the sum of every rank's
+    `full`. Returns the work handle when async_op (None on a group of one)."""
+    if group_size(group) == 1:
+        shard.copy_(full)
+        return None
+    _record("reduce_scatter", full.numel())
+    return _reduce_scatter_single(shard, full, group=group, async_op=async_op)

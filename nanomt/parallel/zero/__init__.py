@@ -1,9 +1,13 @@
 """ZeRO data parallelism (Rajbhandari et al. 2019), written on torch.distributed.
 
     optimizer = build_optimizer(model_chunks, cfg, grid)   # parallel.zero_stage, train.precision
-    optimizer.zero_grad()
+    optimizer.zero_grad()                                  # or zero_grad(num_microbatches=m)
     ... forward/backward of every micro-batch (any schedule) ...
     result = optimizer.step()                              # result.grad_norm, result.skipped
+
+Gradients: bf16/fp16 ones are accumulated and reduced in fp32 (train.fp32_grads); ZeRO-2/3
+reduce-scatter every micro-batch and keep only the shard (parallel.grad_reduce=microbatch) or
+once per step after full-size accumulation (step); see optimizer.py.
 
 Files: buckets.py (flat buffers, shards), optimizer.py (hooks, reductions, AdamW on the shard),
 stage3.py (gather/free parameters around each layer), state.py (checkpoint state).
@@ -24,6 +28,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from nanomt.optim.loss_scaler import DynamicLossScaler
+from nanomt.parallel.grid import ParallelGrid
 from nanomt.parallel.zero.optimizer import StepResult, ZeroOptimizer
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,9 +50,13 @@ def cast_to_precision(chunks: list[nn.Module], precision: str) -> dict[int, torc
     return masters
 
 
-def build_optimizer(model_chunks: nn.Module | list[nn.Module], cfg: DictConfig, grid,
+def build_optimizer(model_chunks: nn.Module | list[nn.Module], cfg: DictConfig,
+                    grid: ParallelGrid | None,
                     num_microbatches: int | None = None) -> ZeroOptimizer:
-    """The data-parallel AdamW for the run's config: ZeRO stage, precision, buckets, clipping."""
+    """The data-parallel AdamW for the run's config: ZeRO stage, precision, buckets, clipping.
+
+    num_microbatches: backward passes per step (default: global / (micro x dp)); a step with
+    another count passes it to optimizer.zero_grad(num_microbatches=...)."""
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     masters = cast_to_precision(chunks, str(cfg.train.precision))
     dp = grid.dp_size if grid is not None else 1
@@ -62,7 +71,9 @@ def build_optimizer(model_chunks: nn.Module | list[nn.Module], cfg: DictConfig, 
         chunks, grid, zero_stage=int(cfg.parallel.zero_stage), lr=o.lr,
         betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
         num_microbatches=num_microbatches, bucket_size_mb=float(cfg.parallel.bucket_size_mb),
-        master_params=masters, loss_scaler=scaler)
+        master_params=masters, loss_scaler=scaler,
+        fp32_grads=bool(cfg.train.get("fp32_grads", True)),
+        grad_reduce=str(cfg.parallel.get("grad_reduce", "microbatch")))
     if scaler is not None:
         for chunk in chunks:  # the chunk that returns the loss scales it for backward
             chunk.register_forward_hook(

@@ -134,7 +134,10 @@ def plan_by_size(named_params: list[tuple[str, nn.Parameter]], bucket_size_mb: f
 def plan_by_layer(chunks: list[nn.Module], names: dict[int, str],
                   separate: list[nn.Parameter]) -> list[tuple[list, nn.Module]]:
     """ZeRO-3: one bucket per transformer layer (gathered around that layer's forward and
-    backward) and one per chunk for the rest (embeddings, final norm, head), in backward order."""
+    backward), in backward order, and for the rest of each chunk (embeddings, final norm, head)
+    two buckets: the parameters registered after the layers (their gradients arrive first in
+    backward) and those registered before them (they arrive last), so that neither gradient
+    buffer waits through the whole backward for the other's parameters."""
     alone = {id(p) for p in separate}
     plans: list[tuple[list, nn.Module]] = []
     for chunk in reversed(chunks):
@@ -145,10 +148,15 @@ def plan_by_layer(chunks: list[nn.Module], names: dict[int, str],
             in_layers.update(id(p) for _, p in params)
             if params:
                 plans.append((params, layer))
-        rest = [(names[id(p)], p) for p in chunk.parameters()
-                if p.requires_grad and id(p) not in in_layers]
-        shared = [(n, p) for n, p in rest if id(p) in alone]
-        others = [(n, p) for n, p in rest if id(p) not in alone]
-        for group in ([others] if others else []) + [[item] for item in shared]:
-            plans.append((group, chunk))
+        before_layers, after_layers, seen_layer = [], [], False
+        for param in chunk.parameters():
+            if id(param) in in_layers:
+                seen_layer = True
+            elif param.requires_grad and id(param) not in alone:
+                (after_layers if seen_layer else before_layers).append((names[id(param)], param))
+        shared = [(names[id(p)], p) for p in chunk.parameters()
+                  if p.requires_grad and id(p) in alone]
+        for group in [after_layers, before_layers] + [[item] for item in shared]:
+            if group:
+                plans.append((group, chunk))
     return plans

@@ -1,47 +1,65 @@
 """ZeroOptimizer: data parallelism with ZeRO-sharded optimizer state, gradients and parameters.
 
-ZeRO (Rajbhandari et al. 2019) removes the redundancy of plain data parallelism: with Psi
-parameters, N_d ranks and mixed-precision Adam (2 bytes param + 2 grad + K = 12 optimizer), the
-bytes per rank are
+ZeRO (Rajbhandari et al. 2019, section 5 and figure 1) removes the redundancy of plain data
+parallelism. With Psi parameters, N_d ranks and mixed-precision Adam (2 bytes param + 2 grad +
+K = 12 optimizer state), the model-state bytes per rank are
 
     stage 0  (2 + 2 + K) Psi            all-reduce the gradients, every rank updates everything
     stage 1  (2 + 2) Psi + K Psi / N_d  each rank updates only its shard, then all-gathers params
     stage 2  2 Psi + (2 + K) Psi / N_d  gradients reduce-scattered: keep only my shard's
     stage 3  (2 + 2 + K) Psi / N_d      parameters sharded too, gathered per layer when used
 
+nanomt accumulates and reduces bf16/fp16 gradients in fp32 by default (train.fp32_grads, as
+Megatron's main_grad), so its gradient term is 4 bytes: stage 2 holds 2 Psi + (4 + K) Psi / N_d.
+
 One step, seen from a rank:
-  backward    each parameter's gradient is added into its bucket's flat grad buffer by a
-              post-accumulate-grad hook; when the last micro-batch's gradient of every parameter
-              of a bucket has arrived, the bucket's all-reduce (0, 1) or reduce-scatter (2, 3) is
-              launched asynchronously, overlapping the rest of backward. Micro-batches are
-              counted per parameter, so any schedule (accumulation, 1F1B, interleaved) reduces
-              exactly once per step without telling the optimizer which micro-batch is last.
-  step()      wait for the reductions; finish the sums other groups owe (sequence-parallel
-              gradients over tp, the tied embedding over the embedding group); unscale (fp16);
-              global grad norm and overflow flag, agreed over the world; clip; AdamW on my fp32
-              shard; publish the new weights (all-gather for 1-2; ZeRO-3 gathers at use).
+  backward    each parameter's gradient is added into its bucket's flat gradient buffer by a
+              post-accumulate-grad hook, which counts arrivals per parameter. A bucket is
+              reduced when every parameter in it has delivered its gradient:
+                stage 0, 1   all-reduce (async) in place, once per step, after the last micro-batch
+                stage 2, 3   reduce-scatter (async) into a fresh shard; when it completes, my
+                             shard is added into an fp32 accumulator of 1/N_d of the bucket and
+                             the full buffer is freed. parallel.grad_reduce chooses when:
+                  "microbatch" (default): after every micro-batch, as DeepSpeed's ZeRO-2. Only
+                             the shard survives between micro-batches: the gradient term stays
+                             g Psi / N_d for any accumulation, at m reduce-scatters per step.
+                  "step":    once, after the last micro-batch: one reduce-scatter per step, but
+                             full gradient buffers live through the accumulation (g Psi until
+                             the end of backward, g Psi / N_d from then until step()).
+              At most one reduce-scatter is in flight: launching the next one waits for it and
+              frees its buffer (one already complete is freed as soon as a new buffer is
+              needed). Counting arrivals per parameter needs no "last micro-batch" flag from
+              the schedule, so accumulation, 1F1B and interleaved 1F1B all work unchanged.
+  step()      finish_grad_sync: wait for the reductions; add the sums other groups owe
+              (sequence-parallel gradients over tp, the tied embedding over the embedding group);
+              unscale (fp16); global grad norm and overflow flag, agreed over the world; clip;
+              AdamW on my fp32 shard; publish the new weights (all-gather for 1-2; ZeRO-3 gathers
+              at use).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from nanomt.memory import optimizer_memory
 from nanomt.optim.adamw import adamw_update_, decays
-from nanomt.optim.grad_norm import counted_once
-from nanomt.optim.loss_scaler import DynamicLossScaler
+from nanomt.optim.grad_norm import norm_and_overflow
+from nanomt.optim.loss_scaler import DynamicLossScaler, ScaleGradient
 from nanomt.parallel import comm
+from nanomt.parallel.zero import state
 from nanomt.parallel.zero.buckets import Bucket, make_bucket, plan_by_layer, plan_by_size
 from nanomt.parallel.zero.stage3 import ParameterGatherer
-from nanomt.parallel.zero import state
 
+if TYPE_CHECKING:
+    from nanomt.parallel.grid import ParallelGrid
 
-# torch 2.13 renamed the single-tensor collectives (the old names warn); accept either.
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+GRAD_REDUCE_MODES = ("microbatch", "step")
 
 
 @dataclass
@@ -51,29 +69,29 @@ class StepResult:
     loss_scale: float  # the scale that was used for this step's backward (1.0 unless fp16)
 
 
-def free_storage(tensor: torch.Tensor) -> None:
-    tensor.untyped_storage().resize_(0)
-
-
-def alloc_storage(tensor: torch.Tensor, numel: int) -> None:
-    if tensor.untyped_storage().size() == 0:
-        tensor.untyped_storage().resize_(numel * tensor.element_size())
-
-
 class ZeroOptimizer:
     """AdamW over flat shards for the parameters of `chunks` (one or more model chunks)."""
 
-    def __init__(self, chunks: list[nn.Module], grid, *, zero_stage: int, lr: float,
-                 betas: tuple[float, float], eps: float, weight_decay: float, grad_clip: float,
-                 num_microbatches: int, bucket_size_mb: float = 25.0,
+    def __init__(self, chunks: list[nn.Module], grid: ParallelGrid | None, *, zero_stage: int,
+                 lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 grad_clip: float, num_microbatches: int, bucket_size_mb: float = 25.0,
                  master_params: dict[int, torch.Tensor] | None = None,
-                 loss_scaler: DynamicLossScaler | None = None):
+                 loss_scaler: DynamicLossScaler | None = None, fp32_grads: bool = True,
+                 grad_reduce: str = "microbatch"):
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+        if not bucket_size_mb > 0:
+            raise ValueError(f"parallel.bucket_size_mb must be > 0, got {bucket_size_mb}")
+        if grad_reduce not in GRAD_REDUCE_MODES:
+            raise ValueError(f"parallel.grad_reduce must be one of {GRAD_REDUCE_MODES}, "
+                             f"got {grad_reduce!r}")
         self.chunks, self.grid, self.stage = list(chunks), grid, zero_stage
-        self.betas, self.eps, self.weight_decay, self.grad_clip = betas, eps, weight_decay, grad_clip
-        self.num_microbatches = num_microbatches
+        self.betas, self.eps = betas, eps
+        self.weight_decay, self.grad_clip = weight_decay, grad_clip
         self.loss_scaler = loss_scaler
+        self.fp32_grads = fp32_grads
+        # ZeRO-2/3 under "microbatch": reduce-scatter every micro-batch, keep only the shard.
+        self.reduce_every_microbatch = zero_stage >= 2 and grad_reduce == "microbatch"
         self.dp_group = grid.dp_group if grid is not None else None
         self.dp = comm.group_size(self.dp_group)
         self.dp_rank = dist.get_rank(self.dp_group) if self.dp > 1 else 0
@@ -83,21 +101,25 @@ class ZeroOptimizer:
                              {"lr": lr, "weight_decay": 0.0}]
         self.step_count = 0
         self.reductions_launched = 0  # collectives launched for gradients (tests count them)
+        self.memory_after_backward: dict[str, int] = {}  # model-state bytes at the step's peak
 
         self.names: dict[int, str] = {}
         named: list[tuple[str, nn.Parameter]] = []
-        for i, chunk in enumerate(self.chunks):
+        for chunk_index, chunk in enumerate(self.chunks):
             for name, param in chunk.named_parameters():
                 if param.requires_grad:
-                    self.names[id(param)] = f"{i}.{name}"
-                    named.append((f"{i}.{name}", param))
+                    self.names[id(param)] = f"{chunk_index}.{name}"
+                    named.append((f"{chunk_index}.{name}", param))
         self.buckets = self._build_buckets(named, bucket_size_mb)
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self.offset_of = {id(p): offset for b in self.buckets
+                          for p, offset in zip(b.params, b.offsets)}
         self._allocate(master_params or {})
         self.gatherer = ParameterGatherer(self) if zero_stage == 3 else None
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
                        for b in self.buckets for p in b.params]
-        self.zero_grad()
+        self.in_flight: list[tuple[Bucket, object, torch.Tensor, torch.Tensor]] = []
+        self.zero_grad(num_microbatches=num_microbatches)
 
     # ---- layout ------------------------------------------------------------------------------
     def _shared_embedding_params(self) -> list[nn.Parameter]:
@@ -107,23 +129,27 @@ class ZeroOptimizer:
         return [p for c in self.chunks for p in c.parameters()
                 if getattr(p, "shared_embedding", False)]
 
-    def _build_buckets(self, named, bucket_size_mb: float) -> list[Bucket]:
+    def _build_buckets(self, named: list[tuple[str, nn.Parameter]],
+                       bucket_size_mb: float) -> list[Bucket]:
         separate = self._shared_embedding_params()
         if self.stage == 3:
             plans = plan_by_layer(self.chunks, self.names, separate)
         else:
             plans = plan_by_size(named, bucket_size_mb, separate)
         shard_world, shard_rank = (1, 0) if self.stage == 0 else (self.dp, self.dp_rank)
-        return [make_bucket(i, params, shard_world, shard_rank, owner)
-                for i, (params, owner) in enumerate(plans)]
+        return [make_bucket(index, params, shard_world, shard_rank, owner)
+                for index, (params, owner) in enumerate(plans)]
+
+    def grad_dtype(self, bucket: Bucket) -> torch.dtype:
+        """Gradients are accumulated and reduced in fp32 unless train.fp32_grads=false."""
+        return torch.float32 if self.fp32_grads else bucket.dtype
 
     @torch.no_grad()
     def _allocate(self, master_params: dict[int, torch.Tensor]) -> None:
-        """Move parameters into flat buffers; create grad buffers, fp32 masters and moments."""
+        """Move parameters into flat buffers; create gradient buffers, fp32 masters, moments."""
         for b in self.buckets:
             device = b.params[0].device
             b.param_buffer = torch.zeros(b.padded_numel, dtype=b.dtype, device=device)
-            b.grad_buffer = torch.zeros(b.padded_numel, dtype=b.dtype, device=device)
             master_full = torch.zeros(b.padded_numel, dtype=torch.float32, device=device)
             for param, offset in zip(b.params, b.offsets):
                 view = b.param_buffer[offset: offset + param.numel()]
@@ -131,13 +157,17 @@ class ZeroOptimizer:
                 fp32 = master_params.get(id(param), param)  # the fp32 init, before any cast
                 master_full[offset: offset + param.numel()].copy_(fp32.reshape(-1))
                 param.data = view.view_as(param)
-                param.main_grad = b.grad_buffer[offset: offset + param.numel()].view_as(param)
-            sharded_grads = self.stage >= 2
-            b.grad_shard = (torch.zeros(b.shard_numel, dtype=b.dtype, device=device)
-                            if sharded_grads else b.shard_of(b.grad_buffer))
+            if self.stage <= 1:  # full gradients, all-reduced in place; my shard is a view
+                b.grad_buffer = torch.zeros(b.padded_numel, dtype=self.grad_dtype(b),
+                                            device=device)
+                b.grad_shard = b.shard_of(b.grad_buffer)
+            else:  # only my shard persists; full buffers exist while gradients arrive
+                b.grad_buffer = None
+                b.grad_shard = torch.zeros(b.shard_numel, dtype=self.grad_dtype(b),
+                                           device=device)
             if self.stage == 3:
                 b.param_shard = b.shard_of(b.param_buffer).clone()
-                free_storage(b.param_buffer)
+                b.param_buffer.untyped_storage().resize_(0)
                 b.gathered = False
             own_params = b.param_shard if self.stage == 3 else b.shard_of(b.param_buffer)
             # fp32 training: the parameters themselves are the master weights.
@@ -145,69 +175,143 @@ class ZeroOptimizer:
             b.exp_avg = torch.zeros(b.shard_numel, dtype=torch.float32, device=device)
             b.exp_avg_sq = torch.zeros(b.shard_numel, dtype=torch.float32, device=device)
             b.handle = None
-            if sharded_grads:
-                free_storage(b.grad_buffer)
 
     # ---- backward: accumulate, and reduce each bucket once its gradients are complete ------
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Start a new step: empty the gradient buffers and the per-parameter counters."""
+    def zero_grad(self, set_to_none: bool = True, num_microbatches: int | None = None) -> None:
+        """Start a new step: empty the gradient buffers and the per-parameter counters.
+
+        num_microbatches: backward passes every parameter sees in this step (kept until changed;
+        e.g. under batch-size ramp-up). set_to_none: accepted for torch.optim's signature;
+        gradients live in the flat buffers here, and every `param.grad` is always left None.
+        """
+        if num_microbatches is not None:
+            if num_microbatches < 1:
+                raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+            self.num_microbatches = int(num_microbatches)
+        self._retire_in_flight()  # a step abandoned mid-backward
         for b in self.buckets:
+            b.handle = None
             if self.stage <= 1:
                 b.grad_buffer.zero_()
+            else:
+                b.grad_buffer = None
+                b.grad_shard.zero_()
             b.pending = len(b.params)
-            b.launched = False
+            b.rounds_launched = 0
+            b.final_launched = False
             for param in b.params:
                 param.grad = None
         self.arrivals = {id(p): 0 for b in self.buckets for p in b.params}
+        self.final_launches = 0
+        self.grads_synced = False
+        self.live_grad_bytes = self._grad_bytes_held()
+        self.peak_grad_bytes = self.live_grad_bytes
+
+    def _grad_bytes_held(self) -> int:
+        total = 0
+        for b in self.buckets:
+            total += b.grad_shard.untyped_storage().nbytes()
+            if self.stage >= 2 and b.grad_buffer is not None:
+                total += b.grad_buffer.untyped_storage().nbytes()
+        return total
+
+    def _count_grad_bytes(self, delta: int) -> None:
+        self.live_grad_bytes += delta
+        self.peak_grad_bytes = max(self.peak_grad_bytes, self.live_grad_bytes)
+
+    def _full_grad_buffer(self, b: Bucket) -> torch.Tensor:
+        """ZeRO-2/3: the bucket's full gradient buffer, allocated at its first use in a round."""
+        if b.grad_buffer is None:
+            self._retire_in_flight(only_completed=True)
+            b.grad_buffer = torch.zeros(b.padded_numel, dtype=self.grad_dtype(b),
+                                        device=b.grad_shard.device)
+            self._count_grad_bytes(b.grad_buffer.untyped_storage().nbytes())
+        return b.grad_buffer
 
     @torch.no_grad()
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         bucket = self.bucket_of[id(param)]
-        if bucket.grad_buffer.untyped_storage().size() == 0:  # ZeRO-2/3: first use this step
-            alloc_storage(bucket.grad_buffer, bucket.padded_numel)
-            bucket.grad_buffer.zero_()
-        param.main_grad.add_(param.grad)
+        count = self.arrivals[id(param)] + 1
+        if count > self.num_microbatches or bucket.final_launched:
+            raise RuntimeError(
+                f"gradient {count} of {self.names[id(param)]} arrived in a step of "
+                f"{self.num_microbatches} micro-batches, after its bucket's reduction started; "
+                f"call optimizer.zero_grad(num_microbatches=...) with the number of backward "
+                f"passes of the step")
+        self.arrivals[id(param)] = count
+        offset = self.offset_of[id(param)]
+        flat = bucket.grad_buffer if self.stage <= 1 else self._full_grad_buffer(bucket)
+        flat[offset: offset + param.numel()].add_(param.grad.reshape(-1))
         param.grad = None
-        self.arrivals[id(param)] += 1
-        if self.arrivals[id(param)] == self.num_microbatches:
+        if self.reduce_every_microbatch:
+            target = bucket.rounds_launched + 1
+        else:
+            target = self.num_microbatches
+        if count == target:
             bucket.pending -= 1
             if bucket.pending == 0:
-                self._launch_reduction(bucket)
+                self._launch_reduction(bucket, final=target == self.num_microbatches)
         if self.gatherer is not None:
             self.gatherer.on_grad_ready(param)
 
-    def _launch_reduction(self, b: Bucket) -> None:
+    def _launch_reduction(self, b: Bucket, final: bool) -> None:
         """Average the bucket over dp: all-reduce (0, 1) or reduce-scatter into my shard (2, 3)."""
-        b.launched = True
-        if self.dp == 1:
-            if self.stage >= 2:
-                b.grad_shard.copy_(b.grad_buffer)
-            return
-        b.grad_buffer.div_(self.dp)
-        self.reductions_launched += 1
+        b.rounds_launched += 1
+        next_target = b.rounds_launched + 1
+        b.pending = sum(self.arrivals[id(p)] < next_target for p in b.params)
+        if final:
+            b.final_launched = True
+            self.final_launches += 1
+        if self.dp > 1:
+            self.reductions_launched += 1
         if self.stage <= 1:
-            b.handle = dist.all_reduce(b.grad_buffer, group=self.dp_group, async_op=True)
-        else:
-            b.handle = reduce_scatter_single(b.grad_shard, b.grad_buffer,
-                                                  group=self.dp_group, async_op=True)
+            if self.dp > 1:
+                b.grad_buffer.div_(self.dp)
+                b.handle = dist.all_reduce(b.grad_buffer, group=self.dp_group, async_op=True)
+            return
+        self._retire_in_flight()  # one reduce-scatter in flight at a time: free the last one
+        full, b.grad_buffer = self._full_grad_buffer(b), None
+        if self.dp > 1:
+            full.div_(self.dp)
+        reduced = torch.empty(b.shard_numel, dtype=full.dtype, device=full.device)
+        self._count_grad_bytes(reduced.untyped_storage().nbytes())
+        handle = comm.reduce_scatter_into(reduced, full, self.dp_group, async_op=True)
+        self.in_flight.append((b, handle, full, reduced))
+        if self.final_launches == len(self.buckets):  # backward is over: keep only shards
+            self._retire_in_flight()
+
+    def _retire_in_flight(self, only_completed: bool = False) -> None:
+        """Wait for the reduce-scatters in flight (or, only_completed, take those already done);
+        add my shard into the accumulator and free the full buffers."""
+        still_running = []
+        for b, handle, full, reduced in self.in_flight:
+            if handle is not None:
+                if only_completed and not handle.is_completed():
+                    still_running.append((b, handle, full, reduced))
+                    continue
+                handle.wait()
+            b.grad_shard.add_(reduced)
+            self._count_grad_bytes(-full.untyped_storage().nbytes()
+                                   - reduced.untyped_storage().nbytes())
+        self.in_flight = still_running
 
     @torch.no_grad()
     def finish_grad_sync(self) -> None:
         """Wait for every bucket's reduction (launching any a parameter without gradient held
-        back), then add the sums owed over tp (sequence parallel) and the embedding group."""
+        back), then add the sums owed over tp (sequence parallel) and the embedding group.
+        Runs once per step: a second call before zero_grad() does nothing."""
+        if self.grads_synced:
+            return
         for b in self.buckets:
-            if not b.launched:
-                if b.grad_buffer.untyped_storage().size() == 0:
-                    alloc_storage(b.grad_buffer, b.padded_numel)
-                    b.grad_buffer.zero_()
-                self._launch_reduction(b)
+            if not b.final_launched:
+                self._launch_reduction(b, final=True)
+        self._retire_in_flight()
         for b in self.buckets:
             if b.handle is not None:
                 b.handle.wait()
                 b.handle = None
-            if self.stage >= 2:
-                free_storage(b.grad_buffer)
         self._sum_over_other_groups()
+        self.grads_synced = True
 
     def _sum_over_other_groups(self) -> None:
         """Sums are linear, so they commute with the dp reduction: do them on my shard.
@@ -232,13 +336,20 @@ class ZeroOptimizer:
     @torch.no_grad()
     def step(self) -> StepResult:
         """Reduce, unscale, clip by the global norm and update. Returns norm and skip flag."""
+        # Gradients complete, nothing freed yet: the step's peak of model-state memory.
+        self.memory_after_backward = {**optimizer_memory(self),
+                                      "grads_peak_in_backward": self.peak_grad_bytes}
         self.finish_grad_sync()
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
-        grads = [b.grad_shard.float() for b in self.buckets]  # a copy unless already fp32
+        grads = [b.grad_shard.float() for b in self.buckets]  # fp32 (a copy only if not already)
         if scale != 1.0:
-            for g in grads:
-                g.mul_(1.0 / scale)
-        norm, overflow = self._global_norm_and_overflow(grads)
+            for grad in grads:
+                grad.mul_(1.0 / scale)
+        pieces = [(s.param, grad[s.shard_lo: s.shard_hi])
+                  for b, grad in zip(self.buckets, grads) for s in b.segments]
+        # At ZeRO-0 every dp replica holds the same gradients: dp rank 0 counts them.
+        norm, overflow = norm_and_overflow(pieces, self.grid, self.dp_group,
+                                           count_squares=self.stage > 0 or self.dp_rank == 0)
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow)
         if overflow:
@@ -246,36 +357,14 @@ class ZeroOptimizer:
             return StepResult(float(norm), True, scale)
         if self.grad_clip > 0:
             coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
-            for g in grads:
-                g.mul_(coef)
+            for grad in grads:
+                grad.mul_(coef)
         self.step_count += 1
-        for b, g in zip(self.buckets, grads):
-            self._update_bucket(b, g)
+        for b, grad in zip(self.buckets, grads):
+            self._update_bucket(b, grad)
         self._publish_params()
         self.zero_grad()
         return StepResult(float(norm), False, scale)
-
-    def _global_norm_and_overflow(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
-        """||g|| over the whole model, each parameter counted once (see nanomt.optim.grad_norm),
-        and whether any rank anywhere holds inf/nan: one all-reduce over dp, one over tp x pp."""
-        tp_rank = self.grid.tp_rank if self.grid is not None else 0
-        first = self.grid.is_first_stage if self.grid is not None else True
-        # [sum of squares, overflow count]; at ZeRO-0 dp replicas hold the same grads: count
-        # them on dp rank 0 only, so that the sum over dp below is exact.
-        totals = torch.zeros(2, dtype=torch.float32, device=grads[0].device)
-        counts_norm = self.stage > 0 or self.dp_rank == 0
-        for b, g in zip(self.buckets, grads):
-            totals[1] += (~torch.isfinite(g)).sum()
-            if not counts_norm:
-                continue
-            for s in b.segments:
-                if counted_once(s.param, tp_rank, first):
-                    totals[0] += g[s.shard_lo: s.shard_hi].pow(2).sum()
-        comm.all_reduce(totals, self.dp_group)
-        if self.grid is not None:
-            comm.all_reduce(totals, self.grid.model_parallel_group)
-        overflow = bool(totals[1] > 0) or not bool(torch.isfinite(totals[0]))
-        return totals[0].sqrt(), overflow
 
     def _update_bucket(self, b: Bucket, grad: torch.Tensor) -> None:
         lr_decay, lr_flat = self.param_groups[0]["lr"], self.param_groups[1]["lr"]
@@ -298,8 +387,8 @@ class ZeroOptimizer:
             if own.data_ptr() != b.master.data_ptr():
                 own.copy_(b.master)
             if self.stage in (1, 2) and self.dp > 1:
-                handles.append(all_gather_single(
-                    b.param_buffer, own.clone(), group=self.dp_group, async_op=True))
+                handles.append(comm.all_gather_into(b.param_buffer, own.clone(), self.dp_group,
+                                                    async_op=True))
         for handle in handles:
             handle.wait()
 
@@ -308,8 +397,6 @@ class ZeroOptimizer:
         """The loss whose backward yields gradients times the loss scale (identity unless fp16)."""
         if self.loss_scaler is None:
             return loss
-        from nanomt.optim.loss_scaler import ScaleGradient
-
         return ScaleGradient.apply(loss, self.loss_scaler.scale)
 
     def local_grad_shards(self) -> list[torch.Tensor]:
@@ -324,7 +411,7 @@ class ZeroOptimizer:
     def checkpoint_state(self) -> list[tuple]:
         return state.checkpoint_state(self)
 
-    def load_checkpoint_state(self, read) -> None:
+    def load_checkpoint_state(self, read: state.ReadPiece) -> None:
         state.load_checkpoint_state(self, read)
 
     def scalar_state(self) -> dict:
@@ -333,6 +420,6 @@ class ZeroOptimizer:
     def load_scalar_state(self, scalars: dict) -> None:
         state.load_scalar_state(self, scalars)
 
-    def full_parameters(self, writeback: bool = False):
+    def full_parameters(self, writeback: bool = False) -> contextlib.AbstractContextManager:
         """Context: every parameter materialised inside (ZeRO-3); re-sharded on exit."""
         return state.full_parameters(self, writeback)

@@ -12,6 +12,13 @@ Freeing resizes the flat buffer's storage to zero; the parameters stay views of 
 saved references to a weight see the re-gathered values when backward runs. A recompute under
 activation checkpointing runs inside backward, after the output-gradient hook has gathered the
 layer, and must not free it: `in_backward` marks that window.
+
+Cost, as written (simple, not fast): each gather is synchronous, with no prefetch of the next
+layer, so the all-gather latency is not hidden behind compute (DeepSpeed prefetches the next
+modules in the recorded execution order). The chunk's own unit (embeddings, final norm, head) is
+gathered by the chunk's forward pre-hook and freed only after the chunk's forward, so it stays
+materialised for the whole forward of the chunk, and again from the loss's backward until its
+last gradient (the input embedding's) arrives: its bytes add to the per-layer working set.
 """
 
 from __future__ import annotations
@@ -21,9 +28,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nanomt.parallel import comm
+
 
 @dataclass
 class GatherUnit:
+    """The ZeRO-3 buckets one module needs materialised to run: gathered together, freed
+    together. `grads_seen` counts its parameters' gradients in the current backward."""
+
     module: nn.Module
     buckets: list = field(default_factory=list)
     num_params: int = 0
@@ -32,10 +44,10 @@ class GatherUnit:
 
 
 class ParameterGatherer:
-    def __init__(self, optimizer):
-        from nanomt.parallel.zero.optimizer import all_gather_single
+    """Installs the hooks that gather each unit's parameters before its forward and backward and
+    free them afterwards (module docstring); counts the all-gathers it issues."""
 
-        self.all_gather = all_gather_single
+    def __init__(self, optimizer):
         self.dp_group, self.dp = optimizer.dp_group, optimizer.dp
         self.units: dict[int, GatherUnit] = {}
         self.unit_of_param: dict[int, GatherUnit] = {}
@@ -56,11 +68,9 @@ class ParameterGatherer:
             if b.gathered:
                 continue
             b.param_buffer.untyped_storage().resize_(b.padded_numel * b.param_buffer.element_size())
-            if self.dp == 1:
-                b.param_buffer.copy_(b.param_shard)
-            else:
+            if self.dp > 1:
                 self.gathers += 1
-                self.all_gather(b.param_buffer, b.param_shard, group=self.dp_group)
+            comm.all_gather_into(b.param_buffer, b.param_shard, self.dp_group)
             b.gathered = True
 
     def free(self, unit: GatherUnit) -> None:

@@ -21,19 +21,27 @@ The protocol nanomt.checkpoint speaks with flat-shard optimizers:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from nanomt.parallel.zero.optimizer import ZeroOptimizer
+
+# read(param, state_name, (lo, hi)) -> the checkpoint's values of that piece
+ReadPiece = Callable[[nn.Parameter, str, tuple[int, int]], torch.Tensor]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def state_names(optimizer) -> tuple[str, ...]:
+def state_names(optimizer: ZeroOptimizer) -> tuple[str, ...]:
     separate_master = any(b.dtype != torch.float32 for b in optimizer.buckets)
     return MOMENTS + (("master",) if separate_master else ())
 
 
-def checkpoint_state(optimizer) -> list[tuple]:
+def checkpoint_state(optimizer: ZeroOptimizer) -> list[tuple]:
     pieces = []
     for b in optimizer.buckets:
         for s in b.segments:
@@ -44,7 +52,7 @@ def checkpoint_state(optimizer) -> list[tuple]:
 
 
 @torch.no_grad()
-def refresh_masters_from_params(optimizer) -> None:
+def refresh_masters_from_params(optimizer: ZeroOptimizer) -> None:
     for b in optimizer.buckets:
         own = b.param_shard if optimizer.stage == 3 else b.shard_of(b.param_buffer)
         if own.data_ptr() != b.master.data_ptr():
@@ -52,7 +60,7 @@ def refresh_masters_from_params(optimizer) -> None:
 
 
 @torch.no_grad()
-def load_checkpoint_state(optimizer, read) -> None:
+def load_checkpoint_state(optimizer: ZeroOptimizer, read: ReadPiece) -> None:
     refresh_masters_from_params(optimizer)
     for b in optimizer.buckets:
         for s in b.segments:
@@ -67,20 +75,20 @@ def load_checkpoint_state(optimizer, read) -> None:
     optimizer._publish_params()
 
 
-def scalar_state(optimizer) -> dict:
+def scalar_state(optimizer: ZeroOptimizer) -> dict:
     scaler = optimizer.loss_scaler
     return {"step": optimizer.step_count,
             "loss_scaler": scaler.state_dict() if scaler is not None else None}
 
 
-def load_scalar_state(optimizer, state: dict) -> None:
+def load_scalar_state(optimizer: ZeroOptimizer, state: dict) -> None:
     optimizer.step_count = int(state["step"])
     if optimizer.loss_scaler is not None and state.get("loss_scaler"):
         optimizer.loss_scaler.load_state_dict(state["loss_scaler"])
 
 
 @contextlib.contextmanager
-def full_parameters(optimizer, writeback: bool = False) -> Iterator[None]:
+def full_parameters(optimizer: ZeroOptimizer, writeback: bool = False) -> Iterator[None]:
     gatherer = optimizer.gatherer
     if gatherer is None:
         yield
