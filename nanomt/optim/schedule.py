@@ -1,8 +1,8 @@
 """Learning-rate schedule of GPT-3 and MT-NLG: linear warm-up, then cosine decay to a floor.
 
     lr(t) = lr_max * t / T_warm                                  for t < T_warm
-    lr(t) = lr_min + (lr_max - lr_min) * (1 + cos(pi * p)) / 2   for T_warm <= t < T_decay,
-                                                                 p = (t - T_warm) / (T_decay - T_warm)
+    lr(t) = lr_min + (lr_max - lr_min) * (1 + cos(pi * p)) / 2   for T_warm <= t < T_decay
+            with p = (t - T_warm) / (T_decay - T_warm)
     lr(t) = lr_min                                               for t >= T_decay
 
 MT-NLG: lr_max 5e-5, warm-up over 1B tokens, cosine decay to 10% (lr_min = lr_max / 10).
