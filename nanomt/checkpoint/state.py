@@ -57,10 +57,7 @@ def weight_shards(optimizer: Optimizer
     rank ever gathers the model."""
     if getattr(optimizer, "stage", None) != 3 or getattr(optimizer, "gatherer", None) is None:
         return None
-    if hasattr(optimizer, "parameter_shards"):
-        return optimizer.parameter_shards()
-    return [(s.param, b.param_shard[s.shard_lo: s.shard_hi], (s.param_lo, s.param_hi))
-            for b in optimizer.buckets for s in b.segments]
+    return optimizer.parameter_shards()
 
 
 def optimizer_section(state_name: str) -> str:

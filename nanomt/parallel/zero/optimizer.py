@@ -417,6 +417,10 @@ class ZeroOptimizer:
     def scalar_state(self) -> dict:
         return state.scalar_state(self)
 
+    def parameter_shards(self) -> list[tuple]:
+        """ZeRO-3: (param, view of my shard of it, (lo, hi) in the flattened parameter)."""
+        return state.parameter_shards(self)
+
     def load_scalar_state(self, scalars: dict) -> None:
         state.load_scalar_state(self, scalars)
 

@@ -13,6 +13,9 @@ The protocol nanomt.checkpoint speaks with flat-shard optimizers:
         republishes the parameters.
     optimizer.scalar_state() / load_scalar_state(state)
         {"step": Adam's step count, "loss_scaler": {"scale", "clean_steps"} or None}.
+    optimizer.parameter_shards() -> [(param, shard view, (lo, hi)), ...]
+        ZeRO-3 only: the weights as this dp rank holds them, elements [lo, hi) of each flattened
+        (tp-local) parameter, as views into the rank's parameter shard (written in place on load).
     with optimizer.full_parameters(writeback=False): ...
         ZeRO-3 keeps parameters as shards; inside the block every parameter is materialised
         (to save or load weights); writeback=True re-shards the values found there on exit.
@@ -49,6 +52,11 @@ def checkpoint_state(optimizer: ZeroOptimizer) -> list[tuple]:
                 tensor = getattr(b, name)[s.shard_lo: s.shard_hi].detach().clone()
                 pieces.append((s.param, name, tensor, (s.param_lo, s.param_hi)))
     return pieces
+
+
+def parameter_shards(optimizer: ZeroOptimizer) -> list[tuple]:
+    return [(s.param, b.param_shard[s.shard_lo: s.shard_hi], (s.param_lo, s.param_hi))
+            for b in optimizer.buckets for s in b.segments]
 
 
 @torch.no_grad()
