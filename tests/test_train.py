@@ -103,3 +103,22 @@ def test_unknown_override_is_an_error(tmp_path):
         env=dict(os.environ, WANDB_MODE="disabled"))
     assert result.returncode != 0
     assert "stepz" in result.stderr
+
+
+def test_torchrun_ranks_share_one_run_folder(tmp_path):
+    """Under torchrun every rank composes the config itself; rank 0 decides the run folder's
+    timestamp and the others follow, so a launch writes exactly one folder."""
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "nanomt.train", "parallel.tp=2", "train.steps=2", "train.eval_interval=0",
+         "model.num_layers=1", "model.seq_len=32", "train.global_batch_size=4",
+         "train.micro_batch_size=2", "train.progress_bar=false", "checkpoint.interval=0"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = [p.parent for p in (tmp_path / "outputs").glob("*/*/run.json")]
+    assert len(run_dirs) == 1, list((tmp_path / "outputs").rglob("*"))
+    info = json.loads((run_dirs[0] / "run.json").read_text())
+    assert info["world_size"] == 2 and info["layout"]["tp"] == 2
+    assert sorted(r["tp"] for r in info["ranks"]) == [0, 1]
+    assert len(read_metrics(run_dirs[0])) == 2
