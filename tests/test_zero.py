@@ -121,12 +121,64 @@ def _finish_grad_sync_twice_checks() -> dict:
     return norms
 
 
+def _train_stage3(grid, model, optimizer, tokens) -> tuple[list[float], list[float]]:
+    """Steps of two micro-batches each (tokens: [step, micro, batch, seq])."""
+    losses, norms = [], []
+    for step_tokens in tokens:
+        for micro_tokens in step_tokens:
+            loss = model(micro_tokens, micro_tokens) / len(step_tokens)
+            loss.backward()
+            losses.append(float(loss.detach()))
+        norms.append(optimizer.step().grad_norm)
+    return losses, norms
+
+
+def _prefetch_checks(grid) -> dict:
+    """ZeRO-3 on 3 layers with parallel.zero3_prefetch 0 and 1, without and with full
+    recompute: a step of two micro-batches; a no-grad forward running the layers in reverse
+    order (every guess of the next layer wrong); one more step. Losses, norms, final weights and
+    the gatherer's counters."""
+    from dataclasses import asdict
+
+    from nanomt.model import GPT, ModelConfig
+    from nanomt.model.checkpointing import set_activation_checkpointing
+    from nanomt.parallel.zero import build_optimizer
+
+    model_cfg = ModelConfig(num_layers=3, hidden_size=32, num_heads=4, seq_len=16)
+    tokens = torch.randint(0, 256, (2, 2, 2, 16),
+                           generator=torch.Generator().manual_seed(grid.rank))
+    out = {}
+    for recompute in ("none", "full"):
+        for prefetch in (0, 1):
+            cfg = compose_config(FAST + ["parallel.zero_stage=3",
+                                         f"parallel.zero3_prefetch={prefetch}"])
+            model = GPT(model_cfg, grid, seed=1)
+            set_activation_checkpointing([model], recompute)
+            optimizer = build_optimizer([model], cfg, grid, num_microbatches=2)
+            losses, norms = _train_stage3(grid, model, optimizer, tokens[:1])
+            in_order = asdict(optimizer.gatherer.stats)
+            with torch.no_grad():
+                hidden = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
+                for layer in reversed(model.layers):
+                    hidden = layer(hidden)
+            more_losses, more_norms = _train_stage3(grid, model, optimizer, tokens[1:])
+            stats = asdict(optimizer.gatherer.stats)
+            with optimizer.full_parameters():
+                weights = [p.detach().clone() for p in model.parameters()]
+            out[(recompute, prefetch)] = {
+                "losses": losses + more_losses, "norms": norms + more_norms,
+                "weights": weights, "in_order": in_order,
+                "all": stats,
+                "left_gathered": any(b.gathered for b in optimizer.buckets)}
+    return out
+
+
 def _memory_and_reduction_checks() -> dict:
     from nanomt.parallel.grid import ParallelGrid
 
     grid = ParallelGrid(1, 1, 2)
     return {"memory": _model_state_checks(grid), "accumulation": _accumulation_checks(grid),
-            "sync_twice": _finish_grad_sync_twice_checks()}
+            "sync_twice": _finish_grad_sync_twice_checks(), "prefetch": _prefetch_checks(grid)}
 
 
 def _dp2_checks(run_root: str) -> dict:
@@ -342,6 +394,43 @@ def test_finish_grad_sync_twice_is_a_no_op(layout_runs):
     for rank_result in layout_runs["dp2"][1]:
         norms = rank_result["sync_twice"]
         assert norms[True] == norms[False]
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_stage3_prefetch_changes_nothing_but_the_timing(layout_runs, recompute):
+    """parallel.zero3_prefetch=1 against 0 (synchronous gathers): identical losses, norms and
+    weights, with and without recompute, also after a forward that defeats every guess."""
+    for rank_result in layout_runs["dp2"][1]:
+        runs = rank_result["prefetch"]
+        off, on = runs[(recompute, 0)], runs[(recompute, 1)]
+        assert on["losses"] == off["losses"] and on["norms"] == off["norms"]
+        for p_on, p_off in zip(on["weights"], off["weights"]):
+            assert torch.equal(p_on, p_off)
+        assert not on["left_gathered"] and not off["left_gathered"]
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_stage3_prefetch_gathers_ahead_within_bounded_memory(layout_runs, recompute):
+    """3 layers, 2 micro-batches in order: per forward the chunk prefetches layer 0, layer 0
+    layer 1, layer 1 layer 2; backward the same in reverse: 6 gathers launched ahead per
+    micro-batch, all claimed by their layer; as many all-gathers as without prefetch. At most
+    1 + prefetch layers materialised at once. Layers run in reverse order: the wrong guesses
+    are freed unused, and the step after still matches (previous test)."""
+    for rank_result in layout_runs["dp2"][1]:
+        runs = rank_result["prefetch"]
+        off, on = runs[(recompute, 0)], runs[(recompute, 1)]
+        assert on["in_order"]["prefetches"] == on["in_order"]["prefetch_hits"] == 2 * 6
+        assert on["in_order"]["prefetch_misses"] == 0
+        assert on["in_order"]["gathers"] == off["in_order"]["gathers"] > 0
+        assert off["all"]["prefetches"] == 0
+        assert off["all"]["peak_layers"] == 1 and on["all"]["peak_layers"] == 2
+        assert on["all"]["prefetch_misses"] >= 1
+        assert on["all"]["prefetches"] == on["all"]["prefetch_hits"] + on["all"]["prefetch_misses"]
+
+
+def test_stage3_prefetch_must_not_be_negative():
+    with pytest.raises(ValueError, match="parallel.zero3_prefetch"):
+        _tiny_optimizer(zero_stage=3, zero3_prefetch=-1)
 
 
 def _tiny_optimizer(num_microbatches: int = 1, **kwargs):

@@ -2,11 +2,12 @@
 
     python tools/bench/bench_zero.py [--world 2] [--steps 6] [--layers 4] [--hidden 256]
 
-Every contender trains the same GPT (nanomt.model.GPT, fp32, same data) for a few steps; the
-script prints the median step time and the per-rank bytes of parameters + gradients + optimizer
-state at the step's peak (after backward, before the optimizer step: every gradient exists),
-each as a ratio to DDP. The peers (DDP, FSDP2 `fully_shard`) are used here
-only, as references: nanomt itself never imports them.
+Every contender trains the same GPT (nanomt.model.GPT, fp32, same data) for a few steps;
+nanomt_zero3 prefetches one layer's all-gather ahead (parallel.zero3_prefetch=1), zero3_sync
+gathers each layer just before use (0). The script prints the median step time and the
+per-rank bytes of parameters + gradients + optimizer state at the step's peak (after backward,
+before the optimizer step: every gradient exists), each as a ratio to DDP. The peers (DDP,
+FSDP2 `fully_shard`) are used here only, as references: nanomt itself never imports them.
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ def run_peer(kind: str, cfg, batches, steps: int) -> tuple[list[float], int]:
     return times, peak
 
 
-def run_nanomt(stage: int, cfg, batches, steps: int) -> tuple[list[float], int]:
-    """nanomt's ZeroOptimizer; bytes recorded by step() after the last backward."""
+def run_nanomt(stage: int, cfg, batches, steps: int,
+               prefetch: int = 1) -> tuple[list[float], int]:
+    """nanomt's ZeroOptimizer (ZeRO-3: `prefetch` layers gathered ahead, 0 = synchronous);
+    bytes recorded by step() after the last backward."""
     from nanomt.model import GPT
     from nanomt.parallel.grid import ParallelGrid
     from nanomt.parallel.zero import ZeroOptimizer
@@ -75,7 +78,8 @@ def run_nanomt(stage: int, cfg, batches, steps: int) -> tuple[list[float], int]:
     grid = ParallelGrid(1, 1, dist.get_world_size())
     model = GPT(cfg, grid, seed=1)
     optimizer = ZeroOptimizer([model], grid, zero_stage=stage, lr=1e-3, betas=(0.9, 0.999),
-                              eps=1e-8, weight_decay=0.01, grad_clip=1.0, num_microbatches=1)
+                              eps=1e-8, weight_decay=0.01, grad_clip=1.0, num_microbatches=1,
+                              zero3_prefetch=prefetch)
     times = []
     for step in range(steps):
         t0 = time.perf_counter()
@@ -100,7 +104,8 @@ def bench(args) -> dict:
     for name, fn in (("ddp", lambda: run_peer("ddp", cfg, batches, args.steps)),
                      ("fsdp2", lambda: run_peer("fsdp2", cfg, batches, args.steps)),
                      ("nanomt_zero2", lambda: run_nanomt(2, cfg, batches, args.steps)),
-                     ("nanomt_zero3", lambda: run_nanomt(3, cfg, batches, args.steps))):
+                     ("nanomt_zero3", lambda: run_nanomt(3, cfg, batches, args.steps)),
+                     ("zero3_sync", lambda: run_nanomt(3, cfg, batches, args.steps, 0))):
         dist.barrier()
         times, memory = fn()
         results[name] = (statistics.median(times[1:]), memory)  # step 0 warms up

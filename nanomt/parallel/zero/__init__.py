@@ -73,7 +73,8 @@ def build_optimizer(model_chunks: nn.Module | list[nn.Module], cfg: DictConfig,
         num_microbatches=num_microbatches, bucket_size_mb=float(cfg.parallel.bucket_size_mb),
         master_params=masters, loss_scaler=scaler,
         fp32_grads=bool(cfg.train.get("fp32_grads", True)),
-        grad_reduce=str(cfg.parallel.get("grad_reduce", "microbatch")))
+        grad_reduce=str(cfg.parallel.get("grad_reduce", "microbatch")),
+        zero3_prefetch=int(cfg.parallel.get("zero3_prefetch", 1)))
     if scaler is not None:
         for chunk in chunks:  # the chunk that returns the loss scales it for backward
             chunk.register_forward_hook(

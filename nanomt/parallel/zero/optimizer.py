@@ -77,7 +77,7 @@ class ZeroOptimizer:
                  grad_clip: float, num_microbatches: int, bucket_size_mb: float = 25.0,
                  master_params: dict[int, torch.Tensor] | None = None,
                  loss_scaler: DynamicLossScaler | None = None, fp32_grads: bool = True,
-                 grad_reduce: str = "microbatch"):
+                 grad_reduce: str = "microbatch", zero3_prefetch: int = 1):
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
         if not bucket_size_mb > 0:
@@ -115,7 +115,7 @@ class ZeroOptimizer:
         self.offset_of = {id(p): offset for b in self.buckets
                           for p, offset in zip(b.params, b.offsets)}
         self._allocate(master_params or {})
-        self.gatherer = ParameterGatherer(self) if zero_stage == 3 else None
+        self.gatherer = ParameterGatherer(self, zero3_prefetch) if zero_stage == 3 else None
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
                        for b in self.buckets for p in b.params]
         self.in_flight: list[tuple[Bucket, object, torch.Tensor, torch.Tensor]] = []
@@ -189,6 +189,8 @@ class ZeroOptimizer:
                 raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
             self.num_microbatches = int(num_microbatches)
         self._retire_in_flight()  # a step abandoned mid-backward
+        if self.gatherer is not None:
+            self.gatherer.release_prefetched()
         for b in self.buckets:
             b.handle = None
             if self.stage <= 1:
@@ -336,6 +338,8 @@ class ZeroOptimizer:
     @torch.no_grad()
     def step(self) -> StepResult:
         """Reduce, unscale, clip by the global norm and update. Returns norm and skip flag."""
+        if self.gatherer is not None:  # no gather may read a shard while it is updated
+            self.gatherer.release_prefetched()
         # Gradients complete, nothing freed yet: the step's peak of model-state memory.
         self.memory_after_backward = {**optimizer_memory(self),
                                       "grads_peak_in_backward": self.peak_grad_bytes}
