@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from nanomt.model import GPT, ModelConfig
+from nanomt.parallel.tensor_parallel import NormalInit
 
 
 def tiny(style="gpt", **kw):
@@ -97,6 +98,22 @@ def test_pipeline_chunks_hold_the_same_layers_as_the_whole_model():
         for pw, pc in zip(whole.layers[2 + i].parameters(), chunk.layers[i].parameters()):
             assert torch.equal(pw, pc)
     torch.testing.assert_close(chunk.word_embedding.weight, whole.word_embedding.weight)
+
+
+def test_blockwise_init_slices_concatenate_to_the_whole_tensor():
+    """Any split of the rows (or columns) draws exactly the slices of the whole tensor."""
+    init = NormalInit(0.02, 3, "layers.0.mlp.fc1")
+    rows = init.slices((12, 40), dim=0, indices=range(12))
+    for parts in (2, 3, 4):
+        size = 12 // parts
+        shards = [init.slices((12, 40), 0, range(i * size, (i + 1) * size)) for i in range(parts)]
+        assert torch.equal(torch.cat(shards, dim=0), rows)
+    columns = init.slices((40, 12), dim=1, indices=range(12))
+    halves = [init.slices((40, 12), 1, range(0, 6)), init.slices((40, 12), 1, range(6, 12))]
+    assert torch.equal(torch.cat(halves, dim=1), columns)
+    assert abs(rows.std().item() - 0.02) < 0.003
+    assert not torch.equal(init.child("other").slices((12, 40), 0, range(12)), rows)
+    assert not torch.equal(NormalInit(0.02, 4, init.name).slices((12, 40), 0, range(12)), rows)
 
 
 def test_bad_model_configs_fail_clearly():

@@ -75,6 +75,34 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+class InitDraws(TorchDispatchMode):
+    """Counts the random numbers drawn (aten normal_) and the largest tensor created."""
+
+    def __init__(self):
+        super().__init__()
+        self.drawn, self.largest = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.normal_.default:
+            self.drawn += args[0].numel()
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+def _init_draws(cfg: ModelConfig, grid: ParallelGrid | None) -> dict:
+    """What building the model draws, and the local size of each weight split over tp."""
+    draws = InitDraws()
+    with draws:
+        model = GPT(cfg, grid, seed=SEED)
+    split = {name: p.numel() for name, p in model.named_parameters()  # biases start at zero
+             if getattr(p, "tp_split_dim", None) is not None and name.endswith("weight")}
+    return {"drawn": draws.drawn, "largest": draws.largest,
+            "local_numel": model.num_local_parameters(), "split_local": split}
+
+
 # ---- rank side: model equivalence and collectives ---------------------------------------------
 def _count(log: list[tuple[str, int]]) -> dict:
     return dict(Counter(log))
@@ -194,6 +222,7 @@ def _layer_checks() -> dict:
         cfg = ModelConfig(**{**TINY, "style": style})
         ref = _reference(cfg)
         results[(style, "reference_largest")] = ref["largest"]
+        results[(style, "init_draws")] = {1: _init_draws(cfg, None), 4: _init_draws(cfg, grids[4])}
         for tp, grid in grids.items():
             for sp in (False, True):
                 results[(style, tp, sp)] = _compare_model(cfg, grid, sp, ref)
@@ -221,6 +250,30 @@ def test_shards_logits_loss_and_grads_match_single_process(ranks, style, tp, sp)
         assert dims["layers.0.attention.proj.weight"] == 1  # row-parallel: by input columns
         assert dims["word_embedding.weight"] == 0  # vocab-parallel
         assert dims["layers.0.norm1.weight"] is None  # replicated
+
+
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_init_draws_only_this_ranks_shard(ranks, style):
+    """Blockwise init: a tp=4 rank draws its shard of each split weight (a quarter of it) and
+    nothing more, and never creates a tensor the size of a full split weight."""
+    whole = ranks[0][(style, "init_draws")][1]
+    per_rank = [rank[(style, "init_draws")][4] for rank in ranks]
+    cfg = ModelConfig(**{**TINY, "style": style})
+    h, padding_rows = cfg.hidden_size, PADDED_VOCAB - cfg.vocab_size
+    tables = 1 if cfg.tie_embeddings else 2
+    split_full = sum(per_rank[0]["split_local"].values()) * 4  # split weights, whole model
+    replicated_drawn = whole["drawn"] - (split_full - tables * padding_rows * h)
+    assert replicated_drawn >= 0
+    # Every element of a split weight is drawn by exactly one of the four ranks...
+    assert sum(r["drawn"] for r in per_rank) == whole["drawn"] + 3 * replicated_drawn
+    for tp_rank, r in zip([rank["tp_rank"][4] for rank in ranks], per_rank):
+        padding_here = tables * padding_rows * h if tp_rank == 3 else 0  # zeros, not drawn
+        # ...which is this rank's quarter: what it holds of them, less its padding rows.
+        assert r["drawn"] == replicated_drawn + sum(r["split_local"].values()) - padding_here
+        assert sum(r["split_local"].values()) * 4 == split_full
+        # No full split weight (or anything as large) ever exists on the rank.
+        assert r["largest"] <= max(r["split_local"].values())
+    assert whole["largest"] >= 4 * max(per_rank[0]["split_local"].values())  # the check sees
 
 
 # ---- collectives: the paper's count and volume ---------------------------------------------------

@@ -6,10 +6,12 @@ Plain PyTorch around tensor-parallel parts. The same class builds
   - one pipeline chunk of it: `layer_range` picks the layers, `pre_process` adds the embedding
     (first chunk) and `post_process` the head and loss (last chunk).
 
-Initialisation is layout-independent: each block of parameters draws its full tensor from its own
-generator seeded by (seed, block index), then keeps its shard. So the model at any (tp, pp)
-holds exactly the slices of the single-process model. Weights are N(0, init_std); the two output
-projections of each layer use init_std / sqrt(2 * num_layers), as in GPT-2 and Megatron.
+Initialisation is layout-independent and blockwise: every row (or split column) of every weight
+has its own generator, seeded by (seed, parameter path, index), and a rank draws only the rows of
+its shard (tensor_parallel.NormalInit). So the model at any (tp, pp) holds exactly the slices of
+the single-process model, and no rank ever builds a full weight matrix. Weights are
+N(0, init_std); the two output projections of each layer use init_std / sqrt(2 * num_layers), as
+in GPT-2 and Megatron; biases start at zero, and so do the embedding's padding rows.
 """
 
 from __future__ import annotations
@@ -23,30 +25,18 @@ from torch import nn
 from nanomt.model.config import ModelConfig
 from nanomt.model.layers import TransformerLayer, make_norm
 from nanomt.parallel import comm
+from nanomt.parallel.comm import Group
 from nanomt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from nanomt.parallel.mappings import gather_from_tensor_parallel_region
 from nanomt.parallel.random import TensorParallelRNG
 from nanomt.parallel.tensor_parallel import (
-    InitFn,
+    NormalInit,
     VocabParallelEmbedding,
+    VocabParallelOutput,
     parallel_lm_logits,
-    shard_parameter,
+    tp_parameter,
     tp_rank_and_size,
 )
-
-# Init-stream index of each block of parameters (layers start at FIRST_LAYER_STREAM).
-WORD_EMBEDDING_STREAM, POSITION_EMBEDDING_STREAM, OUTPUT_LAYER_STREAM = 0, 1, 2
-FIRST_LAYER_STREAM = 3
-
-
-def normal_init(std: float, seed: int, stream: int) -> InitFn:
-    """Draws full tensors N(0, std) from a generator private to (seed, stream)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + stream)
-
-    def init(shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.empty(shape).normal_(0.0, std, generator=generator)
-
-    return init
 
 
 class GPT(nn.Module):
@@ -76,27 +66,25 @@ class GPT(nn.Module):
             # start equal and the embedding group sums their gradients every step.
             self.word_embedding = VocabParallelEmbedding(
                 cfg.vocab_size, self.padded_vocab_size, cfg.hidden_size, self.tp_group,
-                normal_init(std, seed, WORD_EMBEDDING_STREAM),
-                sequence_parallel=self.sequence_parallel)
+                NormalInit(std, seed, "word_embedding"), sequence_parallel=self.sequence_parallel)
             self.word_embedding.weight.shared_embedding = cfg.tie_embeddings
         if pre_process and cfg.style == "gpt":
-            self.position_embedding = shard_parameter(
-                normal_init(std, seed, POSITION_EMBEDDING_STREAM)((cfg.seq_len, cfg.hidden_size)),
-                self.tp_group, dim=None)
+            positions = NormalInit(std, seed, "position_embedding").slices(
+                (cfg.seq_len, cfg.hidden_size), dim=0, indices=range(cfg.seq_len))
+            self.position_embedding = tp_parameter(positions, self.tp_group, dim=None)
             # Under SP each rank adds only its shard's positions: a partial gradient.
             self.position_embedding.sequence_parallel = self.sequence_parallel
         self.layers = nn.ModuleList(
-            TransformerLayer(cfg, self.tp_group,
-                             normal_init(std, seed, FIRST_LAYER_STREAM + 2 * i),
-                             normal_init(out_std, seed, FIRST_LAYER_STREAM + 2 * i + 1),
-                             self.sequence_parallel, self.rng)
+            TransformerLayer(cfg, self.tp_group, NormalInit(std, seed, f"layers.{i}"),
+                             NormalInit(out_std, seed, f"layers.{i}"), self.sequence_parallel,
+                             self.rng)
             for i in self.layer_range)
         if post_process:
             self.final_norm = make_norm(cfg, self.sequence_parallel)
             if not cfg.tie_embeddings:
-                self.output_layer = VocabParallelEmbedding(
+                self.output_layer = VocabParallelOutput(
                     cfg.vocab_size, self.padded_vocab_size, cfg.hidden_size, self.tp_group,
-                    normal_init(std, seed, OUTPUT_LAYER_STREAM))
+                    NormalInit(std, seed, "output_layer"))
 
     # ---- pieces of forward -------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -115,6 +103,7 @@ class GPT(nn.Module):
         return hidden
 
     def output_weight(self) -> torch.Tensor:
+        """The [V_padded / t, h] weight of the head: the word embedding when tied."""
         if self.cfg.tie_embeddings:
             return self.word_embedding.weight
         return self.output_layer.weight
@@ -157,7 +146,7 @@ def replicated_over_tp(param: nn.Parameter) -> bool:
     return getattr(param, "tp_split_dim", None) is None
 
 
-def allreduce_sequence_parallel_grads(model: nn.Module, tp_group) -> None:
+def allreduce_sequence_parallel_grads(model: nn.Module, tp_group: Group) -> None:
     """Under SP, norms and row-parallel biases see only my sequence shard: sum over tp."""
     if comm.group_size(tp_group) == 1:
         return

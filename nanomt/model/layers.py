@@ -19,10 +19,11 @@ from torch import nn
 
 from nanomt.model.checkpointing import checkpoint
 from nanomt.model.config import ModelConfig
+from nanomt.parallel.comm import Group
 from nanomt.parallel.random import TensorParallelRNG
 from nanomt.parallel.tensor_parallel import (
     ColumnParallelLinear,
-    InitFn,
+    NormalInit,
     RowParallelLinear,
     divide,
     tp_rank_and_size,
@@ -57,8 +58,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class ParallelAttention(nn.Module):
     """Causal self-attention with heads split across the tp group."""
 
-    def __init__(self, cfg: ModelConfig, tp_group, init_fn: InitFn, out_init_fn: InitFn,
-                 sequence_parallel: bool, rng: TensorParallelRNG):
+    def __init__(self, cfg: ModelConfig, tp_group: Group, init: NormalInit,
+                 out_init: NormalInit, sequence_parallel: bool, rng: TensorParallelRNG):
         super().__init__()
         _, tp = tp_rank_and_size(tp_group)
         self.heads_per_rank = divide(cfg.num_heads, tp, "model.num_heads")
@@ -66,10 +67,12 @@ class ParallelAttention(nn.Module):
         self.use_rope = cfg.style == "llama"
         self.dropout_p, self.rng = cfg.attention_dropout, rng
         self.recompute = "none"  # "selective": recompute core_attention in backward
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp_group, init_fn,
-                                        bias=cfg.use_bias, sequence_parallel=sequence_parallel)
-        self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp_group, out_init_fn,
-                                      bias=cfg.use_bias, sequence_parallel=sequence_parallel)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp_group,
+                                        init.child("qkv"), bias=cfg.use_bias,
+                                        sequence_parallel=sequence_parallel)
+        self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp_group,
+                                      out_init.child("proj"), bias=cfg.use_bias,
+                                      sequence_parallel=sequence_parallel)
         if self.use_rope:
             cos, sin = rope_cache(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -102,17 +105,17 @@ class ParallelAttention(nn.Module):
 class ParallelMLP(nn.Module):
     """GeLU MLP h -> ffn -> h (gpt) or SwiGLU down(silu(gate x) * up x) (llama)."""
 
-    def __init__(self, cfg: ModelConfig, tp_group, init_fn: InitFn, out_init_fn: InitFn,
-                 sequence_parallel: bool):
+    def __init__(self, cfg: ModelConfig, tp_group: Group, init: NormalInit,
+                 out_init: NormalInit, sequence_parallel: bool):
         super().__init__()
         h, f, bias = cfg.hidden_size, cfg.ffn_hidden_size, cfg.use_bias
         self.swiglu = cfg.style == "llama"
-        self.fc1 = ColumnParallelLinear(h, f, tp_group, init_fn, bias=bias,
+        self.fc1 = ColumnParallelLinear(h, f, tp_group, init.child("fc1"), bias=bias,
                                         sequence_parallel=sequence_parallel)
         if self.swiglu:
-            self.gate = ColumnParallelLinear(h, f, tp_group, init_fn, bias=False,
+            self.gate = ColumnParallelLinear(h, f, tp_group, init.child("gate"), bias=False,
                                              sequence_parallel=sequence_parallel)
-        self.fc2 = RowParallelLinear(f, h, tp_group, out_init_fn, bias=bias,
+        self.fc2 = RowParallelLinear(f, h, tp_group, out_init.child("fc2"), bias=bias,
                                      sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,17 +129,20 @@ class ParallelMLP(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, tp_group, init_fn: InitFn, out_init_fn: InitFn,
-                 sequence_parallel: bool, rng: TensorParallelRNG):
+    def __init__(self, cfg: ModelConfig, tp_group: Group, init: NormalInit,
+                 out_init: NormalInit, sequence_parallel: bool, rng: TensorParallelRNG):
+        """`init` / `out_init`: N(0, std) for this layer's weights and N(0, std/sqrt(2L)) for
+        its two output projections (streams named by the parameters' paths)."""
         super().__init__()
         self.sequence_parallel = sequence_parallel
         self.dropout_p, self.rng = cfg.dropout, rng
         self.recompute = "none"  # "full": keep only the input, recompute the layer in backward
         self.norm1 = make_norm(cfg, sequence_parallel)
-        self.attention = ParallelAttention(cfg, tp_group, init_fn, out_init_fn,
-                                           sequence_parallel, rng)
+        self.attention = ParallelAttention(cfg, tp_group, init.child("attention"),
+                                           out_init.child("attention"), sequence_parallel, rng)
         self.norm2 = make_norm(cfg, sequence_parallel)
-        self.mlp = ParallelMLP(cfg, tp_group, init_fn, out_init_fn, sequence_parallel)
+        self.mlp = ParallelMLP(cfg, tp_group, init.child("mlp"), out_init.child("mlp"),
+                               sequence_parallel)
 
     def residual_dropout(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.dropout_p == 0.0:

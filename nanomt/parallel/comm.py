@@ -1,9 +1,15 @@
 """Collectives, in one place, so they can be counted.
 
-Every collective nanomt issues for tensor parallelism goes through these few functions. Each is a
-no-op on a group of one (the single-process model pays nothing), and each records its kind and
-element count into `COMM_LOG` while a `count_collectives()` block is open: that is how the tests
-check the paper's communication volume (two all-reduces per layer forward, two backward).
+Every collective behind the f and g operators of tensor parallelism (Shoeybi et al. 2019, fig. 3:
+all-reduce; under sequence parallelism all-gather and reduce-scatter) and behind ZeRO's sharded
+data parallelism (Rajbhandari et al. 2020: flat all-gather / reduce-scatter into given buffers)
+goes through these few functions. Each is a no-op on a group of one (the single-process model
+pays nothing), and each records its kind and element count into `COMM_LOG` while a
+`count_collectives()` block is open: that is how the tests check the papers' communication volume
+(two all-reduces of b*s*h per layer forward and two backward; ZeRO's 2 or 3 times the parameter
+count per step).
+
+`Group` is a process group, or None for a world of one.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import torch.distributed as dist
 # torch 2.13 renamed the single-tensor collectives (the old names warn); accept either.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+Group = dist.ProcessGroup | None
 
 # (kind, numel) of each collective issued while counting; None when not counting.
 COMM_LOG: list[tuple[str, int]] | None = None
@@ -38,11 +46,13 @@ def _record(kind: str, numel: int) -> None:
         COMM_LOG.append((kind, numel))
 
 
-def group_size(group) -> int:
+def group_size(group: Group) -> int:
+    """Ranks in `group` (1 for None)."""
     return 1 if group is None else dist.get_world_size(group)
 
 
-def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce(tensor: torch.Tensor, group: Group,
+               op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place all-reduce over `group`; returns the tensor."""
     if group_size(group) == 1:
         return tensor
@@ -51,7 +61,7 @@ def all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tenso
     return tensor
 
 
-def all_gather(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
+def all_gather(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """Concatenate every rank's `tensor` along `dim`, in rank order."""
     world = group_size(group)
     if world == 1:
@@ -64,7 +74,7 @@ def all_gather(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
-def reduce_scatter(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
+def reduce_scatter(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """Sum `tensor` over the group and keep this rank's slice of it along `dim`."""
     world = group_size(group)
     if world == 1:
@@ -79,7 +89,7 @@ def reduce_scatter(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
-def split(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
+def split(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """This rank's slice of `tensor` along `dim` (no communication)."""
     world = group_size(group)
     if world == 1:
@@ -90,7 +100,8 @@ def split(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
     return tensor.chunk(world, dim=dim)[rank].contiguous()
 
 
-def all_gather_into(output: torch.Tensor, shard: torch.Tensor, group, async_op: bool = False):
+def all_gather_into(output: torch.Tensor, shard: torch.Tensor, group: Group,
+                    async_op: bool = False) -> dist.Work | None:
     """Flat all-gather into a given buffer: output = cat(every rank's equal-sized `shard`).
     Returns the work handle when async_op (None on a group of one)."""
     if group_size(group) == 1:
@@ -100,7 +111,8 @@ def all_gather_into(output: torch.Tensor, shard: torch.Tensor, group, async_op: 
     return _all_gather_single(output, shard, group=group, async_op=async_op)
 
 
-def reduce_scatter_into(shard: torch.Tensor, full: torch.Tensor, group, async_op: bool = False):
+def reduce_scatter_into(shard: torch.Tensor, full: torch.Tensor, group: Group,
+                        async_op: bool = False) -> dist.Work | None:
     """Flat reduce-scatter into a given buffer: shard = my slice of the sum of every rank's
     `full`. Returns the work handle when async_op (None on a group of one)."""
     if group_size(group) == 1:

@@ -22,9 +22,8 @@ import torch
 import torch.distributed as dist
 
 from nanomt.parallel import comm
+from nanomt.parallel.comm import Group
 from nanomt.parallel.tensor_parallel import tp_rank_and_size
-
-Group = dist.ProcessGroup | None
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from nanomt.parallel import comm
+from nanomt.parallel.comm import Group
 
 SEQ_DIM = 1
 
@@ -116,35 +117,43 @@ class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
         return comm.all_gather(grad, ctx.group, dim=SEQ_DIM), None
 
 
-def copy_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+def copy_to_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """f: identity forward, all-reduce of the gradient backward."""
     return x if comm.group_size(group) == 1 else _CopyToTensorParallelRegion.apply(x, group)
 
 
-def reduce_from_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+def reduce_from_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """g: all-reduce forward, identity backward."""
     return x if comm.group_size(group) == 1 else _ReduceFromTensorParallelRegion.apply(x, group)
 
 
-def gather_from_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+def gather_from_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """All-gather the last dim forward (split it backward)."""
     return x if comm.group_size(group) == 1 else _GatherFromTensorParallelRegion.apply(x, group)
 
 
-def scatter_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+def scatter_to_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Keep my slice of the last dim forward (all-gather backward)."""
     return x if comm.group_size(group) == 1 else _ScatterToTensorParallelRegion.apply(x, group)
 
 
-def scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+def scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Keep my sequence shard forward (all-gather backward): enter the SP region."""
     return x if comm.group_size(group) == 1 else _ScatterToSequenceParallelRegion.apply(x, group)
 
 
 def gather_from_sequence_parallel_region(
-    x: torch.Tensor, group, reduce_grad: bool = True
+    x: torch.Tensor, group: Group, reduce_grad: bool = True
 ) -> torch.Tensor:
+    """g-bar: all-gather the sequence forward; backward reduce-scatter (`reduce_grad`: the
+    gathered tensor fed a tp-split matmul) or just split."""
     if comm.group_size(group) == 1:
         return x
     return _GatherFromSequenceParallelRegion.apply(x, group, reduce_grad)
 
 
-def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """f-bar: reduce-scatter the sequence forward, all-gather backward."""
     if comm.group_size(group) == 1:
         return x
     return _ReduceScatterToSequenceParallelRegion.apply(x, group)

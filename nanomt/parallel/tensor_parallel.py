@@ -10,22 +10,26 @@ A linear Y = X A is split two ways across t ranks:
 An MLP is Column -> GeLU -> Row and attention is Column(QKV, heads split) -> attention -> Row:
 one f and one g each, so a transformer layer costs two all-reduces forward and two backward.
 
-Every layer is built from the full (unsplit) initial weight, drawn by `init_fn`, and keeps its
-slice: with the same seed, the model at tp=N holds exactly the shards of the model at tp=1.
-Each sharded parameter carries `tp_split_dim` (the dim it is split along) so gradient norms,
-checkpoints and tests can tell shards from replicas. Parameters whose gradient is partial over
-the sequence when sequence parallelism is on carry `sequence_parallel = True`.
+Initialisation is blockwise (`NormalInit`): the full weight is defined slice by slice along its
+split dim, each slice drawn from its own generator, and a rank draws only the slices of its
+shard. No rank ever materialises a full matrix, and with the same seed the model at tp=N holds
+exactly the shards of the model at tp=1. Each sharded parameter carries `tp_split_dim` (the dim
+it is split along) so gradient norms, checkpoints and tests can tell shards from replicas.
+Parameters whose gradient is partial over the sequence when sequence parallelism is on carry
+`sequence_parallel = True`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanomt.parallel import comm
+from nanomt.parallel.comm import Group
 from nanomt.parallel.mappings import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
@@ -34,43 +38,90 @@ from nanomt.parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
-InitFn = Callable[[tuple[int, ...]], torch.Tensor]
 
 
-def tp_rank_and_size(group) -> tuple[int, int]:
+def tp_rank_and_size(group: Group) -> tuple[int, int]:
+    """(my rank in the tensor-parallel group, its size); (0, 1) for None."""
     size = comm.group_size(group)
     return (0 if size == 1 else torch.distributed.get_rank(group)), size
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
+    """numerator / denominator, or a ValueError naming `what` when it does not divide."""
     if numerator % denominator:
         raise ValueError(f"{what} ({numerator}) is not divisible by tensor-parallel size "
                          f"{denominator}")
     return numerator // denominator
 
 
-def shard_parameter(full: torch.Tensor, group, dim: int | None) -> nn.Parameter:
-    """This rank's slice of `full` along `dim` (None: replicated) as a Parameter."""
-    rank, size = tp_rank_and_size(group)
-    data = full if dim is None or size == 1 else full.chunk(size, dim=dim)[rank]
-    param = nn.Parameter(data.clone().contiguous())
-    param.tp_split_dim = None if size == 1 else dim
+def my_slice(size: int, group: Group, what: str) -> range:
+    """The indices [start, end) of a dim of `size` that this rank holds (contiguous split)."""
+    rank, tp = tp_rank_and_size(group)
+    per_rank = divide(size, tp, what)
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def slice_seed(seed: int, name: str, index: int) -> int:
+    """A 63-bit generator seed private to slice `index` of the parameter `name`."""
+    digest = hashlib.blake2b(f"{seed}/{name}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass(frozen=True)
+class NormalInit:
+    """N(0, std) weights, drawn slice by slice so that a rank draws only its own shard.
+
+    The full tensor is defined along one dim (the dim it is split along over tp): slice i of it
+    (a row, or a column of a row-parallel weight) comes from a generator seeded by
+    (seed, name, i) alone. A rank draws just the slices it holds. The values depend on neither
+    tp nor pp (name is the parameter's path, e.g. "layers.3.mlp.fc1") nor the device (CPU
+    generators), and the cost is one generator per slice, a few microseconds each.
+    """
+
+    std: float
+    seed: int
+    name: str
+
+    def child(self, name: str) -> "NormalInit":
+        """The same distribution for the sub-module or parameter `name`: its own streams."""
+        return NormalInit(self.std, self.seed, f"{self.name}.{name}")
+
+    def slices(self, shape: tuple[int, ...], dim: int, indices: range) -> torch.Tensor:
+        """Slices `indices` along `dim` of the full tensor of `shape`, concatenated."""
+        local_shape = list(shape)
+        local_shape[dim] = len(indices)
+        out = torch.empty(local_shape)
+        slice_shape = shape[:dim] + shape[dim + 1:]
+        for local, index in enumerate(indices):
+            generator = torch.Generator().manual_seed(slice_seed(self.seed, self.name, index))
+            drawn = torch.empty(slice_shape).normal_(0.0, self.std, generator=generator)
+            out.select(dim, local).copy_(drawn)
+        return out
+
+
+def tp_parameter(data: torch.Tensor, group: Group, dim: int | None) -> nn.Parameter:
+    """This rank's `data` as a Parameter tagged with the dim it is split along over tp (None:
+    replicated, the same on every tp rank)."""
+    param = nn.Parameter(data.contiguous())
+    param.tp_split_dim = None if comm.group_size(group) == 1 else dim
     return param
 
 
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split by output features. Output stays split unless `gather_output`."""
 
-    def __init__(self, in_features: int, out_features: int, tp_group, init_fn: InitFn,
+    def __init__(self, in_features: int, out_features: int, tp_group: Group, init: NormalInit,
                  bias: bool = True, gather_output: bool = False,
                  sequence_parallel: bool = False):
         super().__init__()
         _, tp = tp_rank_and_size(tp_group)
-        self.out_features_per_rank = divide(out_features, tp, "output features")
+        rows = my_slice(out_features, tp_group, "output features")
+        self.out_features_per_rank = len(rows)
         self.tp_group, self.gather_output = tp_group, gather_output
         self.sequence_parallel = sequence_parallel and tp > 1
-        self.weight = shard_parameter(init_fn((out_features, in_features)), tp_group, dim=0)
-        self.bias = shard_parameter(torch.zeros(out_features), tp_group, dim=0) if bias else None
+        weight = init.slices((out_features, in_features), dim=0, indices=rows)
+        self.weight = tp_parameter(weight, tp_group, dim=0)
+        self.bias = tp_parameter(torch.zeros(len(rows)), tp_group, dim=0) if bias else None
 
     def enter_parallel_region(self, x: torch.Tensor) -> torch.Tensor:
         """f (identity fwd, all-reduce bwd), or under SP g-bar (all-gather the sequence)."""
@@ -92,15 +143,16 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """Y = X A + b with A split by input features; X arrives split along its last dim."""
 
-    def __init__(self, in_features: int, out_features: int, tp_group, init_fn: InitFn,
+    def __init__(self, in_features: int, out_features: int, tp_group: Group, init: NormalInit,
                  bias: bool = True, sequence_parallel: bool = False):
         super().__init__()
         _, tp = tp_rank_and_size(tp_group)
-        divide(in_features, tp, "input features")
+        columns = my_slice(in_features, tp_group, "input features")
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and tp > 1
-        self.weight = shard_parameter(init_fn((out_features, in_features)), tp_group, dim=1)
-        self.bias = shard_parameter(torch.zeros(out_features), tp_group, None) if bias else None
+        weight = init.slices((out_features, in_features), dim=1, indices=columns)
+        self.weight = tp_parameter(weight, tp_group, dim=1)
+        self.bias = tp_parameter(torch.zeros(out_features), tp_group, None) if bias else None
         if self.bias is not None and self.sequence_parallel:
             self.bias.sequence_parallel = True  # added to a sequence shard: partial gradient
 
@@ -123,18 +175,17 @@ class VocabParallelEmbedding(nn.Module):
     `vocab_size` are padding, initialised to zero and masked out of the loss.
     """
 
-    def __init__(self, vocab_size: int, padded_vocab_size: int, embedding_dim: int, tp_group,
-                 init_fn: InitFn, sequence_parallel: bool = False):
+    def __init__(self, vocab_size: int, padded_vocab_size: int, embedding_dim: int,
+                 tp_group: Group, init: NormalInit, sequence_parallel: bool = False):
         super().__init__()
-        rank, tp = tp_rank_and_size(tp_group)
+        _, tp = tp_rank_and_size(tp_group)
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and tp > 1
         self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
-        per_rank = divide(padded_vocab_size, tp, "padded vocabulary size")
-        self.vocab_start, self.vocab_end = rank * per_rank, (rank + 1) * per_rank
-        full = torch.zeros(padded_vocab_size, embedding_dim)
-        full[:vocab_size] = init_fn((vocab_size, embedding_dim))
-        self.weight = shard_parameter(full, tp_group, dim=0)
+        rows = my_slice(padded_vocab_size, tp_group, "padded vocabulary size")
+        self.vocab_start, self.vocab_end = rows.start, rows.stop
+        self.weight = tp_parameter(vocab_shard(vocab_size, embedding_dim, rows, init), tp_group,
+                                   dim=0)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if comm.group_size(self.tp_group) == 1:
@@ -147,7 +198,29 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tensor_parallel_region(partial, self.tp_group)
 
 
-def parallel_lm_logits(hidden: torch.Tensor, word_weight: torch.Tensor, tp_group,
+class VocabParallelOutput(nn.Module):
+    """The untied output layer: a [padded_vocab, h] weight split by vocabulary rows like the
+    embedding (same padding, same shards), read by `parallel_lm_logits` instead of looked up."""
+
+    def __init__(self, vocab_size: int, padded_vocab_size: int, hidden_size: int,
+                 tp_group: Group, init: NormalInit):
+        super().__init__()
+        rows = my_slice(padded_vocab_size, tp_group, "padded vocabulary size")
+        self.weight = tp_parameter(vocab_shard(vocab_size, hidden_size, rows, init), tp_group,
+                                   dim=0)
+
+
+def vocab_shard(vocab_size: int, embedding_dim: int, rows: range,
+                init: NormalInit) -> torch.Tensor:
+    """`rows` of a vocabulary table [padded vocab, embedding_dim]: rows below `vocab_size` drawn
+    by `init` (row i from its own stream), padding rows zero."""
+    shard = torch.zeros(len(rows), embedding_dim)
+    real = range(rows.start, max(rows.start, min(rows.stop, vocab_size)))
+    shard[: len(real)] = init.slices((vocab_size, embedding_dim), dim=0, indices=real)
+    return shard
+
+
+def parallel_lm_logits(hidden: torch.Tensor, word_weight: torch.Tensor, tp_group: Group,
                        sequence_parallel: bool) -> torch.Tensor:
     """Logits for my vocabulary shard: [b, s, padded_vocab / tp]. Never the full vocabulary."""
     if sequence_parallel and comm.group_size(tp_group) > 1:
