@@ -141,22 +141,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def replicated_over_tp(param: nn.Parameter) -> bool:
-    """True for parameters every tp rank holds in full (norms, row-parallel biases, positions)."""
-    return getattr(param, "tp_split_dim", None) is None
-
-
 def allreduce_sequence_parallel_grads(model: nn.Module, tp_group: Group) -> None:
     """Under SP, norms and row-parallel biases see only my sequence shard: sum over tp."""
-    if comm.group_size(tp_group) == 1:
-        return
     grads = [p.grad for p in model.parameters()
              if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    comm.all_reduce(flat, tp_group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
+    comm.all_reduce_coalesced(grads, tp_group)

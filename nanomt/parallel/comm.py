@@ -61,6 +61,16 @@ def all_reduce(tensor: torch.Tensor, group: Group,
     return tensor
 
 
+def all_reduce_coalesced(tensors: list[torch.Tensor], group: Group) -> None:
+    """Sum each of `tensors` over `group` with one all-reduce of their concatenation (all of one
+    dtype); the sums are written back in place."""
+    if group_size(group) == 1 or not tensors:
+        return
+    flat = all_reduce(torch.cat([t.reshape(-1) for t in tensors]), group)
+    for tensor, summed in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(summed.view_as(tensor))
+
+
 def all_gather(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """Concatenate every rank's `tensor` along `dim`, in rank order."""
     world = group_size(group)

@@ -55,6 +55,7 @@ def build_model_chunks(cfg: ModelConfig, grid, virtual_stages: int = 1, *, seed:
 
 
 def shared_embedding_params(model_chunks: list[nn.Module]) -> list[nn.Parameter]:
+    """The tied word embedding of each chunk that holds one (first and last stage, GPT)."""
     return [p for chunk in model_chunks for p in chunk.parameters()
             if getattr(p, "shared_embedding", False)]
 

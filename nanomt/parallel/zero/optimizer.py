@@ -52,6 +52,7 @@ from nanomt.optim.adamw import adamw_update_, decays
 from nanomt.optim.grad_norm import norm_and_overflow
 from nanomt.optim.loss_scaler import DynamicLossScaler, ScaleGradient
 from nanomt.parallel import comm
+from nanomt.parallel.pipeline.partition import shared_embedding_params
 from nanomt.parallel.zero import state
 from nanomt.parallel.zero.buckets import Bucket, make_bucket, plan_by_layer, plan_by_size
 from nanomt.parallel.zero.stage3 import ParameterGatherer
@@ -126,8 +127,7 @@ class ZeroOptimizer:
         """The tied embedding gets its own bucket when a second copy lives on another stage."""
         if self.grid is None or comm.group_size(self.grid.embedding_group) == 1:
             return []
-        return [p for c in self.chunks for p in c.parameters()
-                if getattr(p, "shared_embedding", False)]
+        return shared_embedding_params(self.chunks)
 
     def _build_buckets(self, named: list[tuple[str, nn.Parameter]],
                        bucket_size_mb: float) -> list[Bucket]:
@@ -325,11 +325,7 @@ class ZeroOptimizer:
         tp_group, emb_group = self.grid.tp_group, self.grid.embedding_group
         sp_pieces = [b.grad_shard[s.shard_lo: s.shard_hi] for b in self.buckets
                      for s in b.segments if getattr(s.param, "sequence_parallel", False)]
-        if sp_pieces and comm.group_size(tp_group) > 1:
-            flat = torch.cat(sp_pieces)
-            comm.all_reduce(flat, tp_group)
-            for piece, summed in zip(sp_pieces, flat.split([p.numel() for p in sp_pieces])):
-                piece.copy_(summed)
+        comm.all_reduce_coalesced(sp_pieces, tp_group)
         if comm.group_size(emb_group) > 1:
             for param in self._shared_embedding_params():
                 comm.all_reduce(self.bucket_of[id(param)].grad_shard, emb_group)
