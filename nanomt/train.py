@@ -51,7 +51,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_data(cfg: DictConfig, model_cfg: ModelConfig):
+def build_data(cfg: DictConfig, model_cfg: ModelConfig
+               ) -> tuple[GlobalBatchSampler, GlobalBatchSampler]:
+    """The train and validation samplers: tokenized corpus, split, global batches of G."""
     tokenizer = build_tokenizer(str(cfg.data.tokenizer))
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {cfg.data.tokenizer!r} has {tokenizer.vocab_size} tokens "
@@ -114,6 +116,8 @@ class Trainer:
     checkpointer: Checkpointer
     timeline: Timeline | None
     start_step: int
+    tokens_per_step: int      # global_batch_size * seq_len
+    flops_per_step: float     # model FLOPs of one optimizer step (nanomt.flops)
 
     def micro_batches(self, data: GlobalBatchSampler, step: int) -> list[tuple]:
         """This dp rank's m micro-batches of the global batch of `step` (train or eval data)."""
@@ -138,12 +142,10 @@ class Trainer:
         result = self.optimizer.step()  # reduce, clip by the global norm, update (or skip: fp16)
         loss = mean_over_batch(loss_sum, self.num_microbatches, self.grid, self.device)
         step_time = time.perf_counter() - t0
-        tokens_per_step = self.cfg.train.global_batch_size * self.model_cfg.seq_len
-        flops = flops_per_iteration(self.model_cfg, self.cfg.train.global_batch_size)
         return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
-                "tokens": (step + 1) * tokens_per_step, "step_time_s": step_time,
-                "tokens_per_s": tokens_per_step / step_time,
-                "tflops_per_device": flops / step_time / self.grid.world_size / 1e12,
+                "tokens": (step + 1) * self.tokens_per_step, "step_time_s": step_time,
+                "tokens_per_s": self.tokens_per_step / step_time,
+                "tflops_per_device": self.flops_per_step / step_time / self.grid.world_size / 1e12,
                 "skipped": result.skipped}
 
     @torch.no_grad()
@@ -154,13 +156,13 @@ class Trainer:
         for chunk in chunks:
             chunk.eval()
         mbs, grid, G = self.cfg.train.micro_batch_size, self.grid, self.cfg.train.global_batch_size
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=self.device)  # stays on the device: one sync, below
         for inputs, targets in self.val_data.eval_batches(self.cfg.train.eval_batches, G,
                                                           grid.dp_rank, grid.dp_size):
             micro_batches = [(x.to(self.device), y.to(self.device))
                              for x, y in zip(inputs.split(mbs), targets.split(mbs))]
             loss_sum += self.forward_backward(chunks, micro_batches, grid,
-                                              forward_only=True).float().cpu()
+                                              forward_only=True).float()
         for chunk in chunks:
             chunk.train()
         return mean_over_batch(loss_sum, self.num_microbatches * self.cfg.train.eval_batches,
@@ -190,9 +192,11 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     train_data, val_data = build_data(cfg, model_cfg)
     checkpointer = Checkpointer(cfg, run_dir, model_cfg, layout, grid, device)
     start_step = checkpointer.resume(model_chunks, optimizer, train_data)  # 0 unless train.resume
+    G = cfg.train.global_batch_size
     return Trainer(cfg, run_dir, model_cfg, layout, grid, device, num_microbatches, model_chunks,
                    forward_backward, optimizer, lr_at, train_data, val_data, checkpointer,
-                   timeline, start_step)
+                   timeline, start_step, tokens_per_step=G * model_cfg.seq_len,
+                   flops_per_step=flops_per_iteration(model_cfg, G))
 
 
 def write_run_json(t: Trainer) -> None:
@@ -243,7 +247,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if t.timeline is not None:
         t.timeline.save(run_dir / "timeline" / f"rank{t.grid.rank}.json")
     elapsed = time.perf_counter() - t_start
-    tokens_per_step = cfg.train.global_batch_size * t.model_cfg.seq_len
+    tokens_per_step = t.tokens_per_step
     summary = {"steps": steps_done, "final_loss": record["loss"], "val_loss": val_loss,
                "tokens": steps_done * tokens_per_step, "time_s": elapsed,
                "tokens_per_s": (steps_done - t.start_step) * tokens_per_step / max(elapsed, 1e-9),

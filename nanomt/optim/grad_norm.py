@@ -16,6 +16,7 @@ elements in the same all-reduce, so that every rank of the world agrees on an fp
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,17 +59,15 @@ def norm_and_overflow(pieces: list[tuple[nn.Parameter, torch.Tensor]],
     comm.all_reduce(totals, dp_group)
     if grid is not None:
         comm.all_reduce(totals, grid.model_parallel_group)
-    overflow = bool(totals[1] > 0) or not bool(torch.isfinite(totals[0]))
+    sum_of_squares, nonfinite = totals.tolist()  # one host sync decides the skip on every rank
+    overflow = nonfinite > 0 or not math.isfinite(sum_of_squares)
     return totals[0].sqrt(), overflow
 
 
 def global_grad_norm(params: list[nn.Parameter], grid: ParallelGrid | None,
-                     dp_sharded: bool = False,
-                     grads: list[torch.Tensor] | None = None) -> torch.Tensor:
+                     dp_sharded: bool = False) -> torch.Tensor:
     """The L2 norm of the whole model's gradient (fp32 scalar, equal on every rank)."""
-    if grads is None:
-        grads = [p.grad for p in params]
-    pieces = [(param, grad.detach()) for param, grad in zip(params, grads) if grad is not None]
+    pieces = [(param, param.grad.detach()) for param in params if param.grad is not None]
     dp_group = grid.dp_group if grid is not None and dp_sharded else None
     norm, _ = norm_and_overflow(pieces, grid, dp_group)
     return norm
