@@ -76,7 +76,7 @@ class PeakMemoryMeter(TorchDispatchMode):
         self.current_bytes = 0
         self.peak_bytes = 0
 
-    def watch(self, enabled: bool = True):
+    def watch(self, enabled: bool = True) -> contextlib.AbstractContextManager:
         """`with meter.watch(cond):` measures only when cond holds."""
         return self if enabled else contextlib.nullcontext()
 

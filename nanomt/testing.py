@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from omegaconf import DictConfig
 
 
 def free_port() -> int:
@@ -122,7 +123,7 @@ def _first_error(collected: dict) -> str:
     return ""
 
 
-def compose_config(overrides: list[str] | None = None):
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The run config Hydra would build for `python -m nanomt.train <overrides>` (no chdir, no run
     folder): for tests and tools that call `nanomt.train.run(cfg, run_dir)` in-process."""
     from pathlib import Path

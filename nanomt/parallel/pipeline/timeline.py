@@ -82,7 +82,8 @@ class Timeline:
         path.write_text(json.dumps({**self.meta, "steps": self.steps}))
 
 
-def maybe_span(timeline: Timeline | None, kind: str, microbatch: int = -1, chunk: int = -1):
+def maybe_span(timeline: Timeline | None, kind: str, microbatch: int = -1, chunk: int = -1
+               ) -> contextlib.AbstractContextManager:
     """timeline.span(...) or a no-op when no timeline is being recorded."""
     if timeline is None:
         return contextlib.nullcontext()
