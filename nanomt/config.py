@@ -1,20 +1,52 @@
 """Checking a run's configuration before anything expensive happens.
 
-Hydra composes the config from conf/ and the command line; this module turns the parts the code
-relies on into checked values and fails early, with the key to change, when they cannot work:
-a layout that does not cover the world, a tp that does not divide the heads, a batch that does
-not split into micro-batches, a feature that is not built yet.
+Hydra composes the config from conf/ and the command line; `check_config` turns the parts the code
+relies on into checked values and fails early, before any process group exists, with
+`ConfigError(what is wrong, the key to change)`; nanomt.train prints it as one line and exits
+with code 2. Every rank composes the same config and reaches the same verdict, so the checks
+only read the config and small files (a tokenizer, a checkpoint's meta.json), never talk.
+
+Each rule lives in one place, in the order the run needs them:
+
+    fields          every key's type and range (tables below, beside the check that uses them)
+    layout          world size = tp * pp * dp (dp inferred when null)
+    model vs layout tp divides heads, hidden, ffn; sequence parallelism needs tp | seq_len
+    batch           G = m * b * dp: the global batch splits into micro-batches on every replica
+    pipeline        pp * v divides the layers; interleaving (v > 1) needs pp | m
+    schedule        lr > 0, min_lr <= lr, the cosine decay ends after the warm-up
+    precision       the fp16 loss scale
+    data            the corpus file exists; the tokenizer loads and fits model.vocab_size
+    resume          the checkpoint in train.resume exists and holds this model's tensors
+
+Lower layers (validate_layout, check_pipeline_config, ModelConfig, WarmupCosine) keep their own
+ValueErrors for direct library users; here the same rules are checked first, naming the key.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import os
+import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from nanomt.errors import ConfigError
+
+from nanomt.checkpoint.format import CheckpointError, check_model_config
+from nanomt.checkpoint.load import read_meta, resolve_checkpoint
+from nanomt.data.dataset import CORPUS_PATH, SHAKESPEARE
+from nanomt.data.tokenizer import build_tokenizer
+from nanomt.model.checkpointing import MODES as CHECKPOINTING_MODES
 from nanomt.model.config import ModelConfig
-from nanomt.parallel.grid import infer_dp, validate_layout
-from nanomt.parallel.pipeline.schedules import check_pipeline_config
+from nanomt.parallel.pipeline.schedules import SCHEDULES, check_pipeline_config
+from nanomt.parallel.zero.optimizer import GRAD_REDUCE_MODES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -22,6 +54,159 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # (description, predicate on the config). Removing an entry is part of landing the feature.
 NOT_IMPLEMENTED: list[tuple[str, object]] = [
 ]
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The run config Hydra would build for `python -m nanomt.train <overrides>` (no chdir, no run
+    folder): for the pre-launch check, and for tests and tools that call `nanomt.train.run`."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
+def compose_checked(overrides: list[str]) -> DictConfig:
+    """compose_config, with Hydra's errors (unknown key or preset, bad syntax) as ConfigError."""
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        return compose_config(overrides)
+    except MissingConfigException as error:
+        group = (error.missing_cfg_file or "").split("/")[0] or "a config group"
+        choice = next((o.split("=", 1) for o in overrides if o.split("=", 1)[0] == group), None)
+        name = f"{group}={choice[1]}" if choice else (error.missing_cfg_file or "a preset")
+        options = ", ".join(error.options or [])
+        raise ConfigError(f"unknown preset {name}", f"choose one of: {options}") from error
+    except HydraException as error:
+        first = str(error).strip().splitlines()[0]
+        if first.startswith("Could not override"):
+            key = first.split("'")[1]
+            raise ConfigError(f"unknown config key {key!r}",
+                              "check the spelling (python -m nanomt.train --cfg job lists every "
+                              "key)") from error
+        raise ConfigError(f"bad command-line override: {first}",
+                          "write overrides as key=value") from error
+
+
+
+class NotBuiltError(ConfigError, NotImplementedError):
+    """A config asks for a feature in NOT_IMPLEMENTED."""
+
+
+# ---- rules for single values --------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value must be: `text` completes "<key> must be ..."."""
+
+    text: str
+    test: Callable[[Any], bool]
+
+
+def choice(*options: Any) -> Rule:
+    return Rule("one of " + ", ".join(map(str, options)),
+                lambda v: not isinstance(v, bool) and v in options)
+
+
+def or_null(rule: Rule) -> Rule:
+    return Rule(f"{rule.text} or null", lambda v: v is None or rule.test(v))
+
+
+POSITIVE_INT = Rule("a positive integer", lambda v: _is_int(v) and v >= 1)
+NON_NEGATIVE_INT = Rule("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+INT = Rule("an integer", _is_int)
+POSITIVE = Rule("a number > 0", lambda v: _is_number(v) and v > 0)
+NON_NEGATIVE = Rule("a number >= 0", lambda v: _is_number(v) and v >= 0)
+FRACTION = Rule("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
+OPEN_FRACTION = Rule("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1)
+BOOL = Rule("true or false", lambda v: isinstance(v, bool))
+TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and v != "")
+DEVICE = Rule("auto, cpu, cuda or cuda:<index>",
+              lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None)
+
+_ABSENT = object()
+
+
+def check_fields(cfg: DictConfig, rules: dict[str, Rule]) -> None:
+    """Every key present in `cfg` meets its rule (keys a config lacks are left to their users)."""
+    for key, rule in rules.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and not rule.test(value):
+            raise ConfigError(f"{key} must be {rule.text}, got {value!r}", f"set {key}")
+
+
+_WARNED: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """`nanomt: warning: <message>` on stderr, once per process, on global rank 0 only."""
+    if message not in _WARNED and int(os.environ.get("RANK", "0")) == 0:
+        print(f"nanomt: warning: {message}", file=sys.stderr, flush=True)
+    _WARNED.add(message)
+
+
+def _as_config_error(error: Exception, key: str) -> ConfigError:
+    """A lower layer's "what: fix" ValueError as ConfigError; the fix must name `key`."""
+    what, sep, fix = str(error).rpartition(": ")
+    if not sep or key not in fix:
+        what, fix = str(error), f"set {key}"
+    return ConfigError(what, fix)
+
+
+# ---- the model ----------------------------------------------------------------------------------
+MODEL_RULES = {
+    "model.style": choice("gpt", "llama"),
+    **{f"model.{name}": POSITIVE_INT for name in ("num_layers", "hidden_size", "num_heads",
+                                                  "seq_len", "vocab_size", "vocab_pad_multiple")},
+    "model.ffn_hidden_size": or_null(POSITIVE_INT),
+    "model.dropout": FRACTION,
+    "model.attention_dropout": or_null(FRACTION),
+    "model.init_std": POSITIVE,
+    "model.norm_eps": POSITIVE,
+    "model.rope_theta": POSITIVE,
+    "model.tie_embeddings": or_null(BOOL),
+}
+
+
+def model_config(cfg: DictConfig) -> ModelConfig:
+    check_fields(cfg, MODEL_RULES)
+    m = cfg.model
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size = {m.hidden_size} is not divisible by "
+                          f"model.num_heads = {m.num_heads}",
+                          "change model.hidden_size or model.num_heads")
+    try:
+        return ModelConfig.from_dict(OmegaConf.to_container(m, resolve=True))
+    except ValueError as error:  # unknown model keys (added with +model.<key>=...)
+        raise ConfigError(str(error), "remove the key, or check its spelling") from error
+
+
+# ---- the layout ---------------------------------------------------------------------------------
+LAYOUT_RULES = {
+    "parallel.tp": POSITIVE_INT,
+    "parallel.pp": POSITIVE_INT,
+    "parallel.dp": or_null(POSITIVE_INT),
+    "parallel.virtual_stages": POSITIVE_INT,
+    "parallel.schedule": choice(*SCHEDULES),
+    "parallel.sequence_parallel": BOOL,
+    "parallel.zero_stage": choice(0, 1, 2, 3),
+    "parallel.bucket_size_mb": POSITIVE,
+    "parallel.grad_reduce": choice(*GRAD_REDUCE_MODES),
+    "parallel.zero3_prefetch": NON_NEGATIVE_INT,
+    "parallel.timeout_s": POSITIVE,
+    "parallel.init_timeout_s": POSITIVE,
+}
 
 
 @dataclass(frozen=True)
@@ -38,68 +223,240 @@ class Layout:
         return self.tp * self.pp * self.dp
 
 
-def model_config(cfg: DictConfig) -> ModelConfig:
-    values = OmegaConf.to_container(cfg.model, resolve=True)
-    return ModelConfig.from_dict(values)
-
-
 def resolve_layout(cfg: DictConfig, world_size: int) -> Layout:
+    """The (tp, pp, dp) layout covering `world_size` ranks; dp: null takes what tp*pp leaves."""
+    check_fields(cfg, LAYOUT_RULES)
     p = cfg.parallel
-    dp = p.dp if p.dp is not None else infer_dp(world_size, p.tp, p.pp)
-    validate_layout(world_size, p.tp, p.pp, dp)
-    if p.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
-    if p.virtual_stages < 1:
-        raise ValueError(f"parallel.virtual_stages must be >= 1, got {p.virtual_stages}")
-    return Layout(tp=p.tp, pp=p.pp, dp=dp, virtual_stages=p.virtual_stages,
+    tp, pp = p.tp, p.pp
+    if p.dp is None and world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}, so "
+                          f"parallel.dp cannot be inferred",
+                          "launch a multiple of tp*pp processes or change parallel.tp/pp")
+    dp = p.dp if p.dp is not None else world_size // (tp * pp)
+    if tp * pp * dp != world_size:
+        raise ConfigError(f"world size {world_size} != tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp}",
+                          "launch tp*pp*dp processes or change parallel.tp/pp/dp")
+    if p.sequence_parallel and tp == 1:
+        warn("parallel.sequence_parallel=true does nothing with parallel.tp=1; "
+             "set parallel.tp > 1 or parallel.sequence_parallel=false")
+    return Layout(tp=tp, pp=pp, dp=dp, virtual_stages=p.virtual_stages,
                   sequence_parallel=bool(p.sequence_parallel), zero_stage=p.zero_stage)
 
 
 def check_model_fits_layout(model: ModelConfig, layout: Layout) -> None:
-    """tp must divide heads, hidden, ffn and the padded vocabulary; SP needs tp | seq_len."""
+    """tp must divide heads, hidden and ffn (the padded vocabulary is rounded up to a multiple
+    of tp by construction); sequence parallelism splits the sequence, so tp must divide it."""
     tp = layout.tp
-    for what, value in (("model.num_heads", model.num_heads),
-                        ("model.hidden_size", model.hidden_size),
-                        ("model.ffn_hidden_size", model.ffn_hidden_size)):
+    for key, value in (("model.hidden_size", model.hidden_size),
+                       ("model.num_heads", model.num_heads),
+                       ("model.ffn_hidden_size", model.ffn_hidden_size)):
         if value % tp:
-            raise ValueError(f"{what} = {value} is not divisible by parallel.tp = {tp}")
-    if model.padded_vocab_size(tp) % tp:
-        raise ValueError(f"padded vocabulary {model.padded_vocab_size(tp)} not divisible by tp")
+            raise ConfigError(f"{key} = {value} is not divisible by parallel.tp = {tp}",
+                              f"change parallel.tp or {key}")
     if layout.sequence_parallel and model.seq_len % tp:
-        raise ValueError(f"parallel.sequence_parallel needs model.seq_len ({model.seq_len}) "
-                         f"divisible by parallel.tp ({tp})")
+        raise ConfigError(f"parallel.sequence_parallel needs model.seq_len ({model.seq_len}) "
+                          f"divisible by parallel.tp ({tp})",
+                          "change model.seq_len or parallel.tp, or set "
+                          "parallel.sequence_parallel=false")
+
+
+# ---- batches and the pipeline -------------------------------------------------------------------
+BATCH_RULES = {
+    "train.global_batch_size": POSITIVE_INT,
+    "train.micro_batch_size": POSITIVE_INT,
+}
 
 
 def check_batch(cfg: DictConfig, layout: Layout) -> int:
-    """Returns the number of micro-batches per optimizer step on each data-parallel rank."""
-    t = cfg.train
-    if t.global_batch_size % (t.micro_batch_size * layout.dp):
-        raise ValueError(
-            f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
-            f"train.micro_batch_size * dp ({t.micro_batch_size} * {layout.dp})")
-    return t.global_batch_size // (t.micro_batch_size * layout.dp)
+    """Returns m, the number of micro-batches per optimizer step on each data-parallel rank."""
+    check_fields(cfg, BATCH_RULES)
+    G, b, dp = cfg.train.global_batch_size, cfg.train.micro_batch_size, layout.dp
+    if G % (b * dp):
+        raise ConfigError(
+            f"train.global_batch_size ({G}) is not divisible by train.micro_batch_size * dp "
+            f"({b} * {dp} = {b * dp})",
+            "change train.global_batch_size or train.micro_batch_size")
+    return G // (b * dp)
 
 
 def check_pipeline(cfg: DictConfig, model: ModelConfig, layout: Layout, num_microbatches: int
                    ) -> None:
     """Layers split into pp * virtual_stages chunks; interleaving needs m a multiple of pp."""
-    schedule = str(cfg.parallel.schedule)
-    check_pipeline_config(model.num_layers, layout.pp, layout.virtual_stages, num_microbatches,
-                          schedule)
+    pp, v, layers = layout.pp, layout.virtual_stages, model.num_layers
+    if v > 1 and pp == 1:
+        raise ConfigError("parallel.virtual_stages > 1 interleaves model chunks over pipeline "
+                          "ranks and needs parallel.pp > 1", "set parallel.virtual_stages=1")
+    if layers % (pp * v):
+        raise ConfigError(f"model.num_layers = {layers} is not divisible by parallel.pp * "
+                          f"parallel.virtual_stages = {pp} * {v} = {pp * v}",
+                          "change parallel.pp, parallel.virtual_stages or model.num_layers")
+    if v > 1 and num_microbatches % pp:
+        raise ConfigError(
+            f"interleaved pipelining (parallel.virtual_stages = {v}) needs the micro-batches per "
+            f"step, m = train.global_batch_size / (train.micro_batch_size * dp) = "
+            f"{num_microbatches}, to be a multiple of parallel.pp = {pp}",
+            "change train.global_batch_size or train.micro_batch_size")
+    try:  # the scheduler's own guard, for any rule it gains later
+        check_pipeline_config(layers, pp, v, num_microbatches, str(cfg.parallel.schedule))
+    except ValueError as error:
+        raise _as_config_error(error, "parallel.") from error
 
 
+# ---- optimiser and learning-rate schedule -------------------------------------------------------
+OPTIM_RULES = {
+    "optim.name": choice("adamw"),
+    "optim.lr": POSITIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.warmup_steps": NON_NEGATIVE_INT,
+    "optim.decay_steps": or_null(POSITIVE_INT),
+    "optim.beta1": FRACTION,
+    "optim.beta2": FRACTION,
+    "optim.eps": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.grad_clip": NON_NEGATIVE,  # 0: no clipping
+}
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    """Warm-up to lr over warmup_steps, cosine to min_lr until step decay_steps (nanomt.optim.
+    schedule). An explicit decay_steps must end after the warm-up, or there is no decay, only a
+    jump to min_lr. With decay_steps null the decay ends at train.steps, and a short run that
+    ends inside the warm-up (a smoke test) is allowed."""
+    check_fields(cfg, OPTIM_RULES)
+    o = cfg.optim
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr ({o.min_lr}) exceeds optim.lr ({o.lr})",
+                          "lower optim.min_lr or raise optim.lr")
+    if o.decay_steps is not None and o.decay_steps <= o.warmup_steps:
+        raise ConfigError(f"optim.decay_steps ({o.decay_steps}) must be greater than "
+                          f"optim.warmup_steps ({o.warmup_steps}): the cosine decay ends at step "
+                          f"decay_steps, counted from the start",
+                          "raise optim.decay_steps, lower optim.warmup_steps, or set "
+                          "optim.decay_steps=null (decay until train.steps)")
+
+
+# ---- the training loop --------------------------------------------------------------------------
+TRAIN_RULES = {
+    "train.steps": POSITIVE_INT,
+    "train.seed": INT,
+    "train.precision": choice(*PRECISIONS),
+    "train.fp32_grads": BOOL,
+    "train.activation_checkpointing": choice(*CHECKPOINTING_MODES),
+    "train.measure_memory": BOOL,
+    "train.device": DEVICE,
+    "train.eval_interval": NON_NEGATIVE_INT,  # 0: only at the end
+    "train.eval_batches": POSITIVE_INT,       # the end-of-run validation always runs
+    "train.resume": or_null(TEXT),
+    "train.exit_after": or_null(POSITIVE_INT),
+    "train.progress_bar": BOOL,
+    "train.timeline": BOOL,
+    "checkpoint.dir": or_null(TEXT),
+    "checkpoint.interval": NON_NEGATIVE_INT,  # 0: only on train.exit_after or SIGTERM
+    "checkpoint.keep_last": NON_NEGATIVE_INT,  # 0: keep every checkpoint
+}
+LOSS_SCALE_RULES = {
+    "train.loss_scale.initial": POSITIVE,
+    "train.loss_scale.growth_interval": POSITIVE_INT,
+    "train.loss_scale.min": POSITIVE,
+}
+
+
+def check_train(cfg: DictConfig) -> None:
+    """Loop, evaluation, checkpointing, device and the fp16 loss scale."""
+    check_fields(cfg, TRAIN_RULES)
+    t = cfg.train
+    if t.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={t.device} but no CUDA device is available",
+                          "set train.device=auto or train.device=cpu")
+    if t.precision == "fp16":
+        check_fields(cfg, LOSS_SCALE_RULES)
+        if t.loss_scale.min > t.loss_scale.initial:
+            raise ConfigError(f"train.loss_scale.min ({t.loss_scale.min}) exceeds "
+                              f"train.loss_scale.initial ({t.loss_scale.initial})",
+                              "lower train.loss_scale.min or raise train.loss_scale.initial")
+
+
+# ---- data, tokenizer and the checkpoint to resume from ------------------------------------------
+DATA_RULES = {
+    "data.name": TEXT,
+    "data.tokenizer": TEXT,
+    "data.val_fraction": OPEN_FRACTION,  # the end-of-run validation needs a validation split
+    "data.cache_dir": or_null(TEXT),
+}
+TOKENIZER_FIX = "set data.tokenizer to byte, gpt2 or the path of a Hugging Face tokenizer.json"
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_vocab_size(spec: str) -> int:
+    """Loads the tokenizer (once per process: preflight and setup both ask)."""
+    return build_tokenizer(spec).vocab_size
+
+
+def check_data(cfg: DictConfig, model: ModelConfig) -> None:
+    """The corpus exists and the tokenizer loads and fits the model's vocabulary. The corpus is
+    not read: tokenizing it is the data loader's job."""
+    check_fields(cfg, DATA_RULES)
+    name, spec = cfg.data.name, cfg.data.tokenizer
+    path = CORPUS_PATH if name == SHAKESPEARE else Path(name).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.name: dataset file not found: {path}",
+                          f"set data.name to '{SHAKESPEARE}' or the path of a .txt, .txt.xz, "
+                          f".txt.gz or uint16 .bin file")
+    if path.suffix == ".bin" and path.stat().st_size % 2:
+        raise ConfigError(f"data.name: {path} has an odd size, not uint16 token ids",
+                          "set data.name to a .bin file of uint16 token ids")
+    if spec not in ("byte", "gpt2") and not spec.endswith(".json"):
+        raise ConfigError(f"unknown tokenizer {spec!r} in data.tokenizer", TOKENIZER_FIX)
+    if spec.endswith(".json") and not Path(spec).expanduser().is_file():
+        raise ConfigError(f"data.tokenizer: tokenizer file not found: {spec}", TOKENIZER_FIX)
+    try:
+        vocab_size = tokenizer_vocab_size(spec)
+    except Exception as error:  # noqa: BLE001 - ImportError, OSError, tokenizers' own errors
+        raise ConfigError(f"data.tokenizer={spec!r} cannot be loaded: {error}",
+                          TOKENIZER_FIX) from error
+    if vocab_size > model.vocab_size:
+        raise ConfigError(f"data.tokenizer={spec!r} has {vocab_size} tokens but "
+                          f"model.vocab_size is {model.vocab_size}",
+                          f"set model.vocab_size >= {vocab_size} (or a model preset with that "
+                          f"vocabulary), or use a smaller tokenizer")
+
+
+def check_resume(cfg: DictConfig, model: ModelConfig) -> None:
+    """train.resume=<folder>: it holds a checkpoint (or a `latest` pointer to one) saved for this
+    model's shape; only its meta.json is read. train.resume=auto is checked the same way when
+    checkpoint.dir is set and already has a checkpoint (else the run folder is not known yet)."""
+    resume = cfg.train.resume
+    if resume in (None, "", "none", "None"):
+        return
+    if resume == "auto":
+        if not cfg.checkpoint.dir or not (Path(cfg.checkpoint.dir) / "latest").exists():
+            return
+        resume = cfg.checkpoint.dir
+    try:
+        folder = resolve_checkpoint(resume)
+        saved = read_meta(folder).get("model", {})
+        check_model_config(saved, model.to_dict(), str(folder))
+    except CheckpointError as error:
+        raise _as_config_error(error, "train.resume") from error
+
+
+# ---- everything ---------------------------------------------------------------------------------
 def check_config(cfg: DictConfig, world_size: int) -> tuple[ModelConfig, Layout, int]:
-    """Everything that can be checked before a collective. Returns (model, layout, micro-batches)."""
-    if cfg.train.precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {cfg.train.precision}")
-    if cfg.train.steps < 1:
-        raise ValueError(f"train.steps must be >= 1, got {cfg.train.steps}")
+    """Everything that can be checked before a collective. Returns (model, layout, micro-batches).
+
+    Deterministic and cheap: every rank runs it before the process group exists (preflight) and
+    again in setup."""
+    check_train(cfg)
     model = model_config(cfg)
     layout = resolve_layout(cfg, world_size)
     check_model_fits_layout(model, layout)
     num_microbatches = check_batch(cfg, layout)
     check_pipeline(cfg, model, layout, num_microbatches)
+    check_schedule(cfg)
+    check_data(cfg, model)
+    check_resume(cfg, model)
     for description, applies in NOT_IMPLEMENTED:
         if applies(cfg):
-            raise NotImplementedError(f"{description} is not implemented yet")
+            raise NotBuiltError(f"{description} is not implemented yet",
+                                "leave its config keys at their defaults")
     return model, layout, num_microbatches

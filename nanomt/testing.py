@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from omegaconf import DictConfig
+
+from nanomt.config import compose_config  # noqa: F401 - tests build run configs with it
 
 
 def free_port() -> int:
@@ -121,15 +122,3 @@ def _first_error(collected: dict) -> str:
         if status == "error":
             return f"\nrank {rank} raised:\n{payload}"
     return ""
-
-
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """The run config Hydra would build for `python -m nanomt.train <overrides>` (no chdir, no run
-    folder): for tests and tools that call `nanomt.train.run(cfg, run_dir)` in-process."""
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
-    conf_dir = Path(__file__).resolve().parent.parent / "conf"
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides or []))

@@ -11,10 +11,13 @@ clipped by their global norm, and AdamW updates the weights.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import socket
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,8 +28,16 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from nanomt import faults
 from nanomt.checkpoint.checkpointer import Checkpointer
-from nanomt.config import Layout, check_config
+from nanomt.config import Layout, check_config, compose_checked
+from nanomt.errors import (
+    CommunicationError,
+    ExitCode,
+    NanomtError,
+    NonFiniteError,
+    exit_with,
+)
 from nanomt.data import GlobalBatchSampler, build_tokenizer, load_token_splits
 from nanomt.flops import flops_per_iteration
 from nanomt.logger import RunLogger, write_json_atomic
@@ -35,7 +46,7 @@ from nanomt.model import GPT, ModelConfig
 from nanomt.model.checkpointing import set_activation_checkpointing
 from nanomt.optim.schedule import WarmupCosine
 from nanomt.parallel import comm
-from nanomt.parallel.grid import ParallelGrid, init_distributed
+from nanomt.parallel.grid import ParallelGrid, agree_on_run_stamp, init_distributed
 from nanomt.parallel.random import seed_everything
 from nanomt.parallel.zero import build_optimizer
 from nanomt.parallel.pipeline import Timeline, build_model_chunks
@@ -77,11 +88,7 @@ def describe_ranks(grid: ParallelGrid, model: torch.nn.Module) -> list[dict]:
             "host": socket.gethostname(),
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "layers": [[chunk.layer_range.start, chunk.layer_range.stop] for chunk in model]}
-    if not grid.is_distributed:
-        return [mine]
-    everyone: list = [None] * grid.world_size
-    dist.all_gather_object(everyone, mine)
-    return everyone
+    return comm.all_gather_object(mine)
 
 
 def mean_over_batch(loss_sum: torch.Tensor, num_microbatches: int, grid: ParallelGrid,
@@ -118,6 +125,7 @@ class Trainer:
     start_step: int
     tokens_per_step: int      # global_batch_size * seq_len
     flops_per_step: float     # model FLOPs of one optimizer step (nanomt.flops)
+    nonfinite_in_a_row: int = 0
 
     def micro_batches(self, data: GlobalBatchSampler, step: int) -> list[tuple]:
         """This dp rank's m micro-batches of the global batch of `step` (train or eval data)."""
@@ -132,6 +140,7 @@ class Trainer:
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        faults.inject("step", step + 1)
         micro_batches = self.micro_batches(self.train_data, step)
         self.optimizer.zero_grad(set_to_none=True)
         if self.timeline is not None:
@@ -139,6 +148,7 @@ class Trainer:
         with measure.watch(step == self.start_step and self.cfg.train.measure_memory):
             loss_sum = self.forward_backward(self.model_chunks, micro_batches, self.grid,
                                              timeline=self.timeline)
+        faults.inject("optimizer", step + 1)
         result = self.optimizer.step()  # reduce, clip by the global norm, update (or skip: fp16)
         loss = mean_over_batch(loss_sum, self.num_microbatches, self.grid, self.device)
         step_time = time.perf_counter() - t0
@@ -147,6 +157,26 @@ class Trainer:
                 "tokens_per_s": self.tokens_per_step / step_time,
                 "tflops_per_device": self.flops_per_step / step_time / self.grid.world_size / 1e12,
                 "skipped": result.skipped}
+
+    def check_finite(self, record: dict) -> None:
+        """bf16/fp32 have no loss scale to lower: a non-finite loss or gradient norm skips the
+        update (the optimizer already did) and, past train.max_skipped_steps in a row, stops
+        every rank at once (they all hold the same global loss and norm) without saving."""
+        if self.cfg.train.precision == "fp16":
+            return  # the loss scaler skips and lowers the scale (nanomt.optim.loss_scaler)
+        if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        allowed = int(self.cfg.train.max_skipped_steps)
+        if self.nonfinite_in_a_row > allowed:
+            latest = self.checkpointer.last_saved or self.checkpointer.resumed_from
+            raise NonFiniteError(
+                f"step {record['step']}: loss {record['loss']} or gradient norm "
+                f"{record['grad_norm']} is not finite ({self.nonfinite_in_a_row} such steps in a "
+                f"row); the update was skipped and nothing was saved (last good checkpoint: "
+                f"{latest or 'none'}); lower optim.lr, check the data, or allow skips with "
+                f"train.max_skipped_steps")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -171,7 +201,7 @@ class Trainer:
 
 def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     """config -> grid -> model -> schedule -> optimizer -> data -> checkpoint (resume)."""
-    _, world_size, _ = init_distributed(cfg.parallel.timeout_s)
+    _, world_size, _ = init_distributed(cfg.parallel.timeout_s, cfg.parallel.init_timeout_s)
     model_cfg, layout, num_microbatches = check_config(cfg, world_size)
     device = pick_device(cfg.train.device)
     grid = ParallelGrid(layout.tp, layout.pp, layout.dp, timeout_s=cfg.parallel.timeout_s)
@@ -191,6 +221,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     lr_at = WarmupCosine(o.lr, o.min_lr, o.warmup_steps, o.decay_steps or cfg.train.steps)
     train_data, val_data = build_data(cfg, model_cfg)
     checkpointer = Checkpointer(cfg, run_dir, model_cfg, layout, grid, device)
+    checkpointer.check_folder()  # writable, and shared by every rank
     start_step = checkpointer.resume(model_chunks, optimizer, train_data)  # 0 unless train.resume
     G = cfg.train.global_batch_size
     return Trainer(cfg, run_dir, model_cfg, layout, grid, device, num_microbatches, model_chunks,
@@ -215,8 +246,33 @@ def write_run_json(t: Trainer) -> None:
         "started": datetime.now().isoformat(timespec="seconds")})
 
 
+@contextlib.contextmanager
+def naming_communication_failures(position: dict, timeout_s: float) -> Iterator[None]:
+    """A collective that failed or timed out (a peer stalled or died) becomes one line naming
+    the operation, the group and the step (nanomt.parallel.comm keeps track of them)."""
+    try:
+        yield
+    except NanomtError:
+        raise
+    except Exception as error:
+        if not comm.is_communication_failure(error):
+            raise
+        raise CommunicationError(
+            f"{comm.describe_failure(error, position['where'])}; a rank stalled or died: see "
+            f"the first failing rank's log, or raise parallel.timeout_s (now {timeout_s:g} s) "
+            f"if the operation is only slow") from error
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """The whole training run; returns the summary. Callable without Hydra (tests do)."""
+    """The whole training run; returns the summary. Callable without Hydra (tests do).
+    Failures it can name raise a NanomtError (nanomt.errors)."""
+    position = {"where": "start-up"}
+    with naming_communication_failures(position, float(cfg.parallel.timeout_s)):
+        return train(cfg, run_dir, position)
+
+
+def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
+    """Set up, then the loop: step, evaluate, log, checkpoint."""
     t = setup(cfg, run_dir)
     write_run_json(t)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -233,17 +289,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     activation_meter = PeakMemoryMeter()  # watches the first step's forward and backward
     t_start = time.perf_counter()
     for step in range(t.start_step, steps):
+        position["where"] = f"step {step + 1}"
         record = t.train_step(step, activation_meter)
         interval = cfg.train.eval_interval
         if (interval and (step + 1) % interval == 0) or step + 1 == steps:
             val_loss = record["val_loss"] = t.evaluate()
         logger.log_step(record)
+        t.check_finite(record)
         steps_done = step + 1
+        position["where"] = f"the checkpoint after step {steps_done}"
         if t.checkpointer.after_step(steps_done, t.model_chunks, t.optimizer, t.train_data,
                                      record["lr"]):
-            break  # train.exit_after reached, or SIGTERM: saved, stop cleanly
+            break  # train.exit_after reached, or the preemption signal: saved, stop cleanly
 
     t.checkpointer.close()
+    if t.checkpointer.stopped_by == "preemption":
+        logger.print(f"nanomt: preempted: saved {t.checkpointer.last_saved} after step "
+                     f"{steps_done}; exiting with code {int(ExitCode.PREEMPTED)} (relaunch with "
+                     f"train.resume=auto to continue)")
     if t.timeline is not None:
         t.timeline.save(run_dir / "timeline" / f"rank{t.grid.rank}.json")
     elapsed = time.perf_counter() - t_start
@@ -251,38 +314,46 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     summary = {"steps": steps_done, "final_loss": record["loss"], "val_loss": val_loss,
                "tokens": steps_done * tokens_per_step, "time_s": elapsed,
                "tokens_per_s": (steps_done - t.start_step) * tokens_per_step / max(elapsed, 1e-9),
+               "stopped_by": t.checkpointer.stopped_by,
                "memory_per_rank": memory_report(t.optimizer, activation_meter.peak_bytes, t.grid)}
     logger.finish(summary)
     return summary
 
 
-def agree_on_run_stamp() -> None:
-    """Every rank of a torchrun launch must use the same run folder: rank 0 picks the stamp."""
-    if "NANOMT_RUN_STAMP" in os.environ:
-        return
-    stamp = datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
-    if dist.is_initialized():
-        box = [stamp]
-        dist.broadcast_object_list(box, src=0)
-        stamp = box[0]
-    os.environ["NANOMT_RUN_STAMP"] = stamp
+def preflight(overrides: list[str]) -> None:
+    """Check the command line before any process group exists: every rank composes the same
+    config and reaches the same verdict, so a bad input stops the launch at once (exit code 2)."""
+    if any(arg.startswith("-") for arg in overrides):
+        return  # Hydra's own flags (--cfg job, --help, -m): Hydra handles them
+    check_config(compose_checked(overrides), int(os.environ.get("WORLD_SIZE", "1")))
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
-
-
-def main() -> None:
-    init_distributed(float(os.environ.get("NANOMT_INIT_TIMEOUT_S", "300")))
-    agree_on_run_stamp()
     try:
-        hydra_main()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except NanomtError as error:
+        exit_with(error)  # inside Hydra's task: Hydra would print its own traceback otherwise
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if summary.get("stopped_by") == "preemption":
+        sys.exit(int(ExitCode.PREEMPTED))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m nanomt.train [overrides]`, also under torchrun. `argv` replaces sys.argv[1:]."""
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    try:
+        preflight(sys.argv[1:])
+    except NanomtError as error:
+        exit_with(error)
+    if "NANOMT_RUN_STAMP" not in os.environ:  # one run folder for every rank and every restart
+        os.environ["NANOMT_RUN_STAMP"] = agree_on_run_stamp(
+            datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -3,18 +3,29 @@
     train.resume      none | auto (latest under the checkpoint folder, if any) | <folder>
     checkpoint.interval  save every N steps, and at the end of the run (0: no periodic saves)
     checkpoint.keep_last keep the newest K checkpoints (0: keep all)
+    checkpoint.on_error  raise (stop the run, exit code 6) | continue (log, retry at the next
+                      interval); a save asked for by a stop always raises when it fails
     train.exit_after  stop cleanly after N steps of this launch, with a checkpoint; the LR
                       schedule still spans train.steps, so a run in several launches equals one
-    SIGTERM           save at the end of the current step and stop (SLURM's pre-kill warning)
+    train.preempt_signal  SIGTERM (default) or e.g. SIGUSR1: save at the end of the current
+                      step and stop (SLURM's pre-kill warning); the run then exits with code 3
 
 A resumed run continues bit for bit: weights, AdamW moments and step, the data position, the LR
 step and every RNG stream come back exactly.
+
+Every decision is made once and shared, so that no rank acts on its own view of a network file
+system: at start-up rank 0 writes a probe file that every rank must read back (the folder is
+writable and shared); rank 0 picks the checkpoint to resume from and every rank confirms it can
+read it; a save succeeds or fails on every rank together (nanomt.checkpoint.save).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,9 +33,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from nanomt.checkpoint.format import META_FILE, CheckpointError
 from nanomt.checkpoint.load import find_resume_checkpoint, load_checkpoint
 from nanomt.checkpoint.save import PreemptionSignal, save_checkpoint
 from nanomt.checkpoint.state import Optimizer
+from nanomt.errors import CheckpointWriteError, ConfigError
+from nanomt.parallel import comm
 
 if TYPE_CHECKING:
     from nanomt.config import Layout
@@ -82,18 +96,77 @@ class Checkpointer:
                        "zero_stage": layout.zero_stage},
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
-        self.preemption = PreemptionSignal()
+        self.on_error = str(cfg.checkpoint.on_error)
+        self.preemption = PreemptionSignal((preempt_signal(cfg),))
+        self.stopped_by: str | None = None  # "exit_after" or "preemption" once the loop must stop
         self.start_step = 0
         self.resumed_from: str | None = None
         self.last_saved: Path | None = None
 
+    def check_folder(self) -> None:
+        """Start-up, collective: checkpoint.dir is writable by rank 0 and every rank sees what
+        rank 0 writes there (the folder is shared), or every rank raises ConfigError."""
+        probe = self.dir / ".nanomt_probe"
+        token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        error = None
+        if comm.world_rank() == 0:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                probe.write_text(token)
+            except OSError as problem:
+                error = str(problem)
+        error, token = comm.broadcast_object((error, token))
+        if error is not None:
+            raise ConfigError(f"checkpoint folder {self.dir} is not writable ({error})",
+                              "set checkpoint.dir (or hydra.run.dir) to a writable folder")
+        blind = comm.all_gather_object(None if _sees(probe, token) else
+                                       f"rank {comm.world_rank()} on {socket.gethostname()}")
+        if comm.world_rank() == 0:
+            probe.unlink(missing_ok=True)
+        blind = [who for who in blind if who is not None]
+        if blind:
+            raise ConfigError(
+                f"{', '.join(blind)} cannot see the probe file rank 0 wrote in {self.dir}: the "
+                f"checkpoint folder is not on a file system shared by every node",
+                "set checkpoint.dir (or hydra.run.dir) to a shared folder")
+
+    def choose_resume(self) -> Path | None:
+        """Rank 0 resolves train.resume (none, auto: the latest, or a folder) and tells everyone;
+        every rank then confirms it can read that checkpoint's meta.json."""
+        choice: tuple[str | None, str | None] = (None, None)
+        if comm.world_rank() == 0:
+            try:
+                path = find_resume_checkpoint(self.resume_setting, self.dir)
+                choice = (str(path) if path is not None else None, None)
+            except CheckpointError as error:
+                choice = (None, str(error))
+        path, error = comm.broadcast_object(choice)
+        if error is not None:
+            raise CheckpointError(error)
+        if path is None:
+            return None
+        problems = [p for p in comm.all_gather_object(_cannot_read(Path(path))) if p]
+        if problems:
+            raise CheckpointError(f"rank 0 resumes from {path}, but " + "; ".join(problems),
+                              "put checkpoint.dir on a file system every node sees alike, or "
+                              "pass the folder in train.resume")
+        return Path(path)
+
     def resume(self, chunks: list[nn.Module], optimizer: Optimizer | None,
                train_data: BatchSource) -> int:
-        """Load the checkpoint train.resume names (if any); returns the step to start from."""
-        path = find_resume_checkpoint(self.resume_setting, self.dir)
+        """Load the checkpoint train.resume names (if any); returns the step to start from.
+        Collective: rank 0 chooses; a rank that fails to load makes every rank fail."""
+        path = self.choose_resume()
         if path is None:
             return 0
-        meta = load_checkpoint(path, chunks, optimizer, self.grid, self.run_meta["model"])
+        meta, error = None, None
+        try:
+            meta = load_checkpoint(path, chunks, optimizer, self.grid, self.run_meta["model"])
+        except (CheckpointError, OSError) as problem:
+            error = problem if comm.world_rank() == 0 else f"rank {comm.world_rank()}: {problem}"
+        errors = [e for e in comm.all_gather_object(str(error) if error else None) if e]
+        if errors:  # every rank raises; rank 0's own message first
+            raise CheckpointError(errors[0])
         if meta.get("data"):
             train_data.load_state_dict(meta["data"])
         self.start_step, self.resumed_from = int(meta["step"]), meta["folder"]
@@ -112,21 +185,69 @@ class Checkpointer:
                                           meta, self.keep_last)
         return self.last_saved
 
+    def _save_or_continue(self, steps_done: int, stopping: bool, *args) -> None:
+        """A failed periodic save is logged and retried at the next interval under
+        checkpoint.on_error=continue; otherwise (or when the run stops here) it raises."""
+        try:
+            self.save(steps_done, *args)
+        except CheckpointWriteError as error:
+            if stopping or self.on_error != "continue":
+                raise
+            if comm.world_rank() == 0:
+                print(f"nanomt: warning: {error}", flush=True)
+
     def after_step(self, steps_done: int, chunks: list[nn.Module], optimizer: Optimizer | None,
                    train_data: BatchSource, lr: float) -> bool:
         """Save if a checkpoint is due; True when the loop must stop now (exit_after, SIGTERM).
 
         Collective: every rank calls it after every step."""
-        stop = (self.exit_after is not None
-                and steps_done - self.start_step >= int(self.exit_after))
-        stop = self.preemption.requested(self.device) or stop
+        if self.preemption.requested(self.device):
+            self.stopped_by = "preemption"
+        elif (self.exit_after is not None
+              and steps_done - self.start_step >= int(self.exit_after)):
+            self.stopped_by = "exit_after"
+        stop = self.stopped_by is not None
         periodic = self.interval > 0 and steps_done % self.interval == 0
         # the end of the run: saved when saving was asked for at all
         final = steps_done == self.total_steps and (self.interval > 0
                                                     or self.exit_after is not None)
         if stop or periodic or final:
-            self.save(steps_done, chunks, optimizer, train_data, lr)
+            self._save_or_continue(steps_done, stop or final, chunks, optimizer, train_data, lr)
         return stop
 
     def close(self) -> None:
         self.preemption.restore()
+
+
+
+def preempt_signal(cfg: DictConfig) -> int:
+    """train.preempt_signal as a signal number (a name such as SIGTERM or SIGUSR1)."""
+    name = str(cfg.train.get("preempt_signal", "SIGTERM"))
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise ConfigError(f"train.preempt_signal {name!r} is not a signal name",
+                          "set train.preempt_signal to SIGTERM or SIGUSR1") from None
+
+
+def _sees(probe: Path, token: str, patience_s: float = 5.0) -> bool:
+    """The probe holds rank 0's token (waiting a little for a lagging network file system)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            if probe.read_text() == token:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def _cannot_read(folder: Path) -> str | None:
+    """None if this rank can read the checkpoint's meta.json, else what it sees."""
+    try:
+        json.loads((folder / META_FILE).read_text())
+        return None
+    except (OSError, ValueError) as error:
+        return f"rank {comm.world_rank()} on {socket.gethostname()} cannot read it ({error})"

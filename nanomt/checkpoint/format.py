@@ -34,6 +34,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from nanomt.errors import ConfigError
+
 FORMAT_NAME = "nanomt-checkpoint"
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -55,7 +57,7 @@ SHAPE_FIELDS = ("style", "num_layers", "hidden_size", "num_heads", "ffn_hidden_s
 GPT_SHAPE_FIELDS = SHAPE_FIELDS + ("seq_len",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint that cannot be used as asked; the message says what to change."""
 
 

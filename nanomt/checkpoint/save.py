@@ -13,8 +13,13 @@ step that already exists renames the old copy to step_N.previous first; resolvin
 falls back to it if a crash came between the two renames, and it is removed once `latest`
 names the new copy.
 
-`PreemptionSignal` turns SIGTERM (what SLURM sends before it kills a job) into a request that the
-training loop sees at the end of a step; all ranks agree on it, save, and exit cleanly.
+A save is collective in its verdict too: a rank that cannot write (disk full, permissions, an
+injected fault) tells rank 0, which removes the partial folder instead of publishing it, and every
+rank raises CheckpointWriteError together; `latest` never moves to a folder that is not whole.
+
+`PreemptionSignal` turns SIGTERM (or the signal set in train.preempt_signal: what SLURM sends
+before it kills a job) into a request that the training loop sees at the end of a step; all ranks
+agree on it, save, and exit with ExitCode.PREEMPTED.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +37,7 @@ import torch.distributed as dist
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from nanomt import faults
 from nanomt.checkpoint.format import (
     ABANDONED_SUFFIX,
     FORMAT_NAME,
@@ -49,6 +56,8 @@ from nanomt.checkpoint.state import (
     model_pieces,
     optimizer_pieces,
 )
+from nanomt.errors import CheckpointWriteError
+from nanomt.parallel import comm
 
 # Tests set this to a function of the stage name to simulate a crash between two writes.
 FAULT_HOOK = None
@@ -57,11 +66,6 @@ FAULT_HOOK = None
 def _fault_point(stage: str) -> None:
     if FAULT_HOOK is not None:
         FAULT_HOOK(stage)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def fsync_path(path: Path) -> None:
@@ -90,14 +94,6 @@ def _write_shard(folder: Path, rank: int, pieces: list) -> dict:
     write_durably(folder / name, data)
     return {"file": name, "rank": rank, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "pieces": index}
-
-
-def _gather_to_rank0(value: dict) -> list[dict] | None:
-    if not dist.is_initialized():
-        return [value]
-    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(value, everyone, dst=0)
-    return everyone
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -158,22 +154,55 @@ def _publish(tmp: Path, final: Path, root: Path) -> None:
     fsync_path(root)
 
 
+def _attempt(action: Callable[[], object]) -> str | None:
+    """Run a file-system action; None if it worked, else what went wrong (for every rank)."""
+    try:
+        action()
+        return None
+    except OSError as error:
+        return f"rank {comm.world_rank()}: {error}"
+
+
+
+def _prepare_tmp(root: Path, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+    tmp.mkdir()
+
+
+def _finish_on_rank0(shards: list, tmp: Path, final: Path, root: Path, step: int, meta: dict,
+                     has_optimizer: bool, include_rng: bool) -> str | None:
+    """Rank 0: meta.json, then the renames; returns an error, or None once `latest` moved."""
+    errors = [s["error"] for s in shards if "error" in s]
+    if errors:
+        return errors[0]
+    rng = [s.pop("rng") for s in shards] if include_rng else []
+    full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step,
+                 "has_optimizer": has_optimizer, **meta, "rng": rng, "shards": shards}
+
+    def write_and_publish() -> None:
+        write_durably(tmp / META_FILE, json.dumps(full_meta, indent=1, default=str).encode())
+        fsync_path(tmp)
+        _publish(tmp, final, root)
+
+    return _attempt(write_and_publish)
+
+
 def save_checkpoint(root: str | Path, step: int, chunks: list[nn.Module], optimizer: Optimizer,
                     grid: Grid, meta: dict, keep_last: int = 0,
                     include_rng: bool = True) -> Path:
     """Collective over all ranks: write checkpoint `step` under `root`; returns its folder.
 
     `meta` is what the run needs besides tensors (config, model config, layout, data/LR/loss-scaler
-    state); this adds the index, the RNG state of every rank and the step."""
+    state); this adds the index, the RNG state of every rank and the step. If any rank fails to
+    write (disk full, permissions), every rank raises CheckpointWriteError together, the partial
+    folder is removed and `latest` still names the previous checkpoint."""
     root = Path(root)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = comm.world_rank()
     final = root / step_folder_name(step)
     tmp = root / (final.name + ".tmp")
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
-        tmp.mkdir()
-    _barrier()
+    error = _attempt(lambda: _prepare_tmp(root, tmp)) if rank == 0 else None
+    _raise_if_failed(comm.broadcast_object(error), root, final)
 
     vocab_size = meta["model"]["vocab_size"]
     pieces = model_pieces(chunks, optimizer, grid, vocab_size)
@@ -181,26 +210,52 @@ def save_checkpoint(root: str | Path, step: int, chunks: list[nn.Module], optimi
         pieces += optimizer_pieces(optimizer, chunks, grid, vocab_size)
         if hasattr(optimizer, "scalar_state"):  # Adam's step, the loss scale
             meta = {**meta, "optimizer_scalars": optimizer.scalar_state()}
-    shard = _write_shard(tmp, rank, pieces)
-    shard["rng"] = capture_rng(chunks, grid) if include_rng else None
-    _fault_point("shards_written")
-    shards = _gather_to_rank0(shard)  # also tells rank 0 that every shard is on disk
+    shard: dict = {}
+
+    def write_mine() -> None:
+        faults.inject("save", step)
+        shard.update(_write_shard(tmp, rank, pieces))
+
+    error = _attempt(write_mine)
+    if error is None:
+        shard["rng"] = capture_rng(chunks, grid) if include_rng else None
+        _fault_point("shards_written")
+    shards = comm.gather_object(shard if error is None else {"error": error}, dst=0)
 
     if rank == 0:
-        rng = [s.pop("rng") for s in shards] if include_rng else []
-        full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step,
-                     "has_optimizer": optimizer is not None, **meta, "rng": rng,
-                     "shards": shards}
-        write_durably(tmp / META_FILE, json.dumps(full_meta, indent=1, default=str).encode())
-        fsync_path(tmp)
-        _publish(tmp, final, root)
-        prune_checkpoints(root, step, keep_last)
-    _barrier()
+        error = _finish_on_rank0(shards, tmp, final, root, step, meta, optimizer is not None,
+                                 include_rng)
+        if error is None:
+            _prune_or_warn(root, step, keep_last)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _raise_if_failed(comm.broadcast_object(error), root, final)
     return final
 
 
+def _prune_or_warn(root: Path, step: int, keep_last: int) -> None:
+    """Pruning old checkpoints is housekeeping: the new one is already `latest`."""
+    error = _attempt(lambda: prune_checkpoints(root, step, keep_last))
+    if error is not None:
+        print(f"nanomt: warning: could not remove old checkpoints under {root}: {error}",
+              flush=True)
+
+
+def _raise_if_failed(error: str | None, root: Path, final: Path) -> None:
+    if error is None:
+        return
+    pointer = root / LATEST_FILE
+    latest = pointer.read_text().strip() if pointer.exists() else None
+    kept = f"{latest} is still `latest`" if latest else "no earlier checkpoint exists"
+    raise CheckpointWriteError(
+        f"could not write checkpoint {final.name} under {root} ({error}); {kept}. Free space "
+        f"or fix permissions on checkpoint.dir (checkpoint.on_error=continue retries at the next "
+        f"interval)")
+
+
 class PreemptionSignal:
-    """Remembers a SIGTERM so the loop can save and stop at the end of the current step."""
+    """Remembers a preemption signal (SIGTERM by default; SIGUSR1 under SLURM's --signal) so the
+    loop can save and stop at the end of the current step."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
         self.received = False
@@ -219,7 +274,7 @@ class PreemptionSignal:
         if not dist.is_initialized():
             return self.received
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        comm.all_reduce(flag, dist.group.WORLD, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
     def restore(self) -> None:

@@ -10,6 +10,11 @@ pays nothing), and each records its kind and element count into `COMM_LOG` while
 count per step).
 
 `Group` is a process group, or None for a world of one.
+
+Each call also notes which operation this rank entered last and on which named group (`name_group`:
+the grid names tp, pp, dp, embedding, model_parallel; None and the default group are "world").
+When a rank stalls or dies, its peers' operation fails (gloo: after the group's timeout; NCCL:
+its watchdog), and `describe_failure` turns that into a line naming the operation and group.
 """
 
 from __future__ import annotations
@@ -41,9 +46,54 @@ def count_collectives() -> Iterator[list[tuple[str, int]]]:
         COMM_LOG = previous
 
 
-def _record(kind: str, numel: int) -> None:
+def _record(kind: str, numel: int, group: Group = None) -> None:
+    note_operation(kind, group)
     if COMM_LOG is not None:
         COMM_LOG.append((kind, numel))
+
+
+# ---- naming what failed ----------------------------------------------------------------------
+_GROUP_NAMES: dict[int, str] = {}
+LAST_OPERATION: tuple[str, str] | None = None  # (kind, group name) this rank entered last
+
+
+def name_group(group: Group, name: str) -> None:
+    """Call `group` by `name` in failure messages."""
+    if group is not None:
+        _GROUP_NAMES[id(group)] = name
+
+
+def group_name(group: Group) -> str:
+    if group is None or group is dist.group.WORLD:
+        return "world"
+    return _GROUP_NAMES.get(id(group), "unnamed")
+
+
+def note_operation(kind: str, group: Group) -> None:
+    """Remember that this rank entered `kind` on `group` (also for operations issued elsewhere:
+    point-to-point batches, waits on asynchronous work)."""
+    global LAST_OPERATION
+    LAST_OPERATION = (kind, group_name(group))
+
+
+def is_communication_failure(error: BaseException) -> bool:
+    """True for the errors a failed or timed-out collective raises (gloo, NCCL, the store)."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("gloo", "NCCL", "Timed out", "Connection reset",
+                                      "Connection closed", "ProcessGroup"))
+
+
+def describe_failure(error: BaseException, when: str) -> str:
+    """'<operation> on the <group> group failed during <when>: <the backend's first sentence>'."""
+    kind, group = LAST_OPERATION or ("a collective", "unknown")
+    detail = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    if detail.startswith("[") and "] " in detail:  # gloo's "[/path/to/file.cc:123] " prefix
+        detail = detail.split("] ", 1)[1]
+    detail = detail.split(". ", 1)[0].rstrip(".")
+    return f"{kind} on the {group} group failed during {when}: {detail[:160]}"
 
 
 def group_size(group: Group) -> int:
@@ -56,7 +106,7 @@ def all_reduce(tensor: torch.Tensor, group: Group,
     """In-place all-reduce over `group`; returns the tensor."""
     if group_size(group) == 1:
         return tensor
-    _record("all_reduce", tensor.numel())
+    _record("all_reduce", tensor.numel(), group)
     dist.all_reduce(tensor, op=op, group=group)
     return tensor
 
@@ -79,7 +129,7 @@ def all_gather(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     moved = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((world * moved.shape[0],) + moved.shape[1:], dtype=moved.dtype,
                       device=moved.device)
-    _record("all_gather", out.numel())
+    _record("all_gather", out.numel(), group)
     _all_gather_single(out, moved, group=group)
     return out.movedim(0, dim)
 
@@ -94,7 +144,7 @@ def reduce_scatter(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor
         raise ValueError(f"dim {dim} of size {moved.shape[0]} does not split over {world} ranks")
     out = torch.empty((moved.shape[0] // world,) + moved.shape[1:], dtype=moved.dtype,
                       device=moved.device)
-    _record("reduce_scatter", moved.numel())
+    _record("reduce_scatter", moved.numel(), group)
     _reduce_scatter_single(out, moved, group=group)
     return out.movedim(0, dim)
 
@@ -117,7 +167,7 @@ def all_gather_into(output: torch.Tensor, shard: torch.Tensor, group: Group,
     if group_size(group) == 1:
         output.copy_(shard)
         return None
-    _record("all_gather", output.numel())
+    _record("all_gather", output.numel(), group)
     return _all_gather_single(output, shard, group=group, async_op=async_op)
 
 
@@ -128,5 +178,48 @@ def reduce_scatter_into(shard: torch.Tensor, full: torch.Tensor, group: Group,
     if group_size(group) == 1:
         shard.copy_(full)
         return None
-    _record("reduce_scatter", full.numel())
+    _record("reduce_scatter", full.numel(), group)
     return _reduce_scatter_single(shard, full, group=group, async_op=async_op)
+
+
+# ---- control-plane collectives (barriers and Python objects, on the world group) --------------
+def world_rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier(group: Group = None) -> None:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    note_operation("barrier", group)
+    dist.barrier(group=group)
+
+
+def broadcast_object(value: object, src: int = 0, group: Group = None) -> object:
+    """`value` from global rank `src`, on every rank."""
+    if not dist.is_initialized():
+        return value
+    note_operation("broadcast_object", group)
+    box = [value]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def all_gather_object(value: object, group: Group = None) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [value]
+    note_operation("all_gather_object", group)
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, value, group=group)
+    return everyone
+
+
+def gather_object(value: object, dst: int = 0) -> list | None:
+    """Every rank's `value` on global rank `dst` (None elsewhere), over the world."""
+    if not dist.is_initialized():
+        return [value]
+    note_operation("gather_object", None)
+    everyone = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(value, everyone, dst=dst)
+    return everyone

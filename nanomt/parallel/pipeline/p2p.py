@@ -25,6 +25,8 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from nanomt.parallel import comm
+
 from nanomt.parallel.pipeline.posting import Transfer
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -33,10 +35,11 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 class P2PBatch:
     """The handle of one posted unit: done when every send and receive in it is done."""
 
-    def __init__(self, works: list):
-        self.works = works
+    def __init__(self, works: list, group):
+        self.works, self.group = works, group
 
     def wait(self) -> None:
+        comm.note_operation("wait for pipeline send/recv", self.group)
         for work in self.works:
             work.wait()
 
@@ -69,7 +72,8 @@ class PipelineComm:
                 ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group, transfer.tag))
         if not ops:
             return None, buffers
-        return P2PBatch(dist.batch_isend_irecv(ops)), buffers
+        comm.note_operation("pipeline send/recv", self.group)
+        return P2PBatch(dist.batch_isend_irecv(ops), self.group), buffers
 
     def check_outgoing(self, tensor: torch.Tensor) -> None:
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
@@ -98,6 +102,7 @@ def agree_on_schedule(grid, signature: dict[str, int], device: torch.device) -> 
         return
     mine = torch.tensor([value for _, value in key], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(grid.pp_size)]
+    comm.note_operation("all_gather (schedule check)", grid.pp_group)
     dist.all_gather(everyone, mine, group=grid.pp_group)
     if any(not torch.equal(other, mine) for other in everyone):
         table = "; ".join(f"pp rank {r}: " + ", ".join(f"{k}={int(v)}" for k, v in zip(keys, row))

@@ -269,6 +269,7 @@ class ZeroOptimizer:
         if self.stage <= 1:
             if self.dp > 1:
                 b.grad_buffer.div_(self.dp)
+                comm.note_operation("all_reduce (gradients)", self.dp_group)
                 b.handle = dist.all_reduce(b.grad_buffer, group=self.dp_group, async_op=True)
             return
         self._retire_in_flight()  # one reduce-scatter in flight at a time: free the last one
@@ -291,6 +292,7 @@ class ZeroOptimizer:
                 if only_completed and not handle.is_completed():
                     still_running.append((b, handle, full, reduced))
                     continue
+                comm.note_operation("wait for reduce_scatter (gradients)", self.dp_group)
                 handle.wait()
             b.grad_shard.add_(reduced)
             self._count_grad_bytes(-full.untyped_storage().nbytes()
@@ -310,6 +312,7 @@ class ZeroOptimizer:
         self._retire_in_flight()
         for b in self.buckets:
             if b.handle is not None:
+                comm.note_operation("wait for all_reduce (gradients)", self.dp_group)
                 b.handle.wait()
                 b.handle = None
         self._sum_over_other_groups()
@@ -389,6 +392,7 @@ class ZeroOptimizer:
             if self.stage in (1, 2) and self.dp > 1:
                 handles.append(comm.all_gather_into(b.param_buffer, own.clone(), self.dp_group,
                                                     async_op=True))
+        comm.note_operation("wait for all_gather (parameters)", self.dp_group)
         for handle in handles:
             handle.wait()
 

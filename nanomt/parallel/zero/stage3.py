@@ -144,6 +144,8 @@ class ParameterGatherer:
             self.stats.peak_layers = max(self.stats.peak_layers, live)
 
     def _wait(self, unit: GatherUnit) -> None:
+        if unit.handles:
+            comm.note_operation("wait for all_gather (ZeRO-3 parameters)", self.dp_group)
         for handle in unit.handles:
             handle.wait()
         unit.handles.clear()

