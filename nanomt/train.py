@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanomt import faults
 from nanomt.checkpoint.checkpointer import Checkpointer
-from nanomt.config import Layout, check_config, compose_checked
+from nanomt.config import CONF_DIR, Layout, check_config, compose_checked
 from nanomt.errors import (
     CommunicationError,
     ExitCode,
@@ -328,7 +328,7 @@ def preflight(overrides: list[str]) -> None:
     check_config(compose_checked(overrides), int(os.environ.get("WORLD_SIZE", "1")))
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
