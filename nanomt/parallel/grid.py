@@ -207,6 +207,8 @@ def init_distributed(timeout_s: float = 300.0, init_timeout_s: float = 300.0
         store = launch_store(init_timeout_s)
         store.set_timeout(datetime.timedelta(seconds=init_timeout_s))
         attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+        # NCCL: a collective past its timeout is aborted by the watchdog (an error, not a hang)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(
             backend=default_backend(), store=dist.PrefixStore(f"nanomt/attempt_{attempt}/", store),
