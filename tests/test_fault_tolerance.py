@@ -42,12 +42,15 @@ def environment(fault: str | None = None) -> dict:
     return env
 
 
-def launch(run_dir: Path, overrides: list[str], fault: str | None = None,
-           restarts: int = 0, timeout: float = 240) -> subprocess.CompletedProcess:
+def launch(run_dir: Path | None, overrides: list[str], fault: str | None = None,
+           restarts: int = 0, timeout: float = 240, cwd: Path | None = None
+           ) -> subprocess.CompletedProcess:
+    """torchrun of 4 ranks; run_dir None keeps the default run folder (outputs/<stamp>)."""
+    folder = [f"hydra.run.dir={run_dir}"] if run_dir is not None else []
     cmd = torchrun_cmd(4, "--standalone", f"--max-restarts={restarts}") + [
-        "-m", "nanomt.train", *TINY, *overrides, f"hydra.run.dir={run_dir}"]
+        "-m", "nanomt.train", *TINY, *overrides, *folder]
     return subprocess.run(cmd, env=environment(fault), capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -68,14 +71,17 @@ def reference(tmp_path_factory) -> list[dict]:
 
 
 def test_killed_rank_restarts_and_resumes_bit_exactly(tmp_path, reference):
-    result = launch(tmp_path, ["checkpoint.interval=4", "train.resume=auto"],
-                    fault="kill:rank=1,step=7", restarts=1)
+    """The default run folder (outputs/<date>/<time>): the restarted attempt must find the same
+    one, or train.resume=auto would start from scratch."""
+    result = launch(None, ["checkpoint.interval=4", "train.resume=auto"],
+                    fault="kill:rank=1,step=7", restarts=1, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "injected fault: kill on rank 1" in output
+    (run_dir,) = [p.parent for p in (tmp_path / "outputs").glob("*/*/run.json")]
     assert "resumed from" in output and "step_00000004 at step 4" in output
     # steps 5-6 of the first attempt were dropped; 5-12 come from the restarted attempt
-    assert metrics(tmp_path) == reference
+    assert metrics(run_dir) == reference
 
 
 def test_two_node_restart_after_a_rank_on_the_second_node_dies(tmp_path, reference):
