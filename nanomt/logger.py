@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -43,10 +44,16 @@ class RunLogger:
             self.wandb_run = self._start_wandb(wandb_cfg, config)
 
     def _start_wandb(self, wandb_cfg: dict, config: dict):
+        """One W&B run per run folder: a restarted or resumed launch continues the same run
+        (its id is kept in <run>/wandb_run_id)."""
         import wandb  # imported only when used: it is slow to import
 
+        id_file = self.run_dir / "wandb_run_id"
+        if not id_file.exists():
+            id_file.write_text(secrets.token_hex(4))
         return wandb.init(project=wandb_cfg.get("project", "nanomt"), name=wandb_cfg.get("name"),
                           mode=wandb_cfg["mode"], dir=str(self.run_dir), config=config,
+                          id=id_file.read_text().strip(), resume="allow",
                           settings=wandb.Settings(silent=True))
 
     def log_step(self, record: dict) -> None:
