@@ -148,8 +148,8 @@ class Checkpointer:
         problems = [p for p in comm.all_gather_object(_cannot_read(Path(path))) if p]
         if problems:
             raise CheckpointError(f"rank 0 resumes from {path}, but " + "; ".join(problems),
-                              "put checkpoint.dir on a file system every node sees alike, or "
-                              "pass the folder in train.resume")
+                                  "put checkpoint.dir on a file system every node sees alike, "
+                                  "or pass the folder in train.resume")
         return Path(path)
 
     def resume(self, chunks: list[nn.Module], optimizer: Optimizer | None,
@@ -163,8 +163,9 @@ class Checkpointer:
         try:
             meta = load_checkpoint(path, chunks, optimizer, self.grid, self.run_meta["model"])
         except (CheckpointError, OSError) as problem:
-            error = problem if comm.world_rank() == 0 else f"rank {comm.world_rank()}: {problem}"
-        errors = [e for e in comm.all_gather_object(str(error) if error else None) if e]
+            rank = comm.world_rank()
+            error = str(problem) if rank == 0 else f"rank {rank}: {problem}"
+        errors = [e for e in comm.all_gather_object(error) if e]
         if errors:  # every rank raises; rank 0's own message first
             raise CheckpointError(errors[0])
         if meta.get("data"):

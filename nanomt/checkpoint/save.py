@@ -163,7 +163,6 @@ def _attempt(action: Callable[[], object]) -> str | None:
         return f"rank {comm.world_rank()}: {error}"
 
 
-
 def _prepare_tmp(root: Path, tmp: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
