@@ -36,13 +36,14 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from nanomt.errors import ConfigError
-
+from nanomt.checkpoint.checkpointer import preempt_signal
 from nanomt.checkpoint.format import CheckpointError, check_model_config
 from nanomt.checkpoint.load import read_meta, resolve_checkpoint
 from nanomt.data.dataset import CORPUS_PATH, SHAKESPEARE
 from nanomt.data.tokenizer import build_tokenizer
+from nanomt.errors import ConfigError
 from nanomt.model.checkpointing import MODES as CHECKPOINTING_MODES
 from nanomt.model.config import ModelConfig
 from nanomt.parallel.pipeline.schedules import SCHEDULES, check_pipeline_config
@@ -89,7 +90,6 @@ def compose_checked(overrides: list[str]) -> DictConfig:
                               "key)") from error
         raise ConfigError(f"bad command-line override: {first}",
                           "write overrides as key=value") from error
-
 
 
 class NotBuiltError(ConfigError, NotImplementedError):
@@ -141,7 +141,11 @@ _ABSENT = object()
 def check_fields(cfg: DictConfig, rules: dict[str, Rule]) -> None:
     """Every key present in `cfg` meets its rule (keys a config lacks are left to their users)."""
     for key, rule in rules.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        try:
+            value = OmegaConf.select(cfg, key, default=_ABSENT)
+        except OmegaConfBaseException as error:  # an interpolation that does not resolve
+            reason = str(error).splitlines()[0]
+            raise ConfigError(f"{key} cannot be resolved ({reason})", f"set {key}") from error
         if value is not _ABSENT and not rule.test(value):
             raise ConfigError(f"{key} must be {rule.text}, got {value!r}", f"set {key}")
 
@@ -157,11 +161,12 @@ def warn(message: str) -> None:
 
 
 def _as_config_error(error: Exception, key: str) -> ConfigError:
-    """A lower layer's "what: fix" ValueError as ConfigError; the fix must name `key`."""
+    """A lower layer's "what: fix" ValueError as "what; fix" (the fix must name `key`), keeping
+    its type when it is a ConfigError already (CheckpointError)."""
     what, sep, fix = str(error).rpartition(": ")
     if not sep or key not in fix:
         what, fix = str(error), f"set {key}"
-    return ConfigError(what, fix)
+    return (type(error) if isinstance(error, ConfigError) else ConfigError)(what, fix)
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -348,11 +353,13 @@ TRAIN_RULES = {
     "train.eval_batches": POSITIVE_INT,       # the end-of-run validation always runs
     "train.resume": or_null(TEXT),
     "train.exit_after": or_null(POSITIVE_INT),
+    "train.max_skipped_steps": NON_NEGATIVE_INT,
     "train.progress_bar": BOOL,
     "train.timeline": BOOL,
     "checkpoint.dir": or_null(TEXT),
     "checkpoint.interval": NON_NEGATIVE_INT,  # 0: only on train.exit_after or SIGTERM
     "checkpoint.keep_last": NON_NEGATIVE_INT,  # 0: keep every checkpoint
+    "checkpoint.on_error": choice("raise", "continue"),
 }
 LOSS_SCALE_RULES = {
     "train.loss_scale.initial": POSITIVE,
@@ -362,8 +369,9 @@ LOSS_SCALE_RULES = {
 
 
 def check_train(cfg: DictConfig) -> None:
-    """Loop, evaluation, checkpointing, device and the fp16 loss scale."""
+    """Loop, evaluation, checkpointing, preemption, device and the fp16 loss scale."""
     check_fields(cfg, TRAIN_RULES)
+    preempt_signal(cfg)  # a signal name (nanomt.checkpoint.checkpointer)
     t = cfg.train
     if t.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={t.device} but no CUDA device is available",

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nanomt.config import compose_config  # noqa: F401 - tests build run configs with it
+from nanomt.config import compose_config  # noqa: F401 - re-exported: tests build configs with it
 
 
 def free_port() -> int:
