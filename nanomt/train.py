@@ -200,12 +200,14 @@ class Trainer:
 
 
 def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
-    """config -> grid -> model -> schedule -> optimizer -> data -> checkpoint (resume)."""
+    """config -> grid -> checkpoint folder -> model -> schedule -> optimizer -> data -> resume."""
     _, world_size, _ = init_distributed(cfg.parallel.timeout_s, cfg.parallel.init_timeout_s)
     model_cfg, layout, num_microbatches = check_config(cfg, world_size)
     device = pick_device(cfg.train.device)
     grid = ParallelGrid(layout.tp, layout.pp, layout.dp, timeout_s=cfg.parallel.timeout_s)
     seed_everything(cfg.train.seed, grid.pp_rank)
+    checkpointer = Checkpointer(cfg, run_dir, model_cfg, layout, grid, device)
+    checkpointer.check_folder()  # writable and shared by every rank, before anything is built
 
     model_chunks = build_model(model_cfg, layout, grid, cfg.train.seed, device)
     set_activation_checkpointing(model_chunks, cfg.train.activation_checkpointing)
@@ -220,8 +222,6 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     o = cfg.optim
     lr_at = WarmupCosine(o.lr, o.min_lr, o.warmup_steps, o.decay_steps or cfg.train.steps)
     train_data, val_data = build_data(cfg, model_cfg)
-    checkpointer = Checkpointer(cfg, run_dir, model_cfg, layout, grid, device)
-    checkpointer.check_folder()  # writable, and shared by every rank
     start_step = checkpointer.resume(model_chunks, optimizer, train_data)  # 0 unless train.resume
     G = cfg.train.global_batch_size
     return Trainer(cfg, run_dir, model_cfg, layout, grid, device, num_microbatches, model_chunks,
