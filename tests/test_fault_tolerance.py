@@ -131,14 +131,29 @@ def test_preemption_signal_saves_once_and_resumes_bit_exactly(tmp_path, referenc
     assert metrics(tmp_path) == reference
 
 
-def test_stalled_rank_makes_the_others_fail_within_the_timeout(tmp_path):
+STALLS = {
+    # rank 1 hangs before step 3's gradient reduction: its tp/dp/model-parallel peers wait
+    "in_step": ("stall:rank=1,step=3,at=optimizer", [],
+                r"(all_reduce|reduce_scatter|all_gather)\S* .*on the (dp|tp|model_parallel) "
+                r"group failed during step 3"),
+    # rank 1 hangs writing checkpoint 3: everyone waits on the world group, whose timeout is
+    # parallel.timeout_s too
+    "in_save": ("stall:rank=1,step=3,at=save", ["checkpoint.interval=3"],
+                r"(gather_object|broadcast_object) on the world group failed during the "
+                r"checkpoint after step 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STALLS))
+def test_stalled_rank_makes_the_others_fail_within_the_timeout(tmp_path, case):
     """Four ranks started by hand (no torchrun, so that torchrun does not stop the others once the
-    first has failed, and rank 0 hosts the store): rank 1 hangs before step 3's optimizer step;
-    each other rank exits with code 5 within the timeout plus a margin, naming what it waited in."""
+    first has failed, and rank 0 hosts the store): rank 1 hangs; each other rank exits with code
+    5 within the timeout plus a margin, naming the operation, the group and the step."""
+    fault, overrides, expected = STALLS[case]
     timeout_s, port = 4, free_port()
     cmd = [sys.executable, "-m", "nanomt.train", *TINY, f"parallel.timeout_s={timeout_s}",
-           "checkpoint.interval=0", f"hydra.run.dir={tmp_path}"]
-    env = environment("stall:rank=1,step=3,at=optimizer")
+           "checkpoint.interval=0", *overrides, f"hydra.run.dir={tmp_path}"]
+    env = environment(fault)
     env.update(WORLD_SIZE="4", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ranks = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -155,8 +170,7 @@ def test_stalled_rank_makes_the_others_fail_within_the_timeout(tmp_path):
             assert took < timeout_s + 15, took
             (line,) = [x for x in output.splitlines() if "nanomt: error:" in x]
             assert line.startswith(f"[rank {rank}] nanomt: error: ")
-            assert re.search(r"(all_reduce|reduce_scatter|all_gather)\S* .*on the "
-                             r"(dp|tp|model_parallel|world) group failed during step 3", line), line
+            assert re.search(expected, line), line
             assert "parallel.timeout_s" in line
         assert ranks[1].poll() is None  # still hung: only the others could notice
     finally:
