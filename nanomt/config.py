@@ -51,11 +51,6 @@ from nanomt.parallel.zero.optimizer import GRAD_REDUCE_MODES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
-# Features whose config keys exist but whose implementation has not landed. Each entry:
-# (description, predicate on the config). Removing an entry is part of landing the feature.
-NOT_IMPLEMENTED: list[tuple[str, object]] = [
-]
-
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -90,10 +85,6 @@ def compose_checked(overrides: list[str]) -> DictConfig:
                               "key)") from error
         raise ConfigError(f"bad command-line override: {first}",
                           "write overrides as key=value") from error
-
-
-class NotBuiltError(ConfigError, NotImplementedError):
-    """A config asks for a feature in NOT_IMPLEMENTED."""
 
 
 # ---- rules for single values --------------------------------------------------------------------
@@ -463,8 +454,4 @@ def check_config(cfg: DictConfig, world_size: int) -> tuple[ModelConfig, Layout,
     check_schedule(cfg)
     check_data(cfg, model)
     check_resume(cfg, model)
-    for description, applies in NOT_IMPLEMENTED:
-        if applies(cfg):
-            raise NotBuiltError(f"{description} is not implemented yet",
-                                "leave its config keys at their defaults")
     return model, layout, num_microbatches
