@@ -1,5 +1,7 @@
 """The multi-rank harness itself: results come back, errors carry the rank's traceback, hangs
-time out instead of blocking the suite."""
+time out instead of blocking the suite (the collective timeout, or else the harness deadline)."""
+
+import time
 
 import pytest
 import torch
@@ -20,9 +22,11 @@ def _rank_one_raises():
     return 0
 
 
-def _rank_zero_hangs():
-    if dist.get_rank() == 0:
-        dist.all_reduce(torch.zeros(1))  # rank 1 never joins
+def _rank_one_stalls(seconds: float):
+    """Every rank alive; rank 1 is stuck (asleep) while rank 0 waits for it in a collective."""
+    if dist.get_rank() == 1:
+        time.sleep(seconds)
+    dist.all_reduce(torch.zeros(1))
     return 0
 
 
@@ -37,6 +41,22 @@ def test_a_raising_rank_fails_with_its_traceback():
         run_distributed(_rank_one_raises, world_size=2, timeout_s=120)
 
 
-def test_a_hang_times_out():
-    with pytest.raises(DistributedTestError):
-        run_distributed(_rank_zero_hangs, world_size=2, timeout_s=60, collective_timeout_s=5)
+def test_a_stalled_peer_trips_the_collective_timeout():
+    # Rank 0's all_reduce gives up after collective_timeout_s (gloo's own timeout, set by the
+    # harness on the process group), long before rank 1 wakes or the harness deadline passes.
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError,
+                       match="rank 0 raised(.|\n)*Timed out waiting 3000ms"):
+        run_distributed(_rank_one_stalls, world_size=2, args=(120,), timeout_s=90,
+                        collective_timeout_s=3)
+    assert time.monotonic() - start < 60
+
+
+def test_a_stall_longer_than_the_deadline_trips_the_harness_deadline():
+    # The collective timeout is longer than the deadline: the harness gives up on both ranks
+    # (one asleep, one waiting) at timeout_s and kills them.
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError, match=r"ranks \[0, 1\] did not finish within 6 s"):
+        run_distributed(_rank_one_stalls, world_size=2, args=(120,), timeout_s=6,
+                        collective_timeout_s=300)
+    assert time.monotonic() - start < 60
