@@ -1,5 +1,6 @@
 """Learning-rate schedule and AdamW parameter groups (MT-NLG recipe)."""
 
+import copy
 import math
 
 import pytest
@@ -42,13 +43,18 @@ def test_no_weight_decay_on_biases_and_norms():
 
 
 def test_single_process_clipping_equals_torch():
+    """Norm and clipped gradients equal torch.nn.utils.clip_grad_norm_ on a copy of the model,
+    once clipping (max_norm far below the norm) and once leaving the gradients alone."""
     model = GPT(ModelConfig(num_layers=1, hidden_size=16, num_heads=2, seq_len=8, vocab_size=50))
-    x = torch.randint(0, 50, (2, 8))
+    x = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
     model(x, x).backward()
-    params = list(model.parameters())
-    reference = [p.grad.clone() for p in params]
-    norm = clip_grad_norm(params, 0.01, grid=None)
-    total = torch.sqrt(sum((g ** 2).sum() for g in reference))
-    assert norm == pytest.approx(float(total), rel=1e-5)
-    for p, g in zip(params, reference):
-        torch.testing.assert_close(p.grad, g * (0.01 / (total + 1e-6)))
+    for max_norm in (0.01, 1e4):
+        ours, theirs = copy.deepcopy(model), copy.deepcopy(model)  # deepcopy drops .grad
+        for a, b, p in zip(ours.parameters(), theirs.parameters(), model.parameters()):
+            a.grad, b.grad = p.grad.clone(), p.grad.clone()
+        norm = clip_grad_norm(list(ours.parameters()), max_norm, grid=None)
+        torch_norm = torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)
+        assert norm == pytest.approx(float(torch_norm), rel=1e-6)
+        assert norm > 0.01 * 10  # the first max_norm really clips
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0, msg=name)
