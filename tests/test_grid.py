@@ -115,7 +115,8 @@ def test_layout_validation():
         infer_dp(6, 4, 1)
 
 
-def test_default_backend_follows_the_devices(monkeypatch):
+def test_backend_choice_is_nccl_when_cuda_is_available_else_gloo(monkeypatch):
+    """default_backend() picks by torch.cuda.is_available(); no NCCL group is created here."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_backend() == "nccl"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -121,16 +121,17 @@ def test_clear_errors_for_bad_pipelines():
         check_deadlock_free(bad, pp=2, v=1)
 
 
-# ---- NCCL's blocking rules: the messages as the engine posts them ----------------------------
+# ---- nanomt's model of NCCL's blocking rules (check_posting), on the engine's messages ------
 NCCL_CASES = [(schedule, pp, v, m, forward_only)
               for schedule in ("1f1b", "gpipe") for pp in (2, 3, 4, 8) for v in (1, 2, 3)
               for m in ((1, 2, 3, 5, pp, 2 * pp) if v == 1 else (pp, 2 * pp, 3 * pp))
               for forward_only in (False, True)]
 
 
-def test_posting_cannot_hang_on_nccl():
-    """Every schedule's units complete under NCCL's rules (send waits for its receive, matched in
-    posting order, units complete in order), for 1F1B, interleaved, GPipe and forward-only."""
+def test_posting_passes_the_model_of_nccl_blocking_rules():
+    """Every schedule's units complete under check_posting's model of NCCL's rules (a send
+    waits for its receive, matched in posting order, units complete in order), for 1F1B,
+    interleaved, GPipe and forward-only. A model: no NCCL runs here."""
     for schedule, pp, v, m, forward_only in NCCL_CASES:
         plans = checked_plans(schedule, pp, m, v, forward_only)
         assert len(plans) == pp
@@ -229,8 +230,9 @@ def compare_grads(chunks, ref_grads, tp_rank: int, tp: int) -> tuple[float, list
     return worst, names
 
 
-def nccl_like_batches(ops, one_per_op):
-    """Like NCCL's batch_isend_irecv: ONE work for the whole batch (Gloo returns one per op)."""
+def one_work_per_batch(ops, one_per_op):
+    """Mimics NCCL's batch_isend_irecv on gloo: ONE work for the whole batch (gloo returns one
+    per op)."""
     class CoalescedWork:
         def __init__(self, works):
             self.works = works
@@ -335,11 +337,11 @@ def _pipeline_checks(refs) -> dict:
     # Untied embeddings (llama): nothing to sum over the embedding group, two steps in a row.
     run_case(pp2_dp2, 1, 2, 1, 4, refs, cfg=LLAMA_CFG)
     out[("llama_pp2", 1, 4)] = run_case(pp2_dp2, 1, 2, 1, 4, refs, cfg=LLAMA_CFG)
-    # One work per batch, as NCCL returns: every sent output is still freed.
+    # One work per batch (as NCCL returns, mimicked on gloo): every sent output is freed.
     one_per_op = torch.distributed.batch_isend_irecv
     with unittest.mock.patch("torch.distributed.batch_isend_irecv",
-                             lambda ops: nccl_like_batches(ops, one_per_op)):
-        out[("nccl_like", 2, 8)] = run_case(pp4, 1, 4, 2, 8, refs)
+                             lambda ops: one_work_per_batch(ops, one_per_op)):
+        out[("one_work_per_batch", 2, 8)] = run_case(pp4, 1, 4, 2, 8, refs)
 
     # Ranks that disagree on the schedule fail together instead of waiting on each other.
     # (Signatures are agreed on once and cached: use micro-batch counts not run above.)
