@@ -150,19 +150,36 @@ def _no_gathering(*args, **kwargs):
     raise AssertionError("a checkpoint gathered ZeRO-3's whole model")
 
 
-def test_fp16_zero3_resume_restores_master_weights_and_loss_scale(tmp_path, monkeypatch):
-    overrides = SMALL + ["train.steps=6", "train.precision=fp16", "optim.decay_steps=6",
-                         "parallel.zero_stage=3"]  # weights exist only as dp shards
+FP16_ZERO3 = SMALL + ["train.steps=6", "train.precision=fp16", "optim.decay_steps=6",
+                      "parallel.zero_stage=3", "parallel.dp=2"]  # weights exist as dp shards
+
+
+def _fp16_zero3_whole_then_split(base: str) -> int:
+    """On 2 dp ranks: 6 steps at once, and 3 + 3 with a save and a resume between."""
+    import unittest.mock
+
+    base = Path(base)
     # saving and loading work on each rank's shards: the whole model is never gathered
-    monkeypatch.setattr(ParameterGatherer, "gather_all", _no_gathering)
-    run(compose_config(overrides), tmp_path / "whole")
-    run(compose_config(overrides + ["train.exit_after=3"]), tmp_path / "split")
+    with unittest.mock.patch.object(ParameterGatherer, "gather_all", _no_gathering):
+        run(compose_config(FP16_ZERO3), base / "whole")
+        run(compose_config(FP16_ZERO3 + ["train.exit_after=3"]), base / "split")
+        run(compose_config(FP16_ZERO3 + ["train.resume=auto"]), base / "split")
+    return 0
+
+
+def test_fp16_zero3_resume_restores_master_weights_and_loss_scale(tmp_path):
+    run_distributed(_fp16_zero3_whole_then_split, world_size=2, args=(str(tmp_path),),
+                    timeout_s=300)
     meta = json.loads((tmp_path / "split" / "checkpoints" / "step_00000003" / "meta.json")
                       .read_text())
     assert meta["optimizer_scalars"]["loss_scaler"]["scale"] > 1
-    assert any(p["key"].startswith("optimizer/master/") for p in meta["shards"][0]["pieces"])
-    run(compose_config(overrides + ["train.resume=auto"]), tmp_path / "split")
-    assert losses(tmp_path / "whole") == losses(tmp_path / "split")
+    # each dp rank wrote its own flat range of the weights and of the fp32 masters
+    for prefix in ("model/", "optimizer/master/"):
+        writers = {shard["rank"] for shard in meta["shards"] for piece in shard["pieces"]
+                   if piece["key"].startswith(prefix) and piece["flat"] is not None}
+        assert writers == {0, 1}, prefix
+    whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert len(whole) == 6 and whole == split
 
 
 # ---- keep_last, broken inputs -----------------------------------------------------------------
@@ -361,6 +378,9 @@ RESUMED_LAYOUTS = {  # name: (tp, pp, virtual stages, zero stage), dp = 8 / (tp 
 }
 
 
+DROPOUT = ["model.dropout=0.1", "train.steps=4", "optim.decay_steps=4"]
+
+
 def _layout(tp: int, pp: int, virtual_stages: int, zero_stage: int) -> list[str]:
     return [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.virtual_stages={virtual_stages}",
             f"parallel.zero_stage={zero_stage}"]
@@ -378,6 +398,11 @@ def _save_then_resume_on_other_layouts(base: str) -> int:
     run(compose_config(RESHARD + _layout(2, 2, 1, 1)), base / "same_layout_whole")
     run(compose_config(RESHARD + _layout(2, 2, 1, 1) + ["train.resume=auto"]),
         base / SAVED_LAYOUT)
+    # ... and with dropout, where the tp-parallel and per-stage RNG streams must resume too
+    dropout = RESHARD + _layout(2, 2, 1, 1) + DROPOUT
+    run(compose_config(dropout), base / "dropout_whole")
+    run(compose_config(dropout + ["train.exit_after=2"]), base / "dropout_split")
+    run(compose_config(dropout + ["train.resume=auto"]), base / "dropout_split")
     return 0
 
 
@@ -390,6 +415,9 @@ def test_resume_on_other_layouts(tmp_path):
     run(compose_config(RESHARD + [f"train.resume={step_4}"]), tmp_path / "single")
     reference = losses(tmp_path / "reference")
     assert losses(tmp_path / SAVED_LAYOUT) == losses(tmp_path / "same_layout_whole")
+    dropout_whole = losses(tmp_path / "dropout_whole")
+    assert len(dropout_whole) == 4 and losses(tmp_path / "dropout_split") == dropout_whole
+    assert dropout_whole != reference[:4]  # dropout was on
     assert losses(tmp_path / SAVED_LAYOUT) == pytest.approx(reference, rel=1e-5)
     for name in [*RESUMED_LAYOUTS, "single"]:
         resumed = losses(tmp_path / name)
