@@ -121,18 +121,47 @@ def test_fp16_gradients_are_unscaled(fp16_results):
         assert r["fp16_norm"] == pytest.approx(r["fp32_norm"], rel=2e-2)
 
 
-def final_losses(run_dir: Path, last: int = 5) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return sum(r["loss"] for r in records[-last:]) / last
+def read_losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"]
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def dtypes_of_one_step(overrides: list[str], run_dir: Path) -> dict[str, set]:
+    """The dtypes a training step really uses: parameters (compute), the gradients autograd
+    hands over, the gradients the optimizer accumulates and reduces, the master weights."""
+    from nanomt.memory import PeakMemoryMeter
+    from nanomt.train import setup
+
+    t = setup(compose_config(TINY + overrides), run_dir)
+    params = [p for chunk in t.model_chunks for p in chunk.parameters()]
+    delivered: set = set()
+    hooks = [p.register_hook(lambda grad: delivered.add(grad.dtype)) for p in params]
+    t.train_step(0, PeakMemoryMeter())
+    for hook in hooks:
+        hook.remove()
+    return {"params": {p.dtype for p in params}, "autograd_grads": delivered,
+            "accumulated_grads": {g.dtype for g in t.optimizer.buffer.local_grad_shards()},
+            "masters": {shard.master.dtype for shard in t.optimizer.shards}}
 
 
 def test_bf16_training_tracks_fp32(tmp_path):
     from nanomt.train import run
 
+    bf16, fp32 = {torch.bfloat16}, {torch.float32}
+    # bf16 compute; gradients accumulated and reduced in fp32 (train.fp32_grads, the default) or
+    # in bf16; fp32 master weights either way (nanomt.optim.build, nanomt.optim.sharded_adamw)
+    assert dtypes_of_one_step(["train.precision=bf16"], tmp_path / "d1") == {
+        "params": bf16, "autograd_grads": bf16, "accumulated_grads": fp32, "masters": fp32}
+    assert dtypes_of_one_step(["train.precision=bf16", "train.fp32_grads=false"],
+                              tmp_path / "d2") == {
+        "params": bf16, "autograd_grads": bf16, "accumulated_grads": bf16, "masters": fp32}
+    assert all(found == fp32 for found in dtypes_of_one_step([], tmp_path / "d3").values())
+
     steps = ["train.steps=50"]
     run(compose_config(TINY + steps), tmp_path / "fp32")
     run(compose_config(TINY + steps + ["train.precision=bf16"]), tmp_path / "bf16")
-    fp32, bf16 = final_losses(tmp_path / "fp32"), final_losses(tmp_path / "bf16")
-    first = json.loads((tmp_path / "fp32" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-    assert fp32 < first - 0.5  # it learned something over 50 steps
-    assert math.isfinite(bf16) and abs(bf16 - fp32) < 0.02 * fp32, (bf16, fp32)
+    fp32_losses, bf16_losses = read_losses(tmp_path / "fp32"), read_losses(tmp_path / "bf16")
+    assert fp32_losses[-1] < fp32_losses[0] - 0.5  # it learned something over 50 steps
+    assert all(a != b for a, b in zip(fp32_losses[1:], bf16_losses[1:]))  # bf16 was not ignored
+    fp32_end, bf16_end = sum(fp32_losses[-5:]) / 5, sum(bf16_losses[-5:]) / 5
+    assert math.isfinite(bf16_end) and abs(bf16_end - fp32_end) < 0.02 * fp32_end
