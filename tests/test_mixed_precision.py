@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nanomt.optim.loss_scaler import DynamicLossScaler
-from nanomt.testing import compose_config, run_distributed
+from nanomt.testing import compose_config, run_distributed, step_dtypes
 
 TINY = ["model.num_layers=1", "model.hidden_size=32", "model.num_heads=4", "model.seq_len=16",
         "train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_interval=0",
@@ -127,21 +127,7 @@ def read_losses(run_dir: Path) -> list[float]:
 
 
 def dtypes_of_one_step(overrides: list[str], run_dir: Path) -> dict[str, set]:
-    """The dtypes a training step really uses: parameters (compute), the gradients autograd
-    hands over, the gradients the optimizer accumulates and reduces, the master weights."""
-    from nanomt.memory import PeakMemoryMeter
-    from nanomt.train import setup
-
-    t = setup(compose_config(TINY + overrides), run_dir)
-    params = [p for chunk in t.model_chunks for p in chunk.parameters()]
-    delivered: set = set()
-    hooks = [p.register_hook(lambda grad: delivered.add(grad.dtype)) for p in params]
-    t.train_step(0, PeakMemoryMeter())
-    for hook in hooks:
-        hook.remove()
-    return {"params": {p.dtype for p in params}, "autograd_grads": delivered,
-            "accumulated_grads": {g.dtype for g in t.optimizer.buffer.local_grad_shards()},
-            "masters": {shard.master.dtype for shard in t.optimizer.shards}}
+    return step_dtypes(compose_config(TINY + overrides), run_dir)
 
 
 def test_bf16_training_tracks_fp32(tmp_path):
