@@ -11,6 +11,9 @@ Guarantees:
   - a rank that hangs (a mismatched collective) fails the call after `timeout_s` instead of
     hanging the suite: every collective also carries the process-group timeout,
   - results come back through torch.save bytes, so tensors survive the child exiting.
+
+`step_dtypes(cfg, run_dir)` reports the dtypes one training step really uses (mixed-precision
+tests assert them instead of trusting a loss gap).
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanomt.config import compose_config  # noqa: F401 - re-exported: tests build configs with it
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def free_port() -> int:
@@ -122,3 +129,24 @@ def _first_error(collected: dict) -> str:
         if status == "error":
             return f"\nrank {rank} raised:\n{payload}"
     return ""
+
+
+def step_dtypes(cfg: DictConfig, run_dir: Path) -> dict[str, set[torch.dtype]]:
+    """Set up a run of `cfg` (nanomt.train.setup) and train one step; return the dtypes it used:
+    "params" (the model's, for compute), "autograd_grads" (what backward delivers to each
+    parameter), "accumulated_grads" (what the optimizer accumulates and reduces) and "masters"
+    (the weights AdamW updates). Collective when cfg is a parallel layout: call on every rank."""
+    from nanomt.memory import PeakMemoryMeter
+    from nanomt.train import setup
+
+    trainer = setup(cfg, Path(run_dir))
+    params = [p for chunk in trainer.model_chunks for p in chunk.parameters()]
+    delivered: set[torch.dtype] = set()
+    hooks = [p.register_hook(lambda grad: delivered.add(grad.dtype)) for p in params]
+    trainer.train_step(0, PeakMemoryMeter())
+    for hook in hooks:
+        hook.remove()
+    optimizer = trainer.optimizer
+    return {"params": {p.dtype for p in params}, "autograd_grads": delivered,
+            "accumulated_grads": {g.dtype for g in optimizer.buffer.local_grad_shards()},
+            "masters": {shard.master.dtype for shard in optimizer.shards}}
