@@ -12,10 +12,12 @@ Each rule lives in one place, in the order the run needs them:
     layout          world size = tp * pp * dp (dp inferred when null)
     model vs layout tp divides heads, hidden, ffn; sequence parallelism needs tp | seq_len
     batch           G = m * b * dp: the global batch splits into micro-batches on every replica
+    ramp-up         so does every global batch size of train.rampup_batch_size
     pipeline        pp * v divides the layers; interleaving (v > 1) needs pp | m
     schedule        lr > 0, min_lr <= lr, the cosine decay ends after the warm-up
     precision       the fp16 loss scale
-    data            the corpus file exists; the tokenizer loads and fits model.vocab_size
+    data            the tokenizer loads and fits model.vocab_size; the text file, or the .bin/.idx
+                    pairs of data.path / data.blend, exist, parse and hold the tokenizer's ids
     resume          the checkpoint in train.resume exists and holds this model's tensors
 
 Lower layers (validate_layout, check_pipeline_config, ModelConfig, WarmupCosine) keep their own
@@ -41,7 +43,8 @@ from omegaconf.errors import OmegaConfBaseException
 from nanomt.checkpoint.checkpointer import preempt_signal
 from nanomt.checkpoint.format import CheckpointError, check_model_config
 from nanomt.checkpoint.load import read_meta, resolve_checkpoint
-from nanomt.data.dataset import CORPUS_PATH, SHAKESPEARE
+from nanomt.data.build import check_data_sources
+from nanomt.data.rampup import SCHEDULE_UNITS, check_rampup_config
 from nanomt.data.tokenizer import build_tokenizer
 from nanomt.errors import ConfigError
 from nanomt.model.checkpointing import MODES as CHECKPOINTING_MODES
@@ -305,6 +308,7 @@ OPTIM_RULES = {
     "optim.min_lr": NON_NEGATIVE,
     "optim.warmup_steps": NON_NEGATIVE_INT,
     "optim.decay_steps": or_null(POSITIVE_INT),
+    "optim.schedule_unit": choice(*SCHEDULE_UNITS),
     "optim.beta1": FRACTION,
     "optim.beta2": FRACTION,
     "optim.eps": POSITIVE,
@@ -381,6 +385,7 @@ DATA_RULES = {
     "data.tokenizer": TEXT,
     "data.val_fraction": OPEN_FRACTION,  # the end-of-run validation needs a validation split
     "data.cache_dir": or_null(TEXT),
+    "data.path": or_null(TEXT),
 }
 TOKENIZER_FIX = "set data.tokenizer to byte, gpt2 or the path of a Hugging Face tokenizer.json"
 
@@ -395,15 +400,7 @@ def check_data(cfg: DictConfig, model: ModelConfig) -> None:
     """The corpus exists and the tokenizer loads and fits the model's vocabulary. The corpus is
     not read: tokenizing it is the data loader's job."""
     check_fields(cfg, DATA_RULES)
-    name, spec = cfg.data.name, cfg.data.tokenizer
-    path = CORPUS_PATH if name == SHAKESPEARE else Path(name).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"data.name: dataset file not found: {path}",
-                          f"set data.name to '{SHAKESPEARE}' or the path of a .txt, .txt.xz, "
-                          f".txt.gz or uint16 .bin file")
-    if path.suffix == ".bin" and path.stat().st_size % 2:
-        raise ConfigError(f"data.name: {path} has an odd size, not uint16 token ids",
-                          "set data.name to a .bin file of uint16 token ids")
+    spec = cfg.data.tokenizer
     if spec not in ("byte", "gpt2") and not spec.endswith(".json"):
         raise ConfigError(f"unknown tokenizer {spec!r} in data.tokenizer", TOKENIZER_FIX)
     if spec.endswith(".json") and not Path(spec).expanduser().is_file():
@@ -418,6 +415,7 @@ def check_data(cfg: DictConfig, model: ModelConfig) -> None:
                           f"model.vocab_size is {model.vocab_size}",
                           f"set model.vocab_size >= {vocab_size} (or a model preset with that "
                           f"vocabulary), or use a smaller tokenizer")
+    check_data_sources(cfg, vocab_size)  # nanomt.data.build: files, blend, dtype, split
 
 
 def check_resume(cfg: DictConfig, model: ModelConfig) -> None:
@@ -451,6 +449,8 @@ def check_config(cfg: DictConfig, world_size: int) -> tuple[ModelConfig, Layout,
     check_model_fits_layout(model, layout)
     num_microbatches = check_batch(cfg, layout)
     check_pipeline(cfg, model, layout, num_microbatches)
+    check_rampup_config(cfg.train.get("rampup_batch_size"), cfg.train.global_batch_size,
+                        cfg.train.micro_batch_size, layout.dp, layout.pp, layout.virtual_stages)
     check_schedule(cfg)
     check_data(cfg, model)
     check_resume(cfg, model)

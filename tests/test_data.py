@@ -1,4 +1,4 @@
-"""Tests for nanomt.data: tokenizers, the embedded corpus, loading and batch sampling."""
+"""Tests for nanomt.data: tokenizers, the embedded corpus through the indexed path, the sampler."""
 
 from __future__ import annotations
 
@@ -6,17 +6,20 @@ import gzip
 import importlib.util
 import lzma
 
+import numpy as np
 import pytest
 import torch
 
 from nanomt.data import (
+    CORPUS_PATH,
+    BatchSchedule,
     ByteTokenizer,
     GlobalBatchSampler,
     HFTokenizerFile,
     build_tokenizer,
-    load_token_splits,
-    load_tokens,
 )
+from nanomt.data.build import prepare_text_corpus
+from nanomt.data.indexed import IndexedDataset
 from nanomt.data import tokenizer as tokenizer_module
 
 SAMPLE = "To be, or not to be, that is the question:\n\n  Whether 'tis nobler — ünïcödé 🙂 123"
@@ -98,68 +101,54 @@ def test_tokenizer_errors_are_clear(tmp_path, monkeypatch):
 # -- loading token streams ------------------------------------------------------
 
 
-def test_embedded_corpus_and_split():
-    tok = ByteTokenizer()
-    train, val = load_token_splits("shakespeare", tok, val_fraction=0.05)
-    total = len(train) + len(val)
-    assert total > 1_000_000
-    assert len(val) == int(total * 0.05)
-    assert train.dtype == val.dtype == torch.int32 and train.dim() == 1
-    assert tok.decode(train[:25].tolist()) == "ALL'S WELL THAT ENDS WELL"
-    train10, val10 = load_token_splits("shakespeare", tok, val_fraction=0.1)
-    assert len(val10) == int(total * 0.1)
-    assert torch.equal(val10[-len(val):], val)  # validation is the tail of the stream
-    with pytest.raises(ValueError, match="val_fraction"):
-        load_token_splits("shakespeare", tok, val_fraction=1.0)
+def test_embedded_corpus_goes_through_the_indexed_path(tmp_path):
+    prefix = prepare_text_corpus("shakespeare", "byte", str(tmp_path))
+    ds = IndexedDataset(prefix)
+    raw = lzma.decompress(CORPUS_PATH.read_bytes())
+    assert ds.num_tokens == len(raw) > 1_000_000 and ds.num_documents > 1000
+    assert ds.tokens[:25].astype(np.uint8).tobytes() == b"ALL'S WELL THAT ENDS WELL"
+    assert ds.tokens.astype(np.uint8).tobytes() == raw  # paragraphs put back together are the corpus
+    assert prepare_text_corpus("shakespeare", "byte", str(tmp_path)) == prefix  # cached
 
 
-def test_text_compressed_and_bin_sources(tmp_path):
-    tok = ByteTokenizer()
-    data = (SAMPLE * 20).encode("utf-8")
-    (tmp_path / "a.txt").write_bytes(data)
-    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(data))
-    (tmp_path / "a.txt.xz").write_bytes(lzma.compress(data))
-    expected = torch.tensor(list(data), dtype=torch.int32)
+def test_text_compressed_sources(tmp_path):
+    data = (SAMPLE + "\n\n") * 20
+    (tmp_path / "a.txt").write_text(data, encoding="utf-8")
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(data.encode()))
+    (tmp_path / "a.txt.xz").write_bytes(lzma.compress(data.encode()))
     for name in ("a.txt", "a.txt.gz", "a.txt.xz"):
-        assert torch.equal(load_tokens(str(tmp_path / name), tok), expected)
-
-    ids = torch.tensor([1, 2, 255, 7, 0, 42], dtype=torch.int32)
-    (tmp_path / "ids.bin").write_bytes(ids.to(torch.int16).numpy().astype("<u2").tobytes())
-    train, val = load_token_splits(str(tmp_path / "ids.bin"), tok, val_fraction=0.34)
-    assert torch.equal(torch.cat([train, val]), ids) and len(val) == 2
-
-    (tmp_path / "big.bin").write_bytes(torch.tensor([300], dtype=torch.int16).numpy().tobytes())
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        load_tokens(str(tmp_path / "big.bin"), tok)
+        ds = IndexedDataset(prepare_text_corpus(str(tmp_path / name), "byte", str(tmp_path)))
+        assert ds.tokens.astype(np.uint8).tobytes() == data.encode() and ds.num_documents == 40  # two paragraphs each
 
 
-def test_missing_dataset_error_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"dataset file not found: .*missing\.txt.*expected"):
-        load_token_splits(str(tmp_path / "missing.txt"), ByteTokenizer(), 0.05)
-
-
-def test_bpe_token_cache(gpt2, tmp_path, monkeypatch):
+def test_bpe_corpus_cache(gpt2, tmp_path):
     source = tmp_path / "small.txt"
     source.write_text(SAMPLE * 50, encoding="utf-8")
-    cache = tmp_path / "cache"
-    first = load_tokens(str(source), gpt2, cache_dir=str(cache))
-    assert first.tolist() == gpt2.encode(SAMPLE * 50)
-    assert len(list(cache.glob("small.gpt2.*.pt"))) == 1
-
-    calls = []
-    original_encode = gpt2.encode
-
-    def counting_encode(text):
-        calls.append(len(text))
-        return original_encode(text)
-
-    monkeypatch.setattr(gpt2, "encode", counting_encode)
-    second = load_tokens(str(source), gpt2, cache_dir=str(cache))
-    assert torch.equal(first, second)
-    assert max(calls) < len(SAMPLE) * 50  # only the short fingerprint probe was encoded
+    prefix = prepare_text_corpus(str(source), "gpt2", str(tmp_path / "cache"))
+    ds = IndexedDataset(prefix)
+    assert ds.dtype == np.uint16 and ds.tokens.tolist() == gpt2.encode(SAMPLE * 50)
+    mtime = (tmp_path / "cache" / f"{prefix.name}.idx").stat().st_mtime_ns
+    assert prepare_text_corpus(str(source), "gpt2", str(tmp_path / "cache")) == prefix
+    assert (tmp_path / "cache" / f"{prefix.name}.idx").stat().st_mtime_ns == mtime
+    source.write_text(SAMPLE * 51, encoding="utf-8")  # another text: another cache entry
+    assert prepare_text_corpus(str(source), "gpt2", str(tmp_path / "cache")) != prefix
 
 
 # -- batch sampling ----------------------------------------------------------------
+
+
+class Stream:
+    """Sample i = tokens [1000 i, 1000 i + s + 1): easy to recognise in a batch."""
+
+    def __init__(self, n: int, seq_len: int) -> None:
+        self.n, self.seq_len = n, seq_len
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        assert 0 <= i < self.n
+        return np.arange(1000 * i, 1000 * i + self.seq_len + 1)
 
 
 def assemble(sampler, step, dp_size, micro_batch_size):
@@ -167,51 +156,33 @@ def assemble(sampler, step, dp_size, micro_batch_size):
     parts = [
         sampler.micro_batch(step, i, rank, dp_size, micro_batch_size)
         for rank in range(dp_size)
-        for i in range(sampler.num_microbatches(dp_size, micro_batch_size))
+        for i in range(sampler.num_microbatches(dp_size, micro_batch_size, step))
     ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def test_global_batch_is_layout_independent():
-    tokens = torch.randint(0, 50_000, (10_000,), generator=torch.Generator().manual_seed(0))
-    sampler = GlobalBatchSampler(tokens.to(torch.int32), seq_len=16, global_batch_size=8, seed=1234)
+def test_global_batch_is_layout_independent_and_consecutive():
+    sampler = GlobalBatchSampler(Stream(400, 16), 8)
     for step in (0, 1, 17):
-        reference = sampler.global_batch(step)
+        inputs, targets = sampler.global_batch(step)
+        assert torch.equal(inputs[:, 0], torch.arange(8 * step, 8 * step + 8) * 1000)
+        assert torch.equal(targets, inputs + 1)
         for dp_size, mbs in ((1, 4), (2, 1), (4, 2), (8, 1), (1, 8)):
-            inputs, targets = assemble(sampler, step, dp_size, mbs)
-            assert inputs.shape == targets.shape == (8, 16)
-            assert inputs.dtype == targets.dtype == torch.int64
-            assert torch.equal(inputs, reference[0]) and torch.equal(targets, reference[1])
-    # A fresh sampler with the same seed reproduces a step without replaying earlier ones.
-    fresh = GlobalBatchSampler(tokens.to(torch.int32), seq_len=16, global_batch_size=8, seed=1234)
-    assert torch.equal(fresh.micro_batch(17, 1, 0, 2, 2)[0], sampler.global_batch(17)[0][2:4])
+            got = assemble(sampler, step, dp_size, mbs)
+            assert got[0].shape == (8, 16) and got[0].dtype == torch.int64
+            assert torch.equal(got[0], inputs) and torch.equal(got[1], targets)
 
 
-def test_steps_and_seeds_differ_and_targets_shift():
-    tokens = torch.arange(100_000, dtype=torch.int32)
-    sampler = GlobalBatchSampler(tokens, seq_len=32, global_batch_size=4, seed=0)
-    inputs0, targets0 = sampler.global_batch(0)
-    inputs1, _ = sampler.global_batch(1)
-    assert not torch.equal(inputs0, inputs1)
-    other_seed = GlobalBatchSampler(tokens, seq_len=32, global_batch_size=4, seed=1)
-    assert not torch.equal(inputs0, other_seed.global_batch(0)[0])
-    assert torch.equal(targets0, inputs0 + 1)  # with tokens = arange, shift by one is +1
-    assert torch.equal(inputs0[:, 1:], targets0[:, :-1])
-    assert torch.equal(inputs0[:, 0], sampler.window_starts(0))
-
-
-def test_windows_stay_in_range_on_short_stream():
-    tokens = torch.arange(9, dtype=torch.int32)  # exactly one window of 8 + 1
-    sampler = GlobalBatchSampler(tokens, seq_len=8, global_batch_size=4)
-    inputs, targets = sampler.global_batch(3)
-    assert torch.equal(inputs, torch.arange(8).expand(4, 8))
-    assert torch.equal(targets, torch.arange(1, 9).expand(4, 8))
-    with pytest.raises(ValueError, match="too short"):
-        GlobalBatchSampler(tokens, seq_len=9, global_batch_size=1)
+def test_dp_slices_are_disjoint_and_cover_the_batch():
+    sampler = GlobalBatchSampler(Stream(400, 4), BatchSchedule(12, [4, 4, 40]))
+    for step in range(8):
+        slices = [set(sampler.sample_ids(step, r, 4)) for r in range(4)]
+        assert all(not (a & b) for i, a in enumerate(slices) for b in slices[i + 1:])
+        assert set().union(*slices) == set(sampler.sample_ids(step))
 
 
 def test_layout_errors():
-    sampler = GlobalBatchSampler(torch.arange(1000, dtype=torch.int32), seq_len=8, global_batch_size=6)
+    sampler = GlobalBatchSampler(Stream(100, 8), 6)
     assert sampler.num_microbatches(3, 1) == 2
     with pytest.raises(ValueError, match="not divisible"):
         sampler.num_microbatches(4, 1)
@@ -224,29 +195,29 @@ def test_layout_errors():
 
 
 def test_eval_batches_fixed_and_layout_independent():
-    tokens = torch.arange(5_000, dtype=torch.int32)
-    sampler = GlobalBatchSampler(tokens, seq_len=16, global_batch_size=4, seed=7)
+    sampler = GlobalBatchSampler(Stream(12, 16), 4)
     single = list(sampler.eval_batches(num_batches=3, batch_size=4))
     assert len(single) == 3 and single[0][0].shape == (4, 16)
-    assert int(single[0][0][0, 0]) == 0 and int(single[-1][1][-1, -1]) == len(tokens) - 1
+    assert torch.equal(single[2][0][:, 0], torch.arange(8, 12) * 1000)
     sampler.load_state_dict({"seed": 99, "next_step": 5})
     again = list(sampler.eval_batches(num_batches=3, batch_size=4))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(single, again))  # seed-independent
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(single, again))  # step-independent
     for b in range(3):
         sharded = [list(sampler.eval_batches(3, 4, rank, 2))[b] for rank in range(2)]
         assert torch.equal(torch.cat([s[0] for s in sharded]), single[b][0])
         assert torch.equal(torch.cat([s[1] for s in sharded]), single[b][1])
 
 
-def test_state_dict_round_trip():
-    tokens = torch.arange(10_000, dtype=torch.int32)
-    sampler = GlobalBatchSampler(tokens, seq_len=8, global_batch_size=4, seed=3)
+def test_state_dict_round_trip_and_changed_batch_size():
+    sampler = GlobalBatchSampler(Stream(100, 8), 4, seed=3)
     for step in range(3):
         sampler.micro_batch(step, 0, 0, 1, 4)
     state = sampler.state_dict()
-    assert state["next_step"] == 3 and state["consumed_samples"] == 12 and state["seed"] == 3
-
-    resumed = GlobalBatchSampler(tokens, seq_len=8, global_batch_size=4, seed=0)
+    assert state == {"seed": 3, "next_step": 3, "consumed_samples": 12, "global_batch_size": 4}
+    resumed = GlobalBatchSampler(Stream(100, 8), 4, seed=0)
     resumed.load_state_dict(state)
-    assert resumed.next_step == 3 and resumed.seed == 3
+    assert resumed.next_step == 3 and resumed.seed == 3 and resumed.consumed_samples == 12
     assert torch.equal(resumed.global_batch(3)[0], sampler.global_batch(3)[0])
+    bigger = GlobalBatchSampler(Stream(100, 8), 8)  # resumed with another global batch size
+    bigger.load_state_dict(state)
+    assert bigger.sample_ids(3) == range(12, 20) and bigger.sample_ids(4) == range(20, 28)
