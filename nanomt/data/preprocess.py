@@ -188,8 +188,9 @@ def _results(work: Iterator[list[str]], workers: int, spec: str, eod: int | None
         _init_worker(spec, eod)
         yield from map(_encode_work, work)
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (spec, eod)) as pool:
+    # spawn, not fork: a fork of a process that already runs torch's (or gloo's) threads can
+    # deadlock in the child on a lock one of those threads held
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (spec, eod)) as pool:
         pending: deque = deque()
         for texts in work:
             pending.append(pool.apply_async(_encode_work, (texts,)))
