@@ -50,7 +50,7 @@ from nanomt.errors import ConfigError
 from nanomt.model.checkpointing import MODES as CHECKPOINTING_MODES
 from nanomt.model.config import ModelConfig
 from nanomt.parallel.pipeline.schedules import SCHEDULES, check_pipeline_config
-from nanomt.parallel.zero.optimizer import GRAD_REDUCE_MODES
+from nanomt.parallel.data_parallel import GRAD_REDUCE_MODES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 

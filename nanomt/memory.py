@@ -1,6 +1,7 @@
 """Memory accounting per rank: parameters, gradients, optimizer state and peak activations.
 
-The model-state side is read off the ZeRO optimizer's buffers (what this rank really holds) and
+The model-state side is what the gradient buffer and the sharded optimizer report holding
+(`optimizer.memory()`: the buffers this rank really holds), and is
 compared with ZeRO's formulas (Rajbhandari et al. 2019, section 3.1): with Psi parameters, N_d
 data-parallel ranks, p/g bytes per parameter and gradient element and K bytes of optimizer state
 per parameter (the paper's mixed-precision Adam: p = g = 2, K = 12 -> 16 bytes/param; nanomt
@@ -32,31 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 if TYPE_CHECKING:
     from nanomt.parallel.grid import ParallelGrid
-    from nanomt.parallel.zero.optimizer import ZeroOptimizer
-
-
-def storage_bytes(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().nbytes()
-
-
-def optimizer_memory(optimizer: ZeroOptimizer) -> dict[str, int]:
-    """Bytes this rank holds right now for parameters, gradients and optimizer state."""
-    params = grads = state = 0
-    for b in optimizer.buckets:
-        params += storage_bytes(b.param_buffer)
-        if optimizer.stage == 3:
-            params += storage_bytes(b.param_shard)
-        if b.grad_buffer is not None:
-            grads += storage_bytes(b.grad_buffer)
-        if optimizer.stage >= 2:
-            grads += storage_bytes(b.grad_shard)  # at stages 0-1, a view of grad_buffer
-        state += storage_bytes(b.exp_avg) + storage_bytes(b.exp_avg_sq)
-        own = b.param_shard if optimizer.stage == 3 else b.param_buffer
-        if b.master.untyped_storage().data_ptr() != own.untyped_storage().data_ptr():
-            state += storage_bytes(b.master)
-    for _, _, full, reduced in getattr(optimizer, "in_flight", []):
-        grads += storage_bytes(full) + storage_bytes(reduced)
-    return {"params": params, "grads": grads, "optimizer_state": state}
+    from nanomt.optim.sharded_adamw import ShardedAdamW
 
 
 def zero_formula_bytes(num_params: int, dp: int, stage: int, param_bytes: int = 2,
@@ -99,14 +76,14 @@ class PeakMemoryMeter(TorchDispatchMode):
         return out
 
 
-def memory_report(optimizer: ZeroOptimizer, peak_activation_bytes: int | None,
+def memory_report(optimizer: ShardedAdamW, peak_activation_bytes: int | None,
                   grid: ParallelGrid | None) -> list[dict]:
     """Every rank's accounting, gathered onto every rank (rank order): model-state bytes now
     (between steps) and at the step's peak (`after_backward`: the last step's gradients
     complete, before the update; `grads_peak_in_backward`: the most gradient bytes held at once
     during that backward, in-flight full buckets included)."""
-    after_backward = getattr(optimizer, "memory_after_backward", {})
-    mine = {"rank": grid.rank if grid is not None else 0, **optimizer_memory(optimizer),
+    after_backward = optimizer.memory_after_backward
+    mine = {"rank": grid.rank if grid is not None else 0, **optimizer.memory(),
             "peak_activations": peak_activation_bytes,
             "after_backward": after_backward,  # the model-state peak: gradients complete
             "peak_model_state": sum(after_backward.get(k, 0)
@@ -118,4 +95,4 @@ def memory_report(optimizer: ZeroOptimizer, peak_activation_bytes: int | None,
     return everyone
 
 
-__all__ = ["PeakMemoryMeter", "memory_report", "optimizer_memory", "zero_formula_bytes"]
+__all__ = ["PeakMemoryMeter", "memory_report", "zero_formula_bytes"]

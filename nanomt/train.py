@@ -46,13 +46,15 @@ from nanomt.logger import RunLogger, write_json_atomic
 from nanomt.memory import PeakMemoryMeter, memory_report
 from nanomt.model import GPT, ModelConfig
 from nanomt.model.checkpointing import set_activation_checkpointing
+from nanomt.model.chunks import build_model_chunks
+from nanomt.optim import build_optimizer
 from nanomt.optim.schedule import WarmupCosine
 from nanomt.parallel import comm
 from nanomt.parallel.grid import ParallelGrid, agree_on_run_stamp, init_distributed
 from nanomt.parallel.random import seed_everything
-from nanomt.parallel.zero import build_optimizer
-from nanomt.parallel.pipeline import Timeline, build_model_chunks
-from nanomt.parallel.no_pipelining import get_forward_backward_func
+from nanomt.parallel.data_parallel import finalize_grads
+from nanomt.parallel.forward_backward import get_forward_backward_func
+from nanomt.parallel.pipeline import Timeline
 
 
 def pick_device(name: str) -> torch.device:
@@ -152,9 +154,12 @@ class Trainer:
             self.timeline.begin_step(step + 1)
         with measure.watch(step == self.start_step and self.cfg.train.measure_memory):
             loss_sum = self.forward_backward(self.model_chunks, micro_batches, self.grid,
-                                             timeline=self.timeline)
+                                             timeline=self.timeline,
+                                             loss_scale=self.optimizer.loss_scale)
         faults.inject("optimizer", step + 1)
-        result = self.optimizer.step()  # reduce, clip by the global norm, update (or skip: fp16)
+        # data-parallel reductions complete; sequence-parallel and tied-embedding sums
+        finalize_grads(self.optimizer.buffer)
+        result = self.optimizer.step()  # clip by the global norm, update (or skip: inf/nan)
         loss = mean_over_batch(loss_sum, len(micro_batches), self.grid, self.device)
         step_time = time.perf_counter() - t0
         batch, consumed = self.train_data.batch_size(step), self.train_data.consumed_before(step + 1)
@@ -224,8 +229,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
                          "dp_rank": grid.dp_rank, "pp": layout.pp,
                          "virtual_stages": layout.virtual_stages,
                          "num_microbatches": num_microbatches}) if cfg.train.timeline else None
-    # Data parallelism lives in the optimizer: gradient buckets reduced during backward, ZeRO
-    # sharding (parallel.zero_stage), precision, clipping and AdamW (nanomt.parallel.zero).
+    # Data parallelism (gradient buckets reduced during backward, ZeRO sharding) is the
+    # optimizer's buffer; the optimizer holds the fp32 shard state (nanomt.optim.build).
     optimizer = build_optimizer(model_chunks, cfg, grid)
     o = cfg.optim
     train_data, val_data = build_data(cfg, model_cfg)

@@ -28,7 +28,7 @@ from nanomt.checkpoint import (
 )
 from nanomt.checkpoint.format import Piece, TensorSource, make_piece, read_region
 from nanomt.model import GPT, ModelConfig
-from nanomt.parallel.zero.stage3 import ParameterGatherer
+from nanomt.parallel.data_parallel.stage3 import ParameterGatherer
 from nanomt.testing import compose_config, run_distributed
 from nanomt.train import run
 

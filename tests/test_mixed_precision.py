@@ -57,7 +57,8 @@ def _fp16_overflow_checks() -> dict:
     """A 2 (tp) x 2 (dp) grid; the inf appears on one rank only: tp rank 1 of dp rank 0."""
     from nanomt.model import GPT, ModelConfig
     from nanomt.parallel.grid import ParallelGrid
-    from nanomt.parallel.zero import build_optimizer
+    from nanomt.optim import build_optimizer
+    from nanomt.parallel.data_parallel import finalize_grads
 
     grid = ParallelGrid(2, 1, 2)
     model_cfg = ModelConfig(num_layers=1, hidden_size=32, num_heads=4, seq_len=16)
@@ -71,7 +72,7 @@ def _fp16_overflow_checks() -> dict:
         model = GPT(model_cfg, grid, seed=1)
         optimizer = build_optimizer([model], cfg, grid, num_microbatches=1)
         for step in range(steps):
-            model(tokens[step], tokens[step]).backward()
+            (model(tokens[step], tokens[step]) * optimizer.loss_scale).backward()
             result = optimizer.step()
         return model, optimizer, result
 
@@ -83,19 +84,19 @@ def _fp16_overflow_checks() -> dict:
     out["scale_before"] = optimizer.loss_scaler.scale
     # A second step whose gradient overflows on one rank only, after the reductions: every
     # other rank (its tp peer, the other dp replica and its tp peer) must skip with it.
-    model(tokens[1], tokens[1]).backward()
-    optimizer.finish_grad_sync()
+    (model(tokens[1], tokens[1]) * optimizer.loss_scale).backward()
+    finalize_grads(optimizer.buffer)
     if grid.dp_rank == 0 and grid.tp_rank == 1:
-        optimizer.local_grad_shards()[0][0] = float("inf")
+        optimizer.buffer.local_grad_shards()[0][0] = float("inf")
     params_before = [p.detach().clone() for p in model.parameters()]
-    masters_before = [b.master.clone() for b in optimizer.buckets]
+    masters_before = [s.master.clone() for s in optimizer.shards]
     poisoned = optimizer.step()
     out["poisoned_skipped"] = poisoned.skipped
     out["scale_after"] = optimizer.loss_scaler.scale
     out["params_untouched"] = all(torch.equal(a, p) for a, p in zip(params_before,
                                                                     model.parameters()))
-    out["masters_untouched"] = all(torch.equal(a, b.master)
-                                   for a, b in zip(masters_before, optimizer.buckets))
+    out["masters_untouched"] = all(torch.equal(a, s.master)
+                                   for a, s in zip(masters_before, optimizer.shards))
     out["adam_steps"] = optimizer.step_count
     return out
 

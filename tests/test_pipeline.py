@@ -281,11 +281,8 @@ def run_case(grid, tp: int, pp: int, v: int, m: int, refs, schedule="1f1b", sp=F
              cfg: ModelConfig = CFG) -> dict:
     from nanomt.model.gpt import allreduce_sequence_parallel_grads
     from nanomt.parallel import comm
-    from nanomt.parallel.pipeline import (
-        PipelineStats,
-        build_model_chunks,
-        forward_backward_pipelining,
-    )
+    from nanomt.model.chunks import build_model_chunks
+    from nanomt.parallel.pipeline import PipelineStats, forward_backward_pipelining
 
     chunks = build_model_chunks(cfg, grid, v, seed=SEED, sequence_parallel=sp)
     stats = PipelineStats()
@@ -319,7 +316,8 @@ def _pipeline_checks(refs) -> dict:
     import unittest.mock
 
     from nanomt.parallel.grid import ParallelGrid
-    from nanomt.parallel.pipeline import build_model_chunks, forward_backward_pipelining
+    from nanomt.model.chunks import build_model_chunks
+    from nanomt.parallel.pipeline import forward_backward_pipelining
 
     pp4 = ParallelGrid(tp=1, pp=4, dp=1)
     pp2_dp2 = ParallelGrid(tp=1, pp=2, dp=2)

@@ -6,7 +6,7 @@ dp2); the test compares each loss and gradient-norm trajectory with a run built 
 in the test process (torch.optim.AdamW, torch.nn.utils.clip_grad_norm_, the same global batches).
 The dp=2 spawn also measures the per-rank bytes of parameters, gradients and optimizer state
 against ZeRO's formulas (between steps and at the peak, after backward), counts the gradient
-reductions of a step in both accumulation modes, and calls finish_grad_sync() twice.
+reductions of a step in both accumulation modes, and calls finalize_grads() twice.
 """
 
 from __future__ import annotations
@@ -47,9 +47,8 @@ def _train_every_stage(run_root: str, layout: list[str], extra_runs: dict,
 def _model_state_checks(grid) -> dict:
     """Model-state bytes per rank at every stage (bf16 and fp32), between steps and at the
     step's peak: after backward, gradients complete, before the update frees anything."""
-    from nanomt.memory import optimizer_memory
     from nanomt.model import GPT, ModelConfig
-    from nanomt.parallel.zero import build_optimizer
+    from nanomt.optim import build_optimizer
 
     model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16)
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(grid.rank))
@@ -63,7 +62,7 @@ def _model_state_checks(grid) -> dict:
             model(tokens, tokens).backward()
             optimizer.step()
             out[(precision, stage)] = {
-                "between_steps": optimizer_memory(optimizer),
+                "between_steps": optimizer.memory(),
                 "after_backward": optimizer.memory_after_backward,
                 "num_params": model.num_local_parameters(),
                 "num_buckets": len(optimizer.buckets),
@@ -75,7 +74,7 @@ def _accumulation_checks(grid) -> dict:
     """Three micro-batches at stage 2, both parallel.grad_reduce modes: reductions launched
     after each micro-batch, gradient bytes at the end of backward and at their peak."""
     from nanomt.model import GPT, ModelConfig
-    from nanomt.parallel.zero import build_optimizer
+    from nanomt.optim import build_optimizer
 
     model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16)
     tokens = torch.randint(0, 256, (3, 2, 16), generator=torch.Generator().manual_seed(grid.rank))
@@ -87,7 +86,7 @@ def _accumulation_checks(grid) -> dict:
         launched_after = []
         for i in range(3):
             (model(tokens[i], tokens[i]) / 3).backward()
-            launched_after.append(optimizer.reductions_launched)
+            launched_after.append(optimizer.buffer.reductions_launched)
         result = optimizer.step()
         out[mode] = {"after_each_microbatch": launched_after, "skipped": result.skipped,
                      "num_buckets": len(optimizer.buckets), "norm": result.grad_norm,
@@ -99,11 +98,12 @@ def _accumulation_checks(grid) -> dict:
 
 
 def _finish_grad_sync_twice_checks() -> dict:
-    """tp=2 with sequence parallelism over the two ranks: a second finish_grad_sync() must not
-    add the sequence-parallel gradients over tp again."""
+    """tp=2 with sequence parallelism over the two ranks: a second finalize_grads() (the
+    optimizer's step calls it too) must not add the sequence-parallel gradients over tp again."""
     from nanomt.model import GPT, ModelConfig
+    from nanomt.parallel.data_parallel import finalize_grads
     from nanomt.parallel.grid import ParallelGrid
-    from nanomt.parallel.zero import build_optimizer
+    from nanomt.optim import build_optimizer
 
     grid = ParallelGrid(2, 1, 1)
     model_cfg = ModelConfig(num_layers=1, hidden_size=32, num_heads=4, seq_len=16)
@@ -116,7 +116,7 @@ def _finish_grad_sync_twice_checks() -> dict:
         optimizer = build_optimizer([model], cfg, grid, num_microbatches=1)
         model(tokens, tokens).backward()
         if twice:
-            optimizer.finish_grad_sync()
+            finalize_grads(optimizer.buffer)
         norms[twice] = optimizer.step().grad_norm
     return norms
 
@@ -142,7 +142,7 @@ def _prefetch_checks(grid) -> dict:
 
     from nanomt.model import GPT, ModelConfig
     from nanomt.model.checkpointing import set_activation_checkpointing
-    from nanomt.parallel.zero import build_optimizer
+    from nanomt.optim import build_optimizer
 
     model_cfg = ModelConfig(num_layers=3, hidden_size=32, num_heads=4, seq_len=16)
     tokens = torch.randint(0, 256, (2, 2, 2, 16),
@@ -156,13 +156,13 @@ def _prefetch_checks(grid) -> dict:
             set_activation_checkpointing([model], recompute)
             optimizer = build_optimizer([model], cfg, grid, num_microbatches=2)
             losses, norms = _train_stage3(grid, model, optimizer, tokens[:1])
-            in_order = asdict(optimizer.gatherer.stats)
+            in_order = asdict(optimizer.buffer.gatherer.stats)
             with torch.no_grad():
                 hidden = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
                 for layer in reversed(model.layers):
                     hidden = layer(hidden)
             more_losses, more_norms = _train_stage3(grid, model, optimizer, tokens[1:])
-            stats = asdict(optimizer.gatherer.stats)
+            stats = asdict(optimizer.buffer.gatherer.stats)
             with optimizer.full_parameters():
                 weights = [p.detach().clone() for p in model.parameters()]
             out[(recompute, prefetch)] = {
@@ -256,22 +256,23 @@ def test_single_process_reference_matches_torch_adamw():
     """The flat-shard AdamW against torch.optim.AdamW (same math; the clipping coefficient may
     differ in the last bit because the norm is summed in another order)."""
     from nanomt.model import GPT, ModelConfig
+    from nanomt.optim import ShardedAdamW
     from nanomt.optim.adamw import build_adamw
-    from nanomt.optim.grad_norm import clip_grad_norm
-    from nanomt.parallel.zero import ZeroOptimizer
+    from nanomt.parallel.data_parallel import GradientBuffer
 
     cfg = ModelConfig(num_layers=1, hidden_size=32, num_heads=4, seq_len=16)
     torch_model, flat_model = GPT(cfg, None, seed=3), GPT(cfg, None, seed=3)
     torch_adamw = build_adamw(torch_model, 1e-2, (0.9, 0.95), 1e-8, 0.1)
-    flat_adamw = ZeroOptimizer([flat_model], None, zero_stage=0, lr=1e-2, betas=(0.9, 0.95),
-                               eps=1e-8, weight_decay=0.1, grad_clip=1.0, num_microbatches=1,
-                               bucket_size_mb=0.01)
+    buffer = GradientBuffer([flat_model], None, zero_stage=0, num_microbatches=1,
+                            bucket_size_mb=0.01)
+    flat_adamw = ShardedAdamW(buffer, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                              grad_clip=1.0)
     generator = torch.Generator().manual_seed(0)
     for _ in range(5):
         tokens = torch.randint(0, 256, (2, 16), generator=generator)
         torch_adamw.zero_grad()
         torch_model(tokens, tokens).backward()
-        norm = clip_grad_norm(list(torch_model.parameters()), 1.0, None)
+        norm = float(torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0))
         torch_adamw.step()
         flat_model(tokens, tokens).backward()
         result = flat_adamw.step()
@@ -390,7 +391,7 @@ def test_accumulation_modes(layout_runs):
         assert beyond_shards <= 2 * largest + largest / dp and micro_peak < step_peak
 
 
-def test_finish_grad_sync_twice_is_a_no_op(layout_runs):
+def test_finalize_grads_twice_is_a_no_op(layout_runs):
     for rank_result in layout_runs["dp2"][1]:
         norms = rank_result["sync_twice"]
         assert norms[True] == norms[False]
@@ -435,12 +436,14 @@ def test_stage3_prefetch_must_not_be_negative():
 
 def _tiny_optimizer(num_microbatches: int = 1, **kwargs):
     from nanomt.model import GPT, ModelConfig
-    from nanomt.parallel.zero import ZeroOptimizer
+    from nanomt.optim import ShardedAdamW
+    from nanomt.parallel.data_parallel import GradientBuffer
 
     model = GPT(ModelConfig(num_layers=1, hidden_size=32, num_heads=4, seq_len=16), None, seed=3)
-    optimizer = ZeroOptimizer([model], None, zero_stage=kwargs.pop("zero_stage", 2), lr=1e-3,
-                              betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=1.0,
-                              num_microbatches=num_microbatches, **kwargs)
+    buffer = GradientBuffer([model], None, zero_stage=kwargs.pop("zero_stage", 2),
+                            num_microbatches=num_microbatches, **kwargs)
+    optimizer = ShardedAdamW(buffer, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                             grad_clip=1.0)
     return model, optimizer
 
 

@@ -8,7 +8,7 @@ by tp rank 0 only, and every tensor by dp rank 0 only (the other replicas hold t
 Optimizer state, two shapes of it:
   - per parameter (torch.optim.AdamW): `state[param]` = {step, exp_avg, exp_avg_sq}; tensors of
     the parameter's shape are sliced like the parameter, scalars (step) are replicated.
-  - flat shards (ZeRO, see nanomt/parallel/zero/state.py): the optimizer exposes
+  - flat shards (ZeRO, see nanomt/optim/sharded_adamw.py): the optimizer exposes
     `checkpoint_state()` -> a list of (param, state_name, tensor, flat_range) where flat_range
     is [a, b) of the parameter's flattened local (tp-shard) tensor held by this dp rank, and
     `load_checkpoint_state(read)` with read(param, state_name, flat_range) -> tensor. Every dp
@@ -55,7 +55,7 @@ def weight_shards(optimizer: Optimizer
 
     Saving writes these flat pieces from every dp rank and loading fills them in place, so no
     rank ever gathers the model."""
-    if getattr(optimizer, "stage", None) != 3 or getattr(optimizer, "gatherer", None) is None:
+    if getattr(optimizer, "stage", None) != 3:
         return None
     return optimizer.parameter_shards()
 

@@ -1,8 +1,9 @@
 """Dynamic loss scaling for fp16 training (Micikevicius et al. 2018, "Mixed Precision Training").
 
 fp16 has 5 exponent bits: small gradients underflow to zero. Multiplying the loss by a scale S
-multiplies every gradient by S (backward is linear), lifting them into range; the optimizer
-divides by S again before the update. S is chosen dynamically:
+multiplies every gradient by S (backward is linear), lifting them into range: the schedule
+starts each backward from S * loss / m (its loss_scale argument); the optimizer divides by S
+again before the update. S is chosen dynamically:
 
     a step whose gradients hold inf/nan  -> skip the update, S <- max(S / 2, min_scale)
     growth_interval clean steps in a row -> S <- 2 S
@@ -18,20 +19,6 @@ overflow flag is summed over the whole world before anyone looks at it (see Zero
 from __future__ import annotations
 
 import torch
-
-
-class ScaleGradient(torch.autograd.Function):
-    """Identity forward; multiplies the incoming gradient by `scale` backward. Wrapping the loss
-    in it scales every gradient without changing the loss value a schedule reports."""
-
-    @staticmethod
-    def forward(ctx, loss: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return loss.view_as(loss)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
 
 
 class DynamicLossScaler:

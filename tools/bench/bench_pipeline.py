@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from nanomt.model import ModelConfig  # noqa: E402
 from nanomt.parallel.grid import ParallelGrid  # noqa: E402
-from nanomt.parallel.pipeline import Timeline, build_model_chunks  # noqa: E402
+from nanomt.model.chunks import build_model_chunks  # noqa: E402
+from nanomt.parallel.pipeline import Timeline  # noqa: E402
 from nanomt.parallel.pipeline import forward_backward_pipelining  # noqa: E402
 from nanomt.parallel.pipeline.timeline import bubble_fraction  # noqa: E402
 from nanomt.testing import run_distributed  # noqa: E402

@@ -69,17 +69,19 @@ def run_peer(kind: str, cfg, batches, steps: int) -> tuple[list[float], int]:
 
 def run_nanomt(stage: int, cfg, batches, steps: int,
                prefetch: int = 1) -> tuple[list[float], int]:
-    """nanomt's ZeroOptimizer (ZeRO-3: `prefetch` layers gathered ahead, 0 = synchronous);
+    """nanomt's GradientBuffer + ShardedAdamW (ZeRO-3: `prefetch` layers gathered ahead, 0 = synchronous);
     bytes recorded by step() after the last backward."""
     from nanomt.model import GPT
     from nanomt.parallel.grid import ParallelGrid
-    from nanomt.parallel.zero import ZeroOptimizer
+    from nanomt.optim import ShardedAdamW
+    from nanomt.parallel.data_parallel import GradientBuffer
 
     grid = ParallelGrid(1, 1, dist.get_world_size())
     model = GPT(cfg, grid, seed=1)
-    optimizer = ZeroOptimizer([model], grid, zero_stage=stage, lr=1e-3, betas=(0.9, 0.999),
-                              eps=1e-8, weight_decay=0.01, grad_clip=1.0, num_microbatches=1,
-                              zero3_prefetch=prefetch)
+    buffer = GradientBuffer([model], grid, zero_stage=stage, num_microbatches=1,
+                            zero3_prefetch=prefetch)
+    optimizer = ShardedAdamW(buffer, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                             grad_clip=1.0)
     times = []
     for step in range(steps):
         t0 = time.perf_counter()

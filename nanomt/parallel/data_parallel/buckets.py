@@ -160,3 +160,8 @@ def plan_by_layer(chunks: list[nn.Module], names: dict[int, str],
             if group:
                 plans.append((group, chunk))
     return plans
+
+
+def storage_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of the storage behind `tensor` (0 once a ZeRO-3 buffer is freed)."""
+    return tensor.untyped_storage().nbytes()

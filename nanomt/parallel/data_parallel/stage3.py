@@ -89,18 +89,18 @@ class ParameterGatherer:
     """Installs the hooks that gather each unit's parameters before its forward and backward and
     free them afterwards, prefetching `prefetch` units ahead (module docstring)."""
 
-    def __init__(self, optimizer, prefetch: int = 1):
+    def __init__(self, buffer, prefetch: int = 1):
         if prefetch < 0:
             raise ValueError(f"parallel.zero3_prefetch must be >= 0, got {prefetch}")
-        self.dp_group, self.dp = optimizer.dp_group, optimizer.dp
+        self.dp_group, self.dp = buffer.dp_group, buffer.dp
         self.prefetch = prefetch
         self.units: dict[int, GatherUnit] = {}
         self.unit_of_param: dict[int, GatherUnit] = {}
         self.ahead: list[GatherUnit] = []  # prefetched, not yet claimed, oldest first
         self.units_in_backward = 0
         self.stats = GatherStats()
-        chunk_ids = {id(chunk) for chunk in optimizer.chunks}
-        for bucket in optimizer.buckets:
+        chunk_ids = {id(chunk) for chunk in buffer.chunks}
+        for bucket in buffer.buckets:
             unit = self.units.get(id(bucket.owner))
             if unit is None:
                 unit = GatherUnit(bucket.owner, is_layer=id(bucket.owner) not in chunk_ids)
@@ -109,7 +109,7 @@ class ParameterGatherer:
             unit.num_params += len(bucket.params)
             for param in bucket.params:
                 self.unit_of_param[id(param)] = unit
-        for chunk in optimizer.chunks:
+        for chunk in buffer.chunks:
             self._link_execution_order(chunk)
         for unit in self.units.values():
             unit.module.register_forward_pre_hook(self._make_pre_hook(unit))

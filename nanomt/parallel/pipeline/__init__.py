@@ -3,12 +3,11 @@
 from nanomt.parallel.pipeline.engine import PipelineStats, forward_backward_pipelining
 from nanomt.parallel.pipeline.partition import (
     allreduce_embedding_grads,
-    build_model_chunks,
     chunk_layer_ranges,
 )
 from nanomt.parallel.pipeline.schedules import check_pipeline_config, schedule_order
 from nanomt.parallel.pipeline.timeline import Timeline
 
-__all__ = ["PipelineStats", "Timeline", "allreduce_embedding_grads", "build_model_chunks",
+__all__ = ["PipelineStats", "Timeline", "allreduce_embedding_grads",
            "check_pipeline_config", "chunk_layer_ranges", "forward_backward_pipelining",
            "schedule_order"]

@@ -80,13 +80,14 @@ class PipelineStep:
 
     def __init__(self, model_chunks: Sequence[nn.Module], micro_batches: Sequence[MicroBatch],
                  comm: PipelineComm, plan: Sequence[Unit], forward_only: bool,
-                 timeline: Timeline | None, stats: PipelineStats):
+                 timeline: Timeline | None, stats: PipelineStats, loss_scale: float = 1.0):
         self.chunks, self.micro_batches = model_chunks, micro_batches
         self.comm, self.plan = comm, plan
         self.forward_only, self.timeline, self.stats = forward_only, timeline, stats
         grid = comm.grid
         self.pp, self.pp_rank = grid.pp_size, grid.pp_rank
         self.m = len(micro_batches)
+        self.loss_scale = loss_scale  # fp16: backward starts from S * loss / m
         self.last_chunk = self.pp * len(model_chunks) - 1
         self.in_flight: dict[tuple[int, int], InFlight] = {}
         self.received: dict[PipelineOp, torch.Tensor] = {}  # receive buffers, by the pass
@@ -141,7 +142,7 @@ class PipelineStep:
             if k == self.last_chunk:
                 loss = self.chunks[op.chunk](inputs, targets)
                 self.loss_sum = self.loss_sum + loss.detach().float()
-                output = loss / self.m
+                output = loss * self.loss_scale / self.m
             else:
                 output = self.chunks[op.chunk](inputs)
         if not self.forward_only:
@@ -180,7 +181,8 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
                                 schedule: str = "1f1b", forward_only: bool = False,
                                 timeline: Timeline | None = None,
                                 stats: PipelineStats | None = None,
-                                dtype: torch.dtype | None = None) -> torch.Tensor:
+                                dtype: torch.dtype | None = None,
+                                loss_scale: float = 1.0) -> torch.Tensor:
     """Run this rank's part of the pipeline schedule. Returns the sum of micro-batch losses
     as a tensor on the micro-batches' device (last stage; zero elsewhere). Gradients accumulate in the chunks' .grad; the tied word
     embedding's gradient is summed over the first and last stage before returning."""
@@ -196,7 +198,7 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
     plan = checked_plans(schedule, grid.pp_size, m, v, forward_only)[grid.pp_rank]
     comm = PipelineComm(grid, shape, dtype, device)
     step = PipelineStep(model_chunks, micro_batches, comm, plan, forward_only, timeline,
-                        stats if stats is not None else PipelineStats())
+                        stats if stats is not None else PipelineStats(), loss_scale)
     loss_sum = step.run()
     if not forward_only:
         allreduce_embedding_grads(model_chunks, grid)

@@ -3,7 +3,8 @@
 The l layers are cut into p*v equal chunks of l/(p*v) consecutive layers (Narayanan et al. 2021,
 section 2.2.2). Chunk k goes to pipeline rank k mod p, so with v > 1 each rank holds v chunks
 spread over the depth of the model (rank 0 holds chunks 0, p, 2p, ...). The first chunk also
-holds the embedding, the last the final norm, the output head and the loss.
+holds the embedding, the last the final norm, the output head and the loss. (The model builds
+its chunks from these ranges: nanomt.model.chunks.)
 
 With tied input/output embeddings (GPT) the last stage keeps its own copy of the word
 embedding. Both copies start equal, and after every backward the first and last stage sum their
@@ -13,11 +14,8 @@ copies stay equal after every optimizer step (Megatron's embedding group).
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from nanomt.model.config import ModelConfig
-from nanomt.model.gpt import GPT
 from nanomt.parallel import comm
 
 
@@ -35,23 +33,6 @@ def chunk_layer_ranges(num_layers: int, pp: int, virtual_stages: int) -> list[ra
 def global_chunk_index(local_chunk: int, pp_rank: int, pp: int) -> int:
     """Local chunk j of pipeline rank r is chunk j*p + r of the model."""
     return local_chunk * pp + pp_rank
-
-
-def build_model_chunks(cfg: ModelConfig, grid, virtual_stages: int = 1, *, seed: int = 1234,
-                       sequence_parallel: bool = False,
-                       device: torch.device | str = "cpu") -> list[GPT]:
-    """This rank's v model chunks, local chunk 0 first (each a GPT over its layer range)."""
-    pp = grid.pp_size if grid is not None else 1
-    pp_rank = grid.pp_rank if grid is not None else 0
-    ranges = chunk_layer_ranges(cfg.num_layers, pp, virtual_stages)
-    last = len(ranges) - 1
-    chunks = []
-    for local in range(virtual_stages):
-        k = global_chunk_index(local, pp_rank, pp)
-        chunk = GPT(cfg, grid, seed=seed, sequence_parallel=sequence_parallel,
-                    layer_range=ranges[k], pre_process=k == 0, post_process=k == last)
-        chunks.append(chunk.to(device))
-    return chunks
 
 
 def shared_embedding_params(model_chunks: list[nn.Module]) -> list[nn.Parameter]:
@@ -74,7 +55,7 @@ def allreduce_embedding_grads(model_chunks: list[nn.Module], grid) -> None:
                          f"expected 1 on the first and last stage")
     weight = params[0]
     if weight.grad is None:
-        # A gradient-reduction hook (nanomt.parallel.zero) has moved the gradient into its own
-        # buffer; it sums the two copies there, after its data-parallel reduction.
+        # A gradient buffer's hook (nanomt.parallel.data_parallel) has moved the gradient into
+        # its bucket; finalize_grads sums the two copies there, after the dp reduction.
         return
     comm.all_reduce(weight.grad, grid.embedding_group)

@@ -1,0 +1,31 @@
+"""This rank's model chunks: the GPT over each of its pipeline chunks' layer ranges.
+
+Pipeline parallelism decides which layers go where (nanomt.parallel.pipeline.partition: chunk k
+of p*v holds layers [k*l/(p*v), (k+1)*l/(p*v)) and lives on pipeline rank k mod p); the model
+builds them: chunk 0 also holds the embedding, the last chunk the final norm, head and loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanomt.model.config import ModelConfig
+from nanomt.model.gpt import GPT
+from nanomt.parallel.pipeline.partition import chunk_layer_ranges, global_chunk_index
+
+
+def build_model_chunks(cfg: ModelConfig, grid, virtual_stages: int = 1, *, seed: int = 1234,
+                       sequence_parallel: bool = False,
+                       device: torch.device | str = "cpu") -> list[GPT]:
+    """This rank's v model chunks, local chunk 0 first (each a GPT over its layer range)."""
+    pp = grid.pp_size if grid is not None else 1
+    pp_rank = grid.pp_rank if grid is not None else 0
+    ranges = chunk_layer_ranges(cfg.num_layers, pp, virtual_stages)
+    last = len(ranges) - 1
+    chunks = []
+    for local in range(virtual_stages):
+        k = global_chunk_index(local, pp_rank, pp)
+        chunk = GPT(cfg, grid, seed=seed, sequence_parallel=sequence_parallel,
+                    layer_range=ranges[k], pre_process=k == 0, post_process=k == last)
+        chunks.append(chunk.to(device))
+    return chunks

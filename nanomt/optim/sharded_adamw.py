@@ -1,0 +1,241 @@
+"""The sharded optimizer: AdamW on this rank's shard of every bucket, with fp32 master weights.
+
+ZeRO (Rajbhandari et al. 2019, section 5 and figure 1) removes the redundancy of plain data
+parallelism. With Psi parameters, N_d ranks and mixed-precision Adam (2 bytes param + 2 grad +
+K = 12 optimizer state), the model-state bytes per rank are
+
+    stage 0  (2 + 2 + K) Psi            all-reduce the gradients, every rank updates everything
+    stage 1  (2 + 2) Psi + K Psi / N_d  each rank updates only its shard, then all-gathers params
+    stage 2  2 Psi + (2 + K) Psi / N_d  gradients reduce-scattered: keep only my shard's
+    stage 3  (2 + 2 + K) Psi / N_d      parameters sharded too, gathered per layer when used
+
+Where parameters and gradients live, and how gradients are reduced, is the gradient buffer's
+business (nanomt.parallel.data_parallel.GradientBuffer); this object holds only the optimizer
+state of its shard (K Psi / N_d: the fp32 master weights, unless the run is fp32 and the
+parameters are their own masters, and Adam's two moments) and, each step,
+
+    finalize_grads   (the caller's phase; done here if it was not) gradients complete and summed
+    unscale          fp16: divide by the loss scale
+    norm, clip       the global gradient norm, counting every parameter once over tp x pp x dp;
+                     an inf/nan norm skips the update on every rank (nanomt.optim.grad_norm)
+    AdamW            on the fp32 shard (nanomt.optim.adamw)
+    publish          the buffer writes the new shard into the model and all-gathers it (ZeRO-1/2)
+
+Checkpoint protocol (layout-independent, per parameter; nanomt.checkpoint speaks it):
+    checkpoint_state() -> [(param, state_name, fp32 tensor, (lo, hi))]: the pieces of
+        "exp_avg", "exp_avg_sq" (and "master" under bf16/fp16) in my shard, [lo, hi) a range of
+        the flattened (tp-local) parameter; load_checkpoint_state(read) reads them back.
+    scalar_state() / load_scalar_state(): {"step", "loss_scaler"}.
+    parameter_shards(), full_parameters(writeback=...): ZeRO-3's weights as shards / gathered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nanomt.optim.adamw import adamw_update_, decays
+from nanomt.optim.grad_norm import norm_and_overflow
+from nanomt.optim.loss_scaler import DynamicLossScaler
+from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
+from nanomt.parallel.data_parallel.buckets import Bucket, storage_bytes
+
+# read(param, state_name, (lo, hi)) -> the checkpoint's values of that piece
+ReadPiece = Callable[[nn.Parameter, str, tuple[int, int]], torch.Tensor]
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class StepResult:
+    grad_norm: float   # global norm of the (unscaled) gradient before clipping
+    skipped: bool      # True when an inf/nan gradient made every rank skip the update
+    loss_scale: float  # the scale that was used for this step's backward (1.0 unless fp16)
+
+
+@dataclass
+class ShardState:
+    """AdamW's state for one bucket's shard (all fp32, shard_numel elements)."""
+
+    master: torch.Tensor       # the parameters' own shard in fp32 runs, else a copy
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+
+
+class ShardedAdamW:
+    """AdamW over the shards a GradientBuffer hands out (module docstring)."""
+
+    def __init__(self, buffer: GradientBuffer, *, lr: float, betas: tuple[float, float],
+                 eps: float, weight_decay: float, grad_clip: float,
+                 master_params: dict[int, torch.Tensor] | None = None,
+                 loss_scaler: DynamicLossScaler | None = None):
+        self.buffer, self.grid, self.stage = buffer, buffer.grid, buffer.stage
+        self.betas, self.eps = betas, eps
+        self.weight_decay, self.grad_clip = weight_decay, grad_clip
+        self.loss_scaler = loss_scaler
+        # The same two groups as torch.optim.AdamW built by nanomt.optim.adamw.parameter_groups;
+        # the train loop sets "lr" here every step.
+        self.param_groups = [{"lr": lr, "weight_decay": weight_decay},
+                             {"lr": lr, "weight_decay": 0.0}]
+        self.step_count = 0
+        self.memory_after_backward: dict[str, int] = {}  # model-state bytes at the step's peak
+        self.shards = [self._shard_state(b, master_params or {}) for b in buffer.buckets]
+
+    @torch.no_grad()
+    def _shard_state(self, b: Bucket, master_params: dict[int, torch.Tensor]) -> ShardState:
+        own = self.buffer.own_param_shard(b)
+        moments = [torch.zeros(b.shard_numel, dtype=torch.float32, device=own.device)
+                   for _ in MOMENTS]
+        if b.dtype == torch.float32:  # fp32 training: the parameters are the master weights
+            return ShardState(own, *moments)
+        master = torch.zeros(b.shard_numel, dtype=torch.float32, device=own.device)
+        for s in b.segments:  # the fp32 values from before the cast to bf16/fp16
+            fp32 = master_params.get(id(s.param), s.param).reshape(-1)
+            master[s.shard_lo: s.shard_hi].copy_(fp32[s.param_lo: s.param_hi])
+        return ShardState(master, *moments)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True, num_microbatches: int | None = None) -> None:
+        """Start a new step (the buffer's zero_grad; torch.optim's signature)."""
+        self.buffer.zero_grad(set_to_none, num_microbatches)
+
+    @torch.no_grad()
+    def step(self) -> StepResult:
+        """Unscale, clip by the global norm and update. Returns the norm and the skip flag."""
+        buffer = self.buffer
+        buffer.release_prefetched()  # no ZeRO-3 gather may read a shard while it is updated
+        # Gradients complete, nothing freed yet: the step's peak of model-state memory.
+        self.memory_after_backward = {**self.memory(),
+                                      "grads_peak_in_backward": buffer.peak_grad_bytes}
+        finalize_grads(buffer)
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        grads = [g.float() for g in buffer.local_grad_shards()]  # a copy only if not fp32
+        if scale != 1.0:
+            for grad in grads:
+                grad.mul_(1.0 / scale)
+        pieces = [(s.param, grad[s.shard_lo: s.shard_hi])
+                  for b, grad in zip(buffer.buckets, grads) for s in b.segments]
+        # At ZeRO-0 every dp replica holds the same gradients: dp rank 0 counts them.
+        norm, overflow = norm_and_overflow(pieces, self.grid, buffer.dp_group,
+                                           count_squares=self.stage > 0 or buffer.dp_rank == 0)
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(overflow)
+        if overflow:
+            buffer.zero_grad()
+            return StepResult(float(norm), True, scale)
+        if self.grad_clip > 0:
+            coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+            for grad in grads:
+                grad.mul_(coef)
+        self.step_count += 1
+        for b, shard, grad in zip(buffer.buckets, self.shards, grads):
+            self._update(b, shard, grad)
+        buffer.publish_params([shard.master for shard in self.shards])
+        buffer.zero_grad()
+        return StepResult(float(norm), False, scale)
+
+    def _update(self, b: Bucket, shard: ShardState, grad: torch.Tensor) -> None:
+        lr_decay, lr_flat = self.param_groups[0]["lr"], self.param_groups[1]["lr"]
+        if lr_decay != lr_flat:
+            raise ValueError("ShardedAdamW updates a flat shard with one learning rate; "
+                             "set the same lr in every param group")
+        wd = self.param_groups[0]["weight_decay"]
+        if wd != 0:
+            for s in b.segments:
+                if decays(s.param):
+                    shard.master[s.shard_lo: s.shard_hi].mul_(1 - lr_decay * wd)
+        adamw_update_(shard.master, grad, shard.exp_avg, shard.exp_avg_sq, self.step_count,
+                      lr_decay, self.betas, self.eps)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this rank holds now: the buffer's parameters and gradients, and my state."""
+        state = 0
+        for b, shard in zip(self.buffer.buckets, self.shards):
+            state += storage_bytes(shard.exp_avg) + storage_bytes(shard.exp_avg_sq)
+            own = self.buffer.own_param_shard(b)
+            if shard.master.untyped_storage().data_ptr() != own.untyped_storage().data_ptr():
+                state += storage_bytes(shard.master)
+        return {**self.buffer.memory(), "optimizer_state": state}
+
+    # ---- what callers read ---------------------------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        """S for the schedule: backward starts from S * loss / m (1.0 unless fp16)."""
+        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        return self.buffer.buckets
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return self.buffer.named_parameters()
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_names(self) -> tuple[str, ...]:
+        separate_master = any(b.dtype != torch.float32 for b in self.buffer.buckets)
+        return MOMENTS + (("master",) if separate_master else ())
+
+    def checkpoint_state(self) -> list[tuple]:
+        pieces = []
+        for b, shard in zip(self.buffer.buckets, self.shards):
+            for s in b.segments:
+                for name in self.state_names():
+                    tensor = getattr(shard, name)[s.shard_lo: s.shard_hi].detach().clone()
+                    pieces.append((s.param, name, tensor, (s.param_lo, s.param_hi)))
+        return pieces
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, read: ReadPiece) -> None:
+        """Masters start from the (already loaded) parameters; then every piece of my shard is
+        read (a "master" missing from the checkpoint keeps the parameters' values), and the
+        parameters are published again."""
+        for b, shard in zip(self.buffer.buckets, self.shards):
+            own = self.buffer.own_param_shard(b)
+            if own.data_ptr() != shard.master.data_ptr():
+                shard.master.copy_(own)
+            for s in b.segments:
+                for name in self.state_names():
+                    try:
+                        value = read(s.param, name, (s.param_lo, s.param_hi))
+                    except KeyError:
+                        if name == "master":
+                            continue  # e.g. a checkpoint of an fp32 run: the weights are it
+                        raise
+                    getattr(shard, name)[s.shard_lo: s.shard_hi].copy_(value.reshape(-1))
+        self.buffer.publish_params([shard.master for shard in self.shards])
+
+    def scalar_state(self) -> dict:
+        scaler = self.loss_scaler
+        return {"step": self.step_count,
+                "loss_scaler": scaler.state_dict() if scaler is not None else None}
+
+    def load_scalar_state(self, scalars: dict) -> None:
+        self.step_count = int(scalars["step"])
+        if self.loss_scaler is not None and scalars.get("loss_scaler"):
+            self.loss_scaler.load_state_dict(scalars["loss_scaler"])
+
+    def parameter_shards(self) -> list[tuple]:
+        """ZeRO-3: (param, view of my shard of it, (lo, hi) in the flattened parameter)."""
+        return [(s.param, b.param_shard[s.shard_lo: s.shard_hi], (s.param_lo, s.param_hi))
+                for b in self.buffer.buckets for s in b.segments]
+
+    @contextlib.contextmanager
+    def full_parameters(self, writeback: bool = False) -> Iterator[None]:
+        """Every parameter materialised inside the block (ZeRO-3); writeback=True re-shards
+        the values found there on exit."""
+        gatherer = self.buffer.gatherer
+        if gatherer is None:
+            yield
+            return
+        gatherer.gather_all()
+        try:
+            yield
+            if writeback:
+                with torch.no_grad():
+                    for b in self.buffer.buckets:
+                        b.param_shard.copy_(b.shard_of(b.param_buffer))
+        finally:
+            gatherer.free_all()

@@ -1,0 +1,330 @@
+"""The gradient buffer: data parallelism's half of a step, apart from the optimizer.
+
+Data parallelism (with ZeRO's sharding, Rajbhandari et al. 2019) owns where parameters and
+gradients live and how gradients are averaged over the dp group; the optimizer (nanomt.optim.
+sharded_adamw) only updates the shard it is given. As Megatron-core's DistributedDataParallel +
+_ParamAndGradBuffer, the buffer here
+
+    lays the parameters out in flat buckets (buckets.py), each split into dp equal shards;
+    accumulates each parameter's gradient into its bucket as backward produces it (a
+    post-accumulate-grad hook counts arrivals per parameter, so any schedule works unchanged);
+    reduces a bucket when every parameter in it has delivered its gradient:
+        stage 0, 1   all-reduce (async) in place, once per step, after the last micro-batch
+        stage 2, 3   reduce-scatter (async) into a fresh shard; when it completes, my shard is
+                     added into an accumulator of 1/N_d of the bucket and the full buffer freed.
+                     parallel.grad_reduce chooses when:
+          "microbatch" (default): after every micro-batch, as DeepSpeed's ZeRO-2: only the
+                     shard survives between micro-batches (g Psi / N_d for any accumulation, at
+                     m reduce-scatters per step);
+          "step":    once, after the last micro-batch: one reduce-scatter per step, but full
+                     buffers live through the accumulation.
+        At most one reduce-scatter is in flight: launching the next one waits for it.
+    gathers ZeRO-3's parameter shards around each layer (stage3.py), and publishes updated
+    shards back to every rank (all-gather at ZeRO-1/2).
+
+bf16/fp16 gradients are accumulated and reduced in fp32 by default (train.fp32_grads, as
+Megatron's main_grad). After the schedule, `finalize_grads` (finalize.py) waits for the
+reductions and adds the sums other groups owe; then the optimizer clips and steps.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nanomt.parallel import comm
+from nanomt.parallel.data_parallel.buckets import (
+    Bucket,
+    make_bucket,
+    plan_by_layer,
+    plan_by_size,
+    storage_bytes,
+)
+from nanomt.parallel.data_parallel.stage3 import ParameterGatherer
+
+if TYPE_CHECKING:
+    from nanomt.parallel.grid import ParallelGrid
+
+GRAD_REDUCE_MODES = ("microbatch", "step")
+
+
+class GradientBuffer:
+    """Flat parameter and gradient buckets of `chunks`, reduced over dp during backward."""
+
+    def __init__(self, chunks: list[nn.Module], grid: ParallelGrid | None, *, zero_stage: int,
+                 num_microbatches: int, bucket_size_mb: float = 25.0, fp32_grads: bool = True,
+                 grad_reduce: str = "microbatch", zero3_prefetch: int = 1):
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+        if not bucket_size_mb > 0:
+            raise ValueError(f"parallel.bucket_size_mb must be > 0, got {bucket_size_mb}")
+        if grad_reduce not in GRAD_REDUCE_MODES:
+            raise ValueError(f"parallel.grad_reduce must be one of {GRAD_REDUCE_MODES}, "
+                             f"got {grad_reduce!r}")
+        self.chunks, self.grid, self.stage = list(chunks), grid, zero_stage
+        self.fp32_grads = fp32_grads
+        # ZeRO-2/3 under "microbatch": reduce-scatter every micro-batch, keep only the shard.
+        self.reduce_every_microbatch = zero_stage >= 2 and grad_reduce == "microbatch"
+        self.dp_group = grid.dp_group if grid is not None else None
+        self.dp = comm.group_size(self.dp_group)
+        self.dp_rank = dist.get_rank(self.dp_group) if self.dp > 1 else 0
+        self.reductions_launched = 0  # collectives launched for gradients
+
+        self.names: dict[int, str] = {}
+        named: list[tuple[str, nn.Parameter]] = []
+        for chunk_index, chunk in enumerate(self.chunks):
+            for name, param in chunk.named_parameters():
+                if param.requires_grad:
+                    self.names[id(param)] = f"{chunk_index}.{name}"
+                    named.append((f"{chunk_index}.{name}", param))
+        self.buckets = self._build_buckets(named, bucket_size_mb)
+        self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self.offset_of = {id(p): offset for b in self.buckets
+                          for p, offset in zip(b.params, b.offsets)}
+        self._allocate()
+        self.gatherer = ParameterGatherer(self, zero3_prefetch) if zero_stage == 3 else None
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
+                       for b in self.buckets for p in b.params]
+        self.in_flight: list[tuple[Bucket, object, torch.Tensor, torch.Tensor]] = []
+        self.zero_grad(num_microbatches=num_microbatches)
+
+    # ---- layout ------------------------------------------------------------------------------
+    def _build_buckets(self, named: list[tuple[str, nn.Parameter]],
+                       bucket_size_mb: float) -> list[Bucket]:
+        separate = self.shared_embedding_params()
+        if self.stage == 3:
+            plans = plan_by_layer(self.chunks, self.names, separate)
+        else:
+            plans = plan_by_size(named, bucket_size_mb, separate)
+        shard_world, shard_rank = (1, 0) if self.stage == 0 else (self.dp, self.dp_rank)
+        return [make_bucket(index, params, shard_world, shard_rank, owner)
+                for index, (params, owner) in enumerate(plans)]
+
+    def grad_dtype(self, bucket: Bucket) -> torch.dtype:
+        """Gradients are accumulated and reduced in fp32 unless train.fp32_grads=false."""
+        return torch.float32 if self.fp32_grads else bucket.dtype
+
+    @torch.no_grad()
+    def _allocate(self) -> None:
+        """Move parameters into flat buffers; create the gradient buffers (and ZeRO-3 shards)."""
+        for b in self.buckets:
+            device = b.params[0].device
+            b.param_buffer = torch.zeros(b.padded_numel, dtype=b.dtype, device=device)
+            for param, offset in zip(b.params, b.offsets):
+                view = b.param_buffer[offset: offset + param.numel()]
+                view.copy_(param.reshape(-1))
+                param.data = view.view_as(param)
+            if self.stage <= 1:  # full gradients, all-reduced in place; my shard is a view
+                b.grad_buffer = torch.zeros(b.padded_numel, dtype=self.grad_dtype(b),
+                                            device=device)
+                b.grad_shard = b.shard_of(b.grad_buffer)
+            else:  # only my shard persists; full buffers exist while gradients arrive
+                b.grad_buffer = None
+                b.grad_shard = torch.zeros(b.shard_numel, dtype=self.grad_dtype(b),
+                                           device=device)
+            if self.stage == 3:
+                b.param_shard = b.shard_of(b.param_buffer).clone()
+                b.param_buffer.untyped_storage().resize_(0)
+                b.gathered = False
+            b.handle = None
+
+    # ---- backward: accumulate, and reduce each bucket once its gradients are complete ------
+    def zero_grad(self, set_to_none: bool = True, num_microbatches: int | None = None) -> None:
+        """Start a new step: empty the gradient buffers and the per-parameter counters.
+
+        num_microbatches: backward passes every parameter sees in this step (kept until changed;
+        e.g. under batch-size ramp-up). set_to_none: accepted for torch.optim's signature;
+        gradients live in the flat buffers here, and every `param.grad` is always left None.
+        """
+        if num_microbatches is not None:
+            if num_microbatches < 1:
+                raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+            self.num_microbatches = int(num_microbatches)
+        self._retire_in_flight()  # a step abandoned mid-backward
+        self.release_prefetched()
+        for b in self.buckets:
+            b.handle = None
+            if self.stage <= 1:
+                b.grad_buffer.zero_()
+            else:
+                b.grad_buffer = None
+                b.grad_shard.zero_()
+            b.pending = len(b.params)
+            b.rounds_launched = 0
+            b.final_launched = False
+            for param in b.params:
+                param.grad = None
+        self.arrivals = {id(p): 0 for b in self.buckets for p in b.params}
+        self.final_launches = 0
+        self.grads_synced = False
+        self.live_grad_bytes = self._grad_bytes_held()
+        self.peak_grad_bytes = self.live_grad_bytes
+
+    def _grad_bytes_held(self) -> int:
+        total = 0
+        for b in self.buckets:
+            total += b.grad_shard.untyped_storage().nbytes()
+            if self.stage >= 2 and b.grad_buffer is not None:
+                total += b.grad_buffer.untyped_storage().nbytes()
+        return total
+
+    def _count_grad_bytes(self, delta: int) -> None:
+        self.live_grad_bytes += delta
+        self.peak_grad_bytes = max(self.peak_grad_bytes, self.live_grad_bytes)
+
+    def _full_grad_buffer(self, b: Bucket) -> torch.Tensor:
+        """ZeRO-2/3: the bucket's full gradient buffer, allocated at its first use in a round."""
+        if b.grad_buffer is None:
+            self._retire_in_flight(only_completed=True)
+            b.grad_buffer = torch.zeros(b.padded_numel, dtype=self.grad_dtype(b),
+                                        device=b.grad_shard.device)
+            self._count_grad_bytes(b.grad_buffer.untyped_storage().nbytes())
+        return b.grad_buffer
+
+    @torch.no_grad()
+    def _on_grad_ready(self, param: nn.Parameter) -> None:
+        bucket = self.bucket_of[id(param)]
+        count = self.arrivals[id(param)] + 1
+        if count > self.num_microbatches or bucket.final_launched:
+            raise RuntimeError(
+                f"gradient {count} of {self.names[id(param)]} arrived in a step of "
+                f"{self.num_microbatches} micro-batches, after its bucket's reduction started; "
+                f"call optimizer.zero_grad(num_microbatches=...) with the number of backward "
+                f"passes of the step")
+        self.arrivals[id(param)] = count
+        offset = self.offset_of[id(param)]
+        flat = bucket.grad_buffer if self.stage <= 1 else self._full_grad_buffer(bucket)
+        flat[offset: offset + param.numel()].add_(param.grad.reshape(-1))
+        param.grad = None
+        if self.reduce_every_microbatch:
+            target = bucket.rounds_launched + 1
+        else:
+            target = self.num_microbatches
+        if count == target:
+            bucket.pending -= 1
+            if bucket.pending == 0:
+                self._launch_reduction(bucket, final=target == self.num_microbatches)
+        if self.gatherer is not None:
+            self.gatherer.on_grad_ready(param)
+
+    def _launch_reduction(self, b: Bucket, final: bool) -> None:
+        """Average the bucket over dp: all-reduce (0, 1) or reduce-scatter into my shard (2, 3)."""
+        b.rounds_launched += 1
+        next_target = b.rounds_launched + 1
+        b.pending = sum(self.arrivals[id(p)] < next_target for p in b.params)
+        if final:
+            b.final_launched = True
+            self.final_launches += 1
+        if self.dp > 1:
+            self.reductions_launched += 1
+        if self.stage <= 1:
+            if self.dp > 1:
+                b.grad_buffer.div_(self.dp)
+                comm.note_operation("all_reduce (gradients)", self.dp_group)
+                b.handle = dist.all_reduce(b.grad_buffer, group=self.dp_group, async_op=True)
+            return
+        self._retire_in_flight()  # one reduce-scatter in flight at a time: free the last one
+        full, b.grad_buffer = self._full_grad_buffer(b), None
+        if self.dp > 1:
+            full.div_(self.dp)
+        reduced = torch.empty(b.shard_numel, dtype=full.dtype, device=full.device)
+        self._count_grad_bytes(reduced.untyped_storage().nbytes())
+        handle = comm.reduce_scatter_into(reduced, full, self.dp_group, async_op=True)
+        self.in_flight.append((b, handle, full, reduced))
+        if self.final_launches == len(self.buckets):  # backward is over: keep only shards
+            self._retire_in_flight()
+
+    def _retire_in_flight(self, only_completed: bool = False) -> None:
+        """Wait for the reduce-scatters in flight (or, only_completed, take those already done);
+        add my shard into the accumulator and free the full buffers."""
+        still_running = []
+        for b, handle, full, reduced in self.in_flight:
+            if handle is not None:
+                if only_completed and not handle.is_completed():
+                    still_running.append((b, handle, full, reduced))
+                    continue
+                comm.note_operation("wait for reduce_scatter (gradients)", self.dp_group)
+                handle.wait()
+            b.grad_shard.add_(reduced)
+            self._count_grad_bytes(-full.untyped_storage().nbytes()
+                                   - reduced.untyped_storage().nbytes())
+        self.in_flight = still_running
+
+    @torch.no_grad()
+    def finish_grad_sync(self) -> bool:
+        """Wait for every bucket's reduction (launching any a parameter without gradient held
+        back). Runs once per step: returns False, doing nothing, when called again before
+        zero_grad(). The sums owed over other groups are `finalize_grads`' (finalize.py)."""
+        if self.grads_synced:
+            return False
+        for b in self.buckets:
+            if not b.final_launched:
+                self._launch_reduction(b, final=True)
+        self._retire_in_flight()
+        for b in self.buckets:
+            if b.handle is not None:
+                comm.note_operation("wait for all_reduce (gradients)", self.dp_group)
+                b.handle.wait()
+                b.handle = None
+        self.grads_synced = True
+        return True
+
+    # ---- what the optimizer and checkpoints use ---------------------------------------------
+    def local_grad_shards(self) -> list[torch.Tensor]:
+        """This rank's reduced gradient shard of every bucket (valid after finish_grad_sync)."""
+        return [b.grad_shard for b in self.buckets]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(key, parameter) for every parameter, key = "<chunk index>.<name in the chunk>"."""
+        return [(name, p) for b in self.buckets for name, p in zip(b.names, b.params)]
+
+    def own_param_shard(self, b: Bucket) -> torch.Tensor:
+        """The elements of bucket b's parameters this rank updates (all of them at ZeRO-0)."""
+        return b.param_shard if self.stage == 3 else b.shard_of(b.param_buffer)
+
+    @torch.no_grad()
+    def publish_params(self, updated: list[torch.Tensor]) -> None:
+        """Write each bucket's updated shard (fp32 masters or the parameters themselves) into
+        the model's dtype and let every rank see all of it: all-gather at ZeRO-1/2 (ZeRO-0
+        updated everything; ZeRO-3 gathers at use)."""
+        handles = []
+        for b, shard in zip(self.buckets, updated):
+            own = self.own_param_shard(b)
+            if own.data_ptr() != shard.data_ptr():
+                own.copy_(shard)
+            if self.stage in (1, 2) and self.dp > 1:
+                handles.append(comm.all_gather_into(b.param_buffer, own.clone(), self.dp_group,
+                                                    async_op=True))
+        comm.note_operation("wait for all_gather (parameters)", self.dp_group)
+        for handle in handles:
+            handle.wait()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this rank holds now for parameters and gradients (in flight included)."""
+        params = grads = 0
+        for b in self.buckets:
+            params += storage_bytes(b.param_buffer)
+            if self.stage == 3:
+                params += storage_bytes(b.param_shard)
+            if b.grad_buffer is not None:
+                grads += storage_bytes(b.grad_buffer)
+            if self.stage >= 2:
+                grads += storage_bytes(b.grad_shard)  # at stages 0-1, a view of grad_buffer
+        for _, _, full, reduced in self.in_flight:
+            grads += storage_bytes(full) + storage_bytes(reduced)
+        return {"params": params, "grads": grads}
+
+    def release_prefetched(self) -> None:
+        """ZeRO-3: wait for and free every unclaimed prefetch (before the shards change)."""
+        if self.gatherer is not None:
+            self.gatherer.release_prefetched()
+
+    def shared_embedding_params(self) -> list[nn.Parameter]:
+        """The tied embedding gets its own bucket when a second copy lives on another stage."""
+        if self.grid is None or comm.group_size(self.grid.embedding_group) == 1:
+            return []
+        return [p for chunk in self.chunks for p in chunk.parameters()
+                if getattr(p, "shared_embedding", False)]

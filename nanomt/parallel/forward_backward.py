@@ -1,0 +1,32 @@
+"""Which schedule runs a step's forward and backward passes, for a layout.
+
+`get_forward_backward_func(layout)`, as Megatron's function of the same name: plain gradient
+accumulation without pipelining (nanomt.parallel.no_pipelining) when pp == 1, else a pipeline
+schedule (nanomt.parallel.pipeline: GPipe, 1F1B, interleaved 1F1B when virtual_stages > 1).
+Every schedule is called the same way,
+
+    loss_sum = fn(model_chunks, micro_batches, grid, forward_only=..., timeline=...,
+                  loss_scale=...)
+
+and returns the sum of the micro-batch losses (on the last pipeline stage; zero elsewhere) as a
+tensor on the model's device: no host sync per micro-batch; the caller syncs once per step.
+Backward starts from loss_scale * loss / m (fp16's loss scale, else 1).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from nanomt.parallel.no_pipelining import forward_backward_without_pipeline
+from nanomt.parallel.pipeline.engine import forward_backward_pipelining
+
+
+def get_forward_backward_func(layout, schedule: str = "1f1b") -> Callable[..., torch.Tensor]:
+    """The schedule for `layout` (anything with .pp and .virtual_stages): no pipelining when
+    pp == 1, else `schedule` ("1f1b": 1F1B, interleaved when virtual_stages > 1; "gpipe")."""
+    if layout.pp == 1:
+        return forward_backward_without_pipeline
+    return functools.partial(forward_backward_pipelining, schedule=schedule)
