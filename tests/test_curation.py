@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("datasketch")
 
-from nanomt.curation.dedup import (DedupOptions, candidate_probability, deduplicate,  # noqa: E402
-                                   make_index, make_minhash, shingles)
+from nanomt.curation.dedup import (DedupOptions, candidate_probability,  # noqa: E402
+                                   choose_bands, deduplicate, make_minhash, shingles)
 from nanomt.curation.synthetic import (document, near_duplicate, read_jsonl,  # noqa: E402
                                        respace, sentence, vocabulary, write_jsonl)
 from nanomt.errors import ConfigError  # noqa: E402
@@ -149,12 +149,10 @@ def test_minhash_estimates_jaccard_and_lsh_bands():
         ma.update_batch(a)
         mb.update_batch(b)
         assert abs(ma.jaccard(mb) - true_j) < 4 * (true_j * (1 - true_j) / 256) ** 0.5
-    index = make_index(DedupOptions(threshold=0.8, num_perm=128))
-    b, r = index.b, index.r
+    b, r = choose_bands(DedupOptions(threshold=0.8, num_perm=128))
     assert b * r <= 128 and candidate_probability(0.9, b, r) > 0.99
     assert candidate_probability(0.8, b, r) > 0.8 and candidate_probability(0.5, b, r) < 0.05
-    given = make_index(DedupOptions(bands=16, rows=8))
-    assert (given.b, given.r) == (16, 8)
+    assert choose_bands(DedupOptions(bands=16, rows=8)) == (16, 8)
     for bad in (DedupOptions(bands=20, rows=8), DedupOptions(bands=4), DedupOptions(threshold=0)):
         with pytest.raises(ConfigError):
             bad.check()
@@ -206,3 +204,22 @@ def test_dedup_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("dedup: 3 documents in, 2 out, 1 removed") and "docs/s" in out
     assert [r["id"] for r in read_jsonl(tmp_path / "out.removed.jsonl")] == [2]
+
+
+def test_empty_input_gives_empty_outputs(tmp_path):
+    from nanomt.curation.decontaminate import decontaminate
+    from nanomt.curation.quality import filter_quality
+
+    (tmp_path / "in.jsonl").write_text("\n")
+    write_jsonl(tmp_path / "eval.jsonl", [{"text": "an evaluation example"}])
+    steps = {"dedup": lambda out: deduplicate(tmp_path / "in.jsonl", out, progress=False),
+             "decontaminate": lambda out: decontaminate(tmp_path / "in.jsonl",
+                                                        [tmp_path / "eval.jsonl"], out,
+                                                        progress=False),
+             "filter_quality": lambda out: filter_quality(tmp_path / "in.jsonl", out,
+                                                          progress=False)}
+    for name, step in steps.items():
+        summary = step(tmp_path / f"{name}.jsonl")
+        assert summary.docs_in == summary.docs_out == 0
+        assert (tmp_path / f"{name}.jsonl").read_text() == ""
+        assert (tmp_path / f"{name}.removed.jsonl").read_text() == ""

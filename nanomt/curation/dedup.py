@@ -21,20 +21,24 @@ whose signatures agree on all r rows of some band meet in that band's bucket, wh
     P[candidate | J = s] = 1 - (1 - s^r)^b,
 
 an S-curve rising around s = (1/b)^(1/r). Only candidates are compared, so the work is linear in
-the corpus instead of quadratic. datasketch chooses b and r that minimise a weighted sum of the
-false-positive mass (integral of P over [0, t]) and the false-negative mass (of 1 - P over
-[t, 1]). Every candidate is verified here (J^ >= t), so a false positive costs one comparison and a
-false negative a missed duplicate: false negatives weigh 0.9. For t = 0.8 and k = 128 that gives
-b = 14, r = 9 (P = 0.87 at s = 0.8, 0.999 at 0.9), where equal weights give b = 9, r = 13 (0.40).
+the corpus instead of quadratic. datasketch's MinHashLSH chooses b and r that minimise a weighted
+sum of the false-positive mass (integral of P over [0, t]) and the false-negative mass (of 1 - P
+over [t, 1]). Every candidate is verified here (J^ >= t), so a false positive costs one
+comparison and a false negative a missed duplicate: false negatives weigh 0.9. For t = 0.8 and
+k = 128 that gives b = 14, r = 9 (P = 0.87 at s = 0.8, 0.999 at 0.9), where equal weights give
+b = 9, r = 13 (0.40). The buckets themselves are sorted numpy arrays, one per band, rather than
+MinHashLSH's index, which keeps a Python set per bucket (about 5.5 KB per document measured)
+and is updated one document at a time in the main process.
 
 Clusters. Verified pairs are joined by union-find (each cluster's root is its first document);
 each cluster keeps one document, the first in the file or the longest (`keep="longest"`), and
 the others go to OUT.removed.jsonl with the id of the kept document and their similarity to it.
 
-Two passes over the input: pass 1 computes each document's digest and signature in worker
-processes and, in file order in the main process, queries and then extends the LSH index; pass
-2 rereads the input and sends each line to OUT or OUT.removed.jsonl. Memory per document: its
-signature (4 k bytes), its b band keys in the index, its id and a few integers; never its text.
+Two passes over the input. Pass 1: worker processes compute each document's digest, signature
+and band hashes; the main process collects them as arrays, then groups equal digests and, band
+by band, sorts the band hashes and verifies the documents that share one. Pass 2 rereads the
+input and sends each line to OUT or to OUT.removed.jsonl. Memory per document: its signature
+(4 k bytes), b band hashes (8 b), its digest, length and id; never its text.
 """
 
 from __future__ import annotations
@@ -44,9 +48,9 @@ import json
 import re
 import zlib
 from array import array
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -56,13 +60,14 @@ from nanomt.curation.stream import (JsonlWriter, Line, Summary, batch_bytes, che
 from nanomt.errors import ConfigError
 
 try:
-    from datasketch import LeanMinHash, MinHash, MinHashLSH
+    from datasketch import MinHash, MinHashLSH
 except ImportError:  # the `curate` extra; exact deduplication works without it
-    LeanMinHash = MinHash = MinHashLSH = None
+    MinHash = MinHashLSH = None
 
 # LSH parameter choice when --bands/--rows are not given: (false-positive, false-negative) weights
 LSH_WEIGHTS = (0.1, 0.9)
 WORD = re.compile(r"\w+")
+BASE = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier of the band hash
 
 
 @dataclass
@@ -88,13 +93,31 @@ class DedupOptions:
             raise ConfigError(f"--keep must be 'first' or 'longest', got {self.keep!r}")
         if (self.bands is None) != (self.rows is None):
             raise ConfigError("--bands and --rows go together", "pass both or neither")
-        if self.bands is not None and (self.bands < 2 or self.rows < 1
+        if self.bands is not None and (self.bands < 1 or self.rows < 1
                                        or self.bands * self.rows > self.num_perm):
-            raise ConfigError(f"--bands {self.bands} --rows {self.rows} need bands >= 2, rows >= 1"
-                              f" and bands * rows <= --num-perm {self.num_perm}")
+            raise ConfigError(f"--bands {self.bands} --rows {self.rows} need bands, rows >= 1 "
+                              f"and bands * rows <= --num-perm {self.num_perm}")
         if not self.exact_only and MinHash is None:
             raise ConfigError("fuzzy deduplication needs datasketch",
                               "pip install -e '.[curate]', or pass --exact")
+
+
+def choose_bands(options: DedupOptions) -> tuple[int, int]:
+    """(b, r): as given, or datasketch's choice for the threshold and number of permutations."""
+    if options.bands is not None:
+        return options.bands, options.rows
+    try:
+        lsh = MinHashLSH(threshold=options.threshold, num_perm=options.num_perm,
+                         weights=LSH_WEIGHTS)
+    except ValueError as error:
+        raise ConfigError(f"no LSH banding for --threshold {options.threshold} and --num-perm "
+                          f"{options.num_perm} ({error})", "pass --bands and --rows") from None
+    return lsh.b, lsh.r
+
+
+def candidate_probability(s: float, bands: int, rows: int) -> float:
+    """P[two documents of Jaccard s share a band] = 1 - (1 - s^r)^b."""
+    return 1.0 - (1.0 - s ** rows) ** bands
 
 
 # ---- per document (in the workers) --------------------------------------------------------------
@@ -117,12 +140,41 @@ def make_minhash(num_perm: int, seed: int) -> MinHash:
     return MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32)
 
 
-class Signed(NamedTuple):
-    line: int
-    id: Any
-    length: int                   # characters, for keep="longest"
-    digest: bytes
-    minhash: LeanMinHash | None   # None with exact_only, or for a text without words
+def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """[n, k] signatures -> [n, b] 64-bit hashes of each band's r rows (mod 2^64)."""
+    rows_of = signatures[:, :bands * rows].astype(np.uint64).reshape(len(signatures), bands, rows)
+    hashes = rows_of[:, :, 0].copy()
+    for j in range(1, rows):
+        hashes = hashes * BASE + rows_of[:, :, j]
+    return hashes
+
+
+@dataclass
+class Signed:
+    """A batch of documents as columns (numpy arrays cross between processes as one buffer)."""
+
+    ids: list[Any]
+    lengths: np.ndarray                # characters, for keep="longest"
+    digests: np.ndarray                # [n] 16-byte exact digests
+    signatures: np.ndarray | None      # [n, k] MinHash signatures (None with exact_only)
+    bands: np.ndarray | None           # [n, b] band hashes
+    has_words: np.ndarray | None       # False: no shingles, nothing to compare
+
+    @staticmethod
+    def empty(options: DedupOptions) -> Signed:
+        fuzzy = not options.exact_only
+        return Signed([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype="V16"),
+                      np.zeros((0, options.num_perm), dtype=np.uint64) if fuzzy else None,
+                      np.zeros((0, options.bands), dtype=np.uint64) if fuzzy else None,
+                      np.zeros(0, dtype=bool) if fuzzy else None)
+
+    @staticmethod
+    def concatenate(parts: list[Signed]) -> Signed:
+        def cat(name):
+            arrays = [getattr(p, name) for p in parts]
+            return None if not arrays or arrays[0] is None else np.concatenate(arrays)
+        return Signed([i for p in parts for i in p.ids], cat("lengths"), cat("digests"),
+                      cat("signatures"), cat("bands"), cat("has_words"))
 
 
 _WORKER: dict[str, Any] = {}
@@ -134,22 +186,29 @@ def _init_worker(options: DedupOptions, source: str) -> None:
         _WORKER["empty"] = make_minhash(options.num_perm, options.seed)
 
 
-def sign_batch(batch: list[Line]) -> list[Signed]:
-    """Parse a batch of lines and compute each document's digest and MinHash signature."""
+def sign_batch(batch: list[Line]) -> Signed:
+    """Parse a batch of lines; each document's digest, MinHash signature and band hashes."""
     options: DedupOptions = _WORKER["options"]
-    out = []
+    ids, lengths, digests, signatures, has_words = [], [], [], [], []
     for line, raw in batch:
         record, text = parse_document(raw, f"{_WORKER['source']}:{line}", options.text_key)
-        minhash = None
+        ids.append(document_id(record, options.id_key, line))
+        lengths.append(len(text))
+        digests.append(exact_digest(text))
         if not options.exact_only:
+            minhash = _WORKER["empty"].copy()
             doc_shingles = shingles(text, options.ngram)
             if doc_shingles:
-                m = _WORKER["empty"].copy()
-                m.update_batch(doc_shingles)
-                minhash = LeanMinHash(m)
-        out.append(Signed(line, document_id(record, options.id_key, line), len(text),
-                          exact_digest(text), minhash))
-    return out
+                minhash.update_batch(doc_shingles)
+            signatures.append(minhash.hashvalues)
+            has_words.append(bool(doc_shingles))
+    signed = Signed(ids, np.array(lengths, dtype=np.int64),
+                    np.frombuffer(b"".join(digests), dtype="V16"), None, None, None)
+    if not options.exact_only:
+        signed.signatures = np.stack(signatures)
+        signed.bands = band_hashes(signed.signatures, options.bands, options.rows)
+        signed.has_words = np.array(has_words, dtype=bool)
+    return signed
 
 
 def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -157,21 +216,13 @@ def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.count_nonzero(a == b)) / len(a)
 
 
-def candidate_probability(s: float, bands: int, rows: int) -> float:
-    """P[two documents of Jaccard s share a band] = 1 - (1 - s^r)^b."""
-    return 1.0 - (1.0 - s ** rows) ** bands
-
-
-# ---- the index (in the main process) ------------------------------------------------------------
+# ---- clusters (in the main process) -------------------------------------------------------------
 class UnionFind:
-    """Disjoint sets over 0..n-1; a set's root is its smallest member (its first document)."""
+    """Disjoint sets over 0..n-1 starting from `parent`; a set's root is its smallest member."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent: np.ndarray):
         self.parent = array("q")
-
-    def add(self) -> int:
-        self.parent.append(len(self.parent))
-        return len(self.parent) - 1
+        self.parent.frombytes(parent.astype(np.int64).tobytes())
 
     def find(self, x: int) -> int:
         parent = self.parent
@@ -185,128 +236,123 @@ class UnionFind:
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
 
-
-class SignatureStore:
-    """Signatures as rows of numpy blocks: 4 k bytes per document, no per-object overhead."""
-
-    def __init__(self, num_perm: int, block: int = 4096):
-        self.num_perm, self.block = num_perm, block
-        self.blocks: list[np.ndarray] = []
-        self.present = array("b")
-        self.count = 0
-
-    def append(self, values: np.ndarray | None) -> None:
-        if self.count % self.block == 0:
-            dtype = values.dtype if values is not None else np.uint64
-            self.blocks.append(np.zeros((self.block, self.num_perm), dtype=dtype))
-        if values is not None:
-            self.blocks[-1][self.count % self.block] = values
-        self.present.append(values is not None)
-        self.count += 1
-
-    def get(self, i: int) -> np.ndarray | None:
-        return self.blocks[i // self.block][i % self.block] if self.present[i] else None
+    def roots(self) -> np.ndarray:
+        """Every element's root, by pointer jumping: parent <- parent[parent] until it stops."""
+        parent = np.frombuffer(self.parent, dtype=np.int64).copy()
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                return parent
+            parent = grand
 
 
-def make_index(options: DedupOptions) -> MinHashLSH:
-    params = (options.bands, options.rows) if options.bands is not None else None
-    try:
-        return MinHashLSH(threshold=options.threshold, num_perm=options.num_perm,
-                          weights=LSH_WEIGHTS, params=params)
-    except ValueError as error:
-        raise ConfigError(f"no LSH banding for --threshold {options.threshold} and --num-perm "
-                          f"{options.num_perm} ({error})", "pass --bands and --rows") from None
+def first_with_same_digest(digests: np.ndarray) -> np.ndarray:
+    """For each document, the first document with the same exact digest (itself if none)."""
+    _, first, group = np.unique(digests, return_index=True, return_inverse=True)
+    return first[group.ravel()]
+
+
+def buckets(keys: np.ndarray) -> list[np.ndarray]:
+    """Positions in `keys` that share a value with another position, one ascending array each."""
+    order = np.argsort(keys, kind="stable")
+    same = keys[order][1:] == keys[order][:-1]  # sorted positions p and p + 1 share a value
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], same.astype(np.int8), [0]))))
+    return [order[start:stop + 1] for start, stop in zip(edges[::2], edges[1::2])]
+
+
+def join_similar(docs: Signed, sets: UnionFind, threshold: float) -> tuple[int, int]:
+    """LSH: in each band, documents with equal band hashes are candidates; join each verified
+    pair (J^ >= threshold). Returns (pairs compared, pairs verified).
+
+    Within a bucket each document is compared with the first document of every cluster met so
+    far in that bucket (and joins all it matches), not with every member: a bucket holding one
+    cluster of m near-copies costs m comparisons instead of m^2 / 2."""
+    # the first of each exact group stands for it (the others have the same shingles)
+    searched = np.flatnonzero(docs.has_words & (np.frombuffer(sets.parent, dtype=np.int64)
+                                                == np.arange(len(docs.ids))))
+    compared = verified = 0
+    for band in range(docs.bands.shape[1]):
+        for bucket in buckets(docs.bands[searched, band]):
+            heads: list[int] = []
+            for i in searched[bucket].tolist():  # ascending: the earlier documents come first
+                joined = False
+                for head in heads:
+                    if sets.find(head) == sets.find(i):
+                        joined = True
+                        continue
+                    compared += 1
+                    if estimated_jaccard(docs.signatures[i], docs.signatures[head]) >= threshold:
+                        verified += 1
+                        sets.union(i, head)
+                        joined = True
+                if not joined:
+                    heads.append(i)
+    return compared, verified
 
 
 class Clusters:
-    """Pass 1's result: for every document, its cluster's kept document and how it was found."""
+    """Pass 1's result: for every document, the document kept in its place and how it matched."""
 
-    def __init__(self, options: DedupOptions):
-        self.options = options
-        self.sets = UnionFind()
-        self.ids: list[Any] = []
-        self.lengths = array("q")
-        self.exact_of = array("q")       # first document with the same digest
-        self.first_with_digest: dict[bytes, int] = {}
-        self.signatures = SignatureStore(options.num_perm)
-        self.index = None if options.exact_only else make_index(options)
-        self.candidates = self.verified = 0
-        self.kept: array | None = None   # set by choose_kept
+    def __init__(self, docs: Signed, options: DedupOptions):
+        self.docs, self.options = docs, options
+        self.exact_of = first_with_same_digest(docs.digests)
+        sets = UnionFind(self.exact_of)
+        self.compared = self.verified = 0
+        if not options.exact_only:
+            self.compared, self.verified = join_similar(docs, sets, options.threshold)
+        self.kept = self.choose_kept(sets.roots())
 
-    def add(self, doc: Signed) -> None:
-        """Index one document, in file order: join it to every earlier document it duplicates."""
-        i = self.sets.add()
-        self.ids.append(doc.id)
-        self.lengths.append(doc.length)
-        first = self.first_with_digest.setdefault(doc.digest, i)
-        self.exact_of.append(first)
-        values = doc.minhash.hashvalues if doc.minhash is not None else None
-        self.signatures.append(values)
-        if first != i:  # an exact duplicate has the same shingles too: nothing more to find
-            self.sets.union(i, first)
-            return
-        if values is None:
-            return
-        for j in self.index.query(doc.minhash):
-            self.candidates += 1
-            if estimated_jaccard(values, self.signatures.get(j)) >= self.options.threshold:
-                self.verified += 1
-                self.sets.union(i, j)
-        self.index.insert(i, doc.minhash, check_duplication=False)
-
-    def choose_kept(self) -> None:
-        """kept[i]: the document kept for i's cluster (i itself when i is kept)."""
-        n = len(self.ids)
-        roots = [self.sets.find(i) for i in range(n)]
-        best = {}
-        if self.options.keep == "longest":
-            for i, root in enumerate(roots):  # ties keep the earlier document
-                if root not in best or self.lengths[i] > self.lengths[best[root]]:
-                    best[root] = i
-        self.kept = array("q", (best.get(root, root) for root in roots))
+    def choose_kept(self, roots: np.ndarray) -> np.ndarray:
+        """kept[i]: the root (the first), or the longest member of i's cluster (ties: first)."""
+        if self.options.keep == "first" or len(roots) == 0:
+            return roots
+        order = np.lexsort((np.arange(len(roots)), -self.docs.lengths, roots))
+        leads = np.concatenate(([True], roots[order][1:] != roots[order][:-1]))
+        best = np.empty_like(roots)
+        best[roots[order][leads]] = order[leads]
+        return best[roots]
 
     def similarity(self, i: int, k: int) -> tuple[str, float]:
         """How removed document i duplicates kept document k: ("exact", 1.0) or ("fuzzy", J^)."""
         if self.exact_of[i] == self.exact_of[k]:
             return "exact", 1.0
-        a, b = self.signatures.get(i), self.signatures.get(k)
-        return "fuzzy", (estimated_jaccard(a, b) if a is not None and b is not None else 0.0)
+        d = self.docs
+        if not (d.has_words[i] and d.has_words[k]):
+            return "fuzzy", 0.0
+        return "fuzzy", estimated_jaccard(d.signatures[i], d.signatures[k])
 
 
 # ---- the two passes -----------------------------------------------------------------------------
 def find_duplicates(path: Path, options: DedupOptions, workers: int, progress: bool,
                     summary: Summary) -> Clusters:
-    clusters = Clusters(options)
-    batches = read_batches(path, options.batch_size)
+    parts = []
     with progress_bar(path, "dedup: sign", progress) as bar:
-        for batch, signed in map_ordered(sign_batch, batches, workers, _init_worker,
-                                         (options, str(path))):
-            for doc in signed:
-                clusters.add(doc)
+        for batch, signed in map_ordered(sign_batch, read_batches(path, options.batch_size),
+                                         workers, _init_worker, (options, str(path))):
+            parts.append(signed)
             summary.docs_in += len(batch)
             summary.bytes_in += batch_bytes(batch)
             bar.update(batch_bytes(batch))
-    clusters.choose_kept()
-    return clusters
+    return Clusters(Signed.concatenate(parts) if parts else Signed.empty(options), options)
 
 
 def write_outputs(path: Path, output: Path, clusters: Clusters, progress: bool,
                   summary: Summary) -> None:
     """Pass 2: every input line goes to the output (kept) or to the removed file (annotated)."""
-    i = 0
+    i, ids = 0, clusters.docs.ids
     with JsonlWriter(output) as kept, JsonlWriter(sibling(output, ".removed.jsonl")) as removed, \
             progress_bar(path, "dedup: write", progress) as bar:
         for batch in read_batches(path, clusters.options.batch_size):
             for _, raw in batch:
-                if i >= len(clusters.ids):
+                if i >= len(ids):
                     raise ConfigError(f"{path} changed during deduplication", "run it again")
-                k = clusters.kept[i]
+                k = int(clusters.kept[i])
                 if k == i:
                     kept.write_raw(raw)
                 else:
                     reason, similarity = clusters.similarity(i, k)
                     record = json.loads(raw)
-                    record.update(duplicate_of=clusters.ids[k], similarity=round(similarity, 4),
+                    record.update(duplicate_of=ids[k], similarity=round(similarity, 4),
                                   reason=reason)
                     removed.write(record)
                     summary.remove(reason)
@@ -325,15 +371,16 @@ def deduplicate(input_path: str | Path, output_path: str | Path,
     path, output = Path(input_path), Path(output_path)
     check_paths([path], output)
     summary = Summary("dedup")
+    if not options.exact_only:
+        bands, rows = choose_bands(options)
+        options = replace(options, bands=bands, rows=rows)
     clusters = find_duplicates(path, options, workers, progress, summary)
     write_outputs(path, output, clusters, progress, summary)
     summary.details.update(
         mode="exact" if options.exact_only else "exact+fuzzy",
         **{key: value for key, value in asdict(options).items()
-           if key in ("threshold", "ngram", "num_perm", "keep")},
-        bands=None if options.exact_only else clusters.index.b,
-        rows=None if options.exact_only else clusters.index.r,
-        candidate_pairs=clusters.candidates, verified_pairs=clusters.verified,
+           if key in ("threshold", "ngram", "num_perm", "bands", "rows", "keep")},
+        candidate_pairs=clusters.compared, verified_pairs=clusters.verified,
         workers=workers, removed_file=str(sibling(output, ".removed.jsonl")))
     summary.finish()
     summary.write(sibling(output, ".summary.json"))

@@ -169,6 +169,8 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int,
         while pending:
             item, result = pending.popleft()
             yield item, result.get()
+        pool.close()
+        pool.join()  # workers end here, so their CPU time counts in the summary
 
 
 def default_workers() -> int:
@@ -215,6 +217,13 @@ def _peak_rss_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # kilobytes on Linux
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (the workers, once joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 @dataclass
 class Summary:
     """Documents in / out, removed per reason, throughput; printed at the end and saved as JSON."""
@@ -226,13 +235,16 @@ class Summary:
     removed: dict[str, int] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process and its finished workers, user + system
     start: float = field(default_factory=time.perf_counter, repr=False)
+    start_cpu: float = field(default_factory=lambda: _cpu_seconds(), repr=False)
 
     def remove(self, reason: str, count: int = 1) -> None:
         self.removed[reason] = self.removed.get(reason, 0) + count
 
     def finish(self) -> Summary:
         self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = _cpu_seconds() - self.start_cpu
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -242,6 +254,8 @@ class Summary:
                 "bytes_in": self.bytes_in, "seconds": round(self.seconds, 3),
                 "docs_per_s": round(self.docs_in / seconds, 1),
                 "mb_per_s": round(self.bytes_in / 1e6 / seconds, 2),
+                "cpu_s": round(self.cpu_seconds, 3),
+                "docs_per_cpu_s": round(self.docs_in / max(self.cpu_seconds, 1e-9), 1),
                 "peak_rss_mb": round(_peak_rss_mb(resource.RUSAGE_SELF), 1),
                 "workers_peak_rss_mb": round(_peak_rss_mb(resource.RUSAGE_CHILDREN), 1),
                 **self.details}
@@ -250,7 +264,8 @@ class Summary:
         d = self.to_dict()
         out = [f"{self.tool}: {d['docs_in']} documents in, {d['docs_out']} out, "
                f"{d['removed_total']} removed in {d['seconds']:.1f} s "
-               f"({d['docs_per_s']:.0f} docs/s, {d['mb_per_s']:.1f} MB/s)"]
+               f"({d['docs_per_s']:.0f} docs/s, {d['mb_per_s']:.1f} MB/s; "
+               f"{d['cpu_s']:.1f} CPU s)"]
         out += [f"  removed, {reason}: {count}" for reason, count in self.removed.items()]
         for key, value in self.details.items():
             if isinstance(value, dict):  # e.g. one line per evaluation set
