@@ -18,7 +18,8 @@ optimizer records `memory_after_backward` there), not only between steps when bu
 Activations are measured, not estimated: `PeakMemoryMeter` watches every tensor storage created
 while it is active (forward and backward, including recomputation) and reports the peak of the
 bytes still alive: saved activations, gradients being formed and temporaries, above what existed
-before. It works on CPU, where torch keeps no allocator statistics.
+before. It works on CPU, where torch keeps no allocator statistics. What it should find is
+Korthikanti et al. 2022's activation formulas (`activation_bytes_per_layer`, at the end).
 """
 
 from __future__ import annotations
@@ -96,3 +97,101 @@ def memory_report(optimizer: ShardedAdamW, peak_activation_bytes: int | None,
 
 
 __all__ = ["PeakMemoryMeter", "memory_report", "zero_formula_bytes"]
+
+
+# ---- activation formulas: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+# Transformer Models", sections 4 and 5 (table 2) --------------------------------------------------
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def _layer_terms(s: int, b: int, h: int, a: int, f: int, e: float, m: float, dropout: bool,
+                 flash: bool) -> list[tuple[str, float, str]]:
+    """(what is kept, bytes at tp=1, where it lives) for one layer; `where` is "whole" (the
+    hidden state between the tensor-parallel regions), "split" (inside them: heads or ffn
+    columns) or "core" (the attention core: what selective recompute drops)."""
+    sbh = s * b * h
+    terms = [("norm1 input", e * sbh, "whole"),
+             ("qkv input", e * sbh, "whole"),
+             ("q and k", 2 * e * sbh, "split"),
+             ("v", e * sbh, "split")]
+    if flash:
+        terms.append(("softmax statistics", 4 * a * s * b, "core"))  # fp32 log-sum-exp per row
+    else:
+        terms.append(("softmax output", e * a * s * s * b, "core"))
+        if dropout:
+            terms += [("attention dropout mask", m * a * s * s * b, "core"),
+                      ("attention dropout output", e * a * s * s * b, "core")]
+    terms += [("projection input", e * sbh, "split"),
+              ("norm2 input", e * sbh, "whole"),
+              ("fc1 input", e * sbh, "whole"),
+              ("gelu input", e * s * b * f, "split"),
+              ("fc2 input", e * s * b * f, "split")]
+    if dropout:
+        terms += [("attention residual dropout mask", m * sbh, "whole"),
+                  ("mlp residual dropout mask", m * sbh, "whole")]
+    return terms
+
+
+def activation_terms(seq_len: int, micro_batch: int, hidden: int, heads: int, tp: int = 1,
+                     sequence_parallel: bool = False, recompute: str = "none",
+                     dropout: bool = True, flash: bool = False, bytes_per_element: float = 2,
+                     mask_bytes: float = 1, ffn_hidden: int | None = None) -> dict[str, float]:
+    """Bytes one transformer layer keeps for its backward on one rank, term by term.
+
+    s = seq_len, b = micro_batch, h = hidden, a = heads, t = tp, e = bytes_per_element (2 for
+    bf16/fp16, 4 for fp32), m = mask_bytes (a dropout mask element), f = ffn_hidden (4h):
+
+        attention    norm1 input                    e s b h      LayerNorm keeps its input
+                     qkv input (norm1 output)       e s b h      a matmul keeps its input
+                     q and k                        2 e s b h    Q K^T keeps both operands
+                     softmax output                 e a s^2 b    softmax backward needs it
+                     attention dropout mask         m a s^2 b    (dropout)
+                     attention dropout output       e a s^2 b    (dropout; else the softmax
+                                                                 output is what meets V)
+                     v                              e s b h
+                     projection input               e s b h
+                     residual dropout mask          m s b h      (dropout)
+        MLP          norm2 input, fc1 input         2 e s b h
+                     gelu input (fc1 output)        e s b f
+                     fc2 input (gelu output)        e s b f
+                     residual dropout mask          m s b h      (dropout)
+
+    Tensor parallelism divides by t what lies inside its regions (q, k, v, the a s^2 terms,
+    the projection and fc2 inputs, the gelu input); the norms' and the column-parallel linears'
+    inputs and the residual dropout masks stay whole on every rank. Sequence parallelism splits
+    those along the sequence: every term / t. `flash`: no s^2 matrix is kept, only the fp32
+    log-sum-exp per row and head, 4 a s b (the masks are regenerated from the RNG state).
+    `recompute`: "selective" recomputes the attention core (drops its s^2 or flash terms);
+    "full" keeps only the layer's input, e s b h (/ t under sequence parallelism).
+
+    At e = 2, m = 1, f = 4h with dropout the terms add up to the paper's per-layer bytes:
+        no parallelism   s b h (34 + 5 a s / h)
+        tensor parallel  s b h (10 + 24 / t + 5 a s / (h t))
+        tp + sequence    s b h (34 + 5 a s / h) / t
+        + selective      s b h (10 + 24 / t), or 34 s b h / t with sequence parallelism
+        full recompute   2 s b h, or 2 s b h / t with sequence parallelism
+    """
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+    s, b, h, a, t = seq_len, micro_batch, hidden, heads, tp
+    whole_divisor = t if sequence_parallel else 1
+    if recompute == "full":
+        return {"layer input": bytes_per_element * s * b * h / whole_divisor}
+    terms = _layer_terms(s, b, h, a, ffn_hidden or 4 * h, bytes_per_element, mask_bytes,
+                         dropout, flash)
+    return {name: value / (whole_divisor if where == "whole" else t)
+            for name, value, where in terms if not (recompute == "selective" and where == "core")}
+
+
+def activation_bytes_per_layer(seq_len: int, micro_batch: int, hidden: int, heads: int,
+                               tp: int = 1, sequence_parallel: bool = False,
+                               recompute: str = "none", dropout: bool = True, flash: bool = False,
+                               bytes_per_element: float = 2, mask_bytes: float = 1,
+                               ffn_hidden: int | None = None) -> float:
+    """The sum of `activation_terms`: bytes one layer keeps for backward on one rank."""
+    return sum(activation_terms(seq_len, micro_batch, hidden, heads, tp, sequence_parallel,
+                                recompute, dropout, flash, bytes_per_element, mask_bytes,
+                                ffn_hidden).values())
+
+
+__all__ += ["RECOMPUTE_MODES", "activation_bytes_per_layer", "activation_terms"]
