@@ -221,3 +221,11 @@ def test_state_dict_round_trip_and_changed_batch_size():
     bigger = GlobalBatchSampler(Stream(100, 8), 8)  # resumed with another global batch size
     bigger.load_state_dict(state)
     assert bigger.sample_ids(3) == range(12, 20) and bigger.sample_ids(4) == range(20, 28)
+
+
+def test_build_command_prepares_the_cache(tmp_path, capsys):
+    from nanomt.data.build import main
+
+    main(["train.steps=3", f"data.cache_dir={tmp_path}", "train.global_batch_size=8"])
+    assert "24 training and 32 validation samples" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("*.train.*.json"))) == 1  # the train indices' marker

@@ -170,3 +170,25 @@ def check_data_sources(cfg: DictConfig, vocab_size: int) -> None:
             raise ConfigError(f"{key}: {prefix}.bin stores {dataset.dtype} ids, too small for "
                               f"data.tokenizer={d.tokenizer!r} ({vocab_size} tokens)",
                               "preprocess again with that tokenizer or fix data.tokenizer")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m nanomt.data.build [overrides]`: build (or find) the index cache of a run's
+    data in one process, before a large launch, so no rank waits on it at start-up."""
+    import sys
+    import time
+
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(sys.argv[1:] if argv is None
+                                                           else argv))
+    start = time.perf_counter()
+    train, valid = build_samplers(cfg, int(cfg.model.seq_len))
+    print(f"nanomt: data indices ready in {time.perf_counter() - start:.1f} s: "
+          f"{len(train.stream):,} training and {len(valid.stream):,} validation samples")
+
+
+if __name__ == "__main__":
+    main()
