@@ -223,3 +223,22 @@ def test_empty_input_gives_empty_outputs(tmp_path):
         assert summary.docs_in == summary.docs_out == 0
         assert (tmp_path / f"{name}.jsonl").read_text() == ""
         assert (tmp_path / f"{name}.removed.jsonl").read_text() == ""
+
+
+def test_workers_keep_order_read_boundedly_and_report_a_dead_worker():
+    import os
+
+    from nanomt.curation.stream import WorkerDied, map_ordered
+
+    read = []
+
+    def numbers():
+        for x in range(-20, 0):
+            read.append(x)
+            yield x
+
+    results = map_ordered(abs, numbers(), workers=2)
+    assert next(results) == (-20, 20) and len(read) <= 2 * 2 + 1  # a window, not the whole input
+    assert [r for _, r in results] == list(range(19, 0, -1))
+    with pytest.raises(WorkerDied, match="a worker process died"):
+        list(map_ordered(os._exit, [1, 2, 3], workers=2))

@@ -8,9 +8,11 @@ and a few batches in flight:
 
     read batch k+w ──► [worker 1 .. w] ──► result k ──► write / index ──► next
 
-`multiprocessing.Pool.imap` would read its whole input ahead of the workers (its feeder thread
-does not wait), so `map_ordered` keeps a bounded window of 2 batches per worker instead. Workers
-are started with "spawn", which works the same on every platform and inside threaded parents.
+`Pool.imap` and `ProcessPoolExecutor.map` would read their whole input ahead of the workers (they
+submit every task at once), so `map_ordered` keeps a bounded window of 2 batches per worker
+instead. Workers are started with "spawn", which works the same on every platform and inside
+threaded parents, by a ProcessPoolExecutor, which reports a worker that dies (killed, out of
+memory) instead of waiting for it forever as a Pool does.
 
 Bad input stops the tool with one line naming the file and line, e.g.
     nanomt: error: in.jsonl:17: not valid JSON (Expecting ',' delimiter); fix or remove that line
@@ -27,13 +29,21 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from nanomt.errors import ConfigError, NanomtError, exit_with
+from nanomt.errors import ConfigError, ExitCode, NanomtError, exit_with
+
+class WorkerDied(ConfigError):
+    """A worker process ended without a result (exit code 1: not bad input, but nameable)."""
+
+    exit_code = ExitCode.UNEXPECTED
+
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -159,18 +169,23 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int,
         for item in items:
             yield item, fn(item)
         return
-    with multiprocessing.get_context("spawn").Pool(workers, initializer, initargs) as pool:
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer,
+                               initargs)
+    try:
         pending: deque = deque()
         for item in items:
-            pending.append((item, pool.apply_async(fn, (item,))))
+            pending.append((item, pool.submit(fn, item)))
             if len(pending) >= 2 * workers:
-                item, result = pending.popleft()
-                yield item, result.get()
+                item, future = pending.popleft()
+                yield item, future.result()
         while pending:
-            item, result = pending.popleft()
-            yield item, result.get()
-        pool.close()
-        pool.join()  # workers end here, so their CPU time counts in the summary
+            item, future = pending.popleft()
+            yield item, future.result()
+    except BrokenProcessPool:
+        raise WorkerDied("a worker process died (killed, or out of memory?)",
+                         "run again, with fewer --workers or a smaller --batch-size") from None
+    finally:  # the workers end here, so their CPU time counts in the summary
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_workers() -> int:
