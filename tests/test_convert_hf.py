@@ -85,16 +85,18 @@ def test_export_matches_transformers_logits(style, tmp_path):
     assert relative_error(hf_logits(tmp_path / "hf"), expected) < 1e-4
 
 
-def _import_under_tp2(checkpoints: dict[str, str]) -> dict[str, torch.Tensor]:
+def _import_under_tp2(checkpoints: dict[str, str]) -> dict:
     grid = ParallelGrid(tp=2)
-    logits = {}
+    out = {"tp_rank": grid.tp_rank}
     for style, path in checkpoints.items():
         cfg = ModelConfig(**CONFIGS[style])
         model = GPT(cfg, grid, seed=3)
         load_checkpoint(path, [model], None, grid, cfg.to_dict())
         model.eval()
-        logits[style] = model.full_logits(TOKENS)
-    return logits
+        out[style] = model.full_logits(TOKENS)
+        if style == "llama":  # this rank's shard of the fused [2, ffn, h] gate/up weight
+            out["fc1_shard"] = model.layers[1].mlp.fc1.weight.detach().clone()
+    return out
 
 
 def test_import_matches_transformers_logits_on_one_process_and_tp2(tmp_path):
@@ -125,6 +127,13 @@ def test_import_matches_transformers_logits_on_one_process_and_tp2(tmp_path):
     for style in made:
         for rank_logits in tp2:
             assert relative_error(rank_logits[style], expected[style]) < 1e-4, style
+    # Under tp each rank holds its rows of gate_proj AND the same rows of up_proj.
+    mlp, ffn = made["llama"].model.layers[1].mlp, CONFIGS["llama"]["ffn_hidden_size"]
+    for rank in tp2:
+        rows = slice(rank["tp_rank"] * ffn // 2, (rank["tp_rank"] + 1) * ffn // 2)
+        gate, up = rank["fc1_shard"]
+        assert torch.equal(gate, mlp.gate_proj.weight.detach()[rows])
+        assert torch.equal(up, mlp.up_proj.weight.detach()[rows])
 
 
 def test_import_refuses_a_non_empty_output_and_configs_nanomt_computes_differently(tmp_path):

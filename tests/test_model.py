@@ -82,6 +82,17 @@ def test_llama_style_details():
     assert not hasattr(model, "position_embedding")
 
 
+def test_swiglu_reads_gate_and_up_from_one_fused_weight():
+    """fc1 [2, ffn, h] = [gate; up]: the MLP is fc2(silu(gate x) * up x)."""
+    cfg = tiny("llama", ffn_hidden_size=48)
+    mlp = GPT(cfg).layers[0].mlp
+    assert mlp.fc1.weight.shape == (2, 48, 32) and mlp.fc1.bias is None
+    x = torch.randn(2, 16, 32)
+    gate, up = mlp.fc1.weight
+    expected = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), mlp.fc2.weight)
+    torch.testing.assert_close(mlp(x), expected)
+
+
 def test_same_seed_same_model_different_seed_different_model():
     a, b, c = GPT(tiny(), seed=1), GPT(tiny(), seed=1), GPT(tiny(), seed=2)
     for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):

@@ -289,34 +289,41 @@ def test_collectives_per_layer_match_theory(ranks, style, tp, sp):
     bsh = BATCH * SEQ * TINY["hidden_size"]
     r = ranks[0][(style, tp, sp)]
     if sp:  # g-bar / f-bar: all-gather before each column-parallel linear, reduce-scatter after
-        expected = {("all_gather", bsh): 2, ("reduce_scatter", bsh): 2}
+        expected_fwd = {("all_gather", bsh): 2, ("reduce_scatter", bsh): 2}
+        # Backward mirrors them (reduce-scatter of the input gradient, all-gather of the output
+        # gradient), and each column-parallel linear gathers its saved sequence shard again.
+        expected_bwd = {("all_gather", bsh): 2 + 2, ("reduce_scatter", bsh): 2}
     else:  # f / g: 2 all-reduces forward (g after attention and MLP), 2 backward (f)
-        expected = {("all_reduce", bsh): 2}
-    assert r["layer_fwd"] == expected and r["layer_bwd"] == expected
-    # The same bytes either way: Korthikanti et al. 2022, sec. 4.2.2; 8 b s h (t-1)/t per layer.
+        expected_fwd = expected_bwd = {("all_reduce", bsh): 2}
+    assert r["layer_fwd"] == expected_fwd and r["layer_bwd"] == expected_bwd
+    # f/g and f-bar/g-bar move the same bytes: Korthikanti et al. 2022, sec. 4.2.2, 8 b s h (t-1)/t
+    # per layer; saving only the sequence shard costs SP one more all-gather (2 b s h (t-1)/t).
     per_layer = ring_volume(r["layer_fwd"], tp) + ring_volume(r["layer_bwd"], tp)
-    assert per_layer == pytest.approx(8 * bsh * (tp - 1) / tp)
+    assert per_layer == pytest.approx((10 if sp else 8) * bsh * (tp - 1) / tp)
 
 
 @pytest.mark.parametrize("style,tp,sp", LAYOUTS)
 def test_collectives_of_the_whole_model(ranks, style, tp, sp):
     """Layers as above, plus the embedding (g, or reduce-scatter under SP), the head (f, or
-    all-gather under SP) and the cross-entropy's two small all-reduces (max; target logit and
-    sum of exponentials, stacked): b*s and 2*b*s elements, never the logits."""
+    all-gather under SP, gathered again in backward) and the cross-entropy's two small
+    all-reduces (max; target logit and sum of exponentials, stacked): b*s and 2*b*s elements,
+    never the logits."""
     bsh, bs, layers = BATCH * SEQ * TINY["hidden_size"], BATCH * SEQ, TINY["num_layers"]
     r = ranks[0][(style, tp, sp)]
     loss_collectives = Counter({("all_reduce", bs): 1, ("all_reduce", 2 * bs): 1})
-    layer = Counter(r["layer_fwd"])
-    scaled_layers = Counter({key: layers * n for key, n in layer.items()})
+    layer_fwd, layer_bwd = Counter(r["layer_fwd"]), Counter(r["layer_bwd"])
+    layers_fwd = Counter({key: layers * n for key, n in layer_fwd.items()})
+    layers_bwd = Counter({key: layers * n for key, n in layer_bwd.items()})
     if sp:
         embedding_fwd, head_fwd = {("reduce_scatter", bsh): 1}, {("all_gather", bsh): 1}
-        head_bwd, embedding_bwd = {("reduce_scatter", bsh): 1}, {("all_gather", bsh): 1}
+        head_bwd = {("reduce_scatter", bsh): 1, ("all_gather", bsh): 1}
+        embedding_bwd = {("all_gather", bsh): 1}
     else:
         embedding_fwd, head_fwd, head_bwd, embedding_bwd = {("all_reduce", bsh): 1}, {}, \
             {("all_reduce", bsh): 1}, {}
-    assert Counter(r["fwd"]) == scaled_layers + Counter(embedding_fwd) + Counter(head_fwd) \
+    assert Counter(r["fwd"]) == layers_fwd + Counter(embedding_fwd) + Counter(head_fwd) \
         + loss_collectives
-    assert Counter(r["bwd"]) == scaled_layers + Counter(head_bwd) + Counter(embedding_bwd)
+    assert Counter(r["bwd"]) == layers_bwd + Counter(head_bwd) + Counter(embedding_bwd)
     # SP's extra step: one all-reduce of the flattened norm/bias/position grads.
     assert len(r["sp_reduce"]) == (1 if sp else 0)
 

@@ -9,8 +9,9 @@ style=gpt   <-> GPT2LMHeadModel   learned positions, LayerNorm, GeLU (tanh: "gel
                                   [q_all | k_all | v_all] while nanomt's fused QKV rows are per
                                   head [head0: q k v | head1: q k v | ...] (so tp splits heads).
 style=llama <-> LlamaForCausalLM  RoPE (both use the rotate-half convention: no permutation),
-                                  RMSNorm, SwiGLU with fc1 = up_proj, gate = gate_proj,
-                                  fc2 = down_proj; untied lm_head.
+                                  RMSNorm, SwiGLU whose fused fc1 [2, ffn, h] is
+                                  [gate_proj; up_proj] (tp splits dim 1: each rank holds
+                                  matching gate and up rows), fc2 = down_proj; untied lm_head.
 
 A checkpoint of any layout exports (its tensors are stored layout-independently); an import is
 a single-shard checkpoint at step 0 without optimizer state, which any layout can load
@@ -71,13 +72,12 @@ def llama_layer_map(i: int) -> list[tuple[str, str, bool]]:
     return [(n + "norm1.weight", h + "input_layernorm.weight", False),
             (n + "attention.proj.weight", h + "self_attn.o_proj.weight", False),
             (n + "norm2.weight", h + "post_attention_layernorm.weight", False),
-            (n + "mlp.fc1.weight", h + "mlp.up_proj.weight", False),
-            (n + "mlp.gate.weight", h + "mlp.gate_proj.weight", False),
             (n + "mlp.fc2.weight", h + "mlp.down_proj.weight", False)]
 
 
 def name_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
-    """Every tensor except the fused QKV, as (nanomt name, HF name, transposed)."""
+    """Every tensor except the fused QKV (and llama's fused gate/up), as (nanomt name, HF name,
+    transposed)."""
     if cfg.style == "gpt":
         pairs = [("word_embedding.weight", "transformer.wte.weight", False),
                  ("position_embedding", "transformer.wpe.weight", False),
@@ -110,6 +110,9 @@ def to_hf_state(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str,
             prefix = f"model.layers.{i}.self_attn."
             for part, tensor in zip("qkv", (q, k, v)):
                 hf[f"{prefix}{part}_proj.weight"] = tensor.contiguous()
+            gate, up = tensors[f"layers.{i}.mlp.fc1.weight"]  # [2, ffn, h] = [gate; up]
+            hf[f"model.layers.{i}.mlp.gate_proj.weight"] = gate.contiguous()
+            hf[f"model.layers.{i}.mlp.up_proj.weight"] = up.contiguous()
     return hf
 
 
@@ -126,6 +129,9 @@ def from_hf_state(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, to
         else:
             prefix = f"model.layers.{i}.self_attn."
             q, k, v = (hf[f"{prefix}{part}_proj.weight"] for part in "qkv")
+            mlp = f"model.layers.{i}.mlp."
+            tensors[f"layers.{i}.mlp.fc1.weight"] = torch.stack(
+                [hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
         tensors[f"layers.{i}.attention.qkv.weight"] = fuse_qkv(q, k, v, cfg.num_heads)
     return tensors
 

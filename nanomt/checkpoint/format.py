@@ -37,7 +37,9 @@ from torch import nn
 from nanomt.errors import ConfigError
 
 FORMAT_NAME = "nanomt-checkpoint"
-FORMAT_VERSION = 1
+# 2: llama's SwiGLU gate and up are one tensor, layers.<i>.mlp.fc1.weight [2, ffn, h] = [gate; up]
+#    (version 1 stored them as mlp.gate.weight and mlp.fc1.weight, [ffn, h] each).
+FORMAT_VERSION = 2
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
 # step_N.previous: the old copy while step N is saved again; step_N.abandoned: a checkpoint past
@@ -59,6 +61,17 @@ GPT_SHAPE_FIELDS = SHAPE_FIELDS + ("seq_len",)
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used as asked; the message says what to change."""
+
+
+def check_format(meta: dict, where: str) -> None:
+    """Refuse a meta.json that is not a nanomt checkpoint of this FORMAT_VERSION."""
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{where} is not a {FORMAT_NAME} file")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where} is a {FORMAT_NAME} of version {meta.get('version')!r}; this nanomt reads "
+            f"version {FORMAT_VERSION} (see docs/checkpoints.md): resume from a checkpoint "
+            f"written by this version, or pass another checkpoint in train.resume")
 
 
 def step_folder_name(step: int) -> str:

@@ -27,7 +27,6 @@ from nanomt.model.layers import TransformerLayer, make_norm
 from nanomt.parallel import comm
 from nanomt.parallel.comm import Group
 from nanomt.parallel.cross_entropy import vocab_parallel_cross_entropy
-from nanomt.parallel.mappings import gather_from_tensor_parallel_region
 from nanomt.parallel.random import TensorParallelRNG
 from nanomt.parallel.tensor_parallel import (
     NormalInit,
@@ -134,7 +133,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Whole-vocabulary logits [b, s, V] (gathered over tp, padding removed): for tests."""
-        logits = gather_from_tensor_parallel_region(self.forward(tokens), self.tp_group)
+        logits = comm.all_gather(self.forward(tokens), self.tp_group, dim=-1)
         return logits[..., : self.cfg.vocab_size]
 
     def num_local_parameters(self) -> int:

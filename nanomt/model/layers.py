@@ -8,7 +8,8 @@ With tp=t each rank holds num_heads/t heads and ffn/t MLP columns, and the layer
 one g per block. With sequence parallelism the norms and dropouts run on [b, s/t, h].
 
 The fused QKV weight is laid out per head, rows [head0: q k v | head1: q k v | ...], so that a
-contiguous split over tp ranks hands each rank whole heads.
+contiguous split over tp ranks hands each rank whole heads. SwiGLU's fused gate/up weight is
+[2, ffn, h], split along dim 1, so that each rank holds matching rows of both.
 """
 
 from __future__ import annotations
@@ -103,7 +104,11 @@ class ParallelAttention(nn.Module):
 
 
 class ParallelMLP(nn.Module):
-    """GeLU MLP h -> ffn -> h (gpt) or SwiGLU down(silu(gate x) * up x) (llama)."""
+    """GeLU MLP fc2(gelu(fc1 x)) (gpt) or SwiGLU fc2(silu(gate x) * up x) (llama), h -> ffn -> h.
+
+    SwiGLU's gate and up are one column-parallel weight fc1 [2, ffn, h] = [gate; up], split
+    along its ffn rows: each rank holds its gate rows and the matching up rows, and reads its
+    input through one f (as QKV is one weight)."""
 
     def __init__(self, cfg: ModelConfig, tp_group: Group, init: NormalInit,
                  out_init: NormalInit, sequence_parallel: bool):
@@ -111,19 +116,17 @@ class ParallelMLP(nn.Module):
         h, f, bias = cfg.hidden_size, cfg.ffn_hidden_size, cfg.use_bias
         self.swiglu = cfg.style == "llama"
         self.fc1 = ColumnParallelLinear(h, f, tp_group, init.child("fc1"), bias=bias,
-                                        sequence_parallel=sequence_parallel)
-        if self.swiglu:
-            self.gate = ColumnParallelLinear(h, f, tp_group, init.child("gate"), bias=False,
-                                             sequence_parallel=sequence_parallel)
+                                        sequence_parallel=sequence_parallel,
+                                        stacked=2 if self.swiglu else 1)
         self.fc2 = RowParallelLinear(f, h, tp_group, out_init.child("fc2"), bias=bias,
                                      sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:  # gate and up read the same input: enter the tp region once
-            x = self.fc1.enter_parallel_region(x)
-            up = self.fc1(x, input_entered=True)
-            return self.fc2(F.silu(self.gate(x, input_entered=True)) * up)
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        y = self.fc1(x)  # [b, s, ffn/t], or [b, s, 2 ffn/t] = [gate | up] for SwiGLU
+        if self.swiglu:
+            gate, up = y.chunk(2, dim=-1)
+            return self.fc2(F.silu(gate) * up)
+        return self.fc2(F.gelu(y, approximate="tanh"))
 
 
 class TransformerLayer(nn.Module):

@@ -1,14 +1,22 @@
 """Tensor-parallel layers: Megatron's intra-layer model parallelism (Shoeybi et al. 2019).
 
-A linear Y = X A is split two ways across t ranks:
+A linear Y = X A^T is split two ways across t ranks:
 
-    ColumnParallelLinear  A = [A_1 ... A_t] by output columns: rank i computes Y_i = X A_i.
+    ColumnParallelLinear  A = [A_1; ...; A_t] by output rows: rank i computes Y_i = X A_i^T.
                           Its input passes through f (identity fwd, all-reduce bwd).
-    RowParallelLinear     A = [A_1; ...; A_t] by input rows, input already split: rank i computes
-                          the partial sum X_i A_i, and g all-reduces the partials (fwd only).
+    RowParallelLinear     A = [A_1 ... A_t] by input columns, input already split: rank i
+                          computes the partial sum X_i A_i^T, and g all-reduces the partials.
 
 An MLP is Column -> GeLU -> Row and attention is Column(QKV, heads split) -> attention -> Row:
 one f and one g each, so a transformer layer costs two all-reduces forward and two backward.
+
+Sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2) keeps X split along the sequence
+between the blocks: a column-parallel linear all-gathers it (g-bar) and a row-parallel one
+reduce-scatters its partial sums (f-bar). The column-parallel side is one autograd function,
+`_LinearWithSequenceGather` (Megatron's LinearWithGradAccumulationAndAsyncCommunication idea):
+it keeps only this rank's [b, s/t, h] shard of X for backward and all-gathers it there again for
+the weight gradient, so the saved input costs s b h / t, not s b h (one more all-gather of
+b s h per column-parallel linear in backward buys it).
 
 Initialisation is blockwise (`NormalInit`): the full weight is defined slice by slice along its
 split dim, each slice drawn from its own generator, and a rank draws only the slices of its
@@ -31,13 +39,11 @@ from torch import nn
 from nanomt.parallel import comm
 from nanomt.parallel.comm import Group
 from nanomt.parallel.mappings import (
+    SEQ_DIM,
     copy_to_tensor_parallel_region,
-    gather_from_sequence_parallel_region,
-    gather_from_tensor_parallel_region,
     reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-
 
 
 def tp_rank_and_size(group: Group) -> tuple[int, int]:
@@ -107,41 +113,78 @@ def tp_parameter(data: torch.Tensor, group: Group, dim: int | None) -> nn.Parame
     return param
 
 
+class _LinearWithSequenceGather(torch.autograd.Function):
+    """y = all_gather_seq(x) W^T + b, keeping only x, this rank's sequence shard, for backward.
+
+    forward   x [b, s/t, in] -> all-gather along the sequence -> x_full [b, s, in]
+              -> y = x_full W^T + b [b, s, out/t]; x_full is freed on return.
+    backward  grad_x_full = dy W is a partial sum (my out/t columns only): reduce-scatter it
+              along the sequence -> my shard of the sum [b, s/t, in];
+              then all-gather x again for grad_W = dy^T x_full and grad_b = sum dy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(comm.all_gather(x, group, dim=SEQ_DIM), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if need_x:  # first, so its full-sequence temporary is gone before x_full exists
+            grad_x = comm.reduce_scatter(grad_y.matmul(weight), ctx.group, dim=SEQ_DIM)
+        grad_y_2d = grad_y.reshape(-1, grad_y.shape[-1])
+        if need_w:
+            x_full = comm.all_gather(x, ctx.group, dim=SEQ_DIM)  # the recompute that saves s b h
+            grad_w = grad_y_2d.t().matmul(x_full.reshape(-1, x_full.shape[-1]))
+        if need_b and ctx.has_bias:
+            grad_b = grad_y_2d.sum(dim=0)
+        return grad_x, grad_w, grad_b, None
+
+
+def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           tp_group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """x W^T + b for a weight split by output rows: f then a matmul, or under sequence
+    parallelism (x a sequence shard) the gather-and-matmul that saves only the shard."""
+    if sequence_parallel and comm.group_size(tp_group) > 1:
+        return _LinearWithSequenceGather.apply(x, weight, bias, tp_group)
+    return F.linear(copy_to_tensor_parallel_region(x, tp_group), weight, bias)
+
+
 class ColumnParallelLinear(nn.Module):
-    """Y = X A + b with A split by output features. Output stays split unless `gather_output`."""
+    """Y = X A^T + b with A split by output features; the output stays split.
+
+    `stacked` > 1 fuses that many linears of the same input into one weight [stacked, out, in]
+    split along dim 1 (as SwiGLU's gate and up): each rank holds rows [i out/t, (i+1) out/t) of
+    every part, and its output [..., stacked * out/t] holds its columns of each part in turn
+    (`y.chunk(stacked, -1)`). One input, one f: one collective for all parts.
+    """
 
     def __init__(self, in_features: int, out_features: int, tp_group: Group, init: NormalInit,
-                 bias: bool = True, gather_output: bool = False,
-                 sequence_parallel: bool = False):
+                 bias: bool = True, sequence_parallel: bool = False, stacked: int = 1):
         super().__init__()
         _, tp = tp_rank_and_size(tp_group)
         rows = my_slice(out_features, tp_group, "output features")
-        self.out_features_per_rank = len(rows)
-        self.tp_group, self.gather_output = tp_group, gather_output
+        self.in_features = in_features
+        self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and tp > 1
-        weight = init.slices((out_features, in_features), dim=0, indices=rows)
-        self.weight = tp_parameter(weight, tp_group, dim=0)
-        self.bias = tp_parameter(torch.zeros(len(rows)), tp_group, dim=0) if bias else None
+        parts, split_dim = ((), 0) if stacked == 1 else ((stacked,), 1)
+        weight = init.slices(parts + (out_features, in_features), dim=split_dim, indices=rows)
+        self.weight = tp_parameter(weight, tp_group, dim=split_dim)
+        self.bias = (tp_parameter(torch.zeros(parts + (len(rows),)), tp_group, dim=split_dim)
+                     if bias else None)
 
-    def enter_parallel_region(self, x: torch.Tensor) -> torch.Tensor:
-        """f (identity fwd, all-reduce bwd), or under SP g-bar (all-gather the sequence)."""
-        if self.sequence_parallel:
-            return gather_from_sequence_parallel_region(x, self.tp_group)
-        return copy_to_tensor_parallel_region(x, self.tp_group)
-
-    def forward(self, x: torch.Tensor, input_entered: bool = False) -> torch.Tensor:
-        """`input_entered`: x already went through `enter_parallel_region` (two column-parallel
-        linears reading one input, as SwiGLU's gate and up, share one f: one collective)."""
-        if not input_entered:
-            x = self.enter_parallel_region(x)
-        y = F.linear(x, self.weight, self.bias)
-        if self.gather_output:
-            y = gather_from_tensor_parallel_region(y, self.tp_group)
-        return y
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.reshape(-1, self.in_features)  # a view: stacked parts as rows
+        bias = self.bias.reshape(-1) if self.bias is not None else None
+        return column_parallel_linear(x, weight, bias, self.tp_group, self.sequence_parallel)
 
 
 class RowParallelLinear(nn.Module):
-    """Y = X A + b with A split by input features; X arrives split along its last dim."""
+    """Y = X A^T + b with A split by input features; X arrives split along its last dim."""
 
     def __init__(self, in_features: int, out_features: int, tp_group: Group, init: NormalInit,
                  bias: bool = True, sequence_parallel: bool = False):
@@ -222,9 +265,6 @@ def vocab_shard(vocab_size: int, embedding_dim: int, rows: range,
 
 def parallel_lm_logits(hidden: torch.Tensor, word_weight: torch.Tensor, tp_group: Group,
                        sequence_parallel: bool) -> torch.Tensor:
-    """Logits for my vocabulary shard: [b, s, padded_vocab / tp]. Never the full vocabulary."""
-    if sequence_parallel and comm.group_size(tp_group) > 1:
-        hidden = gather_from_sequence_parallel_region(hidden, tp_group)
-    else:
-        hidden = copy_to_tensor_parallel_region(hidden, tp_group)
-    return F.linear(hidden, word_weight)
+    """Logits for my vocabulary shard: [b, s, padded_vocab / tp]. Never the full vocabulary.
+    The head is a column-parallel linear without bias (the vocabulary split is by rows)."""
+    return column_parallel_linear(hidden, word_weight, None, tp_group, sequence_parallel)
