@@ -122,7 +122,6 @@ class Trainer:
     checkpointer: Checkpointer
     timeline: Timeline | None
     start_step: int
-    tokens_per_step: int      # global_batch_size * seq_len
     flops_per_step: float     # model FLOPs of one optimizer step (nanomt.flops)
     nonfinite_in_a_row: int = 0
 
@@ -244,7 +243,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     G = cfg.train.global_batch_size
     return Trainer(cfg, run_dir, model_cfg, layout, grid, device, num_microbatches, model_chunks,
                    forward_backward, optimizer, lr_at, train_data, val_data, checkpointer,
-                   timeline, start_step, tokens_per_step=G * model_cfg.seq_len,
+                   timeline, start_step,
                    flops_per_step=flops_per_iteration(model_cfg, G))
 
 
@@ -328,10 +327,11 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
     if t.timeline is not None:
         t.timeline.save(run_dir / "timeline" / f"rank{t.grid.rank}.json")
     elapsed = time.perf_counter() - t_start
-    tokens_per_step = t.tokens_per_step
+    seq_len, consumed = t.model_cfg.seq_len, t.train_data.consumed_before  # ramp-up aware
+    tokens_this_launch = (consumed(steps_done) - consumed(t.start_step)) * seq_len
     summary = {"steps": steps_done, "final_loss": record["loss"], "val_loss": val_loss,
-               "tokens": steps_done * tokens_per_step, "time_s": elapsed,
-               "tokens_per_s": (steps_done - t.start_step) * tokens_per_step / max(elapsed, 1e-9),
+               "tokens": consumed(steps_done) * seq_len, "time_s": elapsed,
+               "tokens_per_s": tokens_this_launch / max(elapsed, 1e-9),
                "stopped_by": t.checkpointer.stopped_by,
                "memory_per_rank": memory_report(t.optimizer, activation_meter.peak_bytes, t.grid)}
     logger.finish(summary)

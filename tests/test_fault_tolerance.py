@@ -167,7 +167,7 @@ def test_stalled_rank_makes_the_others_fail_within_the_timeout(tmp_path, case):
             output = ranks[rank].communicate(timeout=timeout_s + 60)[0]
             took = time.monotonic() - stalled_at
             assert ranks[rank].returncode == 5, output[-3000:]  # ExitCode.COMMUNICATION
-            assert took < timeout_s + 15, took
+            assert took < timeout_s + 20, took  # start-up of the others is not in it
             (line,) = [x for x in output.splitlines() if "nanomt: error:" in x]
             assert line.startswith(f"[rank {rank}] nanomt: error: ")
             assert re.search(expected, line), line
