@@ -25,9 +25,9 @@ from torch.utils._pytree import tree_flatten
 
 from nanomt.config import check_config
 from nanomt.model import GPT, ModelConfig
-from nanomt.model.gpt import allreduce_sequence_parallel_grads
 from nanomt.parallel import comm
 from nanomt.parallel.cross_entropy import vocab_parallel_cross_entropy
+from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
 from nanomt.parallel.grid import ParallelGrid
 from nanomt.parallel.random import seed_everything
 from nanomt.testing import compose_config, run_distributed
@@ -119,6 +119,12 @@ def _layer_collectives(layer, grid, sp: bool) -> tuple[dict, dict]:
     return _count(fwd), _count(bwd)
 
 
+def final_grad(buffer: GradientBuffer, param: torch.nn.Parameter) -> torch.Tensor:
+    """`param`'s gradient as the optimizer will see it (ZeRO-0: the whole flat bucket)."""
+    offset = buffer.offset_of[id(param)]
+    return buffer.bucket_of[id(param)].grad_buffer[offset: offset + param.numel()].view_as(param)
+
+
 def _compare_model(cfg: ModelConfig, grid: ParallelGrid, sp: bool, ref: dict) -> dict:
     inputs, targets = batch()
     model = GPT(cfg, grid, seed=SEED, sequence_parallel=sp)
@@ -128,7 +134,12 @@ def _compare_model(cfg: ModelConfig, grid: ParallelGrid, sp: bool, ref: dict) ->
         shard_errors[name] = rel_err(gathered(p.data, p.tp_split_dim, grid.tp_group),
                                      ref_params[name].data)
     split_dims = {name: p.tp_split_dim for name, p in model.named_parameters()}
+    layer_fwd, layer_bwd = _layer_collectives(model.layers[0], grid, sp)
 
+    # Gradients go where training puts them: the data-parallel buffer (every dp rank sees the
+    # same batch here, so the dp average changes nothing), completed by finalize_grads, which
+    # also sums the sequence-parallel partial gradients over tp.
+    buffer = GradientBuffer([model], grid, zero_stage=0, num_microbatches=1)
     largest = LargestTensor()
     with largest:
         with comm.count_collectives() as fwd:
@@ -136,12 +147,11 @@ def _compare_model(cfg: ModelConfig, grid: ParallelGrid, sp: bool, ref: dict) ->
         with comm.count_collectives() as bwd:
             loss.backward()
     with comm.count_collectives() as sp_reduce:
-        allreduce_sequence_parallel_grads(model, grid.tp_group)
+        finalize_grads(buffer)
     grad_errors = {}
     for name, p in model.named_parameters():
-        grad_errors[name] = rel_err(gathered(p.grad, p.tp_split_dim, grid.tp_group),
-                                    ref_params[name].grad)
-    layer_fwd, layer_bwd = _layer_collectives(model.layers[0], grid, sp)
+        grad_errors[name] = rel_err(gathered(final_grad(buffer, p), p.tp_split_dim,
+                                             grid.tp_group), ref_params[name].grad)
     return {"loss": loss.item(), "loss_err": rel_err(loss.detach(), ref["loss"]),
             "logits_err": rel_err(model.full_logits(inputs), ref["logits"]),
             "shard_errors": shard_errors, "grad_errors": grad_errors, "split_dims": split_dims,
