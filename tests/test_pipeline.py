@@ -215,8 +215,10 @@ def global_name(chunk, name: str) -> str:
     return name
 
 
-def compare_grads(chunks, ref_grads, tp_rank: int, tp: int) -> tuple[float, list[str]]:
-    """Largest relative error of this rank's gradients against its shards of the reference."""
+def compare_grads(chunks, ref_grads, tp_rank: int, tp: int,
+                  buffer=None) -> tuple[float, list[str]]:
+    """Largest relative error of this rank's gradients (param.grad, or where a ZeRO-0
+    GradientBuffer holds them) against its shards of the reference."""
     worst, names = 0.0, []
     for chunk in chunks:
         for name, param in chunk.named_parameters():
@@ -225,7 +227,12 @@ def compare_grads(chunks, ref_grads, tp_rank: int, tp: int) -> tuple[float, list
             dim = getattr(param, "tp_split_dim", None)
             if dim is not None:
                 expected = expected.chunk(tp, dim=dim)[tp_rank]
-            err = (param.grad - expected).norm() / expected.norm().clamp_min(1e-12)
+            grad = param.grad
+            if buffer is not None:
+                offset = buffer.offset_of[id(param)]
+                flat = buffer.bucket_of[id(param)].grad_buffer
+                grad = flat[offset: offset + param.numel()].view_as(param)
+            err = (grad - expected).norm() / expected.norm().clamp_min(1e-12)
             worst, names = max(worst, float(err)), names + [full_name]
     return worst, names
 
@@ -279,23 +286,26 @@ class SavedActivationMeter:
 
 def run_case(grid, tp: int, pp: int, v: int, m: int, refs, schedule="1f1b", sp=False,
              cfg: ModelConfig = CFG) -> dict:
-    from nanomt.model.gpt import allreduce_sequence_parallel_grads
-    from nanomt.parallel import comm
     from nanomt.model.chunks import build_model_chunks
+    from nanomt.parallel import comm
+    from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
     from nanomt.parallel.pipeline import PipelineStats, forward_backward_pipelining
 
     chunks = build_model_chunks(cfg, grid, v, seed=SEED, sequence_parallel=sp)
+    # Gradients go where training puts them: the data-parallel buffer (every dp rank runs the
+    # same micro-batches here, so the dp average changes nothing), completed by finalize_grads
+    # (sequence-parallel sums over tp, the tied embedding over the first and last stage).
+    buffer = GradientBuffer(chunks, grid, zero_stage=0, num_microbatches=m)
     stats = PipelineStats()
     meter = SavedActivationMeter([p for chunk in chunks for p in chunk.parameters()])
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda tensor: tensor):
         loss_sum = forward_backward_pipelining(chunks, make_micro_batches(m), grid,
                                                schedule=schedule, stats=stats)
-    for chunk in chunks:
-        allreduce_sequence_parallel_grads(chunk, grid.tp_group)
+    finalize_grads(buffer)
     loss = (loss_sum / m).reshape(1)
     comm.all_reduce(loss, grid.pp_group)  # only the last stage holds it
     ref_loss, ref_grads = refs[(cfg.style, m)]
-    worst, names = compare_grads(chunks, ref_grads, grid.tp_rank, tp)
+    worst, names = compare_grads(chunks, ref_grads, grid.tp_rank, tp, buffer)
     return {"loss_err": abs(float(loss) - float(ref_loss)) / float(ref_loss),
             "grad_err": worst, "names": names, "order": stats.op_order,
             "peak": stats.peak_in_flight, "sent": stats.outputs_sent,

@@ -25,7 +25,6 @@ from torch import nn
 from nanomt.model.config import ModelConfig
 from nanomt.model.layers import TransformerLayer, make_norm
 from nanomt.parallel import comm
-from nanomt.parallel.comm import Group
 from nanomt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from nanomt.parallel.random import TensorParallelRNG
 from nanomt.parallel.tensor_parallel import (
@@ -138,10 +137,3 @@ class GPT(nn.Module):
 
     def num_local_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def allreduce_sequence_parallel_grads(model: nn.Module, tp_group: Group) -> None:
-    """Under SP, norms and row-parallel biases see only my sequence shard: sum over tp."""
-    grads = [p.grad for p in model.parameters()
-             if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    comm.all_reduce_coalesced(grads, tp_group)

@@ -18,7 +18,6 @@ overflow flag is summed over the whole world before anyone looks at it (see Zero
 
 from __future__ import annotations
 
-import torch
 
 
 class DynamicLossScaler:
