@@ -189,3 +189,13 @@ def test_configured_preemption_signal_saves_and_exits_with_code_3(tmp_path):
     saved = list((tmp_path / "checkpoints").glob("step_*"))
     assert len(saved) == 1 and "nanomt: preempted: saved" in output
     assert json.loads((tmp_path / "summary.json").read_text())["stopped_by"] == "preemption"
+
+
+def test_a_checkpoint_of_another_format_version_is_refused_clearly(tmp_path):
+    run(compose_config(TINY + ["train.steps=1", "checkpoint.interval=1"]), tmp_path / "a")
+    meta_file = tmp_path / "a" / "checkpoints" / "step_00000001" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["version"] = 1  # as written before the fused SwiGLU weight (docs/checkpoints.md)
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="of version 1; this nanomt reads version"):
+        run(compose_config(TINY + ["train.steps=2", "train.resume=auto"]), tmp_path / "a")

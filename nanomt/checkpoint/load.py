@@ -26,12 +26,12 @@ from safetensors import safe_open
 from torch import nn
 
 from nanomt.checkpoint.format import (
-    FORMAT_NAME,
     LATEST_FILE,
     META_FILE,
     PREVIOUS_SUFFIX,
     CheckpointError,
     Piece,
+    check_format,
     check_model_config,
     read_region,
 )
@@ -92,8 +92,7 @@ def read_meta(folder: Path) -> dict:
         meta = json.loads((folder / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"cannot read {folder / META_FILE}: {error}") from error
-    if meta.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{folder / META_FILE} is not a {FORMAT_NAME} file")
+    check_format(meta, str(folder / META_FILE))
     return meta
 
 

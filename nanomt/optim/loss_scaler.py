@@ -13,11 +13,10 @@ too high for this model), skipping forever would train nothing: after `max_overf
 such steps in a row the scaler raises, naming train.loss_scale.min.
 
 Every rank of every group must take the same decision (or the replicas diverge), so the
-overflow flag is summed over the whole world before anyone looks at it (see ZeroOptimizer.step).
+overflow flag is summed over the whole world before anyone looks at it (see ShardedAdamW.step).
 """
 
 from __future__ import annotations
-
 
 
 class DynamicLossScaler:
