@@ -156,6 +156,8 @@ def _compare_model(cfg: ModelConfig, grid: ParallelGrid, sp: bool, ref: dict) ->
             "logits_err": rel_err(model.full_logits(inputs), ref["logits"]),
             "shard_errors": shard_errors, "grad_errors": grad_errors, "split_dims": split_dims,
             "fwd": _count(fwd), "bwd": _count(bwd), "sp_reduce": _count(sp_reduce),
+            # the data-parallel side: each bucket all-reduced over dp once, during backward
+            "dp_bucket_numels": [b.padded_numel for b in buffer.buckets] if buffer.dp > 1 else [],
             "layer_fwd": layer_fwd, "layer_bwd": layer_bwd, "largest": largest.largest}
 
 
@@ -333,7 +335,9 @@ def test_collectives_of_the_whole_model(ranks, style, tp, sp):
             {("all_reduce", bsh): 1}, {}
     assert Counter(r["fwd"]) == layers_fwd + Counter(embedding_fwd) + Counter(head_fwd) \
         + loss_collectives
-    assert Counter(r["bwd"]) == layers_bwd + Counter(head_bwd) + Counter(embedding_bwd)
+    dp_reductions = Counter(("all_reduce", n) for n in r["dp_bucket_numels"])
+    assert Counter(r["bwd"]) == layers_bwd + Counter(head_bwd) + Counter(embedding_bwd) \
+        + dp_reductions
     # SP's extra step: one all-reduce of the flattened norm/bias/position grads.
     assert len(r["sp_reduce"]) == (1 if sp else 0)
 

@@ -75,6 +75,7 @@ def _accumulation_checks(grid) -> dict:
     after each micro-batch, gradient bytes at the end of backward and at their peak."""
     from nanomt.model import GPT, ModelConfig
     from nanomt.optim import build_optimizer
+    from nanomt.parallel import comm
 
     model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16)
     tokens = torch.randint(0, 256, (3, 2, 16), generator=torch.Generator().manual_seed(grid.rank))
@@ -83,12 +84,17 @@ def _accumulation_checks(grid) -> dict:
         cfg = compose_config(FAST + ["parallel.zero_stage=2", f"parallel.grad_reduce={mode}"])
         model = GPT(model_cfg, grid, seed=1)
         optimizer = build_optimizer([model], cfg, grid, num_microbatches=3)
-        launched_after = []
-        for i in range(3):
-            (model(tokens[i], tokens[i]) / 3).backward()
-            launched_after.append(optimizer.buffer.reductions_launched)
+        launched_after, elements_after = [], []
+        with comm.count_collectives() as log:  # counted where the collectives are issued
+            for i in range(3):
+                (model(tokens[i], tokens[i]) / 3).backward()
+                scatters = [numel for kind, numel in log if kind == "reduce_scatter"]
+                launched_after.append(len(scatters))
+                elements_after.append(sum(scatters))
         result = optimizer.step()
         out[mode] = {"after_each_microbatch": launched_after, "skipped": result.skipped,
+                     "elements_after_each_microbatch": elements_after,
+                     "padded_numel": sum(b.padded_numel for b in optimizer.buckets),
                      "num_buckets": len(optimizer.buckets), "norm": result.grad_norm,
                      "largest_bucket": max(b.padded_numel for b in optimizer.buckets),
                      "num_params": model.num_local_parameters(),
@@ -377,6 +383,10 @@ def test_accumulation_modes(layout_runs):
         assert buckets > 1
         assert per_step["after_each_microbatch"] == [0, 0, buckets]
         assert per_micro["after_each_microbatch"] == [buckets, 2 * buckets, 3 * buckets]
+        # gradient traffic: every bucket's padded elements once per reduction round
+        padded = per_micro["padded_numel"]
+        assert per_step["elements_after_each_microbatch"] == [0, 0, padded]
+        assert per_micro["elements_after_each_microbatch"] == [padded, 2 * padded, 3 * padded]
         for r in (per_micro, per_step):
             assert not r["skipped"] and not r["grad_left_on_params"]
             slack = buckets * (dp - 1) * 4

@@ -111,6 +111,15 @@ def all_reduce(tensor: torch.Tensor, group: Group,
     return tensor
 
 
+def all_reduce_async(tensor: torch.Tensor, group: Group) -> dist.Work | None:
+    """In-place all-reduce (sum) launched asynchronously; returns its work handle (None on a
+    group of one)."""
+    if group_size(group) == 1:
+        return None
+    _record("all_reduce", tensor.numel(), group)
+    return dist.all_reduce(tensor, group=group, async_op=True)
+
+
 def all_reduce_coalesced(tensors: list[torch.Tensor], group: Group) -> None:
     """Sum each of `tensors` over `group` with one all-reduce of their concatenation (all of one
     dtype); the sums are written back in place."""

@@ -71,7 +71,6 @@ class GradientBuffer:
         self.dp_group = grid.dp_group if grid is not None else None
         self.dp = comm.group_size(self.dp_group)
         self.dp_rank = dist.get_rank(self.dp_group) if self.dp > 1 else 0
-        self.reductions_launched = 0  # collectives launched for gradients
 
         self.names: dict[int, str] = {}
         named: list[tuple[str, nn.Parameter]] = []
@@ -218,13 +217,10 @@ class GradientBuffer:
         if final:
             b.final_launched = True
             self.final_launches += 1
-        if self.dp > 1:
-            self.reductions_launched += 1
         if self.stage <= 1:
             if self.dp > 1:
                 b.grad_buffer.div_(self.dp)
-                comm.note_operation("all_reduce (gradients)", self.dp_group)
-                b.handle = dist.all_reduce(b.grad_buffer, group=self.dp_group, async_op=True)
+                b.handle = comm.all_reduce_async(b.grad_buffer, self.dp_group)
             return
         self._retire_in_flight()  # one reduce-scatter in flight at a time: free the last one
         full, b.grad_buffer = self._full_grad_buffer(b), None
