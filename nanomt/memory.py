@@ -32,6 +32,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from nanomt.parallel import comm
+
 if TYPE_CHECKING:
     from nanomt.parallel.grid import ParallelGrid
     from nanomt.optim.sharded_adamw import ShardedAdamW
@@ -91,9 +93,7 @@ def memory_report(optimizer: ShardedAdamW, peak_activation_bytes: int | None,
                                     for k in ("params", "grads", "optimizer_state"))}
     if grid is None or not grid.is_distributed:
         return [mine]
-    everyone: list = [None] * grid.world_size
-    torch.distributed.all_gather_object(everyone, mine)
-    return everyone
+    return comm.all_gather_object(mine)
 
 
 __all__ = ["PeakMemoryMeter", "memory_report", "zero_formula_bytes"]

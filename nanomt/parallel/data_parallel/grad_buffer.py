@@ -44,6 +44,7 @@ from nanomt.parallel.data_parallel.buckets import (
     storage_bytes,
 )
 from nanomt.parallel.data_parallel.stage3 import ParameterGatherer
+from nanomt.parallel.pipeline.partition import shared_embedding_params
 
 if TYPE_CHECKING:
     from nanomt.parallel.grid import ParallelGrid
@@ -322,5 +323,4 @@ class GradientBuffer:
         """The tied embedding gets its own bucket when a second copy lives on another stage."""
         if self.grid is None or comm.group_size(self.grid.embedding_group) == 1:
             return []
-        return [p for chunk in self.chunks for p in chunk.parameters()
-                if getattr(p, "shared_embedding", False)]
+        return shared_embedding_params(self.chunks)
