@@ -6,15 +6,17 @@ Megatron's fault injector. Its value is one or more faults separated by ";":
     NANOMT_FAULT="kill:rank=1,step=7"                 SIGKILL rank 1 as it starts step 7
     NANOMT_FAULT="stall:rank=2,step=5,at=optimizer"   rank 2 hangs before step 5's optimizer step
     NANOMT_FAULT="fail:rank=1,step=6,at=save"         rank 1's shard write of checkpoint 6 fails
+    NANOMT_FAULT="kill:rank=3,at=start"               SIGKILL rank 3 once it has joined the world
 
     kind      kill (SIGKILL: no handler runs), stall (sleep forever), fail (raise: an OSError
               "no space left on device" at a save, a RuntimeError elsewhere)
     rank      global rank that fails (default 0)
     step      step number as logged, 1 for the first step (default 1)
     at        step (before the step's forward, default), optimizer (after its backward, before
-              the gradient reduction and update), save (while writing that step's checkpoint)
-    attempt   torchrun restart attempt it fires in (default 0: the first; so a restarted job
-              recovers instead of failing again)
+              the gradient reduction and update), save (while writing that step's checkpoint),
+              start (after joining the world, before the grid's groups exist; step is ignored)
+    attempt   launch attempt it fires in (default 0: the first, so a restarted job recovers
+              instead of failing again), as agreed by all ranks (nanomt.parallel.launch)
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
-POINTS = ("step", "optimizer", "save")
+from nanomt.parallel.launch import launch_attempt
+
+POINTS = ("start", "step", "optimizer", "save")
 KINDS = ("kill", "stall", "fail")
 
 
@@ -60,21 +64,21 @@ def parse_faults(spec: str) -> tuple[Fault, ...]:
     return tuple(faults)
 
 
-def inject(at: str, step: int) -> None:
-    """Fire any fault set for this rank at point `at` of step `step` (1-based)."""
+def inject(at: str, step: int = 0) -> None:
+    """Fire any fault set for this rank at point `at` of step `step` (1-based; none at start)."""
     spec = os.environ.get("NANOMT_FAULT")
     if not spec:
         return
     rank = int(os.environ.get("RANK", "0"))
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     for fault in parse_faults(spec):
-        if (fault.at, fault.step, fault.rank, fault.attempt) == (at, step, rank, attempt):
+        if ((fault.at, fault.rank, fault.attempt) == (at, rank, launch_attempt())
+                and (at == "start" or fault.step == step)):
             _fire(fault)
 
 
 def _fire(fault: Fault) -> None:
-    print(f"nanomt: injected fault: {fault.kind} on rank {fault.rank} at {fault.at} "
-          f"(step {fault.step})", flush=True)
+    when = "start-up" if fault.at == "start" else f"{fault.at} (step {fault.step})"
+    print(f"nanomt: injected fault: {fault.kind} on rank {fault.rank} at {when}", flush=True)
     if fault.kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if fault.kind == "stall":

@@ -50,7 +50,8 @@ from nanomt.model.chunks import build_model_chunks
 from nanomt.optim import build_optimizer
 from nanomt.optim.schedule import WarmupCosine
 from nanomt.parallel import comm
-from nanomt.parallel.grid import ParallelGrid, agree_on_run_stamp, init_distributed
+from nanomt.parallel.grid import ParallelGrid
+from nanomt.parallel.launch import agree_on_run_stamp, init_distributed
 from nanomt.parallel.random import seed_everything
 from nanomt.parallel.data_parallel import finalize_grads
 from nanomt.parallel.forward_backward import get_forward_backward_func
@@ -214,6 +215,7 @@ class Trainer:
 def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     """config -> grid -> checkpoint folder -> model -> schedule -> optimizer -> data -> resume."""
     _, world_size, _ = init_distributed(cfg.parallel.timeout_s, cfg.parallel.init_timeout_s)
+    faults.inject("start")
     model_cfg, layout, num_microbatches = check_config(cfg, world_size)
     device = pick_device(cfg.train.device)
     grid = ParallelGrid(layout.tp, layout.pp, layout.dp, timeout_s=cfg.parallel.timeout_s)

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from nanomt.parallel import comm
-from nanomt.parallel.grid import ParallelGrid, default_backend, infer_dp, validate_layout
+from nanomt.parallel.grid import ParallelGrid, infer_dp, validate_layout
+from nanomt.parallel.launch import default_backend
 from nanomt.testing import run_distributed
 
 WORLD = 4

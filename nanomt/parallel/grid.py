@@ -15,7 +15,6 @@ test can build a single-process grid beside a distributed one.
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 
 import torch
@@ -151,78 +150,3 @@ class ParallelGrid:
             f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp_size} "
             f"pp {self.pp_rank}/{self.pp_size} dp {self.dp_rank}/{self.dp_size}"
         )
-
-
-def default_backend() -> str:
-    """NCCL when GPUs are present, gloo on CPU."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, str(default)))
-
-
-_LAUNCH_STORE: dist.Store | None = None  # one per process: the store of this torchrun launch
-
-
-def launch_store(timeout_s: float = 300.0) -> dist.Store | None:
-    """The key-value store every rank of this launch meets at (None for a world of one).
-
-    Under torchrun (TORCHELASTIC_USE_AGENT_STORE=True) it is the elastic agent's TCPStore at
-    MASTER_ADDR:MASTER_PORT, joined as a client. That store outlives the workers: after a rank
-    dies and torchrun restarts them all, it still holds the keys of the previous attempt (the
-    old gloo/NCCL addresses). So nothing below reads a key that a restart could find stale: the
-    process group lives under a prefix keyed by TORCHELASTIC_RESTART_COUNT (see
-    `init_distributed`), and only keys meant to survive a restart (the run folder's stamp) are
-    written outside it. Without torchrun's agent, rank 0 hosts the store, as env:// would.
-    """
-    global _LAUNCH_STORE
-    world_size = _env_int("WORLD_SIZE", 1)
-    if world_size == 1:
-        return None
-    if _LAUNCH_STORE is None:
-        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        is_master = not agent_store and _env_int("RANK", 0) == 0
-        _LAUNCH_STORE = dist.TCPStore(
-            os.environ.get("MASTER_ADDR", "127.0.0.1"), _env_int("MASTER_PORT", 29500),
-            world_size, is_master=is_master, wait_for_workers=False,
-            timeout=datetime.timedelta(seconds=timeout_s))
-    return _LAUNCH_STORE
-
-
-def init_distributed(timeout_s: float = 300.0, init_timeout_s: float = 300.0
-                     ) -> tuple[int, int, torch.device]:
-    """Join the torchrun world (if launched by torchrun) and pick this rank's device.
-
-    `timeout_s` bounds every collective on the world group; `init_timeout_s` bounds start-up
-    (meeting at the store, building the groups). Returns (rank, world_size, device). A plain
-    `python -m nanomt.train` is a world of one and starts no process group at all.
-    """
-    world_size, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        store = launch_store(init_timeout_s)
-        store.set_timeout(datetime.timedelta(seconds=init_timeout_s))
-        attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
-        # NCCL: a collective past its timeout is aborted by the watchdog (an error, not a hang)
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(
-            backend=default_backend(), store=dist.PrefixStore(f"nanomt/attempt_{attempt}/", store),
-            rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
-            **kwargs)
-    return rank, world_size, device
-
-
-def agree_on_run_stamp(stamp: str) -> str:
-    """Every rank of a launch must use the same run folder: the first rank to ask decides.
-
-    The key lives outside the per-attempt prefix, so a restarted attempt gets the folder of the
-    first one and `train.resume=auto` finds its checkpoints."""
-    store = launch_store()
-    if store is None:
-        return stamp
-    return store.compare_set("nanomt/run_stamp", "", stamp).decode()
