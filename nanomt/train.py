@@ -25,7 +25,6 @@ from typing import Any
 
 import hydra
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from nanomt import faults
@@ -51,7 +50,7 @@ from nanomt.optim import build_optimizer
 from nanomt.optim.schedule import WarmupCosine
 from nanomt.parallel import comm
 from nanomt.parallel.grid import ParallelGrid
-from nanomt.parallel.launch import agree_on_run_stamp, init_distributed
+from nanomt.parallel.launch import agree_on_run_stamp, init_distributed, leave_launch
 from nanomt.parallel.random import seed_everything
 from nanomt.parallel.data_parallel import finalize_grads
 from nanomt.parallel.forward_backward import get_forward_backward_func
@@ -356,8 +355,7 @@ def hydra_main(cfg: DictConfig) -> None:
         summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except NanomtError as error:
         exit_with(error)  # inside Hydra's task: Hydra would print its own traceback otherwise
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_launch()
     if summary.get("stopped_by") == "preemption":
         sys.exit(int(ExitCode.PREEMPTED))
 
