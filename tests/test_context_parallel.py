@@ -7,16 +7,19 @@ gloo ranks checks cp=2 (two groups, so group ranks differ from global ranks) and
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from nanomt.model import GPT, ModelConfig
 from nanomt.parallel.context_parallel import (
     chunk_ids,
     local_positions,
     ring_attention,
     split_sequence,
 )
+from nanomt.parallel.grid import ParallelGrid
 from nanomt.testing import run_distributed
 
 B, HEADS, SEQ, DIM = 2, 3, 32, 8
@@ -59,6 +62,31 @@ def test_ring_attention_on_one_rank_is_causal_attention():
     assert max(errors.values()) < 1e-5, errors
 
 
+MODEL = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, seq_len=256, vocab_size=96,
+                    dropout=0.0)
+
+
+def saved_activation_bytes(grid: ParallelGrid | None) -> int:
+    """Bytes autograd keeps for backward over one forward of the GPT (weights excluded), for a
+    batch of 2 sequences of which this rank holds its cp share."""
+    model = GPT(MODEL, grid)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    tokens = torch.randint(0, MODEL.vocab_size, (2, MODEL.seq_len))
+    cp_rank, cp = (grid.cp_rank, grid.cp_size) if grid is not None else (0, 1)
+    tokens = split_sequence(tokens, 1, cp_rank, cp)
+    kept = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, tokens)
+    return sum(kept.values())
+
+
 def _ring_checks() -> dict:
     rank = dist.get_rank()
     case = full_attention_case(seed=1)
@@ -66,10 +94,26 @@ def _ring_checks() -> dict:
     quad = dist.new_group([0, 1, 2, 3])
     pair = pairs[rank // 2]
     return {"cp2": ring_case(case, pair, dist.get_rank(pair), 2),
-            "cp4": ring_case(case, quad, rank, 4)}
+            "cp4": ring_case(case, quad, rank, 4),
+            "bytes_cp2": saved_activation_bytes(ParallelGrid(cp=2, dp=2)),
+            "bytes_cp4": saved_activation_bytes(ParallelGrid(cp=4))}
 
 
-def test_ring_attention_equals_full_attention_at_cp_2_and_4():
-    for rank, result in enumerate(run_distributed(_ring_checks, world_size=4, timeout_s=120)):
-        for cp, errors in result.items():
-            assert max(errors.values()) < 1e-5, (rank, cp, errors)
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return run_distributed(_ring_checks, world_size=4, timeout_s=120)
+
+
+def test_ring_attention_equals_full_attention_at_cp_2_and_4(ranks):
+    for rank, result in enumerate(ranks):
+        for cp in ("cp2", "cp4"):
+            assert max(result[cp].values()) < 1e-5, (rank, cp, result[cp])
+
+
+def test_activation_bytes_per_rank_fall_as_one_over_cp(ranks):
+    """Every activation (attention's q, k, v, output and log-sum-exp too) scales with the
+    tokens a rank holds; the ring keeps no full-sequence tensor."""
+    whole = saved_activation_bytes(None)
+    for result in ranks:
+        for cp in (2, 4):
+            assert result[f"bytes_cp{cp}"] / whole == pytest.approx(1 / cp, rel=0.1), cp
