@@ -22,7 +22,8 @@ absorbs each block without ever holding a full row of scores:
 Backward runs the ring again (flash-attention's backward per block, from the saved lse):
 P = exp(S - lse), dV_j += P^T dO, dS = P * (dO V_j^T - rowsum(dO * O)), dQ_i += dS K_j / sqrt(d),
 dK_j += dS^T Q_i / sqrt(d). dK and dV travel with their K and V and take one last step home.
-Each step's messages are posted before the step's blocks are computed, so they overlap.
+The next step's K and V are posted before a step's blocks are computed, so they travel while it
+computes; dK and dV can leave only after the blocks that add to them, so their hop is not hidden.
 """
 
 from __future__ import annotations
@@ -73,6 +74,22 @@ def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype) @ v
     return out.float(), lse
+
+
+def attention_block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             grad_out: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+                             scale: float, causal: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block's share of dQ, dK, dV (fp32), its probabilities recomputed from the final lse
+    of the queries; delta = rowsum(dO * O)."""
+    scores = (q @ k.transpose(-2, -1)).float() * scale
+    if causal:
+        scores = scores.masked_fill(_future(scores), float("-inf"))
+    p = torch.exp(scores - lse.unsqueeze(-1))
+    do = grad_out.float()
+    ds = p * (do @ v.float().transpose(-2, -1) - delta.unsqueeze(-1))
+    return ds @ k.float() * scale, ds.transpose(-2, -1) @ q.float() * scale, \
+        p.transpose(-2, -1) @ do
 
 
 def _future(scores: torch.Tensor) -> torch.Tensor:
@@ -166,16 +183,12 @@ class RingAttention(torch.autograd.Function):
             k_chunks, v_chunks = kv[0].chunk(2, dim=-2), kv[1].chunk(2, dim=-2)
             dk_chunks, dv_chunks = dkv[0].chunk(2, dim=-2), dkv[1].chunk(2, dim=-2)
             for i, j, causal in _block_pairs(cp_rank, (cp_rank - step) % cp, cp):
-                scores = (q_chunks[i] @ k_chunks[j].transpose(-2, -1)).float() * scale
-                if causal:
-                    scores = scores.masked_fill(_future(scores), float("-inf"))
-                p = torch.exp(scores - lse_chunks[i].unsqueeze(-1))
-                do = do_chunks[i].float()
-                dv_chunks[j].add_(p.transpose(-2, -1) @ do)
-                ds = p * (do @ v_chunks[j].float().transpose(-2, -1)
-                          - delta_chunks[i].unsqueeze(-1))
-                dq[i].add_(ds @ k_chunks[j].float() * scale)
-                dk_chunks[j].add_(ds.transpose(-2, -1) @ q_chunks[i].float() * scale)
+                dq_ij, dk_ij, dv_ij = attention_block_backward(
+                    q_chunks[i], k_chunks[j], v_chunks[j], do_chunks[i], lse_chunks[i],
+                    delta_chunks[i], scale, causal)
+                dq[i].add_(dq_ij)
+                dk_chunks[j].add_(dk_ij)
+                dv_chunks[j].add_(dv_ij)
             # dK, dV move on with their keys and values; after the last step, one hop home
             if cp > 1:
                 dkv, dkv_works = ring.shift(dkv)
