@@ -4,7 +4,8 @@ between cp=2 and cp=1 both ways (the format is layout-independent).
 
 Cases: tp=2 x cp=2 x dp=2 with sequence parallelism; cp=2 x pp=2 x dp=2 under ZeRO-2 (the
 pipeline carries [b, s/cp, h]); Llama (RoPE at each rank's own positions) at cp=4 x dp=2 under
-ZeRO-3 (gradients and shards over the dp x cp group of 8)."""
+ZeRO-3 (gradients and shards over the dp x cp group of 8) with full recompute (the ring runs
+again in backward)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ LLAMA = ["model=llama_tiny", "model.num_layers=2", "model.hidden_size=64", "mode
 CASES = {  # name: (model, layout on 8 ranks)
     "tp2_cp2_dp2_sp": (GPT, ["parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true"]),
     "cp2_pp2_dp2_zero2": (GPT, ["parallel.cp=2", "parallel.pp=2", "parallel.zero_stage=2"]),
-    "llama_cp4_dp2_zero3": (LLAMA, ["parallel.cp=4", "parallel.zero_stage=3"]),
+    "llama_cp4_dp2_zero3_recompute": (LLAMA, ["parallel.cp=4", "parallel.zero_stage=3",
+                                              "train.activation_checkpointing=full"]),
 }
 
 
