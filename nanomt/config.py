@@ -351,6 +351,8 @@ TRAIN_RULES = {
     "train.max_skipped_steps": NON_NEGATIVE_INT,
     "train.progress_bar": BOOL,
     "train.timeline": BOOL,
+    "train.sample": BOOL,
+    "train.sample_tokens": POSITIVE_INT,
     "checkpoint.dir": or_null(TEXT),
     "checkpoint.interval": NON_NEGATIVE_INT,  # 0: only on train.exit_after or SIGTERM
     "checkpoint.keep_last": NON_NEGATIVE_INT,  # 0: keep every checkpoint

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from nanomt import faults
 from nanomt.checkpoint.checkpointer import Checkpointer
 from nanomt.config import CONF_DIR, Layout, check_config, compose_checked
+from nanomt.eval.generation import sample_after_training
 from nanomt.errors import (
     CommunicationError,
     ExitCode,
@@ -329,6 +330,11 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
     if t.timeline is not None:
         t.timeline.save(run_dir / "timeline" / f"rank{t.grid.rank}.json")
     elapsed = time.perf_counter() - t_start
+    if cfg.train.get("sample") and t.checkpointer.stopped_by != "preemption":
+        text = sample_after_training(t.model_chunks, t.grid, cfg.data.tokenizer,
+                                     str(cfg.train.sample_prompt), int(cfg.train.sample_tokens))
+        logger.print(f"nanomt sample (greedy): {text!r}" if text is not None else
+                     "nanomt sample: skipped under sequence parallelism; use nanomt.generate")
     seq_len, consumed = t.model_cfg.seq_len, t.train_data.consumed_before  # ramp-up aware
     tokens_this_launch = (consumed(steps_done) - consumed(t.start_step)) * seq_len
     summary = {"steps": steps_done, "final_loss": record["loss"], "val_loss": val_loss,

@@ -111,3 +111,22 @@ def generate_text(lm: ParallelLM, prompts: list[str], settings: SamplingSettings
     """Continuations of text prompts."""
     new = generate_tokens(lm, [lm.tokenizer.encode(p) for p in prompts], settings)
     return [lm.tokenizer.decode(ids) for ids in new]
+
+
+def sample_after_training(chunks: list, grid, tokenizer: str, prompt: str,
+                          max_new_tokens: int) -> str | None:
+    """The end-of-run sample (train.sample): greedy from the final weights as they are held,
+    under the run's layout (every rank calls it); None under sequence parallelism, whose layers
+    expect a sequence split over tp (`python -m nanomt.generate` on the checkpoint works)."""
+    from nanomt.data.tokenizer import build_tokenizer
+
+    if any(chunk.sequence_parallel for chunk in chunks):
+        return None
+    lm = ParallelLM(chunks, grid, build_tokenizer(tokenizer))
+    settings = SamplingSettings(max_new_tokens=min(max_new_tokens, lm.seq_len - 1),
+                                temperature=0.0)
+    prompt_ids = lm.tokenizer.encode(prompt)[-(lm.seq_len - settings.max_new_tokens):]
+    new = generate_tokens(lm, [prompt_ids], settings)[0]
+    for chunk in chunks:
+        chunk.train()
+    return lm.tokenizer.decode(prompt_ids + new)
