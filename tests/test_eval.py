@@ -197,3 +197,34 @@ def test_every_layout_equals_the_single_process(fox_model, tmp_path):
 
 def test_training_ends_with_a_readable_sample(fox_model):
     assert "nanomt sample (greedy): 'the quick brown fox jumps" in fox_model["printed"]
+
+
+def test_the_two_commands_print_text_and_a_table(fox_model, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "WANDB_MODE": "disabled"}
+    mc = write_jsonl(tmp_path / "fox_mc.jsonl", MULTIPLE_CHOICE)
+    generated = subprocess.run(
+        [sys.executable, "-m", "nanomt.generate", f"checkpoint={fox_model['checkpoint']}",
+         "prompt=[the quick,over the]", "gen.max_new_tokens=20", "gen.temperature=0",
+         f"hydra.run.dir={tmp_path / 'gen'}"], env=env, capture_output=True, text=True,
+        timeout=300, check=True)
+    first, second = [block for block in generated.stdout.split("\n\n") if block.strip()]
+    assert first == "the quick brown fox jumps ove"  # the prompt and 20 greedy bytes
+    assert second.startswith("over the") and len(second) == len("over the") + 20
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "nanomt.eval", f"checkpoint={fox_model['checkpoint']}",
+         f"eval.tasks=[{mc}]", "eval.num_fewshot=1", "eval.num_samples=8",
+         f"hydra.run.dir={tmp_path / 'eval'}"], env=env, capture_output=True, text=True,
+        timeout=300, check=True)
+    assert "fox_mc" in evaluated.stdout and "validation" in evaluated.stdout
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["results"]["fox_mc"]["metrics"]["acc"] == 1.0
+    assert saved["config"]["eval"]["num_fewshot"] == 1
+    failed = subprocess.run([sys.executable, "-m", "nanomt.eval", "checkpoint=/no/such/dir",
+                             f"hydra.run.dir={tmp_path / 'bad'}"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert failed.returncode == 2 and "checkpoint=/no/such/dir does not exist" in failed.stderr
