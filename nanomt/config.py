@@ -353,6 +353,7 @@ TRAIN_RULES = {
     "train.timeline": BOOL,
     "train.sample": BOOL,
     "train.sample_tokens": POSITIVE_INT,
+    "train.sample_temperature": NON_NEGATIVE,
     "checkpoint.dir": or_null(TEXT),
     "checkpoint.interval": NON_NEGATIVE_INT,  # 0: only on train.exit_after or SIGTERM
     "checkpoint.keep_last": NON_NEGATIVE_INT,  # 0: keep every checkpoint

@@ -332,8 +332,9 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
     elapsed = time.perf_counter() - t_start
     if cfg.train.get("sample") and t.checkpointer.stopped_by != "preemption":
         text = sample_after_training(t.model_chunks, t.grid, cfg.data.tokenizer,
-                                     str(cfg.train.sample_prompt), int(cfg.train.sample_tokens))
-        logger.print(f"nanomt sample (greedy): {text!r}" if text is not None else
+                                     str(cfg.train.sample_prompt), int(cfg.train.sample_tokens),
+                                     float(cfg.train.sample_temperature), int(cfg.train.seed))
+        logger.print(f"nanomt sample:\n{text}" if text is not None else
                      "nanomt sample: skipped under sequence parallelism; use nanomt.generate")
     seq_len, consumed = t.model_cfg.seq_len, t.train_data.consumed_before  # ramp-up aware
     tokens_this_launch = (consumed(steps_done) - consumed(t.start_step)) * seq_len

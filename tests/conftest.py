@@ -26,7 +26,8 @@ def _train_fox_model(root):
         "train.measure_memory=false", "optim.lr=1e-2", "optim.min_lr=1e-3",
         "optim.warmup_steps=3", "logging.wandb.mode=disabled", f"data.name={root / 'fox.txt'}",
         f"data.cache_dir={root / 'cache'}", f"checkpoint.dir={root / 'ckpt'}",
-        "train.sample_prompt=the quick", "train.sample_tokens=24"])
+        "train.sample_prompt=the quick", "train.sample_tokens=24",
+        "train.sample_temperature=0"])
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         summary = run(cfg, root / "run")

@@ -114,17 +114,18 @@ def generate_text(lm: ParallelLM, prompts: list[str], settings: SamplingSettings
 
 
 def sample_after_training(chunks: list, grid, tokenizer: str, prompt: str,
-                          max_new_tokens: int) -> str | None:
-    """The end-of-run sample (train.sample): greedy from the final weights as they are held,
-    under the run's layout (every rank calls it); None under sequence parallelism, whose layers
-    expect a sequence split over tp (`python -m nanomt.generate` on the checkpoint works)."""
+                          max_new_tokens: int, temperature: float, seed: int) -> str | None:
+    """The end-of-run sample (train.sample): from the final weights as they are held, under the
+    run's layout (every rank calls it); top-k 40 when sampling. None under sequence
+    parallelism, whose layers expect a sequence split over tp (`python -m nanomt.generate` on
+    the checkpoint works)."""
     from nanomt.data.tokenizer import build_tokenizer
 
     if any(chunk.sequence_parallel for chunk in chunks):
         return None
     lm = ParallelLM(chunks, grid, build_tokenizer(tokenizer))
     settings = SamplingSettings(max_new_tokens=min(max_new_tokens, lm.seq_len - 1),
-                                temperature=0.0)
+                                temperature=temperature, top_k=40, seed=seed)
     prompt_ids = lm.tokenizer.encode(prompt)[-(lm.seq_len - settings.max_new_tokens):]
     new = generate_tokens(lm, [prompt_ids], settings)[0]
     for chunk in chunks:
