@@ -1,6 +1,7 @@
 """Print continuations of prompts from a checkpoint (any layout; docs/eval.md).
 
-    python -m nanomt.generate checkpoint=DIR prompt="ROMEO:" gen.max_new_tokens=100 gen.temperature=0.8
+    python -m nanomt.generate checkpoint=DIR prompt="ROMEO:" gen.max_new_tokens=100
+        gen.temperature=0.8
     torchrun --nproc_per_node=2 -m nanomt.generate checkpoint=DIR parallel.tp=2 gen.temperature=0
 
 The sampling itself (greedy, temperature, top-k, top-p, KV cache) is nanomt/eval/generation.py.

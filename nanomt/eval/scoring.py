@@ -27,11 +27,10 @@ from nanomt.eval.runner import ParallelLM
 
 @dataclass
 class Score:
-    """One request's result: the summed log-probability, the greedy flag and per-token values."""
+    """One request's result: log p(continuation | context) and whether greedy decoding gives it."""
 
     logprob: float
     is_greedy: bool
-    token_logprobs: list[float]
 
 
 def prefix_token(tokenizer: Tokenizer) -> int:
@@ -77,7 +76,7 @@ def score_batch(lm: ParallelLM, pairs: list[tuple[list[int], list[int]]]) -> lis
         targets = torch.tensor(cont[-n:])
         values = log_probs[row, positions, targets]
         greedy = bool((log_probs[row, positions].argmax(dim=-1) == targets).all())
-        scores.append(Score(float(values.sum()), greedy, values.tolist()))
+        scores.append(Score(float(values.sum()), greedy))
     return scores
 
 

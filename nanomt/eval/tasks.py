@@ -1,4 +1,4 @@
-"""Zero-, one- and few-shot tasks over local JSONL files, scored as lm-evaluation-harness scores them.
+"""Zero-, one- and few-shot tasks over local JSONL files, scored as lm-evaluation-harness does.
 
 Two formats, one JSON object a line (docs/eval.md):
 
