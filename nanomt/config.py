@@ -374,6 +374,11 @@ def check_train(cfg: DictConfig) -> None:
     if t.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={t.device} but no CUDA device is available",
                           "set train.device=auto or train.device=cpu")
+    if t.get("eval_tasks"):  # read now, not at the first validation pass
+        from nanomt.eval.tasks import load_task
+
+        for spec in OmegaConf.to_container(t.eval_tasks, resolve=True):
+            load_task(spec, key="train.eval_tasks")
     if t.precision == "fp16":
         check_fields(cfg, LOSS_SCALE_RULES)
         if t.loss_scale.min > t.loss_scale.initial:

@@ -32,6 +32,7 @@ from nanomt import faults
 from nanomt.checkpoint.checkpointer import Checkpointer
 from nanomt.config import CONF_DIR, Layout, check_config, compose_checked
 from nanomt.eval.generation import sample_after_training
+from nanomt.eval.tasks import score_during_training
 from nanomt.errors import (
     CommunicationError,
     ExitCode,
@@ -314,6 +315,10 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
         interval = cfg.train.eval_interval
         if (interval and (step + 1) % interval == 0) or step + 1 == steps:
             val_loss = record["val_loss"] = t.evaluate()
+            if cfg.train.get("eval_tasks") and not layout.sequence_parallel:
+                record.update(score_during_training(
+                    t.model_chunks, t.grid, cfg.data.tokenizer,
+                    OmegaConf.to_container(cfg.train.eval_tasks, resolve=True)))
         logger.log_step(record)
         t.check_finite(record)
         steps_done = step + 1

@@ -19,6 +19,8 @@ def _train_fox_model(root):
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "fox.txt").write_text("\n\n".join(" ".join([FOX] * 3) for _ in range(60)) + "\n")
+    (root / "fox_brown.jsonl").write_text(  # scored during training (train.eval_tasks)
+        '{"context": "the quick brown", "choices": ["fox", "dog.", "cat"], "answer": 0}\n')
     cfg = compose_config([
         "model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.seq_len=48",
         "train.global_batch_size=8", "train.micro_batch_size=8", "train.steps=120",
@@ -27,7 +29,7 @@ def _train_fox_model(root):
         "optim.warmup_steps=3", "logging.wandb.mode=disabled", f"data.name={root / 'fox.txt'}",
         f"data.cache_dir={root / 'cache'}", f"checkpoint.dir={root / 'ckpt'}",
         "train.sample_prompt=the quick", "train.sample_tokens=24",
-        "train.sample_temperature=0"])
+        "train.sample_temperature=0", f"train.eval_tasks=[{root / 'fox_brown.jsonl'}]"])
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         summary = run(cfg, root / "run")

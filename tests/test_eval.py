@@ -228,3 +228,17 @@ def test_the_two_commands_print_text_and_a_table(fox_model, tmp_path):
                              f"hydra.run.dir={tmp_path / 'bad'}"], env=env, capture_output=True,
                             text=True, timeout=300)
     assert failed.returncode == 2 and "checkpoint=/no/such/dir does not exist" in failed.stderr
+
+
+def test_tasks_scored_during_training_equal_nanomt_eval_on_the_checkpoint(fox_model, tmp_path):
+    last = json.loads((fox_model["root"] / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    task = str(fox_model["root"] / "fox_brown.jsonl")
+    after = run_eval(eval_config(fox_model["checkpoint"], "eval.perplexity=false",
+                                 f"eval.tasks=[{task}]"), tmp_path)
+    assert last["fox_brown/acc"] == after["fox_brown"]["metrics"]["acc"] == 1.0
+    assert last["fox_brown/acc_norm"] == after["fox_brown"]["metrics"]["acc_norm"]
+    from nanomt.config import check_config
+    from nanomt.testing import compose_config
+
+    with pytest.raises(ConfigError, match="train.eval_tasks"):
+        check_config(compose_config([f"train.eval_tasks=[{tmp_path / 'absent.jsonl'}]"]), 1)

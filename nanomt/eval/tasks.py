@@ -60,16 +60,16 @@ class TaskResult:
     examples: list[dict] = field(default_factory=list)  # per example: loglikelihoods, pred, ...
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, key: str = "eval.tasks") -> list[dict]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"task file {path} does not exist", "fix the path in eval.tasks")
+        raise ConfigError(f"task file {path} does not exist", f"fix the path in {key}")
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     try:
         return [json.loads(line) for line in lines]
     except json.JSONDecodeError as error:
         raise ConfigError(f"task file {path} is not JSON lines: {error}",
-                          "fix the file given in eval.tasks (one JSON object a line)") from error
+                          f"fix the file given in {key} (one JSON object a line)") from error
 
 
 def kind_of(examples: list[dict], where: str) -> str:
@@ -89,16 +89,17 @@ def kind_of(examples: list[dict], where: str) -> str:
     return kind
 
 
-def load_task(spec: str | dict[str, Any]) -> Task:
-    """An eval.tasks entry: a JSONL path, or {path, name (default: file stem), fewshot_path}."""
+def load_task(spec: str | dict[str, Any], key: str = "eval.tasks") -> Task:
+    """An eval.tasks entry (`key` names the list in messages): a JSONL path, or {path, name
+    (default: file stem), fewshot_path}."""
     spec = {"path": spec} if isinstance(spec, str) else dict(spec)
     if "path" not in spec:
-        raise ConfigError(f"eval.tasks entry {spec} has no path", "give each task a path")
-    examples = read_jsonl(spec["path"])
+        raise ConfigError(f"{key} entry {spec} has no path", "give each task a path")
+    examples = read_jsonl(spec["path"], key)
     kind = kind_of(examples, spec["path"])
     pool = None
     if spec.get("fewshot_path"):
-        pool = read_jsonl(spec["fewshot_path"])
+        pool = read_jsonl(spec["fewshot_path"], key)
         if kind_of(pool, spec["fewshot_path"]) != kind:
             raise ConfigError(f"few-shot file {spec['fewshot_path']} is not {kind}",
                               "point fewshot_path at examples of the same format")
@@ -173,3 +174,18 @@ def evaluate_task(lm: ParallelLM, task: Task, settings: PromptSettings,
     if task.kind == MULTIPLE_CHOICE:
         return score_multiple_choice(lm, task, settings, batch_size)
     return score_last_word(lm, task, settings, batch_size)
+
+
+def score_during_training(chunks: list, grid, tokenizer: str, specs: list) -> dict[str, float]:
+    """train.eval_tasks on the weights as training holds them (zero-shot; every rank calls it):
+    {"<task>/<metric>": value}, logged beside val_loss."""
+    from nanomt.data.tokenizer import build_tokenizer
+
+    lm = ParallelLM(chunks, grid, build_tokenizer(tokenizer))
+    metrics = {}
+    for spec in specs:
+        result = evaluate_task(lm, load_task(spec), PromptSettings())
+        metrics.update({f"{result.name}/{key}": value for key, value in result.metrics.items()})
+    for chunk in chunks:
+        chunk.train()
+    return metrics
