@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from nanomt.checkpoint import load_checkpoint
 from nanomt.data.sampler import to_inputs_targets
 from nanomt.errors import ConfigError
-from nanomt.eval.cli import compose_inference, run_eval
+from nanomt.eval.cli import INFERENCE_CONF_DIR, run_eval
 from nanomt.eval.generation import SamplingSettings, generate_tokens
 from nanomt.eval.perplexity import dataset_loss, validation_stream
 from nanomt.eval.runner import checkpoint_meta, load_parallel_lm
@@ -59,8 +59,12 @@ def direct_loglikelihood(model: GPT, context: str, continuation: str) -> float:
 
 
 def eval_config(checkpoint: Path, *overrides: str):
-    return compose_inference("eval", [f"checkpoint={checkpoint}", "logging.wandb.mode=disabled",
-                                      *overrides])
+    """The config `python -m nanomt.eval checkpoint=... <overrides>` builds."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(INFERENCE_CONF_DIR), version_base="1.3"):
+        return compose(config_name="eval", overrides=[f"checkpoint={checkpoint}",
+                                                      "logging.wandb.mode=disabled", *overrides])
 
 
 def test_perplexity_is_exp_of_the_mean_token_loss(fox_model, tmp_path, capsys):

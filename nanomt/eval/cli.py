@@ -26,14 +26,6 @@ from nanomt.parallel.launch import init_distributed
 INFERENCE_CONF_DIR = CONF_DIR / "inference"
 
 
-def compose_inference(config_name: str, overrides: list[str]) -> DictConfig:
-    """The config `python -m nanomt.eval` (config_name="eval") or `nanomt.generate` would build."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(INFERENCE_CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
-
-
 def _device(name: str, launched_on: torch.device) -> torch.device:
     if name == "auto":
         return launched_on
