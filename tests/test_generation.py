@@ -64,3 +64,18 @@ def test_top_k_and_top_p_keep_the_tokens_their_definitions_name():
     assert keep(filter_logits(logits, top_k=0, top_p=0.81)) == [True, True, True, False]
     shuffled = logits[:, [2, 0, 3, 1]]  # the cut follows the values, not the positions
     assert keep(filter_logits(shuffled, top_k=0, top_p=0.79)) == [False, True, False, True]
+
+
+def test_the_end_of_training_sample_keeps_its_prompt_and_fits_the_window():
+    from nanomt.eval.generation import sample_after_training
+
+    lm = random_lm("gpt")  # seq_len 40
+    text = sample_after_training(lm.chunks, None, "byte", "ROMEO:", 64, 0.8, 1)
+    assert text.encode("utf-8", errors="replace")[:6] == b"ROMEO:"
+    assert all(chunk.training for chunk in lm.chunks)  # handed back in training mode
+    greedy = [sample_after_training(lm.chunks, None, "byte", "ROMEO:", 64, 0.0, seed)
+              for seed in (1, 2)]
+    assert greedy[0] == greedy[1] and greedy[0].startswith("ROMEO:")
+    ids = ParallelLM(lm.chunks, None, ByteTokenizer()).tokenizer.encode("ROMEO:")
+    new = generate_tokens(lm, [ids], SamplingSettings(max_new_tokens=40 - 6, temperature=0))[0]
+    assert greedy[0] == ByteTokenizer().decode(ids + new)  # the whole window: 6 + 34 tokens

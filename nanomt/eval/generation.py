@@ -124,9 +124,9 @@ def sample_after_training(chunks: list, grid, tokenizer: str, prompt: str,
     if any(chunk.sequence_parallel for chunk in chunks):
         return None
     lm = ParallelLM(chunks, grid, build_tokenizer(tokenizer))
-    settings = SamplingSettings(max_new_tokens=min(max_new_tokens, lm.seq_len - 1),
+    prompt_ids = lm.tokenizer.encode(prompt)[-(lm.seq_len - 1):]  # room for one new token
+    settings = SamplingSettings(max_new_tokens=min(max_new_tokens, lm.seq_len - len(prompt_ids)),
                                 temperature=temperature, top_k=40, seed=seed)
-    prompt_ids = lm.tokenizer.encode(prompt)[-(lm.seq_len - settings.max_new_tokens):]
     new = generate_tokens(lm, [prompt_ids], settings)[0]
     for chunk in chunks:
         chunk.train()
