@@ -373,6 +373,9 @@ TRAIN_RULES = {
     "train.max_skipped_steps": NON_NEGATIVE_INT,
     "train.progress_bar": BOOL,
     "train.timeline": BOOL,
+    "train.sample": BOOL,
+    "train.sample_tokens": POSITIVE_INT,
+    "train.sample_temperature": NON_NEGATIVE,
     "checkpoint.dir": or_null(TEXT),
     "checkpoint.interval": NON_NEGATIVE_INT,  # 0: only on train.exit_after or SIGTERM
     "checkpoint.keep_last": NON_NEGATIVE_INT,  # 0: keep every checkpoint
@@ -393,6 +396,11 @@ def check_train(cfg: DictConfig) -> None:
     if t.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={t.device} but no CUDA device is available",
                           "set train.device=auto or train.device=cpu")
+    if t.get("eval_tasks"):  # read now, not at the first validation pass
+        from nanomt.eval.tasks import load_task
+
+        for spec in OmegaConf.to_container(t.eval_tasks, resolve=True):
+            load_task(spec, key="train.eval_tasks")
     if t.precision == "fp16":
         check_fields(cfg, LOSS_SCALE_RULES)
         if t.loss_scale.min > t.loss_scale.initial:

@@ -30,6 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from nanomt import faults
 from nanomt.checkpoint.checkpointer import Checkpointer
 from nanomt.config import CONF_DIR, Layout, check_config, compose_checked
+from nanomt.eval.generation import sample_after_training
+from nanomt.eval.tasks import score_during_training
 from nanomt.errors import (
     CommunicationError,
     ExitCode,
@@ -321,6 +323,10 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
         interval = cfg.train.eval_interval
         if (interval and (step + 1) % interval == 0) or step + 1 == steps:
             val_loss = record["val_loss"] = t.evaluate()
+            if cfg.train.get("eval_tasks") and not layout.sequence_parallel:
+                record.update(score_during_training(
+                    t.model_chunks, t.grid, cfg.data.tokenizer,
+                    OmegaConf.to_container(cfg.train.eval_tasks, resolve=True)))
         logger.log_step(record)
         t.check_finite(record)
         steps_done = step + 1
@@ -337,6 +343,13 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
     if t.timeline is not None:
         t.timeline.save(run_dir / "timeline" / f"rank{t.grid.rank}.json")
     elapsed = time.perf_counter() - t_start
+    if cfg.train.get("sample") and t.checkpointer.stopped_by != "preemption":
+        text = sample_after_training(t.model_chunks, t.grid, cfg.data.tokenizer,
+                                     str(cfg.train.sample_prompt), int(cfg.train.sample_tokens),
+                                     float(cfg.train.sample_temperature), int(cfg.train.seed))
+        logger.print(f"nanomt sample:\n{text}" if text is not None else
+                     "nanomt sample: skipped under sequence or context parallelism; use "
+                     "nanomt.generate")
     seq_len, consumed = t.model_cfg.seq_len, t.train_data.consumed_before  # ramp-up aware
     tokens_this_launch = (consumed(steps_done) - consumed(t.start_step)) * seq_len
     summary = {"steps": steps_done, "final_loss": record["loss"], "val_loss": val_loss,
