@@ -258,9 +258,10 @@ def check_model_fits_layout(model: ModelConfig, layout: Layout) -> None:
                               f"change parallel.tp or {key}")
     check_context_parallel(model, layout)
     if layout.sequence_parallel and (model.seq_len // layout.cp) % tp:
-        raise ConfigError(f"parallel.sequence_parallel needs the sequence each rank holds, "
-                          f"model.seq_len / parallel.cp = {model.seq_len // layout.cp}, "
-                          f"divisible by parallel.tp ({tp})",
+        held = (f"model.seq_len / parallel.cp ({model.seq_len // layout.cp})" if layout.cp > 1
+                else f"model.seq_len ({model.seq_len})")
+        raise ConfigError(f"parallel.sequence_parallel needs {held} divisible by "
+                          f"parallel.tp ({tp})",
                           "change model.seq_len or parallel.tp, or set "
                           "parallel.sequence_parallel=false")
 
