@@ -91,6 +91,10 @@ class RunLogger:
     def _start_wandb(self, wandb_cfg: dict, config: dict):
         """One W&B run per run folder: a restarted or resumed launch continues the same run
         (its id is kept in <run>/wandb_run_id)."""
+        if wandb_cfg["mode"] == "offline":
+            # offline means nothing leaves the machine: W&B's own error and usage reports
+            # (OpenTelemetry posts to its server) would, unless switched off
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         import wandb  # imported only when used: it is slow to import
 
         id_file = self.run_dir / "wandb_run_id"

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import threading
 
 import pytest
 
 from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration, peak_tflops
 from nanomt.metrics import EVAL_METRICS, STEP_METRICS
 from nanomt.model import ModelConfig
-from nanomt.testing import compose_config
+from nanomt.testing import ConnectionCounter, compose_config
 from nanomt.train import run
 
 SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.seq_len=64",
@@ -31,38 +29,8 @@ def test_peak_table_is_dense_bf16_and_configurable():
     assert peak_tflops("NVIDIA H100 80GB HBM3", configured=700) == 700.0
 
 
-class Listener:
-    """A TCP server on the loopback that counts connections: W&B's base URL points here."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen()
-        self.sock.settimeout(0.2)
-        self.connections, self.stopped = 0, False
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def _accept(self) -> None:
-        while not self.stopped:
-            try:
-                self.sock.accept()[0].close()
-                self.connections += 1
-            except OSError:
-                continue
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.thread.join()
-        self.sock.close()
-
-
 def test_every_metric_is_logged_and_agrees_with_its_definition(tmp_path, monkeypatch, capsys):
-    listener = Listener()
+    listener = ConnectionCounter()
     monkeypatch.setenv("WANDB_BASE_URL", listener.url)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # would be sent, were anything sent
     cfg = compose_config(SMALL + [
@@ -73,7 +41,7 @@ def test_every_metric_is_logged_and_agrees_with_its_definition(tmp_path, monkeyp
         run(cfg, tmp_path)
     finally:
         listener.stop()
-    assert listener.connections == 0
+    assert listener.http_requests == [], listener.first_bytes
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
