@@ -367,7 +367,8 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
                "stopped_by": t.checkpointer.stopped_by, "skipped_steps": t.skipped_steps,
                "logged_by": {"rank": t.grid.rank, "tp": t.grid.tp_rank, "pp": t.grid.pp_rank,
                              "dp": t.grid.dp_rank},
-               "memory_per_rank": memory_report(t.optimizer, activation_meter.peak_bytes, t.grid)}
+               "memory_per_rank": memory_report(t.optimizer, activation_meter.peak_bytes, t.grid,
+                                                peak_memory_bytes(t.device))}
     logger.finish(summary)
     return summary
 

@@ -105,6 +105,10 @@ def test_two_node_launch_trains_tp2_pp2_with_one_logging_rank(tmp_path):
     assert records[-1]["tokens"] == 3 * 4 * 32
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["logged_by"] == {"rank": 2, "tp": 0, "pp": 1, "dp": 0}  # last stage, tp 0
+    # every rank's peak at the end, at least the most over ranks the last step logged
+    peaks = [r["peak_process"] for r in summary["memory_per_rank"]]
+    assert len(peaks) == 4 and max(peaks) >= records[-1]["peak_memory_gb_max_rank"] * 2**30
+    assert min(peaks) < records[-1]["peak_memory_gb_max_rank"] * 2**30 * 1.5
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
     everything = "".join(outputs)
     assert everything.count("nanomt done:") == 1 and everything.count("step 3/3 | loss") == 1
