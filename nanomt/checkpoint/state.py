@@ -65,7 +65,7 @@ def optimizer_section(state_name: str) -> str:
 
 
 def writes_replicas(grid: Grid) -> bool:
-    return grid is None or grid.dp_rank == 0
+    return grid is None or (grid.dp_rank == 0 and grid.cp_rank == 0)
 
 
 def _tp(grid: Grid) -> tuple[int, int]:
