@@ -10,7 +10,9 @@ The 96 counts one extra forward of every layer (full recompute: 72 + 24); select
 forward is 4 B s^2 l h. Hardware FLOPs are what the GPU really executes, recompute included;
 model FLOPs count the model once, whatever is recomputed:
 
-    hardware FLOPs = model FLOPs + {none: 0, selective: 4 B s^2 l h, full: 24 B s l h^2 (1 + s/(6h))}
+    hardware FLOPs = model FLOPs + {none: 0,
+                                    selective: 4 B s^2 l h,
+                                    full: 24 B s l h^2 (1 + s/(6h))}
 
 MFU = model FLOPs per second / (number of GPUs * peak FLOP/s per GPU). MT-NLG 530B reached
 126 TFLOP/s per A100 (40% of 312) counted with the first formula. Peaks are the datasheets' dense

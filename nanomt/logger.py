@@ -32,17 +32,17 @@ MAX_TABLE_RANKS = 16  # rows of the start-up layout table; a 2,240-rank table sa
 
 
 def startup_tables(ranks: list[dict]) -> str:
-    """The layout (global rank -> tp/pp/dp coordinates and host) and the parameters per
+    """The layout (global rank -> tp/cp/pp/dp coordinates and host) and the parameters per
     pipeline stage (per rank: the largest over its tp ranks; and the stage over all of them),
     from train.describe_ranks."""
-    lines = ["rank  tp  pp  dp  host"]
-    lines += [f"{r['rank']:>4}  {r['tp']:>2}  {r['pp']:>2}  {r['dp']:>2}  {r['host']}"
+    lines = ["rank  tp  cp  pp  dp  host"]
+    lines += [f"{r['rank']:>4}  {r['tp']:>2}  {r['cp']:>2}  {r['pp']:>2}  {r['dp']:>2}  {r['host']}"
               for r in ranks[:MAX_TABLE_RANKS]]
     if len(ranks) > MAX_TABLE_RANKS:
         lines.append(f"... {len(ranks) - MAX_TABLE_RANKS} more ranks (run.json lists them all)")
     lines.append("stage  layers      params/rank  params/stage")
     for stage in sorted({r["pp"] for r in ranks}):
-        replica = [r for r in ranks if r["pp"] == stage and r["dp"] == 0]
+        replica = [r for r in ranks if r["pp"] == stage and r["dp"] == 0 and r["cp"] == 0]
         layers = ",".join(f"{a}-{b - 1}" for a, b in replica[0]["layers"])
         per_rank = max(r["num_parameters"] for r in replica)
         total = sum(r["num_parameters"] for r in replica)

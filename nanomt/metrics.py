@@ -8,8 +8,8 @@ Throughput, per step of B_t sequences of s tokens on N devices taking T seconds:
     MFU               = model TFLOP/s / peak TFLOP/s per GPU (logging.peak_tflops, or the table
                         of known GPUs in nanomt.flops; absent when neither knows the device)
 
-One rank reports: the last pipeline stage's tp rank 0 of dp replica 0. It holds the loss before
-any reduction and is the rank Megatron logs from; every other rank stays silent.
+One rank reports: the last pipeline stage's tp rank 0 and cp rank 0 of dp replica 0. It holds
+the loss before any reduction and is the rank Megatron logs from; every other rank is silent.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ EVAL_METRICS = ("val_loss", "val_ppl")
 
 def is_logging_rank(grid: ParallelGrid) -> bool:
     """The one rank that writes metrics, the progress bar and W&B."""
-    return grid.is_last_stage and grid.tp_rank == 0 and grid.dp_rank == 0
+    return grid.is_last_stage and grid.tp_rank == 0 and grid.cp_rank == 0 and grid.dp_rank == 0
 
 
 def throughput(step_time_s: float, batch: int, seq_len: int, model_flops: float,
@@ -59,10 +59,11 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def max_over_ranks(value: float, grid: ParallelGrid, device: torch.device) -> float:
-    """The largest `value` over every rank: over the model-parallel group, then over dp."""
+    """The largest `value` over every rank: over the model-parallel (tp x pp) group, then over
+    the dp x cp ranks of each position."""
     if not grid.is_distributed:
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     comm.all_reduce(tensor, grid.model_parallel_group, op=dist.ReduceOp.MAX)
-    comm.all_reduce(tensor, grid.dp_group, op=dist.ReduceOp.MAX)
+    comm.all_reduce(tensor, grid.grad_sync_group, op=dist.ReduceOp.MAX)
     return float(tensor)

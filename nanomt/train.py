@@ -184,7 +184,8 @@ class Trainer:
     def step_metrics(self, step: int, loss: float, lr: float, result: Any,
                      step_time: float) -> dict:
         """The record of one step (nanomt.metrics): loss, optimizer state, throughput, memory."""
-        batch, consumed = self.train_data.batch_size(step), self.train_data.consumed_before(step + 1)
+        batch = self.train_data.batch_size(step)
+        consumed = self.train_data.consumed_before(step + 1)
         share = batch / self.cfg.train.global_batch_size  # of the FLOPs, during a batch ramp-up
         peak_memory = peak_memory_bytes(self.device)
         return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
@@ -373,8 +374,8 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
                "tokens": consumed(steps_done) * seq_len, "time_s": elapsed,
                "tokens_per_s": tokens_this_launch / max(elapsed, 1e-9),
                "stopped_by": t.checkpointer.stopped_by, "skipped_steps": t.skipped_steps,
-               "logged_by": {"rank": t.grid.rank, "tp": t.grid.tp_rank, "pp": t.grid.pp_rank,
-                             "dp": t.grid.dp_rank},
+               "logged_by": {"rank": t.grid.rank, "tp": t.grid.tp_rank, "cp": t.grid.cp_rank,
+                             "pp": t.grid.pp_rank, "dp": t.grid.dp_rank},
                "memory_per_rank": memory_report(t.optimizer, activation_meter.peak_bytes, t.grid,
                                                 peak_memory_bytes(t.device))}
     logger.finish(summary)

@@ -104,7 +104,8 @@ def test_two_node_launch_trains_tp2_pp2_with_one_logging_rank(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]  # one writer, one line a step
     assert records[-1]["tokens"] == 3 * 4 * 32
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["logged_by"] == {"rank": 2, "tp": 0, "pp": 1, "dp": 0}  # last stage, tp 0
+    # the last stage's tp 0: global rank (pp_rank dp + dp_rank) tp + tp_rank = 2
+    assert summary["logged_by"] == {"rank": 2, "tp": 0, "cp": 0, "pp": 1, "dp": 0}
     # every rank's peak at the end, at least the most over ranks the last step logged
     peaks = [r["peak_process"] for r in summary["memory_per_rank"]]
     assert len(peaks) == 4 and max(peaks) >= records[-1]["peak_memory_gb_max_rank"] * 2**30
@@ -112,4 +113,4 @@ def test_two_node_launch_trains_tp2_pp2_with_one_logging_rank(tmp_path):
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
     everything = "".join(outputs)
     assert everything.count("nanomt done:") == 1 and everything.count("step 3/3 | loss") == 1
-    assert everything.count("rank  tp  pp  dp  host") == 1
+    assert everything.count("rank  tp  cp  pp  dp  host") == 1

@@ -73,7 +73,7 @@ def test_every_metric_is_logged_and_agrees_with_its_definition(tmp_path, monkeyp
         assert needle.encode() in written, needle
 
     out = capsys.readouterr().out
-    table, first_line = out.index("rank  tp  pp  dp  host"), out.index("step 2/4 | loss")
+    table, first_line = out.index("rank  tp  cp  pp  dp  host"), out.index("step 2/4 | loss")
     assert out.index("nanomt: ") < table < out.index("stage  layers") < first_line
     assert out.index("stage  layers") < out.index("train:")  # the bar comes after the tables
     assert "MFU " in out[first_line:].splitlines()[0]

@@ -14,9 +14,10 @@ For a model on tp x pp (x v virtual stages) x dp GPUs, with global batch G of mi
                              is the first layer's input, counted there), plus, on the last, the
                              final norm's and the head's inputs (2 e s b h) and the fp32 logits
                              with the cross-entropy's softmax (2 x 4 s b V_padded / t); the
-                             e s b h terms / t under sequence parallelism. At the backward's peak the gradients
-                             flowing through one MLP (2 e s b f / t) and, with pp > 1, the
-                             pipeline's receive buffers (2 e s b h) live beside them.
+                             e s b h terms / t under sequence parallelism. At the backward's
+                             peak the gradients flowing through one MLP (2 e s b f / t) and,
+                             with pp > 1, the pipeline's receive buffers (2 e s b h) live
+                             beside them.
     ZeRO-3 working set       the gathered parameters of the layers in use and their gradients
                              before the reduce-scatter: (1 + prefetch) layers of the rank's
                              tensor-parallel shard, whole over dp

@@ -17,6 +17,9 @@ def plan_inputs(cfg: DictConfig) -> tuple[ModelConfig, PlanInputs]:
     if p.dp is None:
         raise ConfigError("parallel.dp is null: the planner has no world size to infer it from",
                           "set parallel.dp")
+    if p.get("cp", 1) != 1:
+        raise ConfigError(f"parallel.cp={p.cp}: the planner does not model context parallelism "
+                          "yet (its activations and ring messages)", "plan with parallel.cp=1")
     model, layout, _ = check_config(cfg, int(p.tp) * int(p.pp) * int(p.dp))
     return model, PlanInputs(
         tp=layout.tp, pp=layout.pp, dp=layout.dp, virtual_stages=layout.virtual_stages,

@@ -29,7 +29,8 @@ def meta_shard_params(cfg: ModelConfig, tp: int, pp: int, virtual_stages: int, p
 
     dist.init_process_group("fake", store=FakeStore(), rank=tp_rank, world_size=tp)
     try:
-        grid = SimpleNamespace(tp_group=dist.group.WORLD if tp > 1 else None,
+        # what model building reads of a grid (context parallelism: none; it shares weights)
+        grid = SimpleNamespace(tp_group=dist.group.WORLD if tp > 1 else None, cp_group=None,
                                pp_rank=pp_rank, pp_size=pp)
         with torch.device("meta"):
             chunks = build_model_chunks(cfg, grid, virtual_stages,
