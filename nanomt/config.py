@@ -377,6 +377,8 @@ TRAIN_RULES = {
     "train.sample": BOOL,
     "train.sample_tokens": POSITIVE_INT,
     "train.sample_temperature": NON_NEGATIVE,
+    "logging.log_interval": POSITIVE_INT,
+    "logging.peak_tflops": or_null(POSITIVE),  # MFU's denominator (nanomt.flops)
     "checkpoint.dir": or_null(TEXT),
     "checkpoint.interval": NON_NEGATIVE_INT,  # 0: only on train.exit_after or SIGTERM
     "checkpoint.keep_last": NON_NEGATIVE_INT,  # 0: keep every checkpoint
