@@ -145,3 +145,17 @@ def test_planned_bytes_match_a_real_run(small_runs, stage):
     for kind, value in measured.items():
         assert planned[kind] == pytest.approx(value, rel=0.1), (kind, planned, measured)
     assert sum(planned.values()) == pytest.approx(sum(measured.values()), rel=0.1)
+
+
+def test_context_parallelism_divides_activations_and_shards_state_over_dp_times_cp():
+    """A cp rank holds s/cp tokens: with flash attention's no-score-matrix terms every
+    activation term is linear in s, so the bytes halve at cp=2; ZeRO shards over dp x cp."""
+    cfg = ModelConfig(num_layers=4, hidden_size=256, num_heads=8, seq_len=4096, vocab_size=512)
+    base = dict(tp=2, pp=2, micro_batch=1, global_batch=8, zero_stage=1)
+    whole, split = make_plan(cfg, PlanInputs(dp=2, **base)), make_plan(
+        cfg, PlanInputs(dp=2, cp=2, **base))
+    assert split.bytes_per_gpu["activations"] == pytest.approx(
+        whole.bytes_per_gpu["activations"] / 2)
+    wider = make_plan(cfg, PlanInputs(dp=4, **base))  # same dp x cp = 4 ranks per shard
+    assert split.bytes_per_gpu["optimizer"] == wider.bytes_per_gpu["optimizer"]
+    assert split.inputs.num_gpus == 16 and split.params_per_rank == whole.params_per_rank

@@ -1,11 +1,13 @@
 """The plan of one layout: parameters, bytes per GPU, pipeline bubble, FLOPs and step time.
 
-For a model on tp x pp (x v virtual stages) x dp GPUs, with global batch G of micro-batches b:
+For a model on tp x cp x pp (x v virtual stages) x dp GPUs, with global batch G of
+micro-batches b (context parallelism: a rank holds s/cp tokens of every sequence, so below s
+stands for s/cp; the dp x cp ranks of a (tp, pp) position hold the same weights):
 
     micro-batches per step   m = G / (b dp)
     bubble                   (p - 1) / (v m)          (Narayanan et al. 2021, section 2.2)
-    model state per GPU      ZeRO's formulas on the largest rank's Psi parameters
-                             (nanomt.memory.zero_formula_bytes)
+    model state per GPU      ZeRO's formulas on the largest rank's Psi parameters, sharded
+                             over dp x cp (nanomt.memory.zero_formula_bytes)
     activations per GPU      the most bytes in flight on any pipeline rank: walk its schedule
                              (nanomt.parallel.pipeline.schedules), adding a chunk's bytes at each
                              forward and removing them at its backward. A chunk keeps per
@@ -49,6 +51,7 @@ class PlanInputs:
     tp: int
     pp: int
     dp: int
+    cp: int = 1
     virtual_stages: int = 1
     schedule: str = "1f1b"
     zero_stage: int = 0
@@ -64,7 +67,7 @@ class PlanInputs:
 
     @property
     def num_gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
 
     @property
     def num_microbatches(self) -> int:
@@ -99,7 +102,7 @@ class Plan:
 
 def chunk_activation_bytes(cfg: ModelConfig, x: PlanInputs, chunk: int, num_chunks: int) -> float:
     """Bytes one micro-batch leaves in chunk `chunk` of `num_chunks` until its backward."""
-    s, b, h, t = cfg.seq_len, x.micro_batch, cfg.hidden_size, x.tp
+    s, b, h, t = cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, x.tp
     e = 4 if x.precision == "fp32" else 2
     per_layer = activation_bytes_per_layer(
         s, b, h, cfg.num_heads, tp=t, sequence_parallel=x.sequence_parallel,
@@ -114,7 +117,7 @@ def chunk_activation_bytes(cfg: ModelConfig, x: PlanInputs, chunk: int, num_chun
 
 def backward_working_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
     """Gradients in flight through one MLP, and the pipeline's receive buffers."""
-    s, b, h, t = cfg.seq_len, x.micro_batch, cfg.hidden_size, x.tp
+    s, b, h, t = cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, x.tp
     e = 4 if x.precision == "fp32" else 2
     receive = 2 * e * s * b * h / (t if x.sequence_parallel else 1) if x.pp > 1 else 0
     return 2 * e * s * b * cfg.ffn_hidden_size / t + receive
@@ -145,7 +148,7 @@ def make_plan(cfg: ModelConfig, x: PlanInputs) -> Plan:
     psi = max(per_rank)
     param_bytes = 4 if x.precision == "fp32" else 2
     grad_bytes = 4 if x.precision == "fp32" or x.fp32_grads else 2
-    state = zero_formula_bytes(psi, x.dp, x.zero_stage, param_bytes, grad_bytes,
+    state = zero_formula_bytes(psi, x.dp * x.cp, x.zero_stage, param_bytes, grad_bytes,
                                STATE_BYTES[x.precision])
     activations, activation_rank, in_flight = peak_activations(cfg, x)
     gathered = 0.0
@@ -184,10 +187,11 @@ def advice(plan: Plan) -> list[str]:
                         "(or selective)")
         if x.tp > 1 and not x.sequence_parallel:
             tips.append("set parallel.sequence_parallel=true (activations / tp)")
+        tips.append(f"raise parallel.cp (now {x.cp}): activations / cp")
         if x.micro_batch > 1:
             tips.append("lower train.micro_batch_size")
     else:
-        if x.zero_stage < 3 and x.dp > 1:
+        if x.zero_stage < 3 and x.dp * x.cp > 1:
             tips.append(f"raise parallel.zero_stage (now {x.zero_stage}) to shard model state "
                         "over dp")
         tips.append("raise parallel.tp or parallel.pp (fewer parameters per GPU)")

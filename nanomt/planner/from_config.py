@@ -17,12 +17,10 @@ def plan_inputs(cfg: DictConfig) -> tuple[ModelConfig, PlanInputs]:
     if p.dp is None:
         raise ConfigError("parallel.dp is null: the planner has no world size to infer it from",
                           "set parallel.dp")
-    if p.get("cp", 1) != 1:
-        raise ConfigError(f"parallel.cp={p.cp}: the planner does not model context parallelism "
-                          "yet (its activations and ring messages)", "plan with parallel.cp=1")
-    model, layout, _ = check_config(cfg, int(p.tp) * int(p.pp) * int(p.dp))
+    model, layout, _ = check_config(cfg, int(p.tp) * int(p.get("cp", 1)) * int(p.pp) * int(p.dp))
     return model, PlanInputs(
-        tp=layout.tp, pp=layout.pp, dp=layout.dp, virtual_stages=layout.virtual_stages,
+        tp=layout.tp, pp=layout.pp, dp=layout.dp, cp=layout.cp,
+        virtual_stages=layout.virtual_stages,
         schedule=str(p.schedule), zero_stage=layout.zero_stage,
         zero3_prefetch=int(p.zero3_prefetch), micro_batch=int(t.micro_batch_size),
         global_batch=int(t.global_batch_size), sequence_parallel=layout.sequence_parallel,

@@ -38,7 +38,8 @@ def plan_table(plan: Plan, meta_shard_params: int | None,
                iteration_time_s: float | None = None) -> str:
     """The readable table tools/plan.py prints."""
     x, b = plan.inputs, plan.bytes_per_gpu
-    layout = (f"tp={x.tp} pp={x.pp} v={x.virtual_stages} dp={x.dp} ({x.num_gpus} GPUs), "
+    layout = (f"tp={x.tp} cp={x.cp} pp={x.pp} v={x.virtual_stages} dp={x.dp} "
+              f"({x.num_gpus} GPUs), "
               f"ZeRO-{x.zero_stage}, {x.precision}, SP={'on' if x.sequence_parallel else 'off'}, "
               f"recompute={x.recompute}, {x.schedule}")
     meta = ("not built" if meta_shard_params is None else f"{meta_shard_params:,} "
