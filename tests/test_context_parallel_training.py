@@ -15,14 +15,12 @@ from pathlib import Path
 import pytest
 
 from nanomt.testing import compose_config, run_distributed
+from test_layouts_through_run import COMMON as SHORT_RUN
+from test_layouts_through_run import GPT, LLAMA
 
-COMMON = ["train.steps=10", "train.global_batch_size=8", "train.micro_batch_size=2",
-          "train.eval_interval=0", "train.eval_batches=1", "train.progress_bar=false",
-          "train.measure_memory=false", "optim.warmup_steps=2", "optim.lr=3e-3",
-          "checkpoint.interval=5", "logging.wandb.mode=disabled", "model.dropout=0.0"]
-GPT = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32"]
-LLAMA = ["model=llama_tiny", "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
-         "model.ffn_hidden_size=176", "model.seq_len=32"]
+# the layouts test's short run, 10 steps long and saving at step 5
+COMMON = [o for o in SHORT_RUN if not o.startswith(("train.steps=", "checkpoint.interval="))
+          ] + ["train.steps=10", "checkpoint.interval=5"]
 CASES = {  # name: (model, layout on 8 ranks)
     "tp2_cp2_dp2_sp": (GPT, ["parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true"]),
     "cp2_pp2_dp2_zero2": (GPT, ["parallel.cp=2", "parallel.pp=2", "parallel.zero_stage=2"]),
