@@ -29,6 +29,7 @@ from nanomt.parallel import comm
 from nanomt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
 from nanomt.parallel.grid import ParallelGrid
+from nanomt.parallel.param_info import param_info
 from nanomt.parallel.random import seed_everything
 from nanomt.testing import compose_config, run_distributed
 
@@ -98,7 +99,7 @@ def _init_draws(cfg: ModelConfig, grid: ParallelGrid | None) -> dict:
     with draws:
         model = GPT(cfg, grid, seed=SEED)
     split = {name: p.numel() for name, p in model.named_parameters()  # biases start at zero
-             if getattr(p, "tp_split_dim", None) is not None and name.endswith("weight")}
+             if param_info(p).tp_split_dim is not None and name.endswith("weight")}
     return {"drawn": draws.drawn, "largest": draws.largest,
             "local_numel": model.num_local_parameters(), "split_local": split}
 
@@ -131,9 +132,9 @@ def _compare_model(cfg: ModelConfig, grid: ParallelGrid, sp: bool, ref: dict) ->
     shard_errors = {}
     ref_params = dict(ref["model"].named_parameters())
     for name, p in model.named_parameters():
-        shard_errors[name] = rel_err(gathered(p.data, p.tp_split_dim, grid.tp_group),
+        shard_errors[name] = rel_err(gathered(p.data, param_info(p).tp_split_dim, grid.tp_group),
                                      ref_params[name].data)
-    split_dims = {name: p.tp_split_dim for name, p in model.named_parameters()}
+    split_dims = {name: param_info(p).tp_split_dim for name, p in model.named_parameters()}
     layer_fwd, layer_bwd = _layer_collectives(model.layers[0], grid, sp)
 
     # Gradients go where training puts them: the data-parallel buffer (every dp rank sees the
@@ -150,7 +151,7 @@ def _compare_model(cfg: ModelConfig, grid: ParallelGrid, sp: bool, ref: dict) ->
         finalize_grads(buffer)
     grad_errors = {}
     for name, p in model.named_parameters():
-        grad_errors[name] = rel_err(gathered(final_grad(buffer, p), p.tp_split_dim,
+        grad_errors[name] = rel_err(gathered(final_grad(buffer, p), param_info(p).tp_split_dim,
                                              grid.tp_group), ref_params[name].grad)
     return {"loss": loss.item(), "loss_err": rel_err(loss.detach(), ref["loss"]),
             "logits_err": rel_err(model.full_logits(inputs), ref["logits"]),

@@ -31,14 +31,10 @@ from nanomt.parallel.tensor_parallel import (
 )
 
 
-def make_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
-    norm = (nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps) if cfg.style == "gpt"
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm (gpt) or RMSNorm (llama); replicated over tp (under SP: partial gradients)."""
+    return (nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps) if cfg.style == "gpt"
             else nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps))
-    for param in norm.parameters():
-        param.tp_split_dim = None
-        # Under SP each tp rank normalises a different slice of the sequence: partial gradients.
-        param.sequence_parallel = sequence_parallel
-    return norm
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,10 +136,10 @@ class TransformerLayer(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.dropout_p, self.rng = cfg.dropout, rng
         self.recompute = "none"  # "full": keep only the input, recompute the layer in backward
-        self.norm1 = make_norm(cfg, sequence_parallel)
+        self.norm1 = make_norm(cfg)
         self.attention = ParallelAttention(cfg, tp_group, init.child("attention"),
                                            out_init.child("attention"), sequence_parallel, rng)
-        self.norm2 = make_norm(cfg, sequence_parallel)
+        self.norm2 = make_norm(cfg)
         self.mlp = ParallelMLP(cfg, tp_group, init.child("mlp"), out_init.child("mlp"),
                                sequence_parallel)
 
