@@ -67,16 +67,26 @@ class PeakMemoryMeter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self._forget_freed()
+        # An output on an input's storage (a view, an in-place result) is no new allocation:
+        # e.g. weight.t() of a weight that existed before the meter started.
+        held = {_storage_key(t) for t in tree_flatten((args, kwargs))[0]}
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
                 continue
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
-            if key and key not in self.live:
+            if key and key not in self.live and key not in held:
                 self.live[key] = (StorageWeakRef(storage), storage.nbytes())
                 self.current_bytes += storage.nbytes()
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
         return out
+
+
+def _storage_key(value) -> int:
+    """The data pointer of a tensor's storage (0: not a tensor, or on the meta device)."""
+    if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+        return 0
+    return value.untyped_storage().data_ptr()
 
 
 def memory_report(optimizer: ShardedAdamW, peak_activation_bytes: int | None,
