@@ -8,7 +8,8 @@ A safetensors file is
     the data    every tensor's bytes, row-major, back to back at its offsets
 
 The header depends only on dtypes and shapes, so it is written first; then each tensor is copied
-to the host in slices of at most `staging_bytes` through one reused buffer and written out. A
+to the host in slices of at most `staging_bytes` (or the largest tensor, if smaller) through one
+reused buffer and written out. A
 save so holds, beyond what the run already holds, one staging buffer: not a device copy of the
 optimizer state, nor a host copy of it, nor the serialized file in memory. The SHA-256 is
 computed on the way.
@@ -55,6 +56,8 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]],
     Returns (bytes written, SHA-256 hex digest of the file)."""
     digest = hashlib.sha256()
     head = safetensors_header(tensors, metadata)
+    largest = max((t.numel() * t.element_size() for _, t in tensors), default=0)
+    staging_bytes = max(1, min(staging_bytes, largest))  # never more than the largest tensor
     staging = torch.empty(staging_bytes, dtype=torch.uint8,
                           pin_memory=torch.cuda.is_available())
     with open(path, "wb") as f:
