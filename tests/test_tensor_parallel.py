@@ -126,6 +126,13 @@ def final_grad(buffer: GradientBuffer, param: torch.nn.Parameter) -> torch.Tenso
     return buffer.bucket_of[id(param)].grad_buffer[offset: offset + param.numel()].view_as(param)
 
 
+def unpadded_shape(cfg: ModelConfig, name: str, param: torch.Tensor) -> list[int]:
+    shape = list(param.shape)
+    if name in ("word_embedding.weight", "output_layer.weight"):
+        shape[0] = cfg.vocab_size
+    return shape
+
+
 def _compare_model(cfg: ModelConfig, grid: ParallelGrid, sp: bool, ref: dict) -> dict:
     inputs, targets = batch()
     model = GPT(cfg, grid, seed=SEED, sequence_parallel=sp)
@@ -135,6 +142,10 @@ def _compare_model(cfg: ModelConfig, grid: ParallelGrid, sp: bool, ref: dict) ->
         shard_errors[name] = rel_err(gathered(p.data, param_info(p).tp_split_dim, grid.tp_group),
                                      ref_params[name].data)
     split_dims = {name: param_info(p).tp_split_dim for name, p in model.named_parameters()}
+    # Each record's global shape is the single-process tensor's (vocabulary rows unpadded).
+    wrong_global_shapes = [name for name, p in model.named_parameters()
+                           if list(param_info(p).global_shape) != unpadded_shape(cfg, name,
+                                                                               ref_params[name])]
     layer_fwd, layer_bwd = _layer_collectives(model.layers[0], grid, sp)
 
     # Gradients go where training puts them: the data-parallel buffer (every dp rank sees the
@@ -156,6 +167,7 @@ def _compare_model(cfg: ModelConfig, grid: ParallelGrid, sp: bool, ref: dict) ->
     return {"loss": loss.item(), "loss_err": rel_err(loss.detach(), ref["loss"]),
             "logits_err": rel_err(model.full_logits(inputs), ref["logits"]),
             "shard_errors": shard_errors, "grad_errors": grad_errors, "split_dims": split_dims,
+            "wrong_global_shapes": wrong_global_shapes,
             "fwd": _count(fwd), "bwd": _count(bwd), "sp_reduce": _count(sp_reduce),
             # the data-parallel side: each bucket all-reduced over dp once, during backward
             "dp_bucket_numels": [b.padded_numel for b in buffer.buckets] if buffer.dp > 1 else [],
@@ -263,6 +275,7 @@ def test_shards_logits_loss_and_grads_match_single_process(ranks, style, tp, sp)
         assert dims["layers.0.attention.proj.weight"] == 1  # row-parallel: by input columns
         assert dims["word_embedding.weight"] == 0  # vocab-parallel
         assert dims["layers.0.norm1.weight"] is None  # replicated
+        assert r["wrong_global_shapes"] == []
 
 
 @pytest.mark.parametrize("style", ["gpt", "llama"])
