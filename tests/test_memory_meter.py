@@ -27,3 +27,16 @@ def test_new_storages_are_counted_and_freed():
         small = weight[:128].clone()  # 0.5 MiB, after the first was freed
     assert meter.peak_bytes == 256 * 1024 * 4
     assert meter.current_bytes == small.untyped_storage().nbytes() == 128 * 1024 * 4
+
+
+def test_storages_resized_in_place_count_their_current_size():
+    """ZeRO-3 frees a gathered buffer with storage().resize_(0) and gathers into it again."""
+    with PeakMemoryMeter() as meter:
+        buffer = torch.zeros(1024)
+        buffer.untyped_storage().resize_(0)
+        torch.zeros(512)  # an op after the resize: 4 KiB freed, 2 KiB new
+        assert meter.current_bytes == 512 * 4
+        buffer.untyped_storage().resize_(4096)
+        torch.zeros(1)
+        assert meter.current_bytes == 4096 + 4
+    assert meter.peak_bytes == 4096 + 4

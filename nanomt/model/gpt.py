@@ -17,6 +17,7 @@ in GPT-2 and Megatron; biases start at zero, and so do the embedding's padding r
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from nanomt.model.config import ModelConfig
 from nanomt.model.layers import TransformerLayer, make_norm
 from nanomt.parallel import comm
 from nanomt.parallel.cross_entropy import vocab_parallel_cross_entropy
+from nanomt.parallel.deferred_init import new_parameter
 from nanomt.parallel.param_info import ParamInfo, set_param_info
 from nanomt.parallel.random import TensorParallelRNG
 from nanomt.parallel.tensor_parallel import (
@@ -67,9 +69,11 @@ class GPT(nn.Module):
                 cfg.vocab_size, self.padded_vocab_size, cfg.hidden_size, self.tp_group,
                 NormalInit(std, seed, "word_embedding"), sequence_parallel=self.sequence_parallel)
         if pre_process and cfg.style == "gpt":
-            positions = NormalInit(std, seed, "position_embedding").slices(
-                (cfg.seq_len, cfg.hidden_size), dim=0, indices=range(cfg.seq_len))
-            self.position_embedding = nn.Parameter(positions)  # replicated over tp
+            shape = (cfg.seq_len, cfg.hidden_size)
+            self.initializers = {"position_embedding": partial(
+                NormalInit(std, seed, "position_embedding").slices, shape, 0, range(shape[0]))}
+            self.position_embedding = new_parameter(self.initializers["position_embedding"],
+                                                    shape)  # replicated over tp
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, self.tp_group, NormalInit(std, seed, f"layers.{i}"),
                              NormalInit(out_std, seed, f"layers.{i}"), self.sequence_parallel,

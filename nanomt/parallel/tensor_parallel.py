@@ -21,7 +21,9 @@ b s h per column-parallel linear in backward buys it).
 Initialisation is blockwise (`NormalInit`): the full weight is defined slice by slice along its
 split dim, each slice drawn from its own generator, and a rank draws only the slices of its
 shard. No rank ever materialises a full matrix, and with the same seed the model at tp=N holds
-exactly the shards of the model at tp=1. Each layer here declares, in `tp_split_dims`, the dim
+exactly the shards of the model at tp=1. Each layer records how it draws each parameter
+(`initializers`), so the model can be built on the meta device and drawn later, one tensor at a
+time (nanomt.parallel.deferred_init). Each layer here declares, in `tp_split_dims`, the dim
 each of its parameters is split along (None: replicated); the model turns that into every
 parameter's ParamInfo (nanomt.parallel.param_info), which norms, buffers and checkpoints read.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,7 @@ from torch import nn
 
 from nanomt.parallel import comm
 from nanomt.parallel.comm import Group
+from nanomt.parallel.deferred_init import new_parameter
 from nanomt.parallel.mappings import (
     SEQ_DIM,
     copy_to_tensor_parallel_region,
@@ -163,9 +167,12 @@ class ColumnParallelLinear(nn.Module):
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and tp > 1
         parts, split_dim = ((), 0) if stacked == 1 else ((stacked,), 1)
-        weight = init.slices(parts + (out_features, in_features), dim=split_dim, indices=rows)
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(torch.zeros(parts + (len(rows),))) if bias else None
+        full = parts + (out_features, in_features)
+        local = full[:split_dim] + (len(rows),) + full[split_dim + 1:]
+        self.initializers = {"weight": partial(init.slices, full, split_dim, rows),
+                             "bias": partial(torch.zeros, parts + (len(rows),))}
+        self.weight = new_parameter(self.initializers["weight"], local)
+        self.bias = new_parameter(self.initializers["bias"], parts + (len(rows),)) if bias else None
         self.tp_split_dims = {"weight": split_dim, "bias": split_dim}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,9 +191,11 @@ class RowParallelLinear(nn.Module):
         columns = my_slice(in_features, tp_group, "input features")
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and tp > 1
-        weight = init.slices((out_features, in_features), dim=1, indices=columns)
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.initializers = {"weight": partial(init.slices, (out_features, in_features), 1,
+                                               columns),
+                             "bias": partial(torch.zeros, out_features)}
+        self.weight = new_parameter(self.initializers["weight"], (out_features, len(columns)))
+        self.bias = new_parameter(self.initializers["bias"], (out_features,)) if bias else None
         self.tp_split_dims = {"weight": 1, "bias": None}  # the bias is added after g: replicated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,7 +226,8 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
         rows = my_slice(padded_vocab_size, tp_group, "padded vocabulary size")
         self.vocab_start, self.vocab_end = rows.start, rows.stop
-        self.weight = nn.Parameter(vocab_shard(vocab_size, embedding_dim, rows, init))
+        self.initializers = {"weight": partial(vocab_shard, vocab_size, embedding_dim, rows, init)}
+        self.weight = new_parameter(self.initializers["weight"], (len(rows), embedding_dim))
         self.tp_split_dims = {"weight": 0}
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -240,7 +250,8 @@ class VocabParallelOutput(nn.Module):
         super().__init__()
         rows = my_slice(padded_vocab_size, tp_group, "padded vocabulary size")
         self.vocab_size = vocab_size
-        self.weight = nn.Parameter(vocab_shard(vocab_size, hidden_size, rows, init))
+        self.initializers = {"weight": partial(vocab_shard, vocab_size, hidden_size, rows, init)}
+        self.weight = new_parameter(self.initializers["weight"], (len(rows), hidden_size))
         self.tp_split_dims = {"weight": 0}
 
 
