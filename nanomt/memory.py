@@ -75,6 +75,10 @@ class PeakMemoryMeter(TorchDispatchMode):
                 total += torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes()
         self.current_bytes = total
 
+    def __exit__(self, *exc_info):
+        self._refresh()  # current_bytes on leaving: what is still alive then
+        return super().__exit__(*exc_info)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         # e.g. weight.t() of a weight that existed before the meter started: not counted
