@@ -75,6 +75,11 @@ class PeakMemoryMeter(TorchDispatchMode):
                 total += torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes()
         self.current_bytes = total
 
+    def bytes_now(self) -> int:
+        """The bytes of the storages created inside that are still alive now."""
+        self._refresh()
+        return self.current_bytes
+
     def __exit__(self, *exc_info):
         self._refresh()  # current_bytes on leaving: what is still alive then
         return super().__exit__(*exc_info)
