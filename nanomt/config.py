@@ -196,6 +196,7 @@ LAYOUT_RULES = {
     "parallel.tp": POSITIVE_INT,
     "parallel.pp": POSITIVE_INT,
     "parallel.dp": or_null(POSITIVE_INT),
+    "parallel.cp": POSITIVE_INT,
     "parallel.virtual_stages": POSITIVE_INT,
     "parallel.schedule": choice(*SCHEDULES),
     "parallel.sequence_parallel": BOOL,
@@ -216,30 +217,33 @@ class Layout:
     virtual_stages: int
     sequence_parallel: bool
     zero_stage: int
+    cp: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
 
 
 def resolve_layout(cfg: DictConfig, world_size: int) -> Layout:
-    """The (tp, pp, dp) layout covering `world_size` ranks; dp: null takes what tp*pp leaves."""
+    """The (tp, cp, pp, dp) layout covering `world_size` ranks; dp: null takes what tp*cp*pp
+    leaves."""
     check_fields(cfg, LAYOUT_RULES)
     p = cfg.parallel
-    tp, pp = p.tp, p.pp
-    if p.dp is None and world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}, so "
-                          f"parallel.dp cannot be inferred",
-                          "launch a multiple of tp*pp processes or change parallel.tp/pp")
-    dp = p.dp if p.dp is not None else world_size // (tp * pp)
-    if tp * pp * dp != world_size:
-        raise ConfigError(f"world size {world_size} != tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp}",
-                          "launch tp*pp*dp processes or change parallel.tp/pp/dp")
+    tp, pp, cp = p.tp, p.pp, p.get("cp", 1)
+    if p.dp is None and world_size % (tp * cp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by tp*cp*pp = "
+                          f"{tp}*{cp}*{pp}, so parallel.dp cannot be inferred",
+                          "launch a multiple of tp*cp*pp processes or change parallel.tp/cp/pp")
+    dp = p.dp if p.dp is not None else world_size // (tp * cp * pp)
+    if tp * cp * pp * dp != world_size:
+        raise ConfigError(f"world size {world_size} != tp*cp*pp*dp = {tp}*{cp}*{pp}*{dp} = "
+                          f"{tp * cp * pp * dp}",
+                          "launch tp*cp*pp*dp processes or change parallel.tp/cp/pp/dp")
     if p.sequence_parallel and tp == 1:
         warn("parallel.sequence_parallel=true does nothing with parallel.tp=1; "
              "set parallel.tp > 1 or parallel.sequence_parallel=false")
     return Layout(tp=tp, pp=pp, dp=dp, virtual_stages=p.virtual_stages,
-                  sequence_parallel=bool(p.sequence_parallel), zero_stage=p.zero_stage)
+                  sequence_parallel=bool(p.sequence_parallel), zero_stage=p.zero_stage, cp=cp)
 
 
 def check_model_fits_layout(model: ModelConfig, layout: Layout) -> None:
@@ -252,11 +256,29 @@ def check_model_fits_layout(model: ModelConfig, layout: Layout) -> None:
         if value % tp:
             raise ConfigError(f"{key} = {value} is not divisible by parallel.tp = {tp}",
                               f"change parallel.tp or {key}")
-    if layout.sequence_parallel and model.seq_len % tp:
-        raise ConfigError(f"parallel.sequence_parallel needs model.seq_len ({model.seq_len}) "
+    check_context_parallel(model, layout)
+    if layout.sequence_parallel and (model.seq_len // layout.cp) % tp:
+        raise ConfigError(f"parallel.sequence_parallel needs the sequence each rank holds, "
+                          f"model.seq_len / parallel.cp = {model.seq_len // layout.cp}, "
                           f"divisible by parallel.tp ({tp})",
                           "change model.seq_len or parallel.tp, or set "
                           "parallel.sequence_parallel=false")
+
+
+def check_context_parallel(model: ModelConfig, layout: Layout) -> None:
+    """cp splits each sequence into 2*cp chunks (nanomt.parallel.context_parallel); its ring
+    attention has no attention dropout."""
+    cp = layout.cp
+    if cp == 1:
+        return
+    if model.seq_len % (2 * cp):
+        raise ConfigError(f"parallel.cp = {cp} splits each sequence into 2*cp = {2 * cp} "
+                          f"chunks, but model.seq_len = {model.seq_len} is not divisible by it",
+                          "change model.seq_len or parallel.cp")
+    if model.attention_dropout > 0:
+        raise ConfigError(f"ring attention (parallel.cp = {cp}) has no attention dropout, but "
+                          f"model.attention_dropout = {model.attention_dropout}",
+                          "set model.attention_dropout=0 or parallel.cp=1")
 
 
 # ---- batches and the pipeline -------------------------------------------------------------------

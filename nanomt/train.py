@@ -25,7 +25,6 @@ from typing import Any
 
 import hydra
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from nanomt import faults
@@ -51,8 +50,9 @@ from nanomt.optim import build_optimizer
 from nanomt.optim.schedule import WarmupCosine
 from nanomt.parallel import comm
 from nanomt.parallel.grid import ParallelGrid
-from nanomt.parallel.launch import agree_on_run_stamp, init_distributed
+from nanomt.parallel.launch import agree_on_run_stamp, init_distributed, leave_launch
 from nanomt.parallel.random import seed_everything
+from nanomt.parallel.context_parallel import split_sequence
 from nanomt.parallel.data_parallel import finalize_grads
 from nanomt.parallel.forward_backward import get_forward_backward_func
 from nanomt.parallel.pipeline import Timeline
@@ -84,7 +84,8 @@ def build_model(model_cfg: ModelConfig, layout: Layout, grid: ParallelGrid, seed
 
 def describe_ranks(grid: ParallelGrid, model: torch.nn.Module) -> list[dict]:
     """Every rank's coordinates, host and parameter count, gathered onto every rank."""
-    mine = {"rank": grid.rank, "tp": grid.tp_rank, "pp": grid.pp_rank, "dp": grid.dp_rank,
+    mine = {"rank": grid.rank, "tp": grid.tp_rank, "cp": grid.cp_rank, "pp": grid.pp_rank,
+            "dp": grid.dp_rank,
             "host": socket.gethostname(),
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "layers": [[chunk.layer_range.start, chunk.layer_range.stop] for chunk in model]}
@@ -99,8 +100,8 @@ def mean_over_batch(loss_sum: torch.Tensor, num_microbatches: int, grid: Paralle
     if not grid.is_last_stage:
         loss.zero_()
     comm.all_reduce(loss, grid.pp_group)  # from the last stage to all stages
-    comm.all_reduce(loss, grid.dp_group)
-    return float(loss) / grid.dp_size
+    comm.all_reduce(loss, grid.grad_sync_group)  # dp x cp: equal tokens on every cp rank
+    return float(loss) / (grid.dp_size * grid.cp_size)
 
 
 @dataclass
@@ -135,11 +136,17 @@ class Trainer:
         if not (grid.is_first_stage or grid.is_last_stage):
             data.mark_served(step)
             blank = torch.zeros((), dtype=torch.long, device=self.device).expand(
-                mbs, self.model_cfg.seq_len)
+                mbs, self.model_cfg.seq_len // grid.cp_size)
             return [(blank, blank)] * m
-        return [tuple(t.to(self.device) for t in data.micro_batch(
-                    step, i, grid.dp_rank, grid.dp_size, mbs))
+        return [self.my_tokens(data.micro_batch(step, i, grid.dp_rank, grid.dp_size, mbs))
                 for i in range(m)]
+
+    def my_tokens(self, micro_batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Inputs and labels on the device; under context parallelism this cp rank's two
+        chunks of every sequence (nanomt.parallel.context_parallel)."""
+        grid = self.grid
+        return tuple(split_sequence(t, 1, grid.cp_rank, grid.cp_size).to(self.device)
+                     for t in micro_batch)
 
     def train_step(self, step: int, measure: PeakMemoryMeter) -> dict:
         """One optimizer step over the global batch of `step`; returns its metrics."""
@@ -202,8 +209,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)  # stays on the device: one sync, below
         for inputs, targets in self.val_data.eval_batches(self.cfg.train.eval_batches, G,
                                                           grid.dp_rank, grid.dp_size):
-            micro_batches = [(x.to(self.device), y.to(self.device))
-                             for x, y in zip(inputs.split(mbs), targets.split(mbs))]
+            micro_batches = [self.my_tokens(pair) for pair in zip(inputs.split(mbs),
+                                                                  targets.split(mbs))]
             loss_sum += self.forward_backward(chunks, micro_batches, grid,
                                               forward_only=True).float()
         for chunk in chunks:
@@ -218,7 +225,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     faults.inject("start")
     model_cfg, layout, num_microbatches = check_config(cfg, world_size)
     device = pick_device(cfg.train.device)
-    grid = ParallelGrid(layout.tp, layout.pp, layout.dp, timeout_s=cfg.parallel.timeout_s)
+    grid = ParallelGrid(layout.tp, layout.pp, layout.dp, timeout_s=cfg.parallel.timeout_s,
+                        cp=layout.cp)
     seed_everything(cfg.train.seed, grid.pp_rank)
     checkpointer = Checkpointer(cfg, run_dir, model_cfg, layout, grid, device)
     checkpointer.check_folder()  # writable and shared by every rank, before anything is built
@@ -357,8 +365,7 @@ def hydra_main(cfg: DictConfig) -> None:
         summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except NanomtError as error:
         exit_with(error)  # inside Hydra's task: Hydra would print its own traceback otherwise
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_launch()
     if summary.get("stopped_by") == "preemption":
         sys.exit(int(ExitCode.PREEMPTED))
 

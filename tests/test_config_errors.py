@@ -25,11 +25,18 @@ REPO = Path(__file__).resolve().parent.parent
 # (overrides, world size, part of the message); "{ckpt}" is the module's tiny checkpoint.
 BAD_INPUTS = {
     # layout
-    "world_not_tp_pp_dp": (["parallel.tp=2", "parallel.dp=1"], 4,
-                           "world size 4 != tp*pp*dp = 2*1*1 = 2; launch tp*pp*dp processes or "
-                           "change parallel.tp/pp/dp"),
+    "world_not_tp_cp_pp_dp": (["parallel.tp=2", "parallel.dp=1"], 4,
+                              "world size 4 != tp*cp*pp*dp = 2*1*1*1 = 2; launch tp*cp*pp*dp "
+                              "processes or change parallel.tp/cp/pp/dp"),
     "world_not_divisible": (["parallel.tp=3"], 4,
-                            "world size 4 is not divisible by tp*pp = 3*1, so parallel.dp"),
+                            "world size 4 is not divisible by tp*cp*pp = 3*1*1, so parallel.dp"),
+    "cp_zero": (["parallel.cp=0"], 4, "parallel.cp must be a positive integer, got 0"),
+    "cp_seq_len": (["parallel.cp=4", "model.seq_len=36"], 4,
+                   "parallel.cp = 4 splits each sequence into 2*cp = 8 chunks, but "
+                   "model.seq_len = 36 is not divisible by it; change model.seq_len or "
+                   "parallel.cp"),
+    "cp_attention_dropout": (["parallel.cp=2", "model.attention_dropout=0.1"], 4,
+                             "ring attention (parallel.cp = 2) has no attention dropout"),
     "tp_zero": (["parallel.tp=0"], 4, "parallel.tp must be a positive integer, got 0"),
     "tp_negative": (["parallel.tp=-2"], 4, "parallel.tp must be a positive integer, got -2"),
     "dp_zero": (["parallel.dp=0"], 4, "parallel.dp must be a positive integer or null, got 0"),

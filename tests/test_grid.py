@@ -13,33 +13,39 @@ import torch
 import torch.distributed as dist
 
 from nanomt.parallel import comm
-from nanomt.parallel.grid import ParallelGrid, infer_dp, validate_layout
+from nanomt.parallel.grid import ParallelGrid, validate_layout
 from nanomt.parallel.launch import default_backend
 from nanomt.testing import run_distributed
 
 WORLD = 4
-LAYOUTS = [(4, 1, 1), (1, 4, 1), (1, 1, 4), (2, 2, 1), (2, 1, 2), (1, 2, 2)]  # (tp, pp, dp)
-GROUPS = ("tp_group", "dp_group", "pp_group", "embedding_group", "model_parallel_group")
+# (tp, pp, dp, cp)
+LAYOUTS = [(4, 1, 1, 1), (1, 4, 1, 1), (1, 1, 4, 1), (2, 2, 1, 1), (2, 1, 2, 1), (1, 2, 2, 1),
+           (1, 1, 1, 4), (2, 1, 1, 2), (1, 2, 1, 2), (1, 1, 2, 2)]
+GROUPS = ("tp_group", "cp_group", "dp_group", "grad_sync_group", "pp_group", "embedding_group",
+          "model_parallel_group")
 
 
-def expected_rank(tp_rank: int, pp_rank: int, dp_rank: int, tp: int, dp: int) -> int:
-    return (pp_rank * dp + dp_rank) * tp + tp_rank
+def expected_rank(t: int, p: int, d: int, c: int, tp: int, dp: int, cp: int) -> int:
+    return ((p * dp + d) * cp + c) * tp + t
 
 
-def expected_groups(rank: int, tp: int, pp: int, dp: int) -> dict[str, list[int]]:
-    coords = {expected_rank(t, p, d, tp, dp): (t, p, d)
-              for t in range(tp) for p in range(pp) for d in range(dp)}
-    t0, p0, d0 = coords[rank]
-    pp_ranks = [expected_rank(t0, p, d0, tp, dp) for p in range(pp)]
+def expected_groups(rank: int, tp: int, pp: int, dp: int, cp: int) -> dict[str, list[int]]:
+    def at(t, p, d, c):
+        return expected_rank(t, p, d, c, tp, dp, cp)
+    coords = {at(t, p, d, c): (t, p, d, c) for t in range(tp) for p in range(pp)
+              for d in range(dp) for c in range(cp)}
+    t0, p0, d0, c0 = coords[rank]
+    pp_ranks = [at(t0, p, d0, c0) for p in range(pp)]
     embedding = sorted({pp_ranks[0], pp_ranks[-1]})
     return {
-        "tp_group": [expected_rank(t, p0, d0, tp, dp) for t in range(tp)],
-        "dp_group": [expected_rank(t0, p0, d, tp, dp) for d in range(dp)],
+        "tp_group": [at(t, p0, d0, c0) for t in range(tp)],
+        "cp_group": [at(t0, p0, d0, c) for c in range(cp)],
+        "dp_group": [at(t0, p0, d, c0) for d in range(dp)],
+        "grad_sync_group": sorted(at(t0, p0, d, c) for d in range(dp) for c in range(cp)),
         "pp_group": pp_ranks,
         # Middle pipeline stages hold no embedding and belong to no embedding group.
         "embedding_group": embedding if rank in embedding else [rank],
-        "model_parallel_group": sorted(expected_rank(t, p, d0, tp, dp)
-                                       for t in range(tp) for p in range(pp)),
+        "model_parallel_group": sorted(at(t, p, d0, c0) for t in range(tp) for p in range(pp)),
     }
 
 
@@ -53,12 +59,13 @@ def members_by_collective(group) -> list[int]:
 
 def _grid_checks() -> dict:
     results = {}
-    for tp, pp, dp in LAYOUTS:
-        grid = ParallelGrid(tp=tp, pp=pp, dp=dp, timeout_s=60)
+    for tp, pp, dp, cp in LAYOUTS:
+        grid = ParallelGrid(tp=tp, pp=pp, dp=dp, cp=cp, timeout_s=60)
         coords = {r: grid.coord_of(r) for r in range(WORLD)}
-        results[(tp, pp, dp)] = {
-            "coord": (grid.tp_rank, grid.pp_rank, grid.dp_rank),
-            "round_trip": all(grid.global_rank(c.tp, c.pp, c.dp) == r for r, c in coords.items()),
+        results[(tp, pp, dp, cp)] = {
+            "coord": (grid.tp_rank, grid.pp_rank, grid.dp_rank, grid.cp_rank),
+            "round_trip": all(grid.global_rank(c.tp, c.pp, c.dp, c.cp) == r
+                              for r, c in coords.items()),
             "members": {name: members_by_collective(getattr(grid, name)) for name in GROUPS},
             "first_last": (grid.is_first_stage, grid.is_last_stage),
         }
@@ -77,43 +84,47 @@ def ranks() -> list[dict]:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_groups_connect_the_ranks_the_formula_names(ranks, layout):
-    tp, pp, dp = layout
+    tp, pp, dp, cp = layout
     for rank, result in enumerate(ranks):
         r = result[layout]
-        t, p, d = r["coord"]
-        assert expected_rank(t, p, d, tp, dp) == rank
+        t, p, d, c = r["coord"]
+        assert expected_rank(t, p, d, c, tp, dp, cp) == rank
         assert r["round_trip"]
-        assert r["members"] == expected_groups(rank, tp, pp, dp)
+        assert r["members"] == expected_groups(rank, tp, pp, dp, cp)
         assert r["first_last"] == (p == 0, p == pp - 1)
 
 
 def test_tensor_parallel_ranks_are_consecutive(ranks):
-    assert ranks[1][(2, 2, 1)]["members"]["tp_group"] == [0, 1]
-    assert ranks[3][(2, 1, 2)]["members"]["tp_group"] == [2, 3]
-    assert ranks[2][(2, 1, 2)]["members"]["dp_group"] == [0, 2]
+    assert ranks[1][(2, 2, 1, 1)]["members"]["tp_group"] == [0, 1]
+    assert ranks[3][(2, 1, 2, 1)]["members"]["tp_group"] == [2, 3]
+    assert ranks[2][(2, 1, 2, 1)]["members"]["dp_group"] == [0, 2]
+    # cp sits between tp and dp: the cp peers of rank 0 at tp=2 are two ranks away
+    assert ranks[0][(2, 1, 1, 2)]["members"]["cp_group"] == [0, 2]
 
 
 def test_bad_layout_is_a_clear_error_on_every_rank(ranks):
     for result in ranks:
-        assert "world size 4 != tp*pp*dp" in result["bad"]
+        assert "world size 4 != tp*cp*pp*dp" in result["bad"]
 
 
 def test_world_of_one_has_no_groups():
     grid = ParallelGrid()
-    assert (grid.tp_rank, grid.pp_rank, grid.dp_rank) == (0, 0, 0)
+    assert (grid.tp_rank, grid.pp_rank, grid.dp_rank, grid.cp_rank) == (0, 0, 0, 0)
     assert all(getattr(grid, name) is None for name in GROUPS)
     assert grid.is_first_stage and grid.is_last_stage and not grid.is_distributed
 
 
 def test_layout_validation():
     validate_layout(8, 2, 2, 2)
-    with pytest.raises(ValueError, match="parallel.tp/pp/dp"):
+    validate_layout(8, 2, 1, 2, cp=2)
+    with pytest.raises(ValueError, match="parallel.tp/cp/pp/dp"):
         validate_layout(8, 2, 2, 1)
+    with pytest.raises(ValueError, match="= 2\\*2\\*2\\*2 = 16"):
+        validate_layout(8, 2, 2, 2, cp=2)
     with pytest.raises(ValueError, match="parallel.pp must be a positive integer"):
         validate_layout(8, 2, 0, 2)
-    assert infer_dp(8, 2, 2) == 2
-    with pytest.raises(ValueError, match="not divisible by tp\\*pp"):
-        infer_dp(6, 4, 1)
+    with pytest.raises(ValueError, match="parallel.cp must be a positive integer"):
+        validate_layout(8, 2, 2, 2, cp=0)
 
 
 def test_backend_choice_is_nccl_when_cuda_is_available_else_gloo(monkeypatch):

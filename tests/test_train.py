@@ -61,7 +61,7 @@ def test_same_seed_gives_the_same_losses(tmp_path):
 
 @pytest.mark.parametrize("overrides, error, match", [
     (["parallel.tp=3"], ValueError, "world size 1"),
-    (["parallel.dp=2"], ValueError, "world size 1 != tp\\*pp\\*dp"),
+    (["parallel.dp=2"], ValueError, "world size 1 != tp\\*cp\\*pp\\*dp"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"], ValueError, "divisible"),
     (["train.precision=fp8"], ValueError, "train.precision"),
     (["parallel.zero_stage=5"], ValueError, "zero_stage"),

@@ -5,8 +5,8 @@ its ParamInfo (nanomt.parallel.param_info, made when the model is built) says wh
 the global shape, and the 1/t slice along tp_split_dim this tp rank holds. Pieces are written
 straight from it; nothing here knows the model's names.
 
-Model weights: every tensor by dp rank 0 only (the other replicas hold the same values); a
-replicated tensor by tp rank 0 only; a tied copy that is not `primary` not at all.
+Model weights: every tensor by dp (and cp) rank 0 only (the other replicas hold the same
+values); a replicated tensor by tp rank 0 only; a tied copy that is not `primary` not at all.
 
 Optimizer state: ShardedAdamW's flat shards (nanomt/optim/sharded_adamw.py):
 `checkpoint_state()` -> (param, state_name, tensor, flat_range), flat_range being [a, b) of the
@@ -62,7 +62,7 @@ def optimizer_section(state_name: str) -> str:
 
 
 def writes_replicas(grid: Grid) -> bool:
-    return grid is None or grid.dp_rank == 0
+    return grid is None or (grid.dp_rank == 0 and grid.cp_rank == 0)
 
 
 def _tp_rank(grid: Grid) -> int:

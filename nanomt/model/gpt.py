@@ -4,7 +4,9 @@ Plain PyTorch around tensor-parallel parts. The same class builds
   - the whole model on one process (grid=None: every parallel piece is an ordinary layer),
   - one tensor-parallel shard of it (grid.tp_size > 1),
   - one pipeline chunk of it: `layer_range` picks the layers, `pre_process` adds the embedding
-    (first chunk) and `post_process` the head and loss (last chunk).
+    (first chunk) and `post_process` the head and loss (last chunk),
+  - one context-parallel share of it (grid.cp_size > 1): every rank holds two chunks of each
+    sequence, and positions and attention follow (nanomt.parallel.context_parallel).
 
 Initialisation is layout-independent and blockwise: every row (or split column) of every weight
 has its own generator, seeded by (seed, parameter path, index), and a rank draws only the rows of
@@ -26,6 +28,7 @@ from torch import nn
 from nanomt.model.config import ModelConfig
 from nanomt.model.layers import TransformerLayer, make_norm
 from nanomt.parallel import comm
+from nanomt.parallel.context_parallel import cp_rank_and_size, local_positions
 from nanomt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from nanomt.parallel.deferred_init import new_parameter
 from nanomt.parallel.param_info import ParamInfo, set_param_info
@@ -51,6 +54,8 @@ class GPT(nn.Module):
         self.tp_group = grid.tp_group if grid is not None else None
         tp_rank, tp = tp_rank_and_size(self.tp_group)
         self.tp_rank, self.tp_size = tp_rank, tp
+        self.cp_group = grid.cp_group if grid is not None else None
+        self.cp_rank, self.cp_size = cp_rank_and_size(self.cp_group)
         self.sequence_parallel = sequence_parallel and tp > 1
         if self.sequence_parallel and cfg.seq_len % tp:
             raise ValueError(f"sequence parallelism needs model.seq_len ({cfg.seq_len}) "
@@ -77,7 +82,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, self.tp_group, NormalInit(std, seed, f"layers.{i}"),
                              NormalInit(out_std, seed, f"layers.{i}"), self.sequence_parallel,
-                             self.rng)
+                             self.rng, self.cp_group)
             for i in self.layer_range)
         if post_process:
             self.final_norm = make_norm(cfg)
@@ -93,6 +98,9 @@ class GPT(nn.Module):
         hidden = self.word_embedding(tokens)  # under SP already reduce-scattered: [b, s/t, h]
         if self.cfg.style == "gpt":
             positions = self.position_embedding[: tokens.shape[1]]
+            if self.cp_size > 1:  # this rank's two chunks of the sequence
+                positions = self.position_embedding[local_positions(
+                    tokens.shape[1] * self.cp_size, self.cp_rank, self.cp_size, tokens.device)]
             if self.sequence_parallel:  # the positions of my sequence shard
                 positions = positions.chunk(self.tp_size, dim=0)[self.tp_rank]
             hidden = hidden + positions

@@ -23,6 +23,7 @@ from torch import nn
 from nanomt.model.checkpointing import checkpoint
 from nanomt.model.config import ModelConfig
 from nanomt.parallel.comm import Group
+from nanomt.parallel.context_parallel import cp_rank_and_size, local_positions, ring_attention
 from nanomt.parallel.random import TensorParallelRNG
 from nanomt.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -61,11 +62,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class ParallelAttention(nn.Module):
-    """Causal self-attention with heads split across the tp group."""
+    """Causal self-attention with heads split across the tp group (and under context
+    parallelism, the sequence across the cp group: ring attention)."""
 
     def __init__(self, cfg: ModelConfig, tp_group: Group, init: NormalInit,
-                 out_init: NormalInit, sequence_parallel: bool, rng: TensorParallelRNG):
+                 out_init: NormalInit, sequence_parallel: bool, rng: TensorParallelRNG,
+                 cp_group: Group = None):
         super().__init__()
+        self.cp_group = cp_group
+        self.cp_rank, self.cp_size = cp_rank_and_size(cp_group)
         _, tp = tp_rank_and_size(tp_group)
         self.heads_per_rank = divide(cfg.num_heads, tp, "model.num_heads")
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
@@ -97,9 +102,14 @@ class ParallelAttention(nn.Module):
         qkv = qkv.view(b, s, self.heads_per_rank, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each [b, heads/t, s, d]
         if self.use_rope:
-            q = apply_rope(q, self.rope_cos, self.rope_sin)
-            k = apply_rope(k, self.rope_cos, self.rope_sin)
-        if self.recompute == "selective" and torch.is_grad_enabled():
+            cos, sin = self.rope_cos, self.rope_sin
+            if self.cp_size > 1:  # this rank's tokens sit at two places of the full sequence
+                positions = local_positions(s * self.cp_size, self.cp_rank, self.cp_size, x.device)
+                cos, sin = cos[positions], sin[positions]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cp_size > 1:  # saves only q, k, v, out and lse: already selective
+            out = ring_attention(q, k, v, self.cp_group)
+        elif self.recompute == "selective" and torch.is_grad_enabled():
             out = checkpoint(self.core_attention, q, k, v, rng=self.rng)  # keep only q, k, v
         else:
             out = self.core_attention(q, k, v)
@@ -137,7 +147,8 @@ class TransformerLayer(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, tp_group: Group, init: NormalInit,
-                 out_init: NormalInit, sequence_parallel: bool, rng: TensorParallelRNG):
+                 out_init: NormalInit, sequence_parallel: bool, rng: TensorParallelRNG,
+                 cp_group: Group = None):
         """`init` / `out_init`: N(0, std) for this layer's weights and N(0, std/sqrt(2L)) for
         its two output projections (streams named by the parameters' paths)."""
         super().__init__()
@@ -146,7 +157,8 @@ class TransformerLayer(nn.Module):
         self.recompute = "none"  # "full": keep only the input, recompute the layer in backward
         self.norm1 = make_norm(cfg)
         self.attention = ParallelAttention(cfg, tp_group, init.child("attention"),
-                                           out_init.child("attention"), sequence_parallel, rng)
+                                           out_init.child("attention"), sequence_parallel, rng,
+                                           cp_group)
         self.norm2 = make_norm(cfg)
         self.mlp = ParallelMLP(cfg, tp_group, init.child("mlp"), out_init.child("mlp"),
                                sequence_parallel)

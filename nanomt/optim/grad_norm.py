@@ -67,7 +67,7 @@ def global_grad_norm(params: list[nn.Parameter], grid: ParallelGrid | None,
                      dp_sharded: bool = False) -> torch.Tensor:
     """The L2 norm of the whole model's gradient (fp32 scalar, equal on every rank)."""
     pieces = [(param, param.grad.detach()) for param in params if param.grad is not None]
-    dp_group = grid.dp_group if grid is not None and dp_sharded else None
+    dp_group = grid.grad_sync_group if grid is not None and dp_sharded else None
     norm, _ = norm_and_overflow(pieces, grid, dp_group)
     return norm
 

@@ -1,11 +1,16 @@
-"""The 3D process grid: which rank does which slice of the work.
+"""The 4D process grid: which rank does which slice of the work.
 
 MT-NLG maps one model replica onto tp x pp GPUs and replicates it dp times (Smith et al. 2022,
 section 3.2). The mapping is topology-aware: tensor parallelism, which talks most, is innermost
-(consecutive ranks, so a tp group of 8 fills one DGX node over NVLink), data parallelism next,
-and pipeline parallelism, which talks least, outermost:
+(consecutive ranks, so a tp group of 8 fills one DGX node over NVLink), then context parallelism
+(the sequence split over cp ranks, whose ring of key/value messages talks next most), data
+parallelism next, and pipeline parallelism, which talks least, outermost:
 
-    global_rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+    global_rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank
+
+A context-parallel group holds one model replica's weights cp times over (each rank sees a
+different part of every sequence), so replicated gradients are averaged, and ZeRO shards, over
+the dp x cp ranks of a (tp, pp) position: `grad_sync_group`. With cp=1 that is the dp group.
 
 `ParallelGrid` owns this layout and every process group built on it. It is passed explicitly to
 whatever needs a group (as nanotron's ParallelContext), never stored in a module global, so a
@@ -30,36 +35,30 @@ class Coord:
     tp: int
     pp: int
     dp: int
+    cp: int = 0
 
 
-def validate_layout(world_size: int, tp: int, pp: int, dp: int) -> None:
+def validate_layout(world_size: int, tp: int, pp: int, dp: int, cp: int = 1) -> None:
     """Raise a clear error, before any collective, when the layout cannot cover the world."""
-    for name, value in (("tp", tp), ("pp", pp), ("dp", dp)):
+    for name, value in (("tp", tp), ("pp", pp), ("dp", dp), ("cp", cp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"parallel.{name} must be a positive integer, got {value!r}")
-    if tp * pp * dp != world_size:
+    if tp * cp * pp * dp != world_size:
         raise ValueError(
-            f"world size {world_size} != tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp}; "
-            f"launch tp*pp*dp processes or change parallel.tp/pp/dp"
+            f"world size {world_size} != tp*cp*pp*dp = {tp}*{cp}*{pp}*{dp} = "
+            f"{tp * cp * pp * dp}; launch tp*cp*pp*dp processes or change parallel.tp/cp/pp/dp"
         )
-
-
-def infer_dp(world_size: int, tp: int, pp: int) -> int:
-    """dp left empty in the config: whatever the world has left after tp*pp."""
-    if world_size % (tp * pp) != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}; cannot infer dp"
-        )
-    return world_size // (tp * pp)
 
 
 class ParallelGrid:
-    """The (tp, pp, dp) layout of the world and its process groups.
+    """The (tp, cp, pp, dp) layout of the world and its process groups.
 
     Groups (each a list of global ranks that talk to each other):
       tp_group        ranks that split one layer's matrices        (consecutive ranks)
-      dp_group        ranks that hold the same shard of the model  (same tp, pp)
-      pp_group        ranks that hold the successive pipeline stages (same tp, dp)
+      cp_group        ranks that split every sequence of a micro-batch (same tp, pp, dp)
+      dp_group        ranks that hold the same shard of the model and different batches
+      grad_sync_group the dp x cp ranks of one (tp, pp) position: gradient averaging, ZeRO
+      pp_group        ranks that hold the successive pipeline stages (same tp, cp, dp)
       embedding_group first and last pipeline stage: share the tied word embedding's gradient
       model_parallel_group  the tp*pp ranks of one model replica (global norms, loss-scale votes)
 
@@ -67,71 +66,72 @@ class ParallelGrid:
     nanomt.parallel is the identity, so the single-process model reads like plain PyTorch.
     """
 
-    def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, timeout_s: float = 300.0):
+    def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, timeout_s: float = 300.0,
+                 cp: int = 1):
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-        validate_layout(world_size, tp, pp, dp)
-        self.tp_size, self.pp_size, self.dp_size = tp, pp, dp
+        validate_layout(world_size, tp, pp, dp, cp)
+        self.tp_size, self.pp_size, self.dp_size, self.cp_size = tp, pp, dp, cp
         self.world_size = world_size
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        # ranks[pp, dp, tp] = global rank: the whole mapping in one tensor.
-        self.ranks = torch.arange(world_size).view(pp, dp, tp)
+        # ranks[pp, dp, cp, tp] = global rank: the whole mapping in one tensor.
+        self.ranks = torch.arange(world_size).view(pp, dp, cp, tp)
         self.coord = self.coord_of(self.rank)
         self.tp_rank, self.pp_rank, self.dp_rank = self.coord.tp, self.coord.pp, self.coord.dp
+        self.cp_rank = self.coord.cp
 
-        self.tp_group = self.pp_group = self.dp_group = None
-        self.embedding_group = self.model_parallel_group = None
-        self.tp_ranks = self.ranks[self.pp_rank, self.dp_rank, :].tolist()
-        self.dp_ranks = self.ranks[self.pp_rank, :, self.tp_rank].tolist()
-        self.pp_ranks = self.ranks[:, self.dp_rank, self.tp_rank].tolist()
+        self.tp_group = self.cp_group = self.pp_group = self.dp_group = None
+        self.grad_sync_group = self.embedding_group = self.model_parallel_group = None
+        p, d, c, t = self.pp_rank, self.dp_rank, self.cp_rank, self.tp_rank
+        self.tp_ranks = self.ranks[p, d, c, :].tolist()
+        self.cp_ranks = self.ranks[p, d, :, t].tolist()
+        self.dp_ranks = self.ranks[p, :, c, t].tolist()
+        self.grad_sync_ranks = self.ranks[p, :, :, t].flatten().tolist()
+        self.pp_ranks = self.ranks[:, d, c, t].tolist()
         self.embedding_ranks = sorted({self.pp_ranks[0], self.pp_ranks[-1]})
-        self.model_parallel_ranks = self.ranks[:, self.dp_rank, :].flatten().tolist()
+        self.model_parallel_ranks = self.ranks[:, d, c, :].flatten().tolist()
         if world_size > 1:
             self._build_groups()
-            for name in ("tp", "pp", "dp", "embedding", "model_parallel"):
+            for name in ("tp", "cp", "pp", "dp", "grad_sync", "embedding", "model_parallel"):
                 comm.name_group(getattr(self, f"{name}_group"), name)
 
     def _new_group(self, ranks: list[int]):
         return dist.new_group(ranks, timeout=self.timeout)
 
+    def _groups_along(self, free_dims: tuple[int, ...]) -> list[list[int]]:
+        """Every group whose members differ only in `free_dims` of ranks[pp, dp, cp, tp]."""
+        fixed = [dim for dim in range(4) if dim not in free_dims]
+        moved = self.ranks.permute(*fixed, *free_dims)
+        size = 1
+        for dim in free_dims:
+            size *= self.ranks.shape[dim]
+        return moved.reshape(-1, size).tolist()
+
     def _build_groups(self) -> None:
         # dist.new_group is collective over the whole world: every rank must create every group,
         # in the same order, and keep the one it belongs to.
-        pp, dp, tp = self.ranks.shape
-        for p in range(pp):
-            for d in range(dp):
-                g = self._new_group(self.ranks[p, d, :].tolist())
-                if self.rank in self.ranks[p, d, :].tolist():
-                    self.tp_group = g
-        for p in range(pp):
-            for t in range(tp):
-                g = self._new_group(self.ranks[p, :, t].tolist())
-                if self.rank in self.ranks[p, :, t].tolist():
-                    self.dp_group = g
-        for d in range(dp):
-            for t in range(tp):
-                members = self.ranks[:, d, t].tolist()
-                g = self._new_group(members)
+        PP, DP, CP, TP = 0, 1, 2, 3
+        for name, free_dims in (("tp", (TP,)), ("cp", (CP,)), ("dp", (DP,)),
+                                ("grad_sync", (DP, CP)), ("pp", (PP,)),
+                                ("model_parallel", (PP, TP))):
+            for members in self._groups_along(free_dims):
+                group = self._new_group(members)
                 if self.rank in members:
-                    self.pp_group = g
-                emb = sorted({members[0], members[-1]})
-                g = self._new_group(emb)
-                if self.rank in emb:
-                    self.embedding_group = g
-        for d in range(dp):
-            members = self.ranks[:, d, :].flatten().tolist()
-            g = self._new_group(members)
-            if self.rank in members:
-                self.model_parallel_group = g
+                    setattr(self, f"{name}_group", group)
+                if name == "pp":  # the first and last stage of each pipeline
+                    embedding = sorted({members[0], members[-1]})
+                    group = self._new_group(embedding)
+                    if self.rank in embedding:
+                        self.embedding_group = group
 
     # ---- questions people ask the grid -------------------------------------------------------
-    def global_rank(self, tp: int, pp: int, dp: int) -> int:
-        """The global rank at grid coordinates (tp, pp, dp)."""
-        return int(self.ranks[pp, dp, tp])
+    def global_rank(self, tp: int, pp: int, dp: int, cp: int = 0) -> int:
+        """The global rank at grid coordinates (tp, pp, dp, cp)."""
+        return int(self.ranks[pp, dp, cp, tp])
 
     def coord_of(self, rank: int) -> Coord:
-        p, d, t = (self.ranks == rank).nonzero()[0].tolist()
-        return Coord(tp=t, pp=p, dp=d)
+        p, d, c, t = (self.ranks == rank).nonzero()[0].tolist()
+        return Coord(tp=t, pp=p, dp=d, cp=c)
 
     @property
     def is_first_stage(self) -> bool:
@@ -148,5 +148,6 @@ class ParallelGrid:
     def describe(self) -> str:
         return (
             f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp_size} "
-            f"pp {self.pp_rank}/{self.pp_size} dp {self.dp_rank}/{self.dp_size}"
+            f"cp {self.cp_rank}/{self.cp_size} pp {self.pp_rank}/{self.pp_size} "
+            f"dp {self.dp_rank}/{self.dp_size}"
         )

@@ -127,6 +127,15 @@ def init_distributed(timeout_s: float = 300.0, init_timeout_s: float = 300.0
     return rank, world_size, device
 
 
+def leave_launch() -> None:
+    """Destroy the world group, then let go of the store it lives on, while the interpreter
+    still runs (left to interpreter exit, their C++ threads can be torn down in any order)."""
+    global _LAUNCH_STORE
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _LAUNCH_STORE = None
+
+
 def agree_on_run_stamp(stamp: str) -> str:
     """Every rank of a launch must use the same run folder: the first rank to ask decides.
 

@@ -74,7 +74,7 @@ class GradientBuffer:
         self.fp32_grads = fp32_grads
         # ZeRO-2/3 under "microbatch": reduce-scatter every micro-batch, keep only the shard.
         self.reduce_every_microbatch = zero_stage >= 2 and grad_reduce == "microbatch"
-        self.dp_group = grid.dp_group if grid is not None else None
+        self.dp_group = grid.grad_sync_group if grid is not None else None  # dp x cp
         self.dp = comm.group_size(self.dp_group)
         self.dp_rank = dist.get_rank(self.dp_group) if self.dp > 1 else 0
 
