@@ -415,7 +415,7 @@ TRAIN_LAYOUTS = {
 }
 # Each must fail on every rank with a ValueError naming the key, before any collective.
 BAD_CONFIGS = {
-    "world_size": (["parallel.tp=2", "parallel.dp=1"], "parallel.tp/pp/dp"),
+    "world_size": (["parallel.tp=2", "parallel.dp=1"], "parallel.tp/cp/pp/dp"),
     "heads": (["parallel.tp=4", "model.num_heads=6", "model.hidden_size=96"], "model.num_heads"),
     "sp_seq_len": (["parallel.tp=4", "parallel.sequence_parallel=true", "model.seq_len=30"],
                    "model.seq_len"),
