@@ -258,9 +258,10 @@ def check_model_fits_layout(model: ModelConfig, layout: Layout) -> None:
                               f"change parallel.tp or {key}")
     check_context_parallel(model, layout)
     if layout.sequence_parallel and (model.seq_len // layout.cp) % tp:
-        raise ConfigError(f"parallel.sequence_parallel needs the sequence each rank holds, "
-                          f"model.seq_len / parallel.cp = {model.seq_len // layout.cp}, "
-                          f"divisible by parallel.tp ({tp})",
+        held = (f"model.seq_len / parallel.cp ({model.seq_len // layout.cp})" if layout.cp > 1
+                else f"model.seq_len ({model.seq_len})")
+        raise ConfigError(f"parallel.sequence_parallel needs {held} divisible by "
+                          f"parallel.tp ({tp})",
                           "change model.seq_len or parallel.tp, or set "
                           "parallel.sequence_parallel=false")
 
@@ -373,6 +374,11 @@ TRAIN_RULES = {
     "train.max_skipped_steps": NON_NEGATIVE_INT,
     "train.progress_bar": BOOL,
     "train.timeline": BOOL,
+    "train.sample": BOOL,
+    "train.sample_tokens": POSITIVE_INT,
+    "train.sample_temperature": NON_NEGATIVE,
+    "logging.log_interval": POSITIVE_INT,
+    "logging.peak_tflops": or_null(POSITIVE),  # MFU's denominator (nanomt.flops)
     "checkpoint.dir": or_null(TEXT),
     "checkpoint.interval": NON_NEGATIVE_INT,  # 0: only on train.exit_after or SIGTERM
     "checkpoint.keep_last": NON_NEGATIVE_INT,  # 0: keep every checkpoint
@@ -393,6 +399,11 @@ def check_train(cfg: DictConfig) -> None:
     if t.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={t.device} but no CUDA device is available",
                           "set train.device=auto or train.device=cpu")
+    if t.get("eval_tasks"):  # read now, not at the first validation pass
+        from nanomt.eval.tasks import load_task
+
+        for spec in OmegaConf.to_container(t.eval_tasks, resolve=True):
+            load_task(spec, key="train.eval_tasks")
     if t.precision == "fp16":
         check_fields(cfg, LOSS_SCALE_RULES)
         if t.loss_scale.min > t.loss_scale.initial:

@@ -83,4 +83,11 @@ def exit_with(error: NanomtError) -> None:
     if rank == 0 or not error.same_on_every_rank:
         prefix = "" if error.same_on_every_rank else f"[rank {rank}] "
         print(f"{prefix}nanomt: error: {error}", file=sys.stderr, flush=True)
+    if error.exit_code == ExitCode.COMMUNICATION:
+        # A peer died or stalled: the process group's threads may still be blocked on it, and
+        # tearing them down at interpreter exit can abort the process (std::terminate), which
+        # would hide this exit code. Leave at once instead; nothing is left to save.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(error.exit_code))
     sys.exit(int(error.exit_code))

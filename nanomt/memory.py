@@ -106,14 +106,15 @@ def _storage_key(value) -> int:
 
 
 def memory_report(optimizer: ShardedAdamW, peak_activation_bytes: int | None,
-                  grid: ParallelGrid | None) -> list[dict]:
+                  grid: ParallelGrid | None, peak_process_bytes: int | None = None) -> list[dict]:
     """Every rank's accounting, gathered onto every rank (rank order): model-state bytes now
     (between steps) and at the step's peak (`after_backward`: the last step's gradients
     complete, before the update; `grads_peak_in_backward`: the most gradient bytes held at once
-    during that backward, in-flight full buckets included)."""
+    during that backward, in-flight full buckets included; `peak_process_bytes`: the most the
+    process held, nanomt.metrics.peak_memory_bytes)."""
     after_backward = optimizer.memory_after_backward
     mine = {"rank": grid.rank if grid is not None else 0, **optimizer.memory(),
-            "peak_activations": peak_activation_bytes,
+            "peak_activations": peak_activation_bytes, "peak_process": peak_process_bytes,
             "after_backward": after_backward,  # the model-state peak: gradients complete
             "peak_model_state": sum(after_backward.get(k, 0)
                                     for k in ("params", "grads", "optimizer_state"))}

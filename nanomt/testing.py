@@ -12,6 +12,8 @@ Guarantees:
     hanging the suite: every collective also carries the process-group timeout,
   - results come back through torch.save bytes, so tensors survive the child exiting.
 
+`ConnectionCounter` stands in for a server (W&B's) and counts what connects to it.
+
 `step_dtypes(cfg, run_dir)` reports the dtypes one training step really uses (mixed-precision
 tests assert them instead of trusting a loss gap).
 """
@@ -23,6 +25,7 @@ import io
 import os
 import queue
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -150,3 +153,48 @@ def step_dtypes(cfg: DictConfig, run_dir: Path) -> dict[str, set[torch.dtype]]:
     return {"params": {p.dtype for p in params}, "autograd_grads": delivered,
             "accumulated_grads": {g.dtype for g in optimizer.buffer.local_grad_shards()},
             "masters": {shard.master.dtype for shard in optimizer.shards}}
+
+
+class ConnectionCounter:
+    """A TCP server on the loopback that records what connects to it: point a client's server
+    address here (W&B's WANDB_BASE_URL) to show it sends nothing. `http_requests` keeps the
+    first bytes of each connection that speaks HTTP (on a shared machine a stray process may
+    connect to a port it once held; that is not a request)."""
+
+    HTTP_METHODS = (b"GET", b"POST", b"PUT", b"HEAD", b"PATCH", b"DELETE", b"OPTIONS")
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.first_bytes: list[bytes] = []
+        self.stopped = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    @property
+    def http_requests(self) -> list[bytes]:
+        return [data for data in self.first_bytes if data.startswith(self.HTTP_METHODS)]
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                connection = self.sock.accept()[0]
+            except OSError:
+                continue
+            with connection:
+                connection.settimeout(2.0)
+                try:
+                    self.first_bytes.append(connection.recv(64))
+                except OSError:
+                    self.first_bytes.append(b"")
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.thread.join()
+        self.sock.close()

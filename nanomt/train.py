@@ -30,6 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from nanomt import faults
 from nanomt.checkpoint.checkpointer import Checkpointer
 from nanomt.config import CONF_DIR, Layout, check_config, compose_checked
+from nanomt.eval.generation import sample_after_training
+from nanomt.eval.tasks import score_during_training
 from nanomt.errors import (
     CommunicationError,
     ExitCode,
@@ -40,9 +42,15 @@ from nanomt.errors import (
 from nanomt.data import GlobalBatchSampler
 from nanomt.data.build import build_samplers
 from nanomt.data.rampup import schedule_position
-from nanomt.flops import flops_per_iteration
-from nanomt.logger import RunLogger, write_json_atomic
+from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration, peak_tflops
+from nanomt.logger import RunLogger, startup_tables, write_json_atomic
 from nanomt.memory import PeakMemoryMeter, memory_report
+from nanomt.metrics import (
+    is_logging_rank,
+    max_over_ranks,
+    peak_memory_bytes,
+    throughput,
+)
 from nanomt.model import GPT, ModelConfig
 from nanomt.model.checkpointing import set_activation_checkpointing
 from nanomt.model.chunks import build_model_chunks
@@ -125,7 +133,10 @@ class Trainer:
     timeline: Timeline | None
     start_step: int
     flops_per_step: float     # model FLOPs of one optimizer step (nanomt.flops)
+    hardware_flops_per_step: float  # the same, recompute counted
+    peak_tflops: float | None       # per device, for MFU (logging.peak_tflops or known GPUs)
     nonfinite_in_a_row: int = 0
+    skipped_steps: int = 0    # updates skipped so far in this launch (inf/nan)
 
     def micro_batches(self, data: GlobalBatchSampler, step: int) -> list[tuple]:
         """This dp rank's m_t = B_t / (b * dp) micro-batches of the global batch of `step` (B_t
@@ -169,14 +180,27 @@ class Trainer:
         result = self.optimizer.step()  # clip by the global norm, update (or skip: inf/nan)
         loss = mean_over_batch(loss_sum, len(micro_batches), self.grid, self.device)
         step_time = time.perf_counter() - t0
-        batch, consumed = self.train_data.batch_size(step), self.train_data.consumed_before(step + 1)
+        self.skipped_steps += int(result.skipped)
+        return self.step_metrics(step, loss, lr, result, step_time)
+
+    def step_metrics(self, step: int, loss: float, lr: float, result: Any,
+                     step_time: float) -> dict:
+        """The record of one step (nanomt.metrics): loss, optimizer state, throughput, memory."""
+        batch = self.train_data.batch_size(step)
+        consumed = self.train_data.consumed_before(step + 1)
+        share = batch / self.cfg.train.global_batch_size  # of the FLOPs, during a batch ramp-up
+        peak_memory = peak_memory_bytes(self.device)
         return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
-                "tokens": consumed * self.model_cfg.seq_len, "step_time_s": step_time,
-                "tokens_per_s": batch * self.model_cfg.seq_len / step_time,
-                "tflops_per_device": self.flops_per_step * batch / self.cfg.train.global_batch_size
-                / step_time / self.grid.world_size / 1e12,
-                "global_batch_size": batch, "consumed_samples": consumed,
-                "skipped": result.skipped}
+                "loss_scale": self.optimizer.loss_scale, "skipped": result.skipped,
+                "skipped_steps": self.skipped_steps, "global_batch_size": batch,
+                "consumed_samples": consumed, "tokens": consumed * self.model_cfg.seq_len,
+                "step_time_s": step_time,
+                **throughput(step_time, batch, self.model_cfg.seq_len,
+                             self.flops_per_step * share, self.hardware_flops_per_step * share,
+                             self.grid.world_size, self.peak_tflops),
+                "peak_memory_gb": peak_memory / 2**30,
+                "peak_memory_gb_max_rank": max_over_ranks(peak_memory, self.grid,
+                                                          self.device) / 2**30}
 
     def check_finite(self, record: dict) -> None:
         """bf16/fp32 have no loss scale to lower: a non-finite loss or gradient norm skips the
@@ -251,18 +275,22 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
                             o.decay_steps or position(cfg.train.steps))
     lr_at = lambda step: lr_curve(position(step))  # noqa: E731
     start_step = checkpointer.resume(model_chunks, optimizer, train_data)  # 0 unless train.resume
-    G = cfg.train.global_batch_size
+    G, recompute = cfg.train.global_batch_size, str(cfg.train.activation_checkpointing)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return Trainer(cfg, run_dir, model_cfg, layout, grid, device, num_microbatches, model_chunks,
                    forward_backward, optimizer, lr_at, train_data, val_data, checkpointer,
                    timeline, start_step,
-                   flops_per_step=flops_per_iteration(model_cfg, G))
+                   flops_per_step=flops_per_iteration(model_cfg, G),
+                   hardware_flops_per_step=hardware_flops_per_iteration(model_cfg, G, recompute),
+                   peak_tflops=peak_tflops(device_name, cfg.logging.get("peak_tflops")))
 
 
-def write_run_json(t: Trainer) -> None:
-    """run.json: resolved config, layout and, per rank, coordinates, host and parameters."""
+def write_run_json(t: Trainer) -> list[dict]:
+    """run.json: resolved config, layout and, per rank, coordinates, host and parameters.
+    Returns the per-rank descriptions (on every rank)."""
     ranks = describe_ranks(t.grid, torch.nn.ModuleList(t.model_chunks))  # collective
     if t.grid.rank != 0:
-        return
+        return ranks
     t.run_dir.mkdir(parents=True, exist_ok=True)
     layout = {"tp": t.layout.tp, "pp": t.layout.pp, "dp": t.layout.dp,
               "virtual_stages": t.layout.virtual_stages, "schedule": str(t.cfg.parallel.schedule),
@@ -272,6 +300,7 @@ def write_run_json(t: Trainer) -> None:
         "layout": layout, "num_microbatches": t.num_microbatches,
         "model_parameters": t.model_cfg.num_parameters(), "ranks": ranks,
         "started": datetime.now().isoformat(timespec="seconds")})
+    return ranks
 
 
 @contextlib.contextmanager
@@ -302,16 +331,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
     """Set up, then the loop: step, evaluate, log, checkpoint."""
     t = setup(cfg, run_dir)
-    write_run_json(t)
+    ranks = write_run_json(t)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     steps, layout = cfg.train.steps, t.layout
-    logger = RunLogger(run_dir, t.grid.rank == 0, steps, t.start_step,
-                       resolved["logging"]["wandb"], resolved, cfg.train.progress_bar)
+    logger = RunLogger(run_dir, is_logging_rank(t.grid), steps, t.start_step,
+                       resolved["logging"]["wandb"], resolved, cfg.train.progress_bar,
+                       log_interval=int(cfg.logging.get("log_interval", 10)))
     logger.print(f"nanomt: {t.model_cfg.num_parameters():,} parameters, layout tp={layout.tp} "
                  f"pp={layout.pp} dp={layout.dp}, {t.num_microbatches} micro-batches/step, "
                  f"run folder {run_dir}")
+    logger.print(startup_tables(ranks))
     if t.checkpointer.resumed_from:
         logger.print(f"resumed from {t.checkpointer.resumed_from} at step {t.start_step}")
+    logger.start_progress()  # after the start-up lines
 
     record, val_loss, steps_done = {"loss": float("nan")}, float("nan"), t.start_step
     activation_meter = PeakMemoryMeter()  # watches the first step's forward and backward
@@ -322,6 +354,11 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
         interval = cfg.train.eval_interval
         if (interval and (step + 1) % interval == 0) or step + 1 == steps:
             val_loss = record["val_loss"] = t.evaluate()
+            record["val_ppl"] = math.exp(min(val_loss, 50.0))  # capped: exp overflows past ~709
+            if cfg.train.get("eval_tasks") and not layout.sequence_parallel and layout.cp == 1:
+                record.update(score_during_training(
+                    t.model_chunks, t.grid, cfg.data.tokenizer,
+                    OmegaConf.to_container(cfg.train.eval_tasks, resolve=True)))
         logger.log_step(record)
         t.check_finite(record)
         steps_done = step + 1
@@ -338,13 +375,23 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
     if t.timeline is not None:
         t.timeline.save(run_dir / "timeline" / f"rank{t.grid.rank}.json")
     elapsed = time.perf_counter() - t_start
+    if cfg.train.get("sample") and t.checkpointer.stopped_by != "preemption":
+        text = sample_after_training(t.model_chunks, t.grid, cfg.data.tokenizer,
+                                     str(cfg.train.sample_prompt), int(cfg.train.sample_tokens),
+                                     float(cfg.train.sample_temperature), int(cfg.train.seed))
+        logger.print(f"nanomt sample:\n{text}" if text is not None else
+                     "nanomt sample: skipped under sequence or context parallelism; use "
+                     "nanomt.generate")
     seq_len, consumed = t.model_cfg.seq_len, t.train_data.consumed_before  # ramp-up aware
     tokens_this_launch = (consumed(steps_done) - consumed(t.start_step)) * seq_len
     summary = {"steps": steps_done, "final_loss": record["loss"], "val_loss": val_loss,
                "tokens": consumed(steps_done) * seq_len, "time_s": elapsed,
                "tokens_per_s": tokens_this_launch / max(elapsed, 1e-9),
-               "stopped_by": t.checkpointer.stopped_by,
-               "memory_per_rank": memory_report(t.optimizer, activation_meter.peak_bytes, t.grid)}
+               "stopped_by": t.checkpointer.stopped_by, "skipped_steps": t.skipped_steps,
+               "logged_by": {"rank": t.grid.rank, "tp": t.grid.tp_rank, "cp": t.grid.cp_rank,
+                             "pp": t.grid.pp_rank, "dp": t.grid.dp_rank},
+               "memory_per_rank": memory_report(t.optimizer, activation_meter.peak_bytes, t.grid,
+                                                peak_memory_bytes(t.device))}
     logger.finish(summary)
     return summary
 

@@ -77,3 +77,22 @@ def test_mfu_is_achieved_over_peak():
     # MT-NLG counted without recompute: its 126 TFLOP/s with recompute is about 30% MFU
     assert model_flops_utilization(MTNLG, 1920, 60.1, 2240, 312e12) == pytest.approx(0.3024,
                                                                                      abs=5e-4)
+
+
+def test_hardware_flops_count_what_each_recompute_mode_reruns():
+    # none: the model once; full: + one forward of every layer, 24 B s l h^2 + 4 B s^2 l h
+    # (the 96 formula); selective: + the attention core's forward alone, 4 B s^2 l h
+    from nanomt.flops import hardware_flops_per_iteration
+
+    B, s, l, h, V = 8, 1024, 12, 768, 50304
+    gpt2 = ModelConfig(num_layers=l, hidden_size=h, num_heads=12, seq_len=s, vocab_size=50257)
+    model = expanded(B, s, l, h, V, False)
+    assert hardware_flops_per_iteration(gpt2, B, "none", V) == pytest.approx(model, rel=1e-12)
+    assert hardware_flops_per_iteration(gpt2, B, "selective", V) == pytest.approx(
+        model + 4 * B * s * s * l * h, rel=1e-12)
+    assert hardware_flops_per_iteration(gpt2, B, "full", V) == pytest.approx(
+        model + 24 * B * s * l * h * h + 4 * B * s * s * l * h, rel=1e-12)
+    assert hardware_flops_per_iteration(gpt2, B, "full", V) == pytest.approx(
+        expanded(B, s, l, h, V, True), rel=1e-12)
+    with pytest.raises(ValueError, match="recompute"):
+        hardware_flops_per_iteration(gpt2, B, "sometimes")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanomt.model.config import ModelConfig
+from nanomt.model.kv_cache import KVCache
 from nanomt.model.layers import TransformerLayer, make_norm
 from nanomt.parallel import comm
 from nanomt.parallel.context_parallel import cp_rank_and_size, local_positions
@@ -93,11 +94,12 @@ class GPT(nn.Module):
         describe_parameters(self)
 
     # ---- pieces of forward -------------------------------------------------------------------
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [b, s] -> hidden [b, s, h] (or [b, s/t, h] under sequence parallelism)."""
+    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """tokens [b, s] at positions start.. -> hidden [b, s, h] (or [b, s/t, h] under sequence
+        parallelism); start > 0 when earlier tokens sit in a KV cache."""
         hidden = self.word_embedding(tokens)  # under SP already reduce-scattered: [b, s/t, h]
         if self.cfg.style == "gpt":
-            positions = self.position_embedding[: tokens.shape[1]]
+            positions = self.position_embedding[start: start + tokens.shape[1]]
             if self.cp_size > 1:  # this rank's two chunks of the sequence
                 positions = self.position_embedding[local_positions(
                     tokens.shape[1] * self.cp_size, self.cp_rank, self.cp_size, tokens.device)]
@@ -123,15 +125,19 @@ class GPT(nn.Module):
         return parallel_lm_logits(hidden, self.output_weight(), self.tp_group,
                                   self.sequence_parallel)
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """First chunk takes token ids, later chunks the previous chunk's hidden state.
 
         Returns the hidden state (not the last chunk), the local logits shard (last chunk, no
         targets) or the mean cross-entropy loss over all tokens (last chunk, with targets).
+        With a KV cache (generation) `inputs` are only the new tokens, after `cache.length`
+        cached ones.
         """
-        hidden = self.embed(inputs) if self.pre_process else inputs
-        for layer in self.layers:
-            hidden = layer(hidden)
+        start = cache.length if cache is not None else 0
+        hidden = self.embed(inputs, start) if self.pre_process else inputs
+        for index, layer in zip(self.layer_range, self.layers):
+            hidden = layer(hidden, cache.layer(index) if cache is not None else None)
         if not self.post_process:
             return hidden
         logits = self.head(hidden)

@@ -22,6 +22,7 @@ from torch import nn
 
 from nanomt.model.checkpointing import checkpoint
 from nanomt.model.config import ModelConfig
+from nanomt.model.kv_cache import LayerKVCache
 from nanomt.parallel.comm import Group
 from nanomt.parallel.context_parallel import cp_rank_and_size, local_positions, ring_attention
 from nanomt.parallel.random import TensorParallelRNG
@@ -53,11 +54,14 @@ def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor,
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + d/2]) of x [b, heads, s, d] (the "rotate half" convention)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0
+               ) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + d/2]) of x [b, heads, s, d] (the "rotate half" convention);
+    x's first token sits at position `start` (past tokens held in a KV cache)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos[: x.shape[-2]].to(x.dtype), sin[: x.shape[-2]].to(x.dtype)
+    positions = slice(start, start + x.shape[-2])
+    cos, sin = cos[positions].to(x.dtype), sin[positions].to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
@@ -96,19 +100,31 @@ class ParallelAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p,
                                                   is_causal=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cache: LayerKVCache) -> torch.Tensor:
+        """The new tokens' queries against the cached and new keys (nanomt.model.kv_cache):
+        query i sits at position past + i and sees keys 0 .. past + i."""
+        past = cache.length
+        k, v = cache.append(k, v)
+        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible.tril(diagonal=past))
+
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         qkv = self.qkv(x)  # [b, s, 3h/t] (full sequence even under SP)
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.heads_per_rank, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each [b, heads/t, s, d]
+        start = cache.length if cache is not None else 0
         if self.use_rope:
             cos, sin = self.rope_cos, self.rope_sin
             if self.cp_size > 1:  # this rank's tokens sit at two places of the full sequence
                 positions = local_positions(s * self.cp_size, self.cp_rank, self.cp_size, x.device)
                 cos, sin = cos[positions], sin[positions]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin, start), apply_rope(k, cos, sin, start)
         if self.cp_size > 1:  # saves only q, k, v, out and lse: already selective
             out = ring_attention(q, k, v, self.cp_group)
+        elif cache is not None:
+            out = self.cached_attention(q, k, v, cache)
         elif self.recompute == "selective" and torch.is_grad_enabled():
             out = checkpoint(self.core_attention, q, k, v, rng=self.rng)  # keep only q, k, v
         else:
@@ -171,11 +187,11 @@ class TransformerLayer(nn.Module):
                 return F.dropout(x, self.dropout_p, training=True)
         return F.dropout(x, self.dropout_p, training=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         if self.recompute == "full" and torch.is_grad_enabled():
             return checkpoint(self.layer, x, rng=self.rng)  # keep only the input x
-        return self.layer(x)
+        return self.layer(x, cache)
 
-    def layer(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.residual_dropout(self.attention(self.norm1(x)))
+    def layer(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        x = x + self.residual_dropout(self.attention(self.norm1(x), cache))
         return x + self.residual_dropout(self.mlp(self.norm2(x)))

@@ -143,6 +143,15 @@ def all_gather(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
+def broadcast(tensor: torch.Tensor, src: int, group: Group) -> torch.Tensor:
+    """In-place: every rank of `group` receives global rank `src`'s `tensor`; returns it."""
+    if group_size(group) == 1:
+        return tensor
+    _record("broadcast", tensor.numel(), group)
+    dist.broadcast(tensor, src=src, group=group)
+    return tensor
+
+
 def reduce_scatter(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """Sum `tensor` over the group and keep this rank's slice of it along `dim`."""
     world = group_size(group)

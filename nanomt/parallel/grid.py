@@ -92,8 +92,8 @@ class ParallelGrid:
         self.model_parallel_ranks = self.ranks[:, d, c, :].flatten().tolist()
         if world_size > 1:
             self._build_groups()
-            for name in ("tp", "cp", "pp", "dp", "grad_sync", "embedding", "model_parallel"):
-                comm.name_group(getattr(self, f"{name}_group"), name)
+            for name in ("tp", "cp", "pp", "grad_sync", "dp", "embedding", "model_parallel"):
+                comm.name_group(getattr(self, f"{name}_group"), name)  # dp wins when cp=1
 
     def _new_group(self, ranks: list[int]):
         return dist.new_group(ranks, timeout=self.timeout)
@@ -114,6 +114,9 @@ class ParallelGrid:
         for name, free_dims in (("tp", (TP,)), ("cp", (CP,)), ("dp", (DP,)),
                                 ("grad_sync", (DP, CP)), ("pp", (PP,)),
                                 ("model_parallel", (PP, TP))):
+            if name == "grad_sync" and self.cp_size == 1:  # the same ranks as dp: one group
+                self.grad_sync_group = self.dp_group
+                continue
             for members in self._groups_along(free_dims):
                 group = self._new_group(members)
                 if self.rank in members:

@@ -100,6 +100,8 @@ class NormalInit:
         local_shape = list(shape)
         local_shape[dim] = len(indices)
         out = torch.empty(local_shape)
+        if out.is_meta:
+            return out  # built under torch.device("meta"): a shape, nothing to draw
         slice_shape = shape[:dim] + shape[dim + 1:]
         for local, index in enumerate(indices):
             generator = torch.Generator().manual_seed(slice_seed(self.seed, self.name, index))

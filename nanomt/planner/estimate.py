@@ -1,0 +1,198 @@
+"""The plan of one layout: parameters, bytes per GPU, pipeline bubble, FLOPs and step time.
+
+For a model on tp x cp x pp (x v virtual stages) x dp GPUs, with global batch G of
+micro-batches b (context parallelism: a rank holds s/cp tokens of every sequence, so below s
+stands for s/cp; the dp x cp ranks of a (tp, pp) position hold the same weights):
+
+    micro-batches per step   m = G / (b dp)
+    bubble                   (p - 1) / (v m)          (Narayanan et al. 2021, section 2.2)
+    model state per GPU      ZeRO's formulas on the largest rank's Psi parameters, sharded
+                             over dp x cp (nanomt.memory.zero_formula_bytes)
+    activations per GPU      the most bytes in flight on any pipeline rank: walk its schedule
+                             (nanomt.parallel.pipeline.schedules), adding a chunk's bytes at each
+                             forward and removing them at its backward. A chunk keeps per
+                             micro-batch l/(p v) layers x Korthikanti et al.'s per-layer bytes
+                             (nanomt.memory.activation_bytes_per_layer; the embedding's output
+                             is the first layer's input, counted there), plus, on the last, the
+                             final norm's and the head's inputs (2 e s b h) and the fp32 logits
+                             with the cross-entropy's softmax (2 x 4 s b V_padded / t); the
+                             e s b h terms / t under sequence parallelism. At the backward's
+                             peak the gradients flowing through one MLP (2 e s b f / t) and,
+                             with pp > 1, the pipeline's receive buffers (2 e s b h) live
+                             beside them.
+    ZeRO-3 working set       the gathered parameters of the layers in use and their gradients
+                             before the reduce-scatter: (1 + prefetch) layers of the rank's
+                             tensor-parallel shard, whole over dp
+    FLOPs per iteration      F, the paper's count (nanomt.flops: 96 B s l h^2 (...), full
+                             recompute), and the hardware FLOPs of the configured recompute
+    step time                hardware FLOPs / (GPUs x TFLOP/s per GPU); tokens/s = G s / time
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration
+from nanomt.memory import activation_bytes_per_layer, zero_formula_bytes
+from nanomt.model.config import ModelConfig
+from nanomt.parallel.pipeline.schedules import schedule_order
+from nanomt.planner.params import layer_params, params_on_pipeline_rank
+
+GIB = 2**30
+# (parameter, gradient, optimizer-state) bytes per parameter: fp32 keeps Adam's two moments;
+# bf16/fp16 add an fp32 master copy (K = 12), and gradients are fp32 unless fp32_grads is off.
+STATE_BYTES = {"fp32": 8, "bf16": 12, "fp16": 12}
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """A layout and its batch, as the training config states them (parallel.*, train.*)."""
+
+    tp: int
+    pp: int
+    dp: int
+    cp: int = 1
+    virtual_stages: int = 1
+    schedule: str = "1f1b"
+    zero_stage: int = 0
+    zero3_prefetch: int = 1
+    micro_batch: int = 1
+    global_batch: int = 1
+    sequence_parallel: bool = False
+    recompute: str = "none"         # train.activation_checkpointing
+    precision: str = "bf16"
+    fp32_grads: bool = True
+    gpu_memory_gb: float = 80.0     # plan.gpu_memory_gb: what the layout must fit in
+    tflops_per_gpu: float = 126.0   # plan.tflops_per_gpu: the throughput to estimate time at
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.cp * self.pp * self.dp
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch // (self.micro_batch * self.dp)
+
+
+@dataclass
+class Plan:
+    inputs: PlanInputs
+    params_total: int
+    params_per_rank: int              # the largest rank's (all its tp ranks hold as many)
+    largest_pp_rank: int
+    bytes_per_gpu: dict[str, float]   # weights, grads, optimizer, activations, zero3_gathered
+    activation_pp_rank: int           # the pipeline rank with the most activations in flight
+    microbatches_in_flight: int       # its most forwards awaiting their backward at once
+    bubble_fraction: float
+    flops_per_iteration: float        # F, the paper's formula (full recompute)
+    hardware_flops_per_iteration: float
+    model_flops_per_iteration: float
+    step_time_s: float
+    tokens_per_s: float
+    advice: list[str] = field(default_factory=list)  # empty when the layout fits
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.bytes_per_gpu.values())
+
+    @property
+    def fits(self) -> bool:
+        return not self.advice
+
+
+def chunk_activation_bytes(cfg: ModelConfig, x: PlanInputs, chunk: int, num_chunks: int) -> float:
+    """Bytes one micro-batch leaves in chunk `chunk` of `num_chunks` until its backward."""
+    s, b, h, t = cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, x.tp
+    e = 4 if x.precision == "fp32" else 2
+    per_layer = activation_bytes_per_layer(
+        s, b, h, cfg.num_heads, tp=t, sequence_parallel=x.sequence_parallel,
+        recompute=x.recompute, dropout=cfg.dropout > 0 or cfg.attention_dropout > 0,
+        flash=True, bytes_per_element=e, ffn_hidden=cfg.ffn_hidden_size)
+    whole = e * s * b * h / (t if x.sequence_parallel else 1)
+    total = cfg.num_layers // num_chunks * per_layer
+    if chunk == num_chunks - 1:
+        total += 2 * whole + 2 * 4 * s * b * cfg.padded_vocab_size(t) / t
+    return total
+
+
+def backward_working_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
+    """Gradients in flight through one MLP, and the pipeline's receive buffers."""
+    s, b, h, t = cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, x.tp
+    e = 4 if x.precision == "fp32" else 2
+    receive = 2 * e * s * b * h / (t if x.sequence_parallel else 1) if x.pp > 1 else 0
+    return 2 * e * s * b * cfg.ffn_hidden_size / t + receive
+
+
+def peak_activations(cfg: ModelConfig, x: PlanInputs) -> tuple[float, int, int]:
+    """(most activation bytes on any pipeline rank, that rank, its most micro-batches in
+    flight): the kept activations at their peak, plus the backward's working set."""
+    p, v, m = x.pp, x.virtual_stages, x.num_microbatches
+    best = (0.0, 0, 0)
+    for rank in range(p):
+        kept = [chunk_activation_bytes(cfg, x, j * p + rank, p * v) for j in range(v)]
+        live = peak = 0.0
+        in_flight = most_in_flight = 0
+        for op in schedule_order(x.schedule, p, rank, m, v):
+            sign = 1 if op.kind == "F" else -1
+            live += sign * kept[op.chunk]
+            in_flight += sign
+            peak, most_in_flight = max(peak, live), max(most_in_flight, in_flight)
+        if peak > best[0]:
+            best = (peak, rank, most_in_flight)
+    return best[0] + backward_working_bytes(cfg, x), best[1], best[2]
+
+
+def make_plan(cfg: ModelConfig, x: PlanInputs) -> Plan:
+    """The plan of layout `x` for model `cfg` (module docstring)."""
+    per_rank = [params_on_pipeline_rank(cfg, x.tp, x.pp, x.virtual_stages, r) for r in range(x.pp)]
+    psi = max(per_rank)
+    param_bytes = 4 if x.precision == "fp32" else 2
+    grad_bytes = 4 if x.precision == "fp32" or x.fp32_grads else 2
+    state = zero_formula_bytes(psi, x.dp * x.cp, x.zero_stage, param_bytes, grad_bytes,
+                               STATE_BYTES[x.precision])
+    activations, activation_rank, in_flight = peak_activations(cfg, x)
+    gathered = 0.0
+    if x.zero_stage >= 3:
+        gathered = (1 + x.zero3_prefetch) * layer_params(cfg, x.tp) * (param_bytes + grad_bytes)
+    G, padded = x.global_batch, cfg.padded_vocab_size(x.tp)
+    hardware = hardware_flops_per_iteration(cfg, G, x.recompute, padded)
+    step_time = hardware / (x.num_gpus * x.tflops_per_gpu * 1e12)
+    plan = Plan(
+        inputs=x, params_total=cfg.num_parameters(), params_per_rank=psi,
+        largest_pp_rank=per_rank.index(psi),
+        bytes_per_gpu={"weights": state["params"], "grads": state["grads"],
+                       "optimizer": state["optimizer_state"], "activations": activations,
+                       "zero3_gathered": gathered},
+        activation_pp_rank=activation_rank, microbatches_in_flight=in_flight,
+        bubble_fraction=(x.pp - 1) / (x.virtual_stages * x.num_microbatches),
+        flops_per_iteration=flops_per_iteration(cfg, G, padded, full_recompute=True),
+        hardware_flops_per_iteration=hardware,
+        model_flops_per_iteration=flops_per_iteration(cfg, G, padded),
+        step_time_s=step_time, tokens_per_s=G * cfg.seq_len / step_time)
+    plan.advice = advice(plan)
+    return plan
+
+
+def advice(plan: Plan) -> list[str]:
+    """What to change when the plan does not fit plan.gpu_memory_gb (empty when it fits)."""
+    x, b = plan.inputs, plan.bytes_per_gpu
+    if plan.total_bytes <= x.gpu_memory_gb * GIB:
+        return []
+    state = b["weights"] + b["grads"] + b["optimizer"]
+    tips = [f"needs {plan.total_bytes / GIB:.1f} GiB per GPU, more than plan.gpu_memory_gb="
+            f"{x.gpu_memory_gb:g}"]
+    if b["activations"] > state:
+        if x.recompute != "full":
+            tips.append("activations dominate: set train.activation_checkpointing=full "
+                        "(or selective)")
+        if x.tp > 1 and not x.sequence_parallel:
+            tips.append("set parallel.sequence_parallel=true (activations / tp)")
+        tips.append(f"raise parallel.cp (now {x.cp}): activations / cp")
+        if x.micro_batch > 1:
+            tips.append("lower train.micro_batch_size")
+    else:
+        if x.zero_stage < 3 and x.dp * x.cp > 1:
+            tips.append(f"raise parallel.zero_stage (now {x.zero_stage}) to shard model state "
+                        "over dp")
+        tips.append("raise parallel.tp or parallel.pp (fewer parameters per GPU)")
+    return tips

@@ -1,0 +1,74 @@
+"""The plan as a person reads it (a table) and as a program reads it (JSON)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from nanomt.planner.estimate import GIB, Plan
+
+
+def plan_json(plan: Plan, meta_shard_params: int | None,
+              iteration_time_s: float | None = None) -> dict:
+    """Every number of the table; `meta_shard_params` is the meta-device count (or None)."""
+    x = plan.inputs
+    out = {"inputs": asdict(x), "num_gpus": x.num_gpus, "num_microbatches": x.num_microbatches,
+           "params_total": plan.params_total, "params_per_rank": plan.params_per_rank,
+           "largest_pp_rank": plan.largest_pp_rank, "meta_shard_params": meta_shard_params,
+           "bytes_per_gpu": {**plan.bytes_per_gpu, "total": plan.total_bytes},
+           "activation_pp_rank": plan.activation_pp_rank,
+           "microbatches_in_flight": plan.microbatches_in_flight,
+           "bubble_fraction": plan.bubble_fraction,
+           "flops_per_iteration": plan.flops_per_iteration,
+           "hardware_flops_per_iteration": plan.hardware_flops_per_iteration,
+           "model_flops_per_iteration": plan.model_flops_per_iteration,
+           "step_time_s": plan.step_time_s, "tokens_per_s": plan.tokens_per_s,
+           "fits": plan.fits, "advice": plan.advice}
+    if iteration_time_s:
+        out["iteration_time_s"] = iteration_time_s
+        out["achieved_tflops_per_gpu"] = achieved_tflops(plan, iteration_time_s)
+    return out
+
+
+def achieved_tflops(plan: Plan, iteration_time_s: float) -> float:
+    """The paper's TFLOP/s per GPU: F / (iteration time x GPUs)."""
+    return plan.flops_per_iteration / (iteration_time_s * plan.inputs.num_gpus) / 1e12
+
+
+def plan_table(plan: Plan, meta_shard_params: int | None,
+               iteration_time_s: float | None = None) -> str:
+    """The readable table tools/plan.py prints."""
+    x, b = plan.inputs, plan.bytes_per_gpu
+    layout = (f"tp={x.tp} cp={x.cp} pp={x.pp} v={x.virtual_stages} dp={x.dp} "
+              f"({x.num_gpus} GPUs), "
+              f"ZeRO-{x.zero_stage}, {x.precision}, SP={'on' if x.sequence_parallel else 'off'}, "
+              f"recompute={x.recompute}, {x.schedule}")
+    meta = ("not built" if meta_shard_params is None else f"{meta_shard_params:,} "
+            + ("(equal)" if meta_shard_params == plan.params_per_rank else "(DIFFERS)"))
+    rows = [("layout", layout),
+            ("batch", f"global {x.global_batch}, micro {x.micro_batch}, "
+                      f"{x.num_microbatches} micro-batches per step"),
+            ("parameters, total", f"{plan.params_total:,} ({plan.params_total / 1e9:.1f}B)"),
+            ("parameters, largest rank", f"{plan.params_per_rank:,} (pipeline rank "
+                                         f"{plan.largest_pp_rank})"),
+            ("  meta-device shard", meta)]
+    for kind in ("weights", "grads", "optimizer", "activations", "zero3_gathered"):
+        if kind == "zero3_gathered" and x.zero_stage < 3:
+            continue
+        rows.append((f"GiB per GPU, {kind}", f"{b[kind] / GIB:,.2f}"))
+    rows.append(("GiB per GPU, total", f"{plan.total_bytes / GIB:,.2f} of "
+                                       f"{x.gpu_memory_gb:g}"))
+    rows += [("  activations from", f"pipeline rank {plan.activation_pp_rank}, "
+                                    f"{plan.microbatches_in_flight} micro-batch passes in flight"),
+             ("pipeline bubble", f"{plan.bubble_fraction:.4f} = (p-1)/(v m)"),
+             ("F per iteration (paper)", f"{plan.flops_per_iteration / 1e15:,.1f} PFLOP"),
+             ("hardware FLOPs", f"{plan.hardware_flops_per_iteration / 1e15:,.1f} PFLOP "
+                                f"(recompute={x.recompute})"),
+             ("model FLOPs", f"{plan.model_flops_per_iteration / 1e15:,.1f} PFLOP"),
+             (f"at {x.tflops_per_gpu:g} TFLOP/s/GPU", f"{plan.step_time_s:,.2f} s per step, "
+                                                    f"{plan.tokens_per_s:,.0f} tokens/s")]
+    if iteration_time_s:
+        rows.append((f"measured {iteration_time_s:g} s/iteration",
+                     f"{achieved_tflops(plan, iteration_time_s):.1f} TFLOP/s per GPU (F)"))
+    rows.append(("fits", "yes" if plan.fits else "NO: " + "; ".join(plan.advice)))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
