@@ -48,11 +48,15 @@ def zero_formula_bytes(num_params: int, dp: int, stage: int, param_bytes: int = 
 
 
 class PeakMemoryMeter(TorchDispatchMode):
-    """with PeakMemoryMeter() as meter: ...  ->  meter.peak_bytes (storages created inside)."""
+    """with PeakMemoryMeter() as meter: ...  ->  meter.peak_bytes (storages created inside).
+
+    A storage counts from the op that creates it until it is freed, at its current size (a
+    storage resized in place, as ZeRO-3's gathered buffers are, counts what it holds after
+    each op). Outputs on an input's storage (views, in-place results) are no new memory."""
 
     def __init__(self):
         super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.live: dict[int, StorageWeakRef] = {}  # storage identity -> weak reference
         self.current_bytes = 0
         self.peak_bytes = 0
 
@@ -60,23 +64,45 @@ class PeakMemoryMeter(TorchDispatchMode):
         """`with meter.watch(cond):` measures only when cond holds."""
         return self if enabled else contextlib.nullcontext()
 
-    def _forget_freed(self) -> None:
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.current_bytes -= self.live.pop(key)[1]
+    def _refresh(self) -> None:
+        """Forget freed storages; re-read the size of the others."""
+        total = 0
+        for key in list(self.live):
+            ref = self.live[key]
+            if ref.expired():
+                del self.live[key]
+            else:
+                total += torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes()
+        self.current_bytes = total
+
+    def bytes_now(self) -> int:
+        """The bytes of the storages created inside that are still alive now."""
+        self._refresh()
+        return self.current_bytes
+
+    def __exit__(self, *exc_info):
+        self._refresh()  # current_bytes on leaving: what is still alive then
+        return super().__exit__(*exc_info)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self._forget_freed()
+        # e.g. weight.t() of a weight that existed before the meter started: not counted
+        held = {_storage_key(t) for t in tree_flatten((args, kwargs))[0]}
+        self._refresh()
         for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-                continue
-            storage = tensor.untyped_storage()
-            key = storage.data_ptr()
-            if key and key not in self.live:
-                self.live[key] = (StorageWeakRef(storage), storage.nbytes())
-                self.current_bytes += storage.nbytes()
+            key = _storage_key(tensor)
+            if key and key not in self.live and key not in held:
+                self.live[key] = StorageWeakRef(tensor.untyped_storage())
+                self.current_bytes += tensor.untyped_storage().nbytes()
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
         return out
+
+
+def _storage_key(value) -> int:
+    """The identity of a tensor's storage, stable across resizes (0: not a tensor, or meta)."""
+    if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+        return 0
+    return value.untyped_storage()._cdata
 
 
 def memory_report(optimizer: ShardedAdamW, peak_activation_bytes: int | None,

@@ -255,7 +255,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     checkpointer = Checkpointer(cfg, run_dir, model_cfg, layout, grid, device)
     checkpointer.check_folder()  # writable and shared by every rank, before anything is built
 
-    model_chunks = build_model(model_cfg, layout, grid, cfg.train.seed, device)
+    # On the meta device: build_optimizer draws each tensor into its bucket (ZeRO-3: its shard)
+    model_chunks = build_model(model_cfg, layout, grid, cfg.train.seed, torch.device("meta"))
     set_activation_checkpointing(model_chunks, cfg.train.activation_checkpointing)
     forward_backward = get_forward_backward_func(layout, cfg.parallel.schedule)
     timeline = Timeline({"rank": grid.rank, "pp_rank": grid.pp_rank, "tp_rank": grid.tp_rank,
@@ -264,7 +265,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
                          "num_microbatches": num_microbatches}) if cfg.train.timeline else None
     # Data parallelism (gradient buckets reduced during backward, ZeRO sharding) is the
     # optimizer's buffer; the optimizer holds the fp32 shard state (nanomt.optim.build).
-    optimizer = build_optimizer(model_chunks, cfg, grid)
+    optimizer = build_optimizer(model_chunks, cfg, grid, device=device)
     o = cfg.optim
     train_data, val_data = build_data(cfg, model_cfg)
     # the LR schedule counts steps, samples or tokens (optim.schedule_unit; same with ramp-up)

@@ -14,6 +14,7 @@ import torch
 from nanomt.checkpoint import load_checkpoint, save_checkpoint
 from nanomt.model import GPT, ModelConfig
 from nanomt.parallel.grid import ParallelGrid
+from nanomt.parallel.param_info import param_info
 from nanomt.testing import run_distributed
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -51,7 +52,7 @@ def random_nanomt_model(cfg: ModelConfig, grid=None) -> GPT:
                 noise[cfg.vocab_size:] = 0  # padding rows stay zero
             full_param.add_(noise)
             if grid is not None:  # take my tp slice of the full noisy parameter
-                dim = getattr(param, "tp_split_dim", None)
+                dim = param_info(param).tp_split_dim
                 value = full_param if dim is None else full_param.chunk(
                     grid.tp_size, dim=dim)[grid.tp_rank]
                 param.copy_(value)

@@ -30,7 +30,8 @@ def test_schedule_rejects_floor_above_peak():
 
 
 def test_no_weight_decay_on_biases_and_norms():
-    model = GPT(ModelConfig(num_layers=1, hidden_size=16, num_heads=2, seq_len=8, vocab_size=50))
+    cfg = ModelConfig(num_layers=1, hidden_size=16, num_heads=2, seq_len=8, vocab_size=50)
+    model = GPT(cfg)
     decay, no_decay = parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
@@ -45,11 +46,13 @@ def test_no_weight_decay_on_biases_and_norms():
 def test_single_process_clipping_equals_torch():
     """Norm and clipped gradients equal torch.nn.utils.clip_grad_norm_ on a copy of the model,
     once clipping (max_norm far below the norm) and once leaving the gradients alone."""
-    model = GPT(ModelConfig(num_layers=1, hidden_size=16, num_heads=2, seq_len=8, vocab_size=50))
+    cfg = ModelConfig(num_layers=1, hidden_size=16, num_heads=2, seq_len=8, vocab_size=50)
+    model = GPT(cfg)
     x = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
     model(x, x).backward()
     for max_norm in (0.01, 1e4):
-        ours, theirs = copy.deepcopy(model), copy.deepcopy(model)  # deepcopy drops .grad
+        # nanomt's side is built (its parameters carry ParamInfo, which deepcopy drops)
+        ours, theirs = GPT(cfg), copy.deepcopy(model)
         for a, b, p in zip(ours.parameters(), theirs.parameters(), model.parameters()):
             a.grad, b.grad = p.grad.clone(), p.grad.clone()
         norm = clip_grad_norm(list(ours.parameters()), max_norm, grid=None)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import tempfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from nanomt.model import GPT, ModelConfig
+from nanomt.parallel.param_info import param_info
 from nanomt.parallel.pipeline.engine import deallocate_output
 from nanomt.parallel.pipeline.posting import (
     Transfer,
@@ -208,13 +208,6 @@ def reference(m: int, cfg: ModelConfig = CFG) -> tuple[torch.Tensor, dict[str, t
     return loss_sum / m, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def global_name(chunk, name: str) -> str:
-    match = re.match(r"layers\.(\d+)\.(.*)", name)
-    if match:
-        return f"layers.{chunk.layer_range[int(match[1])]}.{match[2]}"
-    return name
-
-
 def compare_grads(chunks, ref_grads, tp_rank: int, tp: int,
                   buffer=None) -> tuple[float, list[str]]:
     """Largest relative error of this rank's gradients (param.grad, or where a ZeRO-0
@@ -222,9 +215,9 @@ def compare_grads(chunks, ref_grads, tp_rank: int, tp: int,
     worst, names = 0.0, []
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            full_name = global_name(chunk, name)
+            full_name = param_info(param).name
             expected = ref_grads[full_name]
-            dim = getattr(param, "tp_split_dim", None)
+            dim = param_info(param).tp_split_dim
             if dim is not None:
                 expected = expected.chunk(tp, dim=dim)[tp_rank]
             grad = param.grad

@@ -29,6 +29,7 @@ from nanomt.parallel import comm
 from nanomt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
 from nanomt.parallel.grid import ParallelGrid
+from nanomt.parallel.param_info import param_info
 from nanomt.parallel.random import seed_everything
 from nanomt.testing import compose_config, run_distributed
 
@@ -98,7 +99,7 @@ def _init_draws(cfg: ModelConfig, grid: ParallelGrid | None) -> dict:
     with draws:
         model = GPT(cfg, grid, seed=SEED)
     split = {name: p.numel() for name, p in model.named_parameters()  # biases start at zero
-             if getattr(p, "tp_split_dim", None) is not None and name.endswith("weight")}
+             if param_info(p).tp_split_dim is not None and name.endswith("weight")}
     return {"drawn": draws.drawn, "largest": draws.largest,
             "local_numel": model.num_local_parameters(), "split_local": split}
 
@@ -125,15 +126,26 @@ def final_grad(buffer: GradientBuffer, param: torch.nn.Parameter) -> torch.Tenso
     return buffer.bucket_of[id(param)].grad_buffer[offset: offset + param.numel()].view_as(param)
 
 
+def unpadded_shape(cfg: ModelConfig, name: str, param: torch.Tensor) -> list[int]:
+    shape = list(param.shape)
+    if name in ("word_embedding.weight", "output_layer.weight"):
+        shape[0] = cfg.vocab_size
+    return shape
+
+
 def _compare_model(cfg: ModelConfig, grid: ParallelGrid, sp: bool, ref: dict) -> dict:
     inputs, targets = batch()
     model = GPT(cfg, grid, seed=SEED, sequence_parallel=sp)
     shard_errors = {}
     ref_params = dict(ref["model"].named_parameters())
     for name, p in model.named_parameters():
-        shard_errors[name] = rel_err(gathered(p.data, p.tp_split_dim, grid.tp_group),
+        shard_errors[name] = rel_err(gathered(p.data, param_info(p).tp_split_dim, grid.tp_group),
                                      ref_params[name].data)
-    split_dims = {name: p.tp_split_dim for name, p in model.named_parameters()}
+    split_dims = {name: param_info(p).tp_split_dim for name, p in model.named_parameters()}
+    # Each record's global shape is the single-process tensor's (vocabulary rows unpadded).
+    wrong_global_shapes = [name for name, p in model.named_parameters()
+                           if list(param_info(p).global_shape) != unpadded_shape(cfg, name,
+                                                                               ref_params[name])]
     layer_fwd, layer_bwd = _layer_collectives(model.layers[0], grid, sp)
 
     # Gradients go where training puts them: the data-parallel buffer (every dp rank sees the
@@ -150,11 +162,12 @@ def _compare_model(cfg: ModelConfig, grid: ParallelGrid, sp: bool, ref: dict) ->
         finalize_grads(buffer)
     grad_errors = {}
     for name, p in model.named_parameters():
-        grad_errors[name] = rel_err(gathered(final_grad(buffer, p), p.tp_split_dim,
+        grad_errors[name] = rel_err(gathered(final_grad(buffer, p), param_info(p).tp_split_dim,
                                              grid.tp_group), ref_params[name].grad)
     return {"loss": loss.item(), "loss_err": rel_err(loss.detach(), ref["loss"]),
             "logits_err": rel_err(model.full_logits(inputs), ref["logits"]),
             "shard_errors": shard_errors, "grad_errors": grad_errors, "split_dims": split_dims,
+            "wrong_global_shapes": wrong_global_shapes,
             "fwd": _count(fwd), "bwd": _count(bwd), "sp_reduce": _count(sp_reduce),
             # the data-parallel side: each bucket all-reduced over dp once, during backward
             "dp_bucket_numels": [b.padded_numel for b in buffer.buckets] if buffer.dp > 1 else [],
@@ -262,6 +275,7 @@ def test_shards_logits_loss_and_grads_match_single_process(ranks, style, tp, sp)
         assert dims["layers.0.attention.proj.weight"] == 1  # row-parallel: by input columns
         assert dims["word_embedding.weight"] == 0  # vocab-parallel
         assert dims["layers.0.norm1.weight"] is None  # replicated
+        assert r["wrong_global_shapes"] == []
 
 
 @pytest.mark.parametrize("style", ["gpt", "llama"])
@@ -401,7 +415,7 @@ TRAIN_LAYOUTS = {
 }
 # Each must fail on every rank with a ValueError naming the key, before any collective.
 BAD_CONFIGS = {
-    "world_size": (["parallel.tp=2", "parallel.dp=1"], "parallel.tp/pp/dp"),
+    "world_size": (["parallel.tp=2", "parallel.dp=1"], "parallel.tp/cp/pp/dp"),
     "heads": (["parallel.tp=4", "model.num_heads=6", "model.hidden_size=96"], "model.num_heads"),
     "sp_seq_len": (["parallel.tp=4", "parallel.sequence_parallel=true", "model.seq_len=30"],
                    "model.seq_len"),

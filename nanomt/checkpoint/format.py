@@ -12,12 +12,14 @@ and a `latest` text file beside the step folders names the newest complete one.
 
 Every tensor is stored under its name in the single-process model ("layers.7.attention.qkv.weight"
 even when this rank's pipeline chunk calls it "layers.0..."), with the full shape and the slice
-the shard holds, so any other layout can cut its own slices out again:
+the shard holds, so any other layout can cut its own slices out again. Name, shape and slice come
+from the parameter's ParamInfo (nanomt.parallel.param_info); this format knows no model names:
 
     piece = (key, name, shape, box, flat)
       shape  the full tensor's shape (vocabulary rows unpadded: tp-independent)
       box    [start, stop) per dim: the region of the full tensor this rank's tensor covers
-             (a tensor-parallel shard covers 1/t of its split dim; a replica covers all of it)
+             (a tensor-parallel shard covers 1/t of its split dim; a replica covers all of it);
+             rows of dim 0 past `shape` are padding (the vocabulary's), never stored
       flat   optional [a, b): only elements a..b-1 of the box, flattened row-major
              (a ZeRO shard of the optimizer state holds a flat range of the rank's parameters)
 
@@ -32,14 +34,15 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
-from torch import nn
-
 from nanomt.errors import ConfigError
 
 FORMAT_NAME = "nanomt-checkpoint"
 # 2: llama's SwiGLU gate and up are one tensor, layers.<i>.mlp.fc1.weight [2, ffn, h] = [gate; up]
 #    (version 1 stored them as mlp.gate.weight and mlp.fc1.weight, [ffn, h] each).
-FORMAT_VERSION = 2
+# 3: meta.json holds "parameters", every stored tensor's record (nanomt.parallel.param_info:
+#    global shape, tp split dim, sequence-parallel partial, tied group), written from the model's
+#    ParamInfo; a load checks the run's records against it.
+FORMAT_VERSION = 3
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
 # step_N.previous: the old copy while step N is saved again; step_N.abandoned: a checkpoint past
@@ -47,9 +50,6 @@ LATEST_FILE = "latest"
 PREVIOUS_SUFFIX = ".previous"
 ABANDONED_SUFFIX = ".abandoned"
 STEP_PREFIX = "step_"
-
-# Tensors whose dim 0 is the (padded) vocabulary: the padding rows are not stored.
-VOCAB_TENSORS = ("word_embedding.weight", "output_layer.weight")
 
 # Model-config fields that change the tensors a checkpoint holds or what they mean (dropout and
 # the vocabulary padding multiple do not). seq_len shapes only gpt's learned position
@@ -106,54 +106,11 @@ class Piece:
         return math.prod(stop - start for start, stop in self.box)
 
 
-# ---- names --------------------------------------------------------------------------------------
-def global_name(local_name: str, layer_range: range) -> str:
-    """"layers.<i>.rest" of a pipeline chunk -> "layers.<layer_range[i]>.rest" of the full model."""
-    parts = local_name.split(".")
-    if parts[0] == "layers":
-        parts[1] = str(layer_range[int(parts[1])])
-    return ".".join(parts)
-
-
-def named_chunk_parameters(chunk: nn.Module) -> list[tuple[str, nn.Parameter, bool]]:
-    """(full-model name, parameter, owned) for one GPT chunk.
-
-    `owned` is False for the last pipeline stage's copy of a tied word embedding: it equals the
-    first stage's, so only the first stage stores it (every stage that has it loads it)."""
-    layer_range = getattr(chunk, "layer_range", range(10**9))
-    has_embedding_input = getattr(chunk, "pre_process", True)
-    named = []
-    for local_name, param in chunk.named_parameters():
-        name = global_name(local_name, layer_range)
-        owned = not (name == "word_embedding.weight" and not has_embedding_input)
-        named.append((name, param, owned))
-    return named
-
-
 def section_key(section: str, name: str) -> str:
     return f"{section}/{name}"
 
 
 # ---- slices -------------------------------------------------------------------------------------
-def padded_box(local_shape: tuple[int, ...], split_dim: int | None, tp_rank: int,
-               tp_size: int) -> tuple[list[int], list[list[int]]]:
-    """(padded full shape, box) of a tensor-parallel shard of local shape `local_shape`."""
-    full = list(local_shape)
-    box = [[0, n] for n in local_shape]
-    if split_dim is not None and tp_size > 1:
-        n = local_shape[split_dim]
-        full[split_dim] = n * tp_size
-        box[split_dim] = [tp_rank * n, (tp_rank + 1) * n]
-    return full, box
-
-
-def logical_shape(name: str, padded_shape: list[int], vocab_size: int) -> list[int]:
-    """The stored (unpadded) shape: vocabulary tensors keep only their `vocab_size` real rows."""
-    if name in VOCAB_TENSORS:
-        return [vocab_size] + list(padded_shape[1:])
-    return list(padded_shape)
-
-
 def make_piece(key: str, name: str, tensor: torch.Tensor, shape: list[int],
                box: list[list[int]], flat: list[int] | None = None
                ) -> tuple[Piece, torch.Tensor] | None:

@@ -38,6 +38,7 @@ from nanomt.checkpoint.format import (
 from nanomt.checkpoint.state import (
     Grid,
     Optimizer,
+    check_records,
     load_model,
     load_optimizer,
     pick_rng_state,
@@ -229,11 +230,11 @@ def load_checkpoint(path: str | Path, chunks: list[nn.Module], optimizer: Optimi
     with CheckpointReader(folder, verify=verify) as reader:
         meta = reader.meta
         check_model_config(meta["model"], model_config, str(folder))
+        check_records(meta["parameters"], chunks, str(folder))
         load_model(chunks, optimizer, reader, grid)
         if optimizer is not None and meta.get("has_optimizer", False):
-            load_optimizer(optimizer, chunks, reader, grid)
-            if meta.get("optimizer_scalars") and hasattr(optimizer, "load_scalar_state"):
-                optimizer.load_scalar_state(meta["optimizer_scalars"])
+            load_optimizer(optimizer, reader, grid)
+            optimizer.load_scalar_state(meta["optimizer_scalars"])
         elif optimizer is not None:
             reset_optimizer_state(optimizer)
     if meta.get("rng"):

@@ -24,7 +24,6 @@ agree on it, save, and exit with ExitCode.PREEMPTED.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from nanomt import faults
@@ -49,12 +47,14 @@ from nanomt.checkpoint.format import (
     shard_file_name,
     step_folder_name,
 )
+from nanomt.checkpoint.stream import write_safetensors
 from nanomt.checkpoint.state import (
     Grid,
     Optimizer,
     capture_rng,
     model_pieces,
     optimizer_pieces,
+    stored_records,
 )
 from nanomt.errors import CheckpointWriteError
 from nanomt.parallel import comm
@@ -85,15 +85,12 @@ def write_durably(path: Path, data: bytes) -> None:
 
 
 def _write_shard(folder: Path, rank: int, pieces: list) -> dict:
-    """One rank's safetensors file; returns its index entry."""
-    tensors = {piece.key: tensor.cpu() for piece, tensor in pieces}
+    """One rank's safetensors file, streamed from the live tensors; returns its index entry."""
     index = [piece.to_json() for piece, _ in pieces]
-    data = safetensors_bytes(tensors, metadata={"format": FORMAT_NAME,
-                                                "pieces": json.dumps(index)})
     name = shard_file_name(rank)
-    write_durably(folder / name, data)
-    return {"file": name, "rank": rank, "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(), "pieces": index}
+    size, sha256 = write_safetensors(folder / name, [(piece.key, t) for piece, t in pieces],
+                                     {"format": FORMAT_NAME, "pieces": json.dumps(index)})
+    return {"file": name, "rank": rank, "bytes": size, "sha256": sha256, "pieces": index}
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -176,8 +173,10 @@ def _finish_on_rank0(shards: list, tmp: Path, final: Path, root: Path, step: int
     if errors:
         return errors[0]
     rng = [s.pop("rng") for s in shards] if include_rng else []
+    parameters = {name: record for s in shards for name, record in s.pop("parameters").items()}
     full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step,
-                 "has_optimizer": has_optimizer, **meta, "rng": rng, "shards": shards}
+                 "has_optimizer": has_optimizer, **meta,
+                 "parameters": dict(sorted(parameters.items())), "rng": rng, "shards": shards}
 
     def write_and_publish() -> None:
         write_durably(tmp / META_FILE, json.dumps(full_meta, indent=1, default=str).encode())
@@ -203,12 +202,10 @@ def save_checkpoint(root: str | Path, step: int, chunks: list[nn.Module], optimi
     error = _attempt(lambda: _prepare_tmp(root, tmp)) if rank == 0 else None
     _raise_if_failed(comm.broadcast_object(error), root, final)
 
-    vocab_size = meta["model"]["vocab_size"]
-    pieces = model_pieces(chunks, optimizer, grid, vocab_size)
+    pieces = list(model_pieces(chunks, optimizer, grid))  # views: copied as they are written
     if optimizer is not None:
-        pieces += optimizer_pieces(optimizer, chunks, grid, vocab_size)
-        if hasattr(optimizer, "scalar_state"):  # Adam's step, the loss scale
-            meta = {**meta, "optimizer_scalars": optimizer.scalar_state()}
+        pieces += optimizer_pieces(optimizer, grid)
+        meta = {**meta, "optimizer_scalars": optimizer.scalar_state()}  # Adam's step, loss scale
     shard: dict = {}
 
     def write_mine() -> None:
@@ -218,6 +215,7 @@ def save_checkpoint(root: str | Path, step: int, chunks: list[nn.Module], optimi
     error = _attempt(write_mine)
     if error is None:
         shard["rng"] = capture_rng(chunks, grid) if include_rng else None
+        shard["parameters"] = stored_records(chunks)
         _fault_point("shards_written")
     shards = comm.gather_object(shard if error is None else {"error": error}, dst=0)
 

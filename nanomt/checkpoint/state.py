@@ -1,20 +1,20 @@
 """What a rank contributes to a checkpoint, and how it takes its share back.
 
-Model weights: each rank holds a list of GPT chunks (one, or several under pipeline parallelism
-with virtual stages), each knowing its global `layer_range`. A tensor-parallel shard covers
-1/t of its `tp_split_dim`; a replicated tensor (norms, row-parallel biases, positions) is written
-by tp rank 0 only, and every tensor by dp rank 0 only (the other replicas hold the same values).
+Every local tensor is a layout-independent piece of a tensor of the single-process model, and
+its ParamInfo (nanomt.parallel.param_info, made when the model is built) says which: the name,
+the global shape, and the 1/t slice along tp_split_dim this tp rank holds. Pieces are written
+straight from it; nothing here knows the model's names.
 
-Optimizer state, two shapes of it:
-  - per parameter (torch.optim.AdamW): `state[param]` = {step, exp_avg, exp_avg_sq}; tensors of
-    the parameter's shape are sliced like the parameter, scalars (step) are replicated.
-  - flat shards (ZeRO, see nanomt/optim/sharded_adamw.py): the optimizer exposes
-    `checkpoint_state()` -> a list of (param, state_name, tensor, flat_range) where flat_range
-    is [a, b) of the parameter's flattened local (tp-shard) tensor held by this dp rank, and
-    `load_checkpoint_state(read)` with read(param, state_name, flat_range) -> tensor. Every dp
-    rank writes its own range (at stage 0, where each holds everything, dp rank 0 only). Its
-    scalars (Adam step, loss scale) go to meta.json via `scalar_state()`. Under ZeRO-3 the
-    weights too are written as flat pieces of each dp rank's shard and read back into it.
+Model weights: every tensor by dp (and cp) rank 0 only (the other replicas hold the same
+values); a replicated tensor by tp rank 0 only; a tied copy that is not `primary` not at all.
+
+Optimizer state: ShardedAdamW's flat shards (nanomt/optim/sharded_adamw.py):
+`checkpoint_state()` -> (param, state_name, tensor, flat_range), flat_range being [a, b) of the
+parameter's flattened local (tp-shard) tensor held by this dp rank, and
+`load_checkpoint_state(read)` with read(param, state_name, flat_range) -> tensor. Every dp rank
+writes its own range (at stage 0, where each holds everything, dp rank 0 only). Its scalars (Adam
+step, loss scale) go to meta.json via `scalar_state()`. Under ZeRO-3 the weights too are written
+as flat pieces of each dp rank's shard and read back into it.
 
 RNG: Python's, torch's CPU (and CUDA) generators and each chunk's tensor-parallel tracker.
 """
@@ -23,27 +23,24 @@ from __future__ import annotations
 
 import base64
 import random
-from typing import Any, Optional
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
 from nanomt.parallel.grid import ParallelGrid
+from nanomt.parallel.param_info import ParamInfo, param_info
 
-from nanomt.checkpoint.format import (
-    Piece,
-    logical_shape,
-    make_piece,
-    named_chunk_parameters,
-    padded_box,
-    section_key,
-)
+from nanomt.checkpoint.format import CheckpointError, Piece, make_piece, section_key
+
+if TYPE_CHECKING:
+    from nanomt.optim.sharded_adamw import ShardedAdamW
 
 MODEL_SECTION = "model"
 
 Grid = Optional[ParallelGrid]  # None: a single process
-# A torch optimizer (per-parameter state) or a flat-shard one speaking the protocol above.
-Optimizer = Any
+Optimizer = Optional["ShardedAdamW"]  # None: weights only (an imported or exported model)
 # A nanomt.checkpoint.load.CheckpointReader (not imported here: load imports this module).
 Reader = Any
 
@@ -55,7 +52,7 @@ def weight_shards(optimizer: Optimizer
 
     Saving writes these flat pieces from every dp rank and loading fills them in place, so no
     rank ever gathers the model."""
-    if getattr(optimizer, "stage", None) != 3:
+    if optimizer is None or optimizer.stage != 3:
         return None
     return optimizer.parameter_shards()
 
@@ -68,85 +65,78 @@ def writes_replicas(grid: Grid) -> bool:
     return grid is None or (grid.dp_rank == 0 and grid.cp_rank == 0)
 
 
-def _tp(grid: Grid) -> tuple[int, int]:
-    return (0, 1) if grid is None else (grid.tp_rank, grid.tp_size)
+def _tp_rank(grid: Grid) -> int:
+    return 0 if grid is None else grid.tp_rank
 
 
-def _param_piece(section: str, name: str, param: nn.Parameter, tensor: torch.Tensor, grid: Grid,
-                 vocab_size: int, flat: list[int] | None = None):
-    """The piece of `tensor` (the param itself, or state of the param's shape, or a flat range)."""
-    tp_rank, tp_size = _tp(grid)
-    split_dim = getattr(param, "tp_split_dim", None)
-    padded, box = padded_box(tuple(param.shape), split_dim, tp_rank, tp_size)
-    return make_piece(section_key(section, name), name, tensor, logical_shape(name, padded,
-                      vocab_size), box, flat)
+def _piece(section: str, param: nn.Parameter, tensor: torch.Tensor, grid: Grid,
+           flat: list[int] | None = None) -> tuple[Piece, torch.Tensor] | None:
+    """The piece `tensor` is (the param itself, or a flat range of it) of its global tensor."""
+    info = param_info(param)
+    box = info.box(tuple(param.shape), _tp_rank(grid))
+    return make_piece(section_key(section, info.name), info.name, tensor,
+                      list(info.global_shape), box, flat)
 
 
-def _stores_param(param: nn.Parameter, owned: bool, grid: Grid) -> bool:
-    """Only one copy of every value: tp rank 0 for replicated tensors, and owned tensors only."""
-    tp_rank, _ = _tp(grid)
-    replicated = getattr(param, "tp_split_dim", None) is None
-    return owned and (not replicated or tp_rank == 0)
+def _stores(info: ParamInfo, grid: Grid) -> bool:
+    """Only one copy of every value: tp rank 0 for replicated tensors, primary copies only."""
+    return info.primary and (info.tp_split_dim is not None or _tp_rank(grid) == 0)
 
 
-def model_pieces(chunks: list[nn.Module], optimizer: Optimizer, grid: Grid,
-                 vocab_size: int) -> list[tuple[Piece, torch.Tensor]]:
-    names = parameter_names(chunks)
+def _parameters(chunks: list[nn.Module]) -> Iterator[nn.Parameter]:
+    return (param for chunk in chunks for param in chunk.parameters())
+
+
+def model_pieces(chunks: list[nn.Module], optimizer: Optimizer,
+                 grid: Grid) -> Iterator[tuple[Piece, torch.Tensor]]:
+    """This rank's pieces of the weights, as views of the live tensors (copied when written)."""
     shards = weight_shards(optimizer)
     if shards is not None:  # ZeRO-3: every dp rank writes its own flat range of each weight
-        values = [(param, shard.detach().to("cpu", copy=True), list(flat))
-                  for param, shard, flat in shards]
+        values = [(param, shard, list(flat)) for param, shard, flat in shards]
     elif writes_replicas(grid):
-        values = [(param, param.detach().to("cpu", copy=True), None) for param in names]
+        values = [(param, param.detach(), None) for param in _parameters(chunks)]
     else:
-        return []
-    pieces = []
+        return
     for param, value, flat in values:
-        name, owned = names[param]
-        if _stores_param(param, owned, grid):
-            piece = _param_piece(MODEL_SECTION, name, param, value, grid, vocab_size, flat)
+        if _stores(param_info(param), grid):
+            piece = _piece(MODEL_SECTION, param, value, grid, flat)
             if piece is not None:
-                pieces.append(piece)
-    return pieces
+                yield piece
 
 
-def parameter_names(chunks: list[nn.Module]) -> dict[nn.Parameter, tuple[str, bool]]:
-    return {param: (name, owned) for chunk in chunks
-            for name, param, owned in named_chunk_parameters(chunk)}
+def optimizer_pieces(optimizer: Optimizer, grid: Grid) -> Iterator[tuple[Piece, torch.Tensor]]:
+    """This rank's pieces of the optimizer state (its flat shards), views of the live state."""
+    if optimizer.stage == 0 and not writes_replicas(grid):
+        return  # ZeRO stage 0: every dp rank holds the whole state
+    for param, state_name, tensor, flat in optimizer.checkpoint_state():
+        if _stores(param_info(param), grid):
+            piece = _piece(optimizer_section(state_name), param, tensor, grid, list(flat))
+            if piece is not None:
+                yield piece
 
 
-def optimizer_pieces(optimizer: Optimizer, chunks: list[nn.Module], grid: Grid,
-                     vocab_size: int) -> list[tuple[Piece, torch.Tensor]]:
-    """Pieces of the optimizer state (per-parameter, or flat ZeRO shards)."""
-    names = parameter_names(chunks)
-    pieces = []
-    if hasattr(optimizer, "checkpoint_state"):  # flat shards: every dp rank writes its own
-        if getattr(optimizer, "stage", None) == 0 and not writes_replicas(grid):
-            return []  # ZeRO stage 0: every dp rank holds the whole state
-        for param, state_name, tensor, flat in optimizer.checkpoint_state():
-            name, owned = names[param]
-            if _stores_param(param, owned, grid):
-                piece = _param_piece(optimizer_section(state_name), name, param, tensor, grid,
-                                     vocab_size, list(flat))
-                if piece is not None:
-                    pieces.append(piece)
-        return pieces
-    if not writes_replicas(grid):
-        return []
-    for param, state in optimizer.state.items():
-        name, owned = names[param]
-        for state_name, value in state.items():
-            value = torch.as_tensor(value)
-            if value.shape == param.shape:
-                if _stores_param(param, owned, grid):
-                    piece = _param_piece(optimizer_section(state_name), name, param, value, grid,
-                                         vocab_size)
-                    if piece is not None:
-                        pieces.append(piece)
-            elif _stores_param(param, owned, grid) and (_tp(grid)[0] == 0):
-                key = section_key(optimizer_section(state_name), name)  # a scalar: step
-                pieces.append(make_piece(key, name, value.reshape(()), [], []))
-    return pieces
+def tensor_record(info: ParamInfo) -> dict:
+    """What meta.json says of a stored tensor: the layout-independent part of its ParamInfo."""
+    return {"global_shape": list(info.global_shape), "tp_split_dim": info.tp_split_dim,
+            "tied_group": info.tied_group}
+
+
+def stored_records(chunks: list[nn.Module]) -> dict[str, dict]:
+    """name -> record of every tensor this rank's chunks hold a stored copy of."""
+    infos = [param_info(param) for param in _parameters(chunks)]
+    return {info.name: tensor_record(info) for info in infos if info.primary}
+
+
+def check_records(saved: dict[str, dict], chunks: list[nn.Module], where: str) -> None:
+    """Refuse a checkpoint whose tensors are not the ones this model's parameters are."""
+    for param in _parameters(chunks):
+        info = param_info(param)
+        record = saved.get(info.name)
+        if record != tensor_record(info):
+            raise CheckpointError(
+                f"checkpoint {where} stores {info.name} as {record}, but this model's is "
+                f"{tensor_record(info)}: change the model config to match, or pass another "
+                f"checkpoint in train.resume")
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -157,9 +147,7 @@ def weight_key(reader: Reader, name: str) -> str:
 
 
 def _box(param: nn.Parameter, grid: Grid) -> list[list[int]]:
-    tp_rank, tp_size = _tp(grid)
-    return padded_box(tuple(param.shape), getattr(param, "tp_split_dim", None), tp_rank,
-                      tp_size)[1]
+    return param_info(param).box(tuple(param.shape), _tp_rank(grid))
 
 
 @torch.no_grad()
@@ -167,59 +155,35 @@ def load_model(chunks: list[nn.Module], optimizer: Optimizer, reader: Reader,
                grid: Grid) -> None:
     """Copy this rank's slice of every parameter (under ZeRO-3: of its shard) out of the
     checkpoint."""
-    names = parameter_names(chunks)
     shards = weight_shards(optimizer)
     if shards is not None:
         for param, shard, flat in shards:
-            name, _ = names[param]
-            shard.copy_(reader.read(weight_key(reader, name), _box(param, grid), list(flat)))
+            key = weight_key(reader, param_info(param).name)
+            shard.copy_(reader.read(key, _box(param, grid), list(flat)))
         return
-    for param, (name, _) in names.items():
-        value = reader.read(weight_key(reader, name), _box(param, grid), None)
+    for param in _parameters(chunks):
+        value = reader.read(weight_key(reader, param_info(param).name), _box(param, grid), None)
         param.copy_(value.view(param.shape))
 
 
-def load_optimizer(optimizer: Optimizer, chunks: list[nn.Module], reader: Reader,
-                   grid: Grid) -> None:
+def load_optimizer(optimizer: ShardedAdamW, reader: Reader, grid: Grid) -> None:
     """Rebuild this rank's optimizer state from the checkpoint's full tensors."""
-    names = parameter_names(chunks)
+    def read(param: nn.Parameter, state_name: str, flat: tuple[int, int]) -> torch.Tensor:
+        key = section_key(optimizer_section(state_name), param_info(param).name)
+        return reader.read(key, _box(param, grid), list(flat))
 
-    def read(param: nn.Parameter, state_name: str,
-             flat: tuple[int, int] | None = None) -> torch.Tensor:
-        name, _ = names[param]
-        key = section_key(optimizer_section(state_name), name)
-        return reader.read(key, _box(param, grid), list(flat) if flat is not None else None)
-
-    if hasattr(optimizer, "load_checkpoint_state"):
-        optimizer.load_checkpoint_state(read)
-        return
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            name, _ = names[param]
-            state = {}
-            for state_name in reader.state_names(name):
-                key = section_key(optimizer_section(state_name), name)
-                if reader.shape(key) == []:  # a scalar such as step
-                    state[state_name] = reader.full(key)
-                else:
-                    state[state_name] = read(param, state_name).reshape(param.shape).clone()
-                state[state_name] = state[state_name].to(param.device)
-            if state:
-                optimizer.state[param] = state
+    optimizer.load_checkpoint_state(read)
 
 
-def reset_optimizer_state(optimizer: Optimizer) -> None:
+def reset_optimizer_state(optimizer: ShardedAdamW) -> None:
     """A checkpoint without optimizer state (an imported model): fresh moments for the loaded
-    weights (flat-shard optimizers must still copy the new weights into their masters)."""
-    if hasattr(optimizer, "load_checkpoint_state"):
-        def fresh(param: nn.Parameter, state_name: str, flat: tuple[int, int]) -> torch.Tensor:
-            if state_name == "master":
-                raise KeyError(state_name)  # taken from the loaded weights
-            return torch.zeros(flat[1] - flat[0])
+    weights (the masters are copied from the new weights)."""
+    def fresh(param: nn.Parameter, state_name: str, flat: tuple[int, int]) -> torch.Tensor:
+        if state_name == "master":
+            raise KeyError(state_name)  # taken from the loaded weights
+        return torch.zeros(flat[1] - flat[0])
 
-        optimizer.load_checkpoint_state(fresh)
-    else:
-        optimizer.state.clear()
+    optimizer.load_checkpoint_state(fresh)
 
 
 # ---- random number generators ------------------------------------------------------------------

@@ -19,6 +19,7 @@ in GPT-2 and Megatron; biases start at zero, and so do the embedding's padding r
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +31,15 @@ from nanomt.model.layers import TransformerLayer, make_norm
 from nanomt.parallel import comm
 from nanomt.parallel.context_parallel import cp_rank_and_size, local_positions
 from nanomt.parallel.cross_entropy import vocab_parallel_cross_entropy
+from nanomt.parallel.deferred_init import new_parameter
+from nanomt.parallel.param_info import ParamInfo, set_param_info
 from nanomt.parallel.random import TensorParallelRNG
 from nanomt.parallel.tensor_parallel import (
+    TENSOR_PARALLEL_LAYERS,
     NormalInit,
     VocabParallelEmbedding,
     VocabParallelOutput,
     parallel_lm_logits,
-    tp_parameter,
     tp_rank_and_size,
 )
 
@@ -71,24 +74,24 @@ class GPT(nn.Module):
             self.word_embedding = VocabParallelEmbedding(
                 cfg.vocab_size, self.padded_vocab_size, cfg.hidden_size, self.tp_group,
                 NormalInit(std, seed, "word_embedding"), sequence_parallel=self.sequence_parallel)
-            self.word_embedding.weight.shared_embedding = cfg.tie_embeddings
         if pre_process and cfg.style == "gpt":
-            positions = NormalInit(std, seed, "position_embedding").slices(
-                (cfg.seq_len, cfg.hidden_size), dim=0, indices=range(cfg.seq_len))
-            self.position_embedding = tp_parameter(positions, self.tp_group, dim=None)
-            # Under SP each rank adds only its shard's positions: a partial gradient.
-            self.position_embedding.sequence_parallel = self.sequence_parallel
+            shape = (cfg.seq_len, cfg.hidden_size)
+            self.initializers = {"position_embedding": partial(
+                NormalInit(std, seed, "position_embedding").slices, shape, 0, range(shape[0]))}
+            self.position_embedding = new_parameter(self.initializers["position_embedding"],
+                                                    shape)  # replicated over tp
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, self.tp_group, NormalInit(std, seed, f"layers.{i}"),
                              NormalInit(out_std, seed, f"layers.{i}"), self.sequence_parallel,
                              self.rng, self.cp_group)
             for i in self.layer_range)
         if post_process:
-            self.final_norm = make_norm(cfg, self.sequence_parallel)
+            self.final_norm = make_norm(cfg)
             if not cfg.tie_embeddings:
                 self.output_layer = VocabParallelOutput(
                     cfg.vocab_size, self.padded_vocab_size, cfg.hidden_size, self.tp_group,
                     NormalInit(std, seed, "output_layer"))
+        describe_parameters(self)
 
     # ---- pieces of forward -------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -151,3 +154,38 @@ class GPT(nn.Module):
 
     def num_local_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def global_parameter_name(local_name: str, layer_range: range) -> str:
+    """"layers.<i>.rest" of a pipeline chunk -> "layers.<layer_range[i]>.rest" of the model."""
+    parts = local_name.split(".")
+    if parts[0] == "layers":
+        parts[1] = str(layer_range[int(parts[1])])
+    return ".".join(parts)
+
+
+def describe_parameters(model: GPT) -> None:
+    """Give every parameter of `model` its ParamInfo (nanomt.parallel.param_info): the one place
+    these records are made. The tensor-parallel layers declare their split dims; the rest
+    (norms, position embedding) is replicated over tp. Under sequence parallelism every
+    replicated parameter acts on this rank's s/t tokens only (norms, row-parallel biases added
+    after the reduce-scatter, the positions of the shard), so its gradient is partial over tp."""
+    split_dims = {f"{module_name}.{name}": dim for module_name, module in model.named_modules()
+                  if isinstance(module, TENSOR_PARALLEL_LAYERS)
+                  for name, dim in module.tp_split_dims.items()}
+    vocab_rows = {f"{module_name}.weight" for module_name, module in model.named_modules()
+                  if isinstance(module, (VocabParallelEmbedding, VocabParallelOutput))}
+    for local_name, param in model.named_parameters():
+        split_dim = split_dims.get(local_name)
+        shape = list(param.shape)
+        if split_dim is not None:
+            shape[split_dim] *= model.tp_size
+        if local_name in vocab_rows:  # padding rows are not part of the model
+            shape[0] = model.cfg.vocab_size
+        tied = local_name == "word_embedding.weight" and model.cfg.tie_embeddings
+        set_param_info(param, ParamInfo(
+            name=global_parameter_name(local_name, model.layer_range),
+            global_shape=tuple(shape), tp_split_dim=split_dim,
+            sequence_parallel=model.sequence_parallel and split_dim is None,
+            tied_group="word_embedding" if tied else None,
+            primary=not tied or model.pre_process))  # the first stage's copy counts

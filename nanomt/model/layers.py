@@ -14,6 +14,8 @@ contiguous split over tp ranks hands each rank whole heads. SwiGLU's fused gate/
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,20 +35,22 @@ from nanomt.parallel.tensor_parallel import (
 )
 
 
-def make_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
-    norm = (nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps) if cfg.style == "gpt"
-            else nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps))
-    for param in norm.parameters():
-        param.tp_split_dim = None
-        # Under SP each tp rank normalises a different slice of the sequence: partial gradients.
-        param.sequence_parallel = sequence_parallel
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm (gpt) or RMSNorm (llama); replicated over tp (under SP: partial gradients).
+    Gains start at one, biases at zero (also when built on the meta device and drawn later)."""
+    h = cfg.hidden_size
+    norm = (nn.LayerNorm(h, eps=cfg.norm_eps) if cfg.style == "gpt"
+            else nn.RMSNorm(h, eps=cfg.norm_eps))
+    norm.initializers = {"weight": partial(torch.ones, h), "bias": partial(torch.zeros, h)}
     return norm
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables [seq_len, head_dim/2] for rotary position embeddings (Su et al.)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    cpu = torch.device("cpu")  # real tensors even while the model is built on the meta device
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=cpu)
+                                / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=cpu), inv_freq)
     return angles.cos(), angles.sin()
 
 
@@ -167,11 +171,11 @@ class TransformerLayer(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.dropout_p, self.rng = cfg.dropout, rng
         self.recompute = "none"  # "full": keep only the input, recompute the layer in backward
-        self.norm1 = make_norm(cfg, sequence_parallel)
+        self.norm1 = make_norm(cfg)
         self.attention = ParallelAttention(cfg, tp_group, init.child("attention"),
                                            out_init.child("attention"), sequence_parallel, rng,
                                            cp_group)
-        self.norm2 = make_norm(cfg, sequence_parallel)
+        self.norm2 = make_norm(cfg)
         self.mlp = ParallelMLP(cfg, tp_group, init.child("mlp"), out_init.child("mlp"),
                                sequence_parallel)
 

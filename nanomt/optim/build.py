@@ -21,17 +21,23 @@ from torch import nn
 from nanomt.optim.loss_scaler import DynamicLossScaler
 from nanomt.optim.sharded_adamw import ShardedAdamW
 from nanomt.parallel.data_parallel import GradientBuffer
+from nanomt.parallel.deferred_init import InitialValues, is_on_meta, place_on
 from nanomt.parallel.grid import ParallelGrid
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cast_to_precision(chunks: list[nn.Module], precision: str) -> dict[int, torch.Tensor]:
-    """Cast the model to the compute dtype; return the fp32 values the masters start from."""
+    """Cast the model to the compute dtype; return the fp32 values the masters start from (none
+    for a model on the meta device: it holds no values yet)."""
     if precision not in PRECISION_DTYPES:
         raise ValueError(f"train.precision must be one of {tuple(PRECISION_DTYPES)}, "
                          f"got {precision!r}")
     dtype = PRECISION_DTYPES[precision]
+    if is_on_meta(chunks):
+        for chunk in chunks:
+            chunk.to(dtype)  # shapes only; build_optimizer draws the masters when they are made
+        return {}
     masters: dict[int, torch.Tensor] = {}
     if dtype == torch.float32:
         return masters
@@ -43,14 +49,23 @@ def cast_to_precision(chunks: list[nn.Module], precision: str) -> dict[int, torc
 
 
 def build_optimizer(model_chunks: nn.Module | list[nn.Module], cfg: DictConfig,
-                    grid: ParallelGrid | None,
-                    num_microbatches: int | None = None) -> ShardedAdamW:
+                    grid: ParallelGrid | None, num_microbatches: int | None = None,
+                    device: torch.device | str | None = None) -> ShardedAdamW:
     """The data-parallel AdamW for the run's config: ZeRO stage, precision, buckets, clipping.
 
     num_microbatches: backward passes per step (default: global / (micro x dp)); a step with
-    another count passes it to optimizer.zero_grad(num_microbatches=...)."""
+    another count passes it to optimizer.zero_grad(num_microbatches=...). A model built on the
+    meta device is materialised here on `device`, one tensor at a time, in its final dtype
+    (nanomt.parallel.deferred_init): only its buckets (under ZeRO-3 its shards) ever exist."""
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    on_meta = is_on_meta(chunks)
+    if on_meta and device is None:
+        raise ValueError("build_optimizer: a model on the meta device needs `device`")
     masters = cast_to_precision(chunks, str(cfg.train.precision))
+    initial_values = None
+    if on_meta:
+        place_on(chunks, device)
+        masters = initial_values = InitialValues(chunks)  # drawn one tensor at a time
     dp = grid.dp_size if grid is not None else 1
     if num_microbatches is None:
         num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
@@ -64,7 +79,8 @@ def build_optimizer(model_chunks: nn.Module | list[nn.Module], cfg: DictConfig,
                             bucket_size_mb=float(p.bucket_size_mb),
                             fp32_grads=bool(cfg.train.get("fp32_grads", True)),
                             grad_reduce=str(p.get("grad_reduce", "microbatch")),
-                            zero3_prefetch=int(p.get("zero3_prefetch", 1)))
+                            zero3_prefetch=int(p.get("zero3_prefetch", 1)),
+                            initial_values=initial_values)
     return ShardedAdamW(buffer, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                         weight_decay=o.weight_decay, grad_clip=o.grad_clip,
                         master_params=masters, loss_scaler=scaler)

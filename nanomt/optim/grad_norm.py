@@ -24,18 +24,18 @@ import torch.distributed as dist
 from torch import nn
 
 from nanomt.parallel import comm
+from nanomt.parallel.param_info import param_info
 
 if TYPE_CHECKING:
     from nanomt.parallel.grid import ParallelGrid
 
 
-def counted_once(param: nn.Parameter, tp_rank: int, is_first_stage: bool) -> bool:
+def counted_once(param: nn.Parameter, tp_rank: int) -> bool:
     """Whether this rank's copy of `param` is the one that counts in the global norm."""
-    if getattr(param, "tp_split_dim", None) is None and tp_rank != 0:
+    info = param_info(param)
+    if info.tp_split_dim is None and tp_rank != 0:
         return False
-    if getattr(param, "shared_embedding", False) and not is_first_stage:
-        return False  # the last stage's copy of the tied embedding
-    return True
+    return info.primary  # not the last stage's copy of the tied embedding
 
 
 def norm_and_overflow(pieces: list[tuple[nn.Parameter, torch.Tensor]],
@@ -49,12 +49,11 @@ def norm_and_overflow(pieces: list[tuple[nn.Parameter, torch.Tensor]],
     another rank counts). One all-reduce over dp, one over tp x pp.
     """
     tp_rank = grid.tp_rank if grid is not None else 0
-    first = grid.is_first_stage if grid is not None else True
     device = pieces[0][1].device if pieces else torch.device("cpu")
     totals = torch.zeros(2, dtype=torch.float32, device=device)  # [sum of squares, inf/nan]
     for param, grad in pieces:
         totals[1] += (~torch.isfinite(grad)).sum()
-        if count_squares and counted_once(param, tp_rank, first):
+        if count_squares and counted_once(param, tp_rank):
             totals[0] += grad.float().pow(2).sum()
     comm.all_reduce(totals, dp_group)
     if grid is not None:

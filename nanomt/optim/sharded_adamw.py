@@ -22,7 +22,7 @@ parameters are their own masters, and Adam's two moments) and, each step,
     publish          the buffer writes the new shard into the model and all-gathers it (ZeRO-1/2)
 
 Checkpoint protocol (layout-independent, per parameter; nanomt.checkpoint speaks it):
-    checkpoint_state() -> [(param, state_name, fp32 tensor, (lo, hi))]: the pieces of
+    checkpoint_state() -> [(param, state_name, fp32 view, (lo, hi))]: the pieces of
         "exp_avg", "exp_avg_sq" (and "master" under bf16/fp16) in my shard, [lo, hi) a range of
         the flattened (tp-local) parameter; load_checkpoint_state(read) reads them back.
     scalar_state() / load_scalar_state(): {"step", "loss_scaler"}.
@@ -183,7 +183,7 @@ class ShardedAdamW:
         for b, shard in zip(self.buffer.buckets, self.shards):
             for s in b.segments:
                 for name in self.state_names():
-                    tensor = getattr(shard, name)[s.shard_lo: s.shard_hi].detach().clone()
+                    tensor = getattr(shard, name)[s.shard_lo: s.shard_hi].detach()  # a view
                     pieces.append((s.param, name, tensor, (s.param_lo, s.param_hi)))
         return pieces
 

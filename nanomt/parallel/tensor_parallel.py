@@ -21,16 +21,18 @@ b s h per column-parallel linear in backward buys it).
 Initialisation is blockwise (`NormalInit`): the full weight is defined slice by slice along its
 split dim, each slice drawn from its own generator, and a rank draws only the slices of its
 shard. No rank ever materialises a full matrix, and with the same seed the model at tp=N holds
-exactly the shards of the model at tp=1. Each sharded parameter carries `tp_split_dim` (the dim
-it is split along) so gradient norms, checkpoints and tests can tell shards from replicas.
-Parameters whose gradient is partial over the sequence when sequence parallelism is on carry
-`sequence_parallel = True`.
+exactly the shards of the model at tp=1. Each layer records how it draws each parameter
+(`initializers`), so the model can be built on the meta device and drawn later, one tensor at a
+time (nanomt.parallel.deferred_init). Each layer here declares, in `tp_split_dims`, the dim
+each of its parameters is split along (None: replicated); the model turns that into every
+parameter's ParamInfo (nanomt.parallel.param_info), which norms, buffers and checkpoints read.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,7 @@ from torch import nn
 
 from nanomt.parallel import comm
 from nanomt.parallel.comm import Group
+from nanomt.parallel.deferred_init import new_parameter
 from nanomt.parallel.mappings import (
     SEQ_DIM,
     copy_to_tensor_parallel_region,
@@ -107,14 +110,6 @@ class NormalInit:
         return out
 
 
-def tp_parameter(data: torch.Tensor, group: Group, dim: int | None) -> nn.Parameter:
-    """This rank's `data` as a Parameter tagged with the dim it is split along over tp (None:
-    replicated, the same on every tp rank)."""
-    param = nn.Parameter(data.contiguous())
-    param.tp_split_dim = None if comm.group_size(group) == 1 else dim
-    return param
-
-
 class _LinearWithSequenceGather(torch.autograd.Function):
     """y = all_gather_seq(x) W^T + b, keeping only x, this rank's sequence shard, for backward.
 
@@ -174,10 +169,13 @@ class ColumnParallelLinear(nn.Module):
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and tp > 1
         parts, split_dim = ((), 0) if stacked == 1 else ((stacked,), 1)
-        weight = init.slices(parts + (out_features, in_features), dim=split_dim, indices=rows)
-        self.weight = tp_parameter(weight, tp_group, dim=split_dim)
-        self.bias = (tp_parameter(torch.zeros(parts + (len(rows),)), tp_group, dim=split_dim)
-                     if bias else None)
+        full = parts + (out_features, in_features)
+        local = full[:split_dim] + (len(rows),) + full[split_dim + 1:]
+        self.initializers = {"weight": partial(init.slices, full, split_dim, rows),
+                             "bias": partial(torch.zeros, parts + (len(rows),))}
+        self.weight = new_parameter(self.initializers["weight"], local)
+        self.bias = new_parameter(self.initializers["bias"], parts + (len(rows),)) if bias else None
+        self.tp_split_dims = {"weight": split_dim, "bias": split_dim}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.reshape(-1, self.in_features)  # a view: stacked parts as rows
@@ -195,11 +193,12 @@ class RowParallelLinear(nn.Module):
         columns = my_slice(in_features, tp_group, "input features")
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and tp > 1
-        weight = init.slices((out_features, in_features), dim=1, indices=columns)
-        self.weight = tp_parameter(weight, tp_group, dim=1)
-        self.bias = tp_parameter(torch.zeros(out_features), tp_group, None) if bias else None
-        if self.bias is not None and self.sequence_parallel:
-            self.bias.sequence_parallel = True  # added to a sequence shard: partial gradient
+        self.initializers = {"weight": partial(init.slices, (out_features, in_features), 1,
+                                               columns),
+                             "bias": partial(torch.zeros, out_features)}
+        self.weight = new_parameter(self.initializers["weight"], (out_features, len(columns)))
+        self.bias = new_parameter(self.initializers["bias"], (out_features,)) if bias else None
+        self.tp_split_dims = {"weight": 1, "bias": None}  # the bias is added after g: replicated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x, self.weight)
@@ -229,8 +228,9 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
         rows = my_slice(padded_vocab_size, tp_group, "padded vocabulary size")
         self.vocab_start, self.vocab_end = rows.start, rows.stop
-        self.weight = tp_parameter(vocab_shard(vocab_size, embedding_dim, rows, init), tp_group,
-                                   dim=0)
+        self.initializers = {"weight": partial(vocab_shard, vocab_size, embedding_dim, rows, init)}
+        self.weight = new_parameter(self.initializers["weight"], (len(rows), embedding_dim))
+        self.tp_split_dims = {"weight": 0}
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if comm.group_size(self.tp_group) == 1:
@@ -251,8 +251,10 @@ class VocabParallelOutput(nn.Module):
                  tp_group: Group, init: NormalInit):
         super().__init__()
         rows = my_slice(padded_vocab_size, tp_group, "padded vocabulary size")
-        self.weight = tp_parameter(vocab_shard(vocab_size, hidden_size, rows, init), tp_group,
-                                   dim=0)
+        self.vocab_size = vocab_size
+        self.initializers = {"weight": partial(vocab_shard, vocab_size, hidden_size, rows, init)}
+        self.weight = new_parameter(self.initializers["weight"], (len(rows), hidden_size))
+        self.tp_split_dims = {"weight": 0}
 
 
 def vocab_shard(vocab_size: int, embedding_dim: int, rows: range,
@@ -263,6 +265,11 @@ def vocab_shard(vocab_size: int, embedding_dim: int, rows: range,
     real = range(rows.start, max(rows.start, min(rows.stop, vocab_size)))
     shard[: len(real)] = init.slices((vocab_size, embedding_dim), dim=0, indices=real)
     return shard
+
+
+# The layers that split parameters over tp; each declares `tp_split_dims` {name: dim or None}.
+TENSOR_PARALLEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                          VocabParallelOutput)
 
 
 def parallel_lm_logits(hidden: torch.Tensor, word_weight: torch.Tensor, tp_group: Group,

@@ -21,6 +21,7 @@ import torch
 
 from nanomt.parallel import comm
 from nanomt.parallel.data_parallel.grad_buffer import GradientBuffer
+from nanomt.parallel.param_info import param_info
 
 
 @torch.no_grad()
@@ -32,7 +33,7 @@ def finalize_grads(buffer: GradientBuffer) -> None:
     if grid is None:
         return
     sp_pieces = [b.grad_shard[s.shard_lo: s.shard_hi] for b in buffer.buckets
-                 for s in b.segments if getattr(s.param, "sequence_parallel", False)]
+                 for s in b.segments if param_info(s.param).sequence_parallel]
     comm.all_reduce_coalesced(sp_pieces, grid.tp_group)
     if comm.group_size(grid.embedding_group) > 1:
         for param in buffer.shared_embedding_params():

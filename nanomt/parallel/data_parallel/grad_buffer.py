@@ -44,6 +44,7 @@ from nanomt.parallel.data_parallel.buckets import (
     storage_bytes,
 )
 from nanomt.parallel.data_parallel.stage3 import ParameterGatherer
+from nanomt.parallel.deferred_init import InitialValues
 from nanomt.parallel.pipeline.partition import shared_embedding_params
 
 if TYPE_CHECKING:
@@ -57,7 +58,10 @@ class GradientBuffer:
 
     def __init__(self, chunks: list[nn.Module], grid: ParallelGrid | None, *, zero_stage: int,
                  num_microbatches: int, bucket_size_mb: float = 25.0, fp32_grads: bool = True,
-                 grad_reduce: str = "microbatch", zero3_prefetch: int = 1):
+                 grad_reduce: str = "microbatch", zero3_prefetch: int = 1,
+                 initial_values: InitialValues | None = None):
+        """initial_values: parameters built on the meta device (now placeholders) are drawn
+        one at a time into their bucket (nanomt.parallel.deferred_init)."""
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
         if not bucket_size_mb > 0:
@@ -66,6 +70,7 @@ class GradientBuffer:
             raise ValueError(f"parallel.grad_reduce must be one of {GRAD_REDUCE_MODES}, "
                              f"got {grad_reduce!r}")
         self.chunks, self.grid, self.stage = list(chunks), grid, zero_stage
+        self.initial_values = initial_values
         self.fp32_grads = fp32_grads
         # ZeRO-2/3 under "microbatch": reduce-scatter every micro-batch, keep only the shard.
         self.reduce_every_microbatch = zero_stage >= 2 and grad_reduce == "microbatch"
@@ -115,7 +120,8 @@ class GradientBuffer:
             b.param_buffer = torch.zeros(b.padded_numel, dtype=b.dtype, device=device)
             for param, offset in zip(b.params, b.offsets):
                 view = b.param_buffer[offset: offset + param.numel()]
-                view.copy_(param.reshape(-1))
+                value = param if self.initial_values is None else self.initial_values(param)
+                view.copy_(value.reshape(-1))
                 param.data = view.view_as(param)
             if self.stage <= 1:  # full gradients, all-reduced in place; my shard is a view
                 b.grad_buffer = torch.zeros(b.padded_numel, dtype=self.grad_dtype(b),

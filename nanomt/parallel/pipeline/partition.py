@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from nanomt.parallel import comm
+from nanomt.parallel.param_info import param_info
 
 
 def chunk_layer_ranges(num_layers: int, pp: int, virtual_stages: int) -> list[range]:
@@ -38,7 +39,7 @@ def global_chunk_index(local_chunk: int, pp_rank: int, pp: int) -> int:
 def shared_embedding_params(model_chunks: list[nn.Module]) -> list[nn.Parameter]:
     """The tied word embedding of each chunk that holds one (first and last stage, GPT)."""
     return [p for chunk in model_chunks for p in chunk.parameters()
-            if getattr(p, "shared_embedding", False)]
+            if param_info(p).tied_group is not None]
 
 
 def allreduce_embedding_grads(model_chunks: list[nn.Module], grid) -> None:
