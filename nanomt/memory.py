@@ -53,29 +53,44 @@ class PeakMemoryMeter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.current_bytes = 0
+        self._counted_bytes = 0  # live storages + those freed since the last sweep
         self.peak_bytes = 0
 
     def watch(self, enabled: bool = True) -> contextlib.AbstractContextManager:
         """`with meter.watch(cond):` measures only when cond holds."""
         return self if enabled else contextlib.nullcontext()
 
+    @property
+    def current_bytes(self) -> int:
+        """Bytes of the storages created inside and still alive."""
+        self._forget_freed()
+        return self._counted_bytes
+
     def _forget_freed(self) -> None:
         for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.current_bytes -= self.live.pop(key)[1]
+            self._counted_bytes -= self.live.pop(key)[1]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self._forget_freed()
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
                 continue
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
-            if key and key not in self.live:
+            if not key:
+                continue
+            known = self.live.get(key)
+            if known is not None and known[0].expired():  # a freed storage's address, reused
+                self._counted_bytes -= self.live.pop(key)[1]
+                known = None
+            if known is None:
                 self.live[key] = (StorageWeakRef(storage), storage.nbytes())
-                self.current_bytes += storage.nbytes()
-        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+                self._counted_bytes += storage.nbytes()
+        # _counted_bytes still counts storages freed since the last sweep, so it bounds the true
+        # value from above: only when that bound passes the peak is the sweep (a walk over every
+        # live storage) needed. The peak is the same as sweeping after every operation.
+        if self._counted_bytes > self.peak_bytes:
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
         return out
 
 

@@ -67,6 +67,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def to_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch onto `device`; to a GPU from pinned memory, without blocking the host."""
+    if device.type != "cuda":
+        return tokens.to(device)
+    return tokens.pin_memory().to(device, non_blocking=True)
+
+
 def build_data(cfg: DictConfig, model_cfg: ModelConfig
                ) -> tuple[GlobalBatchSampler, GlobalBatchSampler]:
     """The train and validation samplers over indexed sample streams (nanomt.data.build):
@@ -137,7 +144,7 @@ class Trainer:
             blank = torch.zeros((), dtype=torch.long, device=self.device).expand(
                 mbs, self.model_cfg.seq_len)
             return [(blank, blank)] * m
-        return [tuple(t.to(self.device) for t in data.micro_batch(
+        return [tuple(to_device(t, self.device) for t in data.micro_batch(
                     step, i, grid.dp_rank, grid.dp_size, mbs))
                 for i in range(m)]
 
@@ -214,10 +221,14 @@ class Trainer:
 
 def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     """config -> grid -> checkpoint folder -> model -> schedule -> optimizer -> data -> resume."""
-    _, world_size, _ = init_distributed(cfg.parallel.timeout_s, cfg.parallel.init_timeout_s)
+    _, world_size, _ = init_distributed(cfg.parallel.timeout_s, cfg.parallel.init_timeout_s,
+                                        use_cuda=cfg.train.device != "cpu")
     faults.inject("start")
     model_cfg, layout, num_microbatches = check_config(cfg, world_size)
     device = pick_device(cfg.train.device)
+    if device.type == "cuda":  # fp32 matmuls on tensor cores (TF32) unless train.tf32=false
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(
+            cfg.train.get("tf32", True))
     grid = ParallelGrid(layout.tp, layout.pp, layout.dp, timeout_s=cfg.parallel.timeout_s)
     seed_everything(cfg.train.seed, grid.pp_rank)
     checkpointer = Checkpointer(cfg, run_dir, model_cfg, layout, grid, device)

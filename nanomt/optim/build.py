@@ -63,8 +63,9 @@ def build_optimizer(model_chunks: nn.Module | list[nn.Module], cfg: DictConfig,
                             num_microbatches=num_microbatches,
                             bucket_size_mb=float(p.bucket_size_mb),
                             fp32_grads=bool(cfg.train.get("fp32_grads", True)),
-                            grad_reduce=str(p.get("grad_reduce", "microbatch")),
-                            zero3_prefetch=int(p.get("zero3_prefetch", 1)))
+                            grad_reduce=str(p.get("grad_reduce", "step")),
+                            zero3_prefetch=int(p.get("zero3_prefetch", 1)),
+                            reduce_in_flight_mb=p.get("reduce_in_flight_mb"))
     return ShardedAdamW(buffer, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                         weight_decay=o.weight_decay, grad_clip=o.grad_clip,
                         master_params=masters, loss_scaler=scaler)
