@@ -35,7 +35,7 @@ NORM_BYTES = 2 * 2 * 4  # the gradient norm: an all-reduce of [sum of squares, i
 MICROBATCHES = (1, 4)
 
 
-def _dp_traffic(stage: int, m: int, grad_reduce: str) -> dict:
+def _dp_traffic(stage: int, m: int, grad_reduce: str, extra: tuple = ()) -> dict:
     from nanomt.model import GPT, ModelConfig
     from nanomt.optim import build_optimizer
     from nanomt.parallel import comm
@@ -43,7 +43,7 @@ def _dp_traffic(stage: int, m: int, grad_reduce: str) -> dict:
 
     grid = ParallelGrid(1, 1, 2)
     cfg = compose_config(TINY + [f"parallel.zero_stage={stage}",
-                                 f"parallel.grad_reduce={grad_reduce}"])
+                                 f"parallel.grad_reduce={grad_reduce}", *extra])
     model = GPT(ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16), grid, seed=1)
     optimizer = build_optimizer([model], cfg, grid, num_microbatches=m)
     tokens = torch.randint(0, 256, (m, 2, 16), generator=torch.Generator().manual_seed(grid.rank))
@@ -56,7 +56,9 @@ def _dp_traffic(stage: int, m: int, grad_reduce: str) -> dict:
             "kinds": sorted({t.kind for t in dp_log}),
             "psi_bytes": 4 * sum(b.padded_numel for b in optimizer.buckets),
             "other_groups": sorted({t.group for t in log} - {"dp"}),
-            "skipped": result.skipped}
+            "skipped": result.skipped, "norm": result.grad_norm,
+            # ZeRO-3 parameters are freed between uses: no weights to read
+            "weights": [p.detach().clone() for p in model.parameters()] if stage < 3 else []}
 
 
 def _traffic_checks() -> dict:
@@ -66,6 +68,8 @@ def _traffic_checks() -> dict:
             out[(stage, m, "step")] = _dp_traffic(stage, m, "step")
     for stage in (2, 3):
         out[(stage, 4, "microbatch")] = _dp_traffic(stage, 4, "microbatch")
+    # every bucket's reduce-scatter may be in flight at once
+    out[(2, 4, "wide")] = _dp_traffic(2, 4, "step", ("parallel.reduce_in_flight_mb=64",))
     return out
 
 
@@ -166,3 +170,13 @@ def test_a_1f1b_zero2_step_syncs_the_host_at_most_once(tmp_path):
         assert r["microbatches"] == 4
         assert r["step"] <= 1, r
         assert r["logged_loss"] == 1, r
+
+
+def test_more_reductions_in_flight_change_nothing_but_the_timing(traffic):
+    """parallel.reduce_in_flight_mb=64 (every bucket's reduce-scatter in flight) against the
+    default bound of one bucket: the same traffic, gradient norm and updated weights."""
+    for rank_result in traffic:
+        wide, default = rank_result[(2, 4, "wide")], rank_result[(2, 4, "step")]
+        assert wide["bytes"] == default["bytes"] and wide["norm"] == default["norm"]
+        for a, b in zip(wide["weights"], default["weights"]):
+            assert torch.equal(a, b)
