@@ -203,6 +203,7 @@ LAYOUT_RULES = {
     "parallel.zero_stage": choice(0, 1, 2, 3),
     "parallel.bucket_size_mb": POSITIVE,
     "parallel.grad_reduce": choice(*GRAD_REDUCE_MODES),
+    "parallel.reduce_in_flight_mb": or_null(POSITIVE),
     "parallel.zero3_prefetch": NON_NEGATIVE_INT,
     "parallel.timeout_s": POSITIVE,
     "parallel.init_timeout_s": POSITIVE,
@@ -366,6 +367,7 @@ TRAIN_RULES = {
     "train.fp32_grads": BOOL,
     "train.activation_checkpointing": choice(*CHECKPOINTING_MODES),
     "train.measure_memory": BOOL,
+    "train.tf32": BOOL,
     "train.device": DEVICE,
     "train.eval_interval": NON_NEGATIVE_INT,  # 0: only at the end
     "train.eval_batches": POSITIVE_INT,       # the end-of-run validation always runs

@@ -75,6 +75,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def to_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch onto `device`; to a GPU from pinned memory, without blocking the host."""
+    if device.type != "cuda":
+        return tokens.to(device)
+    return tokens.pin_memory().to(device, non_blocking=True)
+
+
 def build_data(cfg: DictConfig, model_cfg: ModelConfig
                ) -> tuple[GlobalBatchSampler, GlobalBatchSampler]:
     """The train and validation samplers over indexed sample streams (nanomt.data.build):
@@ -156,7 +163,7 @@ class Trainer:
         """Inputs and labels on the device; under context parallelism this cp rank's two
         chunks of every sequence (nanomt.parallel.context_parallel)."""
         grid = self.grid
-        return tuple(split_sequence(t, 1, grid.cp_rank, grid.cp_size).to(self.device)
+        return tuple(to_device(split_sequence(t, 1, grid.cp_rank, grid.cp_size), self.device)
                      for t in micro_batch)
 
     def train_step(self, step: int, measure: PeakMemoryMeter) -> dict:
@@ -245,10 +252,14 @@ class Trainer:
 
 def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     """config -> grid -> checkpoint folder -> model -> schedule -> optimizer -> data -> resume."""
-    _, world_size, _ = init_distributed(cfg.parallel.timeout_s, cfg.parallel.init_timeout_s)
+    _, world_size, _ = init_distributed(cfg.parallel.timeout_s, cfg.parallel.init_timeout_s,
+                                        use_cuda=cfg.train.device != "cpu")
     faults.inject("start")
     model_cfg, layout, num_microbatches = check_config(cfg, world_size)
     device = pick_device(cfg.train.device)
+    if device.type == "cuda":  # fp32 matmuls on tensor cores (TF32) unless train.tf32=false
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(
+            cfg.train.get("tf32", True))
     grid = ParallelGrid(layout.tp, layout.pp, layout.dp, timeout_s=cfg.parallel.timeout_s,
                         cp=layout.cp)
     seed_everything(cfg.train.seed, grid.pp_rank)

@@ -50,6 +50,24 @@ def adamw_update_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tenso
     master.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
+def adamw_update_foreach_(masters: list[torch.Tensor], grads: list[torch.Tensor],
+                          exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                          step: int, lr: float, betas: tuple[float, float], eps: float) -> None:
+    """`adamw_update_` on many flat tensors at once: the same operations in the same order, each
+    a torch._foreach_* kernel over the whole list (one launch per operation on CUDA instead of
+    one per tensor), so the result is the single-tensor path's, bit for bit."""
+    beta1, beta2 = betas
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, bias_correction2_sqrt)
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(masters, exp_avgs, denoms, value=-lr / bias_correction1)
+
+
 def decays(param: torch.Tensor) -> bool:
     """The parameter-group rule of `parameter_groups`: matrices decay, vectors do not."""
     return param.ndim >= 2

@@ -40,27 +40,37 @@ def counted_once(param: nn.Parameter, tp_rank: int) -> bool:
 
 def norm_and_overflow(pieces: list[tuple[nn.Parameter, torch.Tensor]],
                       grid: ParallelGrid | None, dp_group: dist.ProcessGroup | None = None,
-                      count_squares: bool = True) -> tuple[torch.Tensor, bool]:
-    """(||g|| over the whole model, whether any rank holds an inf/nan gradient).
+                      count_squares: bool = True) -> tuple[torch.Tensor, float, bool]:
+    """(||g|| over the whole model as a tensor and as a float, whether any rank holds an
+    inf/nan gradient).
 
     pieces: (parameter, gradient or a slice of it) held by this rank. dp_group: the group whose
     ranks hold different pieces of the same parameters (ZeRO shards); None when dp replicas are
     identical. count_squares=False: this rank only reports inf/nan (a dp replica of a gradient
-    another rank counts). One all-reduce over dp, one over tp x pp.
+    another rank counts). One fused norm kernel over all pieces (torch._foreach_norm), one
+    all-reduce over dp, one over tp x pp, one host sync.
+
+    A piece's norm is inf/nan exactly when the piece holds an inf/nan (or its squares overflow
+    fp32, which is as fatal), so the sum of every piece's norm carries the verdict.
     """
     tp_rank = grid.tp_rank if grid is not None else 0
     device = pieces[0][1].device if pieces else torch.device("cpu")
     totals = torch.zeros(2, dtype=torch.float32, device=device)  # [sum of squares, inf/nan]
-    for param, grad in pieces:
-        totals[1] += (~torch.isfinite(grad)).sum()
-        if count_squares and counted_once(param, tp_rank):
-            totals[0] += grad.float().pow(2).sum()
+    if pieces:
+        # fp64 accumulation: the squares summed in another grouping of the same elements (other
+        # shards, other layouts) agree to well below fp32's rounding
+        norms = torch.stack(torch._foreach_norm([grad for _, grad in pieces], 2,
+                                                dtype=torch.float64))
+        counted = torch.tensor([count_squares and counted_once(param, tp_rank)
+                                for param, _ in pieces], device=device)
+        totals[0] = torch.where(counted, norms, 0.0).pow(2).sum().float()
+        totals[1] = norms.sum().float()
     comm.all_reduce(totals, dp_group)
     if grid is not None:
         comm.all_reduce(totals, grid.model_parallel_group)
-    sum_of_squares, nonfinite = totals.tolist()  # one host sync decides the skip on every rank
-    overflow = nonfinite > 0 or not math.isfinite(sum_of_squares)
-    return totals[0].sqrt(), overflow
+    sum_of_squares, verdict = totals.tolist()  # one host sync decides the skip on every rank
+    overflow = not (math.isfinite(verdict) and math.isfinite(sum_of_squares))
+    return totals[0].sqrt(), math.sqrt(sum_of_squares), overflow
 
 
 def global_grad_norm(params: list[nn.Parameter], grid: ParallelGrid | None,
@@ -68,7 +78,7 @@ def global_grad_norm(params: list[nn.Parameter], grid: ParallelGrid | None,
     """The L2 norm of the whole model's gradient (fp32 scalar, equal on every rank)."""
     pieces = [(param, param.grad.detach()) for param in params if param.grad is not None]
     dp_group = grid.grad_sync_group if grid is not None and dp_sharded else None
-    norm, _ = norm_and_overflow(pieces, grid, dp_group)
+    norm, _, _ = norm_and_overflow(pieces, grid, dp_group)
     return norm
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanomt.optim.adamw import adamw_update_, decays
+from nanomt.optim.adamw import adamw_update_foreach_, decays
 from nanomt.optim.grad_norm import norm_and_overflow
 from nanomt.optim.loss_scaler import DynamicLossScaler
 from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
@@ -83,6 +83,10 @@ class ShardedAdamW:
         self.step_count = 0
         self.memory_after_backward: dict[str, int] = {}  # model-state bytes at the step's peak
         self.shards = [self._shard_state(b, master_params or {}) for b in buffer.buckets]
+        # views of the masters that weight decay shrinks (matrices; nanomt.optim.adamw.decays)
+        self.decaying_pieces = [shard.master[s.shard_lo: s.shard_hi]
+                                for b, shard in zip(buffer.buckets, self.shards)
+                                for s in b.segments if decays(s.param)]
 
     @torch.no_grad()
     def _shard_state(self, b: Bucket, master_params: dict[int, torch.Tensor]) -> ShardState:
@@ -119,36 +123,35 @@ class ShardedAdamW:
         pieces = [(s.param, grad[s.shard_lo: s.shard_hi])
                   for b, grad in zip(buffer.buckets, grads) for s in b.segments]
         # At ZeRO-0 every dp replica holds the same gradients: dp rank 0 counts them.
-        norm, overflow = norm_and_overflow(pieces, self.grid, buffer.dp_group,
-                                           count_squares=self.stage > 0 or buffer.dp_rank == 0)
+        norm, norm_value, overflow = norm_and_overflow(
+            pieces, self.grid, buffer.dp_group, count_squares=self.stage > 0 or buffer.dp_rank == 0)
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow)
         if overflow:
             buffer.zero_grad()
-            return StepResult(float(norm), True, scale)
+            return StepResult(norm_value, True, scale)
         if self.grad_clip > 0:
             coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
-            for grad in grads:
-                grad.mul_(coef)
+            torch._foreach_mul_(grads, coef)
         self.step_count += 1
-        for b, shard, grad in zip(buffer.buckets, self.shards, grads):
-            self._update(b, shard, grad)
+        self._update(grads)
         buffer.publish_params([shard.master for shard in self.shards])
         buffer.zero_grad()
-        return StepResult(float(norm), False, scale)
+        return StepResult(norm_value, False, scale)
 
-    def _update(self, b: Bucket, shard: ShardState, grad: torch.Tensor) -> None:
+    def _update(self, grads: list[torch.Tensor]) -> None:
+        """Decoupled weight decay on the matrices' pieces, then AdamW on every shard at once."""
         lr_decay, lr_flat = self.param_groups[0]["lr"], self.param_groups[1]["lr"]
         if lr_decay != lr_flat:
             raise ValueError("ShardedAdamW updates a flat shard with one learning rate; "
                              "set the same lr in every param group")
         wd = self.param_groups[0]["weight_decay"]
-        if wd != 0:
-            for s in b.segments:
-                if decays(s.param):
-                    shard.master[s.shard_lo: s.shard_hi].mul_(1 - lr_decay * wd)
-        adamw_update_(shard.master, grad, shard.exp_avg, shard.exp_avg_sq, self.step_count,
-                      lr_decay, self.betas, self.eps)
+        if wd != 0 and self.decaying_pieces:
+            torch._foreach_mul_(self.decaying_pieces, 1 - lr_decay * wd)
+        adamw_update_foreach_([s.master for s in self.shards], grads,
+                              [s.exp_avg for s in self.shards],
+                              [s.exp_avg_sq for s in self.shards], self.step_count, lr_decay,
+                              self.betas, self.eps)
 
     def memory(self) -> dict[str, int]:
         """Bytes this rank holds now: the buffer's parameters and gradients, and my state."""

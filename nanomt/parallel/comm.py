@@ -5,9 +5,10 @@ all-reduce; under sequence parallelism all-gather and reduce-scatter) and behind
 data parallelism (Rajbhandari et al. 2020: flat all-gather / reduce-scatter into given buffers)
 goes through these few functions. Each is a no-op on a group of one (the single-process model
 pays nothing), and each records its kind and element count into `COMM_LOG` while a
-`count_collectives()` block is open: that is how the tests check the papers' communication volume
+`count_collectives()` block is open, and a `Transfer` (kind, group, bytes) while a
+`traffic_log()` block is open: that is how the tests check the papers' communication volume
 (two all-reduces of b*s*h per layer forward and two backward; ZeRO's 2 or 3 times the parameter
-count per step).
+count per step and rank, `Transfer.volume_bytes`).
 
 `Group` is a process group, or None for a world of one.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,28 @@ Group = dist.ProcessGroup | None
 
 # (kind, numel) of each collective issued while counting; None when not counting.
 COMM_LOG: list[tuple[str, int]] | None = None
+# Transfers (with group and bytes) while a traffic_log() block is open; None otherwise.
+TRAFFIC_LOG: list[Transfer] | None = None
+
+# ZeRO's accounting of the data one rank moves (Rajbhandari et al. 2019, section 7): a
+# reduce-scatter or an all-gather of a Psi-element tensor moves Psi, an all-reduce (a
+# reduce-scatter followed by an all-gather) 2 Psi. A ring sends (N-1)/N of that per rank.
+VOLUME_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1}
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One collective: its kind, the named group, the elements of the full tensor, their bytes."""
+
+    kind: str
+    group: str
+    numel: int
+    nbytes: int
+
+    @property
+    def volume_bytes(self) -> int:
+        """Bytes moved per rank in ZeRO's accounting (VOLUME_FACTOR)."""
+        return VOLUME_FACTOR[self.kind] * self.nbytes
 
 
 @contextlib.contextmanager
@@ -46,10 +70,26 @@ def count_collectives() -> Iterator[list[tuple[str, int]]]:
         COMM_LOG = previous
 
 
-def _record(kind: str, numel: int, group: Group = None) -> None:
+@contextlib.contextmanager
+def traffic_log() -> Iterator[list[Transfer]]:
+    """Record every collective issued inside the block as a Transfer (kind, group, bytes)."""
+    global TRAFFIC_LOG
+    previous, TRAFFIC_LOG = TRAFFIC_LOG, []
+    try:
+        yield TRAFFIC_LOG
+    finally:
+        TRAFFIC_LOG = previous
+
+
+def _record(kind: str, tensor: torch.Tensor, group: Group = None) -> None:
+    """Note and count a collective over the full tensor `tensor` (the one before a
+    reduce-scatter or after an all-gather)."""
     note_operation(kind, group)
     if COMM_LOG is not None:
-        COMM_LOG.append((kind, numel))
+        COMM_LOG.append((kind, tensor.numel()))
+    if TRAFFIC_LOG is not None:
+        TRAFFIC_LOG.append(Transfer(kind, group_name(group), tensor.numel(),
+                                    tensor.numel() * tensor.element_size()))
 
 
 # ---- naming what failed ----------------------------------------------------------------------
@@ -106,7 +146,7 @@ def all_reduce(tensor: torch.Tensor, group: Group,
     """In-place all-reduce over `group`; returns the tensor."""
     if group_size(group) == 1:
         return tensor
-    _record("all_reduce", tensor.numel(), group)
+    _record("all_reduce", tensor, group)
     dist.all_reduce(tensor, op=op, group=group)
     return tensor
 
@@ -116,7 +156,7 @@ def all_reduce_async(tensor: torch.Tensor, group: Group) -> dist.Work | None:
     group of one)."""
     if group_size(group) == 1:
         return None
-    _record("all_reduce", tensor.numel(), group)
+    _record("all_reduce", tensor, group)
     return dist.all_reduce(tensor, group=group, async_op=True)
 
 
@@ -138,7 +178,7 @@ def all_gather(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     moved = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((world * moved.shape[0],) + moved.shape[1:], dtype=moved.dtype,
                       device=moved.device)
-    _record("all_gather", out.numel(), group)
+    _record("all_gather", out, group)
     _all_gather_single(out, moved, group=group)
     return out.movedim(0, dim)
 
@@ -162,7 +202,7 @@ def reduce_scatter(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor
         raise ValueError(f"dim {dim} of size {moved.shape[0]} does not split over {world} ranks")
     out = torch.empty((moved.shape[0] // world,) + moved.shape[1:], dtype=moved.dtype,
                       device=moved.device)
-    _record("reduce_scatter", moved.numel(), group)
+    _record("reduce_scatter", moved, group)
     _reduce_scatter_single(out, moved, group=group)
     return out.movedim(0, dim)
 
@@ -185,7 +225,7 @@ def all_gather_into(output: torch.Tensor, shard: torch.Tensor, group: Group,
     if group_size(group) == 1:
         output.copy_(shard)
         return None
-    _record("all_gather", output.numel(), group)
+    _record("all_gather", output, group)
     return _all_gather_single(output, shard, group=group, async_op=async_op)
 
 
@@ -196,7 +236,7 @@ def reduce_scatter_into(shard: torch.Tensor, full: torch.Tensor, group: Group,
     if group_size(group) == 1:
         shard.copy_(full)
         return None
-    _record("reduce_scatter", full.numel(), group)
+    _record("reduce_scatter", full, group)
     return _reduce_scatter_single(shard, full, group=group, async_op=async_op)
 
 

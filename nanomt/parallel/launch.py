@@ -39,9 +39,9 @@ def env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, str(default)))
 
 
-def default_backend() -> str:
-    """NCCL when GPUs are present, gloo on CPU."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def default_backend(use_cuda: bool = True) -> str:
+    """NCCL when GPUs are present and used, gloo on CPU (also train.device=cpu on a GPU host)."""
+    return "nccl" if use_cuda and torch.cuda.is_available() else "gloo"
 
 
 def launch_store(timeout_s: float = 300.0) -> dist.Store | None:
@@ -98,18 +98,19 @@ def agree_on_attempt(store: dist.Store, rank: int, world_size: int, timeout_s: f
     return attempt
 
 
-def init_distributed(timeout_s: float = 300.0, init_timeout_s: float = 300.0
-                     ) -> tuple[int, int, torch.device]:
+def init_distributed(timeout_s: float = 300.0, init_timeout_s: float = 300.0,
+                     use_cuda: bool = True) -> tuple[int, int, torch.device]:
     """Join the launch's world (if launched by torchrun) and pick this rank's device.
 
     `timeout_s` bounds every collective on the world group; `init_timeout_s` bounds start-up
-    (meeting at the store, building the groups). Returns (rank, world_size, device). A plain
+    (meeting at the store, building the groups); use_cuda=False keeps a GPU host on the CPU
+    and gloo. Returns (rank, world_size, device). A plain
     `python -m nanomt.train` is a world of one and starts no process group at all.
     """
     global _ATTEMPT
     world_size, rank = env_int("WORLD_SIZE", 1), env_int("RANK", 0)
     device = torch.device("cpu")
-    if torch.cuda.is_available():
+    if use_cuda and torch.cuda.is_available():
         device = torch.device("cuda", env_int("LOCAL_RANK", 0))
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
@@ -120,7 +121,7 @@ def init_distributed(timeout_s: float = 300.0, init_timeout_s: float = 300.0
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(
-            backend=default_backend(),
+            backend=default_backend(use_cuda),
             store=dist.PrefixStore(f"nanomt/attempt_{_ATTEMPT}/", store),
             rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
             **kwargs)

@@ -201,6 +201,8 @@ class RowParallelLinear(nn.Module):
         self.tp_split_dims = {"weight": 1, "bias": None}  # the bias is added after g: replicated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if comm.group_size(self.tp_group) == 1:  # nothing to sum: one fused multiply-add
+            return F.linear(x, self.weight, self.bias)
         partial = F.linear(x, self.weight)
         if self.sequence_parallel:  # f-bar: sum the partials and keep my sequence shard
             y = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)

@@ -1,4 +1,4 @@
-"""Benchmark (not a test): nanomt's interleaved 1F1B against torch.distributed.pipelining's.
+"""Benchmark (not a test): nanomt's (interleaved) 1F1B against torch.distributed.pipelining's.
 
 Both run the same model chunks (nanomt GPT chunks, chunk k on rank k mod p) on the same
 micro-batches, on gloo CPU ranks spawned once, one after the other in the same processes:
@@ -78,7 +78,12 @@ def timed(method, events: list, kind: str, chunk: int):
 
 
 def bench_torch(cfg, grid, v, batches, steps) -> tuple[float, float]:
-    from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B
+    """torch's Schedule1F1B (v = 1) or ScheduleInterleaved1F1B (v > 1) on the same chunks."""
+    from torch.distributed.pipelining import (
+        PipelineStage,
+        Schedule1F1B,
+        ScheduleInterleaved1F1B,
+    )
 
     chunks = build_model_chunks(cfg, grid, v, seed=1)
     pp, rank = grid.pp_size, grid.pp_rank
@@ -94,7 +99,8 @@ def bench_torch(cfg, grid, v, batches, steps) -> tuple[float, float]:
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits[..., : cfg.vocab_size].flatten(0, 1), targets.flatten())
 
-    schedule = ScheduleInterleaved1F1B(stages, len(batches), loss_fn=loss_fn)
+    schedule = (Schedule1F1B(stages[0], len(batches), loss_fn=loss_fn) if v == 1 else
+                ScheduleInterleaved1F1B(stages, len(batches), loss_fn=loss_fn))
     inputs = torch.cat([x for x, _ in batches])
     targets = torch.cat([y for _, y in batches])
     times = []

@@ -6,19 +6,32 @@ sharded_adamw) only updates the shard it is given. As Megatron-core's Distribute
 _ParamAndGradBuffer, the buffer here
 
     lays the parameters out in flat buckets (buckets.py), each split into dp equal shards;
-    accumulates each parameter's gradient into its bucket as backward produces it (a
-    post-accumulate-grad hook counts arrivals per parameter, so any schedule works unchanged);
-    reduces a bucket when every parameter in it has delivered its gradient:
-        stage 0, 1   all-reduce (async) in place, once per step, after the last micro-batch
-        stage 2, 3   reduce-scatter (async) into a fresh shard; when it completes, my shard is
-                     added into an accumulator of 1/N_d of the bucket and the full buffer freed.
-                     parallel.grad_reduce chooses when:
-          "microbatch" (default): after every micro-batch, as DeepSpeed's ZeRO-2: only the
-                     shard survives between micro-batches (g Psi / N_d for any accumulation, at
-                     m reduce-scatters per step);
-          "step":    once, after the last micro-batch: one reduce-scatter per step, but full
-                     buffers live through the accumulation.
-        At most one reduce-scatter is in flight: launching the next one waits for it.
+    accumulates each parameter's gradient into its bucket as backward produces it. At stages
+    0-1 (when the gradient dtype is the parameter's) `param.grad` is a view of the flat buffer,
+    so autograd adds into it in place and nothing is allocated per micro-batch (Megatron's
+    main_grad); otherwise a post-accumulate-grad hook adds `param.grad` in and drops it. The
+    hook counts arrivals per parameter, so any schedule works unchanged;
+    reduces a bucket when every parameter in it has delivered its gradient for the step, i.e.
+    during the last micro-batch's backward, overlapped with the rest of it. Per step and rank,
+    with Psi the parameter count and the paper's convention (an all-reduce moves 2 Psi, a
+    reduce-scatter or an all-gather Psi; section 7):
+
+        stage 0   all-reduce (async, in place)                                   2 Psi
+        stage 1   reduce-scatter in place into my shard of the full buffer       Psi
+                  + the optimizer's all-gather of the updated parameters         Psi
+        stage 2   reduce-scatter of a full buffer that exists only while the
+                  bucket's gradients arrive; my shard is kept                    Psi + Psi
+        stage 3   the same, + two all-gathers of the parameters (stage3.py)      3 Psi
+
+    independent of the number of micro-batches m (parallel.grad_reduce=step, the default).
+    parallel.grad_reduce=microbatch (ZeRO-2/3, opt-in) trades traffic for memory, as
+    DeepSpeed's ZeRO-2: a reduce-scatter after every micro-batch, so only the shard survives
+    between micro-batches (gradients g Psi / N_d through the accumulation instead of g Psi),
+    at m Psi of gradient traffic per step instead of Psi.
+    Several ZeRO-2/3 reduce-scatters may be in flight: their full buffers are bounded by
+    parallel.reduce_in_flight_mb (default: one bucket); launching past the bound first waits
+    for the oldest. On NCCL a wait only orders the compute stream after the reduction's
+    stream; the host does not block.
     gathers ZeRO-3's parameter shards around each layer (stage3.py), and publishes updated
     shards back to every rank (all-gather at ZeRO-1/2).
 
@@ -58,7 +71,8 @@ class GradientBuffer:
 
     def __init__(self, chunks: list[nn.Module], grid: ParallelGrid | None, *, zero_stage: int,
                  num_microbatches: int, bucket_size_mb: float = 25.0, fp32_grads: bool = True,
-                 grad_reduce: str = "microbatch", zero3_prefetch: int = 1,
+                 grad_reduce: str = "step", zero3_prefetch: int = 1,
+                 reduce_in_flight_mb: float | None = None,
                  initial_values: InitialValues | None = None):
         """initial_values: parameters built on the meta device (now placeholders) are drawn
         one at a time into their bucket (nanomt.parallel.deferred_init)."""
@@ -72,6 +86,9 @@ class GradientBuffer:
         self.chunks, self.grid, self.stage = list(chunks), grid, zero_stage
         self.initial_values = initial_values
         self.fp32_grads = fp32_grads
+        if reduce_in_flight_mb is not None and not reduce_in_flight_mb > 0:
+            raise ValueError(f"parallel.reduce_in_flight_mb must be > 0, got {reduce_in_flight_mb}")
+        self.in_flight_limit = int((reduce_in_flight_mb or bucket_size_mb) * 2**20)
         # ZeRO-2/3 under "microbatch": reduce-scatter every micro-batch, keep only the shard.
         self.reduce_every_microbatch = zero_stage >= 2 and grad_reduce == "microbatch"
         self.dp_group = grid.grad_sync_group if grid is not None else None  # dp x cp
@@ -85,6 +102,7 @@ class GradientBuffer:
                 if param.requires_grad:
                     self.names[id(param)] = f"{chunk_index}.{name}"
                     named.append((f"{chunk_index}.{name}", param))
+        self.shared_ids = {id(p) for p in self.shared_embedding_params()}
         self.buckets = self._build_buckets(named, bucket_size_mb)
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self.offset_of = {id(p): offset for b in self.buckets
@@ -93,7 +111,7 @@ class GradientBuffer:
         self.gatherer = ParameterGatherer(self, zero3_prefetch) if zero_stage == 3 else None
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
                        for b in self.buckets for p in b.params]
-        self.in_flight: list[tuple[Bucket, object, torch.Tensor, torch.Tensor]] = []
+        self.in_flight: list[tuple[Bucket, object, torch.Tensor]] = []  # (b, handle, full)
         self.zero_grad(num_microbatches=num_microbatches)
 
     # ---- layout ------------------------------------------------------------------------------
@@ -137,13 +155,27 @@ class GradientBuffer:
                 b.gathered = False
             b.handle = None
 
+    def _grads_are_views(self, b: Bucket) -> bool:
+        """Stages 0-1 keep the full gradient buffer: `param.grad` can be a view of it (when the
+        dtypes agree), and autograd accumulates there in place. Not for the tied embedding's
+        bucket: the pipeline engine sums a `.grad` it finds over the embedding group, which
+        finalize_grads does here."""
+        return (self.stage <= 1 and self.grad_dtype(b) == b.dtype
+                and id(b.params[0]) not in self.shared_ids)
+
+    def _bind_grad_views(self, b: Bucket) -> None:
+        for param, offset in zip(b.params, b.offsets):
+            param.grad = (b.grad_buffer[offset: offset + param.numel()].view_as(param)
+                          if self._grads_are_views(b) else None)
+
     # ---- backward: accumulate, and reduce each bucket once its gradients are complete ------
     def zero_grad(self, set_to_none: bool = True, num_microbatches: int | None = None) -> None:
         """Start a new step: empty the gradient buffers and the per-parameter counters.
 
         num_microbatches: backward passes every parameter sees in this step (kept until changed;
         e.g. under batch-size ramp-up). set_to_none: accepted for torch.optim's signature;
-        gradients live in the flat buffers here, and every `param.grad` is always left None.
+        gradients live in the flat buffers here: `param.grad` is a view of them (stages 0-1,
+        same dtype) or None.
         """
         if num_microbatches is not None:
             if num_microbatches < 1:
@@ -161,8 +193,7 @@ class GradientBuffer:
             b.pending = len(b.params)
             b.rounds_launched = 0
             b.final_launched = False
-            for param in b.params:
-                param.grad = None
+            self._bind_grad_views(b)
         self.arrivals = {id(p): 0 for b in self.buckets for p in b.params}
         self.final_launches = 0
         self.grads_synced = False
@@ -201,10 +232,11 @@ class GradientBuffer:
                 f"call optimizer.zero_grad(num_microbatches=...) with the number of backward "
                 f"passes of the step")
         self.arrivals[id(param)] = count
-        offset = self.offset_of[id(param)]
-        flat = bucket.grad_buffer if self.stage <= 1 else self._full_grad_buffer(bucket)
-        flat[offset: offset + param.numel()].add_(param.grad.reshape(-1))
-        param.grad = None
+        if not self._grads_are_views(bucket):  # autograd allocated param.grad: add it in
+            offset = self.offset_of[id(param)]
+            flat = bucket.grad_buffer if self.stage <= 1 else self._full_grad_buffer(bucket)
+            flat[offset: offset + param.numel()].add_(param.grad.reshape(-1))
+            param.grad = None
         if self.reduce_every_microbatch:
             target = bucket.rounds_launched + 1
         else:
@@ -217,7 +249,8 @@ class GradientBuffer:
             self.gatherer.on_grad_ready(param)
 
     def _launch_reduction(self, b: Bucket, final: bool) -> None:
-        """Average the bucket over dp: all-reduce (0, 1) or reduce-scatter into my shard (2, 3)."""
+        """Average the bucket over dp: all-reduce (stage 0) or reduce-scatter in place, my shard
+        of the full buffer receiving the sum (stages 1-3; 2-3 then keep only that shard)."""
         b.rounds_launched += 1
         next_target = b.rounds_launched + 1
         b.pending = sum(self.arrivals[id(p)] < next_target for p in b.params)
@@ -227,33 +260,45 @@ class GradientBuffer:
         if self.stage <= 1:
             if self.dp > 1:
                 b.grad_buffer.div_(self.dp)
-                b.handle = comm.all_reduce_async(b.grad_buffer, self.dp_group)
+                b.handle = (comm.all_reduce_async(b.grad_buffer, self.dp_group)
+                            if self.stage == 0 else
+                            comm.reduce_scatter_into(b.grad_shard, b.grad_buffer, self.dp_group,
+                                                     async_op=True))
             return
-        self._retire_in_flight()  # one reduce-scatter in flight at a time: free the last one
         full, b.grad_buffer = self._full_grad_buffer(b), None
+        self._make_room(full.untyped_storage().nbytes())
         if self.dp > 1:
             full.div_(self.dp)
-        reduced = torch.empty(b.shard_numel, dtype=full.dtype, device=full.device)
-        self._count_grad_bytes(reduced.untyped_storage().nbytes())
-        handle = comm.reduce_scatter_into(reduced, full, self.dp_group, async_op=True)
-        self.in_flight.append((b, handle, full, reduced))
+        handle = comm.reduce_scatter_into(b.shard_of(full), full, self.dp_group, async_op=True)
+        self.in_flight.append((b, handle, full))
         if self.final_launches == len(self.buckets):  # backward is over: keep only shards
             self._retire_in_flight()
 
+    def _make_room(self, nbytes: int) -> None:
+        """Retire the oldest reduce-scatters until `nbytes` more fit in parallel.reduce_in_flight_mb
+        (one is always allowed)."""
+        held = sum(full.untyped_storage().nbytes() for _, _, full in self.in_flight)
+        while self.in_flight and held + nbytes > self.in_flight_limit:
+            oldest = self.in_flight.pop(0)
+            held -= oldest[2].untyped_storage().nbytes()
+            self._retire(*oldest)
+
+    def _retire(self, b: Bucket, handle, full: torch.Tensor) -> None:
+        """Wait for one reduce-scatter, add my shard of it into the accumulator, free `full`."""
+        if handle is not None:
+            comm.note_operation("wait for reduce_scatter (gradients)", self.dp_group)
+            handle.wait()
+        b.grad_shard.add_(b.shard_of(full))
+        self._count_grad_bytes(-full.untyped_storage().nbytes())
+
     def _retire_in_flight(self, only_completed: bool = False) -> None:
-        """Wait for the reduce-scatters in flight (or, only_completed, take those already done);
-        add my shard into the accumulator and free the full buffers."""
+        """Retire every reduce-scatter in flight (or, only_completed, those already done)."""
         still_running = []
-        for b, handle, full, reduced in self.in_flight:
-            if handle is not None:
-                if only_completed and not handle.is_completed():
-                    still_running.append((b, handle, full, reduced))
-                    continue
-                comm.note_operation("wait for reduce_scatter (gradients)", self.dp_group)
-                handle.wait()
-            b.grad_shard.add_(reduced)
-            self._count_grad_bytes(-full.untyped_storage().nbytes()
-                                   - reduced.untyped_storage().nbytes())
+        for b, handle, full in self.in_flight:
+            if only_completed and handle is not None and not handle.is_completed():
+                still_running.append((b, handle, full))
+            else:
+                self._retire(b, handle, full)
         self.in_flight = still_running
 
     @torch.no_grad()
@@ -269,7 +314,7 @@ class GradientBuffer:
         self._retire_in_flight()
         for b in self.buckets:
             if b.handle is not None:
-                comm.note_operation("wait for all_reduce (gradients)", self.dp_group)
+                comm.note_operation("wait for the gradients' reduction", self.dp_group)
                 b.handle.wait()
                 b.handle = None
         self.grads_synced = True
@@ -316,8 +361,8 @@ class GradientBuffer:
                 grads += storage_bytes(b.grad_buffer)
             if self.stage >= 2:
                 grads += storage_bytes(b.grad_shard)  # at stages 0-1, a view of grad_buffer
-        for _, _, full, reduced in self.in_flight:
-            grads += storage_bytes(full) + storage_bytes(reduced)
+        for _, _, full in self.in_flight:
+            grads += storage_bytes(full)
         return {"params": params, "grads": grads}
 
     def release_prefetched(self) -> None:

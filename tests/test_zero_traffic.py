@@ -1,0 +1,182 @@
+"""ZeRO's communication volume per step and rank, counted where the collectives are issued, and
+the host syncs of a training step.
+
+With Psi the (padded) parameter elements of a rank, in the paper's accounting (Rajbhandari et al.
+2019, section 7; an all-reduce moves 2 Psi, a reduce-scatter or an all-gather Psi), the data
+group moves per step, for m micro-batches under the default parallel.grad_reduce=step:
+
+    stage 0   all-reduce of the gradients                                  2 Psi
+    stage 1   reduce-scatter of the gradients + all-gather of the params   2 Psi
+    stage 2   the same                                                     2 Psi
+    stage 3   reduce-scatter + an all-gather before each forward and each
+              backward of every micro-batch                                (1 + 2m) Psi
+
+(the paper's 3 Psi is m = 1; the gradient part stays Psi at any m), and under the opt-in
+parallel.grad_reduce=microbatch stages 2-3 reduce-scatter m Psi. Every step adds the
+gradient norm's 2-element fp32 all-reduce (2 * 2 * 4 bytes). One dp=2 spawn counts all of these
+through nanomt.parallel.comm; a pp=2 x dp=2 spawn counts the host syncs of a 1F1B + ZeRO-2 step
+by wrapping the tensor methods that copy to the host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanomt.testing import compose_config, run_distributed
+
+TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.seq_len=16",
+        "train.micro_batch_size=1", "train.eval_interval=0", "train.progress_bar=false",
+        "train.measure_memory=false", "logging.wandb.mode=disabled",
+        "parallel.bucket_size_mb=0.02"]  # several buckets
+NORM_BYTES = 2 * 2 * 4  # the gradient norm: an all-reduce of [sum of squares, inf/nan count]
+MICROBATCHES = (1, 4)
+
+
+def _dp_traffic(stage: int, m: int, grad_reduce: str, extra: tuple = ()) -> dict:
+    from nanomt.model import GPT, ModelConfig
+    from nanomt.optim import build_optimizer
+    from nanomt.parallel import comm
+    from nanomt.parallel.grid import ParallelGrid
+
+    grid = ParallelGrid(1, 1, 2)
+    cfg = compose_config(TINY + [f"parallel.zero_stage={stage}",
+                                 f"parallel.grad_reduce={grad_reduce}", *extra])
+    model = GPT(ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16), grid, seed=1)
+    optimizer = build_optimizer([model], cfg, grid, num_microbatches=m)
+    tokens = torch.randint(0, 256, (m, 2, 16), generator=torch.Generator().manual_seed(grid.rank))
+    with comm.traffic_log() as log:
+        for i in range(m):
+            (model(tokens[i], tokens[i]) / m).backward()
+        result = optimizer.step()
+    dp_log = [t for t in log if t.group == "dp"]
+    return {"bytes": sum(t.volume_bytes for t in dp_log),
+            "kinds": sorted({t.kind for t in dp_log}),
+            "psi_bytes": 4 * sum(b.padded_numel for b in optimizer.buckets),
+            "other_groups": sorted({t.group for t in log} - {"dp"}),
+            "skipped": result.skipped, "norm": result.grad_norm,
+            # ZeRO-3 parameters are freed between uses: no weights to read
+            "weights": [p.detach().clone() for p in model.parameters()] if stage < 3 else []}
+
+
+def _traffic_checks() -> dict:
+    out = {}
+    for stage in (0, 1, 2, 3):
+        for m in MICROBATCHES:
+            out[(stage, m, "step")] = _dp_traffic(stage, m, "step")
+    for stage in (2, 3):
+        out[(stage, 4, "microbatch")] = _dp_traffic(stage, 4, "microbatch")
+    # every bucket's reduce-scatter may be in flight at once
+    out[(2, 4, "wide")] = _dp_traffic(2, 4, "step", ("parallel.reduce_in_flight_mb=64",))
+    return out
+
+
+@pytest.fixture(scope="module")
+def traffic() -> list[dict]:
+    return run_distributed(_traffic_checks, world_size=2, timeout_s=240)
+
+
+def expected_bytes(stage: int, m: int, grad_reduce: str, psi: int) -> int:
+    """The module docstring's table."""
+    gradients = psi * (m if grad_reduce == "microbatch" and stage >= 2 else 1)
+    if stage == 0:
+        return 2 * psi + NORM_BYTES
+    if stage in (1, 2):
+        return gradients + psi + NORM_BYTES
+    return gradients + 2 * m * psi + NORM_BYTES
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("m", MICROBATCHES)
+def test_bytes_per_step_and_rank_follow_zero_formulas(traffic, stage, m):
+    for rank_result in traffic:
+        r = rank_result[(stage, m, "step")]
+        assert not r["skipped"] and r["other_groups"] == []
+        assert r["bytes"] == expected_bytes(stage, m, "step", r["psi_bytes"]), r
+        assert r["kinds"] == {0: ["all_reduce"], 1: ["all_gather", "all_reduce", "reduce_scatter"],
+                              2: ["all_gather", "all_reduce", "reduce_scatter"],
+                              3: ["all_gather", "all_reduce", "reduce_scatter"]}[stage]
+
+
+def test_gradient_traffic_does_not_grow_with_microbatches_by_default(traffic):
+    for rank_result in traffic:
+        for stage in (0, 1, 2):
+            assert rank_result[(stage, 4, "step")]["bytes"] == rank_result[(stage, 1, "step")]["bytes"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_reducing_every_microbatch_costs_m_times_the_gradient_traffic(traffic, stage):
+    for rank_result in traffic:
+        r = rank_result[(stage, 4, "microbatch")]
+        assert r["bytes"] == expected_bytes(stage, 4, "microbatch", r["psi_bytes"]), r
+        assert r["bytes"] - rank_result[(stage, 4, "step")]["bytes"] == 3 * r["psi_bytes"]
+
+
+# ---- host syncs ------------------------------------------------------------------------------
+SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+
+def _count_host_syncs(run_root: str) -> dict:
+    """Set up a pp=2 x dp=2 ZeRO-2 run (1F1B, 4 micro-batches) and count, in its second step,
+    the calls that copy a tensor to the host: in the step's forward-backward, finalize and
+    optimizer update, and in the loss the step logs."""
+    from nanomt.parallel.data_parallel import finalize_grads
+    from nanomt.train import mean_over_batch, setup
+
+    cfg = compose_config(TINY + ["parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=2",
+                                 "train.global_batch_size=8", "train.steps=2"])
+    t = setup(cfg, Path(run_root))
+    counts = {"step": 0, "logged_loss": 0}
+    phase = ["step"]
+    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+
+    def counting(name):
+        def method(self, *args, **kwargs):
+            counts[phase[0]] += 1
+            return originals[name](self, *args, **kwargs)
+        return method
+
+    def one_step(step: int) -> float:
+        micro_batches = t.micro_batches(t.train_data, step)
+        t.optimizer.zero_grad()
+        loss_sum = t.forward_backward(t.model_chunks, micro_batches, t.grid,
+                                      loss_scale=t.optimizer.loss_scale)
+        finalize_grads(t.optimizer.buffer)
+        result = t.optimizer.step()
+        phase[0] = "logged_loss"
+        loss = mean_over_batch(loss_sum, len(micro_batches), t.grid, t.device)
+        phase[0] = "step"
+        return result.grad_norm + loss
+
+    one_step(0)  # the first step builds what later steps reuse
+    for name in SYNC_METHODS:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        value = one_step(1)
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return {**counts, "value": value, "microbatches": t.num_microbatches}
+
+
+def test_a_1f1b_zero2_step_syncs_the_host_at_most_once(tmp_path):
+    """One sync in the step itself (the gradient norm and the inf/nan verdict, which decides on
+    every rank whether to update), one more for the loss the step logs."""
+    results = run_distributed(_count_host_syncs, world_size=4, args=(str(tmp_path),),
+                              timeout_s=240)
+    for r in results:
+        assert r["microbatches"] == 4
+        assert r["step"] <= 1, r
+        assert r["logged_loss"] == 1, r
+
+
+def test_more_reductions_in_flight_change_nothing_but_the_timing(traffic):
+    """parallel.reduce_in_flight_mb=64 (every bucket's reduce-scatter in flight) against the
+    default bound of one bucket: the same traffic, gradient norm and updated weights."""
+    for rank_result in traffic:
+        wide, default = rank_result[(2, 4, "wide")], rank_result[(2, 4, "step")]
+        assert wide["bytes"] == default["bytes"] and wide["norm"] == default["norm"]
+        for a, b in zip(wide["weights"], default["weights"]):
+            assert torch.equal(a, b)
