@@ -117,3 +117,19 @@ def test_activation_bytes_per_rank_fall_as_one_over_cp(ranks):
     for result in ranks:
         for cp in (2, 4):
             assert result[f"bytes_cp{cp}"] / whole == pytest.approx(1 / cp, rel=0.1), cp
+
+
+def test_the_spelled_out_block_equals_the_fused_kernel(monkeypatch):
+    """Off CPU the block is plain maths: on CPU it must equal the fused kernel it replaces."""
+    from nanomt.parallel import context_parallel
+
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, HEADS, 8, DIM, generator=gen) for _ in range(3))
+    fused = [context_parallel.attention_block(q, k, v, 0.3, causal) for causal in (False, True)]
+    monkeypatch.setattr(context_parallel, "_FLASH_CPU", None)
+    for causal, (out, lse) in zip((False, True), fused):
+        spelled = context_parallel.attention_block(q, k, v, 0.3, causal)
+        torch.testing.assert_close(spelled[0], out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(spelled[1], lse, rtol=1e-5, atol=1e-6)
+    errors = ring_case(full_attention_case(), None, 0, 1)
+    assert max(errors.values()) < 1e-5, errors

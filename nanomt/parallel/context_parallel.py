@@ -37,6 +37,10 @@ from nanomt.parallel import comm
 from nanomt.parallel.comm import Group
 
 
+# scaled_dot_product_attention's CPU flash kernel, the variant that also returns the lse
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def cp_rank_and_size(group: Group) -> tuple[int, int]:
     if group is None:
         return 0, 1
@@ -67,7 +71,12 @@ def split_sequence(x: torch.Tensor, dim: int, cp_rank: int, cp: int) -> torch.Te
 
 def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                     causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """O and lse of q [.., n, d] against one key/value block [.., n, d] (fp32 statistics)."""
+    """O and lse of q [.., n, d] against one key/value block [.., n, d] (fp32 statistics):
+    on CPU torch's fused flash-attention kernel, which returns its lse; elsewhere the same
+    maths spelled out (a GPU flash kernel that returns its lse would slot in here)."""
+    if q.device.type == "cpu" and _FLASH_CPU is not None:
+        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)
+        return out.float(), lse.float()
     scores = (q @ k.transpose(-2, -1)).float() * scale
     if causal:
         scores = scores.masked_fill(_future(scores), float("-inf"))
