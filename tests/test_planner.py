@@ -108,7 +108,8 @@ def test_the_papers_setting(tmp_path, capsys):
 SMALL = ["parallel.tp=2", "parallel.pp=2", "model.num_layers=4", "model.hidden_size=32",
          "model.seq_len=256", "train.global_batch_size=16", "train.micro_batch_size=4",
          "train.steps=1", "train.eval_interval=0", "train.eval_batches=1",
-         "train.progress_bar=false", "checkpoint.interval=0", "logging.wandb.mode=disabled"]
+         "train.progress_bar=false", "checkpoint.interval=0", "logging.wandb.mode=disabled",
+         "train.measure_memory=true"]
 
 
 def _train_small(run_dir: str) -> dict:
