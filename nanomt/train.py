@@ -229,6 +229,30 @@ class Trainer:
                 f"{latest or 'none'}); lower optim.lr, check the data, or allow skips with "
                 f"train.max_skipped_steps")
 
+    def evaluate_all(self) -> dict:
+        """Validation loss and perplexity, and the train.eval_tasks scores (not under SP or cp,
+        whose layers expect a split sequence)."""
+        val_loss = self.evaluate()
+        scores = {"val_loss": val_loss,
+                  "val_ppl": math.exp(min(val_loss, 50.0))}  # capped: exp overflows past ~709
+        if (self.cfg.train.get("eval_tasks") and not self.layout.sequence_parallel
+                and self.layout.cp == 1):
+            scores.update(score_during_training(
+                self.model_chunks, self.grid, self.cfg.data.tokenizer,
+                OmegaConf.to_container(self.cfg.train.eval_tasks, resolve=True)))
+        return scores
+
+    def sample(self) -> str:
+        """The end-of-run sample from the final weights (train.sample), as a printable line."""
+        c = self.cfg.train
+        text = sample_after_training(self.model_chunks, self.grid, self.cfg.data.tokenizer,
+                                     str(c.sample_prompt), int(c.sample_tokens),
+                                     float(c.sample_temperature), int(c.seed))
+        if text is None:
+            return ("nanomt sample: skipped under sequence or context parallelism; use "
+                    "nanomt.generate")
+        return f"nanomt sample:\n{text}"
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over `train.eval_batches` fixed validation batches of global_batch_size
@@ -349,8 +373,8 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
                        resolved["logging"]["wandb"], resolved, cfg.train.progress_bar,
                        log_interval=int(cfg.logging.get("log_interval", 10)))
     logger.print(f"nanomt: {t.model_cfg.num_parameters():,} parameters, layout tp={layout.tp} "
-                 f"pp={layout.pp} dp={layout.dp}, {t.num_microbatches} micro-batches/step, "
-                 f"run folder {run_dir}")
+                 f"cp={layout.cp} pp={layout.pp} dp={layout.dp}, {t.num_microbatches} "
+                 f"micro-batches/step, run folder {run_dir}")
     logger.print(startup_tables(ranks))
     if t.checkpointer.resumed_from:
         logger.print(f"resumed from {t.checkpointer.resumed_from} at step {t.start_step}")
@@ -364,12 +388,8 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
         record = t.train_step(step, activation_meter)
         interval = cfg.train.eval_interval
         if (interval and (step + 1) % interval == 0) or step + 1 == steps:
-            val_loss = record["val_loss"] = t.evaluate()
-            record["val_ppl"] = math.exp(min(val_loss, 50.0))  # capped: exp overflows past ~709
-            if cfg.train.get("eval_tasks") and not layout.sequence_parallel and layout.cp == 1:
-                record.update(score_during_training(
-                    t.model_chunks, t.grid, cfg.data.tokenizer,
-                    OmegaConf.to_container(cfg.train.eval_tasks, resolve=True)))
+            record.update(t.evaluate_all())
+            val_loss = record["val_loss"]
         logger.log_step(record)
         t.check_finite(record)
         steps_done = step + 1
@@ -387,12 +407,7 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
         t.timeline.save(run_dir / "timeline" / f"rank{t.grid.rank}.json")
     elapsed = time.perf_counter() - t_start
     if cfg.train.get("sample") and t.checkpointer.stopped_by != "preemption":
-        text = sample_after_training(t.model_chunks, t.grid, cfg.data.tokenizer,
-                                     str(cfg.train.sample_prompt), int(cfg.train.sample_tokens),
-                                     float(cfg.train.sample_temperature), int(cfg.train.seed))
-        logger.print(f"nanomt sample:\n{text}" if text is not None else
-                     "nanomt sample: skipped under sequence or context parallelism; use "
-                     "nanomt.generate")
+        logger.print(t.sample())
     seq_len, consumed = t.model_cfg.seq_len, t.train_data.consumed_before  # ramp-up aware
     tokens_this_launch = (consumed(steps_done) - consumed(t.start_step)) * seq_len
     summary = {"steps": steps_done, "final_loss": record["loss"], "val_loss": val_loss,
