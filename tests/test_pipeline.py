@@ -20,8 +20,8 @@ import torch
 from nanomt.model import GPT, ModelConfig
 from nanomt.parallel.param_info import param_info
 from nanomt.parallel.pipeline.engine import deallocate_output
+from nanomt.parallel.pipeline.p2p import Transfer
 from nanomt.parallel.pipeline.posting import (
-    Transfer,
     Unit,
     check_posting,
     checked_plans,

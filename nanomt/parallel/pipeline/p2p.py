@@ -21,15 +21,26 @@ ranks that disagree would wait on each other forever, so they fail together with
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from nanomt.parallel import comm
-
-from nanomt.parallel.pipeline.posting import Transfer
+from nanomt.parallel.pipeline.schedules import PipelineOp
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One send or receive: of the pass `op` (its output, or its input), with pipeline rank
+    `peer`, under `tag`."""
+
+    is_send: bool
+    op: PipelineOp
+    peer: int
+    tag: int
 
 
 class P2PBatch:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from nanomt.parallel.pipeline.p2p import Transfer
 from nanomt.parallel.pipeline.schedules import PipelineOp, checked_schedule, warmup_forwards
 
 ACTIVATION, GRADIENT = 0, 1
@@ -27,17 +28,6 @@ ACTIVATION, GRADIENT = 0, 1
 def message_tag(kind: int, global_chunk: int, microbatch: int, num_microbatches: int) -> int:
     """A tag unique within one schedule: (chunk that receives it, micro-batch, kind)."""
     return (global_chunk * num_microbatches + microbatch) * 2 + kind
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """One send or receive: of the pass `op` (its output, or its input), with pipeline rank
-    `peer`, under `tag`."""
-
-    is_send: bool
-    op: PipelineOp
-    peer: int
-    tag: int
 
 
 @dataclass(frozen=True)
