@@ -8,9 +8,8 @@ et al. 2021, section 2.2.2).
 
 Every message has a shape known up front ([b, s, h], or the sequence shard [b, s/t, h] under
 sequence parallelism), so the receiver allocates its buffer before the data arrives. Which
-messages go out together is fixed by posting.communication_plan (one `batch_isend_irecv` per
-unit, Megatron's posting); on NCCL a send blocks until its receive is posted, and posting.
-check_posting has checked that the plan never waits in a cycle. A posted unit is one `P2PBatch`:
+`Transfer`s go out together (one `batch_isend_irecv` per unit) is the engine's plan
+(posting.py; NCCL's rules: docs/pipeline.md). A posted unit is one `P2PBatch`:
 NCCL returns a single work for the whole batch, Gloo one per operation; the handle waits for all.
 
 Before the first message, `agree_on_schedule` all-gathers each rank's view of the schedule (kind,
