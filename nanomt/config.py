@@ -49,6 +49,7 @@ from nanomt.data.tokenizer import build_tokenizer
 from nanomt.errors import ConfigError
 from nanomt.model.checkpointing import MODES as CHECKPOINTING_MODES
 from nanomt.model.config import ModelConfig
+from nanomt.parallel.pipeline.posting import checked_plans
 from nanomt.parallel.pipeline.schedules import SCHEDULES, check_pipeline_config
 from nanomt.parallel.data_parallel import GRAD_REDUCE_MODES
 
@@ -323,6 +324,11 @@ def check_pipeline(cfg: DictConfig, model: ModelConfig, layout: Layout, num_micr
         check_pipeline_config(layers, pp, v, num_microbatches, str(cfg.parallel.schedule))
     except ValueError as error:
         raise _as_config_error(error, "parallel.") from error
+    try:  # the posting check (docs/pipeline.md) at start-up rather than at step 1 (cached)
+        for forward_only in (False, True) if pp > 1 else ():
+            checked_plans(str(cfg.parallel.schedule), pp, num_microbatches, v, forward_only)
+    except ValueError as error:
+        raise ConfigError(str(error), "change parallel.schedule, .pp or .virtual_stages") from error
 
 
 # ---- optimiser and learning-rate schedule -------------------------------------------------------

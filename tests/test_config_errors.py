@@ -296,6 +296,27 @@ def test_check_config_raises_config_error_a_value_error():
     assert error.value.fix == "set train.micro_batch_size"
 
 
+def test_pipeline_posting_is_checked_at_start_up(monkeypatch):
+    """check_config replays the NCCL posting plan (posting.checked_plans) of the training and
+    the evaluation schedule before anything is built; a plan it rejects is a ConfigError."""
+    checked = []
+
+    def rejecting_plans(schedule, pp, m, v, forward_only):
+        checked.append((schedule, pp, m, v, forward_only))
+        raise ValueError("pipeline messages would deadlock on NCCL: rank 0 in the unit after F0")
+
+    monkeypatch.setattr(config, "checked_plans", rejecting_plans)
+    check_config(compose_config([]), world_size=1)  # pp=1: no pipeline, no plan
+    assert checked == []
+    cfg = compose_config(["parallel.pp=2", "train.global_batch_size=8"])
+    with pytest.raises(ConfigError, match="deadlock on NCCL.*parallel.schedule"):
+        check_config(cfg, world_size=2)
+    assert checked == [("1f1b", 2, 8 // int(cfg.train.micro_batch_size), 1, False)]
+    monkeypatch.setattr(config, "checked_plans", lambda *args: checked.append(args))
+    check_config(cfg, world_size=2)
+    assert [args[-1] for args in checked[1:]] == [False, True]  # training, then evaluation
+
+
 def test_other_ranks_stay_silent(launch, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     assert launch(["train.micro_batch_size=0"], world_size=2) == 2

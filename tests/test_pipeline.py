@@ -20,8 +20,8 @@ import torch
 from nanomt.model import GPT, ModelConfig
 from nanomt.parallel.param_info import param_info
 from nanomt.parallel.pipeline.engine import deallocate_output
+from nanomt.parallel.pipeline.p2p import Transfer
 from nanomt.parallel.pipeline.posting import (
-    Transfer,
     Unit,
     check_posting,
     checked_plans,
@@ -129,9 +129,9 @@ NCCL_CASES = [(schedule, pp, v, m, forward_only)
 
 
 def test_posting_passes_the_model_of_nccl_blocking_rules():
-    """Every schedule's units complete under check_posting's model of NCCL's rules (a send
-    waits for its receive, matched in posting order, units complete in order), for 1F1B,
-    interleaved, GPipe and forward-only. A model: no NCCL runs here."""
+    """Every schedule's units complete under check_posting's model of NCCL's rules
+    (docs/pipeline.md), for 1F1B, interleaved, GPipe and forward-only. A model: no NCCL runs
+    here."""
     for schedule, pp, v, m, forward_only in NCCL_CASES:
         plans = checked_plans(schedule, pp, m, v, forward_only)
         assert len(plans) == pp

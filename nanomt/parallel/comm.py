@@ -5,10 +5,10 @@ all-reduce; under sequence parallelism all-gather and reduce-scatter) and behind
 data parallelism (Rajbhandari et al. 2020: flat all-gather / reduce-scatter into given buffers)
 goes through these few functions. Each is a no-op on a group of one (the single-process model
 pays nothing), and each records its kind and element count into `COMM_LOG` while a
-`count_collectives()` block is open, and a `Transfer` (kind, group, bytes) while a
+`count_collectives()` block is open, and a `TrafficRecord` (kind, group, bytes) while a
 `traffic_log()` block is open: that is how the tests check the papers' communication volume
 (two all-reduces of b*s*h per layer forward and two backward; ZeRO's 2 or 3 times the parameter
-count per step and rank, `Transfer.volume_bytes`).
+count per step and rank, `TrafficRecord.volume_bytes`).
 
 `Group` is a process group, or None for a world of one.
 
@@ -35,8 +35,8 @@ Group = dist.ProcessGroup | None
 
 # (kind, numel) of each collective issued while counting; None when not counting.
 COMM_LOG: list[tuple[str, int]] | None = None
-# Transfers (with group and bytes) while a traffic_log() block is open; None otherwise.
-TRAFFIC_LOG: list[Transfer] | None = None
+# Records (kind, group, bytes) while a traffic_log() block is open; None otherwise.
+TRAFFIC_LOG: list[TrafficRecord] | None = None
 
 # ZeRO's accounting of the data one rank moves (Rajbhandari et al. 2019, section 7): a
 # reduce-scatter or an all-gather of a Psi-element tensor moves Psi, an all-reduce (a
@@ -45,7 +45,7 @@ VOLUME_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1}
 
 
 @dataclass(frozen=True)
-class Transfer:
+class TrafficRecord:
     """One collective: its kind, the named group, the elements of the full tensor, their bytes."""
 
     kind: str
@@ -71,8 +71,8 @@ def count_collectives() -> Iterator[list[tuple[str, int]]]:
 
 
 @contextlib.contextmanager
-def traffic_log() -> Iterator[list[Transfer]]:
-    """Record every collective issued inside the block as a Transfer (kind, group, bytes)."""
+def traffic_log() -> Iterator[list[TrafficRecord]]:
+    """Record every collective issued inside the block as a TrafficRecord (kind, group, bytes)."""
     global TRAFFIC_LOG
     previous, TRAFFIC_LOG = TRAFFIC_LOG, []
     try:
@@ -88,7 +88,7 @@ def _record(kind: str, tensor: torch.Tensor, group: Group = None) -> None:
     if COMM_LOG is not None:
         COMM_LOG.append((kind, tensor.numel()))
     if TRAFFIC_LOG is not None:
-        TRAFFIC_LOG.append(Transfer(kind, group_name(group), tensor.numel(),
+        TRAFFIC_LOG.append(TrafficRecord(kind, group_name(group), tensor.numel(),
                                     tensor.numel() * tensor.element_size()))
 
 

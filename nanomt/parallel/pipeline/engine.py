@@ -11,11 +11,9 @@ The schedule (schedules.py) says in which order this rank runs its passes; this 
   backward B(i, chunk):  backward from the output with the gradient received from the next chunk
            (or from the loss on the last chunk); the input's gradient is sent back.
 
-Messages go out in units (posting.communication_plan): in the steady state a forward and a
-backward run back to back, then ONE batch carries both sends and the receives for the next
-forward and backward (Megatron's posting); this order cannot wait in a cycle on NCCL, where a
-send completes only once its receive is posted (posting.check_posting). Before each slot the
-rank waits for the previous unit, then frees the outputs it sent. Gradients accumulate in .grad
+Messages go out in the units of posting.communication_plan, checked against NCCL's posting
+rules (why this posting and not one per pass: docs/pipeline.md, "Messages"). Before each slot
+the rank waits for the previous unit, then frees the outputs it sent. Gradients accumulate in .grad
 over all micro-batches, and the tied word embedding's two copies (first and last stage) sum
 theirs at the end, so after the schedule they equal the single-process gradient of the mean loss.
 """

@@ -8,9 +8,8 @@ et al. 2021, section 2.2.2).
 
 Every message has a shape known up front ([b, s, h], or the sequence shard [b, s/t, h] under
 sequence parallelism), so the receiver allocates its buffer before the data arrives. Which
-messages go out together is fixed by posting.communication_plan (one `batch_isend_irecv` per
-unit, Megatron's posting); on NCCL a send blocks until its receive is posted, and posting.
-check_posting has checked that the plan never waits in a cycle. A posted unit is one `P2PBatch`:
+`Transfer`s go out together (one `batch_isend_irecv` per unit) is the engine's plan
+(posting.py; NCCL's rules: docs/pipeline.md). A posted unit is one `P2PBatch`:
 NCCL returns a single work for the whole batch, Gloo one per operation; the handle waits for all.
 
 Before the first message, `agree_on_schedule` all-gathers each rank's view of the schedule (kind,
@@ -21,15 +20,26 @@ ranks that disagree would wait on each other forever, so they fail together with
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from nanomt.parallel import comm
-
-from nanomt.parallel.pipeline.posting import Transfer
+from nanomt.parallel.pipeline.schedules import PipelineOp
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One send or receive: of the pass `op` (its output, or its input), with pipeline rank
+    `peer`, under `tag`."""
+
+    is_send: bool
+    op: PipelineOp
+    peer: int
+    tag: int
 
 
 class P2PBatch:

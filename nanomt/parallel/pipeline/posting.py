@@ -1,17 +1,11 @@
-"""Which messages a pipeline rank posts together, and a replay of them under NCCL's rules.
+"""Which messages a pipeline rank posts together (Megatron's posting), and a replay of them under
+a model of NCCL's rules.
 
-On NCCL a send completes only once the peer has posted the matching receive, sends and receives
-between two ranks are matched in the order they were posted (tags are ignored), and each
-`batch_isend_irecv` is one unit on an in-order queue: a rank's units complete one after the other.
-Posting "my output + the receive for my next pass" after every pass is therefore not enough for
-interleaved 1F1B: two ranks can each sit in a unit whose send waits for a receive the other will
-only post in a later unit, a cycle (Gloo, which buffers sends, hides it).
-
-The posting used here is Megatron's: a forward directly followed by a backward (1F1B's steady
-state) runs as one slot, and after each slot ONE unit carries all of the slot's sends and the
-receives the next slot needs. A unit is posted before any pass runs with the first slot's
-receives. `check_posting` replays every rank's units under the rules above and fails with the
-stuck ranks instead of letting a job hang; it is run once per schedule (cached).
+The rules, and why posting after every pass would hang interleaved 1F1B, are explained once in
+docs/pipeline.md ("Messages"). `communication_plan` groups a rank's passes into slots (a forward
+directly followed by a backward shares one) and posts one unit of `Transfer`s after each slot,
+plus one before the first; `check_posting` replays every rank's units and fails with the stuck
+ranks instead of letting a job hang. `checked_plans` runs both once per schedule (cached).
 """
 
 from __future__ import annotations
@@ -19,6 +13,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from nanomt.parallel.pipeline.p2p import Transfer
 from nanomt.parallel.pipeline.schedules import PipelineOp, checked_schedule, warmup_forwards
 
 ACTIVATION, GRADIENT = 0, 1
@@ -27,17 +22,6 @@ ACTIVATION, GRADIENT = 0, 1
 def message_tag(kind: int, global_chunk: int, microbatch: int, num_microbatches: int) -> int:
     """A tag unique within one schedule: (chunk that receives it, micro-batch, kind)."""
     return (global_chunk * num_microbatches + microbatch) * 2 + kind
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """One send or receive: of the pass `op` (its output, or its input), with pipeline rank
-    `peer`, under `tag`."""
-
-    is_send: bool
-    op: PipelineOp
-    peer: int
-    tag: int
 
 
 @dataclass(frozen=True)

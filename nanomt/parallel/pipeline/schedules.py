@@ -19,12 +19,8 @@ Narayanan et al. 2021 as plain loops:
 (a forward needs the previous chunk's output, a backward the next chunk's input gradient) and
 fails early, naming the stuck ranks, instead of letting a bad order hang the job.
 
-Messages are posted in units (one `batch_isend_irecv` each; `communication_plan`): a forward
-directly followed by a backward runs as one slot, and after each slot one unit carries the
-slot's sends and the receives the next slot needs (Megatron's posting). `check_posting` replays
-those units under NCCL's rules, which are stricter than the data dependencies alone: a send
-completes only once its matching receive is posted, sends and receives between two ranks match
-in posting order (tags are ignored), and a rank's units complete in the order they were posted.
+How the engine posts an order's messages, and the NCCL rules that posting must respect (stricter
+than the data dependencies alone): posting.py, explained in docs/pipeline.md ("Messages").
 """
 
 from __future__ import annotations
@@ -164,8 +160,8 @@ def check_deadlock_free(orders: list[list[PipelineOp]], pp: int, v: int) -> None
 
     Model chunk j of rank r is global chunk k = j*pp + r. F(i, k) needs F(i, k-1) done (its
     input), B(i, k) needs F(i, k) and B(i, k+1) done (its output gradient). This checks the data
-    dependencies alone (as if messages were buffered without limit); `check_posting` then checks
-    the messages as the engine posts them, under NCCL's blocking rules.
+    dependencies alone (as if messages were buffered without limit); posting.check_posting then
+    checks the messages as the engine posts them (docs/pipeline.md).
     """
     last = pp * v - 1
     done: set[tuple[str, int, int]] = set()
