@@ -181,9 +181,10 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
                                 stats: PipelineStats | None = None,
                                 dtype: torch.dtype | None = None,
                                 loss_scale: float = 1.0) -> torch.Tensor:
-    """Run this rank's part of the pipeline schedule. Returns the sum of micro-batch losses
-    as a tensor on the micro-batches' device (last stage; zero elsewhere). Gradients accumulate in the chunks' .grad; the tied word
-    embedding's gradient is summed over the first and last stage before returning."""
+    """Run this rank's part of the pipeline schedule. Returns the sum of micro-batch losses as
+    a tensor on the micro-batches' device (last stage; zero elsewhere). Gradients accumulate in
+    the chunks' .grad (or a gradient buffer's buckets); a tied word embedding's plain .grad is
+    summed over the first and last stage before returning (buckets: by finalize_grads)."""
     m, v = len(micro_batches), len(model_chunks)
     if dtype is None:  # activations travel in the parameters' dtype (bf16 under mixed precision)
         dtype = next(model_chunks[0].parameters()).dtype

@@ -63,8 +63,9 @@ def check_pipeline_config(num_layers: int, pp: int, virtual_stages: int, num_mic
                          f"parallel.virtual_stages")
     if virtual_stages > 1 and num_microbatches % pp:
         raise ValueError(
-            f"interleaved schedules (virtual_stages > 1, {schedule}) need the number of micro-batches ({num_microbatches} = "
-            f"train.global_batch_size / (train.micro_batch_size * dp)) to be a multiple of "
+            f"interleaved schedules (virtual_stages > 1, {schedule}) need the number of "
+            f"micro-batches ({num_microbatches} = train.global_batch_size / "
+            f"(train.micro_batch_size * dp)) to be a multiple of "
             f"parallel.pp = {pp}")
 
 
