@@ -53,6 +53,35 @@ def test_gradients_accumulate_in_place_in_the_bucket(stage):
         torch.testing.assert_close(p.grad, plain_grads[name].grad, rtol=1e-6, atol=1e-7)
 
 
+def test_zero2_gradients_accumulate_in_the_full_buffer_while_it_exists():
+    """At ZeRO-2 `param.grad` is a view of the bucket's full gradient buffer from the round's
+    first gradient on (later micro-batches add there in place); at the reduction the views are
+    dropped and the reduced shard equals the sum of plain .grad over three micro-batches."""
+    from nanomt.parallel.data_parallel import GradientBuffer
+
+    plain, flat = GPT(CFG, None, seed=3), GPT(CFG, None, seed=3)
+    buffer = GradientBuffer([flat], None, zero_stage=2, num_microbatches=3,
+                            bucket_size_mb=0.01)
+    assert len(buffer.buckets) > 1
+    tokens = torch.randint(0, 256, (3, 2, 16), generator=torch.Generator().manual_seed(0))
+    for index, micro in enumerate(tokens):
+        plain(micro, micro).backward()
+        flat(micro, micro).backward()
+        if index == 0:
+            for p in flat.parameters():
+                bucket = buffer.bucket_of[id(p)]
+                offset = buffer.offset_of[id(p)]
+                assert p.grad.data_ptr() == bucket.grad_buffer[offset:].data_ptr()
+    buffer.finish_grad_sync()
+    plain_grads = {id(f): q.grad for f, q in zip(flat.parameters(), plain.parameters())}
+    for p in flat.parameters():
+        assert p.grad is None
+        bucket = buffer.bucket_of[id(p)]
+        offset = buffer.offset_of[id(p)]
+        torch.testing.assert_close(bucket.grad_shard[offset: offset + p.numel()],
+                                   plain_grads[id(p)].reshape(-1), rtol=1e-6, atol=1e-7)
+
+
 def test_fused_norm_matches_the_plain_norm_and_flags_inf():
     from nanomt.optim.grad_norm import norm_and_overflow
     from nanomt.parallel.param_info import ParamInfo, set_param_info

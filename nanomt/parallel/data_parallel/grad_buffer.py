@@ -6,10 +6,12 @@ sharded_adamw) only updates the shard it is given. As Megatron-core's Distribute
 _ParamAndGradBuffer, the buffer here
 
     lays the parameters out in flat buckets (buckets.py), each split into dp equal shards;
-    accumulates each parameter's gradient into its bucket as backward produces it. At stages
-    0-1 (when the gradient dtype is the parameter's) `param.grad` is a view of the flat buffer,
-    so autograd adds into it in place and nothing is allocated per micro-batch (Megatron's
-    main_grad); otherwise a post-accumulate-grad hook adds `param.grad` in and drops it. The
+    accumulates each parameter's gradient into its bucket as backward produces it. When the
+    gradient dtype is the parameter's, `param.grad` is a view of the flat buffer, so autograd
+    adds into it in place and nothing is allocated per micro-batch (Megatron's main_grad): at
+    stages 0-1 always, at stages 2-3 while the bucket's full buffer exists (from the round's
+    first gradient, which the hook adds in, to the reduce-scatter); otherwise a
+    post-accumulate-grad hook adds `param.grad` in and drops it. The
     hook counts arrivals per parameter, so any schedule works unchanged;
     reduces a bucket when every parameter in it has delivered its gradient for the step, i.e.
     during the last micro-batch's backward, overlapped with the rest of it. Per step and rank,
@@ -167,6 +169,23 @@ class GradientBuffer:
         for param, offset in zip(b.params, b.offsets):
             param.grad = (b.grad_buffer[offset: offset + param.numel()].view_as(param)
                           if self._grads_are_views(b) else None)
+        b.viewing = set()  # ZeRO-2/3: parameters whose .grad is now a view of the full buffer
+
+    def _view_full_buffer(self, b: Bucket, params: list[nn.Parameter]) -> None:
+        """ZeRO-2/3: the rest of this round's gradients of `params` land in the full buffer."""
+        if self.grad_dtype(b) != b.dtype or id(b.params[0]) in self.shared_ids:
+            return
+        for param in params:
+            offset = self.offset_of[id(param)]
+            param.grad = b.grad_buffer[offset: offset + param.numel()].view_as(param)
+            b.viewing.add(id(param))
+
+    def _drop_full_buffer_views(self, b: Bucket) -> None:
+        """Before the full buffer is reduced (and freed), no `.grad` may point into it."""
+        for param in b.params:
+            if id(param) in b.viewing:
+                param.grad = None
+        b.viewing = set()
 
     # ---- backward: accumulate, and reduce each bucket once its gradients are complete ------
     def zero_grad(self, set_to_none: bool = True, num_microbatches: int | None = None) -> None:
@@ -219,6 +238,7 @@ class GradientBuffer:
             b.grad_buffer = torch.zeros(b.padded_numel, dtype=self.grad_dtype(b),
                                         device=b.grad_shard.device)
             self._count_grad_bytes(b.grad_buffer.untyped_storage().nbytes())
+            self._view_full_buffer(b, [p for p in b.params if p.grad is None])
         return b.grad_buffer
 
     @torch.no_grad()
@@ -232,11 +252,13 @@ class GradientBuffer:
                 f"call optimizer.zero_grad(num_microbatches=...) with the number of backward "
                 f"passes of the step")
         self.arrivals[id(param)] = count
-        if not self._grads_are_views(bucket):  # autograd allocated param.grad: add it in
-            offset = self.offset_of[id(param)]
+        if not self._grads_are_views(bucket) and id(param) not in bucket.viewing:
+            offset = self.offset_of[id(param)]  # autograd allocated param.grad: add it in
             flat = bucket.grad_buffer if self.stage <= 1 else self._full_grad_buffer(bucket)
             flat[offset: offset + param.numel()].add_(param.grad.reshape(-1))
             param.grad = None
+            if self.stage >= 2:
+                self._view_full_buffer(bucket, [param])
         if self.reduce_every_microbatch:
             target = bucket.rounds_launched + 1
         else:
@@ -266,6 +288,7 @@ class GradientBuffer:
                                                      async_op=True))
             return
         full, b.grad_buffer = self._full_grad_buffer(b), None
+        self._drop_full_buffer_views(b)
         self._make_room(full.untyped_storage().nbytes())
         if self.dp > 1:
             full.div_(self.dp)
