@@ -86,6 +86,7 @@ def _model_state_checks(grid) -> dict:
 def _accumulation_checks(grid) -> dict:
     """Three micro-batches at stage 2, both parallel.grad_reduce modes: reductions launched
     after each micro-batch, gradient bytes at the end of backward and at their peak."""
+    from nanomt.memory import PeakMemoryMeter
     from nanomt.model import GPT, ModelConfig
     from nanomt.optim import build_optimizer
     from nanomt.parallel import comm
@@ -98,7 +99,8 @@ def _accumulation_checks(grid) -> dict:
         model = GPT(model_cfg, grid, seed=1)
         optimizer = build_optimizer([model], cfg, grid, num_microbatches=3)
         launched_after, elements_after = [], []
-        with comm.count_collectives() as log:  # counted where the collectives are issued
+        # measured: the activations of one micro-batch (equal in both modes) and the gradients
+        with comm.count_collectives() as log, PeakMemoryMeter() as meter:
             for i in range(3):
                 (model(tokens[i], tokens[i]) / 3).backward()
                 scatters = [numel for kind, numel in log if kind == "reduce_scatter"]
@@ -112,6 +114,7 @@ def _accumulation_checks(grid) -> dict:
                      "largest_bucket": max(b.padded_numel for b in optimizer.buckets),
                      "num_params": model.num_local_parameters(),
                      "after_backward": optimizer.memory_after_backward,
+                     "measured_peak_in_backward": meter.peak_bytes,
                      "grad_left_on_params": any(p.grad is not None for p in model.parameters())}
     return out
 
@@ -420,6 +423,14 @@ def test_accumulation_modes(layout_runs):
         beyond_shards = micro_peak - per_micro["after_backward"]["grads"]
         largest = 4 * per_micro["largest_bucket"]
         assert beyond_shards <= 2 * largest + largest / dp and micro_peak < step_peak
+        # ... and measured: with equal activations, the allocations' peaks differ by what the
+        # gradients' peaks differ (the buffer's own count above)
+        measured_gap = (per_step["measured_peak_in_backward"]
+                        - per_micro["measured_peak_in_backward"])
+        # (plus at most one bucket of reduced-shard temporaries the buffer does not count);
+        # about zero if "microbatch" kept every buffer
+        assert step_peak - micro_peak <= measured_gap <= step_peak - micro_peak + largest, \
+            (measured_gap, step_peak - micro_peak, largest)
 
 
 def test_finalize_grads_twice_is_a_no_op(layout_runs):
