@@ -29,7 +29,7 @@ from nanomt.model.config import ModelConfig
 from nanomt.model.kv_cache import KVCache
 from nanomt.model.layers import TransformerLayer, make_norm
 from nanomt.parallel import comm
-from nanomt.parallel.context_parallel import cp_rank_and_size, local_positions
+from nanomt.parallel.context_parallel import local_positions
 from nanomt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from nanomt.parallel.deferred_init import new_parameter
 from nanomt.parallel.param_info import ParamInfo, set_param_info
@@ -56,7 +56,7 @@ class GPT(nn.Module):
         tp_rank, tp = tp_rank_and_size(self.tp_group)
         self.tp_rank, self.tp_size = tp_rank, tp
         self.cp_group = grid.cp_group if grid is not None else None
-        self.cp_rank, self.cp_size = cp_rank_and_size(self.cp_group)
+        self.cp_rank, self.cp_size = comm.rank_and_size(self.cp_group)
         self.sequence_parallel = sequence_parallel and tp > 1
         if self.sequence_parallel and cfg.seq_len % tp:
             raise ValueError(f"sequence parallelism needs model.seq_len ({cfg.seq_len}) "

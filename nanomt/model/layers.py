@@ -23,8 +23,9 @@ from torch import nn
 from nanomt.model.checkpointing import checkpoint
 from nanomt.model.config import ModelConfig
 from nanomt.model.kv_cache import LayerKVCache
+from nanomt.parallel import comm
 from nanomt.parallel.comm import Group
-from nanomt.parallel.context_parallel import cp_rank_and_size, local_positions, ring_attention
+from nanomt.parallel.context_parallel import local_positions, ring_attention
 from nanomt.parallel.random import TensorParallelRNG
 from nanomt.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -74,7 +75,7 @@ class ParallelAttention(nn.Module):
                  cp_group: Group = None):
         super().__init__()
         self.cp_group = cp_group
-        self.cp_rank, self.cp_size = cp_rank_and_size(cp_group)
+        self.cp_rank, self.cp_size = comm.rank_and_size(cp_group)
         _, tp = tp_rank_and_size(tp_group)
         self.heads_per_rank = divide(cfg.num_heads, tp, "model.num_heads")
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta

@@ -141,6 +141,12 @@ def group_size(group: Group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+def rank_and_size(group: Group) -> tuple[int, int]:
+    """(my rank in `group`, its size); (0, 1) for None."""
+    size = group_size(group)
+    return (0 if size == 1 else dist.get_rank(group)), size
+
+
 def all_reduce(tensor: torch.Tensor, group: Group,
                op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place all-reduce over `group`; returns the tensor."""

@@ -41,12 +41,6 @@ from nanomt.parallel.comm import Group
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def cp_rank_and_size(group: Group) -> tuple[int, int]:
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 def chunk_ids(cp_rank: int, cp: int) -> tuple[int, int]:
     """The two chunks (of 2*cp) that rank `cp_rank` holds: the load-balanced causal split."""
     return cp_rank, 2 * cp - 1 - cp_rank
@@ -120,7 +114,7 @@ class _Ring:
 
     def __init__(self, group: Group):
         self.group = group
-        rank, size = cp_rank_and_size(group)
+        rank, size = comm.rank_and_size(group)
         self.next = dist.get_global_rank(group, (rank + 1) % size) if size > 1 else 0
         self.prev = dist.get_global_rank(group, (rank - 1) % size) if size > 1 else 0
 
@@ -153,7 +147,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Group,
                 scale: float) -> torch.Tensor:
-        cp_rank, cp = cp_rank_and_size(group)
+        cp_rank, cp = comm.rank_and_size(group)
         ring = _Ring(group)
         q_chunks = q.chunk(2, dim=-2)
         outs = [torch.zeros(c.shape, dtype=torch.float32, device=q.device) for c in q_chunks]
@@ -178,7 +172,7 @@ class RingAttention(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         group, scale = ctx.group, ctx.scale
-        cp_rank, cp = cp_rank_and_size(group)
+        cp_rank, cp = comm.rank_and_size(group)
         ring = _Ring(group)
         delta = (grad_out.float() * out.float()).sum(-1)  # rowsum(dO * O)
         q_chunks, do_chunks = q.chunk(2, dim=-2), grad_out.chunk(2, dim=-2)

@@ -51,8 +51,7 @@ from nanomt.parallel.mappings import (
 
 def tp_rank_and_size(group: Group) -> tuple[int, int]:
     """(my rank in the tensor-parallel group, its size); (0, 1) for None."""
-    size = comm.group_size(group)
-    return (0 if size == 1 else torch.distributed.get_rank(group)), size
+    return comm.rank_and_size(group)
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
