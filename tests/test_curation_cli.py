@@ -19,7 +19,8 @@ pytest.importorskip("datasketch")
 
 import nanomt.curation.stream as stream  # noqa: E402
 from nanomt.curation.decontaminate import DecontamOptions, decontaminate  # noqa: E402
-from nanomt.curation.dedup import DedupOptions, deduplicate  # noqa: E402
+from nanomt.curation.dedup import (SHINGLE_CHUNK, DedupOptions, deduplicate,  # noqa: E402
+                                   make_minhash, shingles, update_in_chunks)
 from nanomt.curation.quality import filter_quality  # noqa: E402
 from nanomt.curation.synthetic import (document, near_duplicate, read_jsonl,  # noqa: E402
                                        respace, sentence, vocabulary, write_jsonl)
@@ -160,3 +161,16 @@ def test_memory_follows_documents_not_text(tool, tmp_path):
     assert sizes[1] - sizes[0] > 1.0e6
     assert peaks[1] - peaks[0] < 0.2 * (sizes[1] - sizes[0]), (peaks, sizes)
 
+
+def test_dedup_memory_of_a_long_document(tmp_path):
+    """A 40,000-word document (235 KB) is signed in chunks of shingles: the peak is its shingle set
+    and a chunk's temporaries (7.6 MB measured), where one update_batch of all 40,000 shingles
+    makes k x 40,000 arrays of 64-bit numbers (48 MB measured)."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": document(RNG, VOCAB, 40_000)}])
+    peak = peak_bytes(lambda: deduplicate(path, tmp_path / "out.jsonl", progress=False))
+    assert peak < 15 * 2**20, peak
+    text = read_jsonl(path)[0]["text"]  # the chunks give the signature of one batch
+    whole, chunked = make_minhash(128, 1), make_minhash(128, 1)
+    whole.update_batch(list(shingles(text, 5)))
+    update_in_chunks(chunked, shingles(text, 5))
+    assert len(shingles(text, 5)) > 4 * SHINGLE_CHUNK and whole == chunked
