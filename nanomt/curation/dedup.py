@@ -38,7 +38,9 @@ Two passes over the input. Pass 1: worker processes compute each document's dige
 and band hashes; the main process collects them as arrays, then groups equal digests and, band
 by band, sorts the band hashes and verifies the documents that share one. Pass 2 rereads the
 input and sends each line to OUT or to OUT.removed.jsonl. Memory per document: its signature
-(4 k bytes), b band hashes (8 b), its digest, length and id; never its text.
+(4 k bytes), b band hashes (8 b), its digest, length and id; never its text. A long document is
+hashed SHINGLE_CHUNK shingles at a time (datasketch permutes a whole batch at once, k x batch
+64-bit numbers), so a worker's working memory does not grow with a document's length either.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ except ImportError:  # the `curate` extra; exact deduplication works without it
 LSH_WEIGHTS = (0.1, 0.9)
 WORD = re.compile(r"\w+")
 BASE = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier of the band hash
+SHINGLE_CHUNK = 2048  # shingles per MinHash.update_batch: k * 2048 * 8 bytes = 2 MB at k = 128
 
 
 @dataclass
@@ -140,6 +143,14 @@ def make_minhash(num_perm: int, seed: int) -> MinHash:
     return MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32)
 
 
+def update_in_chunks(minhash: MinHash, doc_shingles: set[bytes]) -> None:
+    """minhash.update_batch(doc_shingles), SHINGLE_CHUNK at a time: the same signature (a minimum
+    of minima), with the k x chunk temporary arrays bounded whatever the document's length."""
+    items = list(doc_shingles)
+    for start in range(0, len(items), SHINGLE_CHUNK):
+        minhash.update_batch(items[start:start + SHINGLE_CHUNK])
+
+
 def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """[n, k] signatures -> [n, b] 64-bit hashes of each band's r rows (mod 2^64)."""
     rows_of = signatures[:, :bands * rows].astype(np.uint64).reshape(len(signatures), bands, rows)
@@ -198,8 +209,7 @@ def sign_batch(batch: list[Line]) -> Signed:
         if not options.exact_only:
             minhash = _WORKER["empty"].copy()
             doc_shingles = shingles(text, options.ngram)
-            if doc_shingles:
-                minhash.update_batch(doc_shingles)
+            update_in_chunks(minhash, doc_shingles)
             signatures.append(minhash.hashvalues)
             has_words.append(bool(doc_shingles))
     signed = Signed(ids, np.array(lengths, dtype=np.int64),
