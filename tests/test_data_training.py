@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,15 @@ def test_ramped_run_logs_batch_sizes_and_consumed_samples(single):
     assert [m["global_batch_size"] for m in single] == SIZES
     assert [m["consumed_samples"] for m in single] == CONSUMED
     assert [m["tokens"] for m in single] == [c * 32 for c in CONSUMED]
-    # lr counted in samples: warm-up over 2 samples, cosine decay over 60 (optim.schedule_unit)
-    assert single[0]["lr"] == pytest.approx(1e-3 * 1 / 2)
-    assert single[1]["lr"] < single[0]["lr"] * 2  # already decaying at sample 4
+    # lr counted in samples (optim.schedule_unit): step t stands at the samples consumed before
+    # it, 0, 4, 8, 16, 28, 44: warm-up over 2 samples, then cosine from 1e-3 to 1e-4 over 60
+    def lr_at_sample(c: int) -> float:
+        if c < 2:
+            return 1e-3 * (c + 1) / 2
+        return 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (c - 2) / 58))
+    before = [0] + CONSUMED[:-1]
+    assert [m["lr"] for m in single] == pytest.approx([lr_at_sample(c) for c in before],
+                                                      rel=1e-6)
 
 
 def test_resume_mid_ramp_is_bit_exact_and_other_micro_batch_continues_the_stream(
@@ -89,3 +96,53 @@ def test_ramped_layouts_match_single_process_and_only_end_stages_read(single, tm
     reads = {stage[r["rank"]]: r["reads"] for r in results}
     micro_batches = sum(SIZES)  # micro_batch_size 1, dp 1: one micro-batch per sample
     assert reads == {0: micro_batches, 1: 0, 2: 0, 3: micro_batches}
+
+
+def write_byte_corpus(prefix: Path, num_docs: int, low: int, seed: int) -> None:
+    """Byte-tokenizer documents (uint16 ids) whose ids all lie in [low, low + 128)."""
+    import numpy as np
+
+    from nanomt.data.indexed import IndexedWriter
+
+    rng = np.random.default_rng(seed)
+    writer = IndexedWriter(prefix, np.uint16)
+    writer.add_documents([rng.integers(low, low + 128, n) for n in rng.integers(20, 200,
+                                                                                 num_docs)])
+    writer.finish()
+
+
+def test_training_reads_an_indexed_prefix_and_a_blend(tmp_path):
+    """data.path=PREFIX is the train split's GPTDataset; data.blend=[3, A, 1, B] draws B's
+    samples one in four (ids of A below 128, of B above); a run trains on the blend."""
+    import numpy as np
+
+    from nanomt.data.build import build_samplers
+    from nanomt.data.gpt_dataset import GPTDataset, parse_split, split_ranges
+    from nanomt.data.indexed import IndexedDataset
+
+    write_byte_corpus(tmp_path / "a", 200, 0, seed=1)
+    write_byte_corpus(tmp_path / "b", 200, 128, seed=2)
+    base = RAMP[:5] + ["train.micro_batch_size=4", "train.steps=3", "train.eval_interval=0",
+                       "train.eval_batches=1", "train.progress_bar=false",
+                       "logging.wandb.mode=disabled", "data.split='90,10,0'",
+                       f"data.cache_dir={tmp_path / 'cache'}"]
+    train, valid = build_samplers(compose_config(base + [f"data.path={tmp_path / 'a'}"]), 32)
+    a = IndexedDataset(tmp_path / "a")
+    train_docs, valid_docs = split_ranges(a.num_documents, parse_split("90,10,0"))[:2]
+    for sampler, docs, n in ((train, train_docs, 48), (valid, valid_docs, 16)):
+        want = GPTDataset(a, docs, 32, n, 1234, tmp_path / "ref")  # train.seed
+        assert len(sampler.stream) == n
+        assert all(np.array_equal(sampler.stream[i], want[i]) for i in range(n))
+    blend = base + [f"data.blend=[3,{tmp_path / 'a'},1,{tmp_path / 'b'}]"]
+    train, _ = build_samplers(compose_config(blend), 32)
+    from_b = [bool(train.stream[i].min() >= 128) for i in range(48)]
+    assert all(train.stream[i].max() < 128 for i in range(48) if not from_b[i])
+    assert from_b[:4] == [False, False, True, False] and sum(from_b) == 12
+    got = metrics(_run(blend, tmp_path / "run"))
+    assert [m["consumed_samples"] for m in got] == [16, 32, 48]
+    assert all(math.isfinite(m["loss"]) for m in got)
+
+
+def _run(overrides: list[str], run_dir: Path) -> Path:
+    run(compose_config(overrides), run_dir)
+    return run_dir

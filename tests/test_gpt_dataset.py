@@ -83,6 +83,53 @@ def test_index_cache_reused_and_invalidated(tmp_path):
     assert other_len.cache.builds == 1
 
 
+def _build_on_ranks(folder: str) -> dict:
+    """On each rank: open the corpus's train indices in a shared cache (rank 0's build takes half
+    a second longer), then a second index whose build fails on rank 0."""
+    import time
+
+    from nanomt.data import gpt_dataset
+    from nanomt.parallel import comm
+
+    built, rank, real = [], comm.world_rank(), gpt_dataset.build_sample_indices
+
+    def slow_build(*args):
+        built.append(rank)
+        time.sleep(0.5)
+        arrays = real(*args)
+        times["built"] = time.time()
+        return arrays
+    times: dict = {}
+    gpt_dataset.build_sample_indices = slow_build
+    data = GPTDataset(IndexedDataset(f"{folder}/c"), (0, 50), 6, 100, 0, f"{folder}/k")
+    times["ready"] = time.time()
+    gpt_dataset.build_sample_indices = lambda *args: 1 / 0
+    try:
+        GPTDataset(IndexedDataset(f"{folder}/c"), (0, 50), 7, 100, 0, f"{folder}/k")
+        failure = None
+    except RuntimeError as error:
+        failure = str(error)
+    return {"rank": rank, "builds": data.cache.builds, "called": built, **times,
+            "mapped": isinstance(data.shuffle, np.memmap), "failure": failure,
+            "samples": np.stack([data[i] for i in range(100)])}
+
+
+def test_indices_built_on_rank_zero_while_the_others_wait_and_map(tmp_path):
+    from nanomt.testing import run_distributed
+
+    write_corpus(tmp_path / "c", 50)
+    results = run_distributed(_build_on_ranks, 2, args=(str(tmp_path),), timeout_s=120)
+    assert [r["builds"] for r in results] == [1, 0]
+    assert [r["called"] for r in results] == [[0], []]
+    assert all(r["ready"] >= results[0]["built"] for r in results[1:])  # they waited
+    assert all(r["mapped"] for r in results)
+    reference = GPTDataset(IndexedDataset(tmp_path / "c"), (0, 50), 6, 100, 0, tmp_path / "ref")
+    for r in results:
+        assert np.array_equal(r["samples"], np.stack([reference[i] for i in range(100)]))
+        assert r["failure"] == ("building data indices on rank 0 failed: ZeroDivisionError: "
+                                "division by zero")
+
+
 def test_splits_by_documents():
     assert parse_split("969,30,1") == pytest.approx([0.969, 0.030, 0.001])
     assert parse_split([1, 1]) == [0.5, 0.5, 0.0]

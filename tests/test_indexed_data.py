@@ -204,3 +204,17 @@ def test_train_tokenizer_then_preprocess_with_eod(tmp_path):
     _, docs = reference_read(tmp_path / "bpe")
     assert len(docs) == 80 and all(d[-1] == tok.eot_id for d in docs)
     assert tok.decode(sum((d[:-1] for d in docs), [])) == text
+
+
+def test_preprocess_tool_reports_progress_and_a_summary(tmp_path, capsys):
+    tool = load_tool("preprocess_data")
+    (tmp_path / "a.txt").write_text("one two\n\nthree\n")
+    assert tool.main(["--input", str(tmp_path / "a.txt"), "--output-prefix",
+                      str(tmp_path / "p"), "--summary-json", str(tmp_path / "s.json")]) == 0
+    out, err = capsys.readouterr()
+    assert err.rstrip("\n").rsplit("\r", 1)[-1].split()[:2] == ["0.0", "MB"]
+    assert "MB/s" in err and "M tokens/s" in err and err.endswith("\n")
+    assert out.startswith("2 documents, 15 tokens (uint16) from 1 file(s), 0.0 MB in ")
+    assert "MB/s, " in out and "M tokens/s) -> " in out and out.rstrip().endswith("p.bin/.idx")
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert (summary["documents"], summary["tokens"], summary["input_bytes"]) == (2, 15, 15)

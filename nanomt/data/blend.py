@@ -5,10 +5,14 @@ With normalised weights w_d, sample i (0-based) goes to the source furthest belo
     d(i) = argmax_d  w_d * (i + 1) - c_d(i)        c_d(i): samples source d has had before i
 
 (ties to the lower index), and it is that source's c_d(i)-th sample. This is the greedy rule of
-Megatron's blending indices; the error of every source stays below one sample for every prefix
-length, so MT-NLG's 15-source mixture is honoured from the first batch, not only on average.
+Megatron's blending indices (helpers.cpp, build_blending_indices) with the target counted after
+the sample being drawn: Megatron evaluates w_d * max(i, 1), one sample behind, so the two
+streams differ in places. Both keep the error of every source below one sample for every prefix
+length (nanomt's is the smaller: 0.90 against 0.96 samples on MT-NLG's weights over 10,000
+samples), so MT-NLG's 15-source mixture is honoured from the first batch, not only on average.
 The choice is a loop over samples (each depends on the last), so it runs in plain Python with
-the error vector kept in a list, and it is cached (nanomt.data.cache) with the sources' keys.
+the error vector kept in a list, and it is cached (nanomt.data.cache) under the weights and
+the sample count, the only inputs it has.
 """
 
 from __future__ import annotations
