@@ -126,7 +126,11 @@ def test_preemption_signal_saves_once_and_resumes_bit_exactly(tmp_path, referenc
     assert len(saved) == 1, output[-3000:]
     stopped_at = int(saved[0].split("_")[1])
     assert stopped_at < STEPS, "the signal came too late to test anything"
+    # the workers' exit code 3 (tests/test_failure_paths.py) is not torchrun's: after a
+    # forwarded signal torchrun raises its SignalException (exit code 1)
     assert "nanomt: preempted: saved" in output and "exiting with code 3" in output
+    assert agent.returncode == 1 and "got signal: 15" in output, output[-3000:]
+    assert "forcefully exiting" not in output  # the workers saved within --shutdown-timeout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped_by"] == "preemption" and summary["steps"] == stopped_at
 
