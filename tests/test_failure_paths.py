@@ -36,6 +36,14 @@ def test_fault_spec_parses_and_rejects_typos():
         parse_faults("kill:at=forward")
 
 
+def test_fault_injection_is_read_in_one_place():
+    """NANOMT_FAULT is read by nanomt.faults.inject alone; the rest of nanomt calls inject."""
+    package = Path(__file__).resolve().parent.parent / "nanomt"
+    readers = {str(f.relative_to(package)): f.read_text().count('environ.get("NANOMT_FAULT")')
+               for f in package.rglob("*.py") if "NANOMT_FAULT" in f.read_text()}
+    assert readers == {"faults.py": 1}
+
+
 def test_failed_save_keeps_the_previous_checkpoint_latest_and_loadable(tmp_path, monkeypatch):
     steps = ["train.steps=8", "checkpoint.interval=3"]
     monkeypatch.setenv("NANOMT_FAULT", "fail:rank=0,step=6,at=save")
