@@ -2,7 +2,8 @@
 
 Every row below is a command line, the world size it is launched with and a distinctive part of
 the intended message (naming the key to change). `nanomt.train.main` runs in-process: the
-verdict comes from the preflight check, before any process group exists.
+verdict comes from the preflight check, before any process group exists, except for the output
+folder, which the start-up probe checks once the ranks have met.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from nanomt.train import main, preflight, run
 
 REPO = Path(__file__).resolve().parent.parent
 
-# (overrides, world size, part of the message); "{ckpt}" is the module's tiny checkpoint.
+# (overrides, world size, part of the message, or a tuple of parts); "{ckpt}" is the module's
+# tiny checkpoint.
 BAD_INPUTS = {
     # logging
     "peak_tflops_negative": (["logging.peak_tflops=-1"], 1,
@@ -154,6 +156,10 @@ BAD_INPUTS = {
                               "model.attention_dropout must be a number in [0, 1) or null"),
     "num_layers_zero": (["model.num_layers=0"], 1,
                         "model.num_layers must be a positive integer, got 0"),
+    "vocab_size_zero": (["model.vocab_size=0"], 1,
+                        "model.vocab_size must be a positive integer, got 0"),
+    "vocab_pad_multiple_zero": (["model.vocab_pad_multiple=0"], 1,  # what tp's vocab split needs
+                                "model.vocab_pad_multiple must be a positive integer, got 0"),
     "unknown_style": (["model.style=bert"], 1, "model.style must be one of gpt, llama"),
     "unknown_model_key": (["+model.foo=1"], 1, "unknown model config keys: ['foo']"),
     # composition (compose_checked)
@@ -215,6 +221,14 @@ BAD_INPUTS = {
     "resume_missing": (["train.resume=/nonexistent/checkpoints"], 1,
                        "checkpoint path /nonexistent/checkpoints does not exist; "
                        "fix train.resume"),
+    # output folder (checked at start-up by the probe, after joining the world: "{file}" is a
+    # plain file, so no folder can be made under it; a folder not shared by every node needs
+    # two processes: tests/test_failure_paths.py)
+    "checkpoint_dir_unwritable": (["checkpoint.dir={file}/ckpt", "hydra.run.dir={tmp}/run",
+                                   "train.steps=1"], 1,
+                                  ("/ckpt is not writable ([Errno 20] Not a directory: ",
+                                   "); set checkpoint.dir (or hydra.run.dir) to a writable "
+                                   "folder")),
 }
 
 # The tiny default model, one step, one checkpoint (about a second).
@@ -273,15 +287,19 @@ def launch(monkeypatch):
 
 @pytest.mark.parametrize("overrides, world_size, message", list(BAD_INPUTS.values()),
                          ids=list(BAD_INPUTS))
-def test_bad_input_exits_2_with_one_line(launch, checkpoint, bad_data, capsys, overrides,
-                                         world_size, message):
-    overrides = [o.replace("{ckpt}", str(checkpoint)).replace("{data}", str(bad_data))
-                 for o in overrides]
+def test_bad_input_exits_2_with_one_line(launch, checkpoint, bad_data, tmp_path, capsys,
+                                         overrides, world_size, message):
+    (tmp_path / "file").write_text("not a folder")
+    places = {"{ckpt}": checkpoint, "{data}": bad_data, "{file}": tmp_path / "file",
+              "{tmp}": tmp_path}
+    for mark, place in places.items():
+        overrides = [o.replace(mark, str(place)) for o in overrides]
     assert launch(overrides, world_size) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("nanomt: error: "), lines
-    assert message in lines[0], lines[0]
+    for part in message if isinstance(message, tuple) else (message,):
+        assert part in lines[0], lines[0]
 
 
 def test_at_least_25_distinct_bad_inputs():

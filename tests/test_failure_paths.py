@@ -36,6 +36,14 @@ def test_fault_spec_parses_and_rejects_typos():
         parse_faults("kill:at=forward")
 
 
+def test_fault_injection_is_read_in_one_place():
+    """NANOMT_FAULT is read by nanomt.faults.inject alone; the rest of nanomt calls inject."""
+    package = Path(__file__).resolve().parent.parent / "nanomt"
+    readers = {str(f.relative_to(package)): f.read_text().count('environ.get("NANOMT_FAULT")')
+               for f in package.rglob("*.py") if "NANOMT_FAULT" in f.read_text()}
+    assert readers == {"faults.py": 1}
+
+
 def test_failed_save_keeps_the_previous_checkpoint_latest_and_loadable(tmp_path, monkeypatch):
     steps = ["train.steps=8", "checkpoint.interval=3"]
     monkeypatch.setenv("NANOMT_FAULT", "fail:rank=0,step=6,at=save")
@@ -127,15 +135,16 @@ def probe_with_own_folders(overrides: list[str], root: str) -> str:
     try:
         run(cfg, Path(root) / "run")
     except ConfigError as error:
-        return str(error)
-    return "no error"
+        return error.exit_code, str(error)
+    return 0, "no error"
 
 
 def test_unshared_checkpoint_folder_fails_every_rank_at_start_up(tmp_path):
     """Each rank looks in a folder only it sees: as two nodes without a shared file system."""
     messages = run_distributed(probe_with_own_folders, 2,
                                args=(TINY + ["train.steps=2"], str(tmp_path)))
-    for message in messages:
+    for exit_code, message in messages:
+        assert exit_code == ExitCode.BAD_INPUT == 2
         assert "rank 1 on " in message and "cannot see the probe file" in message
         assert "not on a file system shared by every node" in message
         assert "checkpoint.dir" in message
@@ -167,28 +176,44 @@ def test_rank0_chooses_the_resume_checkpoint_and_every_rank_must_read_it(tmp_pat
 
 
 def test_configured_preemption_signal_saves_and_exits_with_code_3(tmp_path):
-    """One process, SIGUSR1 as SLURM's --signal=USR1 would send it: one checkpoint, code 3."""
+    """Two ranks started by hand (so each one's exit code is seen; torchrun's own code is 1 after
+    a forwarded signal), SIGUSR1 as SLURM's --signal=USR1 would send it, to rank 1 only: both
+    ranks learn it, save one checkpoint together and exit with code 3."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
+    from nanomt.testing import free_port
+
     cmd = [sys.executable, "-m", "nanomt.train", *TINY, "train.steps=2000",
            "checkpoint.interval=0", "train.preempt_signal=SIGUSR1", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "WANDB_MODE": "disabled"}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while not ((tmp_path / "metrics.jsonl").exists()
-               and (tmp_path / "metrics.jsonl").read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == ExitCode.PREEMPTED == 3, output[-2000:]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "NANOMT_RUN_STAMP": "preempt-test"}
+    env.pop("NANOMT_FAULT", None)
+    ranks = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not ((tmp_path / "metrics.jsonl").exists()
+                   and (tmp_path / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert all(r.poll() is None for r in ranks) and time.monotonic() < deadline
+            time.sleep(0.05)
+        ranks[1].send_signal(signal.SIGUSR1)
+        outputs = [rank.communicate(timeout=60)[0] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    assert [r.returncode for r in ranks] == [ExitCode.PREEMPTED] * 2 == [3, 3], outputs[0][-2000:]
     saved = list((tmp_path / "checkpoints").glob("step_*"))
-    assert len(saved) == 1 and "nanomt: preempted: saved" in output
-    assert json.loads((tmp_path / "summary.json").read_text())["stopped_by"] == "preemption"
+    assert len(saved) == 1 and "nanomt: preempted: saved" in outputs[0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped_by"] == "preemption"
+    assert summary["steps"] == int(saved[0].name.split("_")[1])
 
 
 def test_a_checkpoint_of_another_format_version_is_refused_clearly(tmp_path):

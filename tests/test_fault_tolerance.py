@@ -1,6 +1,7 @@
-"""Failures under torchrun: a killed rank restarts and resumes bit-exactly (one node and two
-"nodes" over c10d), the preemption signal saves once and resumes bit-exactly, a stalled rank makes
-the others fail within the timeout naming the operation and group.
+"""Failures under torchrun: a rank killed (SIGKILL) or raising an exception restarts the job, which
+resumes bit-exactly (one node and two "nodes" over c10d), the preemption signal saves once and
+resumes bit-exactly, a stalled rank makes the others fail within the timeout naming the operation
+and group.
 
 Every run is a real `python -m nanomt.train` of 4 ranks (gloo, CPU, tp=2 x dp=2), under torchrun
 except for the stall, with faults injected through NANOMT_FAULT (nanomt.faults). The restarted and
@@ -71,14 +72,16 @@ def reference(tmp_path_factory) -> list[dict]:
     return rows
 
 
-def test_killed_rank_restarts_and_resumes_bit_exactly(tmp_path, reference):
-    """The default run folder (outputs/<date>/<time>): the restarted attempt must find the same
-    one, or train.resume=auto would start from scratch."""
+@pytest.mark.parametrize("kind", ["kill", "fail"])
+def test_killed_rank_restarts_and_resumes_bit_exactly(tmp_path, reference, kind):
+    """A rank SIGKILLed, or raising an exception, at step 7. The default run folder
+    (outputs/<date>/<time>): the restarted attempt must find the same one, or
+    train.resume=auto would start from scratch."""
     result = launch(None, ["checkpoint.interval=4", "train.resume=auto"],
-                    fault="kill:rank=1,step=7", restarts=1, cwd=tmp_path)
+                    fault=f"{kind}:rank=1,step=7", restarts=1, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert "injected fault: kill on rank 1" in output
+    assert f"injected fault: {kind} on rank 1" in output
     (run_dir,) = [p.parent for p in (tmp_path / "outputs").glob("*/*/run.json")]
     assert "resumed from" in output and "step_00000004 at step 4" in output
     # steps 5-6 of the first attempt were dropped; 5-12 come from the restarted attempt
@@ -126,7 +129,11 @@ def test_preemption_signal_saves_once_and_resumes_bit_exactly(tmp_path, referenc
     assert len(saved) == 1, output[-3000:]
     stopped_at = int(saved[0].split("_")[1])
     assert stopped_at < STEPS, "the signal came too late to test anything"
+    # the workers' exit code 3 (tests/test_failure_paths.py) is not torchrun's: after a
+    # forwarded signal torchrun raises its SignalException (exit code 1)
     assert "nanomt: preempted: saved" in output and "exiting with code 3" in output
+    assert agent.returncode == 1 and "got signal: 15" in output, output[-3000:]
+    assert "forcefully exiting" not in output  # the workers saved within --shutdown-timeout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped_by"] == "preemption" and summary["steps"] == stopped_at
 

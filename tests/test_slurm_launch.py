@@ -14,9 +14,10 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "slurm.sbatch"
 
 STUBS = {
-    # srun: record its arguments, then behave like workers that save and exit 3 on SIGUSR1
+    # srun: record its arguments, then behave like torchrun on SIGUSR1: its workers save and
+    # exit 3, torchrun itself exits 1 (its SignalException)
     "srun": 'echo "$@" > "$LOG/srun.args"; echo $$ > "$LOG/srun.pid"\n'
-            'trap \'echo saved >> "$LOG/srun.events"; exit 3\' USR1\n'
+            'trap \'echo saved >> "$LOG/srun.events"; exit 1\' USR1\n'
             'for i in $(seq 300); do sleep 0.1; done; exit 0\n',
     "scontrol": 'if [ "$1" = show ]; then echo node-a; echo node-b; else echo "$@" >> '
                 '"$LOG/scontrol.calls"; fi\n',
