@@ -54,6 +54,7 @@ class StepResult:
     grad_norm: float   # global norm of the (unscaled) gradient before clipping
     skipped: bool      # True when an inf/nan gradient made every rank skip the update
     loss_scale: float  # the scale that was used for this step's backward (1.0 unless fp16)
+    read_along: list[float]  # the values of step(read_along=...), read in the step's one sync
 
 
 @dataclass
@@ -107,8 +108,10 @@ class ShardedAdamW:
         self.buffer.zero_grad(set_to_none, num_microbatches)
 
     @torch.no_grad()
-    def step(self) -> StepResult:
-        """Unscale, clip by the global norm and update. Returns the norm and the skip flag."""
+    def step(self, read_along: torch.Tensor | None = None) -> StepResult:
+        """Unscale, clip by the global norm and update. Returns the norm and the skip flag.
+        The step reads the device once (the norm and the inf/nan verdict decide the update);
+        `read_along` (e.g. the step's loss) travels to the host in that same read."""
         buffer = self.buffer
         buffer.release_prefetched()  # no ZeRO-3 gather may read a shard while it is updated
         # Gradients complete, nothing freed yet: the step's peak of model-state memory.
@@ -123,13 +126,14 @@ class ShardedAdamW:
         pieces = [(s.param, grad[s.shard_lo: s.shard_hi])
                   for b, grad in zip(buffer.buckets, grads) for s in b.segments]
         # At ZeRO-0 every dp replica holds the same gradients: dp rank 0 counts them.
-        norm, norm_value, overflow = norm_and_overflow(
-            pieces, self.grid, buffer.dp_group, count_squares=self.stage > 0 or buffer.dp_rank == 0)
+        norm, norm_value, overflow, values = norm_and_overflow(
+            pieces, self.grid, buffer.dp_group, count_squares=self.stage > 0 or buffer.dp_rank == 0,
+            read_along=read_along)
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow)
         if overflow:
             buffer.zero_grad()
-            return StepResult(norm_value, True, scale)
+            return StepResult(norm_value, True, scale, values)
         if self.grad_clip > 0:
             coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef)
@@ -137,7 +141,7 @@ class ShardedAdamW:
         self._update(grads)
         buffer.publish_params([shard.master for shard in self.shards])
         buffer.zero_grad()
-        return StepResult(norm_value, False, scale)
+        return StepResult(norm_value, False, scale, values)
 
     def _update(self, grads: list[torch.Tensor]) -> None:
         """Decoupled weight decay on the matrices' pieces, then AdamW on every shard at once."""
