@@ -188,9 +188,10 @@ class Trainer:
         largest_peak = max_over_ranks(peak_memory, self.grid, self.device)
         # data-parallel reductions complete; sequence-parallel and tied-embedding sums
         finalize_grads(self.optimizer.buffer)
-        # clip by the global norm, update (or skip: inf/nan); the step's one host sync reads
-        # the norm and the verdict, and brings the logged values along
-        result = self.optimizer.step(read_along=torch.cat([loss.double(), largest_peak]))
+        # the global norm and the inf/nan verdict (the step's one host sync, which brings the
+        # logged values along), then clip by the norm
+        self.optimizer.clip_grads(read_along=torch.cat([loss.double(), largest_peak]))
+        result = self.optimizer.step()  # AdamW on my shards (or skip: inf/nan), then publish
         loss_value, largest_peak_value = result.read_along
         step_time = time.perf_counter() - t0
         self.skipped_steps += int(result.skipped)
