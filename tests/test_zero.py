@@ -162,6 +162,23 @@ def _train_stage3(grid, model, optimizer, tokens) -> tuple[list[float], list[flo
     return losses, norms
 
 
+def _watch_materialised_layers(model) -> list[int]:
+    """Record, as each layer starts its forward and as each gradient lands in backward, how
+    many layers hold their parameters (storage bytes > 0: ZeRO-3 frees a layer by resizing its
+    flat buffer's storage to zero), read from the tensors, not from the gatherer's counts."""
+    counts: list[int] = []
+
+    def sample(*_) -> None:
+        counts.append(sum(any(p.untyped_storage().nbytes() > 0 for p in layer.parameters())
+                          for layer in model.layers))
+
+    for layer in model.layers:
+        layer.register_forward_pre_hook(sample)  # after ZeRO-3's own: the layer is gathered
+        for param in layer.parameters():
+            param.register_post_accumulate_grad_hook(sample)
+    return counts
+
+
 def _prefetch_checks(grid) -> dict:
     """ZeRO-3 on 3 layers with parallel.zero3_prefetch 0 and 1, without and with full
     recompute: a step of two micro-batches; a no-grad forward running the layers in reverse
@@ -184,8 +201,10 @@ def _prefetch_checks(grid) -> dict:
             model = GPT(model_cfg, grid, seed=1)
             set_activation_checkpointing([model], recompute)
             optimizer = build_optimizer([model], cfg, grid, num_microbatches=2)
+            materialised = _watch_materialised_layers(model)
             losses, norms = _train_stage3(grid, model, optimizer, tokens[:1])
             in_order = asdict(optimizer.buffer.gatherer.stats)
+            in_order["measured_peak_layers"] = max(materialised)
             with torch.no_grad():
                 hidden = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(0))
                 for layer in reversed(model.layers):
@@ -480,6 +499,9 @@ def test_stage3_prefetch_gathers_ahead_within_bounded_memory(layout_runs, recomp
         assert on["in_order"]["gathers"] == off["in_order"]["gathers"] > 0
         assert off["all"]["prefetches"] == 0
         assert off["all"]["peak_layers"] == 1 and on["all"]["peak_layers"] == 2
+        # measured on the tensors: the running layer, plus the prefetched one when on
+        assert off["in_order"]["measured_peak_layers"] == 1
+        assert on["in_order"]["measured_peak_layers"] == 2
         assert on["all"]["prefetch_misses"] >= 1
         assert on["all"]["prefetches"] == on["all"]["prefetch_hits"] + on["all"]["prefetch_misses"]
 
