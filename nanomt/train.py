@@ -108,15 +108,15 @@ def describe_ranks(grid: ParallelGrid, model: torch.nn.Module) -> list[dict]:
 
 
 def mean_over_batch(loss_sum: torch.Tensor, num_microbatches: int, grid: ParallelGrid,
-                    device: torch.device) -> float:
-    """The global batch's mean loss, known on every rank (only last stages hold a loss).
-    One host sync per step, here; the all-reduces run on the device (NCCL has no CPU path)."""
+                    device: torch.device) -> torch.Tensor:
+    """The global batch's mean loss [1], on every rank (only last stages hold a loss). On the
+    device: the all-reduces run there (NCCL has no CPU path), and no host read happens here."""
     loss = loss_sum.to(device=device, dtype=torch.float32).reshape(1) / num_microbatches
     if not grid.is_last_stage:
         loss.zero_()
     comm.all_reduce(loss, grid.pp_group)  # from the last stage to all stages
     comm.all_reduce(loss, grid.grad_sync_group)  # dp x cp: equal tokens on every cp rank
-    return float(loss) / (grid.dp_size * grid.cp_size)
+    return loss / (grid.dp_size * grid.cp_size)
 
 
 @dataclass
@@ -182,21 +182,29 @@ class Trainer:
                                              timeline=self.timeline,
                                              loss_scale=self.optimizer.loss_scale)
         faults.inject("optimizer", step + 1)
+        # what the step logs, reduced on the device: the mean loss, the largest peak memory
+        loss = mean_over_batch(loss_sum, len(micro_batches), self.grid, self.device)
+        peak_memory = peak_memory_bytes(self.device)
+        largest_peak = max_over_ranks(peak_memory, self.grid, self.device)
         # data-parallel reductions complete; sequence-parallel and tied-embedding sums
         finalize_grads(self.optimizer.buffer)
-        result = self.optimizer.step()  # clip by the global norm, update (or skip: inf/nan)
-        loss = mean_over_batch(loss_sum, len(micro_batches), self.grid, self.device)
+        # the global norm and the inf/nan verdict (the step's one host sync, which brings the
+        # logged values along), then clip by the norm
+        self.optimizer.clip_grads(read_along=torch.cat([loss.double(), largest_peak]))
+        result = self.optimizer.step()  # AdamW on my shards (or skip: inf/nan), then publish
+        loss_value, largest_peak_value = result.read_along
         step_time = time.perf_counter() - t0
         self.skipped_steps += int(result.skipped)
-        return self.step_metrics(step, loss, lr, result, step_time)
+        return self.step_metrics(step, loss_value, lr, result, step_time,
+                                 (peak_memory, largest_peak_value))
 
-    def step_metrics(self, step: int, loss: float, lr: float, result: Any,
-                     step_time: float) -> dict:
-        """The record of one step (nanomt.metrics): loss, optimizer state, throughput, memory."""
+    def step_metrics(self, step: int, loss: float, lr: float, result: Any, step_time: float,
+                     peak_memory: tuple[int, float]) -> dict:
+        """The record of one step (nanomt.metrics): loss, optimizer state, throughput, memory
+        (this rank's peak and the largest over ranks, bytes)."""
         batch = self.train_data.batch_size(step)
         consumed = self.train_data.consumed_before(step + 1)
         share = batch / self.cfg.train.global_batch_size  # of the FLOPs, during a batch ramp-up
-        peak_memory = peak_memory_bytes(self.device)
         return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
                 "loss_scale": self.optimizer.loss_scale, "skipped": result.skipped,
                 "skipped_steps": self.skipped_steps, "global_batch_size": batch,
@@ -205,9 +213,8 @@ class Trainer:
                 **throughput(step_time, batch, self.model_cfg.seq_len,
                              self.flops_per_step * share, self.hardware_flops_per_step * share,
                              self.grid.world_size, self.peak_tflops),
-                "peak_memory_gb": peak_memory / 2**30,
-                "peak_memory_gb_max_rank": max_over_ranks(peak_memory, self.grid,
-                                                          self.device) / 2**30}
+                "peak_memory_gb": peak_memory[0] / 2**30,
+                "peak_memory_gb_max_rank": peak_memory[1] / 2**30}
 
     def check_finite(self, record: dict) -> None:
         """bf16/fp32 have no loss scale to lower: a non-finite loss or gradient norm skips the
@@ -270,8 +277,8 @@ class Trainer:
                                               forward_only=True).float()
         for chunk in chunks:
             chunk.train()
-        return mean_over_batch(loss_sum, self.num_microbatches * self.cfg.train.eval_batches,
-                               grid, self.device)
+        return float(mean_over_batch(loss_sum, self.num_microbatches *
+                                     self.cfg.train.eval_batches, grid, self.device))
 
 
 def setup(cfg: DictConfig, run_dir: Path) -> Trainer:

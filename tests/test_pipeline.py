@@ -23,17 +23,16 @@ from nanomt.parallel.pipeline.engine import deallocate_output
 from nanomt.parallel.pipeline.p2p import Transfer
 from nanomt.parallel.pipeline.posting import (
     Unit,
-    check_posting,
     checked_plans,
     communication_plan,
+    replay,
 )
 from nanomt.parallel.pipeline.schedules import (
     PipelineOp,
-    check_deadlock_free,
     check_pipeline_config,
-    checked_schedule,
     one_f_one_b_order,
     schedule_order,
+    schedule_orders,
 )
 from nanomt.testing import run_distributed
 
@@ -115,13 +114,22 @@ def test_clear_errors_for_bad_pipelines():
         check_pipeline_config(6, pp=4, virtual_stages=1, num_microbatches=8)
     with pytest.raises(ValueError, match="parallel.schedule"):
         check_pipeline_config(8, pp=4, virtual_stages=1, num_microbatches=8, schedule="zb")
-    # Rank 1 starts with a backward nobody can feed; rank 0 waits for it.
-    bad = [one_f_one_b_order(2, 0, 4), [PipelineOp("B", 0)] + one_f_one_b_order(2, 1, 4)]
-    with pytest.raises(ValueError, match="would deadlock: rank 0 at B0, rank 1 at B0"):
-        check_deadlock_free(bad, pp=2, v=1)
+    # Rank 1 runs backward 0 before its forward; rank 0 waits for that backward's gradient.
+    last_stage = one_f_one_b_order(2, 1, 4)
+    bad = [one_f_one_b_order(2, 0, 4), [last_stage[1], last_stage[0]] + last_stage[2:]]
+    bad_plans = [communication_plan(order, 1 - rank, rank, 2, 1, 4)
+                 for rank, order in enumerate(bad)]
+    with pytest.raises(ValueError, match=r"would deadlock: rank 0 in the messages posted after "
+                                         r"F0 .*, rank 1 at B0 \(its inputs never arrive\)"):
+        replay(bad_plans, virtual_stages=1)
+    # The same orders with their messages buffered without limit (no transfers): the data alone.
+    data_only = [[Unit((op,), ()) for op in order] for order in bad]
+    with pytest.raises(ValueError, match=r"rank 0 at B0 \(its inputs never arrive\), rank 1 at "
+                                         r"B0"):
+        replay(data_only, virtual_stages=1)
 
 
-# ---- nanomt's model of NCCL's blocking rules (check_posting), on the engine's messages ------
+# ---- nanomt's model of NCCL's blocking rules (posting.replay), on the engine's messages ------
 NCCL_CASES = [(schedule, pp, v, m, forward_only)
               for schedule in ("1f1b", "gpipe") for pp in (2, 3, 4, 8) for v in (1, 2, 3)
               for m in ((1, 2, 3, 5, pp, 2 * pp) if v == 1 else (pp, 2 * pp, 3 * pp))
@@ -129,7 +137,7 @@ NCCL_CASES = [(schedule, pp, v, m, forward_only)
 
 
 def test_posting_passes_the_model_of_nccl_blocking_rules():
-    """Every schedule's units complete under check_posting's model of NCCL's rules
+    """Every schedule's units complete under replay's model of NCCL's rules
     (docs/pipeline.md), for 1F1B, interleaved, GPipe and forward-only. A model: no NCCL runs
     here."""
     for schedule, pp, v, m, forward_only in NCCL_CASES:
@@ -141,12 +149,12 @@ def test_posting_after_every_pass_hangs_interleaved_1f1b():
     """The earlier posting (each pass's sends + the next pass's receive, one unit per pass) waits
     in a cycle for interleaved 1F1B; Megatron's posting (F and B, then one unit) does not."""
     for pp, m, v in [(2, 4, 2), (2, 8, 2), (3, 6, 2), (4, 8, 2)]:
-        orders = checked_schedule("1f1b", pp, m, v, False)
+        orders = schedule_orders("1f1b", pp, m, v, False)
         per_pass = [communication_plan(order, len(order), rank, pp, v, m)  # no paired slots
                     for rank, order in enumerate(orders)]
-        with pytest.raises(ValueError, match="deadlock on NCCL"):
-            check_posting(per_pass)
-        check_posting([list(plan) for plan in checked_plans("1f1b", pp, m, v, False)])
+        with pytest.raises(ValueError, match="NCCL would never match them"):
+            replay(per_pass, v)
+        replay([list(plan) for plan in checked_plans("1f1b", pp, m, v, False)], v)
 
 
 def test_posting_model_catches_cycles_and_misordered_matches():
@@ -155,11 +163,11 @@ def test_posting_model_catches_cycles_and_misordered_matches():
     cycle = [[Unit((), (Transfer(True, op, 1, 0),)), Unit((op,), (Transfer(False, op, 1, 1),))],
              [Unit((), (Transfer(True, op, 0, 1),)), Unit((op,), (Transfer(False, op, 0, 0),))]]
     with pytest.raises(ValueError, match="rank 0 .*rank 1"):
-        check_posting(cycle)
+        replay(cycle, virtual_stages=1)
     swapped = [[Unit((), (Transfer(True, op, 1, 0), Transfer(True, op, 1, 2)))],
                [Unit((), (Transfer(False, op, 0, 2), Transfer(False, op, 0, 0)))]]
     with pytest.raises(ValueError, match="out of order"):
-        check_posting(swapped)
+        replay(swapped, virtual_stages=1)
 
 
 def test_gpipe_interleaved_needs_whole_groups_and_views_are_not_freed():

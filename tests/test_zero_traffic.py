@@ -20,6 +20,7 @@ by wrapping the tensor methods that copy to the host.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -119,57 +120,47 @@ SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "nu
 
 
 def _count_host_syncs(run_root: str) -> dict:
-    """Set up a pp=2 x dp=2 ZeRO-2 run (1F1B, 4 micro-batches) and count, in its second step,
-    the calls that copy a tensor to the host: in the step's forward-backward, finalize and
-    optimizer update, and in the loss the step logs."""
-    from nanomt.parallel.data_parallel import finalize_grads
-    from nanomt.train import mean_over_batch, setup
+    """Set up a pp=2 x dp=2 ZeRO-2 run (1F1B, 4 micro-batches) and count, in its second step
+    (Trainer.train_step: schedule, finalize, optimizer update and the step's metrics record),
+    the calls that copy a tensor to the host."""
+    from nanomt.memory import PeakMemoryMeter
+    from nanomt.train import setup
 
     cfg = compose_config(TINY + ["parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=2",
                                  "train.global_batch_size=8", "train.steps=2"])
     t = setup(cfg, Path(run_root))
-    counts = {"step": 0, "logged_loss": 0}
-    phase = ["step"]
+    calls: list[str] = []
     originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
 
     def counting(name):
         def method(self, *args, **kwargs):
-            counts[phase[0]] += 1
+            calls.append(name)
             return originals[name](self, *args, **kwargs)
         return method
 
-    def one_step(step: int) -> float:
-        micro_batches = t.micro_batches(t.train_data, step)
-        t.optimizer.zero_grad()
-        loss_sum = t.forward_backward(t.model_chunks, micro_batches, t.grid,
-                                      loss_scale=t.optimizer.loss_scale)
-        finalize_grads(t.optimizer.buffer)
-        result = t.optimizer.step()
-        phase[0] = "logged_loss"
-        loss = mean_over_batch(loss_sum, len(micro_batches), t.grid, t.device)
-        phase[0] = "step"
-        return result.grad_norm + loss
-
-    one_step(0)  # the first step builds what later steps reuse
+    t.train_step(0, PeakMemoryMeter())  # the first step builds what later steps reuse
     for name in SYNC_METHODS:
         setattr(torch.Tensor, name, counting(name))
     try:
-        value = one_step(1)
+        record = t.train_step(1, PeakMemoryMeter())
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
-    return {**counts, "value": value, "microbatches": t.num_microbatches}
+    return {"calls": calls, "record": record, "microbatches": t.num_microbatches}
 
 
 def test_a_1f1b_zero2_step_syncs_the_host_at_most_once(tmp_path):
-    """One sync in the step itself (the gradient norm and the inf/nan verdict, which decides on
-    every rank whether to update), one more for the loss the step logs."""
+    """One host sync in a whole training step: the gradient norm and the inf/nan verdict (which
+    decide on every rank whether to update) and, in the same copy, the loss and the largest
+    peak memory the step logs. The record still holds them: equal on every rank."""
     results = run_distributed(_count_host_syncs, world_size=4, args=(str(tmp_path),),
                               timeout_s=240)
     for r in results:
         assert r["microbatches"] == 4
-        assert r["step"] <= 1, r
-        assert r["logged_loss"] == 1, r
+        assert r["calls"] == ["tolist"], r["calls"]
+    for key in ("loss", "grad_norm", "peak_memory_gb_max_rank"):
+        values = {r["record"][key] for r in results}
+        assert len(values) == 1 and all(math.isfinite(v) and v > 0 for v in values), (key, values)
 
 
 def test_more_reductions_in_flight_change_nothing_but_the_timing(traffic):

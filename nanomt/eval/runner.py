@@ -62,8 +62,8 @@ class ParallelLM:
                 out = comm.all_gather(out, tp_group, dim=-1)[..., : self.cfg.vocab_size]
             out = out.float() if k == last else out
         else:
-            width = self.cfg.vocab_size if k == last else self.cfg.hidden_size
-            out = torch.empty(b, s, width, device=self.device,
+            shape = (b, s, self.cfg.vocab_size) if k == last else (s, b, self.cfg.hidden_size)
+            out = torch.empty(shape, device=self.device,
                               dtype=torch.float32 if k == last else self.dtype)
         if grid is not None and grid.pp_size > 1:
             out = comm.broadcast(out.contiguous(), grid.pp_ranks[owner], grid.pp_group)

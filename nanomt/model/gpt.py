@@ -95,9 +95,10 @@ class GPT(nn.Module):
 
     # ---- pieces of forward -------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """tokens [b, s] at positions start.. -> hidden [b, s, h] (or [b, s/t, h] under sequence
-        parallelism); start > 0 when earlier tokens sit in a KV cache."""
-        hidden = self.word_embedding(tokens)  # under SP already reduce-scattered: [b, s/t, h]
+        """tokens [b, s] at positions start.. -> hidden [s, b, h] (or [s/t, b, h] under sequence
+        parallelism); start > 0 when earlier tokens sit in a KV cache. The one transpose of the
+        forward: looking up tokens.t() gives [s, b, h] directly."""
+        hidden = self.word_embedding(tokens.t())  # under SP already reduce-scattered
         if self.cfg.style == "gpt":
             positions = self.position_embedding[start: start + tokens.shape[1]]
             if self.cp_size > 1:  # this rank's two chunks of the sequence
@@ -105,7 +106,7 @@ class GPT(nn.Module):
                     tokens.shape[1] * self.cp_size, self.cp_rank, self.cp_size, tokens.device)]
             if self.sequence_parallel:  # the positions of my sequence shard
                 positions = positions.chunk(self.tp_size, dim=0)[self.tp_rank]
-            hidden = hidden + positions
+            hidden = hidden + positions.unsqueeze(1)  # [s, 1, h]: the same for every sequence
         if self.training and self.cfg.dropout > 0:
             if self.sequence_parallel:
                 with self.rng.fork():
@@ -120,7 +121,7 @@ class GPT(nn.Module):
         return self.output_layer.weight
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden -> logits for this rank's vocabulary shard [b, s, V_padded / t]."""
+        """hidden [s, b, h] -> logits for this rank's vocabulary shard [s, b, V_padded / t]."""
         hidden = self.final_norm(hidden)
         return parallel_lm_logits(hidden, self.output_weight(), self.tp_group,
                                   self.sequence_parallel)
@@ -129,8 +130,9 @@ class GPT(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         """First chunk takes token ids, later chunks the previous chunk's hidden state.
 
-        Returns the hidden state (not the last chunk), the local logits shard (last chunk, no
-        targets) or the mean cross-entropy loss over all tokens (last chunk, with targets).
+        Returns the hidden state [s, b, h] (not the last chunk), the local logits shard
+        [b, s, V_padded / t] (last chunk, no targets; a transposed view) or the mean
+        cross-entropy loss over all tokens (last chunk, with targets [b, s]).
         With a KV cache (generation) `inputs` are only the new tokens, after `cache.length`
         cached ones.
         """
@@ -142,8 +144,8 @@ class GPT(nn.Module):
             return hidden
         logits = self.head(hidden)
         if targets is None:
-            return logits
-        return vocab_parallel_cross_entropy(logits, targets, self.tp_group,
+            return logits.transpose(0, 1)
+        return vocab_parallel_cross_entropy(logits, targets.t(), self.tp_group,
                                             self.cfg.vocab_size).mean()
 
     @torch.no_grad()

@@ -5,7 +5,9 @@
 
 With tp=1 every parallel linear is an ordinary linear and this is a plain pre-norm GPT block.
 With tp=t each rank holds num_heads/t heads and ffn/t MLP columns, and the layer issues one f and
-one g per block. With sequence parallelism the norms and dropouts run on [b, s/t, h].
+one g per block. With sequence parallelism the norms and dropouts run on [s/t, b, h].
+Activations are [seq, batch, hidden] (nanomt.parallel.mappings); attention permutes to SDPA's
+[batch, heads, seq, head_dim] and back.
 
 The fused QKV weight is laid out per head, rows [head0: q k v | head1: q k v | ...], so that a
 contiguous split over tp ranks hands each rank whole heads. SwiGLU's fused gate/up weight is
@@ -111,10 +113,10 @@ class ParallelAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible.tril(diagonal=past))
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
-        qkv = self.qkv(x)  # [b, s, 3h/t] (full sequence even under SP)
-        b, s, _ = qkv.shape
-        qkv = qkv.view(b, s, self.heads_per_rank, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # each [b, heads/t, s, d]
+        qkv = self.qkv(x)  # [s, b, 3h/t] (full sequence even under SP)
+        s, b, _ = qkv.shape
+        qkv = qkv.view(s, b, self.heads_per_rank, 3, self.head_dim).permute(3, 1, 2, 0, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # each [b, heads/t, s, d]: what SDPA reads
         start = cache.length if cache is not None else 0
         if self.use_rope:
             cos, sin = self.rope_cos, self.rope_sin
@@ -130,7 +132,7 @@ class ParallelAttention(nn.Module):
             out = checkpoint(self.core_attention, q, k, v, rng=self.rng)  # keep only q, k, v
         else:
             out = self.core_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(b, s, self.heads_per_rank * self.head_dim)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_rank * self.head_dim)
         return self.proj(out)
 
 
@@ -153,7 +155,7 @@ class ParallelMLP(nn.Module):
                                      sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc1(x)  # [b, s, ffn/t], or [b, s, 2 ffn/t] = [gate | up] for SwiGLU
+        y = self.fc1(x)  # [s, b, ffn/t], or [s, b, 2 ffn/t] = [gate | up] for SwiGLU
         if self.swiglu:
             gate, up = y.chunk(2, dim=-1)
             return self.fc2(F.silu(gate) * up)

@@ -40,15 +40,17 @@ def counted_once(param: nn.Parameter, tp_rank: int) -> bool:
 
 def norm_and_overflow(pieces: list[tuple[nn.Parameter, torch.Tensor]],
                       grid: ParallelGrid | None, dp_group: dist.ProcessGroup | None = None,
-                      count_squares: bool = True) -> tuple[torch.Tensor, float, bool]:
+                      count_squares: bool = True, read_along: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, float, bool, list[float]]:
     """(||g|| over the whole model as a tensor and as a float, whether any rank holds an
-    inf/nan gradient).
+    inf/nan gradient, the values of `read_along`).
 
     pieces: (parameter, gradient or a slice of it) held by this rank. dp_group: the group whose
     ranks hold different pieces of the same parameters (ZeRO shards); None when dp replicas are
     identical. count_squares=False: this rank only reports inf/nan (a dp replica of a gradient
     another rank counts). One fused norm kernel over all pieces (torch._foreach_norm), one
-    all-reduce over dp, one over tp x pp, one host sync.
+    all-reduce over dp, one over tp x pp, one host sync. `read_along`: values the caller wants
+    on the host (the step's loss, say), copied in that same sync.
 
     A piece's norm is inf/nan exactly when the piece holds an inf/nan (or its squares overflow
     fp32, which is as fatal), so the sum of every piece's norm carries the verdict.
@@ -68,9 +70,12 @@ def norm_and_overflow(pieces: list[tuple[nn.Parameter, torch.Tensor]],
     comm.all_reduce(totals, dp_group)
     if grid is not None:
         comm.all_reduce(totals, grid.model_parallel_group)
-    sum_of_squares, verdict = totals.tolist()  # one host sync decides the skip on every rank
+    extra = read_along if read_along is not None else totals.new_empty(0)
+    # one host sync decides the skip on every rank (and brings the caller's values)
+    sum_of_squares, verdict, *values = torch.cat([totals.double(),
+                                                  extra.reshape(-1).double()]).tolist()
     overflow = not (math.isfinite(verdict) and math.isfinite(sum_of_squares))
-    return totals[0].sqrt(), math.sqrt(sum_of_squares), overflow
+    return totals[0].sqrt(), math.sqrt(sum_of_squares), overflow, values
 
 
 def global_grad_norm(params: list[nn.Parameter], grid: ParallelGrid | None,
@@ -78,7 +83,7 @@ def global_grad_norm(params: list[nn.Parameter], grid: ParallelGrid | None,
     """The L2 norm of the whole model's gradient (fp32 scalar, equal on every rank)."""
     pieces = [(param, param.grad.detach()) for param in params if param.grad is not None]
     dp_group = grid.grad_sync_group if grid is not None and dp_sharded else None
-    norm, _, _ = norm_and_overflow(pieces, grid, dp_group)
+    norm, _, _, _ = norm_and_overflow(pieces, grid, dp_group)
     return norm
 
 

@@ -15,11 +15,12 @@ state of its shard (K Psi / N_d: the fp32 master weights, unless the run is fp32
 parameters are their own masters, and Adam's two moments) and, each step,
 
     finalize_grads   (the caller's phase; done here if it was not) gradients complete and summed
-    unscale          fp16: divide by the loss scale
-    norm, clip       the global gradient norm, counting every parameter once over tp x pp x dp;
-                     an inf/nan norm skips the update on every rank (nanomt.optim.grad_norm)
-    AdamW            on the fp32 shard (nanomt.optim.adamw)
-    publish          the buffer writes the new shard into the model and all-gathers it (ZeRO-1/2)
+    clip_grads()     fp16: divide by the loss scale; the global gradient norm, counting every
+                     parameter once over tp x pp x dp, and the inf/nan verdict, read in the
+                     step's one host sync (nanomt.optim.grad_norm); clip by the norm
+    step()           AdamW on the fp32 shard (nanomt.optim.adamw), or on inf/nan skip it on
+                     every rank; the buffer writes the new shard into the model and all-gathers
+                     it (ZeRO-1/2). step() alone runs clip_grads() first.
 
 Checkpoint protocol (layout-independent, per parameter; nanomt.checkpoint speaks it):
     checkpoint_state() -> [(param, state_name, fp32 view, (lo, hi))]: the pieces of
@@ -54,6 +55,18 @@ class StepResult:
     grad_norm: float   # global norm of the (unscaled) gradient before clipping
     skipped: bool      # True when an inf/nan gradient made every rank skip the update
     loss_scale: float  # the scale that was used for this step's backward (1.0 unless fp16)
+    read_along: list[float]  # the values of step(read_along=...), read in the step's one sync
+
+
+@dataclass
+class ClippedGrads:
+    """What clip_grads leaves for step: my shards' clipped fp32 gradients and the verdict."""
+
+    grads: list[torch.Tensor]
+    grad_norm: float
+    overflow: bool
+    loss_scale: float
+    read_along: list[float]
 
 
 @dataclass
@@ -82,6 +95,7 @@ class ShardedAdamW:
                              {"lr": lr, "weight_decay": 0.0}]
         self.step_count = 0
         self.memory_after_backward: dict[str, int] = {}  # model-state bytes at the step's peak
+        self.clipped: ClippedGrads | None = None  # between clip_grads and step
         self.shards = [self._shard_state(b, master_params or {}) for b in buffer.buckets]
         # views of the masters that weight decay shrinks (matrices; nanomt.optim.adamw.decays)
         self.decaying_pieces = [shard.master[s.shard_lo: s.shard_hi]
@@ -107,14 +121,18 @@ class ShardedAdamW:
         self.buffer.zero_grad(set_to_none, num_microbatches)
 
     @torch.no_grad()
-    def step(self) -> StepResult:
-        """Unscale, clip by the global norm and update. Returns the norm and the skip flag."""
+    def clip_grads(self, read_along: torch.Tensor | None = None) -> ClippedGrads:
+        """Unscale (fp16), take the global norm and the inf/nan verdict, and clip by the norm.
+
+        The one host read of a step happens here: the norm and the verdict decide on every rank
+        whether to update; `read_along` (the step's loss, say) travels in the same copy. The
+        clipped fp32 gradients wait for `step`."""
         buffer = self.buffer
         buffer.release_prefetched()  # no ZeRO-3 gather may read a shard while it is updated
         # Gradients complete, nothing freed yet: the step's peak of model-state memory.
         self.memory_after_backward = {**self.memory(),
                                       "grads_peak_in_backward": buffer.peak_grad_bytes}
-        finalize_grads(buffer)
+        finalize_grads(buffer)  # a no-op when the trainer has called it
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         grads = [g.float() for g in buffer.local_grad_shards()]  # a copy only if not fp32
         if scale != 1.0:
@@ -123,21 +141,30 @@ class ShardedAdamW:
         pieces = [(s.param, grad[s.shard_lo: s.shard_hi])
                   for b, grad in zip(buffer.buckets, grads) for s in b.segments]
         # At ZeRO-0 every dp replica holds the same gradients: dp rank 0 counts them.
-        norm, norm_value, overflow = norm_and_overflow(
-            pieces, self.grid, buffer.dp_group, count_squares=self.stage > 0 or buffer.dp_rank == 0)
+        norm, norm_value, overflow, values = norm_and_overflow(
+            pieces, self.grid, buffer.dp_group, count_squares=self.stage > 0 or buffer.dp_rank == 0,
+            read_along=read_along)
+        if self.grad_clip > 0 and not overflow:
+            torch._foreach_mul_(grads, torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))
+        self.clipped = ClippedGrads(grads, norm_value, overflow, scale, values)
+        return self.clipped
+
+    @torch.no_grad()
+    def step(self, read_along: torch.Tensor | None = None) -> StepResult:
+        """AdamW on my shards with the clipped gradients (clip_grads first, if the caller has
+        not), then publish the updated parameters; an inf/nan gradient skips the update on
+        every rank (fp16: the loss scale drops). Returns the norm and the skip flag."""
+        clipped = self.clipped if self.clipped is not None else self.clip_grads(read_along)
+        self.clipped = None
         if self.loss_scaler is not None:
-            self.loss_scaler.update(overflow)
-        if overflow:
-            buffer.zero_grad()
-            return StepResult(norm_value, True, scale)
-        if self.grad_clip > 0:
-            coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
-            torch._foreach_mul_(grads, coef)
-        self.step_count += 1
-        self._update(grads)
-        buffer.publish_params([shard.master for shard in self.shards])
-        buffer.zero_grad()
-        return StepResult(norm_value, False, scale)
+            self.loss_scaler.update(clipped.overflow)
+        if not clipped.overflow:
+            self.step_count += 1
+            self._update(clipped.grads)
+            self.buffer.publish_params([shard.master for shard in self.shards])
+        self.buffer.zero_grad()
+        return StepResult(clipped.grad_norm, clipped.overflow, clipped.loss_scale,
+                          clipped.read_along)
 
     def _update(self, grads: list[torch.Tensor]) -> None:
         """Decoupled weight decay on the matrices' pieces, then AdamW on every shard at once."""

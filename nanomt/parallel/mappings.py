@@ -13,9 +13,10 @@ norms, dropout and residual adds now run on 1/t of the sequence. f-bar is here; 
 with the column-parallel matmul (`tensor_parallel._LinearWithSequenceGather`) so that backward
 can gather the input again instead of keeping the gathered copy.
 
-Activations are [batch, seq, hidden]: the hidden/vocab split is the last dim, the sequence split
-dim 1 (`SEQ_DIM`). Each operator is a tiny autograd function; with a group of one they are
-identities.
+Activations are [seq, batch, hidden] (Megatron's layout): the hidden/vocab split is the last
+dim and the sequence split dim 0 (`SEQ_DIM`), so a sequence shard is a contiguous block of memory
+and the SP collectives gather and scatter it in place, with no transposing copies. Each operator
+is a tiny autograd function; with a group of one they are identities.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from nanomt.parallel import comm
 from nanomt.parallel.comm import Group
 
-SEQ_DIM = 1
+SEQ_DIM = 0
 
 
 class _CopyToTensorParallelRegion(torch.autograd.Function):

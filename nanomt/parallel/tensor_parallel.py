@@ -14,7 +14,7 @@ Sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2) keeps X split along t
 between the blocks: a column-parallel linear all-gathers it (g-bar) and a row-parallel one
 reduce-scatters its partial sums (f-bar). The column-parallel side is one autograd function,
 `_LinearWithSequenceGather` (Megatron's LinearWithGradAccumulationAndAsyncCommunication idea):
-it keeps only this rank's [b, s/t, h] shard of X for backward and all-gathers it there again for
+it keeps only this rank's [s/t, b, h] shard of X for backward and all-gathers it there again for
 the weight gradient, so the saved input costs s b h / t, not s b h (one more all-gather of
 b s h per column-parallel linear in backward buys it).
 
@@ -112,10 +112,10 @@ class NormalInit:
 class _LinearWithSequenceGather(torch.autograd.Function):
     """y = all_gather_seq(x) W^T + b, keeping only x, this rank's sequence shard, for backward.
 
-    forward   x [b, s/t, in] -> all-gather along the sequence -> x_full [b, s, in]
-              -> y = x_full W^T + b [b, s, out/t]; x_full is freed on return.
+    forward   x [s/t, b, in] -> all-gather along the sequence -> x_full [s, b, in]
+              -> y = x_full W^T + b [s, b, out/t]; x_full is freed on return.
     backward  grad_x_full = dy W is a partial sum (my out/t columns only): reduce-scatter it
-              along the sequence -> my shard of the sum [b, s/t, in];
+              along the sequence -> my shard of the sum [s/t, b, in];
               then all-gather x again for grad_W = dy^T x_full and grad_b = sum dy.
     """
 
@@ -215,7 +215,7 @@ class VocabParallelEmbedding(nn.Module):
 
     A rank looks up the tokens it owns, writes zeros for the others, and g sums the partial
     embeddings. Under sequence parallelism the sum is a reduce-scatter instead: the output is
-    this rank's sequence shard [b, s/t, h] (half the traffic of the all-reduce, and no
+    this rank's sequence shard [s/t, b, h] (half the traffic of the all-reduce, and no
     full-sequence copy). `padded_vocab_size` rows exist (divisible by tp); rows past
     `vocab_size` are padding, initialised to zero and masked out of the loss.
     """
@@ -275,6 +275,6 @@ TENSOR_PARALLEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallel
 
 def parallel_lm_logits(hidden: torch.Tensor, word_weight: torch.Tensor, tp_group: Group,
                        sequence_parallel: bool) -> torch.Tensor:
-    """Logits for my vocabulary shard: [b, s, padded_vocab / tp]. Never the full vocabulary.
+    """Logits for my vocabulary shard: [s, b, padded_vocab / tp]. Never the full vocabulary.
     The head is a column-parallel linear without bias (the vocabulary split is by rows)."""
     return column_parallel_linear(hidden, word_weight, None, tp_group, sequence_parallel)

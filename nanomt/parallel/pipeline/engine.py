@@ -166,12 +166,12 @@ class PipelineStep:
 
 
 def activation_shape(model_chunk: nn.Module, micro_batch: MicroBatch) -> tuple[int, int, int]:
-    """[b, s, h] sent between stages, or the sequence shard [b, s/t, h] under SP."""
+    """[s, b, h] sent between stages, or the sequence shard [s/t, b, h] under SP."""
     batch, seq = micro_batch[0].shape
     tp = group_size(model_chunk.tp_group)
     if model_chunk.sequence_parallel:
         seq //= tp
-    return (batch, seq, model_chunk.cfg.hidden_size)
+    return (seq, batch, model_chunk.cfg.hidden_size)
 
 
 def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
@@ -192,7 +192,7 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
     device = micro_batches[0][0].device
     agree_on_schedule(grid, {"schedule": SCHEDULES.index(schedule), "microbatches": m,
                              "virtual_stages": v, "forward_only": forward_only,
-                             "batch": shape[0], "seq": shape[1], "hidden": shape[2],
+                             "seq": shape[0], "batch": shape[1], "hidden": shape[2],
                              "dtype": dtype_code(dtype)}, device)
     plan = checked_plans(schedule, grid.pp_size, m, v, forward_only)[grid.pp_rank]
     comm = PipelineComm(grid, shape, dtype, device)

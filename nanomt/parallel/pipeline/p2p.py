@@ -6,7 +6,7 @@ Chunk k lives on pipeline rank k mod p, so the next chunk is always on pipeline 
 previous on r-1, wrapping around between the last and first rank under interleaving (Narayanan
 et al. 2021, section 2.2.2).
 
-Every message has a shape known up front ([b, s, h], or the sequence shard [b, s/t, h] under
+Every message has a shape known up front ([s, b, h], or the sequence shard [s/t, b, h] under
 sequence parallelism), so the receiver allocates its buffer before the data arrives. Which
 `Transfer`s go out together (one `batch_isend_irecv` per unit) is the engine's plan
 (posting.py; NCCL's rules: docs/pipeline.md). A posted unit is one `P2PBatch`:

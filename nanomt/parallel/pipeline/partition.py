@@ -48,8 +48,8 @@ def allreduce_embedding_grads(model_chunks: list[nn.Module], grid) -> None:
     Both stages hold the same config, so either both see a .grad here or neither does."""
     if grid is None or grid.pp_size == 1 or grid.embedding_group is None:
         return
-    params = shared_embedding_params(model_chunks)
-    if not params and not model_chunks[0].cfg.tie_embeddings:
+    params = shared_embedding_params(model_chunks)  # read from the ParamInfo records
+    if not params:
         return  # untied input and output embeddings (llama): nothing is shared
     if len(params) != 1:
         raise ValueError(f"pipeline rank {grid.pp_rank} holds {len(params)} tied embeddings, "

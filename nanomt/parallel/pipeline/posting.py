@@ -1,20 +1,24 @@
-"""Which messages a pipeline rank posts together (Megatron's posting), and a replay of them under
-a model of NCCL's rules.
+"""Which messages a pipeline rank posts together (Megatron's posting), and the one simulator
+that replays a schedule with them before it runs.
 
 The rules, and why posting after every pass would hang interleaved 1F1B, are explained once in
 docs/pipeline.md ("Messages"). `communication_plan` groups a rank's passes into slots (a forward
 directly followed by a backward shares one) and posts one unit of `Transfer`s after each slot,
-plus one before the first; `check_posting` replays every rank's units and fails with the stuck
-ranks instead of letting a job hang. `checked_plans` runs both once per schedule (cached).
+plus one before the first. `replay` runs every rank's units under both constraints a real run
+meets, the data (a pass waits for its inputs) and a model of NCCL's matching (a posted batch
+waits for its partners), and fails naming the stuck ranks instead of letting a job hang.
+`checked_plans` builds and replays a schedule's plans once (cached); the engine and the start-up
+check (`check_config`) both call it.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nanomt.parallel.pipeline.p2p import Transfer
-from nanomt.parallel.pipeline.schedules import PipelineOp, checked_schedule, warmup_forwards
+from nanomt.parallel.pipeline.schedules import PipelineOp, schedule_orders, warmup_forwards
 
 ACTIVATION, GRADIENT = 0, 1
 
@@ -86,15 +90,10 @@ def communication_plan(order: tuple[PipelineOp, ...], warmup: int, rank: int, pp
     return plan
 
 
-def check_posting(plans: list[list[Unit]]) -> None:
-    """Replay every rank's units under NCCL's rules; ValueError if messages would be matched out
-    of order or some ranks would wait forever.
-
-    Unit u of rank r is posted once r's unit u-1 has completed (its passes need those receives);
-    it completes once every transfer's partner, matched in posting order per (sender, receiver),
-    sits in a unit that has been posted, and all of r's earlier units have completed.
-    """
-    pp = len(plans)
+def match_transfers(plans: Sequence[Sequence[Unit]]) -> dict[tuple[int, int], list]:
+    """Pair every send with its receive, in posting order per (sender, receiver), as NCCL does;
+    ValueError if the tags of a pair's sends and receives differ (matched out of order) or a
+    rank receives what nobody sends. Returns, for each (rank, unit), the partners' (rank, unit)."""
     queues: dict[tuple[int, int, bool], list[tuple[int, int]]] = {}  # (src, dst, send) -> units
     tags: dict[tuple[int, int, bool], list[int]] = {}
     for rank, plan in enumerate(plans):
@@ -106,6 +105,9 @@ def check_posting(plans: list[list[Unit]]) -> None:
     partners: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for (src, dst, is_send), sent_tags in tags.items():
         if not is_send:
+            if (src, dst, True) not in tags:
+                raise ValueError(f"rank {dst} would wait for messages {sent_tags} from rank "
+                                 f"{src} that it never sends")
             continue
         received_tags = tags.get((src, dst, False), [])
         if sent_tags != received_tags:
@@ -114,35 +116,74 @@ def check_posting(plans: list[list[Unit]]) -> None:
         for a, b in zip(queues[(src, dst, True)], queues[(src, dst, False)]):
             partners.setdefault(a, []).append(b)
             partners.setdefault(b, []).append(a)
-    for (src, dst, is_send), received_tags in tags.items():
-        if not is_send and (src, dst, True) not in tags:
-            raise ValueError(f"rank {dst} would wait for messages {received_tags} from rank {src} "
-                             f"that it never sends")
-    completed = [0] * pp  # units completed per rank; unit completed[r] is the posted one
+    return partners
+
+
+def replay(plans: Sequence[Sequence[Unit]], virtual_stages: int) -> None:
+    """The schedule simulator: run every rank's units as the engine does; ValueError naming the
+    stuck ranks if some would wait forever (in the data or in NCCL's matching of messages).
+
+    A rank at unit u (its unit u-1 complete) runs u's passes in order, each once its inputs
+    exist: F(i, k) after F(i, k-1), B(i, k) after F(i, k) and B(i, k+1), with global chunk
+    k = chunk * pp + rank. Then it posts u's transfers; u completes once every transfer's
+    partner (match_transfers) sits in a unit its rank has posted.
+    """
+    pp = len(plans)
+    last = pp * virtual_stages - 1
+    partners = match_transfers(plans)
+    done: set[tuple[str, int, int]] = set()
+    posted, completed = [0] * pp, [0] * pp
+
+    def ready(rank: int, op: PipelineOp) -> bool:
+        k = op.chunk * pp + rank
+        if op.kind == "F":
+            return k == 0 or ("F", op.microbatch, k - 1) in done
+        return ("F", op.microbatch, k) in done and (k == last or ("B", op.microbatch, k + 1)
+                                                    in done)
+
     progressed = True
     while progressed:
         progressed = False
-        for rank in range(pp):
+        for rank, plan in enumerate(plans):
             u = completed[rank]
-            if u < len(plans[rank]) and all(completed[peer] >= pu
-                                            for peer, pu in partners.get((rank, u), [])):
+            if u == len(plan):
+                continue
+            if posted[rank] == u:  # run the passes (all ready, in order), then post
+                for op in plan[u].passes:
+                    if not ready(rank, op):
+                        break
+                    done.add((op.kind, op.microbatch, op.chunk * pp + rank))
+                else:
+                    posted[rank] = u + 1
+                    progressed = True
+            partners_posted = all(posted[peer] > pu for peer, pu in partners.get((rank, u), []))
+            if posted[rank] > u and partners_posted:
                 completed[rank] += 1
                 progressed = True
     stuck = [r for r in range(pp) if completed[r] < len(plans[r])]
     if stuck:
-        where = ", ".join(f"rank {r} in the unit after "
-                          f"{'+'.join(map(str, plans[r][completed[r]].passes)) or 'start'}"
-                          for r in stuck)
-        raise ValueError(f"pipeline messages would deadlock on NCCL: {where}")
+        raise ValueError("pipeline schedule would deadlock: " + ", ".join(
+            stuck_at(plans[r][completed[r]], r, posted[r] > completed[r], done, pp)
+            for r in stuck))
+
+
+def stuck_at(unit: Unit, rank: int, posted: bool, done: set, pp: int) -> str:
+    """Where a stuck rank waits: a pass whose inputs never come, or its unit's messages."""
+    if not posted:
+        waiting = next(op for op in unit.passes
+                       if (op.kind, op.microbatch, op.chunk * pp + rank) not in done)
+        return f"rank {rank} at {waiting} (its inputs never arrive)"
+    passes = "+".join(map(str, unit.passes)) or "start"
+    return f"rank {rank} in the messages posted after {passes} (NCCL would never match them)"
 
 
 @functools.lru_cache(maxsize=64)
 def checked_plans(schedule: str, pp: int, m: int, v: int,
                   forward_only: bool) -> tuple[tuple[Unit, ...], ...]:
-    """Every rank's units for a schedule, checked for data dependencies and NCCL posting."""
-    orders = checked_schedule(schedule, pp, m, v, forward_only)
+    """Every rank's units for a schedule, replayed once (cached) before they run."""
+    orders = schedule_orders(schedule, pp, m, v, forward_only)
     plans = [communication_plan(order, warmup_forwards(schedule, pp, rank, m, v, forward_only),
                                 rank, pp, v, m)
              for rank, order in enumerate(orders)]
-    check_posting(plans)
+    replay(plans, v)
     return tuple(tuple(plan) for plan in plans)

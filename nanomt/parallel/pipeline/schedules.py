@@ -15,17 +15,13 @@ Narayanan et al. 2021 as plain loops:
                               bubble shrinks to (p-1)/(v*m) (section 2.2.2); m must be a
                               multiple of p.
 
-`check_deadlock_free` replays every rank's order against the data dependencies between stages
-(a forward needs the previous chunk's output, a backward the next chunk's input gradient) and
-fails early, naming the stuck ranks, instead of letting a bad order hang the job.
-
-How the engine posts an order's messages, and the NCCL rules that posting must respect (stricter
-than the data dependencies alone): posting.py, explained in docs/pipeline.md ("Messages").
+How the engine posts an order's messages, and the one simulator that replays the orders with
+their messages (data dependencies and NCCL's posting rules) before any pass runs: posting.py,
+explained in docs/pipeline.md ("Messages").
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -155,46 +151,7 @@ def warmup_forwards(schedule: str, pp: int, rank: int, m: int, v: int = 1,
     return min(pp - rank - 1, m) if v == 1 else interleaved_warmup(pp, rank, m, v)
 
 
-# ---- deadlock check ------------------------------------------------------------------------
-def check_deadlock_free(orders: list[list[PipelineOp]], pp: int, v: int) -> None:
-    """Replay every rank's order; raise ValueError if some rank would wait forever.
-
-    Model chunk j of rank r is global chunk k = j*pp + r. F(i, k) needs F(i, k-1) done (its
-    input), B(i, k) needs F(i, k) and B(i, k+1) done (its output gradient). This checks the data
-    dependencies alone (as if messages were buffered without limit); posting.check_posting then
-    checks the messages as the engine posts them (docs/pipeline.md).
-    """
-    last = pp * v - 1
-    done: set[tuple[str, int, int]] = set()
-    position = [0] * pp
-
-    def ready(rank: int, op: PipelineOp) -> bool:
-        k = op.chunk * pp + rank
-        if op.kind == "F":
-            return k == 0 or ("F", op.microbatch, k - 1) in done
-        forward_done = ("F", op.microbatch, k) in done
-        return forward_done and (k == last or ("B", op.microbatch, k + 1) in done)
-
-    progressed = True
-    while progressed:
-        progressed = False
-        for rank in range(pp):
-            while position[rank] < len(orders[rank]) and ready(rank, orders[rank][position[rank]]):
-                op = orders[rank][position[rank]]
-                done.add((op.kind, op.microbatch, op.chunk * pp + rank))
-                position[rank] += 1
-                progressed = True
-    stuck = [r for r in range(pp) if position[r] < len(orders[r])]
-    if stuck:
-        waits = ", ".join(f"rank {r} at {orders[r][position[r]]}" for r in stuck)
-        raise ValueError(f"pipeline schedule would deadlock: {waits} wait for passes that no rank "
-                         f"runs first")
-
-
-@functools.lru_cache(maxsize=64)
-def checked_schedule(schedule: str, pp: int, m: int, v: int,
-                     forward_only: bool) -> tuple[tuple[PipelineOp, ...], ...]:
-    """Every rank's order, checked once for deadlock freedom (cached: it is pure)."""
-    orders = [schedule_order(schedule, pp, rank, m, v, forward_only) for rank in range(pp)]
-    check_deadlock_free(orders, pp, v)
-    return tuple(tuple(order) for order in orders)
+def schedule_orders(schedule: str, pp: int, m: int, v: int,
+                    forward_only: bool) -> list[list[PipelineOp]]:
+    """Every rank's order (checked against deadlock by posting.replay, with its messages)."""
+    return [schedule_order(schedule, pp, rank, m, v, forward_only) for rank in range(pp)]
