@@ -157,6 +157,20 @@ def test_posting_after_every_pass_hangs_interleaved_1f1b():
         replay([list(plan) for plan in checked_plans("1f1b", pp, m, v, False)], v)
 
 
+def test_one_chunk_per_rank_posts_after_every_pass():
+    """Plain 1F1B and GPipe never pair a forward with the backward after it in one slot (it
+    would wait for that backward's gradient before running); interleaved 1F1B does pair."""
+    for schedule, pp, m in [("1f1b", 2, 8), ("1f1b", 4, 8), ("gpipe", 4, 8)]:
+        for plan in checked_plans(schedule, pp, m, 1, False):
+            assert all(len(unit.passes) <= 1 for unit in plan)
+            # after each forward, the batch receives what the next pass needs, nothing later
+            for unit, following in zip(plan[1:], plan[2:]):
+                received = {t.op for t in unit.transfers if not t.is_send}
+                assert received <= set(following.passes)
+    paired = checked_plans("1f1b", 2, 8, 2, False)
+    assert any(len(unit.passes) == 2 for plan in paired for unit in plan)
+
+
 def test_posting_model_catches_cycles_and_misordered_matches():
     op = PipelineOp("F", 0)
     # Both ranks send first and post the matching receive only in a later unit: a cycle.

@@ -182,8 +182,22 @@ def checked_plans(schedule: str, pp: int, m: int, v: int,
                   forward_only: bool) -> tuple[tuple[Unit, ...], ...]:
     """Every rank's units for a schedule, replayed once (cached) before they run."""
     orders = schedule_orders(schedule, pp, m, v, forward_only)
-    plans = [communication_plan(order, warmup_forwards(schedule, pp, rank, m, v, forward_only),
+    plans = [communication_plan(order, unpaired_forwards(schedule, pp, rank, m, v, forward_only),
                                 rank, pp, v, m)
              for rank, order in enumerate(orders)]
     replay(plans, v)
     return tuple(tuple(plan) for plan in plans)
+
+
+def unpaired_forwards(schedule: str, pp: int, rank: int, m: int, v: int,
+                      forward_only: bool) -> int:
+    """Forwards that run in slots of their own before F/B pairs share one (`slots`).
+
+    Interleaved 1F1B pairs its steady-state passes, as Megatron does (posting after every pass
+    can deadlock it: docs/pipeline.md). With one chunk per rank no pass is paired (Megatron's
+    send_forward_recv_backward / send_backward_recv_forward): a forward would otherwise wait
+    for the gradient of the backward that follows it, and the two stages would take turns
+    instead of working at once."""
+    if v == 1:
+        return m
+    return warmup_forwards(schedule, pp, rank, m, v, forward_only)
