@@ -326,8 +326,9 @@ def expect_error(fn) -> str:
 def _pipeline_checks(refs) -> dict:
     import unittest.mock
 
-    from nanomt.parallel.grid import ParallelGrid
     from nanomt.model.chunks import build_model_chunks
+    from nanomt.parallel import comm
+    from nanomt.parallel.grid import ParallelGrid
     from nanomt.parallel.pipeline import forward_backward_pipelining
 
     pp4 = ParallelGrid(tp=1, pp=4, dp=1)
@@ -340,9 +341,14 @@ def _pipeline_checks(refs) -> dict:
             out[("pp2", v, m)] = run_case(pp2_dp2, 1, 2, v, m, refs)
     out[("gpipe", 2, 8)] = run_case(pp4, 1, 4, 2, 8, refs, schedule="gpipe")
     out[("gpipe", 1, 8)] = run_case(pp4, 1, 4, 1, 8, refs, schedule="gpipe")
+    # pp=2 x tp=2: what every rank sends between stages and gathers over tp, from comm's log.
     for v in (1, 2):
-        out[("pp2tp2", v, 4)] = run_case(pp2_tp2, 2, 2, v, 4, refs)
-    out[("pp2tp2sp", 2, 8)] = run_case(pp2_tp2, 2, 2, 2, 8, refs, sp=True)
+        with comm.traffic_log() as log:
+            out[("pp2tp2", v, 4)] = run_case(pp2_tp2, 2, 2, v, 4, refs)
+        out[f"traffic_v{v}"] = [(r.kind, r.group, r.numel, r.nbytes) for r in log]
+    with comm.traffic_log() as log:
+        out[("pp2tp2sp", 2, 8)] = run_case(pp2_tp2, 2, 2, 2, 8, refs, sp=True)
+    out["traffic_sp"] = [(r.kind, r.group, r.numel, r.nbytes) for r in log]
     # Untied embeddings (llama): nothing to sum over the embedding group, two steps in a row.
     run_case(pp2_dp2, 1, 2, 1, 4, refs, cfg=LLAMA_CFG)
     out[("llama_pp2", 1, 4)] = run_case(pp2_dp2, 1, 2, 1, 4, refs, cfg=LLAMA_CFG)
@@ -364,6 +370,27 @@ def _pipeline_checks(refs) -> dict:
     return out
 
 
+def check_scatter_gather_traffic(results) -> None:
+    """Without SP every tp rank sends 1/t of each [s, b, h] message (Megatron's scatter-gather)
+    and the receiver all-gathers the t pieces over tp; under SP the [s/t, b, h] shard travels
+    whole. Counted from comm's traffic log on every rank."""
+    tp, full = 2, CFG.seq_len * MICRO_BATCH * CFG.hidden_size  # s*b*h elements
+    for r in results:
+        pp_rank = r[("pp2tp2", 1, 4)]["pp_rank"]
+        for v, m in ((1, 4), (2, 4)):
+            chunks = [c * 2 + pp_rank for c in range(v)]  # global chunks on this pp rank
+            messages = m * (sum(k < 2 * v - 1 for k in chunks) + sum(k > 0 for k in chunks))
+            log = r[f"traffic_v{v}"]
+            sends = [rec for rec in log if rec[0] == "send"]
+            assert [rec[1:] for rec in sends] == [("pp", full // tp, full // tp * 4)] * messages
+            # before scatter-gather: messages * s*b*h * 4 bytes; now 1/t of that
+            assert sum(rec[3] for rec in sends) * tp == messages * full * 4
+            gathers = [rec for rec in log if rec[0] == "all_gather" and rec[1] == "tp"]
+            assert [rec[2] for rec in gathers] == [full] * messages  # one per received message
+        sp_sends = [rec for rec in r["traffic_sp"] if rec[0] == "send"]
+        assert sp_sends and all(rec[2] == full // tp for rec in sp_sends)  # the shard, unsplit
+
+
 def test_pipeline_equals_single_process():
     refs = {("gpt", m): reference(m) for m in (4, 8)}
     refs[("llama", 4)] = reference(4, LLAMA_CFG)
@@ -378,6 +405,8 @@ def test_pipeline_equals_single_process():
             assert r["grad_err"] < 1e-5, (case, r["grad_err"])
             assert r["freed"] == r["sent"], case  # every sent activation was deallocated
         assert set().union(*(r["names"] for r in per_rank)) == all_names, case
+
+    check_scatter_gather_traffic(results)
 
     # The engine ran the papers' orders (as executed, not just as planned).
     for rank, r in enumerate(results):

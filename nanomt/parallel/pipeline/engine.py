@@ -135,7 +135,8 @@ class PipelineStep:
         k = self.global_chunk(op)
         inputs, targets = self.micro_batches[op.microbatch]
         if k > 0:
-            inputs = self.received.pop(op).requires_grad_(not self.forward_only)
+            inputs = self.comm.arrived(self.received.pop(op))
+            inputs.requires_grad_(not self.forward_only)
         with torch.set_grad_enabled(not self.forward_only):
             if k == self.last_chunk:
                 loss = self.chunks[op.chunk](inputs, targets)
@@ -160,7 +161,7 @@ class PipelineStep:
         if k == self.last_chunk:
             torch.autograd.backward(flight.output)
         else:
-            backward_from(flight.output, self.received.pop(op))
+            backward_from(flight.output, self.comm.arrived(self.received.pop(op)))
         if k > 0:
             self.outgoing[op] = flight.input.grad
 
@@ -195,7 +196,9 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
                              "seq": shape[0], "batch": shape[1], "hidden": shape[2],
                              "dtype": dtype_code(dtype)}, device)
     plan = checked_plans(schedule, grid.pp_size, m, v, forward_only)[grid.pp_rank]
-    comm = PipelineComm(grid, shape, dtype, device)
+    # Without SP the tp ranks hold the same activation: each sends 1/t of it (p2p.py).
+    scatter_gather = not model_chunks[0].sequence_parallel
+    comm = PipelineComm(grid, shape, dtype, device, scatter_gather)
     step = PipelineStep(model_chunks, micro_batches, comm, plan, forward_only, timeline,
                         stats if stats is not None else PipelineStats(), loss_scale)
     loss_sum = step.run()
