@@ -20,6 +20,7 @@ theirs at the end, so after the schedule they equal the single-process gradient 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -90,46 +91,51 @@ class PipelineStep:
         self.in_flight: dict[tuple[int, int], InFlight] = {}
         self.received: dict[PipelineOp, torch.Tensor] = {}  # receive buffers, by the pass
         self.outgoing: dict[PipelineOp, torch.Tensor] = {}  # what a pass sends, until posted
-        self.to_free: list[torch.Tensor] = []  # outputs sent in the last posted unit
+        self.to_free: list[torch.Tensor] = []  # outputs the current unit sends
+        # posted units not yet waited for: (index in the plan, handle, outputs they send)
+        self.pending: deque[tuple[int, P2PBatch, list[torch.Tensor]]] = deque()
         self.loss_sum = torch.zeros((), device=micro_batches[0][0].device)
 
     def global_chunk(self, op: PipelineOp) -> int:
         return op.chunk * self.pp + self.pp_rank
 
     def run(self) -> torch.Tensor:
-        batch: P2PBatch | None = None
-        for unit in self.plan:
-            if batch is not None:
-                first = unit.passes[0] if unit.passes else PipelineOp("wait", -1, -1)
-                with maybe_span(self.timeline, "wait", first.microbatch, first.chunk):
-                    batch.wait()
-            self.free_sent_outputs()
+        for index, unit in enumerate(self.plan):
+            self.wait_until(unit.wait_for if unit.wait_for is not None else index - 1, unit)
             for op in unit.passes:
                 self.stats.op_order.append(str(op))
                 with maybe_span(self.timeline, op.kind, op.microbatch, op.chunk):
                     self.forward(op) if op.kind == "F" else self.backward(op)
-            batch = self.post(unit)
-        if batch is not None:
-            batch.wait()
-        self.free_sent_outputs()
+            self.post(index, unit)
+        self.wait_until(len(self.plan), None)
         return self.loss_sum
 
-    def post(self, unit: Unit) -> P2PBatch | None:
+    def wait_until(self, last: int, unit: Unit | None) -> None:
+        """Wait for the posted units up to index `last` (in posting order, as they complete),
+        then free the outputs they sent; later units stay in flight."""
+        first = unit.passes[0] if unit is not None and unit.passes else PipelineOp("wait", -1, -1)
+        while self.pending and self.pending[0][0] <= last:
+            _, batch, sent = self.pending.popleft()
+            with maybe_span(self.timeline, "wait", first.microbatch, first.chunk):
+                batch.wait()
+            for output in sent:  # its data is on the wire's far side: keep only the graph
+                deallocate_output(output)
+                self.stats.outputs_freed += 1
+
+    def post(self, index: int, unit: Unit) -> None:
         """Post the unit's sends (what its passes produced) and receives together."""
         transfers = [(t, self.outgoing.pop(t.op) if t.is_send else None)
                      for t in unit.transfers]
         batch, buffers = self.comm.post(transfers)
         self.received.update(buffers)
-        held = sum(out.numel() * out.element_size() for out in self.to_free)
+        sent, self.to_free = self.to_free, []
+        if batch is None:  # nothing posted: the outputs (none were sent) need no wait
+            assert not sent
+            return
+        self.pending.append((index, batch, sent))
+        held = sum(out.numel() * out.element_size()
+                   for _, _, outputs in self.pending for out in outputs)
         self.stats.peak_unfreed_output_bytes = max(self.stats.peak_unfreed_output_bytes, held)
-        return batch
-
-    def free_sent_outputs(self) -> None:
-        """Free the data of the outputs sent in a unit that has completed."""
-        for output in self.to_free:
-            deallocate_output(output)
-            self.stats.outputs_freed += 1
-        self.to_free = []
 
     def forward(self, op: PipelineOp) -> None:
         k = self.global_chunk(op)
