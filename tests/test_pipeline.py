@@ -26,6 +26,7 @@ from nanomt.parallel.pipeline.posting import (
     checked_plans,
     communication_plan,
     replay,
+    with_waits,
 )
 from nanomt.parallel.pipeline.schedules import (
     PipelineOp,
@@ -168,6 +169,38 @@ def test_posting_model_catches_cycles_and_misordered_matches():
                [Unit((), (Transfer(False, op, 0, 2), Transfer(False, op, 0, 0)))]]
     with pytest.raises(ValueError, match="out of order"):
         replay(swapped, virtual_stages=1)
+
+
+def receive_ahead(plan):
+    """Megatron's overlap_p2p_comm on one queue: each slot's receives posted one unit earlier,
+    before the slot before it runs, so they would be in flight while it computes."""
+    receives = [tuple(t for t in u.transfers if not t.is_send) for u in plan] + [()]
+    sends = [tuple(t for t in u.transfers if t.is_send) for u in plan]
+    ahead = [Unit((), receives[0] + receives[1])]
+    ahead += [Unit(plan[u].passes, sends[u] + receives[u + 1]) for u in range(1, len(plan))]
+    return with_waits(ahead)
+
+
+def test_overlap_is_what_one_in_order_queue_allows():
+    """A unit's messages progress only at the head of its rank's queue (rule 3), so receiving a
+    slot ahead is a cycle: the early receive waits for a pass the partner runs only after data
+    this rank sends in a unit queued behind that receive (docs/pipeline.md). What stays: each
+    slot waits only for the unit holding its own receives."""
+    op = PipelineOp("F", 0)
+    # Each rank's first unit receives what the other sends in its second: both queues stuck.
+    crossed = [[Unit((), (Transfer(False, op, 1, 0),)), Unit((), (Transfer(True, op, 1, 1),), -1)],
+               [Unit((), (Transfer(False, op, 0, 1),)), Unit((), (Transfer(True, op, 0, 0),), -1)]]
+    with pytest.raises(ValueError, match="rank 0 in the messages .*rank 1 in the messages"):
+        replay(crossed, virtual_stages=1)
+    for schedule, pp, m, v in [("1f1b", 2, 4, 1), ("1f1b", 4, 8, 2), ("gpipe", 4, 8, 1)]:
+        plans = checked_plans(schedule, pp, m, v, False)
+        with pytest.raises(ValueError, match="NCCL would never match them"):
+            replay([receive_ahead(plan) for plan in plans], v)
+    # 1F1B's first stage: its warm-up forwards receive nothing, so they run while the previous
+    # forward's activation is on the wire; every later slot waits for the unit just before it.
+    first = checked_plans("1f1b", 4, 8, 1, False)[0]
+    assert [u.wait_for for u in first[1:5]] == [-1, -1, -1, 3]
+    assert all(u.wait_for == i - 1 for i, u in enumerate(first) if i >= 4)
 
 
 def test_gpipe_interleaved_needs_whole_groups_and_views_are_not_freed():

@@ -13,7 +13,10 @@ The schedule (schedules.py) says in which order this rank runs its passes; this 
 
 Messages go out in the units of posting.communication_plan, checked against NCCL's posting
 rules (why this posting and not one per pass: docs/pipeline.md, "Messages"). Before each slot
-the rank waits for the previous unit, then frees the outputs it sent. Gradients accumulate in .grad
+the rank waits only for the units up to the last one holding the slot's receives (later ones
+stay in flight, overlapping its compute), then frees the outputs those units sent. Without
+sequence parallelism each tp rank sends 1/t of a message and the receiver all-gathers it over tp
+when the pass takes its input (p2p.py). Gradients accumulate in .grad
 over all micro-batches, and the tied word embedding's two copies (first and last stage) sum
 theirs at the end, so after the schedule they equal the single-process gradient of the mean loss.
 """

@@ -4,7 +4,8 @@ that replays a schedule with them before it runs.
 The rules, and why posting after every pass would hang interleaved 1F1B, are explained once in
 docs/pipeline.md ("Messages"). `communication_plan` groups a rank's passes into slots (a forward
 directly followed by a backward shares one) and posts one unit of `Transfer`s after each slot,
-plus one before the first. `replay` runs every rank's units under both constraints a real run
+plus one before the first; `with_waits` marks, per unit, the last unit whose receives its passes
+need (the engine waits for no more, so later units overlap its compute). `replay` runs every rank's units under both constraints a real run
 meets, the data (a pass waits for its inputs) and a model of NCCL's matching (a posted batch
 waits for its partners), and fails naming the stuck ranks instead of letting a job hang.
 `checked_plans` builds and replays a schedule's plans once (cached); the engine and the start-up
