@@ -201,7 +201,7 @@ def broadcast(tensor: torch.Tensor, src: int, group: Group) -> torch.Tensor:
     """In-place: every rank of `group` receives global rank `src`'s `tensor`; returns it."""
     if group_size(group) == 1:
         return tensor
-    _record("broadcast", tensor.numel(), group)
+    _record("broadcast", tensor, group)
     dist.broadcast(tensor, src=src, group=group)
     return tensor
 
