@@ -210,11 +210,16 @@ def test_overlap_is_what_one_in_order_queue_allows():
         plans = checked_plans(schedule, pp, m, v, False)
         with pytest.raises(ValueError, match="NCCL would never match them"):
             replay([receive_ahead(plan) for plan in plans], v)
-    # 1F1B's first stage: its warm-up forwards receive nothing, so they run while the previous
-    # forward's activation is on the wire; every later slot waits for the unit just before it.
+    # 1F1B's first stage receives nothing for its forwards: each runs while earlier messages
+    # are on the wire; a backward waits for the unit just before it (its gradient).
     first = checked_plans("1f1b", 4, 8, 1, False)[0]
-    assert [u.wait_for for u in first[1:5]] == [-1, -1, -1, 3]
-    assert all(u.wait_for == i - 1 for i, u in enumerate(first) if i >= 4)
+    for i, unit in enumerate(first[1:], start=1):
+        assert unit.wait_for == (-1 if unit.passes[0].kind == "F" else i - 1), (i, unit)
+    # the last stage: a forward waits for its activation, posted in the unit before it; a
+    # backward starts from the loss and runs while its previous gradient is on the wire
+    last = checked_plans("1f1b", 4, 8, 1, False)[3]
+    for i, unit in enumerate(last[1:], start=1):
+        assert unit.wait_for == (i - 1 if unit.passes[0].kind == "F" else -1), (i, unit)
 
 
 def test_gpipe_interleaved_needs_whole_groups_and_views_are_not_freed():
