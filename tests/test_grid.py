@@ -69,6 +69,11 @@ def _grid_checks() -> dict:
             "members": {name: members_by_collective(getattr(grid, name)) for name in GROUPS},
             "first_last": (grid.is_first_stage, grid.is_last_stage),
         }
+    # the traffic log counts a broadcast with its bytes
+    payload = torch.full((5,), float(dist.get_rank()), dtype=torch.float64)
+    with comm.traffic_log() as log:
+        comm.broadcast(payload, src=0, group=dist.group.WORLD)
+    results["broadcast"] = ([(r.kind, r.numel, r.nbytes) for r in log], payload.tolist())
     try:  # a bad layout fails before any collective, on every rank alike
         ParallelGrid(tp=3, pp=1, dp=1)
         results["bad"] = "no error"
@@ -92,6 +97,11 @@ def test_groups_connect_the_ranks_the_formula_names(ranks, layout):
         assert r["round_trip"]
         assert r["members"] == expected_groups(rank, tp, pp, dp, cp)
         assert r["first_last"] == (p == 0, p == pp - 1)
+
+
+def test_broadcast_is_counted_in_the_traffic_log(ranks):
+    for r in ranks:
+        assert r["broadcast"] == ([("broadcast", 5, 40)], [0.0] * 5)
 
 
 def test_tensor_parallel_ranks_are_consecutive(ranks):

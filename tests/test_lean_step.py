@@ -91,9 +91,10 @@ def test_fused_norm_matches_the_plain_norm_and_flags_inf():
     for i, param in enumerate(params):
         set_param_info(param, ParamInfo(f"p{i}", tuple(param.shape), tp_split_dim=None))
     grads = [torch.randn(p.numel(), generator=generator) for p in params]
-    norm, value, overflow = norm_and_overflow(list(zip(params, grads)), None)
+    norm, value, overflow, along = norm_and_overflow(
+        list(zip(params, grads)), None, read_along=torch.tensor([2.5, 7.0], dtype=torch.float64))
     expected = torch.cat(grads).norm()
-    assert not overflow
+    assert not overflow and along == [2.5, 7.0]  # read in the same host copy
     assert float(norm) == pytest.approx(float(expected), rel=1e-6)
     assert value == pytest.approx(float(expected), rel=1e-6)
     grads[1][3] = float("inf")

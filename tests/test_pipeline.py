@@ -26,6 +26,7 @@ from nanomt.parallel.pipeline.posting import (
     checked_plans,
     communication_plan,
     replay,
+    with_waits,
 )
 from nanomt.parallel.pipeline.schedules import (
     PipelineOp,
@@ -157,6 +158,20 @@ def test_posting_after_every_pass_hangs_interleaved_1f1b():
         replay([list(plan) for plan in checked_plans("1f1b", pp, m, v, False)], v)
 
 
+def test_one_chunk_per_rank_posts_after_every_pass():
+    """Plain 1F1B and GPipe never pair a forward with the backward after it in one slot (it
+    would wait for that backward's gradient before running); interleaved 1F1B does pair."""
+    for schedule, pp, m in [("1f1b", 2, 8), ("1f1b", 4, 8), ("gpipe", 4, 8)]:
+        for plan in checked_plans(schedule, pp, m, 1, False):
+            assert all(len(unit.passes) <= 1 for unit in plan)
+            # after each forward, the batch receives what the next pass needs, nothing later
+            for unit, following in zip(plan[1:], plan[2:]):
+                received = {t.op for t in unit.transfers if not t.is_send}
+                assert received <= set(following.passes)
+    paired = checked_plans("1f1b", 2, 8, 2, False)
+    assert any(len(unit.passes) == 2 for plan in paired for unit in plan)
+
+
 def test_posting_model_catches_cycles_and_misordered_matches():
     op = PipelineOp("F", 0)
     # Both ranks send first and post the matching receive only in a later unit: a cycle.
@@ -168,6 +183,43 @@ def test_posting_model_catches_cycles_and_misordered_matches():
                [Unit((), (Transfer(False, op, 0, 2), Transfer(False, op, 0, 0)))]]
     with pytest.raises(ValueError, match="out of order"):
         replay(swapped, virtual_stages=1)
+
+
+def receive_ahead(plan):
+    """Megatron's overlap_p2p_comm on one queue: each slot's receives posted one unit earlier,
+    before the slot before it runs, so they would be in flight while it computes."""
+    receives = [tuple(t for t in u.transfers if not t.is_send) for u in plan] + [()]
+    sends = [tuple(t for t in u.transfers if t.is_send) for u in plan]
+    ahead = [Unit((), receives[0] + receives[1])]
+    ahead += [Unit(plan[u].passes, sends[u] + receives[u + 1]) for u in range(1, len(plan))]
+    return with_waits(ahead)
+
+
+def test_overlap_is_what_one_in_order_queue_allows():
+    """A unit's messages progress only at the head of its rank's queue (rule 3), so receiving a
+    slot ahead is a cycle: the early receive waits for a pass the partner runs only after data
+    this rank sends in a unit queued behind that receive (docs/pipeline.md). What stays: each
+    slot waits only for the unit holding its own receives."""
+    op = PipelineOp("F", 0)
+    # Each rank's first unit receives what the other sends in its second: both queues stuck.
+    crossed = [[Unit((), (Transfer(False, op, 1, 0),)), Unit((), (Transfer(True, op, 1, 1),), -1)],
+               [Unit((), (Transfer(False, op, 0, 1),)), Unit((), (Transfer(True, op, 0, 0),), -1)]]
+    with pytest.raises(ValueError, match="rank 0 in the messages .*rank 1 in the messages"):
+        replay(crossed, virtual_stages=1)
+    for schedule, pp, m, v in [("1f1b", 2, 4, 1), ("1f1b", 4, 8, 2), ("gpipe", 4, 8, 1)]:
+        plans = checked_plans(schedule, pp, m, v, False)
+        with pytest.raises(ValueError, match="NCCL would never match them"):
+            replay([receive_ahead(plan) for plan in plans], v)
+    # 1F1B's first stage receives nothing for its forwards: each runs while earlier messages
+    # are on the wire; a backward waits for the unit just before it (its gradient).
+    first = checked_plans("1f1b", 4, 8, 1, False)[0]
+    for i, unit in enumerate(first[1:], start=1):
+        assert unit.wait_for == (-1 if unit.passes[0].kind == "F" else i - 1), (i, unit)
+    # the last stage: a forward waits for its activation, posted in the unit before it; a
+    # backward starts from the loss and runs while its previous gradient is on the wire
+    last = checked_plans("1f1b", 4, 8, 1, False)[3]
+    for i, unit in enumerate(last[1:], start=1):
+        assert unit.wait_for == (i - 1 if unit.passes[0].kind == "F" else -1), (i, unit)
 
 
 def test_gpipe_interleaved_needs_whole_groups_and_views_are_not_freed():
@@ -326,8 +378,9 @@ def expect_error(fn) -> str:
 def _pipeline_checks(refs) -> dict:
     import unittest.mock
 
-    from nanomt.parallel.grid import ParallelGrid
     from nanomt.model.chunks import build_model_chunks
+    from nanomt.parallel import comm
+    from nanomt.parallel.grid import ParallelGrid
     from nanomt.parallel.pipeline import forward_backward_pipelining
 
     pp4 = ParallelGrid(tp=1, pp=4, dp=1)
@@ -340,9 +393,14 @@ def _pipeline_checks(refs) -> dict:
             out[("pp2", v, m)] = run_case(pp2_dp2, 1, 2, v, m, refs)
     out[("gpipe", 2, 8)] = run_case(pp4, 1, 4, 2, 8, refs, schedule="gpipe")
     out[("gpipe", 1, 8)] = run_case(pp4, 1, 4, 1, 8, refs, schedule="gpipe")
+    # pp=2 x tp=2: what every rank sends between stages and gathers over tp, from comm's log.
     for v in (1, 2):
-        out[("pp2tp2", v, 4)] = run_case(pp2_tp2, 2, 2, v, 4, refs)
-    out[("pp2tp2sp", 2, 8)] = run_case(pp2_tp2, 2, 2, 2, 8, refs, sp=True)
+        with comm.traffic_log() as log:
+            out[("pp2tp2", v, 4)] = run_case(pp2_tp2, 2, 2, v, 4, refs)
+        out[f"traffic_v{v}"] = [(r.kind, r.group, r.numel, r.nbytes) for r in log]
+    with comm.traffic_log() as log:
+        out[("pp2tp2sp", 2, 8)] = run_case(pp2_tp2, 2, 2, 2, 8, refs, sp=True)
+    out["traffic_sp"] = [(r.kind, r.group, r.numel, r.nbytes) for r in log]
     # Untied embeddings (llama): nothing to sum over the embedding group, two steps in a row.
     run_case(pp2_dp2, 1, 2, 1, 4, refs, cfg=LLAMA_CFG)
     out[("llama_pp2", 1, 4)] = run_case(pp2_dp2, 1, 2, 1, 4, refs, cfg=LLAMA_CFG)
@@ -364,6 +422,27 @@ def _pipeline_checks(refs) -> dict:
     return out
 
 
+def check_scatter_gather_traffic(results) -> None:
+    """Without SP every tp rank sends 1/t of each [s, b, h] message (Megatron's scatter-gather)
+    and the receiver all-gathers the t pieces over tp; under SP the [s/t, b, h] shard travels
+    whole. Counted from comm's traffic log on every rank."""
+    tp, full = 2, CFG.seq_len * MICRO_BATCH * CFG.hidden_size  # s*b*h elements
+    for r in results:
+        pp_rank = r[("pp2tp2", 1, 4)]["pp_rank"]
+        for v, m in ((1, 4), (2, 4)):
+            chunks = [c * 2 + pp_rank for c in range(v)]  # global chunks on this pp rank
+            messages = m * (sum(k < 2 * v - 1 for k in chunks) + sum(k > 0 for k in chunks))
+            log = r[f"traffic_v{v}"]
+            sends = [rec for rec in log if rec[0] == "send"]
+            assert [rec[1:] for rec in sends] == [("pp", full // tp, full // tp * 4)] * messages
+            # before scatter-gather: messages * s*b*h * 4 bytes; now 1/t of that
+            assert sum(rec[3] for rec in sends) * tp == messages * full * 4
+            gathers = [rec for rec in log if rec[0] == "all_gather" and rec[1] == "tp"]
+            assert [rec[2] for rec in gathers] == [full] * messages  # one per received message
+        sp_sends = [rec for rec in r["traffic_sp"] if rec[0] == "send"]
+        assert sp_sends and all(rec[2] == full // tp for rec in sp_sends)  # the shard, unsplit
+
+
 def test_pipeline_equals_single_process():
     refs = {("gpt", m): reference(m) for m in (4, 8)}
     refs[("llama", 4)] = reference(4, LLAMA_CFG)
@@ -378,6 +457,8 @@ def test_pipeline_equals_single_process():
             assert r["grad_err"] < 1e-5, (case, r["grad_err"])
             assert r["freed"] == r["sent"], case  # every sent activation was deallocated
         assert set().union(*(r["names"] for r in per_rank)) == all_names, case
+
+    check_scatter_gather_traffic(results)
 
     # The engine ran the papers' orders (as executed, not just as planned).
     for rank, r in enumerate(results):

@@ -6,9 +6,10 @@ data parallelism (Rajbhandari et al. 2020: flat all-gather / reduce-scatter into
 goes through these few functions. Each is a no-op on a group of one (the single-process model
 pays nothing), and each records its kind and element count into `COMM_LOG` while a
 `count_collectives()` block is open, and a `TrafficRecord` (kind, group, bytes) while a
-`traffic_log()` block is open: that is how the tests check the papers' communication volume
-(two all-reduces of b*s*h per layer forward and two backward; ZeRO's 2 or 3 times the parameter
-count per step and rank, `TrafficRecord.volume_bytes`).
+`traffic_log()` block is open (pipeline sends too, as kind "send": `record_send`): that is how
+the tests check the papers' communication volume (two all-reduces of b*s*h per layer forward and
+two backward; ZeRO's 2 or 3 times the parameter count per step and rank,
+`TrafficRecord.volume_bytes`; a pipeline stage's s*b*h/t per message and tp rank).
 
 `Group` is a process group, or None for a world of one.
 
@@ -41,7 +42,7 @@ TRAFFIC_LOG: list[TrafficRecord] | None = None
 # ZeRO's accounting of the data one rank moves (Rajbhandari et al. 2019, section 7): a
 # reduce-scatter or an all-gather of a Psi-element tensor moves Psi, an all-reduce (a
 # reduce-scatter followed by an all-gather) 2 Psi. A ring sends (N-1)/N of that per rank.
-VOLUME_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1}
+VOLUME_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "send": 1}
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,13 @@ def _record(kind: str, tensor: torch.Tensor, group: Group = None) -> None:
     if TRAFFIC_LOG is not None:
         TRAFFIC_LOG.append(TrafficRecord(kind, group_name(group), tensor.numel(),
                                     tensor.numel() * tensor.element_size()))
+
+
+def record_send(tensor: torch.Tensor, group: Group) -> None:
+    """Count a point-to-point send (a pipeline message) in the traffic log: its bytes, once."""
+    if TRAFFIC_LOG is not None:
+        TRAFFIC_LOG.append(TrafficRecord("send", group_name(group), tensor.numel(),
+                                         tensor.numel() * tensor.element_size()))
 
 
 # ---- naming what failed ----------------------------------------------------------------------
@@ -193,7 +201,7 @@ def broadcast(tensor: torch.Tensor, src: int, group: Group) -> torch.Tensor:
     """In-place: every rank of `group` receives global rank `src`'s `tensor`; returns it."""
     if group_size(group) == 1:
         return tensor
-    _record("broadcast", tensor.numel(), group)
+    _record("broadcast", tensor, group)
     dist.broadcast(tensor, src=src, group=group)
     return tensor
 

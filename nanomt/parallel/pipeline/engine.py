@@ -13,13 +13,17 @@ The schedule (schedules.py) says in which order this rank runs its passes; this 
 
 Messages go out in the units of posting.communication_plan, checked against NCCL's posting
 rules (why this posting and not one per pass: docs/pipeline.md, "Messages"). Before each slot
-the rank waits for the previous unit, then frees the outputs it sent. Gradients accumulate in .grad
+the rank waits only for the units up to the last one holding the slot's receives (later ones
+stay in flight, overlapping its compute), then frees the outputs those units sent. Without
+sequence parallelism each tp rank sends 1/t of a message and the receiver all-gathers it over tp
+when the pass takes its input (p2p.py). Gradients accumulate in .grad
 over all micro-batches, and the tied word embedding's two copies (first and last stage) sum
 theirs at the end, so after the schedule they equal the single-process gradient of the mean loss.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -90,52 +94,58 @@ class PipelineStep:
         self.in_flight: dict[tuple[int, int], InFlight] = {}
         self.received: dict[PipelineOp, torch.Tensor] = {}  # receive buffers, by the pass
         self.outgoing: dict[PipelineOp, torch.Tensor] = {}  # what a pass sends, until posted
-        self.to_free: list[torch.Tensor] = []  # outputs sent in the last posted unit
+        self.to_free: list[torch.Tensor] = []  # outputs the current unit sends
+        # posted units not yet waited for: (index in the plan, handle, outputs they send)
+        self.pending: deque[tuple[int, P2PBatch, list[torch.Tensor]]] = deque()
         self.loss_sum = torch.zeros((), device=micro_batches[0][0].device)
 
     def global_chunk(self, op: PipelineOp) -> int:
         return op.chunk * self.pp + self.pp_rank
 
     def run(self) -> torch.Tensor:
-        batch: P2PBatch | None = None
-        for unit in self.plan:
-            if batch is not None:
-                first = unit.passes[0] if unit.passes else PipelineOp("wait", -1, -1)
-                with maybe_span(self.timeline, "wait", first.microbatch, first.chunk):
-                    batch.wait()
-            self.free_sent_outputs()
+        for index, unit in enumerate(self.plan):
+            self.wait_until(unit.wait_for if unit.wait_for is not None else index - 1, unit)
             for op in unit.passes:
                 self.stats.op_order.append(str(op))
                 with maybe_span(self.timeline, op.kind, op.microbatch, op.chunk):
                     self.forward(op) if op.kind == "F" else self.backward(op)
-            batch = self.post(unit)
-        if batch is not None:
-            batch.wait()
-        self.free_sent_outputs()
+            self.post(index, unit)
+        self.wait_until(len(self.plan), None)
         return self.loss_sum
 
-    def post(self, unit: Unit) -> P2PBatch | None:
+    def wait_until(self, last: int, unit: Unit | None) -> None:
+        """Wait for the posted units up to index `last` (in posting order, as they complete),
+        then free the outputs they sent; later units stay in flight."""
+        first = unit.passes[0] if unit is not None and unit.passes else PipelineOp("wait", -1, -1)
+        while self.pending and self.pending[0][0] <= last:
+            _, batch, sent = self.pending.popleft()
+            with maybe_span(self.timeline, "wait", first.microbatch, first.chunk):
+                batch.wait()
+            for output in sent:  # its data is on the wire's far side: keep only the graph
+                deallocate_output(output)
+                self.stats.outputs_freed += 1
+
+    def post(self, index: int, unit: Unit) -> None:
         """Post the unit's sends (what its passes produced) and receives together."""
         transfers = [(t, self.outgoing.pop(t.op) if t.is_send else None)
                      for t in unit.transfers]
         batch, buffers = self.comm.post(transfers)
         self.received.update(buffers)
-        held = sum(out.numel() * out.element_size() for out in self.to_free)
+        sent, self.to_free = self.to_free, []
+        if batch is None:  # nothing posted: the outputs (none were sent) need no wait
+            assert not sent
+            return
+        self.pending.append((index, batch, sent))
+        held = sum(out.numel() * out.element_size()
+                   for _, _, outputs in self.pending for out in outputs)
         self.stats.peak_unfreed_output_bytes = max(self.stats.peak_unfreed_output_bytes, held)
-        return batch
-
-    def free_sent_outputs(self) -> None:
-        """Free the data of the outputs sent in a unit that has completed."""
-        for output in self.to_free:
-            deallocate_output(output)
-            self.stats.outputs_freed += 1
-        self.to_free = []
 
     def forward(self, op: PipelineOp) -> None:
         k = self.global_chunk(op)
         inputs, targets = self.micro_batches[op.microbatch]
         if k > 0:
-            inputs = self.received.pop(op).requires_grad_(not self.forward_only)
+            inputs = self.comm.arrived(self.received.pop(op))
+            inputs.requires_grad_(not self.forward_only)
         with torch.set_grad_enabled(not self.forward_only):
             if k == self.last_chunk:
                 loss = self.chunks[op.chunk](inputs, targets)
@@ -160,7 +170,7 @@ class PipelineStep:
         if k == self.last_chunk:
             torch.autograd.backward(flight.output)
         else:
-            backward_from(flight.output, self.received.pop(op))
+            backward_from(flight.output, self.comm.arrived(self.received.pop(op)))
         if k > 0:
             self.outgoing[op] = flight.input.grad
 
@@ -195,7 +205,9 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
                              "seq": shape[0], "batch": shape[1], "hidden": shape[2],
                              "dtype": dtype_code(dtype)}, device)
     plan = checked_plans(schedule, grid.pp_size, m, v, forward_only)[grid.pp_rank]
-    comm = PipelineComm(grid, shape, dtype, device)
+    # Without SP the tp ranks hold the same activation: each sends 1/t of it (p2p.py).
+    scatter_gather = not model_chunks[0].sequence_parallel
+    comm = PipelineComm(grid, shape, dtype, device, scatter_gather)
     step = PipelineStep(model_chunks, micro_batches, comm, plan, forward_only, timeline,
                         stats if stats is not None else PipelineStats(), loss_scale)
     loss_sum = step.run()

@@ -7,7 +7,15 @@ previous on r-1, wrapping around between the last and first rank under interleav
 et al. 2021, section 2.2.2).
 
 Every message has a shape known up front ([s, b, h], or the sequence shard [s/t, b, h] under
-sequence parallelism), so the receiver allocates its buffer before the data arrives. Which
+sequence parallelism), so the receiver allocates its buffer before the data arrives.
+
+Scatter-gather (Megatron's scatter_gather_tensors_in_pipeline; Narayanan et al. 2021, section
+4.1): without sequence parallelism the t tensor-parallel ranks of a stage hold the same
+activation (and input gradient), so sending it whole from each would move it t times. Instead tp
+rank j sends only the j-th of t equal contiguous pieces of the flattened tensor, s*b*h/t
+elements, to tp rank j of the neighbouring stage, and the receiver all-gathers the pieces over
+its tp group when the pass takes its input (`arrived`). Under sequence parallelism each tp rank
+already holds its own shard [s/t, b, h]: it travels whole. Which
 `Transfer`s go out together (one `batch_isend_irecv` per unit) is the engine's plan
 (posting.py; NCCL's rules: docs/pipeline.md). A posted unit is one `P2PBatch`:
 NCCL returns a single work for the whole batch, Gloo one per operation; the handle waits for all.
@@ -19,6 +27,7 @@ ranks that disagree would wait on each other forever, so they fail together with
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -61,10 +70,34 @@ class PipelineComm:
     """Sends and receives of one pipeline rank, with its neighbours in the grid's pp group."""
 
     def __init__(self, grid, activation_shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, scatter_gather: bool = False):
         self.grid = grid
         self.group = grid.pp_group
         self.shape, self.dtype, self.device = tuple(activation_shape), dtype, device
+        self.tp_group = grid.tp_group
+        self.tp_rank, tp = comm.rank_and_size(grid.tp_group)
+        numel = math.prod(self.shape)
+        self.pieces = tp if scatter_gather and tp > 1 else 1
+        if numel % self.pieces:
+            raise ValueError(f"a {self.shape} activation does not split into {tp} equal pieces")
+        self.wire_shape = (numel // self.pieces,) if self.pieces > 1 else self.shape
+
+    def piece(self, tensor: torch.Tensor) -> torch.Tensor:
+        """What this rank sends of a full message: its 1/t of the flattened tensor under
+        scatter-gather (a contiguous view), else the tensor itself."""
+        tensor = tensor.contiguous()
+        if self.pieces == 1:
+            return tensor
+        return tensor.view(-1).chunk(self.pieces)[self.tp_rank]
+
+    def arrived(self, buffer: torch.Tensor) -> torch.Tensor:
+        """A completed receive buffer as the full message: the tp ranks' pieces all-gathered
+        (counted by comm's traffic log), or the buffer itself without scatter-gather."""
+        if self.pieces == 1:
+            return buffer
+        full = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        comm.all_gather_into(full.view(-1), buffer, self.tp_group)
+        return full
 
     def post(self, transfers: list[tuple[Transfer, torch.Tensor | None]]
              ) -> tuple[P2PBatch | None, dict]:
@@ -74,10 +107,11 @@ class PipelineComm:
         for transfer, tensor in transfers:
             peer = self.grid.pp_ranks[transfer.peer]
             if transfer.is_send:
-                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer, self.group,
-                                      transfer.tag))
+                piece = self.piece(tensor)
+                comm.record_send(piece, self.group)
+                ops.append(dist.P2POp(dist.isend, piece, peer, self.group, transfer.tag))
             else:
-                buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                buffer = torch.empty(self.wire_shape, dtype=self.dtype, device=self.device)
                 buffers[transfer.op] = buffer
                 ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group, transfer.tag))
         if not ops:

@@ -4,7 +4,8 @@ that replays a schedule with them before it runs.
 The rules, and why posting after every pass would hang interleaved 1F1B, are explained once in
 docs/pipeline.md ("Messages"). `communication_plan` groups a rank's passes into slots (a forward
 directly followed by a backward shares one) and posts one unit of `Transfer`s after each slot,
-plus one before the first. `replay` runs every rank's units under both constraints a real run
+plus one before the first; `with_waits` marks, per unit, the last unit whose receives its passes
+need (the engine waits for no more, so later units overlap its compute). `replay` runs every rank's units under both constraints a real run
 meets, the data (a pass waits for its inputs) and a model of NCCL's matching (a posted batch
 waits for its partners), and fails naming the stuck ranks instead of letting a job hang.
 `checked_plans` builds and replays a schedule's plans once (cached); the engine and the start-up
@@ -30,10 +31,13 @@ def message_tag(kind: int, global_chunk: int, microbatch: int, num_microbatches:
 
 @dataclass(frozen=True)
 class Unit:
-    """Passes run back to back, then one batch of transfers posted together."""
+    """Passes run back to back, then one batch of transfers posted together. Before the passes
+    run, the rank waits for its units up to `wait_for` (the last one holding a receive they
+    need; -1: none; None: the unit just before, the strictest choice)."""
 
     passes: tuple[PipelineOp, ...]
     transfers: tuple[Transfer, ...]
+    wait_for: int | None = None
 
 
 def slots(order: tuple[PipelineOp, ...], warmup: int) -> list[tuple[PipelineOp, ...]]:
@@ -87,7 +91,16 @@ def communication_plan(order: tuple[PipelineOp, ...], warmup: int, rank: int, pp
         receives = [receive_of(op, rank, pp, v, m) for op in upcoming]
         transfers = tuple(t for t in sends + receives if t is not None)
         plan.append(Unit(passes, transfers))
-    return plan
+    return with_waits(plan)
+
+
+def with_waits(plan: Sequence[Unit]) -> list[Unit]:
+    """Each unit waits only for the last earlier unit that receives one of its passes' inputs:
+    the units posted after it stay in flight while the passes compute (the overlap)."""
+    holder = {t.op: u for u, unit in enumerate(plan) for t in unit.transfers if not t.is_send}
+    return [Unit(unit.passes, unit.transfers,
+                 max((holder[op] for op in unit.passes if op in holder), default=-1))
+            for unit in plan]
 
 
 def match_transfers(plans: Sequence[Sequence[Unit]]) -> dict[tuple[int, int], list]:
@@ -123,10 +136,12 @@ def replay(plans: Sequence[Sequence[Unit]], virtual_stages: int) -> None:
     """The schedule simulator: run every rank's units as the engine does; ValueError naming the
     stuck ranks if some would wait forever (in the data or in NCCL's matching of messages).
 
-    A rank at unit u (its unit u-1 complete) runs u's passes in order, each once its inputs
-    exist: F(i, k) after F(i, k-1), B(i, k) after F(i, k) and B(i, k+1), with global chunk
-    k = chunk * pp + rank. Then it posts u's transfers; u completes once every transfer's
-    partner (match_transfers) sits in a unit its rank has posted.
+    A rank runs unit u's passes once its units up to u.wait_for are complete, in order, each
+    once its inputs exist: F(i, k) after F(i, k-1), B(i, k) after F(i, k) and B(i, k+1), with
+    global chunk k = chunk * pp + rank. Then it posts u's transfers. Its posted units complete
+    in order (rule 3): the first incomplete one completes once every transfer's partner
+    (match_transfers) sits in a posted unit that is its own rank's first incomplete one (or
+    already complete), since a batch queued behind another does not start before it ends.
     """
     pp = len(plans)
     last = pp * virtual_stages - 1
@@ -141,40 +156,48 @@ def replay(plans: Sequence[Sequence[Unit]], virtual_stages: int) -> None:
         return ("F", op.microbatch, k) in done and (k == last or ("B", op.microbatch, k + 1)
                                                     in done)
 
+    def active(peer: int, unit: int) -> bool:
+        return posted[peer] > unit and completed[peer] >= unit
+
     progressed = True
     while progressed:
         progressed = False
         for rank, plan in enumerate(plans):
-            u = completed[rank]
-            if u == len(plan):
-                continue
-            if posted[rank] == u:  # run the passes (all ready, in order), then post
-                for op in plan[u].passes:
+            u = posted[rank]
+            if u < len(plan) and completed[rank] > waits_for(plan, u):
+                for op in plan[u].passes:  # run the passes (all ready, in order), then post
                     if not ready(rank, op):
                         break
                     done.add((op.kind, op.microbatch, op.chunk * pp + rank))
                 else:
                     posted[rank] = u + 1
                     progressed = True
-            partners_posted = all(posted[peer] > pu for peer, pu in partners.get((rank, u), []))
-            if posted[rank] > u and partners_posted:
+            head = completed[rank]
+            if posted[rank] > head and all(active(peer, pu)
+                                           for peer, pu in partners.get((rank, head), [])):
                 completed[rank] += 1
                 progressed = True
     stuck = [r for r in range(pp) if completed[r] < len(plans[r])]
     if stuck:
         raise ValueError("pipeline schedule would deadlock: " + ", ".join(
-            stuck_at(plans[r][completed[r]], r, posted[r] > completed[r], done, pp)
-            for r in stuck))
+            stuck_at(plans[r], r, posted[r], completed[r], done, pp) for r in stuck))
 
 
-def stuck_at(unit: Unit, rank: int, posted: bool, done: set, pp: int) -> str:
-    """Where a stuck rank waits: a pass whose inputs never come, or its unit's messages."""
-    if not posted:
-        waiting = next(op for op in unit.passes
-                       if (op.kind, op.microbatch, op.chunk * pp + rank) not in done)
-        return f"rank {rank} at {waiting} (its inputs never arrive)"
-    passes = "+".join(map(str, unit.passes)) or "start"
-    return f"rank {rank} in the messages posted after {passes} (NCCL would never match them)"
+def waits_for(plan: Sequence[Unit], u: int) -> int:
+    """The last unit that must complete before unit u's passes run."""
+    return u - 1 if plan[u].wait_for is None else plan[u].wait_for
+
+
+def stuck_at(plan: Sequence[Unit], rank: int, posted: int, completed: int, done: set,
+             pp: int) -> str:
+    """Where a stuck rank waits: its first incomplete unit's messages, or a pass whose inputs
+    never come."""
+    if posted > completed:
+        passes = "+".join(map(str, plan[completed].passes)) or "start"
+        return f"rank {rank} in the messages posted after {passes} (NCCL would never match them)"
+    waiting = next(op for op in plan[posted].passes
+                   if (op.kind, op.microbatch, op.chunk * pp + rank) not in done)
+    return f"rank {rank} at {waiting} (its inputs never arrive)"
 
 
 @functools.lru_cache(maxsize=64)
@@ -182,8 +205,22 @@ def checked_plans(schedule: str, pp: int, m: int, v: int,
                   forward_only: bool) -> tuple[tuple[Unit, ...], ...]:
     """Every rank's units for a schedule, replayed once (cached) before they run."""
     orders = schedule_orders(schedule, pp, m, v, forward_only)
-    plans = [communication_plan(order, warmup_forwards(schedule, pp, rank, m, v, forward_only),
+    plans = [communication_plan(order, unpaired_forwards(schedule, pp, rank, m, v, forward_only),
                                 rank, pp, v, m)
              for rank, order in enumerate(orders)]
     replay(plans, v)
     return tuple(tuple(plan) for plan in plans)
+
+
+def unpaired_forwards(schedule: str, pp: int, rank: int, m: int, v: int,
+                      forward_only: bool) -> int:
+    """Forwards that run in slots of their own before F/B pairs share one (`slots`).
+
+    Interleaved 1F1B pairs its steady-state passes, as Megatron does (posting after every pass
+    can deadlock it: docs/pipeline.md). With one chunk per rank no pass is paired (Megatron's
+    send_forward_recv_backward / send_backward_recv_forward): a forward would otherwise wait
+    for the gradient of the backward that follows it, and the two stages would take turns
+    instead of working at once."""
+    if v == 1:
+        return m
+    return warmup_forwards(schedule, pp, rank, m, v, forward_only)
