@@ -206,6 +206,7 @@ LAYOUT_RULES = {
     "parallel.grad_reduce": choice(*GRAD_REDUCE_MODES),
     "parallel.reduce_in_flight_mb": or_null(POSITIVE),
     "parallel.zero3_prefetch": NON_NEGATIVE_INT,
+    "parallel.overlap_param_gather": BOOL,
     "parallel.timeout_s": POSITIVE,
     "parallel.init_timeout_s": POSITIVE,
 }

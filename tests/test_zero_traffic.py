@@ -20,6 +20,7 @@ by wrapping the tensor methods that copy to the host.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -171,3 +172,55 @@ def test_more_reductions_in_flight_change_nothing_but_the_timing(traffic):
         assert wide["bytes"] == default["bytes"] and wide["norm"] == default["norm"]
         for a, b in zip(wide["weights"], default["weights"]):
             assert torch.equal(a, b)
+
+
+# ---- the parameters' all-gather overlapped with the next forward ------------------------------
+def _overlap_param_gather_runs(run_root: str) -> dict:
+    """dp=2, ZeRO-1 and ZeRO-2, parallel.overlap_param_gather off and on: three steps through
+    nanomt.train.run (losses, norms, the saved weights), then, inside one run, the gathers a
+    step leaves in flight and the forward hooks that wait for them."""
+    from safetensors.torch import load_file
+
+    from nanomt.memory import PeakMemoryMeter
+    from nanomt.train import run, setup
+
+    out = {}
+    for stage in (1, 2):
+        for overlap in (False, True):
+            folder = Path(run_root) / f"stage{stage}_{overlap}"
+            run(compose_config(TINY + ["parallel.dp=2", f"parallel.zero_stage={stage}",
+                                       f"parallel.overlap_param_gather={str(overlap).lower()}",
+                                       "train.global_batch_size=8", "train.steps=3",
+                                       "checkpoint.interval=3"]), folder)
+            records = [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+            weights = {path.name: load_file(path)
+                       for path in sorted((folder / "checkpoints").glob("step_*/*.safetensors"))}
+            out[(stage, overlap)] = {"trajectory": [(r["loss"], r["grad_norm"]) for r in records],
+                                     "weights": weights}
+    cfg = compose_config(TINY + ["parallel.dp=2", "parallel.zero_stage=2",
+                                 "parallel.overlap_param_gather=true", "train.steps=2"])
+    t = setup(cfg, Path(run_root) / "inside")
+    gathers = t.optimizer.buffer.param_gathers
+    t.train_step(0, PeakMemoryMeter())
+    out["in_flight_after_step"] = len(gathers.pending)
+    t.train_step(1, PeakMemoryMeter())  # its forward waits for each bucket's gather
+    out["waited_in_forward"] = gathers.waited_in_forward
+    out["num_buckets"] = len(t.optimizer.buckets)
+    return out
+
+
+def test_overlapped_parameter_gather_changes_nothing_but_the_timing(tmp_path):
+    results = run_distributed(_overlap_param_gather_runs, world_size=2, args=(str(tmp_path),),
+                              timeout_s=300)
+    for r in results:
+        for stage in (1, 2):
+            off, on = r[(stage, False)], r[(stage, True)]
+            assert on["trajectory"] == off["trajectory"] and len(on["trajectory"]) == 3
+            assert on["weights"].keys() == off["weights"].keys() and on["weights"]
+            for name, tensors in off["weights"].items():
+                for key, tensor in tensors.items():
+                    assert torch.equal(on["weights"][name][key], tensor), (stage, name, key)
+        # the step returns with every bucket's gather in flight; the next forward claims each
+        assert r["num_buckets"] > 1
+        assert r["in_flight_after_step"] == r["num_buckets"]
+        assert r["waited_in_forward"] == r["num_buckets"]

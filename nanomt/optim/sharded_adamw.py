@@ -129,6 +129,7 @@ class ShardedAdamW:
         clipped fp32 gradients wait for `step`."""
         buffer = self.buffer
         buffer.release_prefetched()  # no ZeRO-3 gather may read a shard while it is updated
+        buffer.wait_for_params()  # nor a ZeRO-1/2 gather left in flight by the last step
         # Gradients complete, nothing freed yet: the step's peak of model-state memory.
         self.memory_after_backward = {**self.memory(),
                                       "grads_peak_in_backward": buffer.peak_grad_bytes}
