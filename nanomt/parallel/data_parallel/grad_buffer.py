@@ -377,18 +377,21 @@ class GradientBuffer:
         updated everything; ZeRO-3 gathers at use). With overlap_param_gather the gathers are
         left in flight for the next forward's hooks."""
         self.wait_for_params()
-        handles = []
         for b, shard in zip(self.buckets, updated):
             own = self.own_param_shard(b)
             if own.data_ptr() != shard.data_ptr():
                 own.copy_(shard)
-            if self.stage in (1, 2) and self.dp > 1:
-                sent = own.clone()  # the input may not alias the output buffer
-                handle = comm.all_gather_into(b.param_buffer, sent, self.dp_group, async_op=True)
-                if self.param_gathers is not None:
-                    self.param_gathers.launch(b.index, handle, sent)
-                else:
-                    handles.append(handle)
+        if self.stage not in (1, 2) or self.dp == 1:
+            return
+        handles = []
+        # Buckets fill in backward order: gather the last first, as the forward will need it.
+        for b in reversed(self.buckets):
+            sent = self.own_param_shard(b).clone()  # the input may not alias the output
+            handle = comm.all_gather_into(b.param_buffer, sent, self.dp_group, async_op=True)
+            if self.param_gathers is not None:
+                self.param_gathers.launch(b.index, handle, sent)
+            else:
+                handles.append(handle)
         comm.note_operation("wait for all_gather (parameters)", self.dp_group)
         for handle in handles:
             handle.wait()
