@@ -115,7 +115,7 @@ class GradientBuffer:
         self.gatherer = ParameterGatherer(self, zero3_prefetch) if zero_stage == 3 else None
         # ZeRO-1/2: the updated parameters' all-gather waited for in the next forward
         self.param_gathers = (PendingParamGathers(self.chunks, {
-            id(p): b.index for b in self.buckets for p in b.params})
+            id(p): b.index for b in self.buckets for p in b.params}, self.dp_group)
             if overlap_param_gather and zero_stage in (1, 2) and self.dp > 1 else None)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
                        for b in self.buckets for p in b.params]
@@ -367,7 +367,6 @@ class GradientBuffer:
         parallel.overlap_param_gather; param_gather.py). Call before reading them outside a
         forward, and before the optimizer writes the shards again."""
         if self.param_gathers is not None:
-            comm.note_operation("wait for all_gather (parameters)", self.dp_group)
             self.param_gathers.wait_all()
 
     @torch.no_grad()
@@ -383,15 +382,15 @@ class GradientBuffer:
                 own.copy_(shard)
         if self.stage not in (1, 2) or self.dp == 1:
             return
-        handles = []
-        # Buckets fill in backward order: gather the last first, as the forward will need it.
-        for b in reversed(self.buckets):
-            sent = self.own_param_shard(b).clone()  # the input may not alias the output
-            handle = comm.all_gather_into(b.param_buffer, sent, self.dp_group, async_op=True)
-            if self.param_gathers is not None:
-                self.param_gathers.launch(b.index, handle, sent)
-            else:
-                handles.append(handle)
+        if self.param_gathers is not None:  # left in flight, first-needed first
+            for index in self.param_gathers.launch_order(len(self.buckets)):
+                b = self.buckets[index]
+                sent = self.own_param_shard(b).clone()  # the input may not alias the output
+                self.param_gathers.launch(index, comm.all_gather_into(
+                    b.param_buffer, sent, self.dp_group, async_op=True), sent)
+            return
+        handles = [comm.all_gather_into(b.param_buffer, self.own_param_shard(b).clone(),
+                                        self.dp_group, async_op=True) for b in self.buckets]
         comm.note_operation("wait for all_gather (parameters)", self.dp_group)
         for handle in handles:
             handle.wait()
