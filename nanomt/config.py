@@ -8,7 +8,8 @@ only read the config and small files (a tokenizer, a checkpoint's meta.json), ne
 
 Each rule lives in one place, in the order the run needs them:
 
-    fields          every key's type and range (tables below, beside the check that uses them)
+    fields          every key's type and range (tables below, beside the check that uses them;
+                    the rules they are made of: nanomt/config_rules.py)
     layout          world size = tp * pp * dp (dp inferred when null)
     model vs layout tp divides heads, hidden, ffn; sequence parallelism needs tp | seq_len
     batch           G = m * b * dp: the global batch splits into micro-batches on every replica
@@ -27,20 +28,30 @@ ValueErrors for direct library users; here the same rules are checked first, nam
 from __future__ import annotations
 
 import functools
-import math
-import os
-import re
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from nanomt.checkpoint.checkpointer import preempt_signal
+from nanomt.config_rules import (
+    BOOL,
+    DEVICE,
+    FRACTION,
+    INT,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    OPEN_FRACTION,
+    POSITIVE,
+    POSITIVE_INT,
+    TEXT,
+    as_config_error,
+    check_fields,
+    choice,
+    or_null,
+    warn,
+)
 from nanomt.checkpoint.format import CheckpointError, check_model_config
 from nanomt.checkpoint.load import read_meta, resolve_checkpoint
 from nanomt.data.build import check_data_sources
@@ -91,79 +102,6 @@ def compose_checked(overrides: list[str]) -> DictConfig:
                           "write overrides as key=value") from error
 
 
-# ---- rules for single values --------------------------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What a value must be: `text` completes "<key> must be ..."."""
-
-    text: str
-    test: Callable[[Any], bool]
-
-
-def choice(*options: Any) -> Rule:
-    return Rule("one of " + ", ".join(map(str, options)),
-                lambda v: not isinstance(v, bool) and v in options)
-
-
-def or_null(rule: Rule) -> Rule:
-    return Rule(f"{rule.text} or null", lambda v: v is None or rule.test(v))
-
-
-POSITIVE_INT = Rule("a positive integer", lambda v: _is_int(v) and v >= 1)
-NON_NEGATIVE_INT = Rule("an integer >= 0", lambda v: _is_int(v) and v >= 0)
-INT = Rule("an integer", _is_int)
-POSITIVE = Rule("a number > 0", lambda v: _is_number(v) and v > 0)
-NON_NEGATIVE = Rule("a number >= 0", lambda v: _is_number(v) and v >= 0)
-FRACTION = Rule("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
-OPEN_FRACTION = Rule("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1)
-BOOL = Rule("true or false", lambda v: isinstance(v, bool))
-TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and v != "")
-DEVICE = Rule("auto, cpu, cuda or cuda:<index>",
-              lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None)
-
-_ABSENT = object()
-
-
-def check_fields(cfg: DictConfig, rules: dict[str, Rule]) -> None:
-    """Every key present in `cfg` meets its rule (keys a config lacks are left to their users)."""
-    for key, rule in rules.items():
-        try:
-            value = OmegaConf.select(cfg, key, default=_ABSENT)
-        except OmegaConfBaseException as error:  # an interpolation that does not resolve
-            reason = str(error).splitlines()[0]
-            raise ConfigError(f"{key} cannot be resolved ({reason})", f"set {key}") from error
-        if value is not _ABSENT and not rule.test(value):
-            raise ConfigError(f"{key} must be {rule.text}, got {value!r}", f"set {key}")
-
-
-_WARNED: set[str] = set()
-
-
-def warn(message: str) -> None:
-    """`nanomt: warning: <message>` on stderr, once per process, on global rank 0 only."""
-    if message not in _WARNED and int(os.environ.get("RANK", "0")) == 0:
-        print(f"nanomt: warning: {message}", file=sys.stderr, flush=True)
-    _WARNED.add(message)
-
-
-def _as_config_error(error: Exception, key: str) -> ConfigError:
-    """A lower layer's "what: fix" ValueError as "what; fix" (the fix must name `key`), keeping
-    its type when it is a ConfigError already (CheckpointError)."""
-    what, sep, fix = str(error).rpartition(": ")
-    if not sep or key not in fix:
-        what, fix = str(error), f"set {key}"
-    return (type(error) if isinstance(error, ConfigError) else ConfigError)(what, fix)
-
-
 # ---- the model ----------------------------------------------------------------------------------
 MODEL_RULES = {
     "model.style": choice("gpt", "llama"),
@@ -206,6 +144,7 @@ LAYOUT_RULES = {
     "parallel.grad_reduce": choice(*GRAD_REDUCE_MODES),
     "parallel.reduce_in_flight_mb": or_null(POSITIVE),
     "parallel.zero3_prefetch": NON_NEGATIVE_INT,
+    "parallel.overlap_param_gather": BOOL,
     "parallel.timeout_s": POSITIVE,
     "parallel.init_timeout_s": POSITIVE,
 }
@@ -244,6 +183,9 @@ def resolve_layout(cfg: DictConfig, world_size: int) -> Layout:
     if p.sequence_parallel and tp == 1:
         warn("parallel.sequence_parallel=true does nothing with parallel.tp=1; "
              "set parallel.tp > 1 or parallel.sequence_parallel=false")
+    if p.get("overlap_param_gather") and (p.zero_stage not in (1, 2) or dp * cp == 1):
+        warn("parallel.overlap_param_gather=true does nothing here: it overlaps the parameter "
+             "all-gather of parallel.zero_stage=1 or 2 over more than one data-parallel rank")
     return Layout(tp=tp, pp=pp, dp=dp, virtual_stages=p.virtual_stages,
                   sequence_parallel=bool(p.sequence_parallel), zero_stage=p.zero_stage, cp=cp)
 
@@ -323,7 +265,7 @@ def check_pipeline(cfg: DictConfig, model: ModelConfig, layout: Layout, num_micr
     try:  # the scheduler's own guard, for any rule it gains later
         check_pipeline_config(layers, pp, v, num_microbatches, str(cfg.parallel.schedule))
     except ValueError as error:
-        raise _as_config_error(error, "parallel.") from error
+        raise as_config_error(error, "parallel.") from error
     try:  # the posting check (docs/pipeline.md) at start-up rather than at step 1 (cached)
         for forward_only in (False, True) if pp > 1 else ():
             checked_plans(str(cfg.parallel.schedule), pp, num_microbatches, v, forward_only)
@@ -475,7 +417,7 @@ def check_resume(cfg: DictConfig, model: ModelConfig) -> None:
         saved = read_meta(folder).get("model", {})
         check_model_config(saved, model.to_dict(), str(folder))
     except CheckpointError as error:
-        raise _as_config_error(error, "train.resume") from error
+        raise as_config_error(error, "train.resume") from error
 
 
 # ---- everything ---------------------------------------------------------------------------------

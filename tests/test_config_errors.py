@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import nanomt.config as config
+import nanomt.config_rules as config_rules
 from nanomt.config import check_config
 from nanomt.errors import ConfigError
 from nanomt.testing import compose_config
@@ -367,7 +368,7 @@ def test_short_runs_may_end_inside_the_warmup():
 
 
 def test_sequence_parallel_without_tp_is_a_warning(monkeypatch, capsys):
-    monkeypatch.setattr(config, "_WARNED", set())
+    monkeypatch.setattr(config_rules, "_WARNED", set())
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "1")
     overrides = ["parallel.sequence_parallel=true"]
@@ -376,6 +377,20 @@ def test_sequence_parallel_without_tp_is_a_warning(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["nanomt: warning: parallel.sequence_parallel=true does nothing with "
                      "parallel.tp=1; set parallel.tp > 1 or parallel.sequence_parallel=false"]
+
+
+@pytest.mark.parametrize("overrides", [["parallel.zero_stage=3"], ["parallel.zero_stage=1"]])
+def test_overlap_param_gather_that_cannot_overlap_is_a_warning(monkeypatch, capsys, overrides):
+    """ZeRO-3 gathers at use, and one data-parallel rank has nothing to gather."""
+    monkeypatch.setattr(config_rules, "_WARNED", set())
+    monkeypatch.delenv("RANK", raising=False)
+    check_config(compose_config(overrides + ["parallel.overlap_param_gather=true"]), 1)
+    assert capsys.readouterr().err.splitlines() == [
+        "nanomt: warning: parallel.overlap_param_gather=true does nothing here: it overlaps the "
+        "parameter all-gather of parallel.zero_stage=1 or 2 over more than one data-parallel rank"]
+    check_config(compose_config(["parallel.zero_stage=1", "parallel.dp=2",
+                                 "parallel.overlap_param_gather=true"]), 2)
+    assert capsys.readouterr().err == ""
 
 
 def test_command_line_prints_one_line_and_exits_2(tmp_path):

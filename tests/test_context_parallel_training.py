@@ -3,7 +3,7 @@ and gradient norms equal the single-process run (fp32, rel 1e-5), and checkpoint
 between cp=2 and cp=1 both ways (the format is layout-independent).
 
 Cases: tp=2 x cp=2 x dp=2 with sequence parallelism; cp=2 x pp=2 x dp=2 under ZeRO-2 (the
-pipeline carries [b, s/cp, h]) and with interleaved 1F1B (2 virtual stages); Llama (RoPE at each rank's own positions) at cp=4 x dp=2 under
+pipeline carries [s/cp, b, h]) and with interleaved 1F1B (2 virtual stages); Llama (RoPE at each rank's own positions) at cp=4 x dp=2 under
 ZeRO-3 (gradients and shards over the dp x cp group of 8) with full recompute (the ring runs
 again in backward)."""
 

@@ -20,6 +20,7 @@ by wrapping the tensor methods that copy to the host.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -171,3 +172,92 @@ def test_more_reductions_in_flight_change_nothing_but_the_timing(traffic):
         assert wide["bytes"] == default["bytes"] and wide["norm"] == default["norm"]
         for a, b in zip(wide["weights"], default["weights"]):
             assert torch.equal(a, b)
+
+
+# ---- the parameters' all-gather overlapped with the next forward ------------------------------
+def _overlap_param_gather_runs(run_root: str) -> dict:
+    """pp=2 x dp=2, GPT (tied embedding: the last stage's head reads a copy it never looks up)
+    and Llama (untied head: a weight read without calling its module), ZeRO-1 and ZeRO-2,
+    parallel.overlap_param_gather off and on: three steps through nanomt.train.run (losses,
+    norms, saved weights); then, inside one ZeRO-2 run per style, the gathers a step leaves in
+    flight, the forward that waits for them, and whether the head's weight was still in flight
+    when the head ran."""
+    from safetensors.torch import load_file
+
+    from nanomt.model.gpt import GPT
+
+    out = {}
+    for style in ("gpt", "llama"):
+        for stage in (1, 2):
+            for overlap in (False, True):
+                folder = Path(run_root) / f"{style}_stage{stage}_{overlap}"
+                run_layout(folder, style, stage, overlap, steps=3)
+                records = [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+                weights = {path.name: load_file(path) for path in
+                           sorted((folder / "checkpoints").glob("step_*/*.safetensors"))}
+                out[(style, stage, overlap)] = {
+                    "trajectory": [(r["loss"], r["grad_norm"]) for r in records],
+                    "weights": weights}
+        out[style] = _inside_an_overlapped_step(Path(run_root) / f"{style}_inside", style, GPT)
+    return out
+
+
+def run_layout(folder: Path, style: str, stage: int, overlap: bool, steps: int) -> None:
+    from nanomt.train import run
+
+    run(compose_config(TINY + _overlap_layout(style, stage, overlap) + [
+        f"train.steps={steps}", f"checkpoint.interval={steps}"]), folder)
+
+
+def _overlap_layout(style: str, stage: int, overlap: bool) -> list[str]:
+    return ["parallel.pp=2", "parallel.dp=2", f"model.style={style}",
+            f"parallel.zero_stage={stage}", "train.global_batch_size=8",
+            f"parallel.overlap_param_gather={str(overlap).lower()}"]
+
+
+def _inside_an_overlapped_step(folder: Path, style: str, GPT) -> dict:
+    from nanomt.memory import PeakMemoryMeter
+    from nanomt.train import setup
+
+    t = setup(compose_config(TINY + _overlap_layout(style, 2, True) + ["train.steps=2"]), folder)
+    buffer = t.optimizer.buffer
+    gathers, head_saw_pending = buffer.param_gathers, []
+    original_head = GPT.head
+
+    def head(model, hidden):
+        bucket = buffer.bucket_of[id(model.output_weight())]
+        head_saw_pending.append(bucket.index in gathers.pending)
+        return original_head(model, hidden)
+
+    GPT.head = head
+    try:
+        t.train_step(0, PeakMemoryMeter())
+        in_flight_after_step = len(gathers.pending)
+        t.train_step(1, PeakMemoryMeter())  # its forward waits for each bucket's gather
+    finally:
+        GPT.head = original_head
+    return {"in_flight_after_step": in_flight_after_step, "num_buckets": len(buffer.buckets),
+            "waited_in_forward": gathers.waited_in_forward, "head_saw_pending": head_saw_pending,
+            "last_stage": t.grid.is_last_stage}
+
+
+def test_overlapped_parameter_gather_changes_nothing_but_the_timing(tmp_path):
+    results = run_distributed(_overlap_param_gather_runs, world_size=4, args=(str(tmp_path),),
+                              timeout_s=400)
+    for r in results:
+        for style in ("gpt", "llama"):
+            for stage in (1, 2):
+                off, on = r[(style, stage, False)], r[(style, stage, True)]
+                assert on["trajectory"] == off["trajectory"] and len(on["trajectory"]) == 3
+                assert on["weights"].keys() == off["weights"].keys() and on["weights"]
+                for name, tensors in off["weights"].items():
+                    for key, tensor in tensors.items():
+                        assert torch.equal(on["weights"][name][key], tensor), (style, name, key)
+            inside = r[style]
+            # the step returns with every bucket's gather in flight; the next forward claims
+            # each, the head's weight (read without calling its module) before the head runs
+            assert inside["num_buckets"] > 1
+            assert inside["in_flight_after_step"] == inside["num_buckets"]
+            assert inside["waited_in_forward"] == inside["num_buckets"]
+            if inside["last_stage"]:
+                assert inside["head_saw_pending"] and not any(inside["head_saw_pending"])

@@ -52,6 +52,8 @@ def weight_shards(optimizer: Optimizer
 
     Saving writes these flat pieces from every dp rank and loading fills them in place, so no
     rank ever gathers the model."""
+    if optimizer is not None:
+        optimizer.buffer.wait_for_params()  # ZeRO-1/2 gathers a step may have left in flight
     if optimizer is None or optimizer.stage != 3:
         return None
     return optimizer.parameter_shards()

@@ -81,6 +81,7 @@ def build_optimizer(model_chunks: nn.Module | list[nn.Module], cfg: DictConfig,
                             grad_reduce=str(p.get("grad_reduce", "step")),
                             zero3_prefetch=int(p.get("zero3_prefetch", 1)),
                             reduce_in_flight_mb=p.get("reduce_in_flight_mb"),
+                            overlap_param_gather=bool(p.get("overlap_param_gather", False)),
                             initial_values=initial_values)
     return ShardedAdamW(buffer, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                         weight_decay=o.weight_decay, grad_clip=o.grad_clip,

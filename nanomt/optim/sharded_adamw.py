@@ -129,6 +129,7 @@ class ShardedAdamW:
         clipped fp32 gradients wait for `step`."""
         buffer = self.buffer
         buffer.release_prefetched()  # no ZeRO-3 gather may read a shard while it is updated
+        buffer.wait_for_params()  # nor a ZeRO-1/2 gather left in flight by the last step
         # Gradients complete, nothing freed yet: the step's peak of model-state memory.
         self.memory_after_backward = {**self.memory(),
                                       "grads_peak_in_backward": buffer.peak_grad_bytes}
@@ -154,6 +155,9 @@ class ShardedAdamW:
         """AdamW on my shards with the clipped gradients (clip_grads first, if the caller has
         not), then publish the updated parameters; an inf/nan gradient skips the update on
         every rank (fp16: the loss scale drops). Returns the norm and the skip flag."""
+        if self.clipped is not None and read_along is not None:
+            raise ValueError("step(read_along=...) after clip_grads(): pass read_along to "
+                             "clip_grads, which does the step's host read")
         clipped = self.clipped if self.clipped is not None else self.clip_grads(read_along)
         self.clipped = None
         if self.loss_scaler is not None:

@@ -7,7 +7,8 @@
 
 Files: buckets.py (flat buffers, shards), grad_buffer.py (hooks, reductions, publishing),
 finalize.py (the phase between schedule and optimizer), stage3.py (ZeRO-3: gather/free
-parameters around each layer, with prefetch).
+parameters around each layer, with prefetch), param_gather.py (ZeRO-1/2: the updated
+parameters' all-gather waited for in the next forward).
 """
 
 from nanomt.parallel.data_parallel.finalize import finalize_grads

@@ -35,7 +35,8 @@ _ParamAndGradBuffer, the buffer here
     for the oldest. On NCCL a wait only orders the compute stream after the reduction's
     stream; the host does not block.
     gathers ZeRO-3's parameter shards around each layer (stage3.py), and publishes updated
-    shards back to every rank (all-gather at ZeRO-1/2).
+    shards back to every rank (all-gather at ZeRO-1/2; with parallel.overlap_param_gather
+    waited for in the next forward, param_gather.py).
 
 bf16/fp16 gradients are accumulated and reduced in fp32 by default (train.fp32_grads, as
 Megatron's main_grad). After the schedule, `finalize_grads` (finalize.py) waits for the
@@ -58,6 +59,7 @@ from nanomt.parallel.data_parallel.buckets import (
     plan_by_size,
     storage_bytes,
 )
+from nanomt.parallel.data_parallel.param_gather import PendingParamGathers
 from nanomt.parallel.data_parallel.stage3 import ParameterGatherer
 from nanomt.parallel.deferred_init import InitialValues
 from nanomt.parallel.pipeline.partition import shared_embedding_params
@@ -74,7 +76,7 @@ class GradientBuffer:
     def __init__(self, chunks: list[nn.Module], grid: ParallelGrid | None, *, zero_stage: int,
                  num_microbatches: int, bucket_size_mb: float = 25.0, fp32_grads: bool = True,
                  grad_reduce: str = "step", zero3_prefetch: int = 1,
-                 reduce_in_flight_mb: float | None = None,
+                 reduce_in_flight_mb: float | None = None, overlap_param_gather: bool = False,
                  initial_values: InitialValues | None = None):
         """initial_values: parameters built on the meta device (now placeholders) are drawn
         one at a time into their bucket (nanomt.parallel.deferred_init)."""
@@ -111,6 +113,10 @@ class GradientBuffer:
                           for p, offset in zip(b.params, b.offsets)}
         self._allocate()
         self.gatherer = ParameterGatherer(self, zero3_prefetch) if zero_stage == 3 else None
+        # ZeRO-1/2: the updated parameters' all-gather waited for in the next forward
+        self.param_gathers = (PendingParamGathers(self.chunks, {
+            id(p): b.index for b in self.buckets for p in b.params}, self.dp_group)
+            if overlap_param_gather and zero_stage in (1, 2) and self.dp > 1 else None)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
                        for b in self.buckets for p in b.params]
         self.in_flight: list[tuple[Bucket, object, torch.Tensor]] = []  # (b, handle, full)
@@ -356,19 +362,35 @@ class GradientBuffer:
         """The elements of bucket b's parameters this rank updates (all of them at ZeRO-0)."""
         return b.param_shard if self.stage == 3 else b.shard_of(b.param_buffer)
 
+    def wait_for_params(self) -> None:
+        """Every parameter complete: wait for the gathers a step left in flight (ZeRO-1/2 with
+        parallel.overlap_param_gather; param_gather.py). Call before reading them outside a
+        forward, and before the optimizer writes the shards again."""
+        if self.param_gathers is not None:
+            self.param_gathers.wait_all()
+
     @torch.no_grad()
     def publish_params(self, updated: list[torch.Tensor]) -> None:
         """Write each bucket's updated shard (fp32 masters or the parameters themselves) into
         the model's dtype and let every rank see all of it: all-gather at ZeRO-1/2 (ZeRO-0
-        updated everything; ZeRO-3 gathers at use)."""
-        handles = []
+        updated everything; ZeRO-3 gathers at use). With overlap_param_gather the gathers are
+        left in flight for the next forward's hooks."""
+        self.wait_for_params()
         for b, shard in zip(self.buckets, updated):
             own = self.own_param_shard(b)
             if own.data_ptr() != shard.data_ptr():
                 own.copy_(shard)
-            if self.stage in (1, 2) and self.dp > 1:
-                handles.append(comm.all_gather_into(b.param_buffer, own.clone(), self.dp_group,
-                                                    async_op=True))
+        if self.stage not in (1, 2) or self.dp == 1:
+            return
+        if self.param_gathers is not None:  # left in flight, first-needed first
+            for index in self.param_gathers.launch_order(len(self.buckets)):
+                b = self.buckets[index]
+                sent = self.own_param_shard(b).clone()  # the input may not alias the output
+                self.param_gathers.launch(index, comm.all_gather_into(
+                    b.param_buffer, sent, self.dp_group, async_op=True), sent)
+            return
+        handles = [comm.all_gather_into(b.param_buffer, self.own_param_shard(b).clone(),
+                                        self.dp_group, async_op=True) for b in self.buckets]
         comm.note_operation("wait for all_gather (parameters)", self.dp_group)
         for handle in handles:
             handle.wait()
