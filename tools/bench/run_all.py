@@ -8,6 +8,7 @@ Each comparison runs both contenders in the same processes, alternating them `re
     single_vs_plain       nanomt.model.GPT + ShardedAdamW vs plain_gpt.PlainGPT + torch AdamW
                           (one process, one thread; forward, backward, clip, update)
     zero1/2_vs_ddp        GradientBuffer + ShardedAdamW at ZeRO-1/2 vs DistributedDataParallel
+    zero1/2_overlap_vs_ddp  the same with parallel.overlap_param_gather
     zero3_vs_fsdp2        ZeRO-3 vs FSDP2 fully_shard (per layer), both with torch-free data
     tp2_vs_dtensor        nanomt at tp=2 vs PlainGPT under DTensor parallelize_module
                           (ColwiseParallel / RowwiseParallel), forward + backward
@@ -66,11 +67,12 @@ def alternate(contenders: dict, repeats: int, steps: int, sync=lambda: None) -> 
     return {name: statistics.median(values) for name, values in rounds.items()}
 
 
-def nanomt_trainer(model, grid, stage: int):
+def nanomt_trainer(model, grid, stage: int, **buffer_options):
     from nanomt.optim import ShardedAdamW
     from nanomt.parallel.data_parallel import GradientBuffer
 
-    buffer = GradientBuffer([model], grid, zero_stage=stage, num_microbatches=1)
+    buffer = GradientBuffer([model], grid, zero_stage=stage, num_microbatches=1,
+                            **buffer_options)
     return ShardedAdamW(buffer, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
                         grad_clip=1.0)
 
@@ -134,6 +136,10 @@ def data_parallel(args) -> dict:
         model = GPT(cfg, grid, seed=1)
         optimizers[stage] = nanomt_trainer(model, grid, stage)
         contenders[f"zero{stage}"] = nanomt_step(model, optimizers[stage], batch)
+    for stage in (1, 2):  # parallel.overlap_param_gather
+        model = GPT(cfg, grid, seed=1)
+        opt = nanomt_trainer(model, grid, stage, overlap_param_gather=True)
+        contenders[f"zero{stage}_overlap"] = nanomt_step(model, opt, batch)
     times = alternate(contenders, args.repeats, args.steps, sync=dist.barrier)
     for name, model, opt in (("ddp", ddp_model, ddp_opt), ("fsdp2", fsdp_model, fsdp_opt)):
         opt.zero_grad(set_to_none=True)
@@ -210,6 +216,8 @@ def collect(args) -> dict:
     for ours, peer in (("zero1", "ddp"), ("zero2", "ddp"), ("zero3", "fsdp2")):
         bench[f"{ours}_vs_{peer}"] = pair(t[ours], t[peer], nanomt_peak_bytes=mem[ours],
                                           peer_peak_bytes=mem[peer])
+    for ours in ("zero1_overlap", "zero2_overlap"):
+        bench[f"{ours}_vs_ddp"] = pair(t[ours], t["ddp"])
     bench["tp2_vs_dtensor"] = pair(tp["nanomt"], tp["dtensor"])
     for v, key in ((1, "1f1b_vs_torch"), (2, "interleaved_vs_torch")):
         (ours, our_bubble), (theirs, their_bubble) = pp[v]["nanomt"], pp[v]["torch"]
