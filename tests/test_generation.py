@@ -79,3 +79,44 @@ def test_the_end_of_training_sample_keeps_its_prompt_and_fits_the_window():
     ids = ParallelLM(lm.chunks, None, ByteTokenizer()).tokenizer.encode("ROMEO:")
     new = generate_tokens(lm, [ids], SamplingSettings(max_new_tokens=40 - 6, temperature=0))[0]
     assert greedy[0] == ByteTokenizer().decode(ids + new)  # the whole window: 6 + 34 tokens
+
+
+def _sample_with_and_without_sp(task: str) -> dict:
+    """tp=2: the same weights built with and without sequence parallelism give the same end of
+    training sample (greedy and drawn) and the same task scores (prompts of odd lengths, which
+    SP could not split over tp); SP is back on afterwards."""
+    from nanomt.eval.generation import sample_after_training
+    from nanomt.eval.tasks import score_during_training
+    from nanomt.parallel.grid import ParallelGrid
+
+    grid = ParallelGrid(tp=2, pp=1, dp=1)
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=40, vocab_size=256)
+    out = {}
+    for sp in (False, True):
+        model = GPT(cfg, grid, seed=3, sequence_parallel=sp)
+        out[sp] = {"greedy": sample_after_training([model], grid, "byte", "ROMEO:", 16, 0.0, 1),
+                   "drawn": sample_after_training([model], grid, "byte", "ROMEO:", 16, 0.9, 1),
+                   "scores": score_during_training([model], grid, "byte", [task]),
+                   "flags": sorted({m.sequence_parallel for m in model.modules()
+                                    if hasattr(m, "sequence_parallel")})}
+    return out
+
+
+def test_sequence_parallel_runs_sample_as_the_same_model(tmp_path):
+    import json
+
+    from nanomt.testing import run_distributed
+
+    task = tmp_path / "mc.jsonl"
+    task.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"context": "the quick brown", "choices": ["fox", "dog.", "cat"], "answer": 0},
+        {"context": "ROMEO: wherefore", "choices": ["art", "is"], "answer": 0}]))
+    for rank in run_distributed(_sample_with_and_without_sp, world_size=2, args=(str(task),),
+                                timeout_s=120):
+        assert rank[True]["greedy"] == rank[False]["greedy"] is not None
+        assert rank[True]["drawn"] == rank[False]["drawn"]
+        assert rank[True]["scores"].keys() == rank[False]["scores"].keys()
+        for key, value in rank[False]["scores"].items():
+            assert rank[True]["scores"][key] == pytest.approx(value, rel=1e-5), key
+        assert rank[True]["greedy"].startswith("ROMEO:") and len(rank[True]["greedy"]) > 6
+        assert rank[True]["flags"] == [True] and rank[False]["flags"] == [False]

@@ -28,6 +28,7 @@ import torch
 from nanomt.errors import ConfigError
 from nanomt.eval.runner import ParallelLM
 from nanomt.eval.scoring import prefix_token
+from nanomt.model.gpt import without_sequence_parallelism
 from nanomt.model.kv_cache import KVCache
 
 
@@ -116,18 +117,20 @@ def generate_text(lm: ParallelLM, prompts: list[str], settings: SamplingSettings
 def sample_after_training(chunks: list, grid, tokenizer: str, prompt: str,
                           max_new_tokens: int, temperature: float, seed: int) -> str | None:
     """The end-of-run sample (train.sample): from the final weights as they are held, under the
-    run's layout (every rank calls it); top-k 40 when sampling. None under sequence or context
-    parallelism, whose layers expect a sequence split over tp or cp (`python -m
-    nanomt.generate` on the checkpoint works)."""
+    run's layout (every rank calls it; under sequence parallelism the same weights run without
+    it); top-k 40 when sampling. None under context parallelism, whose ring attention expects
+    a sequence split over cp (`python -m nanomt.generate` on the checkpoint works)."""
     from nanomt.data.tokenizer import build_tokenizer
 
-    if any(chunk.sequence_parallel or chunk.cp_size > 1 for chunk in chunks):
+    if any(chunk.cp_size > 1 for chunk in chunks):
         return None
-    lm = ParallelLM(chunks, grid, build_tokenizer(tokenizer))
-    prompt_ids = lm.tokenizer.encode(prompt)[-(lm.seq_len - 1):]  # room for one new token
-    settings = SamplingSettings(max_new_tokens=min(max_new_tokens, lm.seq_len - len(prompt_ids)),
-                                temperature=temperature, top_k=40, seed=seed)
-    new = generate_tokens(lm, [prompt_ids], settings)[0]
+    with without_sequence_parallelism(chunks):
+        lm = ParallelLM(chunks, grid, build_tokenizer(tokenizer))
+        prompt_ids = lm.tokenizer.encode(prompt)[-(lm.seq_len - 1):]  # room for one new token
+        settings = SamplingSettings(
+            max_new_tokens=min(max_new_tokens, lm.seq_len - len(prompt_ids)),
+            temperature=temperature, top_k=40, seed=seed)
+        new = generate_tokens(lm, [prompt_ids], settings)[0]
     for chunk in chunks:
         chunk.train()
     return lm.tokenizer.decode(prompt_ids + new)

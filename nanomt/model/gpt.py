@@ -18,7 +18,9 @@ in GPT-2 and Megatron; biases start at zero, and so do the embedding's padding r
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -156,6 +158,24 @@ class GPT(nn.Module):
 
     def num_local_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@contextlib.contextmanager
+def without_sequence_parallelism(chunks: list[nn.Module]) -> Iterator[None]:
+    """Run the chunks as the same model without sequence parallelism inside the block: whole
+    sequences on every tp rank, all-reduces where SP has reduce-scatters and all-gathers. The
+    weights and the function are the same (SP only splits what lies between the tensor-parallel
+    regions); generation needs it, since a sequence that grows one token at a time cannot be
+    split over tp."""
+    modules = [m for chunk in chunks for m in chunk.modules()
+               if getattr(m, "sequence_parallel", False)]
+    for module in modules:
+        module.sequence_parallel = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.sequence_parallel = True
 
 
 def global_parameter_name(local_name: str, layer_range: range) -> str:
