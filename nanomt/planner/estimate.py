@@ -116,7 +116,9 @@ def chunk_activation_bytes(cfg: ModelConfig, x: PlanInputs, chunk: int, num_chun
 
 
 def backward_working_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
-    """Gradients in flight through one MLP, and the pipeline's receive buffers."""
+    """Gradients in flight through one MLP, and the pipeline's receive buffers: an activation
+    and a gradient, each [s/t, b, h] under SP, else whole once gathered over tp (the wire
+    carries 1/t of it, all-gathered on arrival: the 1/t piece is freed as the whole appears)."""
     s, b, h, t = cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, x.tp
     e = 4 if x.precision == "fp32" else 2
     receive = 2 * e * s * b * h / (t if x.sequence_parallel else 1) if x.pp > 1 else 0
