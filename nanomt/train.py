@@ -190,9 +190,9 @@ class Trainer:
         finalize_grads(self.optimizer.buffer)
         # the global norm and the inf/nan verdict (the step's one host sync, which brings the
         # logged values along), then clip by the norm
-        self.optimizer.clip_grads(read_along=torch.cat([loss.double(), largest_peak]))
+        clipped = self.optimizer.clip_grads(read_along=torch.cat([loss.double(), largest_peak]))
         result = self.optimizer.step()  # AdamW on my shards (or skip: inf/nan), then publish
-        loss_value, largest_peak_value = result.read_along
+        loss_value, largest_peak_value = clipped.read_along
         step_time = time.perf_counter() - t0
         self.skipped_steps += int(result.skipped)
         return self.step_metrics(step, loss_value, lr, result, step_time,

@@ -55,7 +55,6 @@ class StepResult:
     grad_norm: float   # global norm of the (unscaled) gradient before clipping
     skipped: bool      # True when an inf/nan gradient made every rank skip the update
     loss_scale: float  # the scale that was used for this step's backward (1.0 unless fp16)
-    read_along: list[float]  # the values of step(read_along=...), read in the step's one sync
 
 
 @dataclass
@@ -66,7 +65,7 @@ class ClippedGrads:
     grad_norm: float
     overflow: bool
     loss_scale: float
-    read_along: list[float]
+    read_along: list[float]  # the values of clip_grads(read_along=...), read in the same sync
 
 
 @dataclass
@@ -151,14 +150,11 @@ class ShardedAdamW:
         return self.clipped
 
     @torch.no_grad()
-    def step(self, read_along: torch.Tensor | None = None) -> StepResult:
+    def step(self) -> StepResult:
         """AdamW on my shards with the clipped gradients (clip_grads first, if the caller has
         not), then publish the updated parameters; an inf/nan gradient skips the update on
         every rank (fp16: the loss scale drops). Returns the norm and the skip flag."""
-        if self.clipped is not None and read_along is not None:
-            raise ValueError("step(read_along=...) after clip_grads(): pass read_along to "
-                             "clip_grads, which does the step's host read")
-        clipped = self.clipped if self.clipped is not None else self.clip_grads(read_along)
+        clipped = self.clipped if self.clipped is not None else self.clip_grads()
         self.clipped = None
         if self.loss_scaler is not None:
             self.loss_scaler.update(clipped.overflow)
@@ -167,8 +163,7 @@ class ShardedAdamW:
             self._update(clipped.grads)
             self.buffer.publish_params([shard.master for shard in self.shards])
         self.buffer.zero_grad()
-        return StepResult(clipped.grad_norm, clipped.overflow, clipped.loss_scale,
-                          clipped.read_along)
+        return StepResult(clipped.grad_norm, clipped.overflow, clipped.loss_scale)
 
     def _update(self, grads: list[torch.Tensor]) -> None:
         """Decoupled weight decay on the matrices' pieces, then AdamW on every shard at once."""

@@ -88,15 +88,17 @@ def _record(kind: str, tensor: torch.Tensor, group: Group = None) -> None:
     note_operation(kind, group)
     if COMM_LOG is not None:
         COMM_LOG.append((kind, tensor.numel()))
-    if TRAFFIC_LOG is not None:
-        TRAFFIC_LOG.append(TrafficRecord(kind, group_name(group), tensor.numel(),
-                                    tensor.numel() * tensor.element_size()))
+    record_traffic(kind, tensor, group)
 
 
 def record_send(tensor: torch.Tensor, group: Group) -> None:
     """Count a point-to-point send (a pipeline message) in the traffic log: its bytes, once."""
+    record_traffic("send", tensor, group)
+
+
+def record_traffic(kind: str, tensor: torch.Tensor, group: Group) -> None:
     if TRAFFIC_LOG is not None:
-        TRAFFIC_LOG.append(TrafficRecord("send", group_name(group), tensor.numel(),
+        TRAFFIC_LOG.append(TrafficRecord(kind, group_name(group), tensor.numel(),
                                          tensor.numel() * tensor.element_size()))
 
 

@@ -90,10 +90,9 @@ class PendingParamGathers:
         self.wait(list(self.pending))
 
     def _module_starts(self, record: ChunkRecord, indices: tuple, module: nn.Module, args) -> None:
-        record.called.add(module)
-        for index in indices:
-            if index not in self.use_order:
-                self.use_order.append(index)
+        if record.read_without_a_call is None:  # the chunk's first forward: note what it uses
+            record.called.add(module)
+            self.use_order += [index for index in indices if index not in self.use_order]
         self.waited_in_forward += self.wait(indices)
 
     def _chunk_starts(self, record: ChunkRecord, chunk: nn.Module, args) -> None:
