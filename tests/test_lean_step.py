@@ -32,25 +32,42 @@ def test_foreach_adamw_is_the_single_tensor_update_bit_for_bit():
 
 @pytest.mark.parametrize("stage", [0, 1])
 def test_gradients_accumulate_in_place_in_the_bucket(stage):
-    """At stages 0-1 `param.grad` is a view of the bucket's flat gradient buffer: two
-    micro-batches accumulate there (no new gradient tensor), equal to the sum of plain .grad."""
+    """At stages 0-1 the step's first gradient is copied into the bucket's flat gradient buffer
+    and `param.grad` becomes a view of it: later micro-batches accumulate there (no new
+    gradient tensor), equal to the sum of plain .grad. The buffer is never zeroed, so the
+    second step must not see the first's gradients, and a parameter without a gradient in a
+    step reads zero once the bucket is reduced."""
     from nanomt.parallel.data_parallel import GradientBuffer
 
     plain, flat = GPT(CFG, None, seed=3), GPT(CFG, None, seed=3)
     buffer = GradientBuffer([flat], None, zero_stage=stage, num_microbatches=2,
                             bucket_size_mb=0.01)
-    tokens = torch.randint(0, 256, (2, 2, 16), generator=torch.Generator().manual_seed(0))
-    before = {name: p.grad.data_ptr() for name, p in flat.named_parameters()}
-    for micro in tokens:
-        plain(micro, micro).backward()
-        flat(micro, micro).backward()
-    plain_grads = dict(plain.named_parameters())
-    for name, p in flat.named_parameters():
-        bucket = buffer.bucket_of[id(p)]
-        offset = buffer.offset_of[id(p)]
-        assert p.grad.data_ptr() == before[name]
-        assert p.grad.data_ptr() == bucket.grad_buffer[offset:].data_ptr(), name
-        torch.testing.assert_close(p.grad, plain_grads[name].grad, rtol=1e-6, atol=1e-7)
+    tokens = torch.randint(0, 256, (2, 2, 2, 16), generator=torch.Generator().manual_seed(0))
+    for step, micro_batches in enumerate(tokens):
+        plain.zero_grad(set_to_none=True)
+        buffer.zero_grad()
+        assert all(p.grad is None for p in flat.parameters())
+        for index, micro in enumerate(micro_batches):
+            plain(micro, micro).backward()
+            flat(micro, micro).backward()
+            if index == 0:
+                first = {name: p.grad.data_ptr() for name, p in flat.named_parameters()}
+        buffer.finish_grad_sync()
+        plain_grads = dict(plain.named_parameters())
+        for name, p in flat.named_parameters():
+            bucket = buffer.bucket_of[id(p)]
+            offset = buffer.offset_of[id(p)]
+            assert p.grad.data_ptr() == first[name]
+            assert p.grad.data_ptr() == bucket.grad_buffer[offset:].data_ptr(), name
+            torch.testing.assert_close(p.grad, plain_grads[name].grad, rtol=1e-6, atol=1e-7)
+    # a step in which the final norm's weight gets no gradient: its stale values are zeroed
+    frozen = flat.final_norm.weight
+    frozen.requires_grad_(False)
+    buffer.zero_grad(num_microbatches=1)
+    flat(tokens[0, 0], tokens[0, 0]).backward()
+    buffer.finish_grad_sync()
+    assert frozen.grad is not None and not frozen.grad.any()
+    assert buffer.bucket_of[id(frozen)].grad_buffer.isfinite().all()
 
 
 def test_zero2_gradients_accumulate_in_the_full_buffer_while_it_exists():

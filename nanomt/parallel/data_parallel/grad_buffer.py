@@ -7,11 +7,13 @@ _ParamAndGradBuffer, the buffer here
 
     lays the parameters out in flat buckets (buckets.py), each split into dp equal shards;
     accumulates each parameter's gradient into its bucket as backward produces it. When the
-    gradient dtype is the parameter's, `param.grad` is a view of the flat buffer, so autograd
-    adds into it in place and nothing is allocated per micro-batch (Megatron's main_grad): at
-    stages 0-1 always, at stages 2-3 while the bucket's full buffer exists (from the round's
-    first gradient, which the hook adds in, to the reduce-scatter); otherwise a
-    post-accumulate-grad hook adds `param.grad` in and drops it. The
+    gradient dtype is the parameter's, `param.grad` becomes a view of the flat buffer, so
+    autograd adds into it in place and nothing is allocated per micro-batch (Megatron's
+    main_grad): at stages 0-1 from the step's first gradient, which the hook copies in (the
+    buffer is never zeroed: a copy is one pass where zeroing + adding is two), at stages 2-3
+    while the bucket's full buffer exists (from the round's first gradient, which the hook
+    adds in, to the reduce-scatter); otherwise a post-accumulate-grad hook adds `param.grad`
+    in and drops it. The
     hook counts arrivals per parameter, so any schedule works unchanged;
     reduces a bucket when every parameter in it has delivered its gradient for the step, i.e.
     during the last micro-batch's backward, overlapped with the rest of it. Per step and rank,
@@ -172,10 +174,15 @@ class GradientBuffer:
                 and id(b.params[0]) not in self.shared_ids)
 
     def _bind_grad_views(self, b: Bucket) -> None:
-        for param, offset in zip(b.params, b.offsets):
-            param.grad = (b.grad_buffer[offset: offset + param.numel()].view_as(param)
-                          if self._grads_are_views(b) else None)
+        """At a step's start every `.grad` is None: autograd hands the first gradient over
+        whole, and the hook copies it into the buffer (one pass instead of zeroing + adding)."""
+        for param in b.params:
+            param.grad = None
         b.viewing = set()  # ZeRO-2/3: parameters whose .grad is now a view of the full buffer
+
+    def _grad_view(self, b: Bucket, param: nn.Parameter) -> torch.Tensor:
+        offset = self.offset_of[id(param)]
+        return b.grad_buffer[offset: offset + param.numel()].view_as(param)
 
     def _view_full_buffer(self, b: Bucket, params: list[nn.Parameter]) -> None:
         """ZeRO-2/3: the rest of this round's gradients of `params` land in the full buffer."""
@@ -199,8 +206,8 @@ class GradientBuffer:
 
         num_microbatches: backward passes every parameter sees in this step (kept until changed;
         e.g. under batch-size ramp-up). set_to_none: accepted for torch.optim's signature;
-        gradients live in the flat buffers here: `param.grad` is a view of them (stages 0-1,
-        same dtype) or None.
+        gradients live in the flat buffers here, and every `param.grad` is None until its
+        first gradient of the step arrives (then a view of them: stages 0-1, same dtype).
         """
         if num_microbatches is not None:
             if num_microbatches < 1:
@@ -210,11 +217,12 @@ class GradientBuffer:
         self.release_prefetched()
         for b in self.buckets:
             b.handle = None
-            if self.stage <= 1:
-                b.grad_buffer.zero_()
-            else:
+            if self.stage >= 2:
                 b.grad_buffer = None
                 b.grad_shard.zero_()
+            elif not self._grads_are_views(b):
+                b.grad_buffer.zero_()
+            # else: no zeroing; each gradient's first arrival is copied in (_on_grad_ready)
             b.pending = len(b.params)
             b.rounds_launched = 0
             b.final_launched = False
@@ -258,7 +266,12 @@ class GradientBuffer:
                 f"call optimizer.zero_grad(num_microbatches=...) with the number of backward "
                 f"passes of the step")
         self.arrivals[id(param)] = count
-        if not self._grads_are_views(bucket) and id(param) not in bucket.viewing:
+        if self._grads_are_views(bucket):
+            if count == 1:  # the step's first gradient: copy it in, then accumulate in place
+                view = self._grad_view(bucket, param)
+                view.copy_(param.grad)
+                param.grad = view
+        elif id(param) not in bucket.viewing:
             offset = self.offset_of[id(param)]  # autograd allocated param.grad: add it in
             flat = bucket.grad_buffer if self.stage <= 1 else self._full_grad_buffer(bucket)
             flat[offset: offset + param.numel()].add_(param.grad.reshape(-1))
@@ -286,6 +299,7 @@ class GradientBuffer:
             b.final_launched = True
             self.final_launches += 1
         if self.stage <= 1:
+            self._zero_missing_grads(b)
             if self.dp > 1:
                 b.grad_buffer.div_(self.dp)
                 b.handle = (comm.all_reduce_async(b.grad_buffer, self.dp_group)
@@ -302,6 +316,16 @@ class GradientBuffer:
         self.in_flight.append((b, handle, full))
         if self.final_launches == len(self.buckets):  # backward is over: keep only shards
             self._retire_in_flight()
+
+    def _zero_missing_grads(self, b: Bucket) -> None:
+        """A view bucket is not zeroed at the step's start: a parameter that got no gradient
+        in this step still holds the last step's, zeroed here before the bucket is read."""
+        if not self._grads_are_views(b):
+            return
+        for param in b.params:
+            if self.arrivals[id(param)] == 0:
+                param.grad = self._grad_view(b, param)
+                param.grad.zero_()
 
     def _make_room(self, nbytes: int) -> None:
         """Retire the oldest reduce-scatters until `nbytes` more fit in parallel.reduce_in_flight_mb
