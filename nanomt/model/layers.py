@@ -116,7 +116,7 @@ class ParallelAttention(nn.Module):
         qkv = self.qkv(x)  # [s, b, 3h/t] (full sequence even under SP)
         s, b, _ = qkv.shape
         qkv = qkv.view(s, b, self.heads_per_rank, 3, self.head_dim).permute(3, 1, 2, 0, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # each [b, heads/t, s, d]: what SDPA reads
+        q, k, v = qkv.unbind(0)  # each [b, heads/t, s, d]: what SDPA reads; backward: one stack
         start = cache.length if cache is not None else 0
         if self.use_rope:
             cos, sin = self.rope_cos, self.rope_sin
