@@ -160,3 +160,10 @@ def test_context_parallelism_divides_activations_and_shards_state_over_dp_times_
     wider = make_plan(cfg, PlanInputs(dp=4, **base))  # same dp x cp = 4 ranks per shard
     assert split.bytes_per_gpu["optimizer"] == wider.bytes_per_gpu["optimizer"]
     assert split.inputs.num_gpus == 16 and split.params_per_rank == whole.params_per_rank
+
+
+def test_plan_tool_help_prints_its_usage(capsys):
+    assert plan_tool().main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert "python tools/plan.py model=mtnlg_530b parallel.tp=8 parallel.pp=35" in usage
+    assert "\\\n" in usage  # the shell line continuations survive (a raw docstring)

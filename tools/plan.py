@@ -1,4 +1,4 @@
-"""Plan a layout: parameters, bytes per GPU, bubble, FLOPs and step time, before the launch.
+r"""Plan a layout: parameters, bytes per GPU, bubble, FLOPs and step time, before the launch.
 
     python tools/plan.py model=mtnlg_530b parallel.tp=8 parallel.pp=35 parallel.dp=8 \
         train.global_batch_size=1920 train.micro_batch_size=1
@@ -25,6 +25,9 @@ from nanomt.planner.from_config import plan_inputs  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
     try:
         cfg = compose_checked(["+plan=default", *argv])
         model, inputs = plan_inputs(cfg)
