@@ -237,12 +237,11 @@ class Trainer:
                 f"train.max_skipped_steps")
 
     def evaluate_all(self) -> dict:
-        """Validation loss and perplexity, and the train.eval_tasks scores (not under cp,
-        whose ring attention expects a sequence split over cp)."""
+        """Validation loss and perplexity, and the train.eval_tasks scores."""
         val_loss = self.evaluate()
         scores = {"val_loss": val_loss,
                   "val_ppl": math.exp(min(val_loss, 50.0))}  # capped: exp overflows past ~709
-        if self.cfg.train.get("eval_tasks") and self.layout.cp == 1:
+        if self.cfg.train.get("eval_tasks"):
             scores.update(score_during_training(
                 self.model_chunks, self.grid, self.cfg.data.tokenizer,
                 OmegaConf.to_container(self.cfg.train.eval_tasks, resolve=True)))
@@ -254,8 +253,6 @@ class Trainer:
         text = sample_after_training(self.model_chunks, self.grid, self.cfg.data.tokenizer,
                                      str(c.sample_prompt), int(c.sample_tokens),
                                      float(c.sample_temperature), int(c.seed))
-        if text is None:
-            return "nanomt sample: skipped under context parallelism; use nanomt.generate"
         return f"nanomt sample:\n{text}"
 
     @torch.no_grad()

@@ -120,3 +120,44 @@ def test_sequence_parallel_runs_sample_as_the_same_model(tmp_path):
             assert rank[True]["scores"][key] == pytest.approx(value, rel=1e-5), key
         assert rank[True]["greedy"].startswith("ROMEO:") and len(rank[True]["greedy"]) > 6
         assert rank[True]["flags"] == [True] and rank[False]["flags"] == [False]
+
+
+def _sample_with_and_without_cp(task: str) -> dict:
+    """cp=2: every cp rank holds the whole model, runs the end-of-training sample and the task
+    scores on whole sequences and gets what the single-process model gets; its cp split is
+    back afterwards."""
+    from nanomt.eval.generation import sample_after_training
+    from nanomt.eval.tasks import score_during_training
+    from nanomt.parallel.grid import ParallelGrid
+
+    grid = ParallelGrid(tp=1, pp=1, dp=1, cp=2)
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=40, vocab_size=256)
+    out = {}
+    for name, model_grid in (("single", None), ("cp2", grid)):
+        model = GPT(cfg, model_grid, seed=3)
+        out[name] = {"greedy": sample_after_training([model], model_grid, "byte", "ROMEO:", 16,
+                                                     0.0, 1),
+                     "drawn": sample_after_training([model], model_grid, "byte", "ROMEO:", 16,
+                                                    0.9, 1),
+                     "scores": score_during_training([model], model_grid, "byte", [task]),
+                     "cp": sorted({m.cp_size for m in model.modules() if hasattr(m, "cp_size")})}
+    return out
+
+
+def test_context_parallel_runs_sample_and_scores_on_whole_sequences(tmp_path):
+    import json
+
+    from nanomt.testing import run_distributed
+
+    task = tmp_path / "mc.jsonl"
+    task.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"context": "the quick brown", "choices": ["fox", "dog.", "cat"], "answer": 0},
+        {"context": "ROMEO: wherefore", "choices": ["art", "is"], "answer": 0}]))
+    for rank in run_distributed(_sample_with_and_without_cp, world_size=2, args=(str(task),),
+                                timeout_s=120):
+        assert rank["cp2"]["greedy"] == rank["single"]["greedy"]
+        assert rank["cp2"]["drawn"] == rank["single"]["drawn"]
+        assert rank["cp2"]["scores"].keys() == rank["single"]["scores"].keys()
+        for key, value in rank["single"]["scores"].items():
+            assert rank["cp2"]["scores"][key] == pytest.approx(value, rel=1e-5), key
+        assert rank["cp2"]["cp"] == [2] and rank["single"]["cp"] == [1]

@@ -28,7 +28,7 @@ import torch
 from nanomt.errors import ConfigError
 from nanomt.eval.runner import ParallelLM
 from nanomt.eval.scoring import prefix_token
-from nanomt.model.gpt import without_sequence_parallelism
+from nanomt.model.gpt import on_whole_sequences
 from nanomt.model.kv_cache import KVCache
 
 
@@ -115,16 +115,13 @@ def generate_text(lm: ParallelLM, prompts: list[str], settings: SamplingSettings
 
 
 def sample_after_training(chunks: list, grid, tokenizer: str, prompt: str,
-                          max_new_tokens: int, temperature: float, seed: int) -> str | None:
+                          max_new_tokens: int, temperature: float, seed: int) -> str:
     """The end-of-run sample (train.sample): from the final weights as they are held, under the
-    run's layout (every rank calls it; under sequence parallelism the same weights run without
-    it); top-k 40 when sampling. None under context parallelism, whose ring attention expects
-    a sequence split over cp (`python -m nanomt.generate` on the checkpoint works)."""
+    run's layout (every rank calls it; under sequence and context parallelism the same weights
+    run on whole sequences); top-k 40 when sampling."""
     from nanomt.data.tokenizer import build_tokenizer
 
-    if any(chunk.cp_size > 1 for chunk in chunks):
-        return None
-    with without_sequence_parallelism(chunks):
+    with on_whole_sequences(chunks):
         lm = ParallelLM(chunks, grid, build_tokenizer(tokenizer))
         prompt_ids = lm.tokenizer.encode(prompt)[-(lm.seq_len - 1):]  # room for one new token
         settings = SamplingSettings(

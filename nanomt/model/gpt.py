@@ -161,21 +161,28 @@ class GPT(nn.Module):
 
 
 @contextlib.contextmanager
-def without_sequence_parallelism(chunks: list[nn.Module]) -> Iterator[None]:
-    """Run the chunks as the same model without sequence parallelism inside the block: whole
-    sequences on every tp rank, all-reduces where SP has reduce-scatters and all-gathers. The
-    weights and the function are the same (SP only splits what lies between the tensor-parallel
-    regions); generation needs it, since a sequence that grows one token at a time cannot be
-    split over tp."""
-    modules = [m for chunk in chunks for m in chunk.modules()
-               if getattr(m, "sequence_parallel", False)]
-    for module in modules:
+def on_whole_sequences(chunks: list[nn.Module]) -> Iterator[None]:
+    """Run the chunks as the same model on whole sequences: without sequence parallelism inside
+    the block (every tp rank holds the whole sequence; all-reduces where SP has reduce-scatters
+    and all-gathers) and without context parallelism (every cp rank runs the whole sequence
+    with plain attention: the cp ranks hold the same weights, so they compute the same thing).
+    Neither changes the function; generation and task scoring need it, since a sequence that
+    grows one token at a time, or a prompt of any length, cannot be split over tp or cp."""
+    split = [m for chunk in chunks for m in chunk.modules()
+             if getattr(m, "sequence_parallel", False)]
+    context = [(m, m.cp_rank, m.cp_size) for chunk in chunks for m in chunk.modules()
+               if getattr(m, "cp_size", 1) > 1]
+    for module in split:
         module.sequence_parallel = False
+    for module, _, _ in context:
+        module.cp_rank, module.cp_size = 0, 1
     try:
         yield
     finally:
-        for module in modules:
+        for module in split:
             module.sequence_parallel = True
+        for module, rank, size in context:
+            module.cp_rank, module.cp_size = rank, size
 
 
 def global_parameter_name(local_name: str, layer_range: range) -> str:
