@@ -1,20 +1,20 @@
 """Which messages a pipeline rank posts together, on which of its two queues, and the one
 simulator that replays a schedule with them before it runs.
 
-The rules, why posting after every pass would hang interleaved 1F1B, and why receiving a slot
-ahead needs two queues are explained once in docs/pipeline.md ("Messages"). Activations going
-forward travel on one queue (the grid's `pp_group`), gradients going backward on the other
-(`pp_grad_group`): two NCCL communicators, two streams. `communication_plan` groups a rank's
-passes into slots (a forward directly followed by a backward shares one) and posts each slot's
-receives one slot ahead (Megatron's overlap_p2p_comm): before the first slot the receives of
-slots 0 and 1, then after slot i its sends and the receives of slot i+2, one `Unit` (batch)
-per queue. `with_waits` marks, per unit, the units holding its passes' receives (the engine
-waits for no more, so the rest stays in flight while they compute). `replay` runs every rank's
-units under both constraints a real run meets, the data (a pass waits for its inputs) and a
-model of NCCL's matching (a posted batch waits for its partners, one in-order queue per rank and
-direction), and fails naming the stuck ranks instead of letting a job hang. `checked_plans`
-builds and replays a schedule's plans once (cached); the engine and the start-up check
-(`check_config`) both call it.
+NCCL's rules, and why receiving ahead needs two queues, are explained once in docs/pipeline.md
+("Messages"). Activations going forward travel on one queue (the grid's `pp_group`), gradients
+going backward on the other (`pp_grad_group`): two NCCL communicators, two streams.
+`communication_plan` posts, before the first pass and after each pass, one `Unit` (batch) per
+queue: the pass's send and the receives due then. A receive goes out two passes before its pass
+(`receive_points`), so it arrives while the pass before computes (Megatron's overlap_p2p_comm);
+interleaved, no earlier than the previous pass of its kind. `with_waits` marks what each pass
+waits for: the units holding its receives (the rest stays in flight while it computes) and, for
+a backward, activation units already settled, so sent outputs are freed in time. `replay` runs
+every rank's units under both constraints a real run meets, the data (a pass waits for its
+inputs) and a model of NCCL's matching (a posted batch waits for its partners; one in-order
+queue per rank and direction), and fails naming the stuck ranks instead of letting a job hang.
+`checked_plans` builds and replays a schedule's plans once (cached); the engine and the start-up
+check (`check_config`) both call it.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def queue_of(transfer: Transfer) -> int:
 @dataclass(frozen=True)
 class Unit:
     """Passes run back to back, then one batch of transfers posted together on `queue`. Before
-    the passes run, the rank waits for the units in `wait_for` (per queue, the last one holding a
-    receive they need; a unit done means every earlier unit of its queue is done; None: every
-    earlier unit, the strictest choice)."""
+    the passes run, the rank waits for the units in `wait_for`, at most one per queue (a unit
+    done means every earlier unit of its queue is done; None: every earlier unit, the strictest
+    choice)."""
 
     passes: tuple[PipelineOp, ...]
     transfers: tuple[Transfer, ...]
