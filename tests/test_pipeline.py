@@ -9,6 +9,7 @@ trajectories of nanomt.train.run against the single-process run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -22,9 +23,12 @@ from nanomt.parallel.param_info import param_info
 from nanomt.parallel.pipeline.engine import deallocate_output
 from nanomt.parallel.pipeline.p2p import Transfer
 from nanomt.parallel.pipeline.posting import (
+    ACTIVATION,
+    GRADIENT,
     Unit,
     checked_plans,
     communication_plan,
+    queue_of,
     replay,
     with_waits,
 )
@@ -118,10 +122,10 @@ def test_clear_errors_for_bad_pipelines():
     # Rank 1 runs backward 0 before its forward; rank 0 waits for that backward's gradient.
     last_stage = one_f_one_b_order(2, 1, 4)
     bad = [one_f_one_b_order(2, 0, 4), [last_stage[1], last_stage[0]] + last_stage[2:]]
-    bad_plans = [communication_plan(order, 1 - rank, rank, 2, 1, 4)
-                 for rank, order in enumerate(bad)]
-    with pytest.raises(ValueError, match=r"would deadlock: rank 0 in the messages posted after "
-                                         r"F0 .*, rank 1 at B0 \(its inputs never arrive\)"):
+    bad_plans = [communication_plan(order, rank, 2, 1, 4) for rank, order in enumerate(bad)]
+    with pytest.raises(ValueError, match=r"would deadlock: rank 0 in the activation messages "
+                                         r"posted after F1 .*, rank 1 at B0 \(its inputs never "
+                                         r"arrive\)"):
         replay(bad_plans, virtual_stages=1)
     # The same orders with their messages buffered without limit (no transfers): the data alone.
     data_only = [[Unit((op,), ()) for op in order] for order in bad]
@@ -137,39 +141,74 @@ NCCL_CASES = [(schedule, pp, v, m, forward_only)
               for forward_only in (False, True)]
 
 
-def test_posting_passes_the_model_of_nccl_blocking_rules():
-    """Every schedule's units complete under replay's model of NCCL's rules
-    (docs/pipeline.md), for 1F1B, interleaved, GPipe and forward-only. A model: no NCCL runs
-    here."""
+def on_one_queue(plan):
+    """The same batches, all on one in-order queue per rank (the activations' communicator)."""
+    return with_waits([dataclasses.replace(unit, queue=ACTIVATION) for unit in plan])
+
+
+def receive_posted_before(plan) -> dict[int, tuple[int, int]]:
+    """For each pass (by its position in the rank's order) whose input comes from a neighbour:
+    (index of the unit that posts its receive, index of the unit that runs the pass)."""
+    runs = [u for u, unit in enumerate(plan) if unit.passes]
+    posts = {t.op: u for u, unit in enumerate(plan) for t in unit.transfers if not t.is_send}
+    return {x: (posts[plan[u].passes[0]], u) for x, u in enumerate(runs)
+            if plan[u].passes[0] in posts}
+
+
+def test_two_queues_receive_ahead_for_every_schedule():
+    """Every schedule's units, each receive posted a pass ahead on its own queue, complete under
+    replay's model of NCCL's rules (docs/pipeline.md): 1F1B, interleaved, GPipe, forward-only,
+    pp 2/3/4/8, v 1/2/3, m from 1 to 3p. A model: no NCCL runs here."""
     for schedule, pp, v, m, forward_only in NCCL_CASES:
         plans = checked_plans(schedule, pp, m, v, forward_only)
         assert len(plans) == pp
+        for plan in plans:
+            assert all(len(unit.passes) <= 1 for unit in plan)  # a unit after every pass
+            for unit in plan:  # activations on one queue, gradients on the other
+                assert all(queue_of(t) == unit.queue for t in unit.transfers)
+                assert len({plan[w].queue for w in unit.wait_for}) == len(unit.wait_for)
+            order = [unit.passes[0] for unit in plan if unit.passes]
+            runs = [u for u, unit in enumerate(plan) if unit.passes]
+            for x, (posted, ran) in receive_posted_before(plan).items():
+                # ahead: the receive went out before the pass before it ran, with one chunk per
+                # rank always; interleaved where the pass before is of the other kind
+                if x > 0 and (v == 1 or order[x - 1].kind != order[x].kind):
+                    assert posted < runs[x - 1], (schedule, pp, v, m, x)
+                assert posted in plan[ran].wait_for  # the pass waits for that unit, and
+                others = [w for w in plan[ran].wait_for if w != posted]  # a backward may free
+                assert not others or (order[x].kind == "B" and plan[others[0]].queue == ACTIVATION)
+    assert {unit.queue for plan in checked_plans("1f1b", 4, 8, 2, False)
+            for unit in plan if unit.transfers} == {ACTIVATION, GRADIENT}
 
 
-def test_posting_after_every_pass_hangs_interleaved_1f1b():
-    """The earlier posting (each pass's sends + the next pass's receive, one unit per pass) waits
-    in a cycle for interleaved 1F1B; Megatron's posting (F and B, then one unit) does not."""
-    for pp, m, v in [(2, 4, 2), (2, 8, 2), (3, 6, 2), (4, 8, 2)]:
-        orders = schedule_orders("1f1b", pp, m, v, False)
-        per_pass = [communication_plan(order, len(order), rank, pp, v, m)  # no paired slots
-                    for rank, order in enumerate(orders)]
+def test_receiving_ahead_needs_two_queues():
+    """On one in-order queue per rank the same batches are a cycle (docs/pipeline.md): 1F1B and
+    GPipe always, interleaved 1F1B when m = p. Forward-only plans use one queue anyway."""
+    for schedule, pp, m, v in [("1f1b", 2, 4, 1), ("1f1b", 4, 8, 1), ("gpipe", 4, 8, 1),
+                               ("gpipe", 2, 4, 2), ("1f1b", 2, 2, 2), ("1f1b", 4, 4, 3)]:
+        plans = checked_plans(schedule, pp, m, v, False)
         with pytest.raises(ValueError, match="NCCL would never match them"):
-            replay(per_pass, v)
-        replay([list(plan) for plan in checked_plans("1f1b", pp, m, v, False)], v)
+            replay([on_one_queue(plan) for plan in plans], v)
+    replay([on_one_queue(plan) for plan in checked_plans("1f1b", 4, 8, 2, True)], 2)
 
 
-def test_one_chunk_per_rank_posts_after_every_pass():
-    """Plain 1F1B and GPipe never pair a forward with the backward after it in one slot (it
-    would wait for that backward's gradient before running); interleaved 1F1B does pair."""
-    for schedule, pp, m in [("1f1b", 2, 8), ("1f1b", 4, 8), ("gpipe", 4, 8)]:
-        for plan in checked_plans(schedule, pp, m, 1, False):
-            assert all(len(unit.passes) <= 1 for unit in plan)
-            # after each forward, the batch receives what the next pass needs, nothing later
-            for unit, following in zip(plan[1:], plan[2:]):
-                received = {t.op for t in unit.transfers if not t.is_send}
-                assert received <= set(following.passes)
-    paired = checked_plans("1f1b", 2, 8, 2, False)
-    assert any(len(unit.passes) == 2 for plan in paired for unit in plan)
+def test_replay_catches_broken_two_queue_plans():
+    """Interleaved, a receive may not go ahead of the send before it on its queue: two passes
+    ahead closes a cycle through the chunks' ring even on two queues. And batches swapped on
+    one queue are matched out of order."""
+    for pp, m, v, forward_only in [(2, 2, 2, True), (2, 4, 2, False), (4, 8, 2, False)]:
+        orders = schedule_orders("1f1b", pp, m, v, forward_only)
+        two_ahead = [communication_plan(order, rank, pp, v, m,
+                                        points=[max(x - 2, -1) for x in range(len(order))])
+                     for rank, order in enumerate(orders)]
+        with pytest.raises(ValueError, match=r"rank 0 in the activation messages .*rank 1"):
+            replay(two_ahead, v)
+    plans = [list(plan) for plan in checked_plans("1f1b", 4, 8, 1, False)]
+    grads = [u for u, unit in enumerate(plans[1]) if unit.queue == GRADIENT and unit.transfers]
+    first, second = grads[0], grads[1]
+    plans[1][first], plans[1][second] = plans[1][second], plans[1][first]
+    with pytest.raises(ValueError, match="on the gradient queue would be matched out of order"):
+        replay(plans, 1)
 
 
 def test_posting_model_catches_cycles_and_misordered_matches():
@@ -183,43 +222,39 @@ def test_posting_model_catches_cycles_and_misordered_matches():
                [Unit((), (Transfer(False, op, 0, 2), Transfer(False, op, 0, 0)))]]
     with pytest.raises(ValueError, match="out of order"):
         replay(swapped, virtual_stages=1)
-
-
-def receive_ahead(plan):
-    """Megatron's overlap_p2p_comm on one queue: each slot's receives posted one unit earlier,
-    before the slot before it runs, so they would be in flight while it computes."""
-    receives = [tuple(t for t in u.transfers if not t.is_send) for u in plan] + [()]
-    sends = [tuple(t for t in u.transfers if t.is_send) for u in plan]
-    ahead = [Unit((), receives[0] + receives[1])]
-    ahead += [Unit(plan[u].passes, sends[u] + receives[u + 1]) for u in range(1, len(plan))]
-    return with_waits(ahead)
-
-
-def test_overlap_is_what_one_in_order_queue_allows():
-    """A unit's messages progress only at the head of its rank's queue (rule 3), so receiving a
-    slot ahead is a cycle: the early receive waits for a pass the partner runs only after data
-    this rank sends in a unit queued behind that receive (docs/pipeline.md). What stays: each
-    slot waits only for the unit holding its own receives."""
-    op = PipelineOp("F", 0)
     # Each rank's first unit receives what the other sends in its second: both queues stuck.
-    crossed = [[Unit((), (Transfer(False, op, 1, 0),)), Unit((), (Transfer(True, op, 1, 1),), -1)],
-               [Unit((), (Transfer(False, op, 0, 1),)), Unit((), (Transfer(True, op, 0, 0),), -1)]]
-    with pytest.raises(ValueError, match="rank 0 in the messages .*rank 1 in the messages"):
+    receive_0, send_0 = Transfer(False, op, 1, 0), Transfer(True, op, 1, 1)
+    receive_1, send_1 = Transfer(False, op, 0, 1), Transfer(True, op, 0, 0)
+    crossed = [[Unit((), (receive_0,)), Unit((), (send_0,), wait_for=())],
+               [Unit((), (receive_1,)), Unit((), (send_1,), wait_for=())]]
+    with pytest.raises(ValueError, match="rank 0 in the activation messages .*rank 1 in the"):
         replay(crossed, virtual_stages=1)
-    for schedule, pp, m, v in [("1f1b", 2, 4, 1), ("1f1b", 4, 8, 2), ("gpipe", 4, 8, 1)]:
-        plans = checked_plans(schedule, pp, m, v, False)
-        with pytest.raises(ValueError, match="NCCL would never match them"):
-            replay([receive_ahead(plan) for plan in plans], v)
-    # 1F1B's first stage receives nothing for its forwards: each runs while earlier messages
-    # are on the wire; a backward waits for the unit just before it (its gradient).
-    first = checked_plans("1f1b", 4, 8, 1, False)[0]
-    for i, unit in enumerate(first[1:], start=1):
-        assert unit.wait_for == (-1 if unit.passes[0].kind == "F" else i - 1), (i, unit)
-    # the last stage: a forward waits for its activation, posted in the unit before it; a
-    # backward starts from the loss and runs while its previous gradient is on the wire
-    last = checked_plans("1f1b", 4, 8, 1, False)[3]
-    for i, unit in enumerate(last[1:], start=1):
-        assert unit.wait_for == (i - 1 if unit.passes[0].kind == "F" else -1), (i, unit)
+    # On two queues (rank 0 sends on the other, rank 1 receives on it) nothing waits in line.
+    replay([[Unit((), (receive_0,)), Unit((), (send_0,), GRADIENT, ())],
+            [Unit((), (receive_1,), GRADIENT), Unit((), (send_1,), wait_for=())]], 1)
+
+
+def test_passes_wait_only_for_their_own_receives():
+    """1F1B's first stage receives nothing for its forwards: each runs while earlier messages
+    are on the wire; a backward waits for its gradient's unit, and for the activation units
+    that sent the outputs of backwards already run (done, so free: their outputs are freed).
+    The last stage: a forward waits for its activation's unit, a backward starts from the loss."""
+    first, last = checked_plans("1f1b", 4, 8, 1, False)[0], checked_plans("1f1b", 4, 8, 1, False)[3]
+    ran = set()
+    for unit in first:
+        if unit.passes:
+            op = unit.passes[0]
+            assert (unit.wait_for == ()) == (op.kind == "F"), unit
+            ran.add(op)
+            for w in unit.wait_for:
+                assert first[w].queue == GRADIENT or all(
+                    t.is_send and PipelineOp("B", t.op.microbatch) in ran
+                    for t in first[w].transfers), (unit, first[w])
+    assert any(first[w].queue == ACTIVATION for unit in first for w in unit.wait_for)
+    for unit in last:
+        if unit.passes:
+            assert (unit.wait_for == ()) == (unit.passes[0].kind == "B"), unit
+            assert all(last[w].queue == ACTIVATION for w in unit.wait_for), unit
 
 
 def test_gpipe_interleaved_needs_whole_groups_and_views_are_not_freed():
@@ -431,10 +466,14 @@ def check_scatter_gather_traffic(results) -> None:
         pp_rank = r[("pp2tp2", 1, 4)]["pp_rank"]
         for v, m in ((1, 4), (2, 4)):
             chunks = [c * 2 + pp_rank for c in range(v)]  # global chunks on this pp rank
-            messages = m * (sum(k < 2 * v - 1 for k in chunks) + sum(k > 0 for k in chunks))
+            activations = m * sum(k < 2 * v - 1 for k in chunks)  # on pp_group
+            gradients = m * sum(k > 0 for k in chunks)  # on pp_grad_group
+            messages = activations + gradients
             log = r[f"traffic_v{v}"]
             sends = [rec for rec in log if rec[0] == "send"]
-            assert [rec[1:] for rec in sends] == [("pp", full // tp, full // tp * 4)] * messages
+            assert sorted(rec[1:] for rec in sends) == sorted(
+                [("pp", full // tp, full // tp * 4)] * activations
+                + [("pp_grad", full // tp, full // tp * 4)] * gradients)
             # before scatter-gather: messages * s*b*h * 4 bytes; now 1/t of that
             assert sum(rec[3] for rec in sends) * tp == messages * full * 4
             gathers = [rec for rec in log if rec[0] == "all_gather" and rec[1] == "tp"]

@@ -12,9 +12,10 @@ The schedule (schedules.py) says in which order this rank runs its passes; this 
            (or from the loss on the last chunk); the input's gradient is sent back.
 
 Messages go out in the units of posting.communication_plan, checked against NCCL's posting
-rules (why this posting and not one per pass: docs/pipeline.md, "Messages"). Before each slot
-the rank waits only for the units up to the last one holding the slot's receives (later ones
-stay in flight, overlapping its compute), then frees the outputs those units sent. Without
+rules (docs/pipeline.md, "Messages"): activations on one queue, gradients on another, each
+receive posted a pass ahead. Before a pass the rank waits only for the units holding its
+receives (with the units before them on their queues; the rest stay in flight, overlapping its
+compute), then frees the outputs the completed units sent. Without
 sequence parallelism each tp rank sends 1/t of a message and the receiver all-gathers it over tp
 when the pass takes its input (p2p.py). Gradients accumulate in .grad
 over all micro-batches, and the tied word embedding's two copies (first and last stage) sum
@@ -94,9 +95,10 @@ class PipelineStep:
         self.in_flight: dict[tuple[int, int], InFlight] = {}
         self.received: dict[PipelineOp, torch.Tensor] = {}  # receive buffers, by the pass
         self.outgoing: dict[PipelineOp, torch.Tensor] = {}  # what a pass sends, until posted
-        self.to_free: list[torch.Tensor] = []  # outputs the current unit sends
-        # posted units not yet waited for: (index in the plan, handle, outputs they send)
-        self.pending: deque[tuple[int, P2PBatch, list[torch.Tensor]]] = deque()
+        self.to_free: dict[PipelineOp, torch.Tensor] = {}  # outputs to free once sent
+        # per queue, posted units not yet waited for: (index in the plan, handle, outputs sent)
+        self.pending: tuple[deque[tuple[int, P2PBatch, list[torch.Tensor]]], ...] = (
+            deque(), deque())
         self.loss_sum = torch.zeros((), device=micro_batches[0][0].device)
 
     def global_chunk(self, op: PipelineOp) -> int:
@@ -104,40 +106,47 @@ class PipelineStep:
 
     def run(self) -> torch.Tensor:
         for index, unit in enumerate(self.plan):
-            self.wait_until(unit.wait_for if unit.wait_for is not None else index - 1, unit)
+            waits = unit.wait_for if unit.wait_for is not None else range(index)
+            self.wait_for(waits, unit.passes[0] if unit.passes else None)
             for op in unit.passes:
                 self.stats.op_order.append(str(op))
                 with maybe_span(self.timeline, op.kind, op.microbatch, op.chunk):
                     self.forward(op) if op.kind == "F" else self.backward(op)
             self.post(index, unit)
-        self.wait_until(len(self.plan), None)
+        self.wait_for(range(len(self.plan)), None)
         return self.loss_sum
 
-    def wait_until(self, last: int, unit: Unit | None) -> None:
-        """Wait for the posted units up to index `last` (in posting order, as they complete),
-        then free the outputs they sent; later units stay in flight."""
-        first = unit.passes[0] if unit is not None and unit.passes else PipelineOp("wait", -1, -1)
-        while self.pending and self.pending[0][0] <= last:
-            _, batch, sent = self.pending.popleft()
-            with maybe_span(self.timeline, "wait", first.microbatch, first.chunk):
-                batch.wait()
-            for output in sent:  # its data is on the wire's far side: keep only the graph
-                deallocate_output(output)
-                self.stats.outputs_freed += 1
+    def wait_for(self, units: Sequence[int], op: PipelineOp | None) -> None:
+        """Wait for the posted `units` and those before them on their queues (in posting order,
+        as they complete), then free the outputs they sent; later units stay in flight."""
+        first = op if op is not None else PipelineOp("wait", -1, -1)
+        upto: dict[int, int] = {}  # per queue, the last unit to wait for
+        for u in units:
+            upto[self.plan[u].queue] = max(upto.get(self.plan[u].queue, -1), u)
+        for queue, last in upto.items():
+            pending = self.pending[queue]
+            while pending and pending[0][0] <= last:
+                _, batch, sent = pending.popleft()
+                with maybe_span(self.timeline, "wait", first.microbatch, first.chunk):
+                    batch.wait()
+                for output in sent:  # its data is on the wire's far side: keep only the graph
+                    deallocate_output(output)
+                    self.stats.outputs_freed += 1
 
     def post(self, index: int, unit: Unit) -> None:
-        """Post the unit's sends (what its passes produced) and receives together."""
+        """Post the unit's sends (what its passes produced) and receives together on its queue."""
         transfers = [(t, self.outgoing.pop(t.op) if t.is_send else None)
                      for t in unit.transfers]
-        batch, buffers = self.comm.post(transfers)
+        batch, buffers = self.comm.post(transfers, unit.queue)
         self.received.update(buffers)
-        sent, self.to_free = self.to_free, []
+        sent = [self.to_free.pop(t.op) for t in unit.transfers
+                if t.is_send and t.op in self.to_free]
         if batch is None:  # nothing posted: the outputs (none were sent) need no wait
             assert not sent
             return
-        self.pending.append((index, batch, sent))
+        self.pending[unit.queue].append((index, batch, sent))
         held = sum(out.numel() * out.element_size()
-                   for _, _, outputs in self.pending for out in outputs)
+                   for queue in self.pending for _, _, outputs in queue for out in outputs)
         self.stats.peak_unfreed_output_bytes = max(self.stats.peak_unfreed_output_bytes, held)
 
     def forward(self, op: PipelineOp) -> None:
@@ -162,7 +171,7 @@ class PipelineStep:
         self.stats.outputs_sent += 1
         self.outgoing[op] = output.detach()
         if not self.forward_only:
-            self.to_free.append(output)
+            self.to_free[op] = output
 
     def backward(self, op: PipelineOp) -> None:
         k = self.global_chunk(op)

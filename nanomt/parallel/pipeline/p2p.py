@@ -17,8 +17,10 @@ elements, to tp rank j of the neighbouring stage, and the receiver all-gathers t
 its tp group when the pass takes its input (`arrived`). Under sequence parallelism each tp rank
 already holds its own shard [s/t, b, h]: it travels whole. Which
 `Transfer`s go out together (one `batch_isend_irecv` per unit) is the engine's plan
-(posting.py; NCCL's rules: docs/pipeline.md). A posted unit is one `P2PBatch`:
-NCCL returns a single work for the whole batch, Gloo one per operation; the handle waits for all.
+(posting.py; NCCL's rules: docs/pipeline.md). Activations travel on the grid's `pp_group`,
+gradients on `pp_grad_group` (the same ranks): two queues, so a receive posted early on one
+never holds up the other direction. A posted unit is one `P2PBatch`: NCCL returns a single work
+for the whole batch, Gloo one per operation; the handle waits for all.
 
 Before the first message, `agree_on_schedule` all-gathers each rank's view of the schedule (kind,
 micro-batches, chunks, shape, dtype) over the pipeline group, once per distinct schedule:
@@ -67,12 +69,13 @@ class P2PBatch:
 
 
 class PipelineComm:
-    """Sends and receives of one pipeline rank, with its neighbours in the grid's pp group."""
+    """Sends and receives of one pipeline rank, with its neighbours in the grid's pp groups:
+    `groups[queue]` (posting.ACTIVATION: pp_group, posting.GRADIENT: pp_grad_group)."""
 
     def __init__(self, grid, activation_shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device, scatter_gather: bool = False):
         self.grid = grid
-        self.group = grid.pp_group
+        self.groups = (grid.pp_group, grid.pp_grad_group)
         self.shape, self.dtype, self.device = tuple(activation_shape), dtype, device
         self.tp_group = grid.tp_group
         self.tp_rank, tp = comm.rank_and_size(grid.tp_group)
@@ -99,25 +102,25 @@ class PipelineComm:
         comm.all_gather_into(full.view(-1), buffer, self.tp_group)
         return full
 
-    def post(self, transfers: list[tuple[Transfer, torch.Tensor | None]]
+    def post(self, transfers: list[tuple[Transfer, torch.Tensor | None]], queue: int
              ) -> tuple[P2PBatch | None, dict]:
-        """Post one unit: (transfer, tensor to send or None for a receive) in plan order.
-        Returns the unit's handle and the receive buffers by pass."""
-        ops, buffers = [], {}
+        """Post one unit on `queue`: (transfer, tensor to send or None for a receive) in plan
+        order. Returns the unit's handle and the receive buffers by pass."""
+        ops, buffers, group = [], {}, self.groups[queue]
         for transfer, tensor in transfers:
             peer = self.grid.pp_ranks[transfer.peer]
             if transfer.is_send:
                 piece = self.piece(tensor)
-                comm.record_send(piece, self.group)
-                ops.append(dist.P2POp(dist.isend, piece, peer, self.group, transfer.tag))
+                comm.record_send(piece, group)
+                ops.append(dist.P2POp(dist.isend, piece, peer, group, transfer.tag))
             else:
                 buffer = torch.empty(self.wire_shape, dtype=self.dtype, device=self.device)
                 buffers[transfer.op] = buffer
-                ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group, transfer.tag))
+                ops.append(dist.P2POp(dist.irecv, buffer, peer, group, transfer.tag))
         if not ops:
             return None, buffers
-        comm.note_operation("pipeline send/recv", self.group)
-        return P2PBatch(dist.batch_isend_irecv(ops), self.group), buffers
+        comm.note_operation("pipeline send/recv", group)
+        return P2PBatch(dist.batch_isend_irecv(ops), group), buffers
 
     def check_outgoing(self, tensor: torch.Tensor) -> None:
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
@@ -152,6 +155,10 @@ def agree_on_schedule(grid, signature: dict[str, int], device: torch.device) -> 
         table = "; ".join(f"pp rank {r}: " + ", ".join(f"{k}={int(v)}" for k, v in zip(keys, row))
                           for r, row in enumerate(everyone))
         raise ValueError(f"pipeline ranks disagree on the schedule and would deadlock: {table}")
+    # NCCL creates a group's communicator at its first operation, which every member must join:
+    # open the gradients' queue here, together, before a rank's first batch lands on it.
+    comm.note_operation("all_reduce (open the gradient queue)", grid.pp_grad_group)
+    dist.all_reduce(torch.zeros(1, device=device), group=grid.pp_grad_group)
     agreed.add(key)
 
 

@@ -143,14 +143,6 @@ def schedule_order(schedule: str, pp: int, rank: int, m: int, v: int = 1,
     return order
 
 
-def warmup_forwards(schedule: str, pp: int, rank: int, m: int, v: int = 1,
-                    forward_only: bool = False) -> int:
-    """Forwards a rank runs before its steady state (every forward, when there is none)."""
-    if forward_only or schedule == "gpipe":
-        return m * v
-    return min(pp - rank - 1, m) if v == 1 else interleaved_warmup(pp, rank, m, v)
-
-
 def schedule_orders(schedule: str, pp: int, m: int, v: int,
                     forward_only: bool) -> list[list[PipelineOp]]:
     """Every rank's order (checked against deadlock by posting.replay, with its messages)."""
