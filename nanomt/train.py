@@ -254,16 +254,18 @@ class Trainer:
         > 1 the stop comes at the first record after the step that went past the limit."""
         if self.over_limit_at is None:
             return  # fp16 never sets it: its loss scaler skips and lowers the scale
-        allowed = int(self.cfg.train.max_skipped_steps)
-        where = f"step {self.over_limit_at}"
-        if self.over_limit_at != record["step"]:
-            where += f" (found at the record of step {record['step']})"
+        in_a_row = int(self.cfg.train.max_skipped_steps) + 1
+        if self.over_limit_at == record["step"]:
+            what = (f"step {record['step']}: loss {record['loss']} or gradient norm "
+                    f"{record['grad_norm']} is not finite ({in_a_row} such steps in a row)")
+        else:  # found at the first record after it (logging.metrics_interval)
+            what = (f"step {self.over_limit_at} (found at the record of step {record['step']}): "
+                    f"the loss or gradient norm was not finite {in_a_row} steps in a row")
         latest = self.checkpointer.last_saved or self.checkpointer.resumed_from
         raise NonFiniteError(
-            f"{where}: loss {record['loss']} or gradient norm {record['grad_norm']} is not "
-            f"finite ({allowed + 1} such steps in a row); the update was skipped and nothing was "
-            f"saved (last good checkpoint: {latest or 'none'}); lower optim.lr, check the data, "
-            f"or allow skips with train.max_skipped_steps")
+            f"{what}; the update was skipped and nothing was saved (last good checkpoint: "
+            f"{latest or 'none'}); lower optim.lr, check the data, or allow skips with "
+            f"train.max_skipped_steps")
 
     def evaluate_all(self) -> dict:
         """Validation loss and perplexity, and the train.eval_tasks scores (not under cp,
