@@ -148,9 +148,9 @@ class Trainer:
     interval: IntervalMetrics = field(init=False)  # the device's sums between records
 
     def __post_init__(self) -> None:
-        limit = None if self.cfg.train.precision == "fp16" else int(
-            self.cfg.train.max_skipped_steps)
-        self.interval = IntervalMetrics(self.device, limit)
+        c = self.cfg.train  # fp16: no limit, its loss scaler skips and lowers the scale
+        self.interval = IntervalMetrics(self.device, None if c.precision == "fp16" else
+                                        int(c.max_skipped_steps))
 
     def micro_batches(self, data: GlobalBatchSampler, step: int) -> list[tuple]:
         """This dp rank's m_t = B_t / (b * dp) micro-batches of the global batch of `step` (B_t
@@ -224,9 +224,8 @@ class Trainer:
 
     def step_metrics(self, step: int, read: IntervalRead, lr: float, elapsed: float,
                      peak_memory: tuple[int, float]) -> dict:
-        """The record of a logging step (nanomt.metrics): its loss, optimizer state and memory
-        (this rank's peak and the largest over ranks, bytes), and over its interval (the steps
-        since the last record; nanomt.interval_metrics) the mean loss, skips and throughput."""
+        """A logging step's record (nanomt.metrics): its loss, optimizer state, memory (bytes:
+        this rank's peak, the largest), its interval's mean loss, skips and throughput."""
         batch = self.train_data.batch_size(step)
         consumed = self.train_data.consumed_before(step + 1)
         first = step + 1 - read.steps  # the interval's first step, 0-based
@@ -249,9 +248,8 @@ class Trainer:
     def check_finite(self, record: dict) -> None:
         """bf16/fp32 have no loss scale to lower: a non-finite loss or gradient norm skips the
         update (the optimizer already did) and, past train.max_skipped_steps in a row, stops
-        every rank at once (they all hold the same global loss and norm) without saving. The
-        run is counted on the device (nanomt.interval_metrics): with logging.metrics_interval
-        > 1 the stop comes at the first record after the step that went past the limit."""
+        every rank at once (they all hold the same global loss and norm) without saving; counted
+        on the device (nanomt.interval_metrics), so at the first record past the limit."""
         if self.over_limit_at is None:
             return  # fp16 never sets it: its loss scaler skips and lowers the scale
         in_a_row = int(self.cfg.train.max_skipped_steps) + 1
