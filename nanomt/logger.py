@@ -115,9 +115,14 @@ class RunLogger:
                                step=record["step"])
         if self.bar is not None:
             self.bar.set_postfix({"loss": f"{record['loss']:.4f}"}, refresh=False)
-            self.bar.update(1)
+        self.advance()
         if "val_loss" in record or record["step"] % self.log_interval == 0:
             self.print(one_line(record, self.total_steps))
+
+    def advance(self) -> None:
+        """One more step on the progress bar (a step that logs nothing calls only this)."""
+        if self.bar is not None:
+            self.bar.update(1)
 
     def print(self, message: str) -> None:
         if not self.is_writer:

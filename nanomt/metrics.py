@@ -24,11 +24,14 @@ from nanomt.parallel import comm
 from nanomt.parallel.grid import ParallelGrid
 
 # Every key a training step's record carries (val_loss and val_ppl only on evaluation steps,
-# mfu only when a peak is known); tests check a run's metrics.jsonl against this list.
+# mfu only when a peak is known); tests check a run's metrics.jsonl against this list. A record
+# covers interval_steps steps (logging.metrics_interval; nanomt.interval_metrics): loss,
+# grad_norm and skipped are its own step's, loss_mean, skipped_in_interval and the throughput
+# the interval's.
 STEP_METRICS = ("step", "loss", "lr", "grad_norm", "loss_scale", "skipped", "skipped_steps",
-                "global_batch_size", "consumed_samples", "tokens", "step_time_s", "tokens_per_s",
-                "tflops_per_gpu", "model_tflops_per_gpu", "mfu", "peak_memory_gb",
-                "peak_memory_gb_max_rank")
+                "global_batch_size", "consumed_samples", "tokens", "interval_steps", "loss_mean",
+                "skipped_in_interval", "step_time_s", "tokens_per_s", "tflops_per_gpu",
+                "model_tflops_per_gpu", "mfu", "peak_memory_gb", "peak_memory_gb_max_rank")
 EVAL_METRICS = ("val_loss", "val_ppl")
 
 

@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from nanomt.data import GlobalBatchSampler
 from nanomt.data.build import build_samplers
 from nanomt.data.rampup import schedule_position
 from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration, peak_tflops
+from nanomt.interval_metrics import IntervalMetrics, IntervalRead
 from nanomt.logger import RunLogger, startup_tables, write_json_atomic
 from nanomt.memory import PeakMemoryMeter, memory_report
 from nanomt.metrics import (
@@ -142,8 +143,14 @@ class Trainer:
     flops_per_step: float     # model FLOPs of one optimizer step (nanomt.flops)
     hardware_flops_per_step: float  # the same, recompute counted
     peak_tflops: float | None       # per device, for MFU (logging.peak_tflops or known GPUs)
-    nonfinite_in_a_row: int = 0
     skipped_steps: int = 0    # updates skipped so far in this launch (inf/nan)
+    over_limit_at: int | None = None  # the step past train.max_skipped_steps non-finite in a row
+    interval: IntervalMetrics = field(init=False)  # the device's sums between records
+
+    def __post_init__(self) -> None:
+        c = self.cfg.train  # fp16: no limit, its loss scaler skips and lowers the scale
+        self.interval = IntervalMetrics(self.device, None if c.precision == "fp16" else
+                                        int(c.max_skipped_steps))
 
     def micro_batches(self, data: GlobalBatchSampler, step: int) -> list[tuple]:
         """This dp rank's m_t = B_t / (b * dp) micro-batches of the global batch of `step` (B_t
@@ -166,9 +173,21 @@ class Trainer:
         return tuple(to_device(split_sequence(t, 1, grid.cp_rank, grid.cp_size), self.device)
                      for t in micro_batch)
 
-    def train_step(self, step: int, measure: PeakMemoryMeter) -> dict:
-        """One optimizer step over the global batch of `step`; returns its metrics."""
-        t0 = time.perf_counter()
+    def logs_at(self, steps_done: int) -> bool:
+        """Whether step `steps_done` (1-based) writes a metrics record, and so reads from the
+        device: every logging.metrics_interval-th step, and the steps that have a reason to
+        (evaluation, a checkpoint, train.exit_after, the last step)."""
+        c = self.cfg.train
+        every = int(self.cfg.logging.get("metrics_interval", 1))
+        return (steps_done % every == 0 or steps_done == int(c.steps)
+                or bool(c.eval_interval and steps_done % int(c.eval_interval) == 0)
+                or self.checkpointer.save_due(steps_done))
+
+    def train_step(self, step: int, measure: PeakMemoryMeter) -> dict | None:
+        """One optimizer step over the global batch of `step`; returns its metrics record, or
+        None on a step that logs nothing (`logs_at`): such a step reads nothing from the device
+        (nanomt.interval_metrics), except under fp16."""
+        self.interval.start_step()
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -182,35 +201,45 @@ class Trainer:
                                              timeline=self.timeline,
                                              loss_scale=self.optimizer.loss_scale)
         faults.inject("optimizer", step + 1)
-        # what the step logs, reduced on the device: the mean loss, the largest peak memory
         loss = mean_over_batch(loss_sum, len(micro_batches), self.grid, self.device)
-        peak_memory = peak_memory_bytes(self.device)
-        largest_peak = max_over_ranks(peak_memory, self.grid, self.device)
         # data-parallel reductions complete; sequence-parallel and tied-embedding sums
         finalize_grads(self.optimizer.buffer)
-        # the global norm and the inf/nan verdict (the step's one host sync, which brings the
-        # logged values along), then clip by the norm
-        clipped = self.optimizer.clip_grads(read_along=torch.cat([loss.double(), largest_peak]))
-        result = self.optimizer.step()  # AdamW on my shards (or skip: inf/nan), then publish
-        loss_value, largest_peak_value = clipped.read_along
-        step_time = time.perf_counter() - t0
-        self.skipped_steps += int(result.skipped)
-        return self.step_metrics(step, loss_value, lr, result, step_time,
-                                 (peak_memory, largest_peak_value))
+        # the global norm and the inf/nan verdict, on the device; clip by the norm
+        clipped = self.optimizer.clip_grads(read=False)
+        self.interval.add(step + 1, loss, clipped.sum_of_squares, clipped.skipped)
+        logs = self.logs_at(step + 1)
+        if logs:  # the step's one host sync, which brings the interval's values along
+            peak_memory = peak_memory_bytes(self.device)  # the process's peak: never lower
+            read = self.interval.read(max_over_ranks(peak_memory, self.grid, self.device))
+            clipped.grad_norm, clipped.overflow = math.sqrt(read.sum_of_squares), read.skipped
+        elif self.optimizer.loss_scaler is not None:
+            clipped.read()  # fp16: its loss scaler decides on the host, every step
+        self.optimizer.step()  # AdamW on my shards (skipped on the device on inf/nan), publish
+        if not logs:
+            return None
+        self.skipped_steps += read.skipped_in_interval
+        self.over_limit_at = read.over_limit_at or None
+        return self.step_metrics(step, read, lr, self.interval.restart_clock(),
+                                 (peak_memory, read.along[0]))
 
-    def step_metrics(self, step: int, loss: float, lr: float, result: Any, step_time: float,
+    def step_metrics(self, step: int, read: IntervalRead, lr: float, elapsed: float,
                      peak_memory: tuple[int, float]) -> dict:
-        """The record of one step (nanomt.metrics): loss, optimizer state, throughput, memory
-        (this rank's peak and the largest over ranks, bytes)."""
+        """A logging step's record (nanomt.metrics): its loss, optimizer state, memory (bytes:
+        this rank's peak, the largest), its interval's mean loss, skips and throughput."""
         batch = self.train_data.batch_size(step)
         consumed = self.train_data.consumed_before(step + 1)
-        share = batch / self.cfg.train.global_batch_size  # of the FLOPs, during a batch ramp-up
-        return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
-                "loss_scale": self.optimizer.loss_scale, "skipped": result.skipped,
+        first = step + 1 - read.steps  # the interval's first step, 0-based
+        step_time = elapsed / read.steps
+        mean_batch = (consumed - self.train_data.consumed_before(first)) / read.steps
+        share = mean_batch / self.cfg.train.global_batch_size  # of the FLOPs, during a ramp-up
+        return {"step": step + 1, "loss": read.loss, "lr": lr,
+                "grad_norm": math.sqrt(read.sum_of_squares),
+                "loss_scale": self.optimizer.loss_scale, "skipped": read.skipped,
                 "skipped_steps": self.skipped_steps, "global_batch_size": batch,
                 "consumed_samples": consumed, "tokens": consumed * self.model_cfg.seq_len,
-                "step_time_s": step_time,
-                **throughput(step_time, batch, self.model_cfg.seq_len,
+                "interval_steps": read.steps, "loss_mean": read.loss_mean,
+                "skipped_in_interval": read.skipped_in_interval, "step_time_s": step_time,
+                **throughput(step_time, mean_batch, self.model_cfg.seq_len,
                              self.flops_per_step * share, self.hardware_flops_per_step * share,
                              self.grid.world_size, self.peak_tflops),
                 "peak_memory_gb": peak_memory[0] / 2**30,
@@ -219,22 +248,22 @@ class Trainer:
     def check_finite(self, record: dict) -> None:
         """bf16/fp32 have no loss scale to lower: a non-finite loss or gradient norm skips the
         update (the optimizer already did) and, past train.max_skipped_steps in a row, stops
-        every rank at once (they all hold the same global loss and norm) without saving."""
-        if self.cfg.train.precision == "fp16":
-            return  # the loss scaler skips and lowers the scale (nanomt.optim.loss_scaler)
-        if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
-            self.nonfinite_in_a_row = 0
-            return
-        self.nonfinite_in_a_row += 1
-        allowed = int(self.cfg.train.max_skipped_steps)
-        if self.nonfinite_in_a_row > allowed:
-            latest = self.checkpointer.last_saved or self.checkpointer.resumed_from
-            raise NonFiniteError(
-                f"step {record['step']}: loss {record['loss']} or gradient norm "
-                f"{record['grad_norm']} is not finite ({self.nonfinite_in_a_row} such steps in a "
-                f"row); the update was skipped and nothing was saved (last good checkpoint: "
-                f"{latest or 'none'}); lower optim.lr, check the data, or allow skips with "
-                f"train.max_skipped_steps")
+        every rank at once (they all hold the same global loss and norm) without saving; counted
+        on the device (nanomt.interval_metrics), so at the first record past the limit."""
+        if self.over_limit_at is None:
+            return  # fp16 never sets it: its loss scaler skips and lowers the scale
+        in_a_row = int(self.cfg.train.max_skipped_steps) + 1
+        if self.over_limit_at == record["step"]:
+            what = (f"step {record['step']}: loss {record['loss']} or gradient norm "
+                    f"{record['grad_norm']} is not finite ({in_a_row} such steps in a row)")
+        else:  # found at the first record after it (logging.metrics_interval)
+            what = (f"step {self.over_limit_at} (found at the record of step {record['step']}): "
+                    f"the loss or gradient norm was not finite {in_a_row} steps in a row")
+        latest = self.checkpointer.last_saved or self.checkpointer.resumed_from
+        raise NonFiniteError(
+            f"{what}; the update was skipped and nothing was saved (last good checkpoint: "
+            f"{latest or 'none'}); lower optim.lr, check the data, or allow skips with "
+            f"train.max_skipped_steps")
 
     def evaluate_all(self) -> dict:
         """Validation loss and perplexity, and the train.eval_tasks scores."""
@@ -387,17 +416,22 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
     t_start = time.perf_counter()
     for step in range(t.start_step, steps):
         position["where"] = f"step {step + 1}"
-        record = t.train_step(step, activation_meter)
-        interval = cfg.train.eval_interval
-        if (interval and (step + 1) % interval == 0) or step + 1 == steps:
-            record.update(t.evaluate_all())
-            val_loss = record["val_loss"]
-        logger.log_step(record)
-        t.check_finite(record)
+        logged = t.train_step(step, activation_meter)  # None: a step that logs nothing
         steps_done = step + 1
+        if logged is not None:
+            record = logged
+            interval = cfg.train.eval_interval
+            if (interval and steps_done % interval == 0) or steps_done == steps:
+                record.update(t.evaluate_all())
+                val_loss = record["val_loss"]
+            logger.log_step(record)
+            t.check_finite(record)
+        else:
+            logger.advance()
         position["where"] = f"the checkpoint after step {steps_done}"
+        # the preemption signal is polled (a host read) only on steps that log
         if t.checkpointer.after_step(steps_done, t.model_chunks, t.optimizer, t.train_data,
-                                     record["lr"]):
+                                     t.lr_at(step), poll_signal=logged is not None):
             break  # train.exit_after reached, or the preemption signal: saved, stop cleanly
 
     t.checkpointer.close()

@@ -32,6 +32,8 @@ BAD_INPUTS = {
                              "logging.peak_tflops must be a number > 0 or null, got -1"),
     "log_interval_zero": (["logging.log_interval=0"], 1,
                           "logging.log_interval must be a positive integer, got 0"),
+    "metrics_interval_zero": (["logging.metrics_interval=0"], 1,
+                              "logging.metrics_interval must be a positive integer, got 0"),
     # layout
     "world_not_tp_cp_pp_dp": (["parallel.tp=2", "parallel.dp=1"], 4,
                               "world size 4 != tp*cp*pp*dp = 2*1*1*1 = 2; launch tp*cp*pp*dp "

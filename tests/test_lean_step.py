@@ -24,8 +24,19 @@ def test_foreach_adamw_is_the_single_tensor_update_bit_for_bit():
         for (master, m, v), grad in zip(single, grads):
             adamw_update_(master, grad, m, v, step, 3e-3, (0.9, 0.95), 1e-8)
         adamw_update_foreach_([s[0] for s in multi], grads, [s[1] for s in multi],
-                              [s[2] for s in multi], step, 3e-3, (0.9, 0.95), 1e-8)
+                              [s[2] for s in multi], torch.tensor(step), 3e-3, (0.9, 0.95),
+                              1e-8, update=torch.tensor(True))
     for a, b in zip(single, multi):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    # gated off on the device: inf/nan gradients leave every tensor as it was
+    before = [[t.clone() for t in state] for state in multi]
+    grads = [torch.full((n,), float("nan")) for n in sizes]
+    grads[1][0] = float("inf")
+    adamw_update_foreach_([s[0] for s in multi], grads, [s[1] for s in multi],
+                          [s[2] for s in multi], torch.tensor(6), 3e-3, (0.9, 0.95), 1e-8,
+                          update=torch.tensor(False))
+    for a, b in zip(before, multi):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
 

@@ -120,15 +120,15 @@ def test_reducing_every_microbatch_costs_m_times_the_gradient_traffic(traffic, s
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
 
 
-def _count_host_syncs(run_root: str) -> dict:
-    """Set up a pp=2 x dp=2 ZeRO-2 run (1F1B, 4 micro-batches) and count, in its second step
-    (Trainer.train_step: schedule, finalize, optimizer update and the step's metrics record),
-    the calls that copy a tensor to the host."""
+def _count_host_syncs(run_root: str, extra: tuple = (), steps: int = 2) -> dict:
+    """Set up a pp=2 x dp=2 ZeRO-2 run (1F1B, 4 micro-batches) and count, in each step after
+    the first (Trainer.train_step: schedule, finalize, optimizer update and the step's metrics
+    record), the calls that copy a tensor to the host."""
     from nanomt.memory import PeakMemoryMeter
     from nanomt.train import setup
 
     cfg = compose_config(TINY + ["parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=2",
-                                 "train.global_batch_size=8", "train.steps=2"])
+                                 "train.global_batch_size=8", f"train.steps={steps}", *extra])
     t = setup(cfg, Path(run_root))
     calls: list[str] = []
     originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
@@ -140,14 +140,19 @@ def _count_host_syncs(run_root: str) -> dict:
         return method
 
     t.train_step(0, PeakMemoryMeter())  # the first step builds what later steps reuse
-    for name in SYNC_METHODS:
-        setattr(torch.Tensor, name, counting(name))
-    try:
-        record = t.train_step(1, PeakMemoryMeter())
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-    return {"calls": calls, "record": record, "microbatches": t.num_microbatches}
+    per_step, records = [], []
+    for step in range(1, steps):
+        calls.clear()
+        for name in SYNC_METHODS:
+            setattr(torch.Tensor, name, counting(name))
+        try:
+            records.append(t.train_step(step, PeakMemoryMeter()))
+        finally:
+            for name, original in originals.items():
+                setattr(torch.Tensor, name, original)
+        per_step.append(list(calls))
+    return {"calls": per_step, "records": records, "microbatches": t.num_microbatches,
+            "adam_steps": t.optimizer.step_count}
 
 
 def test_a_1f1b_zero2_step_syncs_the_host_at_most_once(tmp_path):
@@ -158,9 +163,24 @@ def test_a_1f1b_zero2_step_syncs_the_host_at_most_once(tmp_path):
                               timeout_s=240)
     for r in results:
         assert r["microbatches"] == 4
-        assert r["calls"] == ["tolist"], r["calls"]
+        assert r["calls"] == [["tolist"]], r["calls"]
     for key in ("loss", "grad_norm", "peak_memory_gb_max_rank"):
-        values = {r["record"][key] for r in results}
+        values = {r["records"][0][key] for r in results}
+        assert len(values) == 1 and all(math.isfinite(v) and v > 0 for v in values), (key, values)
+
+
+def test_steps_that_log_nothing_do_not_sync_the_host(tmp_path):
+    """logging.metrics_interval=4: steps 2, 3, 6 and 7 read nothing from the device (their inf/nan
+    skip is decided there), steps 4 and 8 read everything in one copy."""
+    results = run_distributed(_count_host_syncs, world_size=4, timeout_s=240,
+                              args=(str(tmp_path), ("logging.metrics_interval=4",), 8))
+    for r in results:
+        assert r["calls"] == [[], [], ["tolist"], [], [], [], ["tolist"]], r["calls"]
+        assert [rec is not None for rec in r["records"]] == [False, False, True, False, False,
+                                                             False, True]
+        assert r["adam_steps"] == 8
+    for key in ("loss", "loss_mean", "grad_norm"):
+        values = {r["records"][-1][key] for r in results}
         assert len(values) == 1 and all(math.isfinite(v) and v > 0 for v in values), (key, values)
 
 

@@ -197,22 +197,31 @@ class Checkpointer:
             if comm.world_rank() == 0:
                 print(f"nanomt: warning: {error}", flush=True)
 
-    def after_step(self, steps_done: int, chunks: list[nn.Module], optimizer: Optimizer | None,
-                   train_data: BatchSource, lr: float) -> bool:
-        """Save if a checkpoint is due; True when the loop must stop now (exit_after, SIGTERM).
-
-        Collective: every rank calls it after every step."""
-        if self.preemption.requested(self.device):
-            self.stopped_by = "preemption"
-        elif (self.exit_after is not None
-              and steps_done - self.start_step >= int(self.exit_after)):
-            self.stopped_by = "exit_after"
-        stop = self.stopped_by is not None
+    def save_due(self, steps_done: int) -> bool:
+        """Whether the step `steps_done` saves without a signal: the interval, the end of the
+        run (when saving was asked for at all), or train.exit_after reached."""
         periodic = self.interval > 0 and steps_done % self.interval == 0
-        # the end of the run: saved when saving was asked for at all
         final = steps_done == self.total_steps and (self.interval > 0
                                                     or self.exit_after is not None)
-        if stop or periodic or final:
+        return periodic or final or self._exit_after_reached(steps_done)
+
+    def _exit_after_reached(self, steps_done: int) -> bool:
+        return self.exit_after is not None and steps_done - self.start_step >= int(self.exit_after)
+
+    def after_step(self, steps_done: int, chunks: list[nn.Module], optimizer: Optimizer | None,
+                   train_data: BatchSource, lr: float, poll_signal: bool = True) -> bool:
+        """Save if a checkpoint is due; True when the loop must stop now (exit_after, SIGTERM).
+
+        Collective: every rank calls it after every step. poll_signal=False skips the check for
+        the preemption signal, a host read (the trainer's steps that log nothing): a signal is
+        then noticed at the next step that polls."""
+        if poll_signal and self.preemption.requested(self.device):
+            self.stopped_by = "preemption"
+        elif self._exit_after_reached(steps_done):
+            self.stopped_by = "exit_after"
+        stop = self.stopped_by is not None
+        if stop or self.save_due(steps_done):
+            final = steps_done == self.total_steps
             self._save_or_continue(steps_done, stop or final, chunks, optimizer, train_data, lr)
         return stop
 

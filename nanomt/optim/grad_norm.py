@@ -9,9 +9,10 @@ partial sums are then added over the model-parallel group (tp x pp). Data-parall
 identical (all-reduced) gradients and are not added again; sharded gradients (ZeRO-1/2/3 shards)
 are summed over dp too.
 
-`norm_and_overflow` is the one implementation of this rule: the ZeRO optimizer calls it with the
-pieces of its flat shards, `global_grad_norm` with whole `.grad` tensors. It also counts inf/nan
-elements in the same all-reduce, so that every rank of the world agrees on an fp16 overflow.
+`squares_and_verdict` is the one implementation of this rule: the ZeRO optimizer calls it with the
+pieces of its flat shards, `global_grad_norm` (through `norm_and_overflow`) with whole `.grad`
+tensors. It also counts inf/nan elements in the same all-reduce, so that every rank of the world
+agrees on an overflow. It reads nothing; `read_verdict` is the host sync, when one is wanted.
 """
 
 from __future__ import annotations
@@ -38,19 +39,17 @@ def counted_once(param: nn.Parameter, tp_rank: int) -> bool:
     return info.primary  # not the last stage's copy of the tied embedding
 
 
-def norm_and_overflow(pieces: list[tuple[nn.Parameter, torch.Tensor]],
-                      grid: ParallelGrid | None, dp_group: dist.ProcessGroup | None = None,
-                      count_squares: bool = True, read_along: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, float, bool, list[float]]:
-    """(||g|| over the whole model as a tensor and as a float, whether any rank holds an
-    inf/nan gradient, the values of `read_along`).
+def squares_and_verdict(pieces: list[tuple[nn.Parameter, torch.Tensor]],
+                        grid: ParallelGrid | None, dp_group: dist.ProcessGroup | None = None,
+                        count_squares: bool = True) -> torch.Tensor:
+    """[sum of squares of the whole model's gradient, a sum that is inf/nan exactly when some
+    rank holds an inf/nan gradient], fp32 on the device and equal on every rank; no host read.
 
     pieces: (parameter, gradient or a slice of it) held by this rank. dp_group: the group whose
     ranks hold different pieces of the same parameters (ZeRO shards); None when dp replicas are
     identical. count_squares=False: this rank only reports inf/nan (a dp replica of a gradient
     another rank counts). One fused norm kernel over all pieces (torch._foreach_norm), one
-    all-reduce over dp, one over tp x pp, one host sync. `read_along`: values the caller wants
-    on the host (the step's loss, say), copied in that same sync.
+    all-reduce over dp, one over tp x pp.
 
     A piece's norm is inf/nan exactly when the piece holds an inf/nan (or its squares overflow
     fp32, which is as fatal), so the sum of every piece's norm carries the verdict.
@@ -58,24 +57,44 @@ def norm_and_overflow(pieces: list[tuple[nn.Parameter, torch.Tensor]],
     tp_rank = grid.tp_rank if grid is not None else 0
     device = pieces[0][1].device if pieces else torch.device("cpu")
     totals = torch.zeros(2, dtype=torch.float32, device=device)  # [sum of squares, inf/nan]
-    if pieces:
-        # fp64 accumulation: the squares summed in another grouping of the same elements (other
-        # shards, other layouts) agree to well below fp32's rounding
-        norms = torch.stack(torch._foreach_norm([grad for _, grad in pieces], 2,
-                                                dtype=torch.float64))
-        counted = torch.tensor([count_squares and counted_once(param, tp_rank)
-                                for param, _ in pieces], device=device)
-        totals[0] = torch.where(counted, norms, 0.0).pow(2).sum().float()
-        totals[1] = norms.sum().float()
+    counts = [count_squares and counted_once(param, tp_rank) for param, _ in pieces]
+    counted = [grad for (_, grad), count in zip(pieces, counts) if count]
+    others = [grad for (_, grad), count in zip(pieces, counts) if not count]
+    # fp64 accumulation: the squares summed in another grouping of the same elements (other
+    # shards, other layouts) agree to well below fp32's rounding. Split on the host, not masked
+    # on the device: a mask would be a host-to-device copy, which waits for the device.
+    norms = [torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))
+             for grads in (counted, others) if grads]
+    if counted:
+        totals[0] = norms[0].pow(2).sum().float()
+    if norms:
+        totals[1] = sum(n.sum() for n in norms).float()
     comm.all_reduce(totals, dp_group)
     if grid is not None:
         comm.all_reduce(totals, grid.model_parallel_group)
+    return totals
+
+
+def read_verdict(totals: torch.Tensor, read_along: torch.Tensor | None = None
+                 ) -> tuple[float, bool, list[float]]:
+    """The host's copy of `squares_and_verdict`'s totals, in one sync: (||g||, whether any rank
+    holds an inf/nan gradient, the values of `read_along`, which travel in the same copy)."""
     extra = read_along if read_along is not None else totals.new_empty(0)
-    # one host sync decides the skip on every rank (and brings the caller's values)
     sum_of_squares, verdict, *values = torch.cat([totals.double(),
                                                   extra.reshape(-1).double()]).tolist()
     overflow = not (math.isfinite(verdict) and math.isfinite(sum_of_squares))
-    return totals[0].sqrt(), math.sqrt(sum_of_squares), overflow, values
+    return math.sqrt(sum_of_squares), overflow, values
+
+
+def norm_and_overflow(pieces: list[tuple[nn.Parameter, torch.Tensor]],
+                      grid: ParallelGrid | None, dp_group: dist.ProcessGroup | None = None,
+                      count_squares: bool = True, read_along: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, float, bool, list[float]]:
+    """(||g|| over the whole model as a tensor and as a float, whether any rank holds an
+    inf/nan gradient, the values of `read_along`): `squares_and_verdict` and `read_verdict`,
+    one host sync."""
+    totals = squares_and_verdict(pieces, grid, dp_group, count_squares)
+    return (totals[0].sqrt(), *read_verdict(totals, read_along))
 
 
 def global_grad_norm(params: list[nn.Parameter], grid: ParallelGrid | None,

@@ -16,11 +16,18 @@ parameters are their own masters, and Adam's two moments) and, each step,
 
     finalize_grads   (the caller's phase; done here if it was not) gradients complete and summed
     clip_grads()     fp16: divide by the loss scale; the global gradient norm, counting every
-                     parameter once over tp x pp x dp, and the inf/nan verdict, read in the
-                     step's one host sync (nanomt.optim.grad_norm); clip by the norm
-    step()           AdamW on the fp32 shard (nanomt.optim.adamw), or on inf/nan skip it on
-                     every rank; the buffer writes the new shard into the model and all-gathers
-                     it (ZeRO-1/2). step() alone runs clip_grads() first.
+                     parameter once over tp x pp x dp, and the inf/nan verdict, on the device
+                     (nanomt.optim.grad_norm), read in the step's one host sync unless
+                     read=False; clip by the norm
+    step()           AdamW on the fp32 shard (nanomt.optim.adamw), gated on the device by the
+                     verdict: on inf/nan every rank leaves its state as it was and Adam's step
+                     count (a device tensor) does not advance; the buffer writes the new shard
+                     into the model and all-gathers it (ZeRO-1/2). step() alone runs
+                     clip_grads() first.
+
+A step that reads nothing (clip_grads(read=False): the trainer's steps that log nothing,
+logging.metrics_interval) leaves no host sync behind; fp16 cannot, its loss scaler decides on
+the host.
 
 Checkpoint protocol (layout-independent, per parameter; nanomt.checkpoint speaks it):
     checkpoint_state() -> [(param, state_name, fp32 view, (lo, hi))]: the pieces of
@@ -34,13 +41,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from nanomt.optim.adamw import adamw_update_foreach_, decays
-from nanomt.optim.grad_norm import norm_and_overflow
+from nanomt.optim.grad_norm import read_verdict, squares_and_verdict
 from nanomt.optim.loss_scaler import DynamicLossScaler
 from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
 from nanomt.parallel.data_parallel.buckets import Bucket, storage_bytes
@@ -59,13 +66,30 @@ class StepResult:
 
 @dataclass
 class ClippedGrads:
-    """What clip_grads leaves for step: my shards' clipped fp32 gradients and the verdict."""
+    """What clip_grads leaves for step: my shards' clipped fp32 gradients and the verdict, on
+    the device, and on the host when clip_grads read them (else None)."""
 
     grads: list[torch.Tensor]
-    grad_norm: float
-    overflow: bool
+    totals: torch.Tensor  # [||g||^2 before clipping, inf/nan carrier]: grad_norm.py, fp32
     loss_scale: float
-    read_along: list[float]  # the values of clip_grads(read_along=...), read in the same sync
+    grad_norm: float | None = None
+    overflow: bool | None = None
+    read_along: list[float] | None = None  # read(along=...), in the same sync
+    skipped: torch.Tensor = field(init=False)  # the verdict on the device: some rank's
+    #                                            gradient holds an inf/nan (bool scalar)
+
+    def __post_init__(self) -> None:
+        self.skipped = ~torch.isfinite(self.totals).all()
+
+    @property
+    def sum_of_squares(self) -> torch.Tensor:
+        return self.totals[0]
+
+    def read(self, along: torch.Tensor | None = None) -> list[float]:
+        """The host's copy of the norm and the verdict (a host sync), and of `along` (the
+        step's loss, say) in the same copy; returns along's values."""
+        self.grad_norm, self.overflow, self.read_along = read_verdict(self.totals, along)
+        return self.read_along
 
 
 @dataclass
@@ -92,7 +116,9 @@ class ShardedAdamW:
         # the train loop sets "lr" here every step.
         self.param_groups = [{"lr": lr, "weight_decay": weight_decay},
                              {"lr": lr, "weight_decay": 0.0}]
-        self.step_count = 0
+        self.device = self.buffer.own_param_shard(buffer.buckets[0]).device \
+            if buffer.buckets else torch.device("cpu")
+        self.step_tensor = torch.zeros((), dtype=torch.int64, device=self.device)  # Adam's t
         self.memory_after_backward: dict[str, int] = {}  # model-state bytes at the step's peak
         self.clipped: ClippedGrads | None = None  # between clip_grads and step
         self.shards = [self._shard_state(b, master_params or {}) for b in buffer.buckets]
@@ -120,12 +146,14 @@ class ShardedAdamW:
         self.buffer.zero_grad(set_to_none, num_microbatches)
 
     @torch.no_grad()
-    def clip_grads(self, read_along: torch.Tensor | None = None) -> ClippedGrads:
+    def clip_grads(self, read_along: torch.Tensor | None = None, read: bool = True
+                   ) -> ClippedGrads:
         """Unscale (fp16), take the global norm and the inf/nan verdict, and clip by the norm.
 
-        The one host read of a step happens here: the norm and the verdict decide on every rank
-        whether to update; `read_along` (the step's loss, say) travels in the same copy. The
-        clipped fp32 gradients wait for `step`."""
+        read=True: the one host read of a step happens here, the norm and the verdict, with
+        `read_along` (the step's loss, say) in the same copy. read=False: nothing is read; the
+        verdict stays on the device, where step() is gated by it. The clipped fp32 gradients
+        wait for `step`."""
         buffer = self.buffer
         buffer.release_prefetched()  # no ZeRO-3 gather may read a shard while it is updated
         buffer.wait_for_params()  # nor a ZeRO-1/2 gather left in flight by the last step
@@ -141,43 +169,51 @@ class ShardedAdamW:
         pieces = [(s.param, grad[s.shard_lo: s.shard_hi])
                   for b, grad in zip(buffer.buckets, grads) for s in b.segments]
         # At ZeRO-0 every dp replica holds the same gradients: dp rank 0 counts them.
-        norm, norm_value, overflow, values = norm_and_overflow(
-            pieces, self.grid, buffer.dp_group, count_squares=self.stage > 0 or buffer.dp_rank == 0,
-            read_along=read_along)
-        if self.grad_clip > 0 and not overflow:
-            torch._foreach_mul_(grads, torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))
-        self.clipped = ClippedGrads(grads, norm_value, overflow, scale, values)
-        return self.clipped
+        totals = squares_and_verdict(pieces, self.grid, buffer.dp_group,
+                                     count_squares=self.stage > 0 or buffer.dp_rank == 0)
+        clipped = ClippedGrads(grads, totals, scale)
+        if read:
+            clipped.read(read_along)
+        if self.grad_clip > 0:  # inf/nan makes the gradients nan: step() then skips them
+            torch._foreach_mul_(grads, torch.clamp(self.grad_clip / (totals[0].sqrt() + 1e-6),
+                                                   max=1.0))
+        self.clipped = clipped
+        return clipped
 
     @torch.no_grad()
-    def step(self) -> StepResult:
+    def step(self) -> StepResult | None:
         """AdamW on my shards with the clipped gradients (clip_grads first, if the caller has
         not), then publish the updated parameters; an inf/nan gradient skips the update on
-        every rank (fp16: the loss scale drops). Returns the norm and the skip flag."""
+        every rank (fp16: the loss scale drops). Returns the norm and the skip flag, or None
+        when clip_grads(read=False) left them on the device."""
         clipped = self.clipped if self.clipped is not None else self.clip_grads()
         self.clipped = None
         if self.loss_scaler is not None:
+            if clipped.overflow is None:
+                raise ValueError("fp16's loss scaler decides on the host: clip_grads(read=True)")
             self.loss_scaler.update(clipped.overflow)
-        if not clipped.overflow:
-            self.step_count += 1
-            self._update(clipped.grads)
-            self.buffer.publish_params([shard.master for shard in self.shards])
+        self._update(clipped.grads, ~clipped.skipped)
+        self.buffer.publish_params([shard.master for shard in self.shards])
         self.buffer.zero_grad()
+        if clipped.overflow is None:
+            return None
         return StepResult(clipped.grad_norm, clipped.overflow, clipped.loss_scale)
 
-    def _update(self, grads: list[torch.Tensor]) -> None:
-        """Decoupled weight decay on the matrices' pieces, then AdamW on every shard at once."""
+    def _update(self, grads: list[torch.Tensor], update: torch.Tensor) -> None:
+        """Decoupled weight decay on the matrices' pieces, then AdamW on every shard at once,
+        both gated by `update` (a device bool: False leaves everything as it was)."""
         lr_decay, lr_flat = self.param_groups[0]["lr"], self.param_groups[1]["lr"]
         if lr_decay != lr_flat:
             raise ValueError("ShardedAdamW updates a flat shard with one learning rate; "
                              "set the same lr in every param group")
         wd = self.param_groups[0]["weight_decay"]
         if wd != 0 and self.decaying_pieces:
-            torch._foreach_mul_(self.decaying_pieces, 1 - lr_decay * wd)
+            torch._foreach_mul_(self.decaying_pieces, torch.where(update, 1 - lr_decay * wd, 1.0))
+        self.step_tensor += update  # Adam's t counts the updates taken
         adamw_update_foreach_([s.master for s in self.shards], grads,
                               [s.exp_avg for s in self.shards],
-                              [s.exp_avg_sq for s in self.shards], self.step_count, lr_decay,
-                              self.betas, self.eps)
+                              [s.exp_avg_sq for s in self.shards], self.step_tensor + ~update,
+                              lr_decay, self.betas, self.eps, update)
 
     def memory(self) -> dict[str, int]:
         """Bytes this rank holds now: the buffer's parameters and gradients, and my state."""
@@ -235,6 +271,15 @@ class ShardedAdamW:
                         raise
                     getattr(shard, name)[s.shard_lo: s.shard_hi].copy_(value.reshape(-1))
         self.buffer.publish_params([shard.master for shard in self.shards])
+
+    @property
+    def step_count(self) -> int:
+        """Adam's step t: the updates taken so far (a host read of the device count)."""
+        return int(self.step_tensor)
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self.step_tensor.fill_(int(value))
 
     def scalar_state(self) -> dict:
         scaler = self.loss_scaler
