@@ -12,30 +12,36 @@ CFG = ModelConfig(num_layers=1, hidden_size=32, num_heads=4, seq_len=16)
 
 
 def test_foreach_adamw_is_the_single_tensor_update_bit_for_bit():
-    from nanomt.optim.adamw import adamw_update_, adamw_update_foreach_
+    """The multi-tensor update and its device-gated twin (logging.metrics_interval > 1) both
+    equal the single-tensor path bit for bit."""
+    from nanomt.optim.adamw import adamw_update_, adamw_update_foreach_, adamw_update_foreach_gated_
 
     generator = torch.Generator().manual_seed(0)
     sizes = (1000, 7, 333)
     single = [[torch.randn(n, generator=generator), torch.zeros(n), torch.zeros(n)]
               for n in sizes]
     multi = [[t.clone() for t in state] for state in single]
+    gated = [[t.clone() for t in state] for state in single]
     for step in range(1, 6):
         grads = [torch.randn(n, generator=generator) for n in sizes]
         for (master, m, v), grad in zip(single, grads):
             adamw_update_(master, grad, m, v, step, 3e-3, (0.9, 0.95), 1e-8)
         adamw_update_foreach_([s[0] for s in multi], grads, [s[1] for s in multi],
-                              [s[2] for s in multi], torch.tensor(step), 3e-3, (0.9, 0.95),
-                              1e-8, update=torch.tensor(True))
-    for a, b in zip(single, multi):
-        for x, y in zip(a, b):
-            assert torch.equal(x, y)
+                              [s[2] for s in multi], step, 3e-3, (0.9, 0.95), 1e-8)
+        adamw_update_foreach_gated_([s[0] for s in gated], [g.clone() for g in grads],
+                                    [s[1] for s in gated], [s[2] for s in gated],
+                                    torch.tensor(step), 3e-3, (0.9, 0.95), 1e-8,
+                                    update=torch.tensor(True))
+    for a, b, c in zip(single, multi, gated):
+        for x, y, z in zip(a, b, c):
+            assert torch.equal(x, y) and torch.equal(x, z)
     # gated off on the device: inf/nan gradients leave every tensor as it was
     before = [[t.clone() for t in state] for state in multi]
     grads = [torch.full((n,), float("nan")) for n in sizes]
     grads[1][0] = float("inf")
-    adamw_update_foreach_([s[0] for s in multi], grads, [s[1] for s in multi],
-                          [s[2] for s in multi], torch.tensor(6), 3e-3, (0.9, 0.95), 1e-8,
-                          update=torch.tensor(False))
+    adamw_update_foreach_gated_([s[0] for s in multi], grads, [s[1] for s in multi],
+                                [s[2] for s in multi], torch.tensor(6), 3e-3, (0.9, 0.95),
+                                1e-8, update=torch.tensor(False))
     for a, b in zip(before, multi):
         for x, y in zip(a, b):
             assert torch.equal(x, y)

@@ -52,18 +52,36 @@ def adamw_update_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tenso
 
 def adamw_update_foreach_(masters: list[torch.Tensor], grads: list[torch.Tensor],
                           exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                          step: torch.Tensor, lr: float, betas: tuple[float, float], eps: float,
-                          update: torch.Tensor) -> None:
-    """`adamw_update_` on many flat tensors at once, each operation one torch._foreach_* kernel
-    over the whole list, and gated on the device: `update` (a bool tensor) False leaves every
-    tensor as it was, so the caller needs no host read to skip an inf/nan step.
+                          step: int, lr: float, betas: tuple[float, float], eps: float) -> None:
+    """`adamw_update_` on many flat tensors at once: the same operations in the same order, each
+    a torch._foreach_* kernel over the whole list (one launch per operation on CUDA instead of
+    one per tensor), so the result is the single-tensor path's, bit for bit."""
+    beta1, beta2 = betas
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, bias_correction2_sqrt)
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(masters, exp_avgs, denoms, value=-lr / bias_correction1)
+
+
+def adamw_update_foreach_gated_(masters: list[torch.Tensor], grads: list[torch.Tensor],
+                                exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                                step: torch.Tensor, lr: float, betas: tuple[float, float],
+                                eps: float, update: torch.Tensor) -> None:
+    """`adamw_update_foreach_` with the step decided on the device: `update` (a bool tensor)
+    False leaves every tensor as it was, so the caller needs no host read to skip an inf/nan
+    step (logging.metrics_interval > 1). Costs two passes more than the ungated update.
 
     step: Adam's step t of this update (int64 tensor, on the device). The per-step numbers are
     computed there in fp64, as the host computes Python floats, and rounded to fp32, as a kernel
     rounds a Python scalar; (s m) / d followed by an add is addcdiv's own order. So an update is
-    the single-tensor path's, bit for bit (tests/test_zero.py). A skipped step multiplies by 1,
-    lerps with weight 0, adds 0: the gradients must then be finite, so they are zeroed first
-    (nan * 0 is nan); they are scratch the caller discards.
+    the single-tensor path's, bit for bit (tests/test_lean_step.py). A skipped step multiplies
+    by 1, lerps with weight 0, adds 0: the gradients must then be finite, so they are zeroed
+    first (nan * 0 is nan); they are scratch the caller discards.
     """
     beta1, beta2 = betas
     skip = ~update

@@ -19,15 +19,15 @@ parameters are their own masters, and Adam's two moments) and, each step,
                      parameter once over tp x pp x dp, and the inf/nan verdict, on the device
                      (nanomt.optim.grad_norm), read in the step's one host sync unless
                      read=False; clip by the norm
-    step()           AdamW on the fp32 shard (nanomt.optim.adamw), gated on the device by the
-                     verdict: on inf/nan every rank leaves its state as it was and Adam's step
-                     count (a device tensor) does not advance; the buffer writes the new shard
-                     into the model and all-gathers it (ZeRO-1/2). step() alone runs
+    step()           AdamW on the fp32 shard (nanomt.optim.adamw), or on inf/nan skip it on
+                     every rank (Adam's step count does not advance); the buffer writes the new
+                     shard into the model and all-gathers it (ZeRO-1/2). step() alone runs
                      clip_grads() first.
 
 A step that reads nothing (clip_grads(read=False): the trainer's steps that log nothing,
-logging.metrics_interval) leaves no host sync behind; fp16 cannot, its loss scaler decides on
-the host.
+logging.metrics_interval > 1) leaves no host sync behind: the skip is decided on the device (a
+gated update, two passes more, the same numbers bit for bit), and from then on Adam's t lives
+on the device only. fp16 cannot: its loss scaler decides on the host.
 
 Checkpoint protocol (layout-independent, per parameter; nanomt.checkpoint speaks it):
     checkpoint_state() -> [(param, state_name, fp32 view, (lo, hi))]: the pieces of
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nanomt.optim.adamw import adamw_update_foreach_, decays
+from nanomt.optim.adamw import adamw_update_foreach_, adamw_update_foreach_gated_, decays
 from nanomt.optim.grad_norm import read_verdict, squares_and_verdict
 from nanomt.optim.loss_scaler import DynamicLossScaler
 from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
@@ -119,6 +119,7 @@ class ShardedAdamW:
         self.device = self.buffer.own_param_shard(buffer.buckets[0]).device \
             if buffer.buckets else torch.device("cpu")
         self.step_tensor = torch.zeros((), dtype=torch.int64, device=self.device)  # Adam's t
+        self.host_steps: int | None = 0  # t on the host, while every verdict has been read
         self.memory_after_backward: dict[str, int] = {}  # model-state bytes at the step's peak
         self.clipped: ClippedGrads | None = None  # between clip_grads and step
         self.shards = [self._shard_state(b, master_params or {}) for b in buffer.buckets]
@@ -192,28 +193,51 @@ class ShardedAdamW:
             if clipped.overflow is None:
                 raise ValueError("fp16's loss scaler decides on the host: clip_grads(read=True)")
             self.loss_scaler.update(clipped.overflow)
-        self._update(clipped.grads, ~clipped.skipped)
-        self.buffer.publish_params([shard.master for shard in self.shards])
+        if clipped.overflow is not None and self.host_steps is not None:
+            if not clipped.overflow:  # the verdict is on the host: skip, or the plain update
+                self.host_steps += 1
+                self.step_tensor += 1
+                self._update(clipped.grads, self.host_steps)
+                self.buffer.publish_params([shard.master for shard in self.shards])
+        else:  # decided on the device; t is known there only from now on
+            self.host_steps = None
+            self._update_gated(clipped.grads, ~clipped.skipped)
+            self.buffer.publish_params([shard.master for shard in self.shards])
         self.buffer.zero_grad()
         if clipped.overflow is None:
             return None
         return StepResult(clipped.grad_norm, clipped.overflow, clipped.loss_scale)
 
-    def _update(self, grads: list[torch.Tensor], update: torch.Tensor) -> None:
-        """Decoupled weight decay on the matrices' pieces, then AdamW on every shard at once,
-        both gated by `update` (a device bool: False leaves everything as it was)."""
+    def _learning_rate(self) -> tuple[float, float]:
+        """(lr, weight decay of the matrices): one lr for the flat shards."""
         lr_decay, lr_flat = self.param_groups[0]["lr"], self.param_groups[1]["lr"]
         if lr_decay != lr_flat:
             raise ValueError("ShardedAdamW updates a flat shard with one learning rate; "
                              "set the same lr in every param group")
-        wd = self.param_groups[0]["weight_decay"]
+        return lr_decay, self.param_groups[0]["weight_decay"]
+
+    def _update(self, grads: list[torch.Tensor], step: int) -> None:
+        """Decoupled weight decay on the matrices' pieces, then AdamW on every shard at once."""
+        lr, wd = self._learning_rate()
         if wd != 0 and self.decaying_pieces:
-            torch._foreach_mul_(self.decaying_pieces, torch.where(update, 1 - lr_decay * wd, 1.0))
-        self.step_tensor += update  # Adam's t counts the updates taken
+            torch._foreach_mul_(self.decaying_pieces, 1 - lr * wd)
         adamw_update_foreach_([s.master for s in self.shards], grads,
                               [s.exp_avg for s in self.shards],
-                              [s.exp_avg_sq for s in self.shards], self.step_tensor + ~update,
-                              lr_decay, self.betas, self.eps, update)
+                              [s.exp_avg_sq for s in self.shards], step, lr, self.betas,
+                              self.eps)
+
+    def _update_gated(self, grads: list[torch.Tensor], update: torch.Tensor) -> None:
+        """`_update` gated by `update` (a device bool: False leaves everything as it was); the
+        same numbers, bit for bit, without a host read (logging.metrics_interval > 1)."""
+        lr, wd = self._learning_rate()
+        if wd != 0 and self.decaying_pieces:
+            torch._foreach_mul_(self.decaying_pieces, torch.where(update, 1 - lr * wd, 1.0))
+        self.step_tensor += update  # Adam's t counts the updates taken
+        adamw_update_foreach_gated_([s.master for s in self.shards], grads,
+                                    [s.exp_avg for s in self.shards],
+                                    [s.exp_avg_sq for s in self.shards],
+                                    self.step_tensor + ~update, lr, self.betas, self.eps,
+                                    update)
 
     def memory(self) -> dict[str, int]:
         """Bytes this rank holds now: the buffer's parameters and gradients, and my state."""
@@ -274,12 +298,14 @@ class ShardedAdamW:
 
     @property
     def step_count(self) -> int:
-        """Adam's step t: the updates taken so far (a host read of the device count)."""
-        return int(self.step_tensor)
+        """Adam's step t: the updates taken so far (a host read of the device count once a step
+        was decided on the device)."""
+        return self.host_steps if self.host_steps is not None else int(self.step_tensor)
 
     @step_count.setter
     def step_count(self, value: int) -> None:
         self.step_tensor.fill_(int(value))
+        self.host_steps = int(value)
 
     def scalar_state(self) -> dict:
         scaler = self.loss_scaler
