@@ -61,11 +61,11 @@ def peak_memory_bytes(device: torch.device) -> int:
     return maxrss if sys.platform == "darwin" else maxrss * 1024  # Linux reports KiB
 
 
-def max_over_ranks(value: float, grid: ParallelGrid, device: torch.device) -> torch.Tensor:
-    """The largest `value` over every rank, as a float64 tensor [1] on `device` (no host read:
-    the trainer reads it with the step's other values): over the model-parallel (tp x pp)
-    group, then over the dp x cp ranks of each position."""
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+def max_over_ranks(values: list[float], grid: ParallelGrid, device: torch.device) -> torch.Tensor:
+    """The largest of each of `values` over every rank, as a float64 tensor [n] on `device` (no
+    host read: the trainer reads it with the step's other values): over the model-parallel
+    (tp x pp) group, then over the dp x cp ranks of each position."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if grid.is_distributed:
         comm.all_reduce(tensor, grid.model_parallel_group, op=dist.ReduceOp.MAX)
         comm.all_reduce(tensor, grid.grad_sync_group, op=dist.ReduceOp.MAX)

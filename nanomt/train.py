@@ -144,6 +144,7 @@ class Trainer:
     hardware_flops_per_step: float  # the same, recompute counted
     peak_tflops: float | None       # per device, for MFU (logging.peak_tflops or known GPUs)
     skipped_steps: int = 0    # updates skipped so far in this launch (inf/nan)
+    preempted: bool = False   # some rank got the preemption signal (read at the last record)
     over_limit_at: int | None = None  # the step past train.max_skipped_steps non-finite in a row
     interval: IntervalMetrics = field(init=False)  # the device's sums between records
 
@@ -210,7 +211,9 @@ class Trainer:
         logs = self.logs_at(step + 1)
         if logs:  # the step's one host sync, which brings the interval's values along
             peak_memory = peak_memory_bytes(self.device)  # the process's peak: never lower
-            read = self.interval.read(max_over_ranks(peak_memory, self.grid, self.device))
+            signal = float(self.checkpointer.preemption.received)  # on any rank: all stop
+            read = self.interval.read(max_over_ranks([peak_memory, signal], self.grid, self.device))
+            self.preempted = read.along[1] > 0
             clipped.grad_norm, clipped.overflow = math.sqrt(read.sum_of_squares), read.skipped
         elif self.optimizer.loss_scaler is not None:
             clipped.read()  # fp16: its loss scaler decides on the host, every step
@@ -429,9 +432,9 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
         else:
             logger.advance()
         position["where"] = f"the checkpoint after step {steps_done}"
-        # the preemption signal is polled (a host read) only on steps that log
+        # the preemption signal, read with the step's values: noticed on steps that log
         if t.checkpointer.after_step(steps_done, t.model_chunks, t.optimizer, t.train_data,
-                                     t.lr_at(step), poll_signal=logged is not None):
+                                     t.lr_at(step), preempted=logged is not None and t.preempted):
             break  # train.exit_after reached, or the preemption signal: saved, stop cleanly
 
     t.checkpointer.close()

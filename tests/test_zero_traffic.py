@@ -123,12 +123,12 @@ SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "nu
 def _count_host_syncs(run_root: str, extra: tuple = (), steps: int = 2) -> dict:
     """Set up a pp=2 x dp=2 ZeRO-2 run (1F1B, 4 micro-batches) and count, in each step after
     the first (Trainer.train_step: schedule, finalize, optimizer update and the step's metrics
-    record), the calls that copy a tensor to the host."""
+    record; then the checkpoint hook), the calls that copy a tensor to the host."""
     from nanomt.memory import PeakMemoryMeter
     from nanomt.train import setup
 
     cfg = compose_config(TINY + ["parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=2",
-                                 "train.global_batch_size=8", f"train.steps={steps}", *extra])
+                                 "train.global_batch_size=8", f"train.steps={steps + 1}", *extra])
     t = setup(cfg, Path(run_root))
     calls: list[str] = []
     originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
@@ -147,6 +147,10 @@ def _count_host_syncs(run_root: str, extra: tuple = (), steps: int = 2) -> dict:
             setattr(torch.Tensor, name, counting(name))
         try:
             records.append(t.train_step(step, PeakMemoryMeter()))
+            # the loop's checkpoint hook, as nanomt.train calls it: the preemption signal was
+            # read with the step's values (no save is due: train.steps is one step further)
+            t.checkpointer.after_step(step + 1, t.model_chunks, t.optimizer, t.train_data, 1e-3,
+                                      preempted=records[-1] is not None and t.preempted)
         finally:
             for name, original in originals.items():
                 setattr(torch.Tensor, name, original)

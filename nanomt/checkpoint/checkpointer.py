@@ -209,13 +209,16 @@ class Checkpointer:
         return self.exit_after is not None and steps_done - self.start_step >= int(self.exit_after)
 
     def after_step(self, steps_done: int, chunks: list[nn.Module], optimizer: Optimizer | None,
-                   train_data: BatchSource, lr: float, poll_signal: bool = True) -> bool:
+                   train_data: BatchSource, lr: float, preempted: bool | None = None) -> bool:
         """Save if a checkpoint is due; True when the loop must stop now (exit_after, SIGTERM).
 
-        Collective: every rank calls it after every step. poll_signal=False skips the check for
-        the preemption signal, a host read (the trainer's steps that log nothing): a signal is
-        then noticed at the next step that polls."""
-        if poll_signal and self.preemption.requested(self.device):
+        Collective: every rank calls it after every step. preempted: whether some rank got the
+        preemption signal, as the caller read it with its step's values (the trainer: in the
+        step's one host sync, on steps that log; False on the others, so a signal is noticed
+        at the next record); None: poll it here (one all-reduce and a host read)."""
+        if preempted is None:
+            preempted = self.preemption.requested(self.device)
+        if preempted:
             self.stopped_by = "preemption"
         elif self._exit_after_reached(steps_done):
             self.stopped_by = "exit_after"
