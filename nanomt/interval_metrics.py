@@ -19,15 +19,21 @@ the interval's aggregates, as Megatron's averaged log does:
 bf16/fp32 stop after train.max_skipped_steps non-finite steps in a row (nanomt.train's
 check_finite). The run of non-finite steps is counted here, and the first step that went past
 the limit is remembered: the stop fires at the first logging step after it, at most N - 1 steps
-later, and names that step.
+later, and names that step. fp16's loss scaler (nanomt.optim.loss_scaler) keeps its scale and
+its own stop (overflows at the minimum scale) on the device: a logging step reads them in the
+same copy, the record logs that scale, and the stop fires there, naming its step.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from nanomt.optim.loss_scaler import DynamicLossScaler
 
 
 @dataclass
@@ -41,13 +47,15 @@ class IntervalRead:
     steps: int                 # in the interval, this one included
     skipped_in_interval: int
     over_limit_at: int         # first step past the non-finite limit (0: none yet)
+    loss_scale: float          # fp16: the next step's loss scale (else 1.0)
     along: list[float]         # the caller's values (the largest peak memory, say)
 
 
 class IntervalMetrics:
     """The device-side sums of the steps since the last logging step (module docstring)."""
 
-    def __init__(self, device: torch.device, max_nonfinite_in_a_row: int | None):
+    def __init__(self, device: torch.device, max_nonfinite_in_a_row: int | None,
+                 loss_scaler: DynamicLossScaler | None = None):
         def zero(dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros((), dtype=dtype, device=device)
 
@@ -56,7 +64,8 @@ class IntervalMetrics:
         self.over_limit_at = zero(torch.int64)
         self.loss_sum, self.applied, self.skipped = zero(torch.float64), zero(torch.int64), \
             zero(torch.int64)
-        self.steps, self.started = 0, None
+        self.loss_scaler = loss_scaler  # fp16: its scale and stop are read with the sums
+        self.steps, self.started, self.last_step = 0, None, 0
         self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def start_step(self) -> None:
@@ -79,22 +88,29 @@ class IntervalMetrics:
         if self.limit is not None:
             first = (self.nonfinite_in_a_row > self.limit) & (self.over_limit_at == 0)
             self.over_limit_at = torch.where(first, step, self.over_limit_at)
-        self.steps += 1
+        self.steps, self.last_step = self.steps + 1, step
         self.last = (loss, sum_of_squares, skipped)
 
     def read(self, along: torch.Tensor | None = None) -> IntervalRead:
         """The one host sync: the last step's values, the interval's sums and `along`, in one
-        copy. The interval's sums restart (the run of non-finite steps does not)."""
+        copy. The interval's sums restart (the run of non-finite steps does not). fp16: raises
+        FloatingPointError if the loss scaler has met its stop (DynamicLossScaler.check)."""
         loss, sum_of_squares, skipped = self.last
+        scaler = self.loss_scaler
         extra = along.reshape(-1).double() if along is not None else loss.new_empty(0)
+        scaler_state = [scaler.scale, scaler.failed_at.double()] if scaler is not None else []
         values = torch.cat([torch.stack([loss, sum_of_squares.double(), skipped.double(),
                                          self.loss_sum, self.applied.double(),
-                                         self.skipped.double(), self.over_limit_at.double()]),
-                            extra]).tolist()
+                                         self.skipped.double(), self.over_limit_at.double(),
+                                         *scaler_state]), extra]).tolist()
         loss_v, squares, skipped_v, loss_sum, applied, skipped_n, over_at, *rest = values
+        scale = 1.0
+        if scaler is not None:  # its two values come before `along`'s
+            scale, failed_at, *rest = rest
+            scaler.check(int(failed_at), self.last_step)
         read = IntervalRead(loss_v, squares, bool(skipped_v),
                             loss_sum / applied if applied else float("nan"), self.steps,
-                            int(skipped_n), int(over_at), rest)
+                            int(skipped_n), int(over_at), scale, rest)
         for total in (self.loss_sum, self.applied, self.skipped):
             total.zero_()
         self.steps = 0

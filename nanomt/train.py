@@ -149,9 +149,9 @@ class Trainer:
     interval: IntervalMetrics = field(init=False)  # the device's sums between records
 
     def __post_init__(self) -> None:
-        c = self.cfg.train  # fp16: no limit, its loss scaler skips and lowers the scale
+        c = self.cfg.train  # fp16: no limit, its loss scaler skips, lowers the scale, stops
         self.interval = IntervalMetrics(self.device, None if c.precision == "fp16" else
-                                        int(c.max_skipped_steps))
+                                        int(c.max_skipped_steps), self.optimizer.loss_scaler)
 
     def micro_batches(self, data: GlobalBatchSampler, step: int) -> list[tuple]:
         """This dp rank's m_t = B_t / (b * dp) micro-batches of the global batch of `step` (B_t
@@ -187,7 +187,7 @@ class Trainer:
     def train_step(self, step: int, measure: PeakMemoryMeter) -> dict | None:
         """One optimizer step over the global batch of `step`; returns its metrics record, or
         None on a step that logs nothing (`logs_at`): such a step reads nothing from the device
-        (nanomt.interval_metrics), except under fp16."""
+        (nanomt.interval_metrics), fp16 too: its loss scale is decided on the device."""
         self.interval.start_step()
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
@@ -215,8 +215,6 @@ class Trainer:
             read = self.interval.read(max_over_ranks([peak_memory, signal], self.grid, self.device))
             self.preempted = read.along[1] > 0
             clipped.grad_norm, clipped.overflow = math.sqrt(read.sum_of_squares), read.skipped
-        elif self.optimizer.loss_scaler is not None:
-            clipped.read()  # fp16: its loss scaler decides on the host, every step
         self.optimizer.step()  # AdamW on my shards (skipped on the device on inf/nan), publish
         if not logs:
             return None
@@ -237,7 +235,7 @@ class Trainer:
         share = mean_batch / self.cfg.train.global_batch_size  # of the FLOPs, during a ramp-up
         return {"step": step + 1, "loss": read.loss, "lr": lr,
                 "grad_norm": math.sqrt(read.sum_of_squares),
-                "loss_scale": self.optimizer.loss_scale, "skipped": read.skipped,
+                "loss_scale": read.loss_scale, "skipped": read.skipped,
                 "skipped_steps": self.skipped_steps, "global_batch_size": batch,
                 "consumed_samples": consumed, "tokens": consumed * self.model_cfg.seq_len,
                 "interval_steps": read.steps, "loss_mean": read.loss_mean,

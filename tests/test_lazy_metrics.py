@@ -108,6 +108,43 @@ def test_an_inf_nan_step_between_records_is_skipped_as_on_the_host(tmp_path, mon
     assert fourth["loss_mean"] == sum(applied) / 3  # the skipped step does not count
 
 
+def test_an_fp16_overflow_between_records_halves_the_scale_as_on_the_host(tmp_path,
+                                                                         monkeypatch):
+    fp16 = "train.precision=fp16"
+    poisoning(monkeypatch, {6})
+    every, *lazy = train_steps(tmp_path / "4", ["logging.metrics_interval=4", fp16], (5, 6))
+    poisoning(monkeypatch, {6})
+    every_step, *eager = train_steps(tmp_path / "1", ["logging.metrics_interval=1", fp16])
+    assert every_step[5]["skipped"] and not every_step[4]["skipped"]
+    assert every_step[5]["loss_scale"] == every_step[4]["loss_scale"] / 2
+    for before, after in zip(lazy[1][5], lazy[1][6], strict=True):  # nothing moved
+        assert torch.equal(before, after)
+    assert_same_state(lazy[0], eager[0])
+    assert lazy[0].loss_scaler.state_dict() == eager[0].loss_scaler.state_dict()
+    eighth = every[7]
+    assert eighth["loss_scale"] == every_step[7]["loss_scale"]
+    assert eighth["skipped_in_interval"] == sum(r["skipped"] for r in every_step[4:8]) >= 1
+    assert eighth["skipped_steps"] == every_step[7]["skipped_steps"]
+
+
+def test_fp16_overflows_at_the_minimum_scale_stop_at_the_next_record(tmp_path, monkeypatch):
+    """Ten overflows in a row with the scale at train.loss_scale.min (here from the start):
+    the 10th, step 10, stops the run; with metrics_interval=4 at the record of step 12."""
+    overrides = TINY + ["train.steps=12", "train.precision=fp16", "train.loss_scale.initial=1",
+                        "train.loss_scale.min=1"]
+    poisoning(monkeypatch, set(range(1, 11)))
+    with pytest.raises(FloatingPointError, match=r"^step 10: 10 steps in a row.*"
+                                                 r"train\.loss_scale\.min"):
+        run(compose_config(overrides), tmp_path / "1")
+    poisoning(monkeypatch, set(range(1, 11)))
+    with pytest.raises(FloatingPointError, match=r"^step 10 \(found at the record of step 12\)"
+                                                 r".*train\.loss_scale\.min"):
+        run(compose_config(overrides + ["logging.metrics_interval=4"]), tmp_path / "4")
+    rows = [json.loads(line) for line in (tmp_path / "4" / "metrics.jsonl").open()]
+    assert [(r["step"], r["skipped_in_interval"], r["loss_scale"]) for r in rows] == [
+        (4, 4, 1.0), (8, 4, 1.0)]
+
+
 def test_max_skipped_steps_stops_at_the_next_record(tmp_path, monkeypatch):
     poisoning(monkeypatch, {2, 3})
     overrides = TINY + [f"train.steps={STEPS}", "train.max_skipped_steps=1"]

@@ -23,34 +23,64 @@ TINY = ["model.num_layers=1", "model.hidden_size=32", "model.num_heads=4", "mode
         "optim.warmup_steps=5", "logging.wandb.mode=disabled"]
 
 
-def test_loss_scaler_halves_on_overflow_and_doubles_after_clean_steps():
-    scaler = DynamicLossScaler(initial_scale=1024.0, growth_interval=3, min_scale=256.0)
-    scaler.update(found_overflow=True)
-    assert scaler.scale == 512.0
-    for _ in range(2):
-        scaler.update(found_overflow=False)
-    assert scaler.scale == 512.0
-    scaler.update(found_overflow=False)
-    assert scaler.scale == 1024.0
-    for _ in range(5):
-        scaler.update(found_overflow=True)
-    assert scaler.scale == 256.0  # floored at min_scale
+def host_rule(verdicts: list[bool], scale: float, growth_interval: int, min_scale: float,
+              max_overflows_at_min: int) -> list[tuple[float, int, int, int]]:
+    """The loss-scaling rule in plain Python floats, as the scaler ran on the host before it
+    moved to the device: (S, clean steps, overflows at min in a row, first update past the
+    limit) after each verdict."""
+    clean = at_min = failed_at = 0
+    out = []
+    for update, overflow in enumerate(verdicts, start=1):
+        if overflow:
+            at_min = at_min + 1 if scale <= min_scale else 0
+            if at_min >= max_overflows_at_min and not failed_at:
+                failed_at = update
+            scale, clean = max(scale / 2, min_scale), 0
+        else:
+            at_min, clean = 0, clean + 1
+            if clean % growth_interval == 0:
+                scale *= 2
+        out.append((scale, clean, at_min, failed_at))
+    return out
+
+
+@pytest.mark.parametrize("initial, min_scale", [(1024.0, 256.0), (48.0, 3.0), (1000.0, 0.3)])
+def test_loss_scaler_on_the_device_follows_the_host_rule(initial, min_scale):
+    # growth (3 clean in a row), halving, the clamp at a minimum (not always a power of two),
+    # the run of overflows at it, and a random tail
+    script = [True, False, False, False, False, False, False] + [True] * 8 + [False] * 4
+    script += [True] * 4 + [False, True, True]
+    script += [bool(b) for b in torch.randint(0, 2, (80,), generator=torch.Generator()
+                                              .manual_seed(0))]
+    expected = host_rule(script, initial, 3, min_scale, 3)
+    scaler = DynamicLossScaler(initial, growth_interval=3, min_scale=min_scale,
+                               max_overflows_at_min=3)
+    for overflow, (scale, clean, at_min, failed_at) in zip(script, expected, strict=True):
+        scaler.update(torch.tensor(overflow))
+        assert scaler.state_dict() == {"scale": scale, "clean_steps": clean}
+        assert int(scaler.overflows_at_min) == at_min and int(scaler.failed_at) == failed_at
+    assert any(s == min_scale for s, *_ in expected) and any(s > initial for s, *_ in expected)
     restored = DynamicLossScaler()
     restored.load_state_dict(scaler.state_dict())
-    assert restored.scale == scaler.scale and restored.clean_steps == scaler.clean_steps
+    assert restored.state_dict() == scaler.state_dict()
+    assert scaler.scale.dtype == torch.float64
 
 
-def test_loss_scaler_raises_when_overflows_persist_at_the_minimum():
+def test_loss_scaler_stops_when_overflows_persist_at_the_minimum():
     scaler = DynamicLossScaler(initial_scale=4.0, growth_interval=3, min_scale=1.0,
                                max_overflows_at_min=3)
-    for _ in range(2):  # 4 -> 2 -> 1: not yet at the minimum when these overflowed
-        scaler.update(found_overflow=True)
-    scaler.update(found_overflow=True)
-    scaler.update(found_overflow=False)  # a clean step resets the count
-    for _ in range(2):
-        scaler.update(found_overflow=True)
-    with pytest.raises(FloatingPointError, match="train.loss_scale.min"):
-        scaler.update(found_overflow=True)
+    # 4 -> 2 -> 1: not yet at the minimum when these overflowed; then one at it; a clean step
+    # resets the count; two more at the minimum, and the third of the run (update 7) stops
+    for overflow in (True, True, True, False, True, True):
+        scaler.update(overflow)
+        scaler.check(int(scaler.failed_at), step=10)  # nothing yet
+    scaler.update(True)
+    scaler.update(False)  # the stop is remembered until a read finds it
+    with pytest.raises(FloatingPointError, match=r"^step 19 \(found at the record of step 20\)"
+                                                 r".*train.loss_scale.min"):
+        scaler.check(int(scaler.failed_at), step=20)
+    with pytest.raises(FloatingPointError, match=r"^step 20: 3 steps in a row"):
+        scaler.check(8, step=20)  # found by the record of the update that hit the limit
 
 
 def _fp16_overflow_checks() -> dict:
@@ -81,7 +111,7 @@ def _fp16_overflow_checks() -> dict:
     model, optimizer, clean = one_step("fp16")
     out["fp32_norm"], out["fp16_norm"], out["clean_skipped"] = (
         fp32_result.grad_norm, clean.grad_norm, clean.skipped)
-    out["scale_before"] = optimizer.loss_scaler.scale
+    out["scale_before"] = float(optimizer.loss_scale)
     # A second step whose gradient overflows on one rank only, after the reductions: every
     # other rank (its tp peer, the other dp replica and its tp peer) must skip with it.
     (model(tokens[1], tokens[1]) * optimizer.loss_scale).backward()
@@ -92,7 +122,7 @@ def _fp16_overflow_checks() -> dict:
     masters_before = [s.master.clone() for s in optimizer.shards]
     poisoned = optimizer.step()
     out["poisoned_skipped"] = poisoned.skipped
-    out["scale_after"] = optimizer.loss_scaler.scale
+    out["scale_after"] = float(optimizer.loss_scale)
     out["params_untouched"] = all(torch.equal(a, p) for a, p in zip(params_before,
                                                                     model.parameters()))
     out["masters_untouched"] = all(torch.equal(a, s.master)

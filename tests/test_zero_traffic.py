@@ -188,6 +188,21 @@ def test_steps_that_log_nothing_do_not_sync_the_host(tmp_path):
         assert len(values) == 1 and all(math.isfinite(v) and v > 0 for v in values), (key, values)
 
 
+def test_fp16_steps_that_log_nothing_do_not_sync_the_host(tmp_path):
+    """fp16 at logging.metrics_interval=4: the loss scale is decided on the device too (halved
+    on the first step's overflow, nanomt.optim.loss_scaler), so the same syncs as fp32: none
+    on steps 2, 3, 6, 7, one on the records of steps 4 and 8, which log the scale."""
+    results = run_distributed(_count_host_syncs, world_size=4, timeout_s=240,
+                              args=(str(tmp_path), ("train.precision=fp16",
+                                                    "logging.metrics_interval=4"), 8))
+    for r in results:
+        assert r["calls"] == [[], [], ["tolist"], [], [], [], ["tolist"]], r["calls"]
+        scales = [rec["loss_scale"] for rec in r["records"] if rec is not None]
+        assert all(type(s) is float and 1 <= s <= 2.0**16 for s in scales), scales
+    assert len({tuple(rec["loss_scale"] for rec in r["records"] if rec is not None)
+                for r in results}) == 1  # the same scale on every rank
+
+
 def test_more_reductions_in_flight_change_nothing_but_the_timing(traffic):
     """parallel.reduce_in_flight_mb=64 (every bucket's reduce-scatter in flight) against the
     default bound of one bucket: the same traffic, gradient norm and updated weights."""

@@ -18,7 +18,8 @@ parameters are their own masters, and Adam's two moments) and, each step,
     clip_grads()     fp16: divide by the loss scale; the global gradient norm, counting every
                      parameter once over tp x pp x dp, and the inf/nan verdict, on the device
                      (nanomt.optim.grad_norm), read in the step's one host sync unless
-                     read=False; clip by the norm
+                     read=False; fp16: the next step's loss scale, on the device, from the
+                     verdict (nanomt.optim.loss_scaler); clip by the norm
     step()           AdamW on the fp32 shard (nanomt.optim.adamw), or on inf/nan skip it on
                      every rank (Adam's step count does not advance); the buffer writes the new
                      shard into the model and all-gathers it (ZeRO-1/2). step() alone runs
@@ -27,7 +28,7 @@ parameters are their own masters, and Adam's two moments) and, each step,
 A step that reads nothing (clip_grads(read=False): the trainer's steps that log nothing,
 logging.metrics_interval > 1) leaves no host sync behind: the skip is decided on the device (a
 gated update, two passes more, the same numbers bit for bit), and from then on Adam's t lives
-on the device only. fp16 cannot: its loss scaler decides on the host.
+on the device only. fp16's loss scale is decided on the device too.
 
 Checkpoint protocol (layout-independent, per parameter; nanomt.checkpoint speaks it):
     checkpoint_state() -> [(param, state_name, fp32 view, (lo, hi))]: the pieces of
@@ -61,7 +62,8 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 class StepResult:
     grad_norm: float   # global norm of the (unscaled) gradient before clipping
     skipped: bool      # True when an inf/nan gradient made every rank skip the update
-    loss_scale: float  # the scale that was used for this step's backward (1.0 unless fp16)
+    loss_scale: float | torch.Tensor  # the scale of this step's backward (1.0 unless fp16;
+    #                                    fp16: S on the device, read by whoever needs it)
 
 
 @dataclass
@@ -71,7 +73,7 @@ class ClippedGrads:
 
     grads: list[torch.Tensor]
     totals: torch.Tensor  # [||g||^2 before clipping, inf/nan carrier]: grad_norm.py, fp32
-    loss_scale: float
+    loss_scale: float | torch.Tensor  # of this step's backward (fp16: S, on the device)
     grad_norm: float | None = None
     overflow: bool | None = None
     read_along: list[float] | None = None  # read(along=...), in the same sync
@@ -111,7 +113,7 @@ class ShardedAdamW:
         self.buffer, self.grid, self.stage = buffer, buffer.grid, buffer.stage
         self.betas, self.eps = betas, eps
         self.weight_decay, self.grad_clip = weight_decay, grad_clip
-        self.loss_scaler = loss_scaler
+        self.loss_scaler = loss_scaler  # fp16; its state lives on the optimizer's device
         # The same two groups as torch.optim.AdamW built by nanomt.optim.adamw.parameter_groups;
         # the train loop sets "lr" here every step.
         self.param_groups = [{"lr": lr, "weight_decay": weight_decay},
@@ -119,6 +121,8 @@ class ShardedAdamW:
         self.device = self.buffer.own_param_shard(buffer.buckets[0]).device \
             if buffer.buckets else torch.device("cpu")
         self.step_tensor = torch.zeros((), dtype=torch.int64, device=self.device)  # Adam's t
+        if loss_scaler is not None:
+            loss_scaler.to(self.device)
         self.host_steps: int | None = 0  # t on the host, while every verdict has been read
         self.memory_after_backward: dict[str, int] = {}  # model-state bytes at the step's peak
         self.clipped: ClippedGrads | None = None  # between clip_grads and step
@@ -149,7 +153,8 @@ class ShardedAdamW:
     @torch.no_grad()
     def clip_grads(self, read_along: torch.Tensor | None = None, read: bool = True
                    ) -> ClippedGrads:
-        """Unscale (fp16), take the global norm and the inf/nan verdict, and clip by the norm.
+        """Unscale (fp16), take the global norm and the inf/nan verdict, update the loss scale
+        from it (fp16, on the device), and clip by the norm.
 
         read=True: the one host read of a step happens here, the norm and the verdict, with
         `read_along` (the step's loss, say) in the same copy. read=False: nothing is read; the
@@ -162,17 +167,18 @@ class ShardedAdamW:
         self.memory_after_backward = {**self.memory(),
                                       "grads_peak_in_backward": buffer.peak_grad_bytes}
         finalize_grads(buffer)  # a no-op when the trainer has called it
-        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        scaler = self.loss_scaler
         grads = [g.float() for g in buffer.local_grad_shards()]  # a copy only if not fp32
-        if scale != 1.0:
-            for grad in grads:
-                grad.mul_(1.0 / scale)
+        if scaler is not None:  # fp16: divide by S, on the device
+            torch._foreach_mul_(grads, scaler.unscale_factor())
         pieces = [(s.param, grad[s.shard_lo: s.shard_hi])
                   for b, grad in zip(buffer.buckets, grads) for s in b.segments]
         # At ZeRO-0 every dp replica holds the same gradients: dp rank 0 counts them.
         totals = squares_and_verdict(pieces, self.grid, buffer.dp_group,
                                      count_squares=self.stage > 0 or buffer.dp_rank == 0)
-        clipped = ClippedGrads(grads, totals, scale)
+        clipped = ClippedGrads(grads, totals, scaler.scale if scaler is not None else 1.0)
+        if scaler is not None:  # the next step's S, from the verdict, without reading it
+            scaler.update(clipped.skipped)
         if read:
             clipped.read(read_along)
         if self.grad_clip > 0:  # inf/nan makes the gradients nan: step() then skips them
@@ -185,14 +191,10 @@ class ShardedAdamW:
     def step(self) -> StepResult | None:
         """AdamW on my shards with the clipped gradients (clip_grads first, if the caller has
         not), then publish the updated parameters; an inf/nan gradient skips the update on
-        every rank (fp16: the loss scale drops). Returns the norm and the skip flag, or None
-        when clip_grads(read=False) left them on the device."""
+        every rank (fp16: clip_grads has halved the loss scale). Returns the norm and the skip
+        flag, or None when clip_grads(read=False) left them on the device."""
         clipped = self.clipped if self.clipped is not None else self.clip_grads()
         self.clipped = None
-        if self.loss_scaler is not None:
-            if clipped.overflow is None:
-                raise ValueError("fp16's loss scaler decides on the host: clip_grads(read=True)")
-            self.loss_scaler.update(clipped.overflow)
         if clipped.overflow is not None and self.host_steps is not None:
             if not clipped.overflow:  # the verdict is on the host: skip, or the plain update
                 self.host_steps += 1
@@ -251,9 +253,10 @@ class ShardedAdamW:
 
     # ---- what callers read ---------------------------------------------------------------------
     @property
-    def loss_scale(self) -> float:
-        """S for the schedule: backward starts from S * loss / m (1.0 unless fp16)."""
-        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+    def loss_scale(self) -> float | torch.Tensor:
+        """S for the schedule: backward starts from S * loss / m. 1.0 unless fp16; fp16: S on
+        the device, in fp32 (the loss's dtype), so that the schedule reads nothing."""
+        return self.loss_scaler.scale.float() if self.loss_scaler is not None else 1.0
 
     @property
     def buckets(self) -> list[Bucket]:

@@ -10,7 +10,8 @@ Every schedule is called the same way,
 
 and returns the sum of the micro-batch losses (on the last pipeline stage; zero elsewhere) as a
 tensor on the model's device: no host sync per micro-batch; the caller syncs once per step.
-Backward starts from loss_scale * loss / m (fp16's loss scale, else 1).
+Backward starts from loss_scale * loss / m (fp16's loss scale: a device scalar, so that no
+schedule reads it on the host; else 1).
 """
 
 from __future__ import annotations

@@ -23,16 +23,17 @@ MicroBatch = tuple[torch.Tensor, torch.Tensor]
 
 
 def forward_backward_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                          num_microbatches: int, loss_scale: float = 1.0) -> torch.Tensor:
-    """One micro-batch: forward, scale the loss by S/m (S: fp16's loss scale, else 1), backward.
-    Returns the unscaled loss."""
+                          num_microbatches: int, loss_scale: float | torch.Tensor = 1.0
+                          ) -> torch.Tensor:
+    """One micro-batch: forward, scale the loss by S/m (S: fp16's loss scale, a device scalar;
+    else 1), backward. Returns the unscaled loss."""
     loss = model(inputs, targets)
     (loss * loss_scale / num_microbatches).backward()
     return loss.detach()
 
 
 def forward_backward_no_pipelining(model: nn.Module, micro_batches: Sequence[MicroBatch],
-                                   loss_scale: float = 1.0) -> torch.Tensor:
+                                   loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Gradient accumulation over all micro-batches. Returns the sum of their mean losses."""
     num_microbatches = len(micro_batches)
     loss_sum = torch.zeros((), device=micro_batches[0][0].device)
@@ -57,7 +58,7 @@ def forward_backward_without_pipeline(model_chunks: Sequence[nn.Module],
                                       grid: ParallelGrid | None = None, *,
                                       forward_only: bool = False,
                                       timeline: Timeline | None = None,
-                                      loss_scale: float = 1.0) -> torch.Tensor:
+                                      loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """The no-pipelining schedule behind the common signature (one chunk, one stage)."""
     if len(model_chunks) != 1:
         raise ValueError(f"without pipelining a rank holds one model chunk, got "

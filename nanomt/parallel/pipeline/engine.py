@@ -83,7 +83,8 @@ class PipelineStep:
 
     def __init__(self, model_chunks: Sequence[nn.Module], micro_batches: Sequence[MicroBatch],
                  comm: PipelineComm, plan: Sequence[Unit], forward_only: bool,
-                 timeline: Timeline | None, stats: PipelineStats, loss_scale: float = 1.0):
+                 timeline: Timeline | None, stats: PipelineStats,
+                 loss_scale: float | torch.Tensor = 1.0):
         self.chunks, self.micro_batches = model_chunks, micro_batches
         self.comm, self.plan = comm, plan
         self.forward_only, self.timeline, self.stats = forward_only, timeline, stats
@@ -199,7 +200,7 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
                                 timeline: Timeline | None = None,
                                 stats: PipelineStats | None = None,
                                 dtype: torch.dtype | None = None,
-                                loss_scale: float = 1.0) -> torch.Tensor:
+                                loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Run this rank's part of the pipeline schedule. Returns the sum of micro-batch losses as
     a tensor on the micro-batches' device (last stage; zero elsewhere). Gradients accumulate in
     the chunks' .grad (or a gradient buffer's buckets); a tied word embedding's plain .grad is
