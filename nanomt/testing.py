@@ -15,7 +15,8 @@ Guarantees:
 `ConnectionCounter` stands in for a server (W&B's) and counts what connects to it.
 
 `step_dtypes(cfg, run_dir)` reports the dtypes one training step really uses (mixed-precision
-tests assert them instead of trusting a loss gap).
+tests assert them instead of trusting a loss gap). `settled_bytes(meter)` reads a
+PeakMemoryMeter once gloo's worker threads have let go of the last collective's buffers.
 """
 
 from __future__ import annotations
@@ -198,3 +199,18 @@ class ConnectionCounter:
         self.stopped = True
         self.thread.join()
         self.sock.close()
+
+
+def settled_bytes(meter, patience_s: float = 0.5) -> int:
+    """meter.bytes_now() once it stops falling: gloo's worker thread can hold a collective's
+    buffers a moment after wait() returns (each poll runs one op, which makes the meter forget
+    what was freed)."""
+    deadline = time.monotonic() + patience_s
+    now = meter.bytes_now()
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+        torch.empty(0)
+        settled, now = now, meter.bytes_now()
+        if now == settled:
+            break
+    return now

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -72,6 +71,7 @@ def _kept_bytes(grid, sequence_parallel: bool) -> int:
     (the last layer's output stands in for the first one's input, made before the meter)."""
     from nanomt.memory import PeakMemoryMeter
     from nanomt.model import GPT, ModelConfig
+    from nanomt.testing import settled_bytes
 
     cfg = ModelConfig(num_layers=LAYERS, hidden_size=HIDDEN, num_heads=HEADS, seq_len=SEQ,
                       dropout=0.0)
@@ -82,15 +82,7 @@ def _kept_bytes(grid, sequence_parallel: bool) -> int:
         y = x
         for layer in model.layers:
             y = layer(y)
-        # gloo's worker thread can hold the last collective's buffers a moment after wait()
-        # returns: let them go (one more op makes the meter forget what was freed)
-        for _ in range(50):
-            before = meter.current_bytes
-            time.sleep(0.01)
-            torch.empty(0)
-            if meter.current_bytes == before:
-                break
-    kept = meter.current_bytes
+        kept = settled_bytes(meter)
     y.sum().backward()
     return kept
 

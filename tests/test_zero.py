@@ -53,6 +53,7 @@ def _model_state_checks(grid) -> dict:
     from nanomt.model import ModelConfig
     from nanomt.model.chunks import build_model_chunks
     from nanomt.optim import build_optimizer
+    from nanomt.testing import settled_bytes
 
     model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16)
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(grid.rank))
@@ -71,10 +72,10 @@ def _model_state_checks(grid) -> dict:
                 with PeakMemoryMeter() as backward_meter:  # what backward allocates
                     loss.backward()
                 gc.collect()  # garbage of earlier loops, freed whenever Python gets to it
-                after_backward = meter.bytes_now()  # gradients complete, activations freed
+                after_backward = settled_bytes(meter)  # gradients complete, activations freed
                 optimizer.step()
                 gc.collect()
-                between_steps = meter.bytes_now()
+                between_steps = settled_bytes(meter)
             out[(precision, stage)] = {
                 "measured": {"between_steps": between_steps, "after_backward": after_backward,
                              "peak_new_in_backward": backward_meter.peak_bytes},
