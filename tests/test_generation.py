@@ -81,12 +81,39 @@ def test_the_end_of_training_sample_keeps_its_prompt_and_fits_the_window():
     assert greedy[0] == ByteTokenizer().decode(ids + new)  # the whole window: 6 + 34 tokens
 
 
-def _sample_with_and_without_sp(task: str) -> dict:
-    """tp=2: the same weights built with and without sequence parallelism give the same end of
-    training sample (greedy and drawn) and the same task scores (prompts of odd lengths, which
-    SP could not split over tp); SP is back on afterwards."""
+def _sample_and_scores(model, grid, task: str) -> dict:
+    """The end-of-training sample (greedy and drawn) and the task scores of `model`."""
     from nanomt.eval.generation import sample_after_training
     from nanomt.eval.tasks import score_during_training
+
+    return {"greedy": sample_after_training([model], grid, "byte", "ROMEO:", 16, 0.0, 1),
+            "drawn": sample_after_training([model], grid, "byte", "ROMEO:", 16, 0.9, 1),
+            "scores": score_during_training([model], grid, "byte", [task])}
+
+
+def _assert_same_outputs(ours: dict, reference: dict) -> None:
+    assert ours["greedy"] == reference["greedy"] is not None
+    assert ours["greedy"].startswith("ROMEO:") and len(ours["greedy"]) > 6
+    assert ours["drawn"] == reference["drawn"]
+    assert ours["scores"].keys() == reference["scores"].keys()
+    for key, value in reference["scores"].items():
+        assert ours["scores"][key] == pytest.approx(value, rel=1e-5), key
+
+
+def _multiple_choice_task(tmp_path) -> str:
+    """Prompts of odd lengths, which neither SP nor cp could split."""
+    import json
+
+    task = tmp_path / "mc.jsonl"
+    task.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"context": "the quick brown", "choices": ["fox", "dog.", "cat"], "answer": 0},
+        {"context": "ROMEO: wherefore", "choices": ["art", "is"], "answer": 0}]))
+    return str(task)
+
+
+def _sample_with_and_without_sp(task: str) -> dict:
+    """tp=2: the same weights built with and without sequence parallelism give the same end of
+    training sample (greedy and drawn) and the same task scores; SP is back on afterwards."""
     from nanomt.parallel.grid import ParallelGrid
 
     grid = ParallelGrid(tp=2, pp=1, dp=1)
@@ -94,31 +121,18 @@ def _sample_with_and_without_sp(task: str) -> dict:
     out = {}
     for sp in (False, True):
         model = GPT(cfg, grid, seed=3, sequence_parallel=sp)
-        out[sp] = {"greedy": sample_after_training([model], grid, "byte", "ROMEO:", 16, 0.0, 1),
-                   "drawn": sample_after_training([model], grid, "byte", "ROMEO:", 16, 0.9, 1),
-                   "scores": score_during_training([model], grid, "byte", [task]),
+        out[sp] = {**_sample_and_scores(model, grid, task),
                    "flags": sorted({m.sequence_parallel for m in model.modules()
                                     if hasattr(m, "sequence_parallel")})}
     return out
 
 
 def test_sequence_parallel_runs_sample_as_the_same_model(tmp_path):
-    import json
-
     from nanomt.testing import run_distributed
 
-    task = tmp_path / "mc.jsonl"
-    task.write_text("".join(json.dumps(row) + "\n" for row in [
-        {"context": "the quick brown", "choices": ["fox", "dog.", "cat"], "answer": 0},
-        {"context": "ROMEO: wherefore", "choices": ["art", "is"], "answer": 0}]))
-    for rank in run_distributed(_sample_with_and_without_sp, world_size=2, args=(str(task),),
-                                timeout_s=120):
-        assert rank[True]["greedy"] == rank[False]["greedy"] is not None
-        assert rank[True]["drawn"] == rank[False]["drawn"]
-        assert rank[True]["scores"].keys() == rank[False]["scores"].keys()
-        for key, value in rank[False]["scores"].items():
-            assert rank[True]["scores"][key] == pytest.approx(value, rel=1e-5), key
-        assert rank[True]["greedy"].startswith("ROMEO:") and len(rank[True]["greedy"]) > 6
+    for rank in run_distributed(_sample_with_and_without_sp, world_size=2,
+                                args=(_multiple_choice_task(tmp_path),), timeout_s=120):
+        _assert_same_outputs(rank[True], rank[False])
         assert rank[True]["flags"] == [True] and rank[False]["flags"] == [False]
 
 
@@ -126,8 +140,6 @@ def _sample_with_and_without_cp(task: str) -> dict:
     """cp=2: every cp rank holds the whole model, runs the end-of-training sample and the task
     scores on whole sequences and gets what the single-process model gets; its cp split is
     back afterwards."""
-    from nanomt.eval.generation import sample_after_training
-    from nanomt.eval.tasks import score_during_training
     from nanomt.parallel.grid import ParallelGrid
 
     grid = ParallelGrid(tp=1, pp=1, dp=1, cp=2)
@@ -135,29 +147,15 @@ def _sample_with_and_without_cp(task: str) -> dict:
     out = {}
     for name, model_grid in (("single", None), ("cp2", grid)):
         model = GPT(cfg, model_grid, seed=3)
-        out[name] = {"greedy": sample_after_training([model], model_grid, "byte", "ROMEO:", 16,
-                                                     0.0, 1),
-                     "drawn": sample_after_training([model], model_grid, "byte", "ROMEO:", 16,
-                                                    0.9, 1),
-                     "scores": score_during_training([model], model_grid, "byte", [task]),
+        out[name] = {**_sample_and_scores(model, model_grid, task),
                      "cp": sorted({m.cp_size for m in model.modules() if hasattr(m, "cp_size")})}
     return out
 
 
 def test_context_parallel_runs_sample_and_scores_on_whole_sequences(tmp_path):
-    import json
-
     from nanomt.testing import run_distributed
 
-    task = tmp_path / "mc.jsonl"
-    task.write_text("".join(json.dumps(row) + "\n" for row in [
-        {"context": "the quick brown", "choices": ["fox", "dog.", "cat"], "answer": 0},
-        {"context": "ROMEO: wherefore", "choices": ["art", "is"], "answer": 0}]))
-    for rank in run_distributed(_sample_with_and_without_cp, world_size=2, args=(str(task),),
-                                timeout_s=120):
-        assert rank["cp2"]["greedy"] == rank["single"]["greedy"]
-        assert rank["cp2"]["drawn"] == rank["single"]["drawn"]
-        assert rank["cp2"]["scores"].keys() == rank["single"]["scores"].keys()
-        for key, value in rank["single"]["scores"].items():
-            assert rank["cp2"]["scores"][key] == pytest.approx(value, rel=1e-5), key
+    for rank in run_distributed(_sample_with_and_without_cp, world_size=2,
+                                args=(_multiple_choice_task(tmp_path),), timeout_s=120):
+        _assert_same_outputs(rank["cp2"], rank["single"])
         assert rank["cp2"]["cp"] == [2] and rank["single"]["cp"] == [1]
