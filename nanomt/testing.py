@@ -41,6 +41,7 @@ from nanomt.config import compose_config  # noqa: F401 - re-exported: tests buil
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
+    from nanomt.memory import PeakMemoryMeter
 
 
 def free_port() -> int:
@@ -201,7 +202,7 @@ class ConnectionCounter:
         self.sock.close()
 
 
-def settled_bytes(meter, patience_s: float = 0.5) -> int:
+def settled_bytes(meter: PeakMemoryMeter, patience_s: float = 0.5) -> int:
     """meter.bytes_now() once it stops falling: gloo's worker thread can hold a collective's
     buffers a moment after wait() returns (each poll runs one op, which makes the meter forget
     what was freed)."""
