@@ -209,15 +209,13 @@ class Checkpointer:
         return self.exit_after is not None and steps_done - self.start_step >= int(self.exit_after)
 
     def after_step(self, steps_done: int, chunks: list[nn.Module], optimizer: Optimizer | None,
-                   train_data: BatchSource, lr: float, preempted: bool | None = None) -> bool:
+                   train_data: BatchSource, lr: float, preempted: bool) -> bool:
         """Save if a checkpoint is due; True when the loop must stop now (exit_after, SIGTERM).
 
         Collective: every rank calls it after every step. preempted: whether some rank got the
-        preemption signal, as the caller read it with its step's values (the trainer: in the
-        step's one host sync, on steps that log; False on the others, so a signal is noticed
-        at the next record); None: poll it here (one all-reduce and a host read)."""
-        if preempted is None:
-            preempted = self.preemption.requested(self.device)
+        preemption signal (`self.preemption.received`, MAX-reduced over every rank), as the
+        caller read it with its step's values: the trainer in the step's one host sync, on
+        steps that log; False on the others, so a signal is noticed at the next record."""
         if preempted:
             self.stopped_by = "preemption"
         elif self._exit_after_reached(steps_done):

@@ -31,8 +31,6 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 from torch import nn
 
 from nanomt import faults
@@ -252,7 +250,8 @@ def _raise_if_failed(error: str | None, root: Path, final: Path) -> None:
 
 class PreemptionSignal:
     """Remembers a preemption signal (SIGTERM by default; SIGUSR1 under SLURM's --signal) so the
-    loop can save and stop at the end of the current step."""
+    loop can save and stop at the end of the current step (the trainer reads `received`, MAX
+    over every rank, in a step's one host read: nanomt.train)."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
         self.received = False
@@ -265,14 +264,6 @@ class PreemptionSignal:
 
     def _handle(self, signum, frame) -> None:
         self.received = True
-
-    def requested(self, device: torch.device | str = "cpu") -> bool:
-        """True on every rank if any rank received the signal (one tiny all-reduce)."""
-        if not dist.is_initialized():
-            return self.received
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        comm.all_reduce(flag, dist.group.WORLD, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
