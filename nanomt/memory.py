@@ -24,11 +24,12 @@ Korthikanti et al. 2022's activation formulas (`activation_bytes_per_layer`, at 
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -50,13 +51,21 @@ def zero_formula_bytes(num_params: int, dp: int, stage: int, param_bytes: int = 
 class PeakMemoryMeter(TorchDispatchMode):
     """with PeakMemoryMeter() as meter: ...  ->  meter.peak_bytes (storages created inside).
 
-    A storage counts from the op that creates it until it is freed, at its current size (a
-    storage resized in place, as ZeRO-3's gathered buffers are, counts what it holds after
-    each op). Outputs on an input's storage (views, in-place results) are no new memory."""
+    A storage counts from the op that creates it until it is freed, at its size after the last
+    op that touched it (ZeRO-3 frees and re-allocates its gathered buffers in place through the
+    dispatcher, buckets.resize_storage, so the meter sees each resize). Outputs on an input's
+    storage (views, in-place results) are no new memory.
+
+    The cost per op is the op's own tensors, not every live storage: torch keeps a storage's
+    Python object alive exactly as long as the storage, so a weak reference to that object
+    says when the storage is freed. Its callback only queues the storage (frees can happen on
+    another thread: gloo's workers drop a collective's buffers), and the next op, or
+    bytes_now(), takes its bytes off."""
 
     def __init__(self):
         super().__init__()
-        self.live: dict[int, StorageWeakRef] = {}  # storage identity -> weak reference
+        self.live: dict[int, list] = {}  # storage identity -> [weak reference, counted bytes]
+        self.freed: collections.deque = collections.deque()  # (identity, weak reference)
         self.current_bytes = 0
         self.peak_bytes = 0
 
@@ -64,45 +73,56 @@ class PeakMemoryMeter(TorchDispatchMode):
         """`with meter.watch(cond):` measures only when cond holds."""
         return self if enabled else contextlib.nullcontext()
 
-    def _refresh(self) -> None:
-        """Forget freed storages; re-read the size of the others."""
-        total = 0
-        for key in list(self.live):
-            ref = self.live[key]
-            if ref.expired():
-                del self.live[key]
-            else:
-                total += torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes()
-        self.current_bytes = total
-
     def bytes_now(self) -> int:
         """The bytes of the storages created inside that are still alive now."""
-        self._refresh()
+        self._forget_freed()
         return self.current_bytes
 
     def __exit__(self, *exc_info):
-        self._refresh()  # current_bytes on leaving: what is still alive then
+        self._forget_freed()  # current_bytes on leaving: what is still alive then
         return super().__exit__(*exc_info)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        # e.g. weight.t() of a weight that existed before the meter started: not counted
-        held = {_storage_key(t) for t in tree_flatten((args, kwargs))[0]}
-        self._refresh()
-        for tensor in tree_flatten(out)[0]:
-            key = _storage_key(tensor)
-            if key and key not in self.live and key not in held:
-                self.live[key] = StorageWeakRef(tensor.untyped_storage())
-                self.current_bytes += tensor.untyped_storage().nbytes()
+        self._forget_freed()  # first: a freed storage's identity may be reused by an output
+        held = set()  # e.g. weight.t() of a weight that existed before the meter started
+        for storage in _storages(tree_flatten((args, kwargs))[0]):
+            held.add(storage._cdata)
+            self._recount(storage)  # an in-place op may have resized it
+        for storage in _storages(tree_flatten(out)[0]):
+            if storage._cdata not in held and not self._recount(storage):
+                self._track(storage)
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
         return out
 
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key, queue = storage._cdata, self.freed
+        ref = weakref.ref(storage, lambda ref: queue.append((key, ref)))
+        self.live[key] = [ref, storage.nbytes()]
+        self.current_bytes += storage.nbytes()
 
-def _storage_key(value) -> int:
-    """The identity of a tensor's storage, stable across resizes (0: not a tensor, or meta)."""
-    if not isinstance(value, torch.Tensor) or value.device.type == "meta":
-        return 0
-    return value.untyped_storage()._cdata
+    def _recount(self, storage: torch.UntypedStorage) -> bool:
+        """Count a watched storage at its size now; False if it is not watched."""
+        entry = self.live.get(storage._cdata)
+        if entry is None:
+            return False
+        self.current_bytes += storage.nbytes() - entry[1]
+        entry[1] = storage.nbytes()
+        return True
+
+    def _forget_freed(self) -> None:
+        while self.freed:
+            key, ref = self.freed.popleft()
+            entry = self.live.get(key)
+            if entry is not None and entry[0] is ref:  # not a newer storage at the same address
+                del self.live[key]
+                self.current_bytes -= entry[1]
+
+
+def _storages(values: list) -> list[torch.UntypedStorage]:
+    """The storages behind the tensors among `values` (none for meta tensors)."""
+    return [v.untyped_storage() for v in values
+            if isinstance(v, torch.Tensor) and v.device.type != "meta"]
 
 
 def memory_report(optimizer: ShardedAdamW, peak_activation_bytes: int | None,

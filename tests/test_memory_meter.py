@@ -3,9 +3,12 @@ views and in-place results of an earlier tensor (the weights) are no new memory.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from nanomt.memory import PeakMemoryMeter
+from nanomt.parallel.data_parallel.buckets import resize_storage
 
 
 def test_views_of_existing_storage_are_not_counted():
@@ -30,13 +33,26 @@ def test_new_storages_are_counted_and_freed():
 
 
 def test_storages_resized_in_place_count_their_current_size():
-    """ZeRO-3 frees a gathered buffer with storage().resize_(0) and gathers into it again."""
+    """ZeRO-3 frees a gathered buffer by resizing its storage to 0 and gathers into it again."""
     with PeakMemoryMeter() as meter:
         buffer = torch.zeros(1024)
-        buffer.untyped_storage().resize_(0)
-        torch.zeros(512)  # an op after the resize: 4 KiB freed, 2 KiB new
+        resize_storage(buffer, 0)
+        kept = torch.zeros(512)  # 4 KiB freed, 2 KiB new
         assert meter.current_bytes == 512 * 4
-        buffer.untyped_storage().resize_(4096)
-        torch.zeros(1)
-        assert meter.current_bytes == 4096 + 4
-    assert meter.peak_bytes == 4096 + 4
+        resize_storage(buffer, 4096)
+        assert meter.current_bytes == 4096 + 512 * 4
+        del kept
+        assert meter.bytes_now() == 4096
+    assert meter.peak_bytes == 4096 + 512 * 4
+
+
+def test_frees_on_another_thread_are_counted():
+    """gloo's worker threads can drop the last reference to a collective's buffer."""
+    with PeakMemoryMeter() as meter:
+        holder = [torch.zeros(1024)]
+        worker = threading.Thread(target=holder.clear)
+        worker.start()
+        worker.join()
+        assert meter.bytes_now() == 0
+        torch.zeros(256)
+    assert meter.peak_bytes == 1024 * 4

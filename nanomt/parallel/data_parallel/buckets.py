@@ -165,3 +165,11 @@ def plan_by_layer(chunks: list[nn.Module], names: dict[int, str],
 def storage_bytes(tensor: torch.Tensor) -> int:
     """Bytes of the storage behind `tensor` (0 once a ZeRO-3 buffer is freed)."""
     return tensor.untyped_storage().nbytes()
+
+
+def resize_storage(tensor: torch.Tensor, nbytes: int) -> None:
+    """Resize the storage behind `tensor` in place (ZeRO-3 frees a gathered buffer with 0 and
+    allocates it again before the next all-gather; the parameters, views of it, stay valid).
+    Through the dispatcher, unlike `untyped_storage().resize_`, so that dispatch modes (the
+    memory meter, nanomt.memory.PeakMemoryMeter) see it; FSDP2 uses the same op."""
+    torch.ops.inductor.resize_storage_bytes_(tensor, nbytes)

@@ -59,6 +59,7 @@ from nanomt.parallel.data_parallel.buckets import (
     make_bucket,
     plan_by_layer,
     plan_by_size,
+    resize_storage,
     storage_bytes,
 )
 from nanomt.parallel.data_parallel.param_gather import PendingParamGathers
@@ -161,7 +162,7 @@ class GradientBuffer:
                                            device=device)
             if self.stage == 3:
                 b.param_shard = b.shard_of(b.param_buffer).clone()
-                b.param_buffer.untyped_storage().resize_(0)
+                resize_storage(b.param_buffer, 0)
                 b.gathered = False
             b.handle = None
 

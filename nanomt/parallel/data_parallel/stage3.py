@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from nanomt.parallel import comm
+from nanomt.parallel.data_parallel.buckets import resize_storage
 
 
 @dataclass(eq=False)  # units are compared by identity
@@ -131,7 +132,7 @@ class ParameterGatherer:
         for b in unit.buckets:
             if b.gathered:
                 continue
-            b.param_buffer.untyped_storage().resize_(b.padded_numel * b.param_buffer.element_size())
+            resize_storage(b.param_buffer, b.padded_numel * b.param_buffer.element_size())
             if self.dp > 1:
                 self.stats.gathers += 1
             handle = comm.all_gather_into(b.param_buffer, b.param_shard, self.dp_group,
@@ -164,7 +165,7 @@ class ParameterGatherer:
             self.stats.prefetch_misses += 1
         self._wait(unit)  # never release storage a collective is still writing into
         for b in unit.buckets:
-            b.param_buffer.untyped_storage().resize_(0)
+            resize_storage(b.param_buffer, 0)
             b.gathered = False
 
     def _prefetch(self, unit: GatherUnit | None) -> None:
