@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from nanomt.parallel import comm
 
@@ -48,6 +47,9 @@ def zero_formula_bytes(num_params: int, dp: int, stage: int, param_bytes: int = 
             "optimizer_state": state_bytes * num_params / (dp if stage >= 1 else 1)}
 
 
+RESIZE_STORAGE_BYTES = torch.ops.inductor.resize_storage_bytes_.default
+
+
 class PeakMemoryMeter(TorchDispatchMode):
     """with PeakMemoryMeter() as meter: ...  ->  meter.peak_bytes (storages created inside).
 
@@ -62,8 +64,13 @@ class PeakMemoryMeter(TorchDispatchMode):
     another thread: gloo's workers drop a collective's buffers), and the next op, or
     bytes_now(), takes its bytes off."""
 
-    def __init__(self):
+    def __init__(self, import_now: bool = False):
+        """import_now: pay here, not inside the first measured op, the import of torch's
+        compiler stack that the first op under any dispatch mode triggers (~1.5 s on 2 CPU
+        cores; torch wraps every __torch_dispatch__ in torch._dynamo.disable)."""
         super().__init__()
+        if import_now:
+            import torch._dynamo  # noqa: F401
         self.live: dict[int, list] = {}  # storage identity -> [weak reference, counted bytes]
         self.freed: collections.deque = collections.deque()  # (identity, weak reference)
         self.current_bytes = 0
@@ -86,10 +93,14 @@ class PeakMemoryMeter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self._forget_freed()  # first: a freed storage's identity may be reused by an output
         held = set()  # e.g. weight.t() of a weight that existed before the meter started
-        for storage in _storages(tree_flatten((args, kwargs))[0]):
+        # only an op that writes to an input can resize it (torch's resize_storage_bytes_
+        # carries no write annotation)
+        resizes = func._schema.is_mutable or func is RESIZE_STORAGE_BYTES
+        for storage in _storages(args, _storages(kwargs) if kwargs else []):
             held.add(storage._cdata)
-            self._recount(storage)  # an in-place op may have resized it
-        for storage in _storages(tree_flatten(out)[0]):
+            if resizes:
+                self._recount(storage)
+        for storage in _storages(out):
             if storage._cdata not in held and not self._recount(storage):
                 self._track(storage)
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
@@ -119,10 +130,19 @@ class PeakMemoryMeter(TorchDispatchMode):
                 self.current_bytes -= entry[1]
 
 
-def _storages(values: list) -> list[torch.UntypedStorage]:
-    """The storages behind the tensors among `values` (none for meta tensors)."""
-    return [v.untyped_storage() for v in values
-            if isinstance(v, torch.Tensor) and v.device.type != "meta"]
+def _storages(value, found: list | None = None) -> list[torch.UntypedStorage]:
+    """The storages behind the tensors in an op's arguments or results, which hold tensors
+    directly or in lists, tuples and dicts (none for meta tensors). torch's tree_flatten does
+    the same for any container, at several times the cost per op."""
+    found = [] if found is None else found
+    for item in (value.values() if isinstance(value, dict)
+                 else value if isinstance(value, (list, tuple)) else (value,)):
+        if isinstance(item, torch.Tensor):
+            if item.device.type != "meta":
+                found.append(item.untyped_storage())
+        elif isinstance(item, (list, tuple, dict)):
+            _storages(item, found)
+    return found
 
 
 def memory_report(optimizer: ShardedAdamW, peak_activation_bytes: int | None,

@@ -413,7 +413,7 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
     logger.start_progress()  # after the start-up lines
 
     record, val_loss, steps_done = {"loss": float("nan")}, float("nan"), t.start_step
-    activation_meter = PeakMemoryMeter()  # watches the first step's forward and backward
+    activation_meter = PeakMemoryMeter(import_now=cfg.train.measure_memory)  # first step
     t_start = time.perf_counter()
     for step in range(t.start_step, steps):
         position["where"] = f"step {step + 1}"
