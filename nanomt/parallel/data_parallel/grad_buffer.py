@@ -122,7 +122,8 @@ class GradientBuffer:
             if overlap_param_gather and zero_stage in (1, 2) and self.dp > 1 else None)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
                        for b in self.buckets for p in b.params]
-        self.in_flight: list[tuple[Bucket, object, torch.Tensor]] = []  # (b, handle, full)
+        # (b, handle, full, first): first round of the step reduce-scatters into grad_shard
+        self.in_flight: list[tuple[Bucket, object, torch.Tensor, bool]] = []
         self.zero_grad(num_microbatches=num_microbatches)
 
     # ---- layout ------------------------------------------------------------------------------
@@ -219,8 +220,7 @@ class GradientBuffer:
         for b in self.buckets:
             b.handle = None
             if self.stage >= 2:
-                b.grad_buffer = None
-                b.grad_shard.zero_()
+                b.grad_buffer = None  # grad_shard: written by the step's first reduce-scatter
             elif not self._grads_are_views(b):
                 b.grad_buffer.zero_()
             # else: no zeroing; each gradient's first arrival is copied in (_on_grad_ready)
@@ -247,14 +247,24 @@ class GradientBuffer:
         self.peak_grad_bytes = max(self.peak_grad_bytes, self.live_grad_bytes)
 
     def _full_grad_buffer(self, b: Bucket) -> torch.Tensor:
-        """ZeRO-2/3: the bucket's full gradient buffer, allocated at its first use in a round."""
+        """ZeRO-2/3: the bucket's full gradient buffer, allocated at its first use in a round.
+        Not zeroed: each parameter's first gradient of the round is copied in (`b.filled`),
+        and what got none is zeroed before the reduction (`_zero_unfilled`)."""
         if b.grad_buffer is None:
             self._retire_in_flight(only_completed=True)
-            b.grad_buffer = torch.zeros(b.padded_numel, dtype=self.grad_dtype(b),
+            b.grad_buffer = torch.empty(b.padded_numel, dtype=self.grad_dtype(b),
                                         device=b.grad_shard.device)
+            b.filled = set()
             self._count_grad_bytes(b.grad_buffer.untyped_storage().nbytes())
-            self._view_full_buffer(b, [p for p in b.params if p.grad is None])
         return b.grad_buffer
+
+    def _zero_unfilled(self, b: Bucket, full: torch.Tensor) -> None:
+        """Zero the padding and the slots of parameters without a gradient in this round."""
+        full[b.numel:].zero_()
+        for param in b.params:
+            if id(param) not in b.filled:
+                offset = self.offset_of[id(param)]
+                full[offset: offset + param.numel()].zero_()
 
     @torch.no_grad()
     def _on_grad_ready(self, param: nn.Parameter) -> None:
@@ -273,9 +283,14 @@ class GradientBuffer:
                 view.copy_(param.grad)
                 param.grad = view
         elif id(param) not in bucket.viewing:
-            offset = self.offset_of[id(param)]  # autograd allocated param.grad: add it in
+            offset = self.offset_of[id(param)]  # autograd allocated param.grad: put it in
             flat = bucket.grad_buffer if self.stage <= 1 else self._full_grad_buffer(bucket)
-            flat[offset: offset + param.numel()].add_(param.grad.reshape(-1))
+            slot = flat[offset: offset + param.numel()]
+            if self.stage >= 2 and id(param) not in bucket.filled:  # the round's first
+                slot.copy_(param.grad.reshape(-1))
+                bucket.filled.add(id(param))
+            else:
+                slot.add_(param.grad.reshape(-1))
             param.grad = None
             if self.stage >= 2:
                 self._view_full_buffer(bucket, [param])
@@ -309,12 +324,15 @@ class GradientBuffer:
                                                      async_op=True))
             return
         full, b.grad_buffer = self._full_grad_buffer(b), None
+        self._zero_unfilled(b, full)
         self._drop_full_buffer_views(b)
         self._make_room(full.untyped_storage().nbytes())
         if self.dp > 1:
             full.div_(self.dp)
-        handle = comm.reduce_scatter_into(b.shard_of(full), full, self.dp_group, async_op=True)
-        self.in_flight.append((b, handle, full))
+        first = b.rounds_launched == 1  # straight into the accumulator; later rounds add
+        handle = comm.reduce_scatter_into(b.grad_shard if first else b.shard_of(full), full,
+                                          self.dp_group, async_op=True)
+        self.in_flight.append((b, handle, full, first))
         if self.final_launches == len(self.buckets):  # backward is over: keep only shards
             self._retire_in_flight()
 
@@ -331,29 +349,30 @@ class GradientBuffer:
     def _make_room(self, nbytes: int) -> None:
         """Retire the oldest reduce-scatters until `nbytes` more fit in parallel.reduce_in_flight_mb
         (one is always allowed)."""
-        held = sum(full.untyped_storage().nbytes() for _, _, full in self.in_flight)
+        held = sum(entry[2].untyped_storage().nbytes() for entry in self.in_flight)
         while self.in_flight and held + nbytes > self.in_flight_limit:
             oldest = self.in_flight.pop(0)
             held -= oldest[2].untyped_storage().nbytes()
             self._retire(*oldest)
 
-    def _retire(self, b: Bucket, handle, full: torch.Tensor) -> None:
-        """Wait for one reduce-scatter, add my shard of it into the accumulator, free `full`."""
+    def _retire(self, b: Bucket, handle, full: torch.Tensor, first: bool) -> None:
+        """Wait for one reduce-scatter, add my shard of it into the accumulator (unless it was
+        the step's first, written there), free `full`."""
         if handle is not None:
             comm.note_operation("wait for reduce_scatter (gradients)", self.dp_group)
             handle.wait()
-        b.grad_shard.add_(b.shard_of(full))
+        if not first:
+            b.grad_shard.add_(b.shard_of(full))
         self._count_grad_bytes(-full.untyped_storage().nbytes())
 
     def _retire_in_flight(self, only_completed: bool = False) -> None:
-        """Retire every reduce-scatter in flight (or, only_completed, those already done)."""
-        still_running = []
-        for b, handle, full in self.in_flight:
+        """Retire the reduce-scatters in flight, oldest first (or, only_completed, up to the
+        first still running: a bucket's first round writes its accumulator, later ones add)."""
+        while self.in_flight:
+            handle = self.in_flight[0][1]
             if only_completed and handle is not None and not handle.is_completed():
-                still_running.append((b, handle, full))
-            else:
-                self._retire(b, handle, full)
-        self.in_flight = still_running
+                return
+            self._retire(*self.in_flight.pop(0))
 
     @torch.no_grad()
     def finish_grad_sync(self) -> bool:
@@ -431,8 +450,8 @@ class GradientBuffer:
                 grads += storage_bytes(b.grad_buffer)
             if self.stage >= 2:
                 grads += storage_bytes(b.grad_shard)  # at stages 0-1, a view of grad_buffer
-        for _, _, full in self.in_flight:
-            grads += storage_bytes(full)
+        for entry in self.in_flight:
+            grads += storage_bytes(entry[2])
         return {"params": params, "grads": grads}
 
     def release_prefetched(self) -> None:
