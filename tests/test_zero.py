@@ -165,12 +165,14 @@ def _train_stage3(grid, model, optimizer, tokens) -> tuple[list[float], list[flo
 
 def _watch_materialised_layers(model) -> list[int]:
     """Record, as each layer starts its forward and as each gradient lands in backward, how
-    many layers hold their parameters (storage bytes > 0: ZeRO-3 frees a layer by resizing its
-    flat buffer's storage to zero), read from the tensors, not from the gatherer's counts."""
+    many layers hold their parameters (a storage as large as the parameter: ZeRO-3 frees a
+    layer by resizing its flat buffer's storage to zero and pointing its parameters at a
+    one-element stand-in), read from the tensors, not from the gatherer's counts."""
     counts: list[int] = []
 
     def sample(*_) -> None:
-        counts.append(sum(any(p.untyped_storage().nbytes() > 0 for p in layer.parameters())
+        counts.append(sum(any(p.untyped_storage().nbytes() >= p.nbytes
+                              for p in layer.parameters())
                           for layer in model.layers))
 
     for layer in model.layers:
@@ -510,6 +512,40 @@ def test_stage3_prefetch_gathers_ahead_within_bounded_memory(layout_runs, recomp
 def test_stage3_prefetch_must_not_be_negative():
     with pytest.raises(ValueError, match="parallel.zero3_prefetch"):
         _tiny_optimizer(zero_stage=3, zero3_prefetch=-1)
+
+
+FREED_PARAMETER_CHILD = """
+import torch
+from tests.test_zero import _tiny_optimizer
+from nanomt.model import GPT, ModelConfig
+reference = GPT(ModelConfig(num_layers=1, hidden_size=32, num_heads=4, seq_len=16), None, seed=3)
+model, optimizer = _tiny_optimizer(zero_stage=3)
+params, expected = list(model.parameters()), list(reference.parameters())
+assert all(p.isnan().all() for p in params), "freed: NaN stand-ins"
+assert all(p.shape == e.shape for p, e in zip(params, expected))
+with optimizer.full_parameters():
+    assert all(torch.equal(p, e) for p, e in zip(params, expected)), "gathered: the weights"
+assert all(p.isnan().all() for p in params), "freed again"
+tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+loss = model(tokens, tokens)
+assert torch.equal(loss, reference(tokens, tokens)), "forward gathers them"
+loss.backward()
+assert not optimizer.step().skipped
+print("ok")
+"""
+
+
+def test_stage3_freed_parameters_read_nan_not_freed_memory():
+    """Outside its unit's forward and backward a ZeRO-3 parameter holds no memory: reading it
+    (a debugging print) gives NaN, where a view of the freed storage read past its end and
+    crashed the process (so the reads run in a child: a regression fails here, not the
+    suite); gathered, it holds the weights, and training is unaffected."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", FREED_PARAMETER_CHILD], capture_output=True,
+                            text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def _tiny_optimizer(num_microbatches: int = 1, **kwargs):

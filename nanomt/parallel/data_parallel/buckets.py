@@ -173,3 +173,17 @@ def resize_storage(tensor: torch.Tensor, nbytes: int) -> None:
     Through the dispatcher, unlike `untyped_storage().resize_`, so that dispatch modes (the
     memory meter, nanomt.memory.PeakMemoryMeter) see it; FSDP2 uses the same op."""
     torch.ops.inductor.resize_storage_bytes_(tensor, nbytes)
+
+
+def bind_param_data(b: Bucket, gathered: bool) -> None:
+    """ZeRO-3: point each parameter of `b` at its slice of the flat buffer once gathered; while
+    freed, at a stand-in of its shape that holds one NaN. A view of the freed (zero-byte)
+    storage would read past its end, and a stray read (a debugging print) would crash the
+    process; the stand-in reads NaN instead and costs no memory."""
+    if gathered:
+        for param, offset in zip(b.params, b.offsets):
+            param.data = b.param_buffer[offset: offset + param.numel()].view(param.shape)
+        return
+    nan = torch.full((), float("nan"), dtype=b.dtype, device=b.param_buffer.device)
+    for param in b.params:
+        param.data = nan.expand(param.shape)

@@ -56,6 +56,7 @@ from torch import nn
 from nanomt.parallel import comm
 from nanomt.parallel.data_parallel.buckets import (
     Bucket,
+    bind_param_data,
     make_bucket,
     plan_by_layer,
     plan_by_size,
@@ -164,6 +165,7 @@ class GradientBuffer:
             if self.stage == 3:
                 b.param_shard = b.shard_of(b.param_buffer).clone()
                 resize_storage(b.param_buffer, 0)
+                bind_param_data(b, gathered=False)
                 b.gathered = False
             b.handle = None
 

@@ -33,8 +33,10 @@ is such a recompute: it gathers synchronously (a no-op, the unit is there) and p
 nothing, so a recompute never disturbs the backward-order prefetch; its post-hook must not free
 the unit, which backward still needs.
 
-Freeing resizes the flat buffer's storage to zero; the parameters stay views of it, so autograd's
-saved references to a weight see the re-gathered values when backward runs.
+Freeing resizes the flat buffer's storage to zero and points each parameter at a NaN stand-in of
+its shape (a view of the freed storage would read past its end); gathering points them back at
+their slices. Autograd saves a weight as the parameter itself, so when backward runs it sees the
+re-gathered values.
 
 The chunk's own unit (embeddings, final norm, head) is gathered by the chunk's forward pre-hook
 and freed only after the chunk's forward, so it stays materialised for the whole forward of the
@@ -50,7 +52,7 @@ import torch
 from torch import nn
 
 from nanomt.parallel import comm
-from nanomt.parallel.data_parallel.buckets import resize_storage
+from nanomt.parallel.data_parallel.buckets import bind_param_data, resize_storage
 
 
 @dataclass(eq=False)  # units are compared by identity
@@ -133,6 +135,7 @@ class ParameterGatherer:
             if b.gathered:
                 continue
             resize_storage(b.param_buffer, b.padded_numel * b.param_buffer.element_size())
+            bind_param_data(b, gathered=True)
             if self.dp > 1:
                 self.stats.gathers += 1
             handle = comm.all_gather_into(b.param_buffer, b.param_shard, self.dp_group,
@@ -166,6 +169,7 @@ class ParameterGatherer:
         self._wait(unit)  # never release storage a collective is still writing into
         for b in unit.buckets:
             resize_storage(b.param_buffer, 0)
+            bind_param_data(b, gathered=False)
             b.gathered = False
 
     def _prefetch(self, unit: GatherUnit | None) -> None:
