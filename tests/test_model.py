@@ -134,3 +134,25 @@ def test_bad_model_configs_fail_clearly():
         ModelConfig(style="bert")
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({"num_layer": 3})
+
+
+def test_split_heads_gradient_equals_autograds_own():
+    """SplitHeads copies q, k, v's gradients straight into qkv's layout; autograd's own
+    view -> permute -> unbind is the reference (bitwise: both only move numbers). v unused:
+    its gradient must be zero."""
+    from nanomt.model.layers import SplitHeads
+
+    s, b, heads, d = 5, 3, 4, 2
+    qkv = torch.randn(s, b, heads * 3 * d, requires_grad=True)
+    weights = [torch.randn(b, heads, s, d) for _ in range(2)]
+
+    def loss_of(q, k, v):
+        assert q.shape == k.shape == v.shape == (b, heads, s, d)
+        return (q * weights[0]).sum() + (k.exp() * weights[1]).sum()
+
+    ours = torch.autograd.grad(loss_of(*SplitHeads.apply(qkv, heads, d)), qkv)[0]
+    own = qkv.view(s, b, heads, 3, d).permute(3, 1, 2, 0, 4).unbind(0)
+    reference = torch.autograd.grad(loss_of(*own), qkv)[0]
+    assert torch.equal(ours, reference)
+    assert ours.view(s, b, heads, 3, d)[..., 2, :].abs().sum() == 0
+    assert all(torch.equal(x, y) for x, y in zip(SplitHeads.apply(qkv, heads, d), own))
