@@ -34,6 +34,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 from run_all import DP_CFG, nanomt_trainer  # noqa: E402
 
 from nanomt.model import GPT, ModelConfig  # noqa: E402
+from nanomt.parallel import comm  # noqa: E402
 from nanomt.testing import run_distributed  # noqa: E402
 
 
@@ -41,8 +42,8 @@ def collective_seconds(numel: int, calls: int = 20) -> dict[str, float]:
     """Median seconds of the bare gloo collectives on a flat fp32 buffer of `numel` elements."""
     full, shard = torch.randn(numel), torch.empty(numel // dist.get_world_size())
     ops = {"all_reduce": lambda: dist.all_reduce(full),
-           "reduce_scatter": lambda: dist.reduce_scatter_tensor(shard, full),
-           "all_gather": lambda: dist.all_gather_into_tensor(full, shard)}
+           "reduce_scatter": lambda: comm.reduce_scatter_into(shard, full, dist.group.WORLD),
+           "all_gather": lambda: comm.all_gather_into(full, shard, dist.group.WORLD)}
     out = {}
     for name, op in ops.items():
         op()
