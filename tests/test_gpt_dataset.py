@@ -130,6 +130,35 @@ def test_indices_built_on_rank_zero_while_the_others_wait_and_map(tmp_path):
                                 "division by zero")
 
 
+def _slow_work_on_rank_zero(fail: bool) -> str:
+    import time
+
+    from nanomt.data.cache import on_rank_zero
+
+    def work() -> None:
+        time.sleep(4.0)  # longer than the 1.5 s collective timeout of this run
+        if fail:
+            raise OSError("disk full")
+    try:
+        on_rank_zero(work, heartbeat_s=0.3)
+    except RuntimeError as error:
+        return str(error)
+    return "ok"
+
+
+def test_rank_zero_work_may_outlast_the_collective_timeout():
+    """The waiting ranks hear from rank 0 every heartbeat, so a build longer than
+    parallel.timeout_s (a big corpus's tokenization, a large blend) does not time them out;
+    its failure still reaches every rank."""
+    from nanomt.testing import run_distributed
+
+    for fail, expected in ((False, "ok"),
+                           (True, "building data indices on rank 0 failed: OSError: disk full")):
+        results = run_distributed(_slow_work_on_rank_zero, 2, args=(fail,), timeout_s=60,
+                                  collective_timeout_s=1.5)
+        assert results == [expected, expected]
+
+
 def test_splits_by_documents():
     assert parse_split("969,30,1") == pytest.approx([0.969, 0.030, 0.001])
     assert parse_split([1, 1]) == [0.5, 0.5, 0.0]

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,8 +92,13 @@ class IndexCache:
         return self.load(names)
 
 
-def on_rank_zero(work: Callable[[], None]) -> None:
-    """Run `work` on global rank 0 while the other ranks wait; a failure there fails everyone."""
+def on_rank_zero(work: Callable[[], None], heartbeat_s: float = 5.0) -> None:
+    """Run `work` on global rank 0 while the other ranks wait; a failure there fails everyone.
+
+    The wait may outlast the collective timeout (parallel.timeout_s): tokenizing a corpus or
+    choosing the blend of an MT-NLG-sized run takes minutes. So rank 0 works in a thread and
+    tells the others every `heartbeat_s` whether it is done; each of those broadcasts is short,
+    and a rank 0 that died still fails the others within the timeout."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -100,12 +106,27 @@ def on_rank_zero(work: Callable[[], None]) -> None:
         return
     from nanomt.parallel import comm
 
-    error = None
     if dist.get_rank() == 0:
-        try:
-            work()
-        except Exception as problem:  # noqa: BLE001 - shared with every rank, then raised
-            error = f"{type(problem).__name__}: {problem}"
-    error = comm.broadcast_object(error)
+        outcome: dict[str, str | None] = {}
+
+        def run() -> None:
+            try:
+                work()
+                outcome["error"] = None
+            except Exception as problem:  # noqa: BLE001 - shared with every rank, then raised
+                outcome["error"] = f"{type(problem).__name__}: {problem}"
+
+        worker = threading.Thread(target=run, name="nanomt-rank0-build", daemon=True)
+        worker.start()
+        while True:
+            worker.join(timeout=heartbeat_s)
+            status = comm.broadcast_object("working" if worker.is_alive()
+                                           else ("done", outcome.get("error", "the build died")))
+            if status != "working":
+                break
+    else:
+        while (status := comm.broadcast_object(None)) == "working":
+            pass
+    error = status[1]
     if error is not None:
         raise RuntimeError(f"building data indices on rank 0 failed: {error}")
