@@ -22,7 +22,8 @@ _ParamAndGradBuffer, the buffer here
 
         stage 0   all-reduce (async, in place)                                   2 Psi
         stage 1   reduce-scatter in place into my shard of the full buffer       Psi
-                  + the optimizer's all-gather of the updated parameters         Psi
+                  + the optimizer's all-gather of the updated parameters, in
+                    place (my shard is already its slot of the output, as FSDP2's) Psi
         stage 2   reduce-scatter of a full buffer that exists only while the
                   bucket's gradients arrive; my shard is kept                    Psi + Psi
         stage 3   the same, + two all-gathers of the parameters (stage3.py)      3 Psi
@@ -431,12 +432,12 @@ class GradientBuffer:
         if self.param_gathers is not None:  # left in flight, first-needed first
             for index in self.param_gathers.launch_order(len(self.buckets)):
                 b = self.buckets[index]
-                sent = self.own_param_shard(b).clone()  # the input may not alias the output
+                own = self.own_param_shard(b)
                 self.param_gathers.launch(index, comm.all_gather_into(
-                    b.param_buffer, sent, self.dp_group, async_op=True), sent)
+                    b.param_buffer, own, self.dp_group, async_op=True), own)
             return
-        handles = [comm.all_gather_into(b.param_buffer, self.own_param_shard(b).clone(),
-                                        self.dp_group, async_op=True) for b in self.buckets]
+        handles = [comm.all_gather_into(b.param_buffer, self.own_param_shard(b), self.dp_group,
+                                        async_op=True) for b in self.buckets]
         comm.note_operation("wait for all_gather (parameters)", self.dp_group)
         for handle in handles:
             handle.wait()
