@@ -432,9 +432,8 @@ class GradientBuffer:
         if self.param_gathers is not None:  # left in flight, first-needed first
             for index in self.param_gathers.launch_order(len(self.buckets)):
                 b = self.buckets[index]
-                own = self.own_param_shard(b)
                 self.param_gathers.launch(index, comm.all_gather_into(
-                    b.param_buffer, own, self.dp_group, async_op=True), own)
+                    b.param_buffer, self.own_param_shard(b), self.dp_group, async_op=True))
             return
         handles = [comm.all_gather_into(b.param_buffer, self.own_param_shard(b), self.dp_group,
                                         async_op=True) for b in self.buckets]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
+import torch.distributed as dist
 from torch import nn
 
 from nanomt.parallel import comm
@@ -46,7 +46,7 @@ class PendingParamGathers:
     def __init__(self, chunks: list[nn.Module], bucket_index_of: dict[int, int], group):
         """bucket_index_of: id(param) -> the index of the bucket that holds it."""
         self.group = group
-        self.pending: dict[int, tuple[object, torch.Tensor]] = {}  # index -> (handle, input)
+        self.pending: dict[int, dist.Work] = {}  # bucket index -> its all-gather in flight
         self.use_order: list[int] = []  # bucket indices as the forward first waits for them
         self.waited_in_forward = 0
         self.hooks = []
@@ -72,10 +72,10 @@ class PendingParamGathers:
         rest = [i for i in reversed(range(num_buckets)) if i not in self.use_order]
         return self.use_order + rest
 
-    def launch(self, index: int, handle, sent: torch.Tensor) -> None:
-        """Remember bucket `index`'s gather (`sent`: its input, kept alive until it is done)."""
+    def launch(self, index: int, handle) -> None:
+        """Remember bucket `index`'s gather (None on a group of one: nothing to wait for)."""
         if handle is not None:
-            self.pending[index] = (handle, sent)
+            self.pending[index] = handle
 
     def wait(self, indices) -> int:
         """Wait for the pending gathers of `indices`; returns how many there were."""
@@ -83,7 +83,7 @@ class PendingParamGathers:
         if due:
             comm.note_operation("wait for all_gather (parameters)", self.group)
         for index in due:
-            self.pending.pop(index)[0].wait()
+            self.pending.pop(index).wait()
         return len(due)
 
     def wait_all(self) -> None:
