@@ -175,15 +175,24 @@ def resize_storage(tensor: torch.Tensor, nbytes: int) -> None:
     torch.ops.inductor.resize_storage_bytes_(tensor, nbytes)
 
 
-def bind_param_data(b: Bucket, gathered: bool) -> None:
-    """ZeRO-3: point each parameter of `b` at its slice of the flat buffer once gathered; while
-    freed, at a stand-in of its shape that holds one NaN. A view of the freed (zero-byte)
+def free_params(b: Bucket) -> None:
+    """ZeRO-3: release the gathered flat buffer's memory (its storage resized to zero) and point
+    each parameter of `b` at a stand-in of its shape that holds one NaN. A view of the freed
     storage would read past its end, and a stray read (a debugging print) would crash the
     process; the stand-in reads NaN instead and costs no memory."""
-    if gathered:
-        for param, offset in zip(b.params, b.offsets):
-            param.data = b.param_buffer[offset: offset + param.numel()].view(param.shape)
-        return
-    nan = torch.full((), float("nan"), dtype=b.dtype, device=b.param_buffer.device)
+    resize_storage(b.param_buffer, 0)
+    if getattr(b, "freed_stand_in", None) is None:  # one per bucket, made at the first free
+        b.freed_stand_in = torch.full((), float("nan"), dtype=b.dtype,
+                                      device=b.param_buffer.device)
     for param in b.params:
-        param.data = nan.expand(param.shape)
+        param.data = b.freed_stand_in.expand(param.shape)
+    b.gathered = False
+
+
+def materialise_params(b: Bucket) -> None:
+    """ZeRO-3: give the flat buffer its memory back and point each parameter at its slice
+    (the values arrive with the all-gather the caller starts)."""
+    resize_storage(b.param_buffer, b.padded_numel * b.param_buffer.element_size())
+    for param, offset in zip(b.params, b.offsets):
+        param.data = b.param_buffer[offset: offset + param.numel()].view(param.shape)
+    b.gathered = True

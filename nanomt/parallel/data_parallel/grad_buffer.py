@@ -57,11 +57,10 @@ from torch import nn
 from nanomt.parallel import comm
 from nanomt.parallel.data_parallel.buckets import (
     Bucket,
-    bind_param_data,
+    free_params,
     make_bucket,
     plan_by_layer,
     plan_by_size,
-    resize_storage,
     storage_bytes,
 )
 from nanomt.parallel.data_parallel.param_gather import PendingParamGathers
@@ -165,9 +164,7 @@ class GradientBuffer:
                                            device=device)
             if self.stage == 3:
                 b.param_shard = b.shard_of(b.param_buffer).clone()
-                resize_storage(b.param_buffer, 0)
-                bind_param_data(b, gathered=False)
-                b.gathered = False
+                free_params(b)
             b.handle = None
 
     def _grads_are_views(self, b: Bucket) -> bool:

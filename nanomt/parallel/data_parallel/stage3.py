@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from nanomt.parallel import comm
-from nanomt.parallel.data_parallel.buckets import bind_param_data, resize_storage
+from nanomt.parallel.data_parallel.buckets import free_params, materialise_params
 
 
 @dataclass(eq=False)  # units are compared by identity
@@ -134,15 +134,13 @@ class ParameterGatherer:
         for b in unit.buckets:
             if b.gathered:
                 continue
-            resize_storage(b.param_buffer, b.padded_numel * b.param_buffer.element_size())
-            bind_param_data(b, gathered=True)
+            materialise_params(b)
             if self.dp > 1:
                 self.stats.gathers += 1
             handle = comm.all_gather_into(b.param_buffer, b.param_shard, self.dp_group,
                                           async_op=async_op)
             if handle is not None:
                 unit.handles.append(handle)
-            b.gathered = True
         if unit.is_layer:
             live = sum(u.is_layer and u.materialised for u in self.units.values())
             self.stats.peak_layers = max(self.stats.peak_layers, live)
@@ -168,9 +166,7 @@ class ParameterGatherer:
             self.stats.prefetch_misses += 1
         self._wait(unit)  # never release storage a collective is still writing into
         for b in unit.buckets:
-            resize_storage(b.param_buffer, 0)
-            bind_param_data(b, gathered=False)
-            b.gathered = False
+            free_params(b)
 
     def _prefetch(self, unit: GatherUnit | None) -> None:
         """Launch the gather of `unit`, the one expected next, keeping <= prefetch ahead."""
