@@ -48,13 +48,21 @@ def ring_case(case: dict, group, cp_rank: int, cp: int) -> dict[str, torch.Tenso
     return errors
 
 
-def test_the_split_gives_every_rank_two_chunks_and_covers_the_sequence():
-    assert [chunk_ids(r, 4) for r in range(4)] == [(0, 7), (1, 6), (2, 5), (3, 4)]
-    positions = torch.cat([local_positions(16, r, 4) for r in range(4)])
-    assert sorted(positions.tolist()) == list(range(16))
-    assert local_positions(16, 1, 4).tolist() == [2, 3, 12, 13]
-    x = torch.arange(16).view(1, 16)
-    assert split_sequence(x, 1, 1, 4).tolist() == [[2, 3, 12, 13]]
+@pytest.mark.parametrize("cp", [2, 4])
+def test_the_split_gives_every_rank_two_chunks_and_covers_the_sequence(cp):
+    """Every rank's positions, in order: chunk r then chunk 2cp-1-r (the load-balanced causal
+    split), written out here for each rank, not only as a covering set."""
+    seq_len, chunk = 16, 16 // (2 * cp)
+    x = torch.arange(100, 100 + seq_len).view(1, seq_len)
+    for r in range(cp):
+        first, second = r, 2 * cp - 1 - r
+        expected = (list(range(first * chunk, (first + 1) * chunk))
+                    + list(range(second * chunk, (second + 1) * chunk)))
+        assert chunk_ids(r, cp) == (first, second)
+        assert local_positions(seq_len, r, cp).tolist() == expected, r
+        assert split_sequence(x, 1, r, cp).tolist() == [[100 + p for p in expected]], r
+    positions = torch.cat([local_positions(seq_len, r, cp) for r in range(cp)])
+    assert sorted(positions.tolist()) == list(range(seq_len))
 
 
 def test_ring_attention_on_one_rank_is_causal_attention():
