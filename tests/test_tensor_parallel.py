@@ -437,9 +437,9 @@ def _training_runs(run_root: str) -> dict:
     return errors
 
 
-def losses(run_dir: Path) -> list[float]:
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    return [json.loads(line)[key] for line in lines]
 
 
 @pytest.fixture(scope="module")
@@ -466,6 +466,10 @@ def test_training_trajectory_matches_single_process(training, tmp_path, name):
     assert expected[-1] < expected[0] - 0.1  # it does learn
     # fp32, a different summation order per layout; Adam keeps the drift tiny over 10 steps.
     assert got == pytest.approx(expected, rel=1e-5), (got, expected)
+    # the global norm counts each replicated parameter (norms, row-parallel biases) once
+    norms, expected_norms = losses(root / name, "grad_norm"), losses(tmp_path / "reference",
+                                                                     "grad_norm")
+    assert norms == pytest.approx(expected_norms, rel=1e-5), (norms, expected_norms)
 
 
 @pytest.mark.parametrize("name", list(BAD_CONFIGS))
