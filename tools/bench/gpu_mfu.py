@@ -114,10 +114,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_one(name: str, who: str, steps: int, device: torch.device) -> dict:
+def measure_one(name: str, who: str, steps: int, device: torch.device,
+                overrides: list[str]) -> dict:
     """One implementation on one model config: warm-up, then `steps` timed steps."""
     precision = "bf16" if device.type == "cuda" else "fp32"
-    cfg = compose_config([f"model={name}", f"train.precision={precision}"])
+    cfg = compose_config([f"model={name}", f"train.precision={precision}", *overrides])
     model_cfg = model_config(cfg)
     b = MICRO_BATCH.get(name, 2)
     micro_batches = []
@@ -128,7 +129,7 @@ def measure_one(name: str, who: str, steps: int, device: torch.device) -> dict:
     build = nanomt_step if who == "nanomt" else plain_step
     step = (build(cfg, model_cfg, micro_batches, device, phases) if who == "nanomt"
             else build(model_cfg, micro_batches, device, phases))
-    for _ in range(2):  # warm-up: kernels chosen, buffers allocated
+    for _ in range(min(2, steps)):  # warm-up: kernels chosen, buffers allocated
         step()
     synchronize(device)
     phases.marks.clear()
@@ -146,10 +147,12 @@ def measure_one(name: str, who: str, steps: int, device: torch.device) -> dict:
                                if device.type == "cuda" else None)}
 
 
-def measure_in_fresh_process(name: str, who: str, steps: int, device: str) -> dict:
+def measure_in_fresh_process(name: str, who: str, steps: int, device: str,
+                             overrides: list[str]) -> dict:
     """measure_one in a child process, so that everything it allocated is gone afterwards."""
     done = subprocess.run([sys.executable, __file__, "--one", name, who, "--steps", str(steps),
-                           "--device", device], capture_output=True, text=True)
+                           "--device", device, "--set", *overrides], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{who} {name} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -165,13 +168,14 @@ def commit_of(root: Path) -> str:
     return done.stdout.strip() or "unknown"
 
 
-def run_table(models: list[str], steps: int, device: str, peak: float | None) -> dict:
+def run_table(models: list[str], steps: int, device: str, peak: float | None,
+              overrides: list[str]) -> dict:
     """Every model, nanomt and plain, each in a fresh process; adds TFLOP/s, MFU, shares."""
     table = {}
     for name in models:
         row = {}
         for who in ("nanomt", "plain"):
-            r = measure_in_fresh_process(name, who, steps, device)
+            r = measure_in_fresh_process(name, who, steps, device, overrides)
             r["tflops"] = r["model_flops"] / r["step_s"] / 1e12
             r["mfu"] = r["tflops"] / peak if peak else None
             total = sum(r["phase_s"].values())
@@ -203,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", default="gpu_mfu.json")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every model (e.g. model.seq_len=32)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "WHO"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -210,14 +216,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.one:  # the child process of measure_in_fresh_process
-        print(json.dumps(measure_one(*args.one, args.steps, torch.device(args.device))))
+        print(json.dumps(measure_one(*args.one, args.steps, torch.device(args.device), args.set)))
         return {}
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     peak = peak_tflops(device_name, args.peak_tflops, "bf16")
     results = {"device": device_name, "peak_bf16_tflops": peak, "commit": commit_of(ROOT),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "micro_batches_per_step": MICRO_BATCHES,
-               "models": run_table(args.models, args.steps, args.device, peak)}
+               "overrides": args.set,
+               "models": run_table(args.models, args.steps, args.device, peak, args.set)}
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     return results
