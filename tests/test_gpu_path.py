@@ -108,3 +108,22 @@ def test_the_timeline_reads_the_host_clock_until_cuda_is_in_use(
     timeline.end_step()
     assert timeline.cuda_events is False and len(timeline.events) == 1
     assert gpu_host_that_must_not_be_touched == []
+
+
+# ---- the multi-rank tests' backend (pytest --backend nccl, tests/conftest.py) --------------------
+def _backend_of_my_world() -> str:
+    import torch.distributed as dist
+
+    return dist.get_backend()
+
+
+def test_the_ranks_speak_the_backend_pytest_was_given(monkeypatch):
+    from nanomt.testing import TEST_BACKEND_ENV, compose_config as test_config, run_distributed
+
+    monkeypatch.setenv(TEST_BACKEND_ENV, "gloo")  # the default: CPU, CI
+    assert run_distributed(_backend_of_my_world, world_size=2) == ["gloo", "gloo"]
+    assert test_config([]).train.tf32 is True
+    monkeypatch.setenv(TEST_BACKEND_ENV, "nccl")  # one GPU per rank, fp32 compared without TF32
+    assert test_config([]).train.tf32 is False
+    with pytest.raises(pytest.skip.Exception, match="2 ranks need 2 GPUs"):
+        run_distributed(_backend_of_my_world, world_size=2)
