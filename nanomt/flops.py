@@ -16,10 +16,12 @@ model FLOPs count the model once, whatever is recomputed:
 
 MFU = model FLOPs per second / (number of GPUs * peak FLOP/s per GPU). MT-NLG 530B reached
 126 TFLOP/s per A100 (40% of 312) counted with the first formula. Peaks are the datasheets' dense
-bf16 tensor-core figures (never the 2:4 sparsity ones, twice as large).
+tensor-core figures (never the 2:4 sparsity ones, twice as large), per card and precision.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from nanomt.model.config import ModelConfig
 
@@ -47,19 +49,48 @@ def hardware_flops_per_iteration(cfg: ModelConfig, global_batch_size: int, recom
     raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
 
 
-# Dense bf16 tensor-core peaks, TFLOP/s per GPU (NVIDIA datasheets; SXM parts).
-PEAK_TFLOPS_BF16 = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
+# Peak TFLOP/s per GPU by card: (dense bf16/fp16, dense TF32), from NVIDIA's datasheets (the
+# dense figures, half the 2:4-sparsity ones they headline). fp32 training is scored against the
+# TF32 peak: with train.tf32=true (the default) its matmuls run on TF32 tensor cores; with
+# train.tf32=false they run on the far slower plain-fp32 units: set logging.peak_tflops then.
+PEAK_TFLOPS = {
+    "A100 SXM": (312.0, 156.0), "A100 PCIe": (312.0, 156.0),
+    "H100 SXM": (989.0, 494.5), "H100 PCIe": (756.0, 378.0), "H100 NVL": (835.0, 417.5),
+    "H200 SXM": (989.0, 494.5), "H200 NVL": (835.0, 417.5),
+    "B200": (2250.0, 1100.0), "L40S": (362.0, 183.0),
+}
+# torch.cuda.get_device_name() of each card, exactly: a form factor is never guessed from a
+# substring ("H100" alone would score an H100 PCIe against the SXM part's peak).
+CARD_OF_DEVICE_NAME = {
+    "NVIDIA A100-SXM4-40GB": "A100 SXM", "NVIDIA A100-SXM4-80GB": "A100 SXM",
+    "NVIDIA A100-SXM-80GB": "A100 SXM", "NVIDIA A100-PCIE-40GB": "A100 PCIe",
+    "NVIDIA A100 80GB PCIe": "A100 PCIe", "NVIDIA H100 80GB HBM3": "H100 SXM",
+    "NVIDIA H100 PCIe": "H100 PCIe", "NVIDIA H100 NVL": "H100 NVL", "NVIDIA H200": "H200 SXM",
+    "NVIDIA H200 NVL": "H200 NVL", "NVIDIA B200": "B200", "NVIDIA L40S": "L40S",
+}
+_PRECISION_COLUMN = {"bf16": 0, "fp16": 0, "fp32": 1}
+_TOLD_UNKNOWN: set[str] = set()  # device names already reported as unknown
 
 
-def peak_tflops(device_name: str, configured: float | None = None) -> float | None:
+def peak_tflops(device_name: str, configured: float | None = None,
+                precision: str = "bf16") -> float | None:
     """The peak MFU is measured against: `configured` (logging.peak_tflops) when given, else the
-    table's entry for a known GPU named in `device_name`, else None (CPU, unknown GPUs)."""
+    table's entry for the card named exactly `device_name` at `precision` (train.precision),
+    else None: MFU is logged as null (the CPU, and unknown cards, told once to set it)."""
+    if precision not in _PRECISION_COLUMN:
+        raise ValueError(f"train.precision must be one of {sorted(_PRECISION_COLUMN)}, "
+                         f"got {precision!r}")
     if configured is not None:
         return float(configured)
-    for model, peak in PEAK_TFLOPS_BF16.items():
-        if model in device_name.upper():
-            return peak
-    return None
+    card = CARD_OF_DEVICE_NAME.get(device_name)
+    if card is None:
+        if device_name != "cpu" and device_name not in _TOLD_UNKNOWN:
+            _TOLD_UNKNOWN.add(device_name)
+            warnings.warn(f"no peak TFLOP/s known for {device_name!r}: MFU is logged as null; "
+                          f"set logging.peak_tflops to the card's dense {precision} peak",
+                          stacklevel=2)
+        return None
+    return PEAK_TFLOPS[card][_PRECISION_COLUMN[precision]]
 
 
 def model_flops_utilization(cfg: ModelConfig, global_batch_size: int, step_time_s: float,

@@ -58,7 +58,7 @@ def one_line(record: dict, total_steps: int) -> str:
     parts += [f"lr {record['lr']:.2e}", f"grad norm {record['grad_norm']:.3f}",
               f"{record['step_time_s'] * 1e3:.0f} ms/step", f"{record['tokens_per_s']:,.0f} tok/s",
               f"{record['tflops_per_gpu']:.3g} TFLOP/s/GPU"]
-    if "mfu" in record:
+    if record.get("mfu") is not None:
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
     parts.append(f"mem {record['peak_memory_gb_max_rank']:.2f} GB")
     return " | ".join(parts)
@@ -111,7 +111,7 @@ class RunLogger:
             return
         self.metrics_file.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"},
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None},
                                step=record["step"])
         if self.bar is not None:
             self.bar.set_postfix({"loss": f"{record['loss']:.4f}"}, refresh=False)

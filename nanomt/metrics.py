@@ -6,7 +6,7 @@ Throughput, per step of B_t sequences of s tokens on N devices taking T seconds:
     TFLOP/s per GPU   = F_hw(B_t) / (T N) / 1e12   hardware FLOPs: recompute counted (the paper's)
     model TFLOP/s     = F_model(B_t) / (T N) / 1e12 model FLOPs: the model once (nanomt.flops)
     MFU               = model TFLOP/s / peak TFLOP/s per GPU (logging.peak_tflops, or the table
-                        of known GPUs in nanomt.flops; absent when neither knows the device)
+                        of known GPUs in nanomt.flops; null when neither knows the device)
 
 One rank reports: the last pipeline stage's tp rank 0 and cp rank 0 of dp replica 0. It holds
 the loss before any reduction and is the rank Megatron logs from; every other rank is silent.
@@ -23,8 +23,8 @@ import torch.distributed as dist
 from nanomt.parallel import comm
 from nanomt.parallel.grid import ParallelGrid
 
-# Every key a training step's record carries (val_loss and val_ppl only on evaluation steps,
-# mfu only when a peak is known); tests check a run's metrics.jsonl against this list. A record
+# Every key a training step's record carries (val_loss and val_ppl only on evaluation steps;
+# mfu null when no peak is known); tests check a run's metrics.jsonl against this list. A record
 # covers interval_steps steps (logging.metrics_interval; nanomt.interval_metrics): loss,
 # grad_norm and skipped are its own step's, loss_mean, skipped_in_interval and the throughput
 # the interval's.
@@ -47,8 +47,7 @@ def throughput(step_time_s: float, batch: int, seq_len: int, model_flops: float,
     record = {"tokens_per_s": batch * seq_len / step_time_s,
               "tflops_per_gpu": hardware_flops / per_device,
               "model_tflops_per_gpu": model_flops / per_device}
-    if peak_tflops:
-        record["mfu"] = record["model_tflops_per_gpu"] / peak_tflops
+    record["mfu"] = record["model_tflops_per_gpu"] / peak_tflops if peak_tflops else None
     return record
 
 
@@ -61,11 +60,22 @@ def peak_memory_bytes(device: torch.device) -> int:
     return maxrss if sys.platform == "darwin" else maxrss * 1024  # Linux reports KiB
 
 
+def host_values_to(device: torch.device, values: list[float],
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """`values` as a tensor on `device` without waiting for the GPU: a copy from pageable memory
+    waits for the device's queue to drain (a second sync on a logging step); one staged in
+    pinned memory and copied with non_blocking=True is queued behind the step's work instead."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def max_over_ranks(values: list[float], grid: ParallelGrid, device: torch.device) -> torch.Tensor:
     """The largest of each of `values` over every rank, as a float64 tensor [n] on `device` (no
     host read: the trainer reads it with the step's other values): over the model-parallel
     (tp x pp) group, then over the dp x cp ranks of each position."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = host_values_to(device, values)
     if grid.is_distributed:
         comm.all_reduce(tensor, grid.model_parallel_group, op=dist.ReduceOp.MAX)
         comm.all_reduce(tensor, grid.grad_sync_group, op=dist.ReduceOp.MAX)

@@ -1,4 +1,5 @@
 """Run a function on N ranks (gloo, CPU, spawned processes) and bring back what each returned.
+With `pytest --backend nccl` the ranks also speak NCCL, one GPU each (`distributed_test_backend`).
 
 Multi-rank tests are dominated by process start-up (importing torch costs about 2 s a process on
 a small machine), so one spawn should run many checks: `fn` can build several models, compare
@@ -37,11 +38,42 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nanomt.config import compose_config  # noqa: F401 - re-exported: tests build configs with it
+from nanomt.config import compose_config as _compose_config
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
     from nanomt.memory import PeakMemoryMeter
+
+
+# The ranks' backend: gloo, or under `pytest --backend nccl` (tests/conftest.py sets this) NCCL
+# for CUDA tensors beside gloo for CPU ones, one GPU per rank: runs through nanomt.train.run
+# (train.device=auto) then train on the GPUs and talk over NCCL.
+TEST_BACKEND_ENV = "NANOMT_TEST_BACKEND"
+
+
+def distributed_test_backend() -> str:
+    """gloo (the default: CPU, CI) or nccl (pytest --backend nccl)."""
+    return os.environ.get(TEST_BACKEND_ENV, "gloo")
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """nanomt.config.compose_config for tests; under the nccl backend with TF32 off, since the
+    tests compare fp32 numbers at fp32 tolerances."""
+    overrides = list(overrides or [])
+    if distributed_test_backend() == "nccl":
+        overrides.append("train.tf32=false")
+    return _compose_config(overrides)
+
+
+def _init_test_process_group(rank: int, world_size: int, collective_timeout_s: float) -> None:
+    timeout = datetime.timedelta(seconds=collective_timeout_s)
+    if distributed_test_backend() != "nccl":
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+        return
+    device = torch.device("cuda", rank)  # one GPU per rank
+    torch.cuda.set_device(device)
+    dist.init_process_group("cpu:gloo,cuda:nccl", rank=rank, world_size=world_size,
+                            timeout=timeout, device_id=device)
 
 
 def free_port() -> int:
@@ -58,8 +90,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
                        "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size)})
     torch.set_num_threads(1)  # N ranks share a couple of cores
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=collective_timeout_s))
+        _init_test_process_group(rank, world_size, collective_timeout_s)
         value = fn(*args, **kwargs)
         buffer = io.BytesIO()
         torch.save(value, buffer)
@@ -81,10 +112,16 @@ class DistributedTestError(AssertionError):
 def run_distributed(fn: Callable[..., Any], world_size: int, args: tuple = (),
                     kwargs: dict | None = None, timeout_s: float = 180.0,
                     collective_timeout_s: float = 60.0, env: dict | None = None) -> list[Any]:
-    """Run `fn(*args, **kwargs)` on `world_size` gloo ranks; return the list of per-rank results.
+    """Run `fn(*args, **kwargs)` on `world_size` gloo ranks (`distributed_test_backend`); return
+    the list of per-rank results.
 
     `fn` must be importable (a module-level function) since ranks are spawned processes.
     """
+    if distributed_test_backend() == "nccl" and world_size > torch.cuda.device_count():
+        import pytest  # test support: only a test calls this
+
+        pytest.skip(f"--backend nccl: {world_size} ranks need {world_size} GPUs (one rank per "
+                    f"GPU), {torch.cuda.device_count()} found")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()

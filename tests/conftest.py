@@ -42,3 +42,16 @@ def fox_model(tmp_path_factory):
     """A 2-layer byte-level GPT trained (120 steps, about a second) on one repeated sentence,
     with its checkpoint: what the evaluation and generation tests score."""
     return _train_fox_model(tmp_path_factory.mktemp("fox"))
+
+
+# ---- the multi-rank tests' backend: gloo (default, CI) or NCCL for users with several GPUs -------
+def pytest_addoption(parser):
+    parser.addoption("--backend", choices=("gloo", "nccl"), default="gloo",
+                     help="process-group backend of the multi-rank tests: nccl runs them over "
+                          "NCCL, one rank per GPU (tests needing more ranks than GPUs skip)")
+
+
+def pytest_configure(config):
+    from nanomt.testing import TEST_BACKEND_ENV
+
+    os.environ[TEST_BACKEND_ENV] = config.getoption("backend")  # spawned ranks inherit it

@@ -7,6 +7,8 @@ gloo ranks checks cp=2 (two groups, so group ranks differ from global ranks) and
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,7 +16,12 @@ import torch.nn.functional as F
 
 from nanomt.model import GPT, ModelConfig
 from nanomt.parallel.context_parallel import (
+    BlockKernel,
+    CpuFlashKernel,
+    EfficientKernel,
+    FlashKernel,
     chunk_ids,
+    pick_kernel,
     local_positions,
     ring_attention,
     split_sequence,
@@ -36,11 +43,11 @@ def full_attention_case(seed: int = 0) -> dict[str, torch.Tensor]:
             "out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 
-def ring_case(case: dict, group, cp_rank: int, cp: int) -> dict[str, torch.Tensor]:
+def ring_case(case: dict, group, cp_rank: int, cp: int, kernel=None) -> dict[str, torch.Tensor]:
     """This rank's ring-attention output and gradients next to its split of the reference."""
     local = {name: split_sequence(t, 2, cp_rank, cp) for name, t in case.items()}
     q, k, v = (local[n].clone().requires_grad_() for n in ("q", "k", "v"))
-    out = ring_attention(q, k, v, group)
+    out = ring_attention(q, k, v, group, kernel=kernel)
     out.backward(local["grad"])
     errors = {}
     for name, got in (("out", out.detach()), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
@@ -103,6 +110,8 @@ def _ring_checks() -> dict:
     pair = pairs[rank // 2]
     return {"cp2": ring_case(case, pair, dist.get_rank(pair), 2),
             "cp4": ring_case(case, quad, rank, 4),
+            "cp4_cuda_flash_wrapper": ring_case(case, quad, rank, 4, FlashKernel(CudaOpsOnCpu())),
+            "cp2_matmul": ring_case(case, pair, dist.get_rank(pair), 2, BlockKernel()),
             "bytes_cp2": saved_activation_bytes(ParallelGrid(cp=2, dp=2)),
             "bytes_cp4": saved_activation_bytes(ParallelGrid(cp=4))}
 
@@ -114,7 +123,7 @@ def ranks() -> list[dict]:
 
 def test_ring_attention_equals_full_attention_at_cp_2_and_4(ranks):
     for rank, result in enumerate(ranks):
-        for cp in ("cp2", "cp4"):
+        for cp in ("cp2", "cp4", "cp4_cuda_flash_wrapper", "cp2_matmul"):
             assert max(result[cp].values()) < 1e-5, (rank, cp, result[cp])
 
 
@@ -127,17 +136,108 @@ def test_activation_bytes_per_rank_fall_as_one_over_cp(ranks):
             assert result[f"bytes_cp{cp}"] / whole == pytest.approx(1 / cp, rel=0.1), cp
 
 
-def test_the_spelled_out_block_equals_the_fused_kernel(monkeypatch):
-    """Off CPU the block is plain maths: on CPU it must equal the fused kernel it replaces."""
-    from nanomt.parallel import context_parallel
+class CudaOpsOnCpu:
+    """Stand-ins for SDPA's CUDA kernels with their exact calling conventions and results (the
+    flash kernel's nine outputs; the efficient kernel's lse padded to 32 rows, the padding NaN
+    so that a wrapper which forgets to cut it poisons the output), computed by the CPU kernel:
+    FlashKernel and EfficientKernel run on CPU through the code they run on a GPU."""
 
-    gen = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(B, HEADS, 8, DIM, generator=gen) for _ in range(3))
-    fused = [context_parallel.attention_block(q, k, v, 0.3, causal) for causal in (False, True)]
-    monkeypatch.setattr(context_parallel, "_FLASH_CPU", None)
-    for causal, (out, lse) in zip((False, True), fused):
-        spelled = context_parallel.attention_block(q, k, v, 0.3, causal)
-        torch.testing.assert_close(spelled[0], out, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(spelled[1], lse, rtol=1e-5, atol=1e-6)
-    errors = ring_case(full_attention_case(), None, 0, 1)
-    assert max(errors.values()) < 1e-5, errors
+    def __init__(self):
+        self.calls: list[str] = []
+        self.cpu = torch.ops.aten
+
+    def _scaled_dot_product_flash_attention(self, q, k, v, dropout_p, is_causal,
+                                            return_debug_mask, *, scale):
+        assert dropout_p == 0.0 and return_debug_mask is False
+        self.calls.append("flash")
+        out, lse = self.cpu._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, scale=scale)
+        rng = torch.empty(2, dtype=torch.int64)
+        return out, lse, None, None, q.shape[-2], k.shape[-2], rng, rng, torch.empty(0)
+
+    def _scaled_dot_product_flash_attention_backward(
+            self, do, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dropout_p, is_causal,
+            seed, offset, *, scale):
+        assert (cum_q, cum_k, max_q, max_k) == (None, None, q.shape[-2], k.shape[-2])
+        assert dropout_p == 0.0 and out.dtype == q.dtype and lse.dtype == torch.float32
+        assert isinstance(seed, torch.Tensor) and isinstance(offset, torch.Tensor)
+        self.calls.append("flash backward")
+        return self.cpu._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, out, lse, 0.0, is_causal, scale=scale)
+
+    def _scaled_dot_product_efficient_attention(self, q, k, v, bias, compute_lse, dropout_p,
+                                                is_causal, *, scale):
+        assert bias is None and compute_lse is True and dropout_p == 0.0
+        self.calls.append("efficient")
+        out, lse = self.cpu._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, scale=scale)
+        padded = torch.full((*lse.shape[:-1], -(-lse.shape[-1] // 32) * 32), float("nan"))
+        padded[..., :lse.shape[-1]] = lse
+        return out, padded, torch.empty(()), torch.empty(())
+
+    def _scaled_dot_product_efficient_attention_backward(
+            self, do, q, k, v, bias, out, lse, seed, offset, dropout_p, grad_input_mask,
+            is_causal, *, scale):
+        assert bias is None and grad_input_mask == [True, True, True, False]
+        assert lse.shape[-1] % 32 == 0 and lse.is_contiguous()
+        self.calls.append("efficient backward")
+        grads = self.cpu._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, out, lse[..., :q.shape[-2]], 0.0, is_causal, scale=scale)
+        return (*grads, None)
+
+
+def every_kernel() -> list:
+    stand_in = CudaOpsOnCpu()
+    return [BlockKernel(), CpuFlashKernel(), FlashKernel(stand_in), EfficientKernel(stand_in)]
+
+
+@pytest.mark.parametrize("kernel", every_kernel(), ids=lambda kernel: kernel.name)
+def test_every_block_kernel_through_the_merge_equals_sdpa_on_the_full_sequence(kernel):
+    """At cp=1 a rank still computes three blocks (two causal, one full) and merges them: the
+    same merge code for every kernel, CUDA's wrappers included, against SDPA (out and grads)."""
+    case = full_attention_case(seed=3)
+    q, k, v = (case[n].clone().requires_grad_() for n in ("q", "k", "v"))
+    out = ring_attention(q, k, v, None, kernel=kernel)
+    out.backward(case["grad"])
+    for name, got in (("out", out.detach()), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        error = ((got - case[name]).norm() / case[name].norm()).item()
+        assert error < 1e-5, (kernel.name, name, error)
+    if isinstance(kernel, (FlashKernel, EfficientKernel)):  # both passes went through the op
+        assert {kernel.name, f"{kernel.name} backward"} <= set(kernel.forward_op.__self__.calls)
+
+
+def test_the_kernel_choice_on_cpu_is_the_fused_flash_kernel():
+    q = torch.randn(1, 2, 8, 8)
+    assert isinstance(pick_kernel(q, q, q), CpuFlashKernel)
+    assert type(pick_kernel(q.to(torch.int32), q, q)) is BlockKernel
+
+
+def fp64_block(q, k, v, scale, causal, grad_out):
+    """One block's O, lse and gradients in fp64 from the same (rounded) inputs."""
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    scores = q @ k.transpose(-2, -1) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.softmax(scores, dim=-1) @ v
+    out.backward(grad_out.double())
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_matmul_fallback_scores_in_fp32_from_bf16_inputs(causal):
+    """bf16 q, k: the scores must be formed in fp32 (upcast before the product): a bf16 product
+    rounds scores of size ~4 by ~1e-2; fp32 keeps the block within 1e-4 of fp64."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, grad_out = (2 * torch.randn(1, 2, 16, 8, generator=gen) for _ in range(4))
+    q, k, v, grad_out = (t.bfloat16() for t in (q, k, v, grad_out))
+    kernel, scale = BlockKernel(), 8 ** -0.5
+    out, lse = kernel.forward(q, k, v, scale, causal)
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = fp64_block(q, k, v, scale, causal, grad_out)
+    assert out.dtype == lse.dtype == torch.float32
+    assert (lse.double() - ref_lse).abs().max() < 1e-4
+    assert (out.double() - ref_out).abs().max() < 1e-4
+    grads = kernel.backward(grad_out, q, k, v, out, lse, scale, causal)
+    for got, ref in zip(grads, (ref_dq, ref_dk, ref_dv)):
+        assert got.dtype == torch.float32
+        assert (got.double() - ref).abs().max() < 1e-4 * ref.abs().max()

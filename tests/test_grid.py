@@ -70,6 +70,8 @@ def _grid_checks() -> dict:
             "members": {name: members_by_collective(getattr(grid, name)) for name in GROUPS},
             "first_last": (grid.is_first_stage, grid.is_last_stage),
             "two_pipeline_queues": grid.pp_grad_group is not grid.pp_group,
+            "one_rank_groups_are_none": [name for name in GROUPS
+                                         if getattr(grid, name) is None],
         }
     # the traffic log counts a broadcast with its bytes
     payload = torch.full((5,), float(dist.get_rank()), dtype=torch.float64)
@@ -99,7 +101,12 @@ def test_groups_connect_the_ranks_the_formula_names(ranks, layout):
         assert r["round_trip"]
         assert r["members"] == expected_groups(rank, tp, pp, dp, cp)
         assert r["first_last"] == (p == 0, p == pp - 1)
-        assert r["two_pipeline_queues"]  # two communicators: activations, gradients
+        if pp > 1:
+            assert r["two_pipeline_queues"]  # two communicators: activations, gradients
+        # a group of one rank is never created: None, the "no communication" group
+        expected = expected_groups(rank, tp, pp, dp, cp)
+        assert r["one_rank_groups_are_none"] == [name for name in GROUPS
+                                                 if len(expected[name]) == 1]
 
 
 def test_broadcast_is_counted_in_the_traffic_log(ranks):
@@ -138,6 +145,43 @@ def test_layout_validation():
         validate_layout(8, 2, 0, 2)
     with pytest.raises(ValueError, match="parallel.cp must be a positive integer"):
         validate_layout(8, 2, 2, 2, cp=0)
+
+
+def _count_new_groups(monkeypatch, world: int, tp: int, pp: int, dp: int, cp: int
+                      ) -> dict[int, list[tuple[int, ...]]]:
+    """The new_group calls each rank of a `world` makes for a layout (no process group: the
+    world is faked, new_group records its members and returns a stand-in)."""
+    calls: dict[int, list[tuple[int, ...]]] = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    for rank in range(world):
+        calls[rank] = []
+        monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
+        monkeypatch.setattr(dist, "new_group", lambda ranks, **kwargs: calls[rank].append(
+            tuple(ranks)) or object())
+        ParallelGrid(tp=tp, pp=pp, dp=dp, cp=cp)
+    return calls
+
+
+# (world, tp, pp, dp, cp) -> communicators needed: one per group of two or more ranks (tp, cp,
+# dp, grad_sync unless it is dp, pp twice and embedding once per pipeline, model_parallel)
+NEEDED = {(8, 8, 1, 1, 1): 1 + 1,                 # tp, model_parallel (the same 8 ranks)
+          (8, 1, 1, 8, 1): 1,                     # dp (= grad_sync)
+          (8, 1, 1, 1, 8): 1 + 1,                 # cp, grad_sync
+          (8, 2, 1, 4, 1): 4 + 2 + 4,             # tp, dp, model_parallel
+          (8, 2, 2, 2, 1): 4 + 4 + 3 * 4 + 2,     # tp, dp, pp x3 (two queues, embedding), mp
+          (16, 2, 2, 2, 2): 8 + 8 + 8 + 4 + 3 * 8 + 4,  # tp, cp, dp, grad_sync, pp x3, mp
+          (4, 1, 4, 1, 1): 3 + 1}                 # pp x3, model_parallel (= the pp ranks)
+
+
+@pytest.mark.parametrize("layout", sorted(NEEDED))
+def test_only_groups_of_two_or_more_ranks_are_created(monkeypatch, layout):
+    """With device_id bound every new_group splits the world's communicator: count them. Every
+    rank makes the same calls in the same order (NCCL's rule), and none for a group of one."""
+    calls = _count_new_groups(monkeypatch, *layout)
+    assert all(calls[rank] == calls[0] for rank in calls)
+    assert all(len(members) > 1 for members in calls[0])
+    assert len(calls[0]) == NEEDED[layout]
 
 
 def test_backend_choice_is_nccl_when_cuda_is_available_else_gloo(monkeypatch):

@@ -9,9 +9,10 @@ import json
 import math
 
 import pytest
+import torch
 
 from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration, peak_tflops
-from nanomt.metrics import EVAL_METRICS, STEP_METRICS
+from nanomt.metrics import EVAL_METRICS, STEP_METRICS, host_values_to, throughput
 from nanomt.model import ModelConfig
 from nanomt.testing import ConnectionCounter, compose_config
 from nanomt.train import run
@@ -21,12 +22,56 @@ SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.seq_len=64",
          "checkpoint.interval=0"]
 
 
-def test_peak_table_is_dense_bf16_and_configurable():
-    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0  # not 1979, the sparsity figure
-    assert peak_tflops("NVIDIA H200") == 989.0
-    assert peak_tflops("cpu") is None and peak_tflops("Tesla T4") is None
-    assert peak_tflops("NVIDIA H100 80GB HBM3", configured=700) == 700.0
+# torch.cuda.get_device_name() of real cards -> dense (bf16/fp16, TF32) TFLOP/s (datasheets)
+REAL_DEVICE_NAMES = {
+    "NVIDIA A100-SXM4-80GB": (312.0, 156.0), "NVIDIA A100-SXM4-40GB": (312.0, 156.0),
+    "NVIDIA A100-PCIE-40GB": (312.0, 156.0), "NVIDIA A100 80GB PCIe": (312.0, 156.0),
+    "NVIDIA H100 80GB HBM3": (989.0, 494.5), "NVIDIA H100 PCIe": (756.0, 378.0),
+    "NVIDIA H100 NVL": (835.0, 417.5), "NVIDIA H200": (989.0, 494.5),
+    "NVIDIA B200": (2250.0, 1100.0), "NVIDIA L40S": (362.0, 183.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_DEVICE_NAMES))
+def test_peak_table_by_exact_card_name_form_factor_and_precision(name):
+    dense_16, dense_tf32 = REAL_DEVICE_NAMES[name]
+    assert peak_tflops(name) == dense_16  # never the 2:4 sparsity figure, twice as large
+    assert peak_tflops(name, precision="bf16") == peak_tflops(name, precision="fp16") == dense_16
+    assert peak_tflops(name, precision="fp32") == dense_tf32  # TF32 tensor cores
+    assert peak_tflops(name, configured=700) == 700.0
+
+
+def test_an_unknown_card_has_no_peak_and_is_told_once_to_set_it():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert peak_tflops("Tesla T4") is None and peak_tflops("Tesla T4") is None
+        assert peak_tflops("NVIDIA H100") is None  # no form factor: not guessed
+        assert peak_tflops("cpu") is None
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and all("logging.peak_tflops" in m for m in messages)
+    assert throughput(1.0, 1, 1, 1e12, 1e12, 1, None)["mfu"] is None  # logged as null
+    assert throughput(1.0, 1, 1, 1e12, 1e12, 1, 4.0)["mfu"] == 0.25
+    with pytest.raises(ValueError, match="train.precision"):
+        peak_tflops("NVIDIA H200", precision="fp8")
+
+
+def test_logging_values_reach_a_gpu_through_pinned_memory(monkeypatch):
+    """A pageable host-to-device copy waits for the GPU: the values are pinned, then copied
+    with non_blocking=True (recorded here in place of a GPU); on CPU a plain tensor."""
+    on_cpu = host_values_to(torch.device("cpu"), [3.0, 1.0])
+    assert on_cpu.dtype == torch.float64 and on_cpu.tolist() == [3.0, 1.0]
+    copies: list = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: copies.append("pin") or self)
+
+    def to(self, device, non_blocking=False):
+        copies.append((str(device), non_blocking))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    values = host_values_to(torch.device("cuda", 0), [2.0, 5.0])
+    assert copies == ["pin", ("cuda:0", True)] and values.tolist() == [2.0, 5.0]
 
 
 def test_every_metric_is_logged_and_agrees_with_its_definition(tmp_path, monkeypatch, capsys):

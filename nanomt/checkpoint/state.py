@@ -205,7 +205,8 @@ def capture_rng(chunks: list[nn.Module], grid: Grid) -> dict:
         "coord": {"tp": coord[0], "pp": coord[1], "dp": coord[2]},
         "python": [version, list(internal), gauss],
         "torch_cpu": _encode(torch.get_rng_state()),
-        "cuda": _encode(torch.cuda.get_rng_state()) if torch.cuda.is_available() else None,
+        # the GPU's stream only once CUDA is in use: a CPU run on a GPU host never touches it
+        "cuda": _encode(torch.cuda.get_rng_state()) if torch.cuda.is_initialized() else None,
         "tp_trackers": [{key: _encode(value) for key, value in chunk.rng.state_dict().items()}
                         for chunk in chunks if hasattr(chunk, "rng")],
     }
@@ -215,7 +216,7 @@ def restore_rng(state: dict, chunks: list[nn.Module]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(_decode(state["torch_cpu"]))
-    if state.get("cuda") is not None and torch.cuda.is_available():
+    if state.get("cuda") is not None and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(_decode(state["cuda"]))
     trackers = [chunk.rng for chunk in chunks if hasattr(chunk, "rng")]
     for tracker, encoded in zip(trackers, state["tp_trackers"]):

@@ -58,8 +58,8 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]],
     head = safetensors_header(tensors, metadata)
     largest = max((t.numel() * t.element_size() for _, t in tensors), default=0)
     staging_bytes = max(1, min(staging_bytes, largest))  # never more than the largest tensor
-    staging = torch.empty(staging_bytes, dtype=torch.uint8,
-                          pin_memory=torch.cuda.is_available())
+    staging = torch.empty(staging_bytes, dtype=torch.uint8,  # pinned only for GPU tensors
+                          pin_memory=any(t.is_cuda for _, t in tensors))
     with open(path, "wb") as f:
         f.write(head)
         digest.update(head)

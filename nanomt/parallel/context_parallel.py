@@ -22,6 +22,9 @@ absorbs each block without ever holding a full row of scores:
 Backward runs the ring again (flash-attention's backward per block, from the saved lse):
 P = exp(S - lse), dV_j += P^T dO, dS = P * (dO V_j^T - rowsum(dO * O)), dQ_i += dS K_j / sqrt(d),
 dK_j += dS^T Q_i / sqrt(d). dK and dV travel with their K and V and take one last step home.
+Each block runs through a fused SDPA kernel that returns its lse (`BlockKernel`: flash or
+memory-efficient on CUDA, the flash kernel on CPU), chosen as SDPA itself would; a plain-matmul
+block, scores in fp32, only where none applies. Every kernel's blocks go through one `merge`.
 The next step's K and V are posted before a step's blocks are computed, so they travel while it
 computes; dK and dV can leave only after the blocks that add to them, so their hop is not hidden.
 """
@@ -35,10 +38,6 @@ import torch.distributed as dist
 
 from nanomt.parallel import comm
 from nanomt.parallel.comm import Group
-
-
-# scaled_dot_product_attention's CPU flash kernel, the variant that also returns the lse
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def chunk_ids(cp_rank: int, cp: int) -> tuple[int, int]:
@@ -63,49 +62,130 @@ def split_sequence(x: torch.Tensor, dim: int, cp_rank: int, cp: int) -> torch.Te
     return x.index_select(dim, local_positions(x.shape[dim], cp_rank, cp, x.device))
 
 
-def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                    causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """O and lse of q [.., n, d] against one key/value block [.., n, d] (fp32 statistics):
-    on CPU torch's fused flash-attention kernel, which returns its lse; elsewhere the same
-    maths spelled out (a GPU flash kernel that returns its lse would slot in here)."""
-    if q.device.type == "cpu" and _FLASH_CPU is not None:
-        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)
-        return out.float(), lse.float()
-    scores = (q @ k.transpose(-2, -1)).float() * scale
+# ---- one block: (O, lse) forward, dQ dK dV backward, through a kernel -------------------------
+class BlockKernel:
+    """How one block of attention is computed: `forward` returns O (in the inputs' dtype or
+    fp32) and lse (fp32, [.., n]); `backward` returns one block's dQ, dK, dV from the queries'
+    final O and lse (the kernels recompute P = exp(S - lse) and delta = rowsum(dO * O) from
+    them). Subclasses wrap SDPA's fused kernels that return their lse; `pick_kernel` chooses."""
+
+    name = "matmul"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain-matmul fallback, where no fused kernel applies: scores in fp32 (q and k
+        upcast before the product, so cp > 1 rounds nothing that cp = 1 keeps)."""
+        scores = _scores(q, k, scale, causal)
+        lse = torch.logsumexp(scores, dim=-1)
+        return torch.exp(scores - lse.unsqueeze(-1)) @ v.float(), lse
+
+    def backward(self, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
+                 causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """P = exp(S - lse), dV = P^T dO, dS = P (dO V^T - delta), dQ = dS K s, dK = dS^T Q s."""
+        p = torch.exp(_scores(q, k, scale, causal) - lse.unsqueeze(-1))
+        do = grad_out.float()
+        delta = (do * out.float()).sum(-1, keepdim=True)
+        ds = p * (do @ v.float().transpose(-2, -1) - delta)
+        return ds @ k.float() * scale, ds.transpose(-2, -1) @ q.float() * scale, \
+            p.transpose(-2, -1) @ do
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    scores = q.float() @ k.float().transpose(-2, -1) * scale
     if causal:
-        scores = scores.masked_fill(_future(scores), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    out = torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype) @ v
-    return out.float(), lse
+        n = scores.shape[-1]
+        future = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores
 
 
-def attention_block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             grad_out: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
-                             scale: float, causal: bool
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One block's share of dQ, dK, dV (fp32), its probabilities recomputed from the final lse
-    of the queries; delta = rowsum(dO * O)."""
-    scores = (q @ k.transpose(-2, -1)).float() * scale
-    if causal:
-        scores = scores.masked_fill(_future(scores), float("-inf"))
-    p = torch.exp(scores - lse.unsqueeze(-1))
-    do = grad_out.float()
-    ds = p * (do @ v.float().transpose(-2, -1) - delta.unsqueeze(-1))
-    return ds @ k.float() * scale, ds.transpose(-2, -1) @ q.float() * scale, \
-        p.transpose(-2, -1) @ do
+class CpuFlashKernel(BlockKernel):
+    """scaled_dot_product_attention's CPU flash kernel, the variant that returns its lse."""
+
+    name = "cpu_flash"
+
+    def __init__(self, ops=torch.ops.aten):
+        self.forward_op = ops._scaled_dot_product_flash_attention_for_cpu
+        self.backward_op = ops._scaled_dot_product_flash_attention_for_cpu_backward
+
+    def forward(self, q, k, v, scale, causal):
+        out, lse = self.forward_op(q, k, v, 0.0, causal, scale=scale)
+        return out, lse.float()
+
+    def backward(self, grad_out, q, k, v, out, lse, scale, causal):
+        return self.backward_op(grad_out, q, k, v, out.to(q.dtype), lse, 0.0, causal,
+                                scale=scale)
 
 
-def _future(scores: torch.Tensor) -> torch.Tensor:
-    n = scores.shape[-1]
-    return torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
+class FlashKernel(BlockKernel):
+    """CUDA flash attention (fp16/bf16): O and its lse [.., n] in fp32. Ring attention has no
+    dropout, so the kernel's random-number state is never read: stand-ins are passed back."""
+
+    name = "flash"
+
+    def __init__(self, ops=torch.ops.aten):
+        self.forward_op = ops._scaled_dot_product_flash_attention
+        self.backward_op = ops._scaled_dot_product_flash_attention_backward
+
+    def forward(self, q, k, v, scale, causal):
+        out, lse = self.forward_op(q, k, v, 0.0, causal, False, scale=scale)[:2]
+        return out, lse.float()
+
+    def backward(self, grad_out, q, k, v, out, lse, scale, causal):
+        unused = torch.empty(0, dtype=torch.int64, device=q.device)
+        return self.backward_op(grad_out, q, k, v, out.to(q.dtype), lse.contiguous(), None, None,
+                                q.shape[-2], k.shape[-2], 0.0, causal, unused, unused,
+                                scale=scale)
+
+
+class EfficientKernel(BlockKernel):
+    """CUDA memory-efficient attention (fp32 too). Its lse comes padded to a multiple of 32
+    query rows: cut to n for the merge, padded again for the backward."""
+
+    name = "efficient"
+    LSE_ALIGN = 32
+
+    def __init__(self, ops=torch.ops.aten):
+        self.forward_op = ops._scaled_dot_product_efficient_attention
+        self.backward_op = ops._scaled_dot_product_efficient_attention_backward
+
+    def forward(self, q, k, v, scale, causal):
+        out, lse = self.forward_op(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+        return out, lse[..., :q.shape[-2]].float()
+
+    def backward(self, grad_out, q, k, v, out, lse, scale, causal):
+        padding = -q.shape[-2] % self.LSE_ALIGN
+        lse = torch.nn.functional.pad(lse, (0, padding)).contiguous()
+        unused = torch.empty(0, dtype=torch.int64, device=q.device)
+        dq, dk, dv, _ = self.backward_op(grad_out, q, k, v, None, out.to(q.dtype), lse, unused,
+                                         unused, 0.0, [True, True, True, False], causal,
+                                         scale=scale)
+        return dq, dk, dv
+
+
+def pick_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> BlockKernel:
+    """The fused kernel SDPA itself would accept for these blocks (causal, no mask, no
+    dropout): flash, else memory-efficient on CUDA; the CPU flash kernel on CPU; else matmul."""
+    if q.device.type == "cuda":
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, True, False)
+        if torch.backends.cuda.can_use_flash_attention(params):
+            return FlashKernel()
+        if torch.backends.cuda.can_use_efficient_attention(params):
+            return EfficientKernel()
+    elif q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16,
+                                                 torch.float16):
+        return CpuFlashKernel()
+    return BlockKernel()
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
           block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold one block's (O, lse) into the running (O, lse) of the same queries."""
+    """Fold one block's (O, lse) into the running (O, lse) of the same queries, in fp32 (the
+    one merge for every kernel: a bf16 block output is upcast here)."""
     new_lse = torch.logaddexp(lse, block_lse)
     out = (out * torch.exp(lse - new_lse).unsqueeze(-1)
-           + block_out * torch.exp(block_lse - new_lse).unsqueeze(-1))
+           + block_out.float() * torch.exp(block_lse - new_lse).unsqueeze(-1))
     return out, new_lse
 
 
@@ -141,55 +221,59 @@ def _block_pairs(cp_rank: int, source: int, cp: int):
                 yield i, j, kv_chunk == q_chunk
 
 
+def _halves(x: torch.Tensor) -> list[torch.Tensor]:
+    """The two chunks a rank holds of `x` [.., n, d], each contiguous (what fused kernels read)."""
+    return [c.contiguous() for c in x.chunk(2, dim=-2)]
+
+
 class RingAttention(torch.autograd.Function):
     """Causal attention of this rank's queries over the whole cp group's keys and values."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Group,
-                scale: float) -> torch.Tensor:
+                scale: float, kernel: BlockKernel) -> torch.Tensor:
         cp_rank, cp = comm.rank_and_size(group)
         ring = _Ring(group)
-        q_chunks = q.chunk(2, dim=-2)
+        q_chunks = _halves(q)
         outs = [torch.zeros(c.shape, dtype=torch.float32, device=q.device) for c in q_chunks]
         lses = [torch.full(c.shape[:-1], float("-inf"), device=q.device) for c in q_chunks]
         kv = torch.stack([k, v])
         for step in range(cp):
             if step < cp - 1:  # the next step's keys and values travel while this one computes
                 next_kv, works = ring.shift(kv)
-            k_chunks, v_chunks = kv[0].chunk(2, dim=-2), kv[1].chunk(2, dim=-2)
+            k_chunks, v_chunks = _halves(kv[0]), _halves(kv[1])
             for i, j, causal in _block_pairs(cp_rank, (cp_rank - step) % cp, cp):
-                block = attention_block(q_chunks[i], k_chunks[j], v_chunks[j], scale, causal)
+                block = kernel.forward(q_chunks[i], k_chunks[j], v_chunks[j], scale, causal)
                 outs[i], lses[i] = merge(outs[i], lses[i], *block)
             if step < cp - 1:
                 ring.wait(works)
                 kv = next_kv
         out, lse = torch.cat(outs, dim=-2).to(q.dtype), torch.cat(lses, dim=-1)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale = group, scale
+        ctx.group, ctx.scale, ctx.kernel = group, scale, kernel
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        group, scale = ctx.group, ctx.scale
+        group, scale, kernel = ctx.group, ctx.scale, ctx.kernel
         cp_rank, cp = comm.rank_and_size(group)
         ring = _Ring(group)
-        delta = (grad_out.float() * out.float()).sum(-1)  # rowsum(dO * O)
-        q_chunks, do_chunks = q.chunk(2, dim=-2), grad_out.chunk(2, dim=-2)
-        lse_chunks, delta_chunks = lse.chunk(2, dim=-1), delta.chunk(2, dim=-1)
+        q_chunks, do_chunks, out_chunks = _halves(q), _halves(grad_out), _halves(out)
+        lse_chunks = [c.contiguous() for c in lse.chunk(2, dim=-1)]
         dq = [torch.zeros(c.shape, dtype=torch.float32, device=q.device) for c in q_chunks]
         kv = torch.stack([k, v])
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
         for step in range(cp):
             if step < cp - 1:
                 next_kv, kv_works = ring.shift(kv)
-            k_chunks, v_chunks = kv[0].chunk(2, dim=-2), kv[1].chunk(2, dim=-2)
+            k_chunks, v_chunks = _halves(kv[0]), _halves(kv[1])
             dk_chunks, dv_chunks = dkv[0].chunk(2, dim=-2), dkv[1].chunk(2, dim=-2)
             for i, j, causal in _block_pairs(cp_rank, (cp_rank - step) % cp, cp):
-                dq_ij, dk_ij, dv_ij = attention_block_backward(
-                    q_chunks[i], k_chunks[j], v_chunks[j], do_chunks[i], lse_chunks[i],
-                    delta_chunks[i], scale, causal)
-                dq[i].add_(dq_ij)
+                dq_ij, dk_ij, dv_ij = kernel.backward(
+                    do_chunks[i], q_chunks[i], k_chunks[j], v_chunks[j], out_chunks[i],
+                    lse_chunks[i], scale, causal)
+                dq[i].add_(dq_ij)  # summed in fp32, whatever dtype the kernel returns
                 dk_chunks[j].add_(dk_ij)
                 dv_chunks[j].add_(dv_ij)
             # dK, dV move on with their keys and values; after the last step, one hop home
@@ -200,12 +284,15 @@ class RingAttention(torch.autograd.Function):
                 ring.wait(kv_works)
                 kv = next_kv
         dq = torch.cat(dq, dim=-2).to(q.dtype)
-        return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Group,
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | None = None, kernel: BlockKernel | None = None
+                   ) -> torch.Tensor:
     """Causal attention over the full sequence for q, k, v [b, heads, s/cp, d] held in the
-    load-balanced split (`split_sequence`) by each rank of the cp `group`."""
+    load-balanced split (`split_sequence`) by each rank of the cp `group`. Each block runs
+    through `kernel` (default: `pick_kernel`, the fused kernel SDPA would use)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return RingAttention.apply(q, k, v, group, scale)
+    kernel = pick_kernel(q, k, v) if kernel is None else kernel
+    return RingAttention.apply(q, k, v, group, scale, kernel)

@@ -65,8 +65,9 @@ class ParallelGrid:
       embedding_group first and last pipeline stage: share the tied word embedding's gradient
       model_parallel_group  the tp*pp ranks of one model replica (global norms, loss-scale votes)
 
-    With world size 1 no process group is needed: every group is None and every collective in
-    nanomt.parallel is the identity, so the single-process model reads like plain PyTorch.
+    A group of one rank is None (never created), and every collective in nanomt.parallel is the
+    identity on it: with world size 1 every group is None and the single-process model reads
+    like plain PyTorch; with pp=1 the pp groups are None, with cp=1 the cp group, and so on.
     """
 
     def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, timeout_s: float = 300.0,
@@ -112,8 +113,11 @@ class ParallelGrid:
         return moved.reshape(-1, size).tolist()
 
     def _build_groups(self) -> None:
-        # dist.new_group is collective over the whole world: every rank must create every group,
-        # in the same order, and keep the one it belongs to.
+        # dist.new_group is collective over the whole world (with device_id bound on NCCL, a
+        # split of the world's communicator): every rank must create every group, in the same
+        # order, and keep the one it belongs to. A group of one rank is never created: it stays
+        # None, which every collective in nanomt.parallel.comm treats as "no communication".
+        # Whether a group has one rank depends on the layout only, so every rank skips the same.
         PP, DP, CP, TP = 0, 1, 2, 3
         for name, free_dims in (("tp", (TP,)), ("cp", (CP,)), ("dp", (DP,)),
                                 ("grad_sync", (DP, CP)), ("pp", (PP,)),
@@ -122,6 +126,8 @@ class ParallelGrid:
                 self.grad_sync_group = self.dp_group
                 continue
             for members in self._groups_along(free_dims):
+                if len(members) == 1:
+                    break  # every group along these dimensions has one rank
                 group = self._new_group(members)
                 if self.rank in members:
                     setattr(self, f"{name}_group", group)

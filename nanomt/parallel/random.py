@@ -36,17 +36,24 @@ class TensorParallelRNG:
     """A private generator state for dropout inside tensor-parallel regions.
 
     `fork()` swaps it in for the default generator of the device dropout runs on: the CPU's,
-    and the current GPU's when CUDA is available (the model may be moved there after it is
-    built), so a GPU run forks the stream its dropout really draws from.
+    and the current GPU's once CUDA is in use (`torch.cuda.is_initialized()`: the model is on a
+    GPU). The GPU stream is made from the seed the first time it is needed, so a run on the CPU
+    (train.device=cpu on a GPU host too) never touches CUDA.
     """
 
     def __init__(self, seed: int, tp_rank: int, stream: int = 0):
         self.seed = seed + TP_SEED_OFFSET + tp_rank + CHUNK_SEED_STRIDE * stream
         # Fresh generators: seeding them leaves the default streams untouched.
         self.states = {"cpu": torch.Generator().manual_seed(self.seed).get_state()}
-        if torch.cuda.is_available():
-            cuda = torch.Generator(device="cuda").manual_seed(self.seed)
-            self.states["cuda"] = cuda.get_state()
+
+    def _devices_in_use(self) -> list[str]:
+        """The devices whose default generator dropout may draw from; creates the GPU's stream
+        from the seed the first time CUDA is found in use."""
+        if not torch.cuda.is_initialized():
+            return ["cpu"]
+        if "cuda" not in self.states:
+            self.states["cuda"] = torch.Generator(device="cuda").manual_seed(self.seed).get_state()
+        return ["cpu", "cuda"]
 
     @staticmethod
     def _get_default_state(device: str) -> torch.Tensor:
@@ -62,22 +69,23 @@ class TensorParallelRNG:
     @contextlib.contextmanager
     def fork(self) -> Iterator[None]:
         """Draw from the tensor-parallel stream inside the block, then switch back."""
-        outer = {device: self._get_default_state(device) for device in self.states}
-        for device, state in self.states.items():
-            self._set_default_state(device, state)
+        devices = self._devices_in_use()
+        outer = {device: self._get_default_state(device) for device in devices}
+        for device in devices:
+            self._set_default_state(device, self.states[device])
         try:
             yield
         finally:
-            for device in self.states:
+            for device in devices:
                 self.states[device] = self._get_default_state(device)
                 self._set_default_state(device, outer[device])
 
     def state_dict(self) -> dict:
+        self._devices_in_use()  # a GPU run's state always holds the GPU stream
         return {device: state.clone() for device, state in self.states.items()}
 
     def load_state_dict(self, state: dict) -> None:
         if "state" in state:  # the earlier single-device format
             state = {"cpu": state["state"]}
         for device, value in state.items():
-            if device in self.states:
-                self.states[device] = value.clone()
+            self.states[device] = value.clone()

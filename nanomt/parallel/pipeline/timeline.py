@@ -25,13 +25,15 @@ class Timeline:
     Only the last `keep_last` steps are held (a long run would otherwise grow without bound).
     On a GPU the passes are asynchronous, so each span records a pair of CUDA events instead of
     host clock reads, and a step's pairs are converted to seconds when the step ends (one
-    synchronize per step, only while recording)."""
+    synchronize per step, only while recording). `cuda_events` defaults to whether CUDA is in
+    use when the first step begins (`torch.cuda.is_initialized()`: the model is on a GPU by
+    then): a CPU run on a GPU host never touches CUDA."""
 
     def __init__(self, meta: dict | None = None, keep_last: int = 50,
                  cuda_events: bool | None = None):
         self.meta = dict(meta or {})
         self.keep_last = keep_last
-        self.cuda_events = torch.cuda.is_available() if cuda_events is None else cuda_events
+        self.cuda_events = cuda_events  # None: decided at the first step
         self.steps: list[dict] = []
         self.events: list[list] = []
         self.pending: list[tuple[str, int, int, object, object]] = []  # CUDA event pairs
@@ -42,6 +44,8 @@ class Timeline:
         self.events = []
         self.steps.append({"step": step, "events": self.events})
         del self.steps[:-self.keep_last]
+        if self.cuda_events is None:
+            self.cuda_events = torch.cuda.is_initialized()
         if self.cuda_events:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
