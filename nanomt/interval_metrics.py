@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nanomt.metrics import max_over_ranks, peak_memory_bytes
 from nanomt.optim.grad_norm import read_norm
 
 if TYPE_CHECKING:
     from nanomt.optim.loss_scaler import DynamicLossScaler
+    from nanomt.parallel.grid import ParallelGrid
 
 
 @dataclass
@@ -46,13 +48,17 @@ class StepRead:
     preempted: bool            # some rank got the preemption signal
 
 
-def read_step(step: int, totals: torch.Tensor, loss: torch.Tensor, peak_memory: int,
-              largest: torch.Tensor, scaler: DynamicLossScaler | None) -> StepRead:
+def read_step(step: int, totals: torch.Tensor, loss: torch.Tensor, grid: ParallelGrid,
+              device: torch.device, preemption_signal: bool, scaler: DynamicLossScaler | None
+              ) -> StepRead:
     """Step `step`'s (1-based) one host sync: the gradient norm and the inf/nan verdict
-    (nanomt.optim.grad_norm's totals), the loss [1], the largest [peak memory, preemption flag]
-    over every rank, and fp16's next loss scale and stop, in one copy. fp16: raises
-    FloatingPointError if the loss scaler has met its stop (DynamicLossScaler.check)."""
-    along = [loss.reshape(-1).double(), largest.reshape(-1).double()]
+    (nanomt.optim.grad_norm's totals), the loss [1], the peak memory and the preemption flag,
+    each the largest over every rank (one all-reduce: a signal on any rank stops all), and
+    fp16's next loss scale and stop, in one copy. fp16: raises FloatingPointError if the loss
+    scaler has met its stop (DynamicLossScaler.check)."""
+    peak_memory = peak_memory_bytes(device)  # the process's peak: never lower
+    largest = max_over_ranks([peak_memory, float(preemption_signal)], grid, device)
+    along = [loss.reshape(-1).double(), largest]
     if scaler is not None:
         along.append(torch.stack([scaler.scale, scaler.failed_at.double()]))
     grad_norm, skipped, values = read_norm(totals, torch.cat(along))

@@ -48,7 +48,6 @@ from nanomt.logger import RunLogger, startup_tables, write_json_atomic
 from nanomt.memory import PeakMemoryMeter, memory_report
 from nanomt.metrics import (
     is_logging_rank,
-    max_over_ranks,
     peak_memory_bytes,
     throughput,
 )
@@ -201,11 +200,8 @@ class Trainer:
         finalize_grads(optimizer.buffer)
         # the global norm and the inf/nan verdict, on the device; clip by the norm
         totals = optimizer.clip_grads()
-        peak_memory = peak_memory_bytes(self.device)  # the process's peak: never lower
-        signal = float(self.checkpointer.preemption.received)  # on any rank: all stop
-        largest = max_over_ranks([peak_memory, signal], self.grid, self.device)
-        read = read_step(step + 1, totals, loss, peak_memory, largest,  # the one host read
-                         optimizer.loss_scaler)
+        read = read_step(step + 1, totals, loss, self.grid, self.device,  # the one host read
+                         self.checkpointer.preemption.received, optimizer.loss_scaler)
         self.preempted = read.preempted
         lr = self.lr_at(step)
         for group in optimizer.param_groups:
