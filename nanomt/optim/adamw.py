@@ -17,6 +17,11 @@ Kernels: `fused=True` on CUDA (one kernel for the whole update, its step counts 
 it reads nothing from the device); `foreach=True` elsewhere: on CPU the fused kernel rounds its
 vectorised body and its scalar tail differently, so an element's result would depend on where it
 falls in its shard, while foreach computes what the single-tensor reference does, bit for bit.
+Cost on CPU, measured on 2 shared cores (run_all's single-process model, 3.3M parameters in 52
+tensors, 4 alternating runs): the optimizer step takes 16-19 ms (median) against 12-15 ms for
+the hand-written update it replaced, which ran over one flat tensor per bucket: foreach loops
+over tensors on CPU. That is under 1% of the 0.63 s training step; on CUDA the fused kernel
+reads and writes each element once where the hand-written update made about ten passes.
 """
 
 from __future__ import annotations
