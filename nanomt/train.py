@@ -43,12 +43,11 @@ from nanomt.data import GlobalBatchSampler
 from nanomt.data.build import build_samplers
 from nanomt.data.rampup import schedule_position
 from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration, peak_tflops
-from nanomt.interval_metrics import IntervalMetrics, IntervalRead
+from nanomt.interval_metrics import IntervalLog, StepRead, read_step
 from nanomt.logger import RunLogger, startup_tables, write_json_atomic
 from nanomt.memory import PeakMemoryMeter, memory_report
 from nanomt.metrics import (
     is_logging_rank,
-    max_over_ranks,
     peak_memory_bytes,
     throughput,
 )
@@ -144,14 +143,10 @@ class Trainer:
     hardware_flops_per_step: float  # the same, recompute counted
     peak_tflops: float | None       # per device, for MFU (logging.peak_tflops or known GPUs)
     skipped_steps: int = 0    # updates skipped so far in this launch (inf/nan)
-    preempted: bool = False   # some rank got the preemption signal (read at the last record)
+    preempted: bool = False   # some rank got the preemption signal (read with the last step)
+    nonfinite_in_a_row: int = 0  # steps in a row whose loss or gradient norm was not finite
     over_limit_at: int | None = None  # the step past train.max_skipped_steps non-finite in a row
-    interval: IntervalMetrics = field(init=False)  # the device's sums between records
-
-    def __post_init__(self) -> None:
-        c = self.cfg.train  # fp16: no limit, its loss scaler skips, lowers the scale, stops
-        self.interval = IntervalMetrics(self.device, None if c.precision == "fp16" else
-                                        int(c.max_skipped_steps), self.optimizer.loss_scaler)
+    interval: IntervalLog = field(default_factory=IntervalLog)  # sums between records
 
     def micro_batches(self, data: GlobalBatchSampler, step: int) -> list[tuple]:
         """This dp rank's m_t = B_t / (b * dp) micro-batches of the global batch of `step` (B_t
@@ -186,85 +181,83 @@ class Trainer:
 
     def train_step(self, step: int, measure: PeakMemoryMeter) -> dict | None:
         """One optimizer step over the global batch of `step`; returns its metrics record, or
-        None on a step that logs nothing (`logs_at`): such a step reads nothing from the device
-        (nanomt.interval_metrics), fp16 too: its loss scale is decided on the device."""
+        None on a step that writes none (`logs_at`). Each phase is one call; the step reads the
+        device once, between clipping and the update (nanomt.interval_metrics.read_step)."""
         self.interval.start_step()
-        lr = self.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         faults.inject("step", step + 1)
         micro_batches = self.micro_batches(self.train_data, step)
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer = self.optimizer
+        optimizer.zero_grad(num_microbatches=len(micro_batches))
         if self.timeline is not None:
             self.timeline.begin_step(step + 1)
         with measure.watch(step == self.start_step and self.cfg.train.measure_memory):
             loss_sum = self.forward_backward(self.model_chunks, micro_batches, self.grid,
                                              timeline=self.timeline,
-                                             loss_scale=self.optimizer.loss_scale)
+                                             loss_scale=optimizer.loss_scale)
         faults.inject("optimizer", step + 1)
         loss = mean_over_batch(loss_sum, len(micro_batches), self.grid, self.device)
         # data-parallel reductions complete; sequence-parallel and tied-embedding sums
-        finalize_grads(self.optimizer.buffer)
+        finalize_grads(optimizer.buffer)
         # the global norm and the inf/nan verdict, on the device; clip by the norm
-        clipped = self.optimizer.clip_grads(read=False)
-        self.interval.add(step + 1, loss, clipped.sum_of_squares, clipped.skipped)
-        logs = self.logs_at(step + 1)
-        if logs:  # the step's one host sync, which brings the interval's values along
-            peak_memory = peak_memory_bytes(self.device)  # the process's peak: never lower
-            signal = float(self.checkpointer.preemption.received)  # on any rank: all stop
-            read = self.interval.read(max_over_ranks([peak_memory, signal], self.grid, self.device))
-            self.preempted = read.along[1] > 0
-            clipped.grad_norm, clipped.overflow = math.sqrt(read.sum_of_squares), read.skipped
-        self.optimizer.step()  # AdamW on my shards (skipped on the device on inf/nan), publish
-        if not logs:
+        totals = optimizer.clip_grads()
+        read = read_step(step + 1, totals, loss, self.grid, self.device,  # the one host read
+                         self.checkpointer.preemption.received, optimizer.loss_scaler)
+        self.preempted = read.preempted
+        lr = self.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step(read.grad_norm, read.skipped)  # AdamW on my shards unless inf/nan
+        self.count_nonfinite(step, read)
+        self.interval.add(read)
+        if not (self.logs_at(step + 1) or self.over_limit_at is not None):
             return None
-        self.skipped_steps += read.skipped_in_interval
-        self.over_limit_at = read.over_limit_at or None
-        return self.step_metrics(step, read, lr, self.interval.restart_clock(),
-                                 (peak_memory, read.along[0]))
+        return self.step_metrics(step, read, lr)
 
-    def step_metrics(self, step: int, read: IntervalRead, lr: float, elapsed: float,
-                     peak_memory: tuple[int, float]) -> dict:
+    def count_nonfinite(self, step: int, read: StepRead) -> None:
+        """bf16/fp32: the run of steps whose loss or gradient norm is not finite; past
+        train.max_skipped_steps in a row, `over_limit_at` names the step (check_finite stops
+        the run after its record). fp16's loss scaler has a stop of its own."""
+        self.skipped_steps += read.skipped
+        finite = math.isfinite(read.loss) and math.isfinite(read.grad_norm)
+        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
+        c = self.cfg.train
+        if c.precision != "fp16" and self.nonfinite_in_a_row > int(c.max_skipped_steps):
+            self.over_limit_at = step + 1
+
+    def step_metrics(self, step: int, read: StepRead, lr: float) -> dict:
         """A logging step's record (nanomt.metrics): its loss, optimizer state, memory (bytes:
         this rank's peak, the largest), its interval's mean loss, skips and throughput."""
         batch = self.train_data.batch_size(step)
         consumed = self.train_data.consumed_before(step + 1)
-        first = step + 1 - read.steps  # the interval's first step, 0-based
-        step_time = elapsed / read.steps
-        mean_batch = (consumed - self.train_data.consumed_before(first)) / read.steps
+        interval = self.interval.close()
+        steps = interval["interval_steps"]
+        first = step + 1 - steps  # the interval's first step, 0-based
+        mean_batch = (consumed - self.train_data.consumed_before(first)) / steps
         share = mean_batch / self.cfg.train.global_batch_size  # of the FLOPs, during a ramp-up
-        return {"step": step + 1, "loss": read.loss, "lr": lr,
-                "grad_norm": math.sqrt(read.sum_of_squares),
+        return {"step": step + 1, "loss": read.loss, "lr": lr, "grad_norm": read.grad_norm,
                 "loss_scale": read.loss_scale, "skipped": read.skipped,
                 "skipped_steps": self.skipped_steps, "global_batch_size": batch,
                 "consumed_samples": consumed, "tokens": consumed * self.model_cfg.seq_len,
-                "interval_steps": read.steps, "loss_mean": read.loss_mean,
-                "skipped_in_interval": read.skipped_in_interval, "step_time_s": step_time,
-                **throughput(step_time, mean_batch, self.model_cfg.seq_len,
+                **interval,
+                **throughput(interval["step_time_s"], mean_batch, self.model_cfg.seq_len,
                              self.flops_per_step * share, self.hardware_flops_per_step * share,
                              self.grid.world_size, self.peak_tflops),
-                "peak_memory_gb": peak_memory[0] / 2**30,
-                "peak_memory_gb_max_rank": peak_memory[1] / 2**30}
+                "peak_memory_gb": read.peak_memory / 2**30,
+                "peak_memory_gb_max_rank": read.peak_memory_max / 2**30}
 
     def check_finite(self, record: dict) -> None:
         """bf16/fp32 have no loss scale to lower: a non-finite loss or gradient norm skips the
         update (the optimizer already did) and, past train.max_skipped_steps in a row, stops
-        every rank at once (they all hold the same global loss and norm) without saving; counted
-        on the device (nanomt.interval_metrics), so at the first record past the limit."""
+        every rank at once (they all hold the same global loss and norm) without saving."""
         if self.over_limit_at is None:
-            return  # fp16 never sets it: its loss scaler skips and lowers the scale
+            return  # fp16 never sets it: its loss scaler skips, lowers the scale, stops
         in_a_row = int(self.cfg.train.max_skipped_steps) + 1
-        if self.over_limit_at == record["step"]:
-            what = (f"step {record['step']}: loss {record['loss']} or gradient norm "
-                    f"{record['grad_norm']} is not finite ({in_a_row} such steps in a row)")
-        else:  # found at the first record after it (logging.metrics_interval)
-            what = (f"step {self.over_limit_at} (found at the record of step {record['step']}): "
-                    f"the loss or gradient norm was not finite {in_a_row} steps in a row")
         latest = self.checkpointer.last_saved or self.checkpointer.resumed_from
         raise NonFiniteError(
-            f"{what}; the update was skipped and nothing was saved (last good checkpoint: "
-            f"{latest or 'none'}); lower optim.lr, check the data, or allow skips with "
-            f"train.max_skipped_steps")
+            f"step {record['step']}: loss {record['loss']} or gradient norm "
+            f"{record['grad_norm']} is not finite ({in_a_row} such steps in a row); the update "
+            f"was skipped and nothing was saved (last good checkpoint: {latest or 'none'}); "
+            f"lower optim.lr, check the data, or allow skips with train.max_skipped_steps")
 
     def evaluate_all(self) -> dict:
         """Validation loss and perplexity, and the train.eval_tasks scores."""
@@ -430,9 +423,9 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
         else:
             logger.advance()
         position["where"] = f"the checkpoint after step {steps_done}"
-        # the preemption signal, read with the step's values: noticed on steps that log
+        # the preemption signal, read with the step's values
         if t.checkpointer.after_step(steps_done, t.model_chunks, t.optimizer, t.train_data,
-                                     t.lr_at(step), preempted=logged is not None and t.preempted):
+                                     t.lr_at(step), preempted=t.preempted):
             break  # train.exit_after reached, or the preemption signal: saved, stop cleanly
 
     t.checkpointer.close()

@@ -1,9 +1,10 @@
-"""logging.metrics_interval: steps that log nothing read nothing from the device, and change
-nothing else. Against metrics_interval=1 (a record and a host sync every step): the same weights
-and optimizer state bit for bit, the same loss and norm at the shared records, the same skip of
-an inf/nan step when it falls between records, the same stop after train.max_skipped_steps
-(only later: at the next record), and a bit-exact resume. The host syncs themselves are
-counted in tests/test_zero_traffic.py."""
+"""logging.metrics_interval: a record every N steps, and nothing else changes. Every step still
+reads the device once and the host decides its skip; against metrics_interval=1 (a record every
+step): the same weights and optimizer state bit for bit, the same loss and norm at the shared
+records, the interval's aggregates, the same skip of an inf/nan step when it falls between
+records, the same stops (train.max_skipped_steps, fp16's loss_scale.min) at the very step that
+trips them, even between records, and a bit-exact resume. The host syncs themselves are counted
+in tests/test_zero_traffic.py."""
 
 from __future__ import annotations
 
@@ -127,34 +128,34 @@ def test_an_fp16_overflow_between_records_halves_the_scale_as_on_the_host(tmp_pa
     assert eighth["skipped_steps"] == every_step[7]["skipped_steps"]
 
 
-def test_fp16_overflows_at_the_minimum_scale_stop_at_the_next_record(tmp_path, monkeypatch):
+def test_fp16_overflows_at_the_minimum_scale_stop_at_that_step(tmp_path, monkeypatch):
     """Ten overflows in a row with the scale at train.loss_scale.min (here from the start):
-    the 10th, step 10, stops the run; with metrics_interval=4 at the record of step 12."""
+    the 10th, step 10, stops the run, with metrics_interval=4 too (between records)."""
     overrides = TINY + ["train.steps=12", "train.precision=fp16", "train.loss_scale.initial=1",
                         "train.loss_scale.min=1"]
-    poisoning(monkeypatch, set(range(1, 11)))
-    with pytest.raises(FloatingPointError, match=r"^step 10: 10 steps in a row.*"
-                                                 r"train\.loss_scale\.min"):
-        run(compose_config(overrides), tmp_path / "1")
-    poisoning(monkeypatch, set(range(1, 11)))
-    with pytest.raises(FloatingPointError, match=r"^step 10 \(found at the record of step 12\)"
-                                                 r".*train\.loss_scale\.min"):
-        run(compose_config(overrides + ["logging.metrics_interval=4"]), tmp_path / "4")
+    for every in (1, 4):
+        poisoning(monkeypatch, set(range(1, 11)))  # counts its calls afresh
+        with pytest.raises(FloatingPointError, match=r"^step 10: 10 steps in a row.*"
+                                                     r"train\.loss_scale\.min"):
+            run(compose_config(overrides + [f"logging.metrics_interval={every}"]),
+                tmp_path / str(every))
     rows = [json.loads(line) for line in (tmp_path / "4" / "metrics.jsonl").open()]
     assert [(r["step"], r["skipped_in_interval"], r["loss_scale"]) for r in rows] == [
         (4, 4, 1.0), (8, 4, 1.0)]
 
 
-def test_max_skipped_steps_stops_at_the_next_record(tmp_path, monkeypatch):
-    poisoning(monkeypatch, {2, 3})
+def test_max_skipped_steps_stops_at_that_step(tmp_path, monkeypatch):
+    """Steps 2 and 3 non-finite with one skip allowed: step 3 stops the run, and writes its
+    record first, with metrics_interval=4 too (its record covers steps 1-3)."""
     overrides = TINY + [f"train.steps={STEPS}", "train.max_skipped_steps=1"]
-    with pytest.raises(NonFiniteError, match=r"^step 3: loss .* not finite \(2 such steps"):
-        run(compose_config(overrides), tmp_path / "1")
-    poisoning(monkeypatch, {2, 3})  # counts its calls afresh
-    with pytest.raises(NonFiniteError, match=r"^step 3 \(found at the record of step 4\)"):
-        run(compose_config(overrides + ["logging.metrics_interval=4"]), tmp_path / "4")
+    for every in (1, 4):
+        poisoning(monkeypatch, {2, 3})  # counts its calls afresh
+        with pytest.raises(NonFiniteError, match=r"^step 3: loss .* not finite \(2 such steps"):
+            run(compose_config(overrides + [f"logging.metrics_interval={every}"]),
+                tmp_path / str(every))
     rows = [json.loads(line) for line in (tmp_path / "4" / "metrics.jsonl").open()]
-    assert [(r["step"], r["skipped_in_interval"]) for r in rows] == [(4, 2)]
+    assert [(r["step"], r["interval_steps"], r["skipped_in_interval"]) for r in rows] == [
+        (3, 3, 2)]
 
 
 def test_records_at_evaluations_checkpoints_and_the_end_and_a_bit_exact_resume(tmp_path,

@@ -1,5 +1,6 @@
-"""The lean step: gradients accumulated in place in the flat buffers, the multi-tensor AdamW, the
-fused gradient norm, and the memory meter's lazy sweep, each against its plain counterpart."""
+"""The lean step: gradients accumulated in place in the flat buffers and the memory meter's lazy
+sweep, each against its plain counterpart. (The AdamW update and the fused gradient norm are
+torch's, tested against torch's references in tests/test_optim.py.)"""
 
 from __future__ import annotations
 
@@ -9,42 +10,6 @@ import torch
 from nanomt.model import GPT, ModelConfig
 
 CFG = ModelConfig(num_layers=1, hidden_size=32, num_heads=4, seq_len=16)
-
-
-def test_foreach_adamw_is_the_single_tensor_update_bit_for_bit():
-    """The multi-tensor update and its device-gated twin (logging.metrics_interval > 1) both
-    equal the single-tensor path bit for bit."""
-    from nanomt.optim.adamw import adamw_update_, adamw_update_foreach_, adamw_update_foreach_gated_
-
-    generator = torch.Generator().manual_seed(0)
-    sizes = (1000, 7, 333)
-    single = [[torch.randn(n, generator=generator), torch.zeros(n), torch.zeros(n)]
-              for n in sizes]
-    multi = [[t.clone() for t in state] for state in single]
-    gated = [[t.clone() for t in state] for state in single]
-    for step in range(1, 6):
-        grads = [torch.randn(n, generator=generator) for n in sizes]
-        for (master, m, v), grad in zip(single, grads):
-            adamw_update_(master, grad, m, v, step, 3e-3, (0.9, 0.95), 1e-8)
-        adamw_update_foreach_([s[0] for s in multi], grads, [s[1] for s in multi],
-                              [s[2] for s in multi], step, 3e-3, (0.9, 0.95), 1e-8)
-        adamw_update_foreach_gated_([s[0] for s in gated], [g.clone() for g in grads],
-                                    [s[1] for s in gated], [s[2] for s in gated],
-                                    torch.tensor(step), 3e-3, (0.9, 0.95), 1e-8,
-                                    update=torch.tensor(True))
-    for a, b, c in zip(single, multi, gated):
-        for x, y, z in zip(a, b, c):
-            assert torch.equal(x, y) and torch.equal(x, z)
-    # gated off on the device: inf/nan gradients leave every tensor as it was
-    before = [[t.clone() for t in state] for state in multi]
-    grads = [torch.full((n,), float("nan")) for n in sizes]
-    grads[1][0] = float("inf")
-    adamw_update_foreach_gated_([s[0] for s in multi], grads, [s[1] for s in multi],
-                                [s[2] for s in multi], torch.tensor(6), 3e-3, (0.9, 0.95),
-                                1e-8, update=torch.tensor(False))
-    for a, b in zip(before, multi):
-        for x, y in zip(a, b):
-            assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("stage", [0, 1])
@@ -114,27 +79,6 @@ def test_zero2_gradients_accumulate_in_the_full_buffer_while_it_exists():
         offset = buffer.offset_of[id(p)]
         torch.testing.assert_close(bucket.grad_shard[offset: offset + p.numel()],
                                    plain_grads[id(p)].reshape(-1), rtol=1e-6, atol=1e-7)
-
-
-def test_fused_norm_matches_the_plain_norm_and_flags_inf():
-    from nanomt.optim.grad_norm import norm_and_overflow
-    from nanomt.parallel.param_info import ParamInfo, set_param_info
-
-    generator = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.zeros(n)) for n in (5, 50, 500)]
-    for i, param in enumerate(params):
-        set_param_info(param, ParamInfo(f"p{i}", tuple(param.shape), tp_split_dim=None))
-    grads = [torch.randn(p.numel(), generator=generator) for p in params]
-    norm, value, overflow, along = norm_and_overflow(
-        list(zip(params, grads)), None, read_along=torch.tensor([2.5, 7.0], dtype=torch.float64))
-    expected = torch.cat(grads).norm()
-    assert not overflow and along == [2.5, 7.0]  # read in the same host copy
-    assert float(norm) == pytest.approx(float(expected), rel=1e-6)
-    assert value == pytest.approx(float(expected), rel=1e-6)
-    grads[1][3] = float("inf")
-    assert norm_and_overflow(list(zip(params, grads)), None)[2]
-    grads[1][3] = float("nan")
-    assert norm_and_overflow(list(zip(params, grads)), None, count_squares=False)[2]
 
 
 def test_lazy_memory_sweep_finds_the_true_peak():

@@ -102,6 +102,7 @@ def _fp16_overflow_checks() -> dict:
         model = GPT(model_cfg, grid, seed=1)
         optimizer = build_optimizer([model], cfg, grid, num_microbatches=1)
         for step in range(steps):
+            optimizer.zero_grad()
             (model(tokens[step], tokens[step]) * optimizer.loss_scale).backward()
             result = optimizer.step()
         return model, optimizer, result
@@ -114,6 +115,7 @@ def _fp16_overflow_checks() -> dict:
     out["scale_before"] = float(optimizer.loss_scale)
     # A second step whose gradient overflows on one rank only, after the reductions: every
     # other rank (its tp peer, the other dp replica and its tp peer) must skip with it.
+    optimizer.zero_grad()
     (model(tokens[1], tokens[1]) * optimizer.loss_scale).backward()
     finalize_grads(optimizer.buffer)
     if grid.dp_rank == 0 and grid.tp_rank == 1:

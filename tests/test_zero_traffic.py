@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,11 @@ def _count_host_syncs(run_root: str, extra: tuple = (), steps: int = 2) -> dict:
 
     def counting(name):
         def method(self, *args, **kwargs):
-            calls.append(name)
+            # torch's foreach AdamW reads its per-parameter step counts, which it keeps on the
+            # host by design (on CUDA nanomt runs the fused AdamW, whose counts stay on the
+            # device): not a device sync
+            if not sys._getframe(1).f_globals.get("__name__", "").startswith("torch.optim"):
+                calls.append(name)
             return originals[name](self, *args, **kwargs)
         return method
 
@@ -173,13 +178,14 @@ def test_a_1f1b_zero2_step_syncs_the_host_at_most_once(tmp_path):
         assert len(values) == 1 and all(math.isfinite(v) and v > 0 for v in values), (key, values)
 
 
-def test_steps_that_log_nothing_do_not_sync_the_host(tmp_path):
-    """logging.metrics_interval=4: steps 2, 3, 6 and 7 read nothing from the device (their inf/nan
-    skip is decided there), steps 4 and 8 read everything in one copy."""
+def test_steps_that_log_nothing_sync_the_host_once_too(tmp_path):
+    """logging.metrics_interval=4: steps 2, 3, 6 and 7 write no record, and read the device
+    once all the same (the host decides their inf/nan skip), as do steps 4 and 8, whose records
+    carry the interval's aggregates."""
     results = run_distributed(_count_host_syncs, world_size=4, timeout_s=240,
                               args=(str(tmp_path), ("logging.metrics_interval=4",), 8))
     for r in results:
-        assert r["calls"] == [[], [], ["tolist"], [], [], [], ["tolist"]], r["calls"]
+        assert r["calls"] == [["tolist"]] * 7, r["calls"]
         assert [rec is not None for rec in r["records"]] == [False, False, True, False, False,
                                                              False, True]
         assert r["adam_steps"] == 8
@@ -188,15 +194,15 @@ def test_steps_that_log_nothing_do_not_sync_the_host(tmp_path):
         assert len(values) == 1 and all(math.isfinite(v) and v > 0 for v in values), (key, values)
 
 
-def test_fp16_steps_that_log_nothing_do_not_sync_the_host(tmp_path):
-    """fp16 at logging.metrics_interval=4: the loss scale is decided on the device too (halved
-    on the first step's overflow, nanomt.optim.loss_scaler), so the same syncs as fp32: none
-    on steps 2, 3, 6, 7, one on the records of steps 4 and 8, which log the scale."""
+def test_fp16_steps_sync_the_host_once(tmp_path):
+    """fp16 at logging.metrics_interval=4: the loss scale is decided on the device (halved on
+    the first step's overflow, nanomt.optim.loss_scaler) and read with the step's other values,
+    so the same one sync per step as fp32; the records log the scale."""
     results = run_distributed(_count_host_syncs, world_size=4, timeout_s=240,
                               args=(str(tmp_path), ("train.precision=fp16",
                                                     "logging.metrics_interval=4"), 8))
     for r in results:
-        assert r["calls"] == [[], [], ["tolist"], [], [], [], ["tolist"]], r["calls"]
+        assert r["calls"] == [["tolist"]] * 7, r["calls"]
         scales = [rec["loss_scale"] for rec in r["records"] if rec is not None]
         assert all(type(s) is float and 1 <= s <= 2.0**16 for s in scales), scales
     assert len({tuple(rec["loss_scale"] for rec in r["records"] if rec is not None)

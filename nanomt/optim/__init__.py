@@ -1,5 +1,6 @@
-"""Optimization: AdamW (flat and per group), the LR schedule, the global gradient norm, fp16 loss
-scaling, and ShardedAdamW, the optimizer over a data-parallel gradient buffer's shards."""
+"""Optimization: ShardedAdamW (torch's AdamW over views of a data-parallel gradient buffer's fp32
+shards, adamw.py its parameter groups), the global gradient norm and clipping, fp16 loss
+scaling, and the LR schedule."""
 
 from nanomt.optim.build import PRECISION_DTYPES, build_optimizer, cast_to_precision
 from nanomt.optim.sharded_adamw import ShardedAdamW, StepResult

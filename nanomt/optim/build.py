@@ -4,7 +4,9 @@
     optimizer.zero_grad()                                  # or zero_grad(num_microbatches=m)
     loss_sum = forward_backward(chunks, micro_batches, grid, loss_scale=optimizer.loss_scale)
     finalize_grads(optimizer.buffer)                       # nanomt.parallel.data_parallel
-    result = optimizer.step()                              # result.grad_norm, result.skipped
+    totals = optimizer.clip_grads()                        # norm and inf/nan verdict, clip
+    norm, overflow, _ = read_norm(totals)                  # the one host read (grad_norm.py)
+    result = optimizer.step(norm, overflow)                # or step() alone: all of the above
 
 Mixed precision: the model is cast to bf16/fp16 for compute; the fp32 values from before the cast
 seed the master weights, which the optimizer keeps for its shard. fp16 adds dynamic loss

@@ -1,6 +1,7 @@
 """Global gradient-norm clipping over a model split across tp, pp and dp ranks.
 
     ||g|| = sqrt( sum over every parameter of the whole model, counted exactly once, of ||g_p||^2 )
+    g <- g * min(1, max_norm / (||g|| + 1e-6))
 
 A tensor-parallel shard contributes its own squares; a tensor replicated on every tp rank
 (norms, row-parallel biases, position embeddings) is counted on tp rank 0 only; a tied word
@@ -9,10 +10,10 @@ partial sums are then added over the model-parallel group (tp x pp). Data-parall
 identical (all-reduced) gradients and are not added again; sharded gradients (ZeRO-1/2/3 shards)
 are summed over dp too.
 
-`squares_and_verdict` is the one implementation of this rule: the ZeRO optimizer calls it with the
-pieces of its flat shards, `global_grad_norm` (through `norm_and_overflow`) with whole `.grad`
-tensors. It also counts inf/nan elements in the same all-reduce, so that every rank of the world
-agrees on an overflow. It reads nothing; `read_verdict` is the host sync, when one is wanted.
+The same all-reduce counts inf/nan elements, so that every rank of the world agrees on an
+overflow (and skips the update together). Everything stays on the device until `read_norm`, the
+step's one host read. The totals are made on the step's device even when this rank holds no
+piece (its shards all padding): NCCL all-reduces device tensors only.
 """
 
 from __future__ import annotations
@@ -39,23 +40,21 @@ def counted_once(param: nn.Parameter, tp_rank: int) -> bool:
     return info.primary  # not the last stage's copy of the tied embedding
 
 
-def squares_and_verdict(pieces: list[tuple[nn.Parameter, torch.Tensor]],
+def squares_and_verdict(pieces: list[tuple[nn.Parameter, torch.Tensor]], device: torch.device,
                         grid: ParallelGrid | None, dp_group: dist.ProcessGroup | None = None,
                         count_squares: bool = True) -> torch.Tensor:
     """[sum of squares of the whole model's gradient, a sum that is inf/nan exactly when some
-    rank holds an inf/nan gradient], fp32 on the device and equal on every rank; no host read.
+    rank holds an inf/nan gradient]: fp32 on `device`, equal on every rank; no host read.
 
     pieces: (parameter, gradient or a slice of it) held by this rank. dp_group: the group whose
     ranks hold different pieces of the same parameters (ZeRO shards); None when dp replicas are
     identical. count_squares=False: this rank only reports inf/nan (a dp replica of a gradient
     another rank counts). One fused norm kernel over all pieces (torch._foreach_norm), one
-    all-reduce over dp, one over tp x pp.
-
-    A piece's norm is inf/nan exactly when the piece holds an inf/nan (or its squares overflow
-    fp32, which is as fatal), so the sum of every piece's norm carries the verdict.
+    all-reduce over dp, one over tp x pp. A piece's norm is inf/nan exactly when the piece holds
+    an inf/nan (or its squares overflow fp32, which is as fatal), so the sum of every piece's
+    norm carries the verdict.
     """
     tp_rank = grid.tp_rank if grid is not None else 0
-    device = pieces[0][1].device if pieces else torch.device("cpu")
     totals = torch.zeros(2, dtype=torch.float32, device=device)  # [sum of squares, inf/nan]
     counts = [count_squares and counted_once(param, tp_rank) for param, _ in pieces]
     counted = [grad for (_, grad), count in zip(pieces, counts) if count]
@@ -75,44 +74,18 @@ def squares_and_verdict(pieces: list[tuple[nn.Parameter, torch.Tensor]],
     return totals
 
 
-def read_verdict(totals: torch.Tensor, read_along: torch.Tensor | None = None
-                 ) -> tuple[float, bool, list[float]]:
+def clip_(grads: list[torch.Tensor], totals: torch.Tensor, max_norm: float) -> None:
+    """Scale `grads` in place by min(1, max_norm / (||g|| + 1e-6)), ||g|| from `totals`; on the
+    device (an inf/nan norm makes them nan: the step is then skipped anyway)."""
+    if max_norm > 0 and grads:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (totals[0].sqrt() + 1e-6), max=1.0))
+
+
+def read_norm(totals: torch.Tensor, along: torch.Tensor | None = None
+              ) -> tuple[float, bool, list[float]]:
     """The host's copy of `squares_and_verdict`'s totals, in one sync: (||g||, whether any rank
-    holds an inf/nan gradient, the values of `read_along`, which travel in the same copy)."""
-    extra = read_along if read_along is not None else totals.new_empty(0)
-    sum_of_squares, verdict, *values = torch.cat([totals.double(),
-                                                  extra.reshape(-1).double()]).tolist()
+    holds an inf/nan gradient, the values of `along`, which travel in the same copy)."""
+    extra = along.reshape(-1).double() if along is not None else totals.new_empty(0).double()
+    sum_of_squares, verdict, *values = torch.cat([totals.double(), extra]).tolist()
     overflow = not (math.isfinite(verdict) and math.isfinite(sum_of_squares))
     return math.sqrt(sum_of_squares), overflow, values
-
-
-def norm_and_overflow(pieces: list[tuple[nn.Parameter, torch.Tensor]],
-                      grid: ParallelGrid | None, dp_group: dist.ProcessGroup | None = None,
-                      count_squares: bool = True, read_along: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, float, bool, list[float]]:
-    """(||g|| over the whole model as a tensor and as a float, whether any rank holds an
-    inf/nan gradient, the values of `read_along`): `squares_and_verdict` and `read_verdict`,
-    one host sync."""
-    totals = squares_and_verdict(pieces, grid, dp_group, count_squares)
-    return (totals[0].sqrt(), *read_verdict(totals, read_along))
-
-
-def global_grad_norm(params: list[nn.Parameter], grid: ParallelGrid | None,
-                     dp_sharded: bool = False) -> torch.Tensor:
-    """The L2 norm of the whole model's gradient (fp32 scalar, equal on every rank)."""
-    pieces = [(param, param.grad.detach()) for param in params if param.grad is not None]
-    dp_group = grid.grad_sync_group if grid is not None and dp_sharded else None
-    norm, _, _, _ = norm_and_overflow(pieces, grid, dp_group)
-    return norm
-
-
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, grid: ParallelGrid | None,
-                   dp_sharded: bool = False) -> float:
-    """Scale every gradient by min(1, max_norm / ||g||); returns ||g|| before clipping."""
-    norm = global_grad_norm(params, grid, dp_sharded)
-    if max_norm > 0:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for param in params:
-            if param.grad is not None:
-                param.grad.detach().mul_(coef.to(param.grad.device))
-    return float(norm)

@@ -9,15 +9,16 @@ again before the update. S is chosen dynamically:
     growth_interval clean steps in a row -> S <- 2 S
 
 The rule runs on the device, from the device's inf/nan verdict (ShardedAdamW.clip_grads), with
-torch.where: a step reads nothing to decide its scale, so fp16 steps that log nothing make no
-host sync either (logging.metrics_interval). S is kept in float64: halving and doubling it are
-exact, so it is the same number, bit for bit, as the host's float rule would give (for any
-initial and min); the schedule multiplies the fp32 loss by S cast to fp32.
+torch.where: deciding the scale adds no host sync of its own (the step's one read brings S
+along, nanomt.interval_metrics.read_step), and the schedule multiplies the loss by S without a
+host-to-device copy. S is kept in float64: halving and doubling it are exact, so it is the same
+number, bit for bit, as the host's float rule would give (for any initial and min); the schedule
+multiplies the fp32 loss by S cast to fp32.
 
 If overflows persist with S already at min_scale (a NaN that no scale removes, or a min_scale
 too high for this model), skipping forever would train nothing: after `max_overflows_at_min`
-such steps in a row the scaler marks the update, on the device, and `check` raises at the next
-host read (the trainer's next record), naming the step and train.loss_scale.min.
+such steps in a row the scaler marks the update, on the device, and `check` raises at the
+step's host read, naming the step and train.loss_scale.min.
 
 Every rank of every group must take the same decision (or the replicas diverge): the verdict
 is the inf/nan count summed over the whole world (nanomt.optim.grad_norm).

@@ -14,21 +14,17 @@ business (nanomt.parallel.data_parallel.GradientBuffer); this object holds only 
 state of its shard (K Psi / N_d: the fp32 master weights, unless the run is fp32 and the
 parameters are their own masters, and Adam's two moments) and, each step,
 
-    finalize_grads   (the caller's phase; done here if it was not) gradients complete and summed
+    finalize_grads   (the trainer's phase) gradients complete and summed
     clip_grads()     fp16: divide by the loss scale; the global gradient norm, counting every
                      parameter once over tp x pp x dp, and the inf/nan verdict, on the device
-                     (nanomt.optim.grad_norm), read in the step's one host sync unless
-                     read=False; fp16: the next step's loss scale, on the device, from the
-                     verdict (nanomt.optim.loss_scaler); clip by the norm
-    step()           AdamW on the fp32 shard (nanomt.optim.adamw), or on inf/nan skip it on
-                     every rank (Adam's step count does not advance); the buffer writes the new
-                     shard into the model and all-gathers it (ZeRO-1/2). step() alone runs
-                     clip_grads() first.
-
-A step that reads nothing (clip_grads(read=False): the trainer's steps that log nothing,
-logging.metrics_interval > 1) leaves no host sync behind: the skip is decided on the device (a
-gated update, two passes more, the same numbers bit for bit), and from then on Adam's t lives
-on the device only. fp16's loss scale is decided on the device too.
+                     (nanomt.optim.grad_norm); fp16: the next step's loss scale, on the device,
+                     from the verdict (nanomt.optim.loss_scaler); clip by the norm
+    step(verdict)    torch.optim.AdamW on per-parameter views of the fp32 shard
+                     (nanomt.optim.adamw), unless the verdict (read on the host, the same on
+                     every rank) says inf/nan: then no rank updates and Adam's t does not
+                     advance; the buffer writes the new shard into the model and all-gathers it
+                     (ZeRO-1/2). step() without a verdict runs finalize_grads and clip_grads
+                     and reads the verdict itself (torch.optim's one-call step).
 
 Checkpoint protocol (layout-independent, per parameter; nanomt.checkpoint speaks it):
     checkpoint_state() -> [(param, state_name, fp32 view, (lo, hi))]: the pieces of
@@ -42,13 +38,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from nanomt.optim.adamw import adamw_update_foreach_, adamw_update_foreach_gated_, decays
-from nanomt.optim.grad_norm import read_verdict, squares_and_verdict
+from nanomt.optim.adamw import build_adamw
+from nanomt.optim.grad_norm import clip_, read_norm, squares_and_verdict
 from nanomt.optim.loss_scaler import DynamicLossScaler
 from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
 from nanomt.parallel.data_parallel.buckets import Bucket, storage_bytes
@@ -67,36 +63,10 @@ class StepResult:
 
 
 @dataclass
-class ClippedGrads:
-    """What clip_grads leaves for step: my shards' clipped fp32 gradients and the verdict, on
-    the device, and on the host when clip_grads read them (else None)."""
-
-    grads: list[torch.Tensor]
-    totals: torch.Tensor  # [||g||^2 before clipping, inf/nan carrier]: grad_norm.py, fp32
-    loss_scale: float | torch.Tensor  # of this step's backward (fp16: S, on the device)
-    grad_norm: float | None = None
-    overflow: bool | None = None
-    read_along: list[float] | None = None  # read(along=...), in the same sync
-    skipped: torch.Tensor = field(init=False)  # the verdict on the device: some rank's
-    #                                            gradient holds an inf/nan (bool scalar)
-
-    def __post_init__(self) -> None:
-        self.skipped = ~torch.isfinite(self.totals).all()
-
-    @property
-    def sum_of_squares(self) -> torch.Tensor:
-        return self.totals[0]
-
-    def read(self, along: torch.Tensor | None = None) -> list[float]:
-        """The host's copy of the norm and the verdict (a host sync), and of `along` (the
-        step's loss, say) in the same copy; returns along's values."""
-        self.grad_norm, self.overflow, self.read_along = read_verdict(self.totals, along)
-        return self.read_along
-
-
-@dataclass
 class ShardState:
-    """AdamW's state for one bucket's shard (all fp32, shard_numel elements)."""
+    """AdamW's state for one bucket's shard (all fp32, shard_numel elements): flat, so that
+    memory and checkpoints see one tensor per bucket; torch.optim.AdamW sees per-parameter
+    views of it (`ShardedAdamW.views`)."""
 
     master: torch.Tensor       # the parameters' own shard in fp32 runs, else a copy
     exp_avg: torch.Tensor
@@ -111,26 +81,22 @@ class ShardedAdamW:
                  master_params: dict[int, torch.Tensor] | None = None,
                  loss_scaler: DynamicLossScaler | None = None):
         self.buffer, self.grid, self.stage = buffer, buffer.grid, buffer.stage
-        self.betas, self.eps = betas, eps
-        self.weight_decay, self.grad_clip = weight_decay, grad_clip
-        self.loss_scaler = loss_scaler  # fp16; its state lives on the optimizer's device
-        # The same two groups as torch.optim.AdamW built by nanomt.optim.adamw.parameter_groups;
-        # the train loop sets "lr" here every step.
-        self.param_groups = [{"lr": lr, "weight_decay": weight_decay},
-                             {"lr": lr, "weight_decay": 0.0}]
-        self.device = self.buffer.own_param_shard(buffer.buckets[0]).device \
-            if buffer.buckets else torch.device("cpu")
-        self.step_tensor = torch.zeros((), dtype=torch.int64, device=self.device)  # Adam's t
-        if loss_scaler is not None:
-            loss_scaler.to(self.device)
-        self.host_steps: int | None = 0  # t on the host, while every verdict has been read
+        self.grad_clip = grad_clip
+        # The step's device: every scalar of the step (norm totals, loss scale) is made here,
+        # even on a rank whose shards hold only padding (NCCL reduces device tensors only).
+        self.device = buffer.buckets[0].param_buffer.device
+        self.loss_scaler = loss_scaler.to(self.device) if loss_scaler is not None else None
+        self.steps_taken = 0  # Adam's t: the updates applied so far (read from no device)
         self.memory_after_backward: dict[str, int] = {}  # model-state bytes at the step's peak
-        self.clipped: ClippedGrads | None = None  # between clip_grads and step
         self.shards = [self._shard_state(b, master_params or {}) for b in buffer.buckets]
-        # views of the masters that weight decay shrinks (matrices; nanomt.optim.adamw.decays)
-        self.decaying_pieces = [shard.master[s.shard_lo: s.shard_hi]
-                                for b, shard in zip(buffer.buckets, self.shards)
-                                for s in b.segments if decays(s.param)]
+        # (bucket index, segment, view of the master shard): what torch's AdamW updates
+        self.views = [(i, s, shard.master[s.shard_lo: s.shard_hi])
+                      for i, (b, shard) in enumerate(zip(buffer.buckets, self.shards))
+                      for s in b.segments]
+        self.adamw = build_adamw([(s.param, view) for _, s, view in self.views], lr=lr,
+                                 betas=betas, eps=eps, weight_decay=weight_decay)
+        self._set_torch_state()
+        self._loss_scale: float | torch.Tensor = 1.0  # of the backward being clipped
 
     @torch.no_grad()
     def _shard_state(self, b: Bucket, master_params: dict[int, torch.Tensor]) -> ShardState:
@@ -145,101 +111,68 @@ class ShardedAdamW:
             master[s.shard_lo: s.shard_hi].copy_(fp32[s.param_lo: s.param_hi])
         return ShardState(master, *moments)
 
+    def _set_torch_state(self) -> None:
+        """torch's per-parameter state, set before its first step so that the moments are
+        views of the flat shards, and its step count is Adam's t (`steps_taken`). The count
+        lives where torch keeps it: on the device for the fused kernel, else on the host."""
+        fused = any(group["fused"] for group in self.adamw.param_groups)
+        for i, s, view in self.views:
+            shard = self.shards[i]
+            self.adamw.state[view] = {
+                "step": torch.tensor(float(self.steps_taken), dtype=torch.float32,
+                                     device=view.device if fused else "cpu"),
+                **{name: getattr(shard, name)[s.shard_lo: s.shard_hi] for name in MOMENTS}}
+
     # ---- the step ----------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True, num_microbatches: int | None = None) -> None:
         """Start a new step (the buffer's zero_grad; torch.optim's signature)."""
         self.buffer.zero_grad(set_to_none, num_microbatches)
 
     @torch.no_grad()
-    def clip_grads(self, read_along: torch.Tensor | None = None, read: bool = True
-                   ) -> ClippedGrads:
+    def clip_grads(self) -> torch.Tensor:
         """Unscale (fp16), take the global norm and the inf/nan verdict, update the loss scale
-        from it (fp16, on the device), and clip by the norm.
-
-        read=True: the one host read of a step happens here, the norm and the verdict, with
-        `read_along` (the step's loss, say) in the same copy. read=False: nothing is read; the
-        verdict stays on the device, where step() is gated by it. The clipped fp32 gradients
-        wait for `step`."""
+        from it (fp16, on the device), and clip by the norm; call after finalize_grads. Reads
+        nothing: returns the totals [||g||^2 before clipping, inf/nan carrier] on the device
+        (grad_norm.read_norm reads them). The clipped fp32 gradients become the `.grad` of the
+        views torch's AdamW updates."""
         buffer = self.buffer
         buffer.release_prefetched()  # no ZeRO-3 gather may read a shard while it is updated
         buffer.wait_for_params()  # nor a ZeRO-1/2 gather left in flight by the last step
         # Gradients complete, nothing freed yet: the step's peak of model-state memory.
         self.memory_after_backward = {**self.memory(),
                                       "grads_peak_in_backward": buffer.peak_grad_bytes}
-        finalize_grads(buffer)  # a no-op when the trainer has called it
         scaler = self.loss_scaler
         grads = [g.float() for g in buffer.local_grad_shards()]  # a copy only if not fp32
         if scaler is not None:  # fp16: divide by S, on the device
             torch._foreach_mul_(grads, scaler.unscale_factor())
-        pieces = [(s.param, grad[s.shard_lo: s.shard_hi])
-                  for b, grad in zip(buffer.buckets, grads) for s in b.segments]
+        pieces = [(s.param, grads[i][s.shard_lo: s.shard_hi]) for i, s, _ in self.views]
         # At ZeRO-0 every dp replica holds the same gradients: dp rank 0 counts them.
-        totals = squares_and_verdict(pieces, self.grid, buffer.dp_group,
+        totals = squares_and_verdict(pieces, self.device, self.grid, buffer.dp_group,
                                      count_squares=self.stage > 0 or buffer.dp_rank == 0)
-        clipped = ClippedGrads(grads, totals, scaler.scale if scaler is not None else 1.0)
+        self._loss_scale = scaler.scale if scaler is not None else 1.0
         if scaler is not None:  # the next step's S, from the verdict, without reading it
-            scaler.update(clipped.skipped)
-        if read:
-            clipped.read(read_along)
-        if self.grad_clip > 0:  # inf/nan makes the gradients nan: step() then skips them
-            torch._foreach_mul_(grads, torch.clamp(self.grad_clip / (totals[0].sqrt() + 1e-6),
-                                                   max=1.0))
-        self.clipped = clipped
-        return clipped
+            scaler.update(~torch.isfinite(totals).all())
+        clip_(grads, totals, self.grad_clip)
+        for (_, _, view), (_, grad) in zip(self.views, pieces):
+            view.grad = grad
+        return totals
 
     @torch.no_grad()
-    def step(self) -> StepResult | None:
-        """AdamW on my shards with the clipped gradients (clip_grads first, if the caller has
-        not), then publish the updated parameters; an inf/nan gradient skips the update on
-        every rank (fp16: clip_grads has halved the loss scale). Returns the norm and the skip
-        flag, or None when clip_grads(read=False) left them on the device."""
-        clipped = self.clipped if self.clipped is not None else self.clip_grads()
-        self.clipped = None
-        if clipped.overflow is not None and self.host_steps is not None:
-            if not clipped.overflow:  # the verdict is on the host: skip, or the plain update
-                self.host_steps += 1
-                self.step_tensor += 1
-                self._update(clipped.grads, self.host_steps)
-                self.buffer.publish_params([shard.master for shard in self.shards])
-        else:  # decided on the device; t is known there only from now on
-            self.host_steps = None
-            self._update_gated(clipped.grads, ~clipped.skipped)
+    def step(self, grad_norm: float | None = None, overflow: bool | None = None
+             ) -> StepResult:
+        """AdamW on my shards with the clipped gradients, then publish the updated parameters;
+        on inf/nan (`overflow`, read on the host: the same verdict on every rank) nothing is
+        updated. Without them: finalize_grads, clip_grads and their one read happen here."""
+        if overflow is None:
+            finalize_grads(self.buffer)  # a no-op when the caller has run it
+            grad_norm, overflow, _ = read_norm(self.clip_grads())
+        if not overflow:
+            self.steps_taken += 1
+            self.adamw.step()
             self.buffer.publish_params([shard.master for shard in self.shards])
-        self.buffer.zero_grad()
-        if clipped.overflow is None:
-            return None
-        return StepResult(clipped.grad_norm, clipped.overflow, clipped.loss_scale)
-
-    def _learning_rate(self) -> tuple[float, float]:
-        """(lr, weight decay of the matrices): one lr for the flat shards."""
-        lr_decay, lr_flat = self.param_groups[0]["lr"], self.param_groups[1]["lr"]
-        if lr_decay != lr_flat:
-            raise ValueError("ShardedAdamW updates a flat shard with one learning rate; "
-                             "set the same lr in every param group")
-        return lr_decay, self.param_groups[0]["weight_decay"]
-
-    def _update(self, grads: list[torch.Tensor], step: int) -> None:
-        """Decoupled weight decay on the matrices' pieces, then AdamW on every shard at once."""
-        lr, wd = self._learning_rate()
-        if wd != 0 and self.decaying_pieces:
-            torch._foreach_mul_(self.decaying_pieces, 1 - lr * wd)
-        adamw_update_foreach_([s.master for s in self.shards], grads,
-                              [s.exp_avg for s in self.shards],
-                              [s.exp_avg_sq for s in self.shards], step, lr, self.betas,
-                              self.eps)
-
-    def _update_gated(self, grads: list[torch.Tensor], update: torch.Tensor) -> None:
-        """`_update` gated by `update` (a device bool: False leaves everything as it was); the
-        same numbers, bit for bit, without a host read (logging.metrics_interval > 1)."""
-        lr, wd = self._learning_rate()
-        if wd != 0 and self.decaying_pieces:
-            torch._foreach_mul_(self.decaying_pieces, torch.where(update, 1 - lr * wd, 1.0))
-        self.step_tensor += update  # Adam's t counts the updates taken
-        adamw_update_foreach_gated_([s.master for s in self.shards], grads,
-                                    [s.exp_avg for s in self.shards],
-                                    [s.exp_avg_sq for s in self.shards],
-                                    self.step_tensor + ~update, lr, self.betas, self.eps,
-                                    update)
+        for _, _, view in self.views:
+            view.grad = None  # the gradients are the buffer's again
+        return StepResult(grad_norm, overflow, self._loss_scale)
 
     def memory(self) -> dict[str, int]:
         """Bytes this rank holds now: the buffer's parameters and gradients, and my state."""
@@ -257,6 +190,11 @@ class ShardedAdamW:
         """S for the schedule: backward starts from S * loss / m. 1.0 unless fp16; fp16: S on
         the device, in fp32 (the loss's dtype), so that the schedule reads nothing."""
         return self.loss_scaler.scale.float() if self.loss_scaler is not None else 1.0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """torch's two groups (decay, no decay): the trainer sets "lr" in each every step."""
+        return self.adamw.param_groups
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -301,14 +239,14 @@ class ShardedAdamW:
 
     @property
     def step_count(self) -> int:
-        """Adam's step t: the updates taken so far (a host read of the device count once a step
-        was decided on the device)."""
-        return self.host_steps if self.host_steps is not None else int(self.step_tensor)
+        """Adam's step t: the updates applied so far."""
+        return self.steps_taken
 
     @step_count.setter
     def step_count(self, value: int) -> None:
-        self.step_tensor.fill_(int(value))
-        self.host_steps = int(value)
+        self.steps_taken = int(value)
+        for state in self.adamw.state.values():
+            state["step"].fill_(self.steps_taken)
 
     def scalar_state(self) -> dict:
         scaler = self.loss_scaler
