@@ -322,7 +322,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     timeline = Timeline({"rank": grid.rank, "pp_rank": grid.pp_rank, "tp_rank": grid.tp_rank,
                          "dp_rank": grid.dp_rank, "pp": layout.pp,
                          "virtual_stages": layout.virtual_stages,
-                         "num_microbatches": num_microbatches}) if cfg.train.timeline else None
+                         "num_microbatches": num_microbatches},
+                        cuda_events=device.type == "cuda") if cfg.train.timeline else None
     # Data parallelism (gradient buckets reduced during backward, ZeRO sharding) is the
     # optimizer's buffer; the optimizer holds the fp32 shard state (nanomt.optim.build).
     optimizer = build_optimizer(model_chunks, cfg, grid, device=device)
@@ -342,7 +343,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
                    timeline, start_step,
                    flops_per_step=flops_per_iteration(model_cfg, G),
                    hardware_flops_per_step=hardware_flops_per_iteration(model_cfg, G, recompute),
-                   peak_tflops=peak_tflops(device_name, cfg.logging.get("peak_tflops")))
+                   peak_tflops=peak_tflops(device_name, cfg.logging.get("peak_tflops"),
+                                           str(cfg.train.precision)))
 
 
 def write_run_json(t: Trainer) -> list[dict]:
