@@ -61,6 +61,13 @@ class NonFiniteError(NanomtError):
     same_on_every_rank = True
 
 
+class RanksDisagree(NanomtError, AssertionError):
+    """Ranks took different values of a decision that must be collective (a bug in nanomt):
+    raised on every rank before the decision is acted on, instead of a collective mismatch."""
+
+    same_on_every_rank = True
+
+
 class CommunicationError(NanomtError):
     exit_code = ExitCode.COMMUNICATION
 

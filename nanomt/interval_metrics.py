@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nanomt.errors import RanksDisagree
 from nanomt.metrics import max_over_ranks, peak_memory_bytes
 from nanomt.optim.grad_norm import read_norm
 
@@ -57,16 +58,48 @@ def read_step(step: int, totals: torch.Tensor, loss: torch.Tensor, grid: Paralle
     fp16's next loss scale and stop, in one copy. fp16: raises FloatingPointError if the loss
     scaler has met its stop (DynamicLossScaler.check)."""
     peak_memory = peak_memory_bytes(device)  # the process's peak: never lower
-    largest = max_over_ranks([peak_memory, float(preemption_signal)], grid, device)
+    decisions = collective_decisions(totals, loss, scaler)
+    largest = max_over_ranks([peak_memory, float(preemption_signal)], grid, device,
+                             torch.cat([decisions, -decisions]))
     along = [loss.reshape(-1).double(), largest]
     if scaler is not None:
         along.append(torch.stack([scaler.scale, scaler.failed_at.double()]))
     grad_norm, skipped, values = read_norm(totals, torch.cat(along))
-    loss_value, peak_max, signal, *fp16 = values
+    loss_value, peak_max, signal, *rest = values
+    n = len(DECISIONS) if scaler is None else len(DECISIONS) + 1
+    check_agreement(step, rest[:n], [-v for v in rest[n:2 * n]])
+    fp16 = rest[2 * n:]
     if scaler is not None:
         scaler.check(int(fp16[1]), step)
     return StepRead(loss_value, grad_norm, skipped, fp16[0] if fp16 else 1.0, peak_memory,
                     peak_max, signal > 0)
+
+
+# What every rank must decide alike, or the ranks' next collectives differ (a crash or, on NCCL,
+# a hang): each travels in the step's all-reduce as (d, -d) under MAX, i.e. the largest and the
+# smallest over the ranks, which must be equal. The preemption flag needs no check: it is the
+# maximum by design; checkpoint verdicts are broadcast (nanomt.checkpoint).
+DECISIONS = ("skip the update (inf/nan gradient)", "count a non-finite step (loss or norm)")
+
+
+def collective_decisions(totals: torch.Tensor, loss: torch.Tensor,
+                         scaler: DynamicLossScaler | None) -> torch.Tensor:
+    """This rank's DECISIONS (and fp16's next loss scale) as a float64 tensor on the device."""
+    skip = ~torch.isfinite(totals).all()
+    values = [skip, skip | ~torch.isfinite(loss.reshape(()))]
+    if scaler is not None:
+        values.append(scaler.scale)
+    return torch.stack([v.double() for v in values])
+
+
+def check_agreement(step: int, largest: list[float], smallest: list[float]) -> None:
+    """Raise RanksDisagree naming each decision whose largest and smallest value differ."""
+    names = DECISIONS + ("the next fp16 loss scale",)
+    split = [f"{name}: from {lo:g} to {hi:g}"
+             for name, hi, lo in zip(names, largest, smallest) if hi != lo]
+    if split:
+        raise RanksDisagree(f"step {step}: the ranks disagree on " + "; ".join(split)
+                            + " (a decision that must be collective: a bug in nanomt)")
 
 
 class IntervalLog:

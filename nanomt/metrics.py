@@ -71,11 +71,15 @@ def host_values_to(device: torch.device, values: list[float],
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def max_over_ranks(values: list[float], grid: ParallelGrid, device: torch.device) -> torch.Tensor:
-    """The largest of each of `values` over every rank, as a float64 tensor [n] on `device` (no
-    host read: the trainer reads it with the step's other values): over the model-parallel
-    (tp x pp) group, then over the dp x cp ranks of each position."""
+def max_over_ranks(values: list[float], grid: ParallelGrid, device: torch.device,
+                   on_device: torch.Tensor | None = None) -> torch.Tensor:
+    """The largest of each of `values` (host numbers), then of each of `on_device` (a 1-d
+    tensor on `device`), over every rank, as one float64 tensor on `device` (no host read: the
+    trainer reads it with the step's other values): over the model-parallel (tp x pp) group,
+    then over the dp x cp ranks of each position."""
     tensor = host_values_to(device, values)
+    if on_device is not None:
+        tensor = torch.cat([tensor, on_device.double()])
     if grid.is_distributed:
         comm.all_reduce(tensor, grid.model_parallel_group, op=dist.ReduceOp.MAX)
         comm.all_reduce(tensor, grid.grad_sync_group, op=dist.ReduceOp.MAX)

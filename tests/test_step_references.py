@@ -145,3 +145,42 @@ def test_fp16_resume_between_growths_follows_the_uninterrupted_loss_scale(tmp_pa
     assert [r["loss_scale"] for r in resumed] == scales
     assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]
     assert all(math.isfinite(r["loss"]) for r in whole)
+
+
+# ---- a collective decision the ranks disagree on fails as such, not as a transport crash -------
+def _disagree_on_skipping(run_root: str) -> str:
+    """2 dp ranks at ZeRO-1; rank 1's copy of the global inf/nan verdict is made to say "inf"
+    at step 2 (the bug this guards against: a verdict summed over too small a group)."""
+    import torch.distributed as dist
+
+    from nanomt.errors import RanksDisagree
+    from nanomt.optim.sharded_adamw import ShardedAdamW
+
+    clip_grads, calls = ShardedAdamW.clip_grads, []
+
+    def clip_grads_seeing_inf(self, *args, **kwargs):
+        totals = clip_grads(self, *args, **kwargs)
+        calls.append(1)
+        if dist.get_rank() == 1 and len(calls) == 2:
+            totals = totals.clone()
+            totals[1] = float("inf")
+        return totals
+
+    ShardedAdamW.clip_grads = clip_grads_seeing_inf
+    cfg = compose_config(TINY + ["train.steps=3", "parallel.dp=2", "parallel.zero_stage=1",
+                                 "parallel.timeout_s=30", f"checkpoint.dir={run_root}/ckpt"])
+    try:
+        run(cfg, Path(run_root) / "run")
+    except RanksDisagree as error:
+        return str(error)
+    return "no error"
+
+
+def test_ranks_that_disagree_on_a_skip_fail_naming_the_decision(tmp_path):
+    from nanomt.testing import run_distributed
+
+    messages = run_distributed(_disagree_on_skipping, world_size=2, args=(str(tmp_path),),
+                               timeout_s=120)
+    for message in messages:  # every rank, before either acts on its verdict
+        assert message.startswith("step 2: the ranks disagree on skip the update"), message
+        assert "from 0 to 1" in message
