@@ -2,29 +2,22 @@
 
 Data parallelism (with ZeRO's sharding, Rajbhandari et al. 2019) owns where parameters and
 gradients live and how gradients are averaged over the dp group; the optimizer only updates the
-shard it is given. As Megatron-core's DistributedDataParallel + _ParamAndGradBuffer, for every
+shard it is given. As Megatron-core's DistributedDataParallel + _ParamAndGradBuffer, at every
 ZeRO stage the buffer
 
     lays the parameters out in flat buckets (buckets.py), each split into dp equal shards;
-    adds each parameter's gradient into its bucket's flat gradient buffer as backward produces
-    it (a post-accumulate-grad hook counts arrivals per parameter, so any schedule works);
-    reduces a bucket, g <- (1/N_d) sum_r g_r over the dp group, once every parameter in it has
-    delivered its last gradient of the step: during the last micro-batch's backward,
-    overlapped with the rest of it;
+    adds each gradient into its bucket's flat gradient buffer as backward produces it (a
+    post-accumulate-grad hook counts arrivals per parameter, so any schedule works);
+    reduces a bucket, g <- (1/N_d) sum_r g_r over dp, once every parameter in it has delivered
+    its last gradient of the step: during the last micro-batch's backward, overlapped with it;
     after the optimizer's update, makes every rank's parameters whole again.
 
-What differs between stages (which collective, which buffers persist) lives in zero_stages.py,
-one class per stage; `GradientBuffer(..., zero_stage=s)` builds stage s's class. After the
-schedule, `finalize_grads` (finalize.py) waits for the reductions and adds the sums other groups
-owe; then the optimizer clips and steps.
-
-Accumulation: a parameter's first gradient of a round is copied into its slot (one pass, where
-zeroing the buffer and adding would be two); when the dtypes agree `param.grad` then becomes a
-view of the slot, so autograd adds the later micro-batches there in place and nothing is
-allocated per micro-batch (Megatron's main_grad); otherwise each later gradient is added and
-dropped. Before a bucket is reduced, slots that got no gradient this round (and the padding)
-are zeroed. bf16/fp16 gradients are accumulated and reduced in fp32 by default
-(train.fp32_grads).
+Which collective, and which buffers persist, is the stage's: zero_stages.py, one class per
+stage. A parameter's first gradient of a round is copied into its slot (one pass, where zeroing
+and adding would be two); when the dtypes agree `param.grad` then becomes a view of the slot,
+so autograd adds the later micro-batches there in place (Megatron's main_grad); otherwise each
+one is added and dropped. Slots without a gradient, and the padding, are zeroed before the
+reduction. Gradients are accumulated and reduced in fp32 unless train.fp32_grads=false.
 """
 
 from __future__ import annotations
