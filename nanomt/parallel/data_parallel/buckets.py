@@ -10,9 +10,9 @@ section 5: "partition the [...] states into N_d equal partitions"):
 
 Parameters are views into the bucket's `param_buffer` and their gradients are accumulated into
 its flat `grad_buffer` (where the dtypes agree `param.grad` is itself a view of it), so a whole
-bucket is reduced with one collective.
-Buckets are filled in reverse parameter order, the order in which backward produces gradients,
-so the first bucket to be complete is the first one sent.
+bucket is reduced with one collective. Buckets are filled in reverse parameter order, the order
+in which backward produces gradients, so the first bucket to be complete is the first one sent
+(ZeRO-3 plans one bucket per layer instead: stage3.py).
 
 A `ShardSegment` is the piece of one parameter that falls inside this rank's shard: the optimizer
 walks segments to apply per-parameter rules (weight decay on matrices only, counting a
@@ -144,37 +144,6 @@ def plan_by_size(named_params: list[tuple[str, nn.Parameter]], bucket_size_mb: f
     bucket_numel = max(1, int(bucket_size_mb * 2**20) // itemsize)
     plans = [([(n, p)], None) for n, p in named_params if id(p) in alone]
     plans += [(group, None) for group in split_by_size(ordered, bucket_numel)]
-    return plans
-
-
-def plan_by_layer(chunks: list[nn.Module], names: dict[int, str],
-                  separate: list[nn.Parameter]) -> list[tuple[list, nn.Module]]:
-    """ZeRO-3: one bucket per transformer layer (gathered around that layer's forward and
-    backward), in backward order, and for the rest of each chunk (embeddings, final norm, head)
-    two buckets: the parameters registered after the layers (their gradients arrive first in
-    backward) and those registered before them (they arrive last), so that neither gradient
-    buffer waits through the whole backward for the other's parameters."""
-    alone = {id(p) for p in separate}
-    plans: list[tuple[list, nn.Module]] = []
-    for chunk in reversed(chunks):
-        layers = list(getattr(chunk, "layers", []))
-        in_layers = set()
-        for layer in reversed(layers):
-            params = [(names[id(p)], p) for p in layer.parameters() if p.requires_grad]
-            in_layers.update(id(p) for _, p in params)
-            if params:
-                plans.append((params, layer))
-        before_layers, after_layers, seen_layer = [], [], False
-        for param in chunk.parameters():
-            if id(param) in in_layers:
-                seen_layer = True
-            elif param.requires_grad and id(param) not in alone:
-                (after_layers if seen_layer else before_layers).append((names[id(param)], param))
-        shared = [(names[id(p)], p) for p in chunk.parameters()
-                  if p.requires_grad and id(p) in alone]
-        for group in [after_layers, before_layers] + [[item] for item in shared]:
-            if group:
-                plans.append((group, chunk))
     return plans
 
 

@@ -36,6 +36,37 @@ from torch import nn
 from nanomt.parallel import comm
 from nanomt.parallel.data_parallel.buckets import Bucket, resize_storage
 
+def plan_by_layer(chunks: list[nn.Module], names: dict[int, str],
+                  separate: list[nn.Parameter]) -> list[tuple[list, nn.Module]]:
+    """ZeRO-3: one bucket per transformer layer (gathered around that layer's forward and
+    backward), in backward order, and for the rest of each chunk (embeddings, final norm, head)
+    two buckets: the parameters registered after the layers (their gradients arrive first in
+    backward) and those registered before them (they arrive last), so that neither gradient
+    buffer waits through the whole backward for the other's parameters."""
+    alone = {id(p) for p in separate}
+    plans: list[tuple[list, nn.Module]] = []
+    for chunk in reversed(chunks):
+        layers = list(getattr(chunk, "layers", []))
+        in_layers = set()
+        for layer in reversed(layers):
+            params = [(names[id(p)], p) for p in layer.parameters() if p.requires_grad]
+            in_layers.update(id(p) for _, p in params)
+            if params:
+                plans.append((params, layer))
+        before_layers, after_layers, seen_layer = [], [], False
+        for param in chunk.parameters():
+            if id(param) in in_layers:
+                seen_layer = True
+            elif param.requires_grad and id(param) not in alone:
+                (after_layers if seen_layer else before_layers).append((names[id(param)], param))
+        shared = [(names[id(p)], p) for p in chunk.parameters()
+                  if p.requires_grad and id(p) in alone]
+        for group in [after_layers, before_layers] + [[item] for item in shared]:
+            if group:
+                plans.append((group, chunk))
+    return plans
+
+
 def free_params(b: Bucket) -> None:
     """Release the gathered flat buffer's memory and point each parameter of `b` at a stand-in
     of its shape that holds one NaN (module docstring)."""

@@ -23,10 +23,14 @@ from __future__ import annotations
 import torch
 
 from nanomt.parallel import comm
-from nanomt.parallel.data_parallel.buckets import Bucket, plan_by_layer, storage_bytes
+from nanomt.parallel.data_parallel.buckets import Bucket, storage_bytes
 from nanomt.parallel.data_parallel.grad_buffer import GradientBuffer, Reduction
 from nanomt.parallel.data_parallel.reductions_in_flight import BoundedReductionsInFlight
-from nanomt.parallel.data_parallel.stage3 import ParameterGatherer, free_params
+from nanomt.parallel.data_parallel.stage3 import (
+    ParameterGatherer,
+    free_params,
+    plan_by_layer,
+)
 from nanomt.parallel.data_parallel.zero3_prefetch import PrefetchingGatherer
 
 
