@@ -21,6 +21,8 @@ after backward at stages 2-3.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from nanomt.parallel import comm
 from nanomt.parallel.data_parallel.buckets import Bucket, storage_bytes
@@ -32,6 +34,7 @@ from nanomt.parallel.data_parallel.stage3 import (
     plan_by_layer,
 )
 from nanomt.parallel.data_parallel.zero3_prefetch import PrefetchingGatherer
+from nanomt.parallel.deferred_init import InitialValues
 
 
 class AllReduceBuffer(GradientBuffer, stage=0):
@@ -54,7 +57,7 @@ class AllReduceBuffer(GradientBuffer, stage=0):
         b.grad_buffer.div_(self.dp)
         return Reduction(b, self._collective(b), b.grad_buffer)
 
-    def _collective(self, b: Bucket):
+    def _collective(self, b: Bucket) -> dist.Work | None:
         return comm.all_reduce_async(b.grad_buffer, self.dp_group)
 
 
@@ -66,7 +69,7 @@ class Zero1Buffer(AllReduceBuffer, stage=1):
     shards_over_dp = True
     gathers_params_after_step = True
 
-    def _collective(self, b: Bucket):
+    def _collective(self, b: Bucket) -> dist.Work | None:
         return comm.reduce_scatter_into(b.grad_shard, b.grad_buffer, self.dp_group,
                                         async_op=True)
 
@@ -136,7 +139,7 @@ class Zero3Buffer(Zero2Buffer, stage=3):
 
     gathers_params_after_step = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.zero3_prefetch > 0:
             self.gatherer = PrefetchingGatherer(self.chunks, self.buckets, self.dp_group,
@@ -144,11 +147,11 @@ class Zero3Buffer(Zero2Buffer, stage=3):
         else:
             self.gatherer = ParameterGatherer(self.chunks, self.buckets, self.dp_group)
 
-    def _plan(self, named):
+    def _plan(self, named: list[tuple[str, nn.Parameter]]) -> list[tuple[list, nn.Module]]:
         return plan_by_layer(self.chunks, self.names, self.shared_embedding_params())
 
     @torch.no_grad()
-    def _allocate(self, b: Bucket, initial_values) -> None:
+    def _allocate(self, b: Bucket, initial_values: InitialValues | None) -> None:
         super()._allocate(b, initial_values)
         b.param_shard = b.shard_of(b.param_buffer).clone()
         free_params(b)
@@ -157,7 +160,7 @@ class Zero3Buffer(Zero2Buffer, stage=3):
         return b.param_shard
 
     @torch.no_grad()
-    def _on_grad_ready(self, param) -> None:
+    def _on_grad_ready(self, param: nn.Parameter) -> None:
         super()._on_grad_ready(param)
         self.gatherer.on_grad_ready(param)  # frees the layer once all its gradients are in
 
