@@ -33,6 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanomt.parallel import comm
+from nanomt.parallel.data_parallel.buckets import RESIZE_STORAGE_BYTES
 
 if TYPE_CHECKING:
     from nanomt.parallel.grid import ParallelGrid
@@ -45,9 +46,6 @@ def zero_formula_bytes(num_params: int, dp: int, stage: int, param_bytes: int = 
     return {"params": param_bytes * num_params / (dp if stage >= 3 else 1),
             "grads": grad_bytes * num_params / (dp if stage >= 2 else 1),
             "optimizer_state": state_bytes * num_params / (dp if stage >= 1 else 1)}
-
-
-RESIZE_STORAGE_BYTES = torch.ops.inductor.resize_storage_bytes_.default
 
 
 class PeakMemoryMeter(TorchDispatchMode):

@@ -193,6 +193,7 @@ def _prefetch_checks(grid) -> dict:
     from nanomt.model import GPT, ModelConfig
     from nanomt.model.checkpointing import set_activation_checkpointing
     from nanomt.optim import build_optimizer
+    from tests.zero3_gather_stats import watch_gathers
 
     model_cfg = ModelConfig(num_layers=3, hidden_size=32, num_heads=4, seq_len=16)
     tokens = torch.randint(0, 256, (2, 2, 2, 16),
@@ -205,16 +206,17 @@ def _prefetch_checks(grid) -> dict:
             model = GPT(model_cfg, grid, seed=1)
             set_activation_checkpointing([model], recompute)
             optimizer = build_optimizer([model], cfg, grid, num_microbatches=2)
+            gather_stats = watch_gathers(optimizer.buffer.gatherer)
             materialised = _watch_materialised_layers(model)
             losses, norms = _train_stage3(grid, model, optimizer, tokens[:1])
-            in_order = asdict(optimizer.buffer.gatherer.stats)
+            in_order = asdict(gather_stats)
             in_order["measured_peak_layers"] = max(materialised)
             with torch.no_grad():
                 hidden = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(0))
                 for layer in reversed(model.layers):
                     hidden = layer(hidden)
             more_losses, more_norms = _train_stage3(grid, model, optimizer, tokens[1:])
-            stats = asdict(optimizer.buffer.gatherer.stats)
+            stats = asdict(gather_stats)
             with optimizer.full_parameters():
                 weights = [p.detach().clone() for p in model.parameters()]
             out[(recompute, prefetch)] = {
@@ -499,8 +501,12 @@ def test_stage3_prefetch_gathers_ahead_within_bounded_memory(layout_runs, recomp
 
 
 def test_stage3_prefetch_must_not_be_negative():
+    """Config checking owns the rule (the buffer trusts it): one error naming the key."""
+    from nanomt.config import check_config
+
     with pytest.raises(ValueError, match="parallel.zero3_prefetch"):
-        _tiny_optimizer(zero_stage=3, zero3_prefetch=-1)
+        check_config(compose_config(["parallel.zero_stage=3", "parallel.zero3_prefetch=-1"]),
+                     world_size=1)
 
 
 FREED_PARAMETER_CHILD = """
@@ -564,6 +570,9 @@ def test_more_backward_passes_than_microbatches_raise(stage):
 
 
 def test_bucket_size_must_be_positive():
+    """Config checking owns the rule (the buffer trusts it): one error naming the key."""
+    from nanomt.config import check_config
+
     for bad in (0, -1):
         with pytest.raises(ValueError, match="parallel.bucket_size_mb"):
-            _tiny_optimizer(bucket_size_mb=bad)
+            check_config(compose_config([f"parallel.bucket_size_mb={bad}"]), world_size=1)

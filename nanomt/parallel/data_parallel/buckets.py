@@ -9,9 +9,10 @@ section 5: "partition the [...] states into N_d equal partitions"):
     |   shard of dp rank 0    |   shard of dp rank 1      |
 
 Parameters are views into the bucket's `param_buffer` and their gradients are accumulated into
-views of its `grad_buffer` (`param.main_grad`), so a whole bucket is reduced with one collective.
-Buckets are filled in reverse parameter order, the order in which backward produces gradients,
-so the first bucket to be complete is the first one sent.
+its flat `grad_buffer` (where the dtypes agree `param.grad` is itself a view of it), so a whole
+bucket is reduced with one collective. Buckets are filled in reverse parameter order, the order
+in which backward produces gradients, so the first bucket to be complete is the first one sent
+(ZeRO-3 plans one bucket per layer instead: stage3.py).
 
 A `ShardSegment` is the piece of one parameter that falls inside this rank's shard: the optimizer
 walks segments to apply per-parameter rules (weight decay on matrices only, counting a
@@ -39,9 +40,11 @@ class ShardSegment:
     shard_hi: int
 
 
-@dataclass
+@dataclass(eq=False)
 class Bucket:
-    """A flat group of same-dtype parameters, reduced by one collective and sharded over dp."""
+    """A flat group of same-dtype parameters, reduced by one collective and sharded over dp: its
+    layout (fixed when it is made), the memory the gradient buffer gives it, and its progress
+    through the current step."""
 
     index: int
     params: list[nn.Parameter]
@@ -53,6 +56,19 @@ class Bucket:
     shard_rank: int
     owner: nn.Module | None = None  # ZeRO-3: the module whose forward needs this bucket gathered
     segments: list[ShardSegment] = field(default_factory=list)
+    # memory
+    param_buffer: torch.Tensor | None = None  # every parameter, flat (ZeRO-3: only while gathered)
+    param_shard: torch.Tensor | None = None   # ZeRO-3: my 1/dp of the parameters, kept for good
+    grad_buffer: torch.Tensor | None = None   # full gradients (ZeRO-2/3: while this round's arrive)
+    grad_shard: torch.Tensor | None = None    # my slice of the reduced gradients
+    grads_are_views: bool = False  # `param.grad` may be a view of grad_buffer (same dtype)
+    freed_stand_in: torch.Tensor | None = None  # ZeRO-3: one NaN that freed parameters point at
+    # progress through the step
+    filled: set[int] = field(default_factory=set)  # id(param): its slot holds this round's grads
+    pending: int = 0              # parameters still owing this round's gradient
+    rounds_launched: int = 0      # reductions started this step (> 1: grad_reduce=microbatch)
+    final_launched: bool = False  # the step's last reduction started: no gradient may follow
+    gathered: bool = False        # ZeRO-3: param_buffer holds the parameters now
 
     @property
     def numel(self) -> int:
@@ -131,68 +147,26 @@ def plan_by_size(named_params: list[tuple[str, nn.Parameter]], bucket_size_mb: f
     return plans
 
 
-def plan_by_layer(chunks: list[nn.Module], names: dict[int, str],
-                  separate: list[nn.Parameter]) -> list[tuple[list, nn.Module]]:
-    """ZeRO-3: one bucket per transformer layer (gathered around that layer's forward and
-    backward), in backward order, and for the rest of each chunk (embeddings, final norm, head)
-    two buckets: the parameters registered after the layers (their gradients arrive first in
-    backward) and those registered before them (they arrive last), so that neither gradient
-    buffer waits through the whole backward for the other's parameters."""
-    alone = {id(p) for p in separate}
-    plans: list[tuple[list, nn.Module]] = []
-    for chunk in reversed(chunks):
-        layers = list(getattr(chunk, "layers", []))
-        in_layers = set()
-        for layer in reversed(layers):
-            params = [(names[id(p)], p) for p in layer.parameters() if p.requires_grad]
-            in_layers.update(id(p) for _, p in params)
-            if params:
-                plans.append((params, layer))
-        before_layers, after_layers, seen_layer = [], [], False
-        for param in chunk.parameters():
-            if id(param) in in_layers:
-                seen_layer = True
-            elif param.requires_grad and id(param) not in alone:
-                (after_layers if seen_layer else before_layers).append((names[id(param)], param))
-        shared = [(names[id(p)], p) for p in chunk.parameters()
-                  if p.requires_grad and id(p) in alone]
-        for group in [after_layers, before_layers] + [[item] for item in shared]:
-            if group:
-                plans.append((group, chunk))
-    return plans
+def storage_bytes(tensor: torch.Tensor | None) -> int:
+    """Bytes of the storage behind `tensor` (0 for None, and once a ZeRO-3 buffer is freed)."""
+    return 0 if tensor is None else tensor.untyped_storage().nbytes()
 
 
-def storage_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of the storage behind `tensor` (0 once a ZeRO-3 buffer is freed)."""
-    return tensor.untyped_storage().nbytes()
+def distinct_storage_bytes(tensors) -> int:
+    """Bytes behind `tensors`, each storage counted once (a view shares its base's)."""
+    storages = {t.untyped_storage().data_ptr(): storage_bytes(t) for t in tensors
+                if t is not None and storage_bytes(t) > 0}
+    return sum(storages.values())
+
+
+# torch's op that resizes a storage in place, as FSDP2 uses it. The public
+# `untyped_storage().resize_()` does the same but bypasses the dispatcher, so a dispatch mode
+# (nanomt.memory.PeakMemoryMeter) would not see ZeRO-3 free and re-allocate its buffers; no
+# public API resizes a storage through the dispatcher.
+RESIZE_STORAGE_BYTES = torch.ops.inductor.resize_storage_bytes_.default
 
 
 def resize_storage(tensor: torch.Tensor, nbytes: int) -> None:
     """Resize the storage behind `tensor` in place (ZeRO-3 frees a gathered buffer with 0 and
-    allocates it again before the next all-gather; the parameters, views of it, stay valid).
-    Through the dispatcher, unlike `untyped_storage().resize_`, so that dispatch modes (the
-    memory meter, nanomt.memory.PeakMemoryMeter) see it; FSDP2 uses the same op."""
-    torch.ops.inductor.resize_storage_bytes_(tensor, nbytes)
-
-
-def free_params(b: Bucket) -> None:
-    """ZeRO-3: release the gathered flat buffer's memory (its storage resized to zero) and point
-    each parameter of `b` at a stand-in of its shape that holds one NaN. A view of the freed
-    storage would read past its end, and a stray read (a debugging print) would crash the
-    process; the stand-in reads NaN instead and costs no memory."""
-    resize_storage(b.param_buffer, 0)
-    if getattr(b, "freed_stand_in", None) is None:  # one per bucket, made at the first free
-        b.freed_stand_in = torch.full((), float("nan"), dtype=b.dtype,
-                                      device=b.param_buffer.device)
-    for param in b.params:
-        param.data = b.freed_stand_in.expand(param.shape)
-    b.gathered = False
-
-
-def materialise_params(b: Bucket) -> None:
-    """ZeRO-3: give the flat buffer its memory back and point each parameter at its slice
-    (the values arrive with the all-gather the caller starts)."""
-    resize_storage(b.param_buffer, b.padded_numel * b.param_buffer.element_size())
-    for param, offset in zip(b.params, b.offsets):
-        param.data = b.param_buffer[offset: offset + param.numel()].view(param.shape)
-    b.gathered = True
+    allocates it again before the next all-gather); its views, the parameters, stay valid."""
+    RESIZE_STORAGE_BYTES(tensor, nbytes)

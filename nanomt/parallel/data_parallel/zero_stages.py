@@ -1,0 +1,169 @@
+"""The four ZeRO stages (Rajbhandari et al. 2019), one class each: what is sharded over the N_d
+data-parallel ranks, which collective reduces a bucket, and how the updated parameters reach
+every rank. Per step and rank, with Psi the parameter count, in the paper's accounting (an
+all-reduce moves 2 Psi, a reduce-scatter or an all-gather Psi; section 7):
+
+    stage 0  all-reduce the full gradient buffer in place                      2 Psi
+    stage 1  reduce-scatter in place (my shard of the full buffer receives
+             the sum); the optimizer state is my shard's; all-gather the
+             updated parameters in place                                     Psi + Psi
+    stage 2  as stage 1, but a full gradient buffer exists only while its
+             bucket's gradients arrive; my gradient shard is all that stays  Psi + Psi
+    stage 3  as stage 2, and the parameters too stay as my shard, gathered
+             around each layer's forward and backward (stage3.py)           Psi + 2m Psi
+
+independent of the number of micro-batches m: each bucket is reduced once per step, during the
+last micro-batch's backward (grad_reduce=microbatch trades that for memory at stages 2-3:
+microbatch_reduce.py). The per-rank bytes follow: gradients g Psi at stages 0-1, g Psi / N_d
+after backward at stages 2-3.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nanomt.parallel import comm
+from nanomt.parallel.data_parallel.buckets import Bucket, storage_bytes
+from nanomt.parallel.data_parallel.grad_buffer import GradientBuffer, Reduction
+from nanomt.parallel.data_parallel.reductions_in_flight import BoundedReductionsInFlight
+from nanomt.parallel.data_parallel.stage3 import (
+    ParameterGatherer,
+    free_params,
+    plan_by_layer,
+)
+from nanomt.parallel.data_parallel.zero3_prefetch import PrefetchingGatherer
+from nanomt.parallel.deferred_init import InitialValues
+
+
+class AllReduceBuffer(GradientBuffer, stage=0):
+    """ZeRO-0, plain data parallelism: every rank keeps every gradient and updates every
+    parameter; a bucket is all-reduced in place."""
+
+    shards_over_dp = False
+
+    def _allocate_grads(self, b: Bucket) -> None:
+        b.grad_buffer = torch.zeros(b.padded_numel, dtype=self.grad_dtype(b),
+                                    device=b.param_buffer.device)
+        b.grad_shard = b.shard_of(b.grad_buffer)  # the whole buffer here; my slice at ZeRO-1
+
+    def _reduce(self, b: Bucket) -> Reduction:
+        for param in self._zero_unfilled(b, b.grad_buffer):
+            if b.grads_are_views:  # reads zero, as the others read their sums
+                param.grad = self._slot(b, b.grad_buffer, param)
+        if self.dp == 1:
+            return Reduction(b, None, b.grad_buffer)
+        b.grad_buffer.div_(self.dp)
+        return Reduction(b, self._collective(b), b.grad_buffer)
+
+    def _collective(self, b: Bucket) -> dist.Work | None:
+        return comm.all_reduce_async(b.grad_buffer, self.dp_group)
+
+
+class Zero1Buffer(AllReduceBuffer, stage=1):
+    """ZeRO-1 (P_os): the gradient buffer stays full, but only my shard of it needs the sum,
+    so a reduce-scatter in place replaces the all-reduce; after the update, the parameters'
+    all-gather gives every rank the other shards."""
+
+    shards_over_dp = True
+    gathers_params_after_step = True
+
+    def _collective(self, b: Bucket) -> dist.Work | None:
+        return comm.reduce_scatter_into(b.grad_shard, b.grad_buffer, self.dp_group,
+                                        async_op=True)
+
+
+class Zero2Buffer(BoundedReductionsInFlight, GradientBuffer, stage=2):
+    """ZeRO-2 (P_os+g): only my gradient shard persists. A bucket's full buffer is allocated at
+    its round's first gradient and reduce-scattered into my shard when complete; it is freed
+    once that reduction is done (reductions_in_flight.py bounds how many wait), so after
+    backward only shards remain."""
+
+    gathers_params_after_step = True
+
+    def _allocate_grads(self, b: Bucket) -> None:
+        b.grad_shard = torch.zeros(b.shard_numel, dtype=self.grad_dtype(b),
+                                   device=b.param_buffer.device)
+
+    def zero_grad(self, set_to_none: bool = True, num_microbatches: int | None = None) -> None:
+        for b in self.buckets:
+            b.grad_buffer = None  # grad_shard: written by the step's reduce-scatter
+        super().zero_grad(set_to_none, num_microbatches)
+
+    def _full_grad_buffer(self, b: Bucket) -> torch.Tensor:
+        """Not zeroed: each slot's first gradient is copied in, the rest zeroed at the end."""
+        if b.grad_buffer is None:
+            self._retire_completed()
+            b.grad_buffer = torch.empty(b.padded_numel, dtype=self.grad_dtype(b),
+                                        device=b.grad_shard.device)
+            self._count_grad_bytes(storage_bytes(b.grad_buffer))
+        return b.grad_buffer
+
+    def _reduce(self, b: Bucket) -> Reduction:
+        full, b.grad_buffer = self._full_grad_buffer(b), None
+        self._zero_unfilled(b, full)
+        for param in b.params:
+            param.grad = None  # no view may outlive the buffer
+        self._make_room(storage_bytes(full))
+        if self.dp > 1:
+            full.div_(self.dp)
+        return self._reduce_scatter(b, full)
+
+    def _reduce_scatter(self, b: Bucket, full: torch.Tensor) -> Reduction:
+        """The step's reduction writes my shard directly."""
+        work = comm.reduce_scatter_into(b.grad_shard, full, self.dp_group, async_op=True)
+        return Reduction(b, work, full)
+
+    def _start_reduction(self, b: Bucket, final: bool) -> None:
+        super()._start_reduction(b, final)
+        if self.final_launches == len(self.buckets):  # backward is over: keep only shards
+            self._wait_for_reductions()
+
+    def _retire(self, r: Reduction) -> None:
+        super()._retire(r)
+        if r.adds_to_shard:
+            r.bucket.grad_shard.add_(r.bucket.shard_of(r.full))
+        self._count_grad_bytes(-storage_bytes(r.full))
+
+    def _count_grad_bytes(self, delta: int) -> None:
+        """The gradient bytes held now and their peak in this step (in flight included)."""
+        self.grad_bytes_now += delta
+        self.peak_grad_bytes = max(self.peak_grad_bytes, self.grad_bytes_now)
+
+
+class Zero3Buffer(Zero2Buffer, stage=3):
+    """ZeRO-3 (P_os+g+p): as ZeRO-2, and each bucket's parameters are kept only as my shard.
+    Buckets are per layer; stage3.py gathers a layer's around its forward and backward and
+    frees them after, so there is nothing to all-gather after the update."""
+
+    gathers_params_after_step = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.zero3_prefetch > 0:
+            self.gatherer = PrefetchingGatherer(self.chunks, self.buckets, self.dp_group,
+                                                self.zero3_prefetch)
+        else:
+            self.gatherer = ParameterGatherer(self.chunks, self.buckets, self.dp_group)
+
+    def _plan(self, named: list[tuple[str, nn.Parameter]]) -> list[tuple[list, nn.Module]]:
+        return plan_by_layer(self.chunks, self.names, self.shared_embedding_params())
+
+    @torch.no_grad()
+    def _allocate(self, b: Bucket, initial_values: InitialValues | None) -> None:
+        super()._allocate(b, initial_values)
+        b.param_shard = b.shard_of(b.param_buffer).clone()
+        free_params(b)
+
+    def own_param_shard(self, b: Bucket) -> torch.Tensor:
+        return b.param_shard
+
+    @torch.no_grad()
+    def _on_grad_ready(self, param: nn.Parameter) -> None:
+        super()._on_grad_ready(param)
+        self.gatherer.on_grad_ready(param)  # frees the layer once all its gradients are in
+
+    def release_prefetched(self) -> None:
+        if self.gatherer is not None:  # None while __init__ runs
+            self.gatherer.release_prefetched()
