@@ -267,7 +267,7 @@ def reference(m: int, cfg: ModelConfig = CFG) -> tuple[torch.Tensor, dict[str, t
     from nanomt.parallel.no_pipelining import forward_backward_no_pipelining
 
     model = GPT(cfg, None, seed=SEED)
-    loss_sum = forward_backward_no_pipelining(model, make_micro_batches(m))
+    loss_sum = forward_backward_no_pipelining([model], make_micro_batches(m))
     return loss_sum / m, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 

@@ -120,7 +120,7 @@ def backward_working_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
     """Gradients in flight through one MLP, and the pipeline's receive buffers: the backward's
     gradient, [s/t, b, h] under SP, else whole once gathered over tp (the wire carries 1/t of
     it, all-gathered when the pass takes it: the piece is freed as the whole appears), and the
-    next pass's input, received a pass ahead (posting.receive_points), still a 1/t piece."""
+    other receive of an interleaved forward-backward pair (posting.py), still a 1/t piece."""
     s, b, h, t = cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, x.tp
     e = 4 if x.precision == "fp32" else 2
     current = e * s * b * h / (t if x.sequence_parallel else 1)
