@@ -19,7 +19,7 @@ stands for s/cp; the dp x cp ranks of a (tp, pp) position hold the same weights)
                              e s b h terms / t under sequence parallelism. At the backward's
                              peak the gradients flowing through one MLP (2 e s b f / t) and,
                              with pp > 1, the pipeline's receive buffers (the backward's
-                             gradient, e s b h, and the next pass's input received ahead,
+                             gradient, e s b h, and the other input of an interleaved pair,
                              e s b h / t) live beside them.
     ZeRO-3 working set       the gathered parameters of the layers in use and their gradients
                              before the reduce-scatter: (1 + prefetch) layers of the rank's
