@@ -160,6 +160,7 @@ def test_every_schedule_follows_the_ordering_rule():
     for schedule, pp, v, m, forward_only in NCCL_CASES:
         case = (schedule, pp, v, m, forward_only)
         plans = checked_plans(schedule, pp, m, v, forward_only)
+        assert len(plans) == pp, case
         for rank, plan in enumerate(plans):
             slots = schedule_slots(schedule, pp, rank, m, v, forward_only)
             assert [e.passes for e in plan if e.passes] == slots, case
