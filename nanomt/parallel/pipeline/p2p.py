@@ -95,7 +95,9 @@ def agree_on_schedule(grid, signature: dict[str, int], device: torch.device) -> 
 
     Runs once per distinct signature (then cached), on a tensor on `device`: an NCCL group has
     no CPU path. A rank whose signature is cached skips the check, so a disagreement is caught
-    when the signatures first appear, which is the first step of a run."""
+    when the signatures first appear, which is the first step of a run. Being the first
+    operation on pp_group, it also opens the NCCL communicator with every member, as torch
+    requires before a batch_isend_irecv that not every member joins."""
     if grid.pp_group is None or grid.pp_size == 1:
         return
     keys = sorted(signature)
