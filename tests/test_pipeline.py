@@ -25,11 +25,18 @@ from nanomt.parallel.pipeline.posting import (
     Exchange,
     Transfer,
     checked_plans,
+    match_batches,
     plans_from_slots,
     replay,
     slot_exchanges,
 )
-from nanomt.parallel.pipeline.schedules import PipelineOp, schedule_order, schedule_slots
+from nanomt.parallel.pipeline.schedules import (
+    PipelineOp,
+    passes,
+    schedule_order,
+    schedule_slots,
+    warmup_forwards,
+)
 from nanomt.testing import run_distributed
 from pipeline_probes import SavedActivationMeter, one_work_per_batch, recording_pipeline
 
@@ -198,6 +205,45 @@ def test_replay_rejects_posts_out_of_order():
                                          r"\[recv F0\]"):
         replay(unsplit, 1)
     assert len(plans_from_slots(slots, 1, 1)[0]) > len(unsplit[0])  # split in the peer's order
+
+
+def step_time(plans, v: int, forward: float = 1.0, backward: float = 2.0) -> float:
+    """The step's length when a chunk's forward takes forward / v, its backward backward / v,
+    and messages take no time: each rank runs its plan, a batch completing once every partner
+    batch is posted (test-side timing of posting.replay's model)."""
+    partners = match_batches(plans)
+    posted, clock, at = {}, [0.0] * len(plans), [0] * len(plans)
+    while any(u < len(plan) for u, plan in zip(at, plans)):
+        for rank, plan in enumerate(plans):
+            if at[rank] == len(plan):
+                continue
+            posted.setdefault((rank, at[rank]), clock[rank])
+            batch = [(rank, at[rank])] + partners.get((rank, at[rank]), [])
+            if all(b in posted for b in batch):
+                clock[rank] = max(posted[b] for b in batch) + sum(
+                    (forward if op.kind == "F" else backward) / v for op in plan[at[rank]].passes)
+                at[rank] += 1
+    return max(clock)
+
+
+def test_plans_reach_the_papers_bubble():
+    """Waiting for every batch costs nothing beyond the schedule's own bubble: with messages
+    that take no time, a step lasts m (F + B) + (p-1)(F + B)/v, the papers' bubble (p-1)/(v m),
+    for 1F1B and interleaved 1F1B. A plan that stalls shows: 1F1B exchanging once per
+    forward-backward pair (docs/performance.md, "1f1b_vs_torch")."""
+    for pp, m, v in [(2, 8, 1), (4, 8, 1), (4, 3, 1), (2, 8, 2), (4, 8, 2), (4, 16, 2), (2, 6, 3)]:
+        plans = checked_plans("1f1b", pp, m, v, False)
+        assert step_time(plans, v) == pytest.approx(m * 3 + (pp - 1) * 3 / v), (pp, m, v)
+    # 1F1B exchanging once per steady-state pair, as interleaved does: it runs, but stalls.
+    pairs = []
+    for rank in range(4):
+        forwards, backwards = passes("F", 4, 8, 1), passes("B", 4, 8, 1)
+        w = warmup_forwards("1f1b", 4, rank, 8, 1)
+        pairs.append([(f,) for f in forwards[:w]] + list(zip(forwards[w:], backwards))
+                     + [(b,) for b in backwards[8 - w:]])
+    plans = plans_from_slots(pairs, 1, 8)
+    replay(plans, 1)
+    assert step_time(plans, 1) > 1.5 * (8 * 3 + 3 * 3)
 
 
 def test_interleaved_exchanges_once_per_pair():
