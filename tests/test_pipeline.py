@@ -1,10 +1,13 @@
 """Pipeline parallelism: schedules against the papers' orders, gradients against one process.
 
-Two spawns of four gloo ranks run every distributed check: loss and every gradient of pp in
-{2, 4} x v in {1, 2} x m in {4, 8} (and GPipe, and pp=2 x tp=2 with and without sequence
-parallelism) against the single-process model, the per-rank order of passes the engine actually
-ran, the peak number of micro-batches in flight, clear errors instead of hangs, and 10-step loss
-trajectories of nanomt.train.run against the single-process run.
+Without processes: every schedule's message plan against NCCL's ordering rule on the one
+pipeline communicator (posting.replay), planted violations it must reject, and the plans' step
+time against the papers' bubble. Two spawns of four gloo ranks run every distributed check:
+loss and every gradient of pp in {2, 4} x v in {1, 2} x m in {4, 8} (and GPipe, and pp=2 x
+tp=2 with and without sequence parallelism) against the single-process model, the per-rank
+order of passes the engine actually ran, the peak number of micro-batches in flight (recorded
+by tests/pipeline_probes.py), clear errors instead of hangs, and 10-step loss trajectories of
+nanomt.train.run against the single-process run.
 """
 
 from __future__ import annotations
