@@ -21,7 +21,7 @@ Each rule lives in one place, in the order the run needs them:
                     pairs of data.path / data.blend, exist, parse and hold the tokenizer's ids
     resume          the checkpoint in train.resume exists and holds this model's tensors
 
-Lower layers (validate_layout, check_pipeline_config, ModelConfig, WarmupCosine) keep their own
+Lower layers (validate_layout, ModelConfig, WarmupCosine) keep their own
 ValueErrors for direct library users; here the same rules are checked first, naming the key.
 """
 
@@ -61,7 +61,7 @@ from nanomt.errors import ConfigError
 from nanomt.model.checkpointing import MODES as CHECKPOINTING_MODES
 from nanomt.model.config import ModelConfig
 from nanomt.parallel.pipeline.posting import checked_plans
-from nanomt.parallel.pipeline.schedules import SCHEDULES, check_pipeline_config
+from nanomt.parallel.pipeline.schedules import SCHEDULES
 from nanomt.parallel.data_parallel import GRAD_REDUCE_MODES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -262,10 +262,6 @@ def check_pipeline(cfg: DictConfig, model: ModelConfig, layout: Layout, num_micr
             f"step, m = train.global_batch_size / (train.micro_batch_size * dp) = "
             f"{num_microbatches}, to be a multiple of parallel.pp = {pp}",
             "change train.global_batch_size or train.micro_batch_size")
-    try:  # the scheduler's own guard, for any rule it gains later
-        check_pipeline_config(layers, pp, v, num_microbatches, str(cfg.parallel.schedule))
-    except ValueError as error:
-        raise as_config_error(error, "parallel.") from error
     try:  # the posting check (docs/pipeline.md) at start-up rather than at step 1 (cached)
         for forward_only in (False, True) if pp > 1 else ():
             checked_plans(str(cfg.parallel.schedule), pp, num_microbatches, v, forward_only)

@@ -21,7 +21,7 @@ WORLD = 4
 # (tp, pp, dp, cp)
 LAYOUTS = [(4, 1, 1, 1), (1, 4, 1, 1), (1, 1, 4, 1), (2, 2, 1, 1), (2, 1, 2, 1), (1, 2, 2, 1),
            (1, 1, 1, 4), (2, 1, 1, 2), (1, 2, 1, 2), (1, 1, 2, 2)]
-GROUPS = ("tp_group", "cp_group", "dp_group", "grad_sync_group", "pp_group", "pp_grad_group",
+GROUPS = ("tp_group", "cp_group", "dp_group", "grad_sync_group", "pp_group",
           "embedding_group", "model_parallel_group")
 
 
@@ -43,7 +43,6 @@ def expected_groups(rank: int, tp: int, pp: int, dp: int, cp: int) -> dict[str, 
         "dp_group": [at(t0, p0, d, c0) for d in range(dp)],
         "grad_sync_group": sorted(at(t0, p0, d, c) for d in range(dp) for c in range(cp)),
         "pp_group": pp_ranks,
-        "pp_grad_group": pp_ranks,  # a second queue over the same ranks
         # Middle pipeline stages hold no embedding and belong to no embedding group.
         "embedding_group": embedding if rank in embedding else [rank],
         "model_parallel_group": sorted(at(t, p, d0, c0) for t in range(tp) for p in range(pp)),
@@ -69,7 +68,7 @@ def _grid_checks() -> dict:
                               for r, c in coords.items()),
             "members": {name: members_by_collective(getattr(grid, name)) for name in GROUPS},
             "first_last": (grid.is_first_stage, grid.is_last_stage),
-            "two_pipeline_queues": grid.pp_grad_group is not grid.pp_group,
+            "one_pipeline_communicator": not hasattr(grid, "pp_grad_group"),
             "one_rank_groups_are_none": [name for name in GROUPS
                                          if getattr(grid, name) is None],
         }
@@ -101,8 +100,7 @@ def test_groups_connect_the_ranks_the_formula_names(ranks, layout):
         assert r["round_trip"]
         assert r["members"] == expected_groups(rank, tp, pp, dp, cp)
         assert r["first_last"] == (p == 0, p == pp - 1)
-        if pp > 1:
-            assert r["two_pipeline_queues"]  # two communicators: activations, gradients
+        assert r["one_pipeline_communicator"]  # activations and gradients share pp_group
         # a group of one rank is never created: None, the "no communication" group
         expected = expected_groups(rank, tp, pp, dp, cp)
         assert r["one_rank_groups_are_none"] == [name for name in GROUPS

@@ -1,15 +1,17 @@
 """Pipeline parallelism: schedules against the papers' orders, gradients against one process.
 
-Two spawns of four gloo ranks run every distributed check: loss and every gradient of pp in
-{2, 4} x v in {1, 2} x m in {4, 8} (and GPipe, and pp=2 x tp=2 with and without sequence
-parallelism) against the single-process model, the per-rank order of passes the engine actually
-ran, the peak number of micro-batches in flight, clear errors instead of hangs, and 10-step loss
-trajectories of nanomt.train.run against the single-process run.
+Without processes: every schedule's message plan against NCCL's ordering rule on the one
+pipeline communicator (posting.replay), planted violations it must reject, and the plans' step
+time against the papers' bubble. Two spawns of four gloo ranks run every distributed check:
+loss and every gradient of pp in {2, 4} x v in {1, 2} x m in {4, 8} (and GPipe, and pp=2 x
+tp=2 with and without sequence parallelism) against the single-process model, the per-rank
+order of passes the engine actually ran, the peak number of micro-batches in flight (recorded
+by tests/pipeline_probes.py), clear errors instead of hangs, and 10-step loss trajectories of
+nanomt.train.run against the single-process run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import tempfile
@@ -18,28 +20,28 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanomt.errors import ConfigError
 from nanomt.model import GPT, ModelConfig
 from nanomt.parallel.param_info import param_info
 from nanomt.parallel.pipeline.engine import deallocate_output
-from nanomt.parallel.pipeline.p2p import Transfer
 from nanomt.parallel.pipeline.posting import (
-    ACTIVATION,
-    GRADIENT,
-    Unit,
+    Exchange,
+    Transfer,
     checked_plans,
-    communication_plan,
-    queue_of,
+    match_batches,
+    plans_from_slots,
     replay,
-    with_waits,
+    slot_exchanges,
 )
 from nanomt.parallel.pipeline.schedules import (
     PipelineOp,
-    check_pipeline_config,
-    one_f_one_b_order,
+    passes,
     schedule_order,
-    schedule_orders,
+    schedule_slots,
+    warmup_forwards,
 )
 from nanomt.testing import run_distributed
+from pipeline_probes import SavedActivationMeter, one_work_per_batch, recording_pipeline
 
 CFG = ModelConfig(num_layers=8, hidden_size=32, num_heads=4, seq_len=16, vocab_size=64)
 MICRO_BATCH = 2
@@ -110,160 +112,176 @@ def test_orders_match_the_papers():
             assert [str(op) for op in schedule_order("1f1b", pp, rank, m, v)] == expected
 
 
+def check_layout(*overrides: str, world_size: int = 4):
+    from nanomt.config import check_config
+    from nanomt.testing import compose_config
+
+    return check_config(compose_config(["train.micro_batch_size=1", *overrides]), world_size)
+
+
 def test_clear_errors_for_bad_pipelines():
-    with pytest.raises(ValueError, match="multiple of parallel.pp"):
-        check_pipeline_config(8, pp=4, virtual_stages=2, num_microbatches=6)
-    with pytest.raises(ValueError, match="lower parallel.virtual_stages"):
-        check_pipeline_config(8, pp=4, virtual_stages=4, num_microbatches=8)
-    with pytest.raises(ValueError, match="not divisible"):
-        check_pipeline_config(6, pp=4, virtual_stages=1, num_microbatches=8)
-    with pytest.raises(ValueError, match="parallel.schedule"):
-        check_pipeline_config(8, pp=4, virtual_stages=1, num_microbatches=8, schedule="zb")
+    """Config validation states each pipeline rule once; the schedules trust it."""
+    with pytest.raises(ConfigError, match="multiple of parallel.pp"):
+        check_layout("model.num_layers=8", "parallel.pp=4", "parallel.virtual_stages=2",
+                     "train.global_batch_size=6")
+    with pytest.raises(ConfigError, match="multiple of parallel.pp"):  # GPipe interleaved too
+        check_layout("model.num_layers=8", "parallel.pp=4", "parallel.virtual_stages=2",
+                     "parallel.schedule=gpipe", "train.global_batch_size=6")
+    with pytest.raises(ConfigError, match="virtual_stages = 4 . 4 = 16"):  # too few layers
+        check_layout("model.num_layers=8", "parallel.pp=4", "parallel.virtual_stages=4",
+                     "train.global_batch_size=8")
+    with pytest.raises(ConfigError, match="not divisible"):
+        check_layout("model.num_layers=6", "parallel.pp=4", "train.global_batch_size=8")
+    with pytest.raises(ConfigError, match="parallel.schedule"):
+        check_layout("parallel.pp=4", "parallel.schedule=zb", "train.global_batch_size=8")
     # Rank 1 runs backward 0 before its forward; rank 0 waits for that backward's gradient.
-    last_stage = one_f_one_b_order(2, 1, 4)
-    bad = [one_f_one_b_order(2, 0, 4), [last_stage[1], last_stage[0]] + last_stage[2:]]
-    bad_plans = [communication_plan(order, rank, 2, 1, 4) for rank, order in enumerate(bad)]
-    with pytest.raises(ValueError, match=r"would deadlock: rank 0 in the activation messages "
-                                         r"posted after F1 .*, rank 1 at B0 \(its inputs never "
-                                         r"arrive\)"):
+    last_stage = schedule_order("1f1b", 2, 1, 4)
+    bad = [schedule_order("1f1b", 2, 0, 4), [last_stage[1], last_stage[0]] + last_stage[2:]]
+    bad_plans = plans_from_slots([[(op,) for op in order] for order in bad], 1, 4)
+    with pytest.raises(ValueError, match=r"would deadlock: rank 0 waits for rank 1 in its batch "
+                                         r"before F1, rank 1 at B0 \(its inputs never arrive\)"):
         replay(bad_plans, virtual_stages=1)
     # The same orders with their messages buffered without limit (no transfers): the data alone.
-    data_only = [[Unit((op,), ()) for op in order] for order in bad]
+    data_only = [[Exchange((), (op,)) for op in order] for order in bad]
     with pytest.raises(ValueError, match=r"rank 0 at B0 \(its inputs never arrive\), rank 1 at "
                                          r"B0"):
         replay(data_only, virtual_stages=1)
 
 
-# ---- nanomt's model of NCCL's blocking rules (posting.replay), on the engine's messages ------
+# ---- NCCL's ordering rule on the one pipeline communicator (posting.replay) -------------------
 NCCL_CASES = [(schedule, pp, v, m, forward_only)
-              for schedule in ("1f1b", "gpipe") for pp in (2, 3, 4, 8) for v in (1, 2, 3)
+              for schedule in ("1f1b", "gpipe") for pp in range(2, 9) for v in (1, 2, 3)
               for m in ((1, 2, 3, 5, pp, 2 * pp) if v == 1 else (pp, 2 * pp, 3 * pp))
               for forward_only in (False, True)]
 
 
-def on_one_queue(plan):
-    """The same batches, all on one in-order queue per rank (the activations' communicator)."""
-    return with_waits([dataclasses.replace(unit, queue=ACTIVATION) for unit in plan])
+def batches_with(plan, peer: int) -> list[list[tuple[bool, int]]]:
+    """The (is_send, tag) of each batch a rank posts with `peer`, in posting order."""
+    batches = [sorted((t.is_send, t.tag) for t in exchange.transfers if t.peer == peer)
+               for exchange in plan]
+    return [batch for batch in batches if batch]
 
 
-def receive_posted_before(plan) -> dict[int, tuple[int, int]]:
-    """For each pass (by its position in the rank's order) whose input comes from a neighbour:
-    (index of the unit that posts its receive, index of the unit that runs the pass)."""
-    runs = [u for u, unit in enumerate(plan) if unit.passes]
-    posts = {t.op: u for u, unit in enumerate(plan) for t in unit.transfers if not t.is_send}
-    return {x: (posts[plan[u].passes[0]], u) for x, u in enumerate(runs)
-            if plan[u].passes[0] in posts}
-
-
-def test_two_queues_receive_ahead_for_every_schedule():
-    """Every schedule's units, each receive posted a pass ahead on its own queue, complete under
-    replay's model of NCCL's rules (docs/pipeline.md): 1F1B, interleaved, GPipe, forward-only,
-    pp 2/3/4/8, v 1/2/3, m from 1 to 3p. A model: no NCCL runs here."""
+def test_every_schedule_follows_the_ordering_rule():
+    """Every schedule's plan (1F1B, interleaved, GPipe, forward-only; pp 2 to 8, v 1 to 3, m
+    from 1 to 3p) passes replay, and, checked here independently of replay: the k-th batch a
+    rank posts with a neighbour mirrors the neighbour's k-th; each slot's passes run in the
+    schedule's order right after the batch holding their receives. A model: no NCCL runs here."""
     for schedule, pp, v, m, forward_only in NCCL_CASES:
+        case = (schedule, pp, v, m, forward_only)
         plans = checked_plans(schedule, pp, m, v, forward_only)
-        assert len(plans) == pp
-        for plan in plans:
-            assert all(len(unit.passes) <= 1 for unit in plan)  # a unit after every pass
-            for unit in plan:  # activations on one queue, gradients on the other
-                assert all(queue_of(t) == unit.queue for t in unit.transfers)
-                assert len({plan[w].queue for w in unit.wait_for}) == len(unit.wait_for)
-            order = [unit.passes[0] for unit in plan if unit.passes]
-            runs = [u for u, unit in enumerate(plan) if unit.passes]
-            for x, (posted, ran) in receive_posted_before(plan).items():
-                # ahead: the receive went out before the pass before it ran, with one chunk per
-                # rank always; interleaved where the pass before is of the other kind
-                if x > 0 and (v == 1 or order[x - 1].kind != order[x].kind):
-                    assert posted < runs[x - 1], (schedule, pp, v, m, x)
-                assert posted in plan[ran].wait_for  # the pass waits for that unit, and
-                others = [w for w in plan[ran].wait_for if w != posted]  # a backward may free
-                assert not others or (order[x].kind == "B" and plan[others[0]].queue == ACTIVATION)
-    assert {unit.queue for plan in checked_plans("1f1b", 4, 8, 2, False)
-            for unit in plan if unit.transfers} == {ACTIVATION, GRADIENT}
+        assert len(plans) == pp, case
+        for rank, plan in enumerate(plans):
+            slots = schedule_slots(schedule, pp, rank, m, v, forward_only)
+            assert [e.passes for e in plan if e.passes] == slots, case
+            for e in plan:
+                receives = [t.op for t in e.transfers if not t.is_send]
+                assert set(receives) <= set(e.passes), case  # received just before its pass
+            for peer in {(rank - 1) % pp, (rank + 1) % pp} - {rank}:
+                mirrored = [sorted((not s, tag) for s, tag in batch)
+                            for batch in batches_with(plans[peer], rank)]
+                assert batches_with(plan, peer) == mirrored, (case, rank, peer)
+    # Megatron's batching: 1F1B's steady state sends an output and receives a gradient in one
+    # batch; interleaved exchanges the four messages of a forward-backward pair in one.
+    assert any(len(e.transfers) == 2 for e in checked_plans("1f1b", 4, 8, 1, False)[1])
+    assert any(len(e.transfers) == 4 for e in checked_plans("1f1b", 4, 8, 2, False)[1])
 
 
-def test_receiving_ahead_needs_two_queues():
-    """On one in-order queue per rank the same batches are a cycle (docs/pipeline.md): 1F1B and
-    GPipe always, interleaved 1F1B when m = p. Forward-only plans use one queue anyway."""
-    for schedule, pp, m, v in [("1f1b", 2, 4, 1), ("1f1b", 4, 8, 1), ("gpipe", 4, 8, 1),
-                               ("gpipe", 2, 4, 2), ("1f1b", 2, 2, 2), ("1f1b", 4, 4, 3)]:
-        plans = checked_plans(schedule, pp, m, v, False)
-        with pytest.raises(ValueError, match="NCCL would never match them"):
-            replay([on_one_queue(plan) for plan in plans], v)
-    replay([on_one_queue(plan) for plan in checked_plans("1f1b", 4, 8, 2, True)], 2)
-
-
-def test_replay_catches_broken_two_queue_plans():
-    """Interleaved, a receive may not go ahead of the send before it on its queue: two passes
-    ahead closes a cycle through the chunks' ring even on two queues. And batches swapped on
-    one queue are matched out of order."""
-    for pp, m, v, forward_only in [(2, 2, 2, True), (2, 4, 2, False), (4, 8, 2, False)]:
-        orders = schedule_orders("1f1b", pp, m, v, forward_only)
-        two_ahead = [communication_plan(order, rank, pp, v, m,
-                                        points=[max(x - 2, -1) for x in range(len(order))])
-                     for rank, order in enumerate(orders)]
-        with pytest.raises(ValueError, match=r"rank 0 in the activation messages .*rank 1"):
-            replay(two_ahead, v)
+def test_replay_rejects_posts_out_of_order():
+    """A planted violation: two batches of one rank swapped (each still mirrors a batch of the
+    neighbour, at the wrong position) fail at once, naming the ranks and the batches."""
     plans = [list(plan) for plan in checked_plans("1f1b", 4, 8, 1, False)]
-    grads = [u for u, unit in enumerate(plans[1]) if unit.queue == GRADIENT and unit.transfers]
-    first, second = grads[0], grads[1]
-    plans[1][first], plans[1][second] = plans[1][second], plans[1][first]
-    with pytest.raises(ValueError, match="on the gradient queue would be matched out of order"):
+    replay(plans, 1)
+    last = plans[3]  # the last stage talks to rank 2 only: [recv F0], [send B0, recv F1], ...
+    posts = [u for u, e in enumerate(last) if e.transfers]
+    last[posts[0]], last[posts[1]] = last[posts[1]], last[posts[0]]
+    with pytest.raises(ValueError, match=r"break NCCL's ordering rule: batch 0 of rank 2 with "
+                                         r"rank 3 \[send F0\] does not mirror batch 0 of "
+                                         r"rank 3 with rank 2 \[send B0, recv F1\]"):
         replay(plans, 1)
+    # The same messages in different batches on the two ends: rank 0 sends its output and
+    # receives the gradient in one batch, rank 1 in two (unsplit boundaries at p=2, m=1).
+    slots = [schedule_slots("1f1b", 2, rank, 1) for rank in range(2)]
+    unsplit = [slot_exchanges(s, rank, 2, 1, 1) for rank, s in enumerate(slots)]
+    with pytest.raises(ValueError, match=r"batch 0 of rank 0 with rank 1 \[send F0, recv B0\] "
+                                         r"does not mirror batch 0 of rank 1 with rank 0 "
+                                         r"\[recv F0\]"):
+        replay(unsplit, 1)
+    assert len(plans_from_slots(slots, 1, 1)[0]) > len(unsplit[0])  # split in the peer's order
 
 
-def test_posting_model_catches_cycles_and_misordered_matches():
+def step_time(plans, v: int, forward: float = 1.0, backward: float = 2.0) -> float:
+    """The step's length when a chunk's forward takes forward / v, its backward backward / v,
+    and messages take no time: each rank runs its plan, a batch completing once every partner
+    batch is posted (test-side timing of posting.replay's model)."""
+    partners = match_batches(plans)
+    posted, clock, at = {}, [0.0] * len(plans), [0] * len(plans)
+    while any(u < len(plan) for u, plan in zip(at, plans)):
+        for rank, plan in enumerate(plans):
+            if at[rank] == len(plan):
+                continue
+            posted.setdefault((rank, at[rank]), clock[rank])
+            batch = [(rank, at[rank])] + partners.get((rank, at[rank]), [])
+            if all(b in posted for b in batch):
+                clock[rank] = max(posted[b] for b in batch) + sum(
+                    (forward if op.kind == "F" else backward) / v for op in plan[at[rank]].passes)
+                at[rank] += 1
+    return max(clock)
+
+
+def test_plans_reach_the_papers_bubble():
+    """Waiting for every batch costs nothing beyond the schedule's own bubble: with messages
+    that take no time, a step lasts m (F + B) + (p-1)(F + B)/v, the papers' bubble (p-1)/(v m),
+    for 1F1B and interleaved 1F1B. A plan that stalls shows: 1F1B exchanging once per
+    forward-backward pair (docs/performance.md, "1f1b_vs_torch")."""
+    for pp, m, v in [(2, 8, 1), (4, 8, 1), (4, 3, 1), (2, 8, 2), (4, 8, 2), (4, 16, 2), (2, 6, 3)]:
+        plans = checked_plans("1f1b", pp, m, v, False)
+        assert step_time(plans, v) == pytest.approx(m * 3 + (pp - 1) * 3 / v), (pp, m, v)
+    # 1F1B exchanging once per steady-state pair, as interleaved does: it runs, but stalls.
+    pairs = []
+    for rank in range(4):
+        forwards, backwards = passes("F", 4, 8, 1), passes("B", 4, 8, 1)
+        w = warmup_forwards("1f1b", 4, rank, 8, 1)
+        pairs.append([(f,) for f in forwards[:w]] + list(zip(forwards[w:], backwards))
+                     + [(b,) for b in backwards[8 - w:]])
+    plans = plans_from_slots(pairs, 1, 8)
+    replay(plans, 1)
+    assert step_time(plans, 1) > 1.5 * (8 * 3 + 3 * 3)
+
+
+def test_interleaved_exchanges_once_per_pair():
+    """Interleaved 1F1B exchanging after every pass, instead of once per forward-backward pair
+    of the steady state, would hang: replay says so."""
+    slots = [[(op,) for op in schedule_order("1f1b", 4, rank, 8, 2)] for rank in range(4)]
+    with pytest.raises(ValueError, match="would deadlock: rank 0 waits for rank"):
+        replay(plans_from_slots(slots, 2, 8), 2)
+
+
+def test_replay_catches_cycles_through_three_ranks():
+    """Every pair of batches mirrors its partner, but each rank's first batch waits for a batch
+    its peer posts second: a cycle through three ranks (ring of p=3, v=2 messages)."""
     op = PipelineOp("F", 0)
-    # Both ranks send first and post the matching receive only in a later unit: a cycle.
-    cycle = [[Unit((), (Transfer(True, op, 1, 0),)), Unit((op,), (Transfer(False, op, 1, 1),))],
-             [Unit((), (Transfer(True, op, 0, 1),)), Unit((op,), (Transfer(False, op, 0, 0),))]]
-    with pytest.raises(ValueError, match="rank 0 .*rank 1"):
-        replay(cycle, virtual_stages=1)
-    swapped = [[Unit((), (Transfer(True, op, 1, 0), Transfer(True, op, 1, 2)))],
-               [Unit((), (Transfer(False, op, 0, 2), Transfer(False, op, 0, 0)))]]
-    with pytest.raises(ValueError, match="out of order"):
-        replay(swapped, virtual_stages=1)
-    # Each rank's first unit receives what the other sends in its second: both queues stuck.
-    receive_0, send_0 = Transfer(False, op, 1, 0), Transfer(True, op, 1, 1)
-    receive_1, send_1 = Transfer(False, op, 0, 1), Transfer(True, op, 0, 0)
-    crossed = [[Unit((), (receive_0,)), Unit((), (send_0,), wait_for=())],
-               [Unit((), (receive_1,)), Unit((), (send_1,), wait_for=())]]
-    with pytest.raises(ValueError, match="rank 0 in the activation messages .*rank 1 in the"):
-        replay(crossed, virtual_stages=1)
-    # On two queues (rank 0 sends on the other, rank 1 receives on it) nothing waits in line.
-    replay([[Unit((), (receive_0,)), Unit((), (send_0,), GRADIENT, ())],
-            [Unit((), (receive_1,), GRADIENT), Unit((), (send_1,), wait_for=())]], 1)
+
+    def batch(is_send: bool, peer: int, tag: int) -> Exchange:
+        return Exchange((Transfer(is_send, op, peer, tag),))
+
+    ring = [[batch(True, 1, 0), batch(False, 2, 2)],   # rank 0: send to 1, then recv from 2
+            [batch(True, 2, 1), batch(False, 0, 0)],   # rank 1: send to 2, then recv from 0
+            [batch(True, 0, 2), batch(False, 1, 1)]]   # rank 2: send to 0, then recv from 1
+    with pytest.raises(ValueError, match=r"rank 0 waits for rank 1 .*rank 1 waits for rank 2 "
+                                         r".*rank 2 waits for rank 0"):
+        replay(ring, virtual_stages=2)
+    receive_first = [[batch(False, 2, 2), batch(True, 1, 0)], ring[1], ring[2]]
+    replay(receive_first, virtual_stages=2)  # rank 0 receives first: the ring unwinds
 
 
-def test_passes_wait_only_for_their_own_receives():
-    """1F1B's first stage receives nothing for its forwards: each runs while earlier messages
-    are on the wire; a backward waits for its gradient's unit, and for the activation units
-    that sent the outputs of backwards already run (done, so free: their outputs are freed).
-    The last stage: a forward waits for its activation's unit, a backward starts from the loss."""
-    first, last = checked_plans("1f1b", 4, 8, 1, False)[0], checked_plans("1f1b", 4, 8, 1, False)[3]
-    ran = set()
-    for unit in first:
-        if unit.passes:
-            op = unit.passes[0]
-            assert (unit.wait_for == ()) == (op.kind == "F"), unit
-            ran.add(op)
-            for w in unit.wait_for:
-                assert first[w].queue == GRADIENT or all(
-                    t.is_send and PipelineOp("B", t.op.microbatch) in ran
-                    for t in first[w].transfers), (unit, first[w])
-    assert any(first[w].queue == ACTIVATION for unit in first for w in unit.wait_for)
-    for unit in last:
-        if unit.passes:
-            assert (unit.wait_for == ()) == (unit.passes[0].kind == "B"), unit
-            assert all(last[w].queue == ACTIVATION for w in unit.wait_for), unit
-
-
-def test_gpipe_interleaved_needs_whole_groups_and_views_are_not_freed():
-    with pytest.raises(ValueError, match="multiple of parallel.pp"):
-        check_pipeline_config(8, pp=4, virtual_stages=2, num_microbatches=6, schedule="gpipe")
-    with pytest.raises(ValueError, match="multiple of parallel.pp"):
-        schedule_order("gpipe", 4, 0, 6, 2)
+def test_views_are_not_freed():
     with pytest.raises(AssertionError):
         deallocate_output(torch.ones(4)[:2])  # freeing a view would free nothing
+    output = torch.ones(3, 4, requires_grad=True) * 2
+    deallocate_output(output)  # the data goes, the shape and the graph stay
+    assert output.shape == (3, 4) and output.untyped_storage().nbytes() == 4
+    torch.autograd.backward(output, torch.ones(3, 4))
 
 
 def test_dropout_masks_differ_across_stages_and_chunks():
@@ -299,7 +317,7 @@ def reference(m: int, cfg: ModelConfig = CFG) -> tuple[torch.Tensor, dict[str, t
     from nanomt.parallel.no_pipelining import forward_backward_no_pipelining
 
     model = GPT(cfg, None, seed=SEED)
-    loss_sum = forward_backward_no_pipelining(model, make_micro_batches(m))
+    loss_sum = forward_backward_no_pipelining([model], make_micro_batches(m))
     return loss_sum / m, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
@@ -325,70 +343,24 @@ def compare_grads(chunks, ref_grads, tp_rank: int, tp: int,
     return worst, names
 
 
-def one_work_per_batch(ops, one_per_op):
-    """Mimics NCCL's batch_isend_irecv on gloo: ONE work for the whole batch (gloo returns one
-    per op)."""
-    class CoalescedWork:
-        def __init__(self, works):
-            self.works = works
-
-        def wait(self):
-            return all(work.wait() for work in self.works)
-
-        def is_completed(self):
-            return all(work.is_completed() for work in self.works)
-
-    return [CoalescedWork(one_per_op(ops))]
-
-
-class SavedActivationMeter:
-    """Independent of the engine's counters: the bytes of tensors autograd saves for backward
-    (parameters excluded), counted while alive (weakref finalizers), and their peak."""
-
-    def __init__(self, params):
-        self.param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-        self.live: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
-        self.bytes = self.peak = 0
-
-    def pack(self, tensor):
-        import weakref
-
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in self.param_ptrs or tensor.numel() == 0:
-            return tensor
-        entry = self.live.setdefault(ptr, [0, tensor.untyped_storage().nbytes()])
-        if entry[0] == 0:
-            self.bytes += entry[1]
-            self.peak = max(self.peak, self.bytes)
-        entry[0] += 1
-        weakref.finalize(tensor, self.release, ptr)
-        return tensor
-
-    def release(self, ptr):
-        entry = self.live[ptr]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.bytes -= entry[1]
-            del self.live[ptr]
-
-
 def run_case(grid, tp: int, pp: int, v: int, m: int, refs, schedule="1f1b", sp=False,
              cfg: ModelConfig = CFG) -> dict:
     from nanomt.model.chunks import build_model_chunks
     from nanomt.parallel import comm
     from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
-    from nanomt.parallel.pipeline import PipelineStats, forward_backward_pipelining
+    from nanomt.parallel.pipeline import forward_backward_pipelining
 
     chunks = build_model_chunks(cfg, grid, v, seed=SEED, sequence_parallel=sp)
     # Gradients go where training puts them: the data-parallel buffer (every dp rank runs the
     # same micro-batches here, so the dp average changes nothing), completed by finalize_grads
     # (sequence-parallel sums over tp, the tied embedding over the first and last stage).
     buffer = GradientBuffer(chunks, grid, zero_stage=0, num_microbatches=m)
-    stats = PipelineStats()
     meter = SavedActivationMeter([p for chunk in chunks for p in chunk.parameters()])
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda tensor: tensor), \
+            recording_pipeline() as recording:
         loss_sum = forward_backward_pipelining(chunks, make_micro_batches(m), grid,
-                                               schedule=schedule, stats=stats)
+                                               schedule=schedule)
+    stats = recording.last
     finalize_grads(buffer)
     loss = (loss_sum / m).reshape(1)
     comm.all_reduce(loss, grid.pp_group)  # only the last stage holds it
@@ -466,14 +438,13 @@ def check_scatter_gather_traffic(results) -> None:
         pp_rank = r[("pp2tp2", 1, 4)]["pp_rank"]
         for v, m in ((1, 4), (2, 4)):
             chunks = [c * 2 + pp_rank for c in range(v)]  # global chunks on this pp rank
-            activations = m * sum(k < 2 * v - 1 for k in chunks)  # on pp_group
-            gradients = m * sum(k > 0 for k in chunks)  # on pp_grad_group
+            activations = m * sum(k < 2 * v - 1 for k in chunks)
+            gradients = m * sum(k > 0 for k in chunks)
             messages = activations + gradients
             log = r[f"traffic_v{v}"]
-            sends = [rec for rec in log if rec[0] == "send"]
-            assert sorted(rec[1:] for rec in sends) == sorted(
-                [("pp", full // tp, full // tp * 4)] * activations
-                + [("pp_grad", full // tp, full // tp * 4)] * gradients)
+            sends = [rec for rec in log if rec[0] == "send"]  # all on the one pp communicator
+            assert sorted(rec[1:] for rec in sends) == [("pp", full // tp, full // tp * 4)] * (
+                activations + gradients)
             # before scatter-gather: messages * s*b*h * 4 bytes; now 1/t of that
             assert sum(rec[3] for rec in sends) * tp == messages * full * 4
             gathers = [rec for rec in log if rec[0] == "all_gather" and rec[1] == "tp"]

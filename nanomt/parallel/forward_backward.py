@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from nanomt.parallel.no_pipelining import forward_backward_without_pipeline
+from nanomt.parallel.no_pipelining import forward_backward_no_pipelining
 from nanomt.parallel.pipeline.engine import forward_backward_pipelining
 
 
@@ -29,5 +29,5 @@ def get_forward_backward_func(layout, schedule: str = "1f1b") -> Callable[..., t
     """The schedule for `layout` (anything with .pp and .virtual_stages): no pipelining when
     pp == 1, else `schedule` ("1f1b": 1F1B, interleaved when virtual_stages > 1; "gpipe")."""
     if layout.pp == 1:
-        return forward_backward_without_pipeline
+        return forward_backward_no_pipelining
     return functools.partial(forward_backward_pipelining, schedule=schedule)

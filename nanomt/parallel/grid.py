@@ -58,10 +58,8 @@ class ParallelGrid:
       cp_group        ranks that split every sequence of a micro-batch (same tp, pp, dp)
       dp_group        ranks that hold the same shard of the model and different batches
       grad_sync_group the dp x cp ranks of one (tp, pp) position: gradient averaging, ZeRO
-      pp_group        ranks that hold the successive pipeline stages (same tp, cp, dp); its
-                      point-to-point queue carries the activations going forward
-      pp_grad_group   the same ranks again: a second queue (on NCCL a second communicator, so
-                      a second stream) for the gradients going backward (pipeline/posting.py)
+      pp_group        ranks that hold the successive pipeline stages (same tp, cp, dp): all
+                      pipeline messages, activations and gradients (pipeline/posting.py)
       embedding_group first and last pipeline stage: share the tied word embedding's gradient
       model_parallel_group  the tp*pp ranks of one model replica (global norms, loss-scale votes)
 
@@ -84,7 +82,7 @@ class ParallelGrid:
         self.tp_rank, self.pp_rank, self.dp_rank = self.coord.tp, self.coord.pp, self.coord.dp
         self.cp_rank = self.coord.cp
 
-        self.tp_group = self.cp_group = self.pp_group = self.pp_grad_group = self.dp_group = None
+        self.tp_group = self.cp_group = self.pp_group = self.dp_group = None
         self.grad_sync_group = self.embedding_group = self.model_parallel_group = None
         p, d, c, t = self.pp_rank, self.dp_rank, self.cp_rank, self.tp_rank
         self.tp_ranks = self.ranks[p, d, c, :].tolist()
@@ -96,7 +94,7 @@ class ParallelGrid:
         self.model_parallel_ranks = self.ranks[:, d, c, :].flatten().tolist()
         if world_size > 1:
             self._build_groups()
-            for name in ("tp", "cp", "pp", "pp_grad", "grad_sync", "dp", "embedding",
+            for name in ("tp", "cp", "pp", "grad_sync", "dp", "embedding",
                          "model_parallel"):
                 comm.name_group(getattr(self, f"{name}_group"), name)  # dp wins when cp=1
 
@@ -131,10 +129,7 @@ class ParallelGrid:
                 group = self._new_group(members)
                 if self.rank in members:
                     setattr(self, f"{name}_group", group)
-                if name == "pp":  # the gradients' queue, and the first and last stage
-                    group = self._new_group(members)
-                    if self.rank in members:
-                        self.pp_grad_group = group
+                if name == "pp":  # the first and last stage
                     embedding = sorted({members[0], members[-1]})
                     group = self._new_group(embedding)
                     if self.rank in embedding:

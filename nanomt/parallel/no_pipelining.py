@@ -22,47 +22,24 @@ from nanomt.parallel.pipeline.timeline import Timeline
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
 
 
-def forward_backward_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                          num_microbatches: int, loss_scale: float | torch.Tensor = 1.0
-                          ) -> torch.Tensor:
-    """One micro-batch: forward, scale the loss by S/m (S: fp16's loss scale, a device scalar;
-    else 1), backward. Returns the unscaled loss."""
-    loss = model(inputs, targets)
-    (loss * loss_scale / num_microbatches).backward()
-    return loss.detach()
-
-
-def forward_backward_no_pipelining(model: nn.Module, micro_batches: Sequence[MicroBatch],
+def forward_backward_no_pipelining(model_chunks: Sequence[nn.Module],
+                                   micro_batches: Sequence[MicroBatch],
+                                   grid: ParallelGrid | None = None, *,
+                                   forward_only: bool = False,
+                                   timeline: Timeline | None = None,
                                    loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """Gradient accumulation over all micro-batches. Returns the sum of their mean losses."""
-    num_microbatches = len(micro_batches)
-    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
-    for inputs, targets in micro_batches:
-        loss_sum = loss_sum + forward_backward_step(model, inputs, targets, num_microbatches,
-                                                    loss_scale).float()
-    return loss_sum
-
-
-@torch.no_grad()
-def forward_only_no_pipelining(model: nn.Module,
-                               micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
-    """Evaluation: the sum of the micro-batches' mean losses, no gradients."""
-    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
-    for inputs, targets in micro_batches:
-        loss_sum = loss_sum + model(inputs, targets).float()
-    return loss_sum
-
-
-def forward_backward_without_pipeline(model_chunks: Sequence[nn.Module],
-                                      micro_batches: Sequence[MicroBatch],
-                                      grid: ParallelGrid | None = None, *,
-                                      forward_only: bool = False,
-                                      timeline: Timeline | None = None,
-                                      loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """The no-pipelining schedule behind the common signature (one chunk, one stage)."""
+    """For each micro-batch: forward, then backward from S * loss / m (S: fp16's loss scale, a
+    device scalar; else 1). Returns the sum of the micro-batches' mean losses. One chunk, one
+    stage: `grid` and `timeline` are unused (the common signature)."""
     if len(model_chunks) != 1:
         raise ValueError(f"without pipelining a rank holds one model chunk, got "
                          f"{len(model_chunks)}; set parallel.virtual_stages=1")
-    if forward_only:
-        return forward_only_no_pipelining(model_chunks[0], micro_batches)
-    return forward_backward_no_pipelining(model_chunks[0], micro_batches, loss_scale)
+    model, num_microbatches = model_chunks[0], len(micro_batches)
+    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
+    for inputs, targets in micro_batches:
+        with torch.set_grad_enabled(not forward_only):
+            loss = model(inputs, targets)
+        if not forward_only:
+            (loss * loss_scale / num_microbatches).backward()
+        loss_sum = loss_sum + loss.detach().float()
+    return loss_sum

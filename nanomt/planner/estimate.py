@@ -19,7 +19,7 @@ stands for s/cp; the dp x cp ranks of a (tp, pp) position hold the same weights)
                              e s b h terms / t under sequence parallelism. At the backward's
                              peak the gradients flowing through one MLP (2 e s b f / t) and,
                              with pp > 1, the pipeline's receive buffers (the backward's
-                             gradient, e s b h, and the next pass's input received ahead,
+                             gradient, e s b h, and the other input of an interleaved pair,
                              e s b h / t) live beside them.
     ZeRO-3 working set       the gathered parameters of the layers in use and their gradients
                              before the reduce-scatter: (1 + prefetch) layers of the rank's
@@ -120,7 +120,7 @@ def backward_working_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
     """Gradients in flight through one MLP, and the pipeline's receive buffers: the backward's
     gradient, [s/t, b, h] under SP, else whole once gathered over tp (the wire carries 1/t of
     it, all-gathered when the pass takes it: the piece is freed as the whole appears), and the
-    next pass's input, received a pass ahead (posting.receive_points), still a 1/t piece."""
+    other receive of an interleaved forward-backward pair (posting.py), still a 1/t piece."""
     s, b, h, t = cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, x.tp
     e = 4 if x.precision == "fp32" else 2
     current = e * s * b * h / (t if x.sequence_parallel else 1)

@@ -1,4 +1,4 @@
-"""Point-to-point communication between neighbouring pipeline stages.
+"""Point-to-point messages between neighbouring pipeline stages, on one communicator.
 
 Forward, a stage sends its chunk's output activation to the rank holding the next chunk;
 backward, it sends the gradient of its chunk's input to the rank holding the previous chunk.
@@ -7,20 +7,10 @@ previous on r-1, wrapping around between the last and first rank under interleav
 et al. 2021, section 2.2.2).
 
 Every message has a shape known up front ([s, b, h], or the sequence shard [s/t, b, h] under
-sequence parallelism), so the receiver allocates its buffer before the data arrives.
-
-Scatter-gather (Megatron's scatter_gather_tensors_in_pipeline; Narayanan et al. 2021, section
-4.1): without sequence parallelism the t tensor-parallel ranks of a stage hold the same
-activation (and input gradient), so sending it whole from each would move it t times. Instead tp
-rank j sends only the j-th of t equal contiguous pieces of the flattened tensor, s*b*h/t
-elements, to tp rank j of the neighbouring stage, and the receiver all-gathers the pieces over
-its tp group when the pass takes its input (`arrived`). Under sequence parallelism each tp rank
-already holds its own shard [s/t, b, h]: it travels whole. Which
-`Transfer`s go out together (one `batch_isend_irecv` per unit) is the engine's plan
-(posting.py; NCCL's rules: docs/pipeline.md). Activations travel on the grid's `pp_group`,
-gradients on `pp_grad_group` (the same ranks): two queues, so a receive posted early on one
-never holds up the other direction. A posted unit is one `P2PBatch`: NCCL returns a single work
-for the whole batch, Gloo one per operation; the handle waits for all.
+sequence parallelism), so the receiver allocates its buffer before the data arrives. All of a
+rank's messages go on the grid's pp_group, one `batch_isend_irecv` per batch of posting.py's
+plan (NCCL's ordering rule: docs/pipeline.md). NCCL returns a single work for a whole batch,
+gloo one per operation; `P2PBatch` waits for all.
 
 Before the first message, `agree_on_schedule` all-gathers each rank's view of the schedule (kind,
 micro-batches, chunks, shape, dtype) over the pipeline group, once per distinct schedule:
@@ -29,32 +19,20 @@ ranks that disagree would wait on each other forever, so they fail together with
 
 from __future__ import annotations
 
-import math
 import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from nanomt.parallel import comm
+from nanomt.parallel.pipeline.posting import Transfer
 from nanomt.parallel.pipeline.schedules import PipelineOp
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-@dataclass(frozen=True)
-class Transfer:
-    """One send or receive: of the pass `op` (its output, or its input), with pipeline rank
-    `peer`, under `tag`."""
-
-    is_send: bool
-    op: PipelineOp
-    peer: int
-    tag: int
-
-
 class P2PBatch:
-    """The handle of one posted unit: done when every send and receive in it is done."""
+    """The handle of one posted batch: done when every send and receive in it is done."""
 
     def __init__(self, works: list, group):
         self.works, self.group = works, group
@@ -64,63 +42,41 @@ class P2PBatch:
         for work in self.works:
             work.wait()
 
-    def is_completed(self) -> bool:
-        return all(work.is_completed() for work in self.works)
 
-
-class PipelineComm:
-    """Sends and receives of one pipeline rank, with its neighbours in the grid's pp groups:
-    `groups[queue]` (posting.ACTIVATION: pp_group, posting.GRADIENT: pp_grad_group)."""
+class PipelineP2P:
+    """The sends and receives of one pipeline rank with its neighbours in the grid's pp_group."""
 
     def __init__(self, grid, activation_shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device, scatter_gather: bool = False):
-        self.grid = grid
-        self.groups = (grid.pp_group, grid.pp_grad_group)
+                 device: torch.device):
+        self.grid, self.group = grid, grid.pp_group
         self.shape, self.dtype, self.device = tuple(activation_shape), dtype, device
-        self.tp_group = grid.tp_group
-        self.tp_rank, tp = comm.rank_and_size(grid.tp_group)
-        numel = math.prod(self.shape)
-        self.pieces = tp if scatter_gather and tp > 1 else 1
-        if numel % self.pieces:
-            raise ValueError(f"a {self.shape} activation does not split into {tp} equal pieces")
-        self.wire_shape = (numel // self.pieces,) if self.pieces > 1 else self.shape
+        self.wire_shape = self.shape  # what travels: the whole message
 
-    def piece(self, tensor: torch.Tensor) -> torch.Tensor:
-        """What this rank sends of a full message: its 1/t of the flattened tensor under
-        scatter-gather (a contiguous view), else the tensor itself."""
-        tensor = tensor.contiguous()
-        if self.pieces == 1:
-            return tensor
-        return tensor.view(-1).chunk(self.pieces)[self.tp_rank]
+    def to_wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        """What this rank sends of a message."""
+        return tensor.contiguous()
 
     def arrived(self, buffer: torch.Tensor) -> torch.Tensor:
-        """A completed receive buffer as the full message: the tp ranks' pieces all-gathered
-        (counted by comm's traffic log), or the buffer itself without scatter-gather."""
-        if self.pieces == 1:
-            return buffer
-        full = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        comm.all_gather_into(full.view(-1), buffer, self.tp_group)
-        return full
+        """A completed receive buffer as the message a pass takes."""
+        return buffer
 
-    def post(self, transfers: list[tuple[Transfer, torch.Tensor | None]], queue: int
-             ) -> tuple[P2PBatch | None, dict]:
-        """Post one unit on `queue`: (transfer, tensor to send or None for a receive) in plan
-        order. Returns the unit's handle and the receive buffers by pass."""
-        ops, buffers, group = [], {}, self.groups[queue]
-        for transfer, tensor in transfers:
+    def post(self, transfers: tuple[Transfer, ...], sending: dict[PipelineOp, torch.Tensor]
+             ) -> tuple[P2PBatch, dict[PipelineOp, torch.Tensor]]:
+        """Post one batch: the sends (tensors in `sending`, by pass) and receives of
+        `transfers`, in plan order. Returns its handle and the receive buffers by pass."""
+        ops, buffers = [], {}
+        for transfer in transfers:
             peer = self.grid.pp_ranks[transfer.peer]
             if transfer.is_send:
-                piece = self.piece(tensor)
-                comm.record_send(piece, group)
-                ops.append(dist.P2POp(dist.isend, piece, peer, group, transfer.tag))
+                tensor = self.to_wire(sending[transfer.op])
+                comm.record_send(tensor, self.group)
+                ops.append(dist.P2POp(dist.isend, tensor, peer, self.group, transfer.tag))
             else:
                 buffer = torch.empty(self.wire_shape, dtype=self.dtype, device=self.device)
                 buffers[transfer.op] = buffer
-                ops.append(dist.P2POp(dist.irecv, buffer, peer, group, transfer.tag))
-        if not ops:
-            return None, buffers
-        comm.note_operation("pipeline send/recv", group)
-        return P2PBatch(dist.batch_isend_irecv(ops), group), buffers
+                ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group, transfer.tag))
+        comm.note_operation("pipeline send/recv", self.group)
+        return P2PBatch(dist.batch_isend_irecv(ops), self.group), buffers
 
     def check_outgoing(self, tensor: torch.Tensor) -> None:
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
@@ -139,7 +95,9 @@ def agree_on_schedule(grid, signature: dict[str, int], device: torch.device) -> 
 
     Runs once per distinct signature (then cached), on a tensor on `device`: an NCCL group has
     no CPU path. A rank whose signature is cached skips the check, so a disagreement is caught
-    when the signatures first appear, which is the first step of a run."""
+    when the signatures first appear, which is the first step of a run. Being the first
+    operation on pp_group, it also opens the NCCL communicator with every member, as torch
+    requires before a batch_isend_irecv that not every member joins."""
     if grid.pp_group is None or grid.pp_size == 1:
         return
     keys = sorted(signature)
@@ -155,10 +113,6 @@ def agree_on_schedule(grid, signature: dict[str, int], device: torch.device) -> 
         table = "; ".join(f"pp rank {r}: " + ", ".join(f"{k}={int(v)}" for k, v in zip(keys, row))
                           for r, row in enumerate(everyone))
         raise ValueError(f"pipeline ranks disagree on the schedule and would deadlock: {table}")
-    # NCCL creates a group's communicator at its first operation, which every member must join:
-    # open the gradients' queue here, together, before a rank's first batch lands on it.
-    comm.note_operation("all_reduce (open the gradient queue)", grid.pp_grad_group)
-    dist.all_reduce(torch.zeros(1, device=device), group=grid.pp_grad_group)
     agreed.add(key)
 
 
