@@ -18,7 +18,7 @@ sys.path[:0] = [str(ROOT / "tools")]
 import gpu_check  # noqa: E402
 
 RUNS_ON_CPU = ["versions", "collectives", "train_smoke", "resume", "recompute_dropout",
-               "sync_free_step", "mfu"]
+               "one_sync_step", "mfu"]
 
 
 @pytest.fixture(scope="module")

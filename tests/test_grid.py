@@ -162,14 +162,14 @@ def _count_new_groups(monkeypatch, world: int, tp: int, pp: int, dp: int, cp: in
 
 
 # (world, tp, pp, dp, cp) -> communicators needed: one per group of two or more ranks (tp, cp,
-# dp, grad_sync unless it is dp, pp twice and embedding once per pipeline, model_parallel)
+# dp, grad_sync unless it is dp, pp and embedding once per pipeline, model_parallel)
 NEEDED = {(8, 8, 1, 1, 1): 1 + 1,                 # tp, model_parallel (the same 8 ranks)
           (8, 1, 1, 8, 1): 1,                     # dp (= grad_sync)
           (8, 1, 1, 1, 8): 1 + 1,                 # cp, grad_sync
           (8, 2, 1, 4, 1): 4 + 2 + 4,             # tp, dp, model_parallel
-          (8, 2, 2, 2, 1): 4 + 4 + 3 * 4 + 2,     # tp, dp, pp x3 (two queues, embedding), mp
-          (16, 2, 2, 2, 2): 8 + 8 + 8 + 4 + 3 * 8 + 4,  # tp, cp, dp, grad_sync, pp x3, mp
-          (4, 1, 4, 1, 1): 3 + 1}                 # pp x3, model_parallel (= the pp ranks)
+          (8, 2, 2, 2, 1): 4 + 4 + 2 * 4 + 2,     # tp, dp, pp x2 (messages, embedding), mp
+          (16, 2, 2, 2, 2): 8 + 8 + 8 + 4 + 2 * 8 + 4,  # tp, cp, dp, grad_sync, pp x2, mp
+          (4, 1, 4, 1, 1): 2 + 1}                 # pp x2, model_parallel (= the pp ranks)
 
 
 @pytest.mark.parametrize("layout", sorted(NEEDED))

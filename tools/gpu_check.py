@@ -19,8 +19,8 @@ table is printed.
   cpu_vs_cuda        fp32 with TF32 off, 5 steps: CPU and CUDA losses within 1e-4
   recompute_dropout  dropout on: recompute none and full give equal gradients (the dropout RNG
                      tracker replays the same masks)
-  sync_free_step     a step that logs nothing waits for nothing: run under
-                     torch.cuda.set_sync_debug_mode("error") (on CPU: run, nothing to detect)
+  one_sync_step      a step waits for the device once (its read): syncs counted under
+                     torch.cuda.set_sync_debug_mode("warn") (on CPU: run, nothing to detect)
   mfu                tools/bench/gpu_mfu.py: gpt_125m, gpt_350m, gpt_1_3b against plain PyTorch,
                      each step split into forward, backward and optimizer
 """
@@ -226,25 +226,33 @@ def part_recompute_dropout(check: Check) -> str:
     return f"largest relative gradient difference {worst:.1e}"
 
 
-def part_sync_free_step(check: Check) -> str:
+def part_one_sync_step(check: Check) -> str:
+    """A step's host syncs, counted by CUDA's sync debug mode: exactly one, the step's read of
+    its loss, norm and verdict (nanomt.interval_metrics.read_step)."""
+    import warnings
+
     from nanomt.memory import PeakMemoryMeter
     from nanomt.train import setup
 
-    cfg = compose_config(check.train_overrides("sync_free", 10, [
+    cfg = compose_config(check.train_overrides("one_sync", 10, [
         f"train.precision={check.half}", "logging.metrics_interval=5"]))
-    trainer = setup(cfg, check.work / "sync_free" / "run")
+    trainer = setup(cfg, check.work / "one_sync" / "run")
     meter = PeakMemoryMeter()
-    assert trainer.train_step(0, meter) is None  # warm-up: a step that logs nothing
+    assert trainer.train_step(0, meter) is None  # warm-up: a step that writes no record
     if not check.cuda:
         assert trainer.train_step(1, meter) is None
         return "ran; a CPU has no host sync to detect"
     torch.cuda.synchronize(check.device)
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("warn")
     try:
-        assert trainer.train_step(1, meter) is None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert trainer.train_step(1, meter) is None
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return "step 2 (no record) ran under set_sync_debug_mode('error')"
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 1, f"{len(syncs)} host syncs in one step (expected 1): {syncs[:3]}"
+    return "step 2 made exactly one host sync (its read)"
 
 
 def part_mfu(check: Check) -> str:
@@ -262,7 +270,7 @@ def part_mfu(check: Check) -> str:
 
 PARTS = {"versions": part_versions, "collectives": part_collectives,
          "train_smoke": part_train_smoke, "resume": part_resume, "cpu_vs_cuda": part_cpu_vs_cuda,
-         "recompute_dropout": part_recompute_dropout, "sync_free_step": part_sync_free_step,
+         "recompute_dropout": part_recompute_dropout, "one_sync_step": part_one_sync_step,
          "mfu": part_mfu}
 check_results: dict = {}  # what a part leaves beside its line (the MFU table)
 
