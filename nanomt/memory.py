@@ -30,6 +30,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 import torch
+# torch 2.13 exports TorchDispatchMode under no public name: this is nanomt's one import of it
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanomt.parallel import comm
