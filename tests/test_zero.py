@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from nanomt.testing import compose_config, run_distributed
-from comm_counting import count_collectives
 
 STEPS = 20
 FAST = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.seq_len=16",
@@ -91,6 +90,7 @@ def _model_state_checks(grid) -> dict:
 def _accumulation_checks(grid) -> dict:
     """Three micro-batches at stage 2, both parallel.grad_reduce modes: reductions launched
     after each micro-batch, gradient bytes at the end of backward and at their peak."""
+    from comm_counting import count_collectives
     from nanomt.memory import PeakMemoryMeter
     from nanomt.model import GPT, ModelConfig
     from nanomt.optim import build_optimizer
