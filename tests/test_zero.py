@@ -53,7 +53,7 @@ def _model_state_checks(grid) -> dict:
     from nanomt.model import ModelConfig
     from nanomt.model.chunks import build_model_chunks
     from nanomt.optim import build_optimizer
-    from nanomt.testing import settled_bytes
+    from run_probes import settled_bytes
 
     model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16)
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(grid.rank))
