@@ -2,9 +2,10 @@
 
 nanomt.parallel.comm issues every collective through a few torch.distributed entry points
 (`dist.all_reduce`, `dist.broadcast` and the two single-tensor aliases `comm._all_gather_single`,
-`comm._reduce_scatter_single`, each looked up when called), and the pipeline posts its messages
-with `dist.batch_isend_irecv`. Inside `traffic_log()` or `count_collectives()` those entry points
-are wrapped so that each call is recorded before it runs; the package itself counts nothing.
+`comm._reduce_scatter_single`, each looked up when called), and the pipeline (and the
+context-parallel ring) posts its messages with `dist.batch_isend_irecv`. Inside `traffic_log()`
+or `count_collectives()` those entry points are wrapped so that each call is recorded before it
+runs; the package itself counts nothing.
 
 A record holds the elements of the FULL tensor: the input of a reduce-scatter, the output of an
 all-gather; every isend of a batch is one record of kind "send". That is how the tests check the
