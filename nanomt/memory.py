@@ -69,6 +69,7 @@ class PeakMemoryMeter(TorchDispatchMode):
         cores; torch wraps every __torch_dispatch__ in torch._dynamo.disable)."""
         super().__init__()
         if import_now:
+            # that stack's module: torch.compiler, its public face, imports it only when used
             import torch._dynamo  # noqa: F401
         self.live: dict[int, list] = {}  # storage identity -> [weak reference, counted bytes]
         self.freed: collections.deque = collections.deque()  # (identity, weak reference)
