@@ -30,6 +30,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 import torch
+# torch 2.13 exports TorchDispatchMode under no public name: this is nanomt's one import of it
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanomt.parallel import comm
@@ -68,6 +69,7 @@ class PeakMemoryMeter(TorchDispatchMode):
         cores; torch wraps every __torch_dispatch__ in torch._dynamo.disable)."""
         super().__init__()
         if import_now:
+            # that stack's module: torch.compiler, its public face, imports it only when used
             import torch._dynamo  # noqa: F401
         self.live: dict[int, list] = {}  # storage identity -> [weak reference, counted bytes]
         self.freed: collections.deque = collections.deque()  # (identity, weak reference)

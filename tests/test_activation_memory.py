@@ -71,7 +71,7 @@ def _kept_bytes(grid, sequence_parallel: bool) -> int:
     (the last layer's output stands in for the first one's input, made before the meter)."""
     from nanomt.memory import PeakMemoryMeter
     from nanomt.model import GPT, ModelConfig
-    from nanomt.testing import settled_bytes
+    from run_probes import settled_bytes
 
     cfg = ModelConfig(num_layers=LAYERS, hidden_size=HIDDEN, num_heads=HEADS, seq_len=SEQ,
                       dropout=0.0)

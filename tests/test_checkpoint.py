@@ -31,6 +31,7 @@ from nanomt.model import GPT, ModelConfig
 from nanomt.parallel.data_parallel.stage3 import ParameterGatherer
 from nanomt.testing import compose_config, run_distributed
 from nanomt.train import run
+from model_outputs import full_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.seq_len=32",
@@ -462,5 +463,5 @@ def _check_export_of_a_tp2_pp2_checkpoint(folder: Path, hf_dir: Path) -> None:
         str(hf_dir), local_files_only=True, dtype=torch.float32)
     hf_model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(hf_model(tokens).logits, model.full_logits(tokens),
+        torch.testing.assert_close(hf_model(tokens).logits, full_logits(model, tokens),
                                    rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ from nanomt.model import GPT, ModelConfig
 from nanomt.parallel.grid import ParallelGrid
 from nanomt.parallel.param_info import param_info
 from nanomt.testing import run_distributed
+from model_outputs import full_logits
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
@@ -82,7 +83,7 @@ def test_export_matches_transformers_logits(style, tmp_path):
                      "--output", str(tmp_path / "hf")])
     config = (tmp_path / "hf" / "config.json").read_text()
     assert ("LlamaForCausalLM" if style == "llama" else "GPT2LMHeadModel") in config
-    expected = model.full_logits(TOKENS)
+    expected = full_logits(model, TOKENS)
     assert relative_error(hf_logits(tmp_path / "hf"), expected) < 1e-4
 
 
@@ -94,7 +95,7 @@ def _import_under_tp2(checkpoints: dict[str, str]) -> dict:
         model = GPT(cfg, grid, seed=3)
         load_checkpoint(path, [model], None, grid, cfg.to_dict())
         model.eval()
-        out[style] = model.full_logits(TOKENS)
+        out[style] = full_logits(model, TOKENS)
         if style == "llama":  # this rank's shard of the fused [2, ffn, h] gate/up weight
             out["fc1_shard"] = model.layers[1].mlp.fc1.weight.detach().clone()
     return out
@@ -123,7 +124,7 @@ def test_import_matches_transformers_logits_on_one_process_and_tp2(tmp_path):
         model = GPT(cfg, seed=3)
         load_checkpoint(checkpoints[style], [model], None, None, cfg.to_dict())
         model.eval()
-        assert relative_error(model.full_logits(TOKENS), expected[style]) < 1e-4, style
+        assert relative_error(full_logits(model, TOKENS), expected[style]) < 1e-4, style
     tp2 = run_distributed(_import_under_tp2, world_size=2, args=(checkpoints,), timeout_s=400)
     for style in made:
         for rank_logits in tp2:

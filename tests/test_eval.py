@@ -23,6 +23,7 @@ from nanomt.eval.tasks import PromptSettings, Task, evaluate_task, load_task, pr
 from nanomt.model import GPT, ModelConfig
 from nanomt.parallel.grid import ParallelGrid
 from nanomt.testing import run_distributed
+from model_outputs import full_logits
 
 # The fox model saw only "the quick brown fox jumps over the lazy dog." (tests/conftest.py).
 MULTIPLE_CHOICE = [
@@ -53,7 +54,7 @@ def single_process_model(checkpoint: Path) -> GPT:
 def direct_loglikelihood(model: GPT, context: str, continuation: str) -> float:
     """sum of log p(token | prefix) over the continuation's bytes, from the model's logits."""
     ids = torch.tensor([list((context + continuation).encode())])
-    log_probs = torch.log_softmax(model.full_logits(ids[:, :-1]), dim=-1)[0]
+    log_probs = torch.log_softmax(full_logits(model, ids[:, :-1]), dim=-1)[0]
     first = len(context.encode())
     return float(sum(log_probs[i - 1, ids[0, i]] for i in range(first, ids.shape[1])))
 
@@ -73,7 +74,7 @@ def test_perplexity_is_exp_of_the_mean_token_loss(fox_model, tmp_path, capsys):
     meta = checkpoint_meta(fox_model["checkpoint"])
     stream = validation_stream(meta["config"], None, model.cfg.seq_len, 8)
     inputs, targets = to_inputs_targets([stream[i] for i in range(8)])
-    loss = F.cross_entropy(model.full_logits(inputs).flatten(0, 1), targets.flatten())
+    loss = F.cross_entropy(full_logits(model, inputs).flatten(0, 1), targets.flatten())
     got = results["validation"]["metrics"]
     assert got["loss"] == pytest.approx(float(loss), rel=1e-5)
     assert got["ppl"] == pytest.approx(math.exp(float(loss)), rel=1e-5)

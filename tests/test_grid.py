@@ -16,6 +16,7 @@ from nanomt.parallel import comm
 from nanomt.parallel.grid import ParallelGrid, validate_layout
 from nanomt.parallel.launch import default_backend
 from nanomt.testing import run_distributed
+from comm_counting import traffic_log
 
 WORLD = 4
 # (tp, pp, dp, cp)
@@ -74,7 +75,7 @@ def _grid_checks() -> dict:
         }
     # the traffic log counts a broadcast with its bytes
     payload = torch.full((5,), float(dist.get_rank()), dtype=torch.float64)
-    with comm.traffic_log() as log:
+    with traffic_log() as log:
         comm.broadcast(payload, src=0, group=dist.group.WORLD)
     results["broadcast"] = ([(r.kind, r.numel, r.nbytes) for r in log], payload.tolist())
     try:  # a bad layout fails before any collective, on every rank alike

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nanomt.testing import ConnectionCounter, free_port
+from nanomt.testing import free_port
+from run_probes import ConnectionCounter
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"

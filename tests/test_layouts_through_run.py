@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanomt.testing import compose_config, run_distributed, step_dtypes
+from nanomt.testing import compose_config, run_distributed
+from run_probes import step_dtypes
 
 COMMON = ["train.steps=4", "train.global_batch_size=8", "train.micro_batch_size=2",
           "train.eval_interval=0", "train.eval_batches=1", "train.progress_bar=false",

@@ -14,7 +14,8 @@ import torch
 from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration, peak_tflops
 from nanomt.metrics import EVAL_METRICS, STEP_METRICS, host_values_to, throughput
 from nanomt.model import ModelConfig
-from nanomt.testing import ConnectionCounter, compose_config
+from nanomt.testing import compose_config
+from run_probes import ConnectionCounter
 from nanomt.train import run
 
 SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.seq_len=64",

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from nanomt.optim.loss_scaler import DynamicLossScaler
-from nanomt.testing import compose_config, run_distributed, step_dtypes
+from nanomt.testing import compose_config, run_distributed
+from run_probes import step_dtypes
 
 TINY = ["model.num_layers=1", "model.hidden_size=32", "model.num_heads=4", "model.seq_len=16",
         "train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_interval=0",

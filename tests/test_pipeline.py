@@ -41,6 +41,7 @@ from nanomt.parallel.pipeline.schedules import (
     warmup_forwards,
 )
 from nanomt.testing import run_distributed
+from comm_counting import traffic_log
 from pipeline_probes import SavedActivationMeter, one_work_per_batch, recording_pipeline
 
 CFG = ModelConfig(num_layers=8, hidden_size=32, num_heads=4, seq_len=16, vocab_size=64)
@@ -386,7 +387,6 @@ def _pipeline_checks(refs) -> dict:
     import unittest.mock
 
     from nanomt.model.chunks import build_model_chunks
-    from nanomt.parallel import comm
     from nanomt.parallel.grid import ParallelGrid
     from nanomt.parallel.pipeline import forward_backward_pipelining
 
@@ -400,12 +400,12 @@ def _pipeline_checks(refs) -> dict:
             out[("pp2", v, m)] = run_case(pp2_dp2, 1, 2, v, m, refs)
     out[("gpipe", 2, 8)] = run_case(pp4, 1, 4, 2, 8, refs, schedule="gpipe")
     out[("gpipe", 1, 8)] = run_case(pp4, 1, 4, 1, 8, refs, schedule="gpipe")
-    # pp=2 x tp=2: what every rank sends between stages and gathers over tp, from comm's log.
+    # pp=2 x tp=2: what every rank sends between stages and gathers over tp, from the traffic log.
     for v in (1, 2):
-        with comm.traffic_log() as log:
+        with traffic_log() as log:
             out[("pp2tp2", v, 4)] = run_case(pp2_tp2, 2, 2, v, 4, refs)
         out[f"traffic_v{v}"] = [(r.kind, r.group, r.numel, r.nbytes) for r in log]
-    with comm.traffic_log() as log:
+    with traffic_log() as log:
         out[("pp2tp2sp", 2, 8)] = run_case(pp2_tp2, 2, 2, 2, 8, refs, sp=True)
     out["traffic_sp"] = [(r.kind, r.group, r.numel, r.nbytes) for r in log]
     # Untied embeddings (llama): nothing to sum over the embedding group, two steps in a row.

@@ -32,6 +32,8 @@ from nanomt.parallel.grid import ParallelGrid
 from nanomt.parallel.param_info import param_info
 from nanomt.parallel.random import seed_everything
 from nanomt.testing import compose_config, run_distributed
+from comm_counting import count_collectives
+from model_outputs import full_logits
 
 WORLD = 4
 # hidden 48 keeps every activation and weight smaller than one full-vocabulary logits tensor
@@ -113,9 +115,9 @@ def _layer_collectives(layer, grid, sp: bool) -> tuple[dict, dict]:
     """Collectives of one transformer layer, forward and backward."""
     tp = grid.tp_size
     x = torch.randn(BATCH, SEQ // tp if sp else SEQ, TINY["hidden_size"], requires_grad=True)
-    with comm.count_collectives() as fwd:
+    with count_collectives() as fwd:
         y = layer(x)
-    with comm.count_collectives() as bwd:
+    with count_collectives() as bwd:
         y.backward(torch.ones_like(y))
     return _count(fwd), _count(bwd)
 
@@ -154,18 +156,18 @@ def _compare_model(cfg: ModelConfig, grid: ParallelGrid, sp: bool, ref: dict) ->
     buffer = GradientBuffer([model], grid, zero_stage=0, num_microbatches=1)
     largest = LargestTensor()
     with largest:
-        with comm.count_collectives() as fwd:
+        with count_collectives() as fwd:
             loss = model(inputs, targets)
-        with comm.count_collectives() as bwd:
+        with count_collectives() as bwd:
             loss.backward()
-    with comm.count_collectives() as sp_reduce:
+    with count_collectives() as sp_reduce:
         finalize_grads(buffer)
     grad_errors = {}
     for name, p in model.named_parameters():
         grad_errors[name] = rel_err(gathered(final_grad(buffer, p), param_info(p).tp_split_dim,
                                              grid.tp_group), ref_params[name].grad)
     return {"loss": loss.item(), "loss_err": rel_err(loss.detach(), ref["loss"]),
-            "logits_err": rel_err(model.full_logits(inputs), ref["logits"]),
+            "logits_err": rel_err(full_logits(model, inputs), ref["logits"]),
             "shard_errors": shard_errors, "grad_errors": grad_errors, "split_dims": split_dims,
             "wrong_global_shapes": wrong_global_shapes,
             "fwd": _count(fwd), "bwd": _count(bwd), "sp_reduce": _count(sp_reduce),
@@ -182,7 +184,7 @@ def _reference(cfg: ModelConfig) -> dict:
     with largest:
         loss = model(inputs, targets)
         loss.backward()
-    return {"model": model, "loss": loss.detach(), "logits": model.full_logits(inputs),
+    return {"model": model, "loss": loss.detach(), "logits": full_logits(model, inputs),
             "largest": largest.largest}
 
 
@@ -370,13 +372,13 @@ def test_vocab_parallel_cross_entropy_matches_torch(ranks, tp, vocab):
 
 @pytest.mark.parametrize("style", ["gpt", "llama"])
 def test_no_rank_materialises_full_vocab_logits(ranks, style):
-    full_logits = BATCH * SEQ * PADDED_VOCAB
+    logits_numel = BATCH * SEQ * PADDED_VOCAB
     # The monitor is honest: the single-process model does create [b, s, V] tensors...
-    assert ranks[0][(style, "reference_largest")] >= full_logits
+    assert ranks[0][(style, "reference_largest")] >= logits_numel
     # ...and at tp=4 no forward or backward tensor reaches that size on any rank.
     for rank in ranks:
         for sp in (False, True):
-            assert rank[(style, 4, sp)]["largest"] < full_logits
+            assert rank[(style, 4, sp)]["largest"] < logits_numel
 
 
 # ---- dropout streams --------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def _model_state_checks(grid) -> dict:
     from nanomt.model import ModelConfig
     from nanomt.model.chunks import build_model_chunks
     from nanomt.optim import build_optimizer
-    from nanomt.testing import settled_bytes
+    from run_probes import settled_bytes
 
     model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16)
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(grid.rank))
@@ -90,10 +90,10 @@ def _model_state_checks(grid) -> dict:
 def _accumulation_checks(grid) -> dict:
     """Three micro-batches at stage 2, both parallel.grad_reduce modes: reductions launched
     after each micro-batch, gradient bytes at the end of backward and at their peak."""
+    from comm_counting import count_collectives
     from nanomt.memory import PeakMemoryMeter
     from nanomt.model import GPT, ModelConfig
     from nanomt.optim import build_optimizer
-    from nanomt.parallel import comm
 
     model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16)
     tokens = torch.randint(0, 256, (3, 2, 16), generator=torch.Generator().manual_seed(grid.rank))
@@ -108,7 +108,7 @@ def _accumulation_checks(grid) -> dict:
         optimizer = build_optimizer([model], cfg, grid, num_microbatches=3)
         launched_after, elements_after = [], []
         # measured: the activations of one micro-batch (equal in both modes) and the gradients
-        with comm.count_collectives() as log, PeakMemoryMeter() as meter:
+        with count_collectives() as log, PeakMemoryMeter() as meter:
             for i in range(3):
                 (model(tokens[i], tokens[i]) / 3).backward()
                 scatters = [numel for kind, numel in log if kind == "reduce_scatter"]

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from nanomt.testing import compose_config, run_distributed
+from comm_counting import traffic_log
 
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.seq_len=16",
         "train.micro_batch_size=1", "train.eval_interval=0", "train.progress_bar=false",
@@ -41,7 +42,6 @@ MICROBATCHES = (1, 4)
 def _dp_traffic(stage: int, m: int, grad_reduce: str, extra: tuple = ()) -> dict:
     from nanomt.model import GPT, ModelConfig
     from nanomt.optim import build_optimizer
-    from nanomt.parallel import comm
     from nanomt.parallel.grid import ParallelGrid
 
     grid = ParallelGrid(1, 1, 2)
@@ -50,7 +50,7 @@ def _dp_traffic(stage: int, m: int, grad_reduce: str, extra: tuple = ()) -> dict
     model = GPT(ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16), grid, seed=1)
     optimizer = build_optimizer([model], cfg, grid, num_microbatches=m)
     tokens = torch.randint(0, 256, (m, 2, 16), generator=torch.Generator().manual_seed(grid.rank))
-    with comm.traffic_log() as log:
+    with traffic_log() as log:
         for i in range(m):
             (model(tokens[i], tokens[i]) / m).backward()
         result = optimizer.step()

@@ -150,12 +150,6 @@ class GPT(nn.Module):
         return vocab_parallel_cross_entropy(logits, targets.t(), self.tp_group,
                                             self.cfg.vocab_size).mean()
 
-    @torch.no_grad()
-    def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Whole-vocabulary logits [b, s, V] (gathered over tp, padding removed): for tests."""
-        logits = comm.all_gather(self.forward(tokens), self.tp_group, dim=-1)
-        return logits[..., : self.cfg.vocab_size]
-
     def num_local_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

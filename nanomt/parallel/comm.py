@@ -1,15 +1,12 @@
-"""Collectives, in one place, so they can be counted.
+"""Collectives, in one place.
 
 Every collective behind the f and g operators of tensor parallelism (Shoeybi et al. 2019, fig. 3:
 all-reduce; under sequence parallelism all-gather and reduce-scatter) and behind ZeRO's sharded
 data parallelism (Rajbhandari et al. 2020: flat all-gather / reduce-scatter into given buffers)
 goes through these few functions. Each is a no-op on a group of one (the single-process model
-pays nothing), and each records its kind and element count into `COMM_LOG` while a
-`count_collectives()` block is open, and a `TrafficRecord` (kind, group, bytes) while a
-`traffic_log()` block is open (pipeline sends too, as kind "send": `record_send`): that is how
-the tests check the papers' communication volume (two all-reduces of b*s*h per layer forward and
-two backward; ZeRO's 2 or 3 times the parameter count per step and rank,
-`TrafficRecord.volume_bytes`; a pipeline stage's s*b*h/t per message and tp rank).
+pays nothing). They call torch.distributed through attributes looked up at each call
+(`dist.all_reduce`, `_all_gather_single`, ...), so a test can wrap them to count what a layout
+sends (tests/comm_counting.py).
 
 `Group` is a process group, or None for a world of one.
 
@@ -21,10 +18,6 @@ its watchdog), and `describe_failure` turns that into a line naming the operatio
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
@@ -33,74 +26,6 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 Group = dist.ProcessGroup | None
-
-# (kind, numel) of each collective issued while counting; None when not counting.
-COMM_LOG: list[tuple[str, int]] | None = None
-# Records (kind, group, bytes) while a traffic_log() block is open; None otherwise.
-TRAFFIC_LOG: list[TrafficRecord] | None = None
-
-# ZeRO's accounting of the data one rank moves (Rajbhandari et al. 2019, section 7): a
-# reduce-scatter or an all-gather of a Psi-element tensor moves Psi, an all-reduce (a
-# reduce-scatter followed by an all-gather) 2 Psi. A ring sends (N-1)/N of that per rank.
-VOLUME_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "send": 1}
-
-
-@dataclass(frozen=True)
-class TrafficRecord:
-    """One collective: its kind, the named group, the elements of the full tensor, their bytes."""
-
-    kind: str
-    group: str
-    numel: int
-    nbytes: int
-
-    @property
-    def volume_bytes(self) -> int:
-        """Bytes moved per rank in ZeRO's accounting (VOLUME_FACTOR)."""
-        return VOLUME_FACTOR[self.kind] * self.nbytes
-
-
-@contextlib.contextmanager
-def count_collectives() -> Iterator[list[tuple[str, int]]]:
-    """Record every collective issued inside the block as (kind, numel of the full tensor)."""
-    global COMM_LOG
-    previous, COMM_LOG = COMM_LOG, []
-    try:
-        yield COMM_LOG
-    finally:
-        COMM_LOG = previous
-
-
-@contextlib.contextmanager
-def traffic_log() -> Iterator[list[TrafficRecord]]:
-    """Record every collective issued inside the block as a TrafficRecord (kind, group, bytes)."""
-    global TRAFFIC_LOG
-    previous, TRAFFIC_LOG = TRAFFIC_LOG, []
-    try:
-        yield TRAFFIC_LOG
-    finally:
-        TRAFFIC_LOG = previous
-
-
-def _record(kind: str, tensor: torch.Tensor, group: Group = None) -> None:
-    """Note and count a collective over the full tensor `tensor` (the one before a
-    reduce-scatter or after an all-gather)."""
-    note_operation(kind, group)
-    if COMM_LOG is not None:
-        COMM_LOG.append((kind, tensor.numel()))
-    record_traffic(kind, tensor, group)
-
-
-def record_send(tensor: torch.Tensor, group: Group) -> None:
-    """Count a point-to-point send (a pipeline message) in the traffic log: its bytes, once."""
-    record_traffic("send", tensor, group)
-
-
-def record_traffic(kind: str, tensor: torch.Tensor, group: Group) -> None:
-    if TRAFFIC_LOG is not None:
-        TRAFFIC_LOG.append(TrafficRecord(kind, group_name(group), tensor.numel(),
-                                         tensor.numel() * tensor.element_size()))
-
 
 # ---- naming what failed ----------------------------------------------------------------------
 _GROUP_NAMES: dict[int, str] = {}
@@ -162,7 +87,7 @@ def all_reduce(tensor: torch.Tensor, group: Group,
     """In-place all-reduce over `group`; returns the tensor."""
     if group_size(group) == 1:
         return tensor
-    _record("all_reduce", tensor, group)
+    note_operation("all_reduce", group)
     dist.all_reduce(tensor, op=op, group=group)
     return tensor
 
@@ -172,7 +97,7 @@ def all_reduce_async(tensor: torch.Tensor, group: Group) -> dist.Work | None:
     group of one)."""
     if group_size(group) == 1:
         return None
-    _record("all_reduce", tensor, group)
+    note_operation("all_reduce", group)
     return dist.all_reduce(tensor, group=group, async_op=True)
 
 
@@ -194,7 +119,7 @@ def all_gather(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     moved = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((world * moved.shape[0],) + moved.shape[1:], dtype=moved.dtype,
                       device=moved.device)
-    _record("all_gather", out, group)
+    note_operation("all_gather", group)
     _all_gather_single(out, moved, group=group)
     return out.movedim(0, dim)
 
@@ -203,7 +128,7 @@ def broadcast(tensor: torch.Tensor, src: int, group: Group) -> torch.Tensor:
     """In-place: every rank of `group` receives global rank `src`'s `tensor`; returns it."""
     if group_size(group) == 1:
         return tensor
-    _record("broadcast", tensor, group)
+    note_operation("broadcast", group)
     dist.broadcast(tensor, src=src, group=group)
     return tensor
 
@@ -218,7 +143,7 @@ def reduce_scatter(tensor: torch.Tensor, group: Group, dim: int) -> torch.Tensor
         raise ValueError(f"dim {dim} of size {moved.shape[0]} does not split over {world} ranks")
     out = torch.empty((moved.shape[0] // world,) + moved.shape[1:], dtype=moved.dtype,
                       device=moved.device)
-    _record("reduce_scatter", moved, group)
+    note_operation("reduce_scatter", group)
     _reduce_scatter_single(out, moved, group=group)
     return out.movedim(0, dim)
 
@@ -241,7 +166,7 @@ def all_gather_into(output: torch.Tensor, shard: torch.Tensor, group: Group,
     if group_size(group) == 1:
         output.copy_(shard)
         return None
-    _record("all_gather", output, group)
+    note_operation("all_gather", group)
     return _all_gather_single(output, shard, group=group, async_op=async_op)
 
 
@@ -252,7 +177,7 @@ def reduce_scatter_into(shard: torch.Tensor, full: torch.Tensor, group: Group,
     if group_size(group) == 1:
         shard.copy_(full)
         return None
-    _record("reduce_scatter", full, group)
+    note_operation("reduce_scatter", group)
     return _reduce_scatter_single(shard, full, group=group, async_op=async_op)
 
 

@@ -50,10 +50,10 @@ class InitialValues:
         self.makers: dict[int, MakeValues] = {}
         for chunk in chunks:
             for module in chunk.modules():
+                own = dict(module.named_parameters(recurse=False))
                 for name, make in getattr(module, "initializers", {}).items():
-                    param = module._parameters.get(name)
-                    if param is not None:
-                        self.makers[id(param)] = make
+                    if name in own:
+                        self.makers[id(own[name])] = make
         missing = [name for chunk in chunks for name, p in chunk.named_parameters()
                    if id(p) not in self.makers]
         if missing:
@@ -80,13 +80,13 @@ def place_on(chunks: list[nn.Module], device: torch.device | str) -> None:
     its ParamInfo; the gradient buffer then points it at its bucket. Buffers move to `device`."""
     for chunk in chunks:
         for module in chunk.modules():
-            for name, param in module._parameters.items():
-                if param is None or not param.is_meta:
+            for name, param in list(module.named_parameters(recurse=False)):
+                if not param.is_meta:
                     continue
                 stand_in = torch.empty((), dtype=param.dtype, device=device).expand(param.shape)
                 new = nn.Parameter(stand_in, requires_grad=param.requires_grad)
                 set_param_info(new, param_info(param))
-                module._parameters[name] = new
+                setattr(module, name, new)  # replaces the registered parameter
     move_buffers(chunks, device)
 
 
@@ -94,6 +94,5 @@ def move_buffers(chunks: list[nn.Module], device: torch.device | str) -> None:
     """Move the (non-parameter) buffers, built for real on the CPU, to `device`."""
     for chunk in chunks:
         for module in chunk.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    module._buffers[name] = buffer.to(device)
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                setattr(module, name, buffer.to(device))  # stays a (non-)persistent buffer

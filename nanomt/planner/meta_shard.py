@@ -25,9 +25,7 @@ def meta_shard_params(cfg: ModelConfig, tp: int, pp: int, virtual_stages: int, p
     if dist.is_initialized():
         raise RuntimeError("meta_shard_params builds its own fake process group: call it outside "
                            "a distributed run")
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=tp_rank, world_size=tp)
+    dist.init_process_group("fake", rank=tp_rank, world_size=tp)  # no store: torch makes one
     try:
         # what model building reads of a grid (context parallelism: none; it shares weights)
         grid = SimpleNamespace(tp_group=dist.group.WORLD if tp > 1 else None, cp_group=None,

@@ -16,9 +16,10 @@ Each comparison runs both contenders in the same processes, alternating them `re
     interleaved_vs_torch  interleaved 1F1B (pp=2, v=2) vs ScheduleInterleaved1F1B, with the
                           measured bubbles next to (p-1)/(v*m)
 
-and, per ZeRO stage, the bytes the dp group moved in one step (counted by nanomt.parallel.comm,
-ZeRO's accounting) next to the formula. Prints a markdown table and writes bench.json. All on
-gloo CPU ranks; the peers are used here only, nanomt never imports them.
+and, per ZeRO stage, the bytes the dp group moved in one step (counted by the tests' wrapper
+around nanomt.parallel.comm, tests/comm_counting.py, in ZeRO's accounting) next to the formula.
+Prints a markdown table and writes bench.json. All on gloo CPU ranks; the peers are used here
+only, nanomt never imports them.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent), str(ROOT / "tests")]
 
 from bench_pipeline import bench_nanomt, bench_torch, micro_batches  # noqa: E402
 from bench_zero import model_state_bytes, torch_optimizer_tensors  # noqa: E402
+from comm_counting import traffic_log  # noqa: E402
 from plain_gpt import PlainGPT, tensor_parallel_plan  # noqa: E402
 
 from nanomt.model import GPT, ModelConfig  # noqa: E402
@@ -116,7 +118,6 @@ def data_parallel(args) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from nanomt.parallel import comm
     from nanomt.parallel.grid import ParallelGrid
 
     cfg = ModelConfig(**DP_CFG)
@@ -152,7 +153,7 @@ def data_parallel(args) -> dict:
     for stage in (0, 1, 2, 3):
         model = GPT(cfg, grid, seed=1)
         opt = nanomt_trainer(model, grid, stage)
-        with comm.traffic_log() as log:
+        with traffic_log() as log:
             nanomt_step(model, opt, batch)()
         psi = 4 * sum(b.padded_numel for b in opt.buckets)
         traffic[stage] = {"counted_bytes": sum(t.volume_bytes for t in log if t.group == "dp"),

@@ -69,7 +69,6 @@ class PipelineP2P:
             peer = self.grid.pp_ranks[transfer.peer]
             if transfer.is_send:
                 tensor = self.to_wire(sending[transfer.op])
-                comm.record_send(tensor, self.group)
                 ops.append(dist.P2POp(dist.isend, tensor, peer, self.group, transfer.tag))
             else:
                 buffer = torch.empty(self.wire_shape, dtype=self.dtype, device=self.device)
