@@ -90,21 +90,17 @@ def check_rampup(start: int, increment: int, ramp_samples: int, global_batch_siz
                          f"not a multiple of INCREMENT = {increment}")
 
 
-SCHEDULE_UNITS = ("steps", "samples", "tokens")
-
-
 def schedule_position(unit: str, consumed_before: Callable[[int], int], seq_len: int
                       ) -> Callable[[int], int]:
     """Where step t stands on the learning-rate schedule's axis (optim.schedule_unit): the step
     itself, the samples consumed before it, or those samples' tokens. Counted in samples or
-    tokens, warm-up and decay mean the same amount of data with or without a ramp-up."""
+    tokens, warm-up and decay mean the same amount of data with or without a ramp-up. `unit` is
+    one of config_rules.SCHEDULE_UNITS (the config checks it)."""
     if unit == "steps":
         return lambda step: step
     if unit == "samples":
         return consumed_before
-    if unit == "tokens":
-        return lambda step: consumed_before(step) * seq_len
-    raise ValueError(f"optim.schedule_unit must be one of {SCHEDULE_UNITS}, got {unit!r}")
+    return lambda step: consumed_before(step) * seq_len  # tokens
 
 
 def check_rampup_config(ramp: Sequence[int] | None, global_batch_size: int,

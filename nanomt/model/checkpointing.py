@@ -25,9 +25,6 @@ from torch import nn
 
 from nanomt.parallel.random import TensorParallelRNG
 
-MODES = ("none", "selective", "full")
-
-
 @contextlib.contextmanager
 def _tracker_at(rng: TensorParallelRNG, state: dict) -> Iterator[None]:
     """Run the block with the tracker rewound to `state`; leave it where it was afterwards."""
@@ -53,9 +50,8 @@ def checkpoint(function: Callable, *args: torch.Tensor,
 
 
 def set_activation_checkpointing(model_chunks: nn.Module | list[nn.Module], mode: str) -> None:
-    """Switch every transformer layer of the chunks to `mode` (train.activation_checkpointing)."""
-    if mode not in MODES:
-        raise ValueError(f"train.activation_checkpointing must be one of {MODES}, got {mode!r}")
+    """Switch every transformer layer of the chunks to `mode` (train.activation_checkpointing:
+    one of config_rules.CHECKPOINTING_MODES, checked by the config)."""
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     for chunk in chunks:
         for module in chunk.modules():
