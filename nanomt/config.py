@@ -10,19 +10,20 @@ Each rule lives in one place, in the order the run needs them:
 
     fields          every key's type and range (tables below, beside the check that uses them;
                     the rules they are made of: nanomt/config_rules.py)
-    layout          world size = tp * pp * dp (dp inferred when null)
+    model           ModelConfig's own rules (style, num_heads | hidden), converted
+    layout          world size = tp * cp * pp * dp, dp inferred when null (the grid's rule:
+                    nanomt.parallel.grid.validate_layout, converted)
     model vs layout tp divides heads, hidden, ffn; sequence parallelism needs tp | seq_len
     batch           G = m * b * dp: the global batch splits into micro-batches on every replica
     ramp-up         so does every global batch size of train.rampup_batch_size
     pipeline        pp * v divides the layers; interleaving (v > 1) needs pp | m
-    schedule        lr > 0, min_lr <= lr, the cosine decay ends after the warm-up
+    schedule        lr > 0, the cosine decay ends after the warm-up
     precision       the fp16 loss scale; train.preempt_signal names a signal
 
-Rules that need a subsystem's runtime are checked by that subsystem, from `nanomt.train.
-check_launch`, still before any process group exists: the pipeline's message plan (nanomt.
-parallel.forward_backward), the tokenizer and data files (nanomt.data.build), the checkpoint to
-resume from (nanomt.checkpoint.checkpointer) and the evaluation tasks (nanomt.eval.tasks). So
-checking a config imports none of them.
+Rules that live in a subsystem (the pipeline's message plan, the learning-rate floor, the
+tokenizer and data files, the checkpoint to resume from, the evaluation tasks) are checked by
+that subsystem from `nanomt.launch_checks.check_launch`, still before any process group exists,
+so checking a config imports none of them. The code that runs trusts these checks.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from nanomt.config_rules import (
 from nanomt.data.rampup import check_rampup_config
 from nanomt.errors import ConfigError
 from nanomt.model.config import ModelConfig
+from nanomt.parallel.grid import validate_layout
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -96,7 +98,6 @@ def compose_checked(overrides: list[str]) -> DictConfig:
 
 # ---- the model ----------------------------------------------------------------------------------
 MODEL_RULES = {
-    "model.style": choice("gpt", "llama"),
     **{f"model.{name}": POSITIVE_INT for name in ("num_layers", "hidden_size", "num_heads",
                                                   "seq_len", "vocab_size", "vocab_pad_multiple")},
     "model.ffn_hidden_size": or_null(POSITIVE_INT),
@@ -110,24 +111,18 @@ MODEL_RULES = {
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
+    """The field types and ranges here; ModelConfig states its own rules (the style, heads
+    divide hidden, no unknown keys), as "what: fix"."""
     check_fields(cfg, MODEL_RULES)
-    m = cfg.model
-    if m.hidden_size % m.num_heads:
-        raise ConfigError(f"model.hidden_size = {m.hidden_size} is not divisible by "
-                          f"model.num_heads = {m.num_heads}",
-                          "change model.hidden_size or model.num_heads")
     try:
-        return ModelConfig.from_dict(OmegaConf.to_container(m, resolve=True))
-    except ValueError as error:  # unknown model keys (added with +model.<key>=...)
-        raise ConfigError(str(error), "remove the key, or check its spelling") from error
+        return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    except ValueError as error:
+        what, _, fix = str(error).rpartition(": ")
+        raise ConfigError(what, fix) from error
 
 
 # ---- the layout ---------------------------------------------------------------------------------
-LAYOUT_RULES = {
-    "parallel.tp": POSITIVE_INT,
-    "parallel.pp": POSITIVE_INT,
-    "parallel.dp": or_null(POSITIVE_INT),
-    "parallel.cp": POSITIVE_INT,
+LAYOUT_RULES = {  # tp, pp, dp, cp: nanomt.parallel.grid.validate_layout
     "parallel.virtual_stages": POSITIVE_INT,
     "parallel.schedule": choice(*SCHEDULES),
     "parallel.sequence_parallel": BOOL,
@@ -159,19 +154,15 @@ class Layout:
 
 def resolve_layout(cfg: DictConfig, world_size: int) -> Layout:
     """The (tp, cp, pp, dp) layout covering `world_size` ranks; dp: null takes what tp*cp*pp
-    leaves."""
+    leaves (the grid states the layout's rules: validate_layout)."""
     check_fields(cfg, LAYOUT_RULES)
     p = cfg.parallel
     tp, pp, cp = p.tp, p.pp, p.get("cp", 1)
-    if p.dp is None and world_size % (tp * cp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by tp*cp*pp = "
-                          f"{tp}*{cp}*{pp}, so parallel.dp cannot be inferred",
-                          "launch a multiple of tp*cp*pp processes or change parallel.tp/cp/pp")
-    dp = p.dp if p.dp is not None else world_size // (tp * cp * pp)
-    if tp * cp * pp * dp != world_size:
-        raise ConfigError(f"world size {world_size} != tp*cp*pp*dp = {tp}*{cp}*{pp}*{dp} = "
-                          f"{tp * cp * pp * dp}",
-                          "launch tp*cp*pp*dp processes or change parallel.tp/cp/pp/dp")
+    try:
+        dp = validate_layout(world_size, tp, pp, p.dp, cp)
+    except ValueError as error:
+        what, _, fix = str(error).rpartition(": ")
+        raise ConfigError(what, fix) from error
     if p.sequence_parallel and tp == 1:
         warn("parallel.sequence_parallel=true does nothing with parallel.tp=1; "
              "set parallel.tp > 1 or parallel.sequence_parallel=false")
@@ -278,9 +269,6 @@ def check_schedule(cfg: DictConfig) -> None:
     ends inside the warm-up (a smoke test) is allowed."""
     check_fields(cfg, OPTIM_RULES)
     o = cfg.optim
-    if o.min_lr > o.lr:
-        raise ConfigError(f"optim.min_lr ({o.min_lr}) exceeds optim.lr ({o.lr})",
-                          "lower optim.min_lr or raise optim.lr")
     if o.decay_steps is not None and o.decay_steps <= o.warmup_steps:
         raise ConfigError(f"optim.decay_steps ({o.decay_steps}) must be greater than "
                           f"optim.warmup_steps ({o.warmup_steps}): the cosine decay ends at step "

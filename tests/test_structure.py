@@ -133,11 +133,13 @@ def test_lower_layers_never_import_higher_ones():
     assert offences == []
 
 
-# What checking a config may not load: the evaluation, the checkpoints, the pipeline runtime,
-# the data loaders and the data-parallel runtime (their checks run in nanomt.launch_checks)
-CONFIG_MUST_NOT_REACH = ("nanomt.eval", "nanomt.checkpoint", "nanomt.parallel",
-                         "nanomt.data.build", "nanomt.data.tokenizer", "nanomt.train",
-                         "nanomt.launch_checks")
+# What checking a config may not load: the evaluation, the checkpoints, the pipeline and
+# data-parallel runtime, the optimizer, the data loaders (their checks run in
+# nanomt.launch_checks). It may call a lower layer's own check (the grid's validate_layout).
+CONFIG_MUST_NOT_REACH = ("nanomt.eval", "nanomt.checkpoint", "nanomt.parallel.pipeline",
+                         "nanomt.parallel.data_parallel", "nanomt.parallel.forward_backward",
+                         "nanomt.optim", "nanomt.data.build", "nanomt.data.tokenizer",
+                         "nanomt.train", "nanomt.launch_checks")
 
 
 def test_checking_a_config_imports_no_subsystem_runtime():
