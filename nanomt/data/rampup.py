@@ -17,6 +17,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Sequence
 
+from nanomt.config_rules import SCHEDULE_UNITS
+
 
 class BatchSchedule:
     """Global batch size and consumed samples of every step, with or without a ramp-up."""
@@ -94,13 +96,14 @@ def schedule_position(unit: str, consumed_before: Callable[[int], int], seq_len:
                       ) -> Callable[[int], int]:
     """Where step t stands on the learning-rate schedule's axis (optim.schedule_unit): the step
     itself, the samples consumed before it, or those samples' tokens. Counted in samples or
-    tokens, warm-up and decay mean the same amount of data with or without a ramp-up. `unit` is
-    one of config_rules.SCHEDULE_UNITS (the config checks it)."""
+    tokens, warm-up and decay mean the same amount of data with or without a ramp-up."""
     if unit == "steps":
         return lambda step: step
     if unit == "samples":
         return consumed_before
-    return lambda step: consumed_before(step) * seq_len  # tokens
+    if unit == "tokens":
+        return lambda step: consumed_before(step) * seq_len
+    raise ValueError(f"optim.schedule_unit must be one of {SCHEDULE_UNITS}, got {unit!r}")
 
 
 def check_rampup_config(ramp: Sequence[int] | None, global_batch_size: int,

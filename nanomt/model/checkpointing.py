@@ -23,6 +23,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from nanomt.config_rules import CHECKPOINTING_MODES
 from nanomt.parallel.random import TensorParallelRNG
 
 @contextlib.contextmanager
@@ -50,8 +51,10 @@ def checkpoint(function: Callable, *args: torch.Tensor,
 
 
 def set_activation_checkpointing(model_chunks: nn.Module | list[nn.Module], mode: str) -> None:
-    """Switch every transformer layer of the chunks to `mode` (train.activation_checkpointing:
-    one of config_rules.CHECKPOINTING_MODES, checked by the config)."""
+    """Switch every transformer layer of the chunks to `mode` (train.activation_checkpointing)."""
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"train.activation_checkpointing must be one of {CHECKPOINTING_MODES}, "
+                         f"got {mode!r}")
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     for chunk in chunks:
         for module in chunk.modules():
