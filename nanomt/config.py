@@ -50,6 +50,7 @@ from nanomt.config_rules import (
     PRECISIONS,
     SCHEDULE_UNITS,
     SCHEDULES,
+    STATED_BELOW,
     TEXT,
     check_fields,
     choice,
@@ -98,6 +99,7 @@ def compose_checked(overrides: list[str]) -> DictConfig:
 
 # ---- the model ----------------------------------------------------------------------------------
 MODEL_RULES = {
+    "model.style": STATED_BELOW,  # ModelConfig's rule
     **{f"model.{name}": POSITIVE_INT for name in ("num_layers", "hidden_size", "num_heads",
                                                   "seq_len", "vocab_size", "vocab_pad_multiple")},
     "model.ffn_hidden_size": or_null(POSITIVE_INT),
@@ -122,7 +124,8 @@ def model_config(cfg: DictConfig) -> ModelConfig:
 
 
 # ---- the layout ---------------------------------------------------------------------------------
-LAYOUT_RULES = {  # tp, pp, dp, cp: nanomt.parallel.grid.validate_layout
+LAYOUT_RULES = {
+    **{f"parallel.{name}": STATED_BELOW for name in ("tp", "pp", "dp", "cp")},  # validate_layout
     "parallel.virtual_stages": POSITIVE_INT,
     "parallel.schedule": choice(*SCHEDULES),
     "parallel.sequence_parallel": BOOL,

@@ -59,6 +59,7 @@ FRACTION = Rule("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
 OPEN_FRACTION = Rule("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1)
 BOOL = Rule("true or false", lambda v: isinstance(v, bool))
 TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and v != "")
+STATED_BELOW = Rule("a value that resolves", lambda v: True)  # its rule: the lower layer's check
 DEVICE = Rule("auto, cpu, cuda or cuda:<index>",
               lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None)
 
