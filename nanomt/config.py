@@ -353,10 +353,10 @@ DATA_RULES = {
 
 # ---- everything ---------------------------------------------------------------------------------
 def check_config(cfg: DictConfig, world_size: int) -> tuple[ModelConfig, Layout, int]:
-    """Every rule of the config itself. Returns (model, layout, micro-batches).
+    """The config's own rules. Returns (model, layout, micro-batches).
 
     Deterministic and cheap, reads no file: every rank runs it before the process group exists
-    (preflight) and again in setup (nanomt.train.check_launch)."""
+    (preflight) and again in setup (nanomt.launch_checks.check_launch)."""
     check_train(cfg)
     model = model_config(cfg)
     layout = resolve_layout(cfg, world_size)

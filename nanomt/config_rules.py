@@ -5,7 +5,9 @@ checks every key of a table against its rule and fails with `ConfigError(<key> m
 got <value>; set <key>)`. `warn` prints a setting that works but does nothing useful, once.
 
 The choices each subsystem offers are listed here, below every subsystem, so that the config
-checks them without importing the subsystem and the subsystem trusts them without re-checking.
+checks them without importing the subsystem, and the subsystem imports the same table. A key
+whose rule a lower layer states itself (the grid's layout, ModelConfig's) is STATED_BELOW here:
+the config only resolves it, then converts the lower layer's "what: fix" error.
 """
 
 from __future__ import annotations
