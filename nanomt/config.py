@@ -4,68 +4,63 @@ Hydra composes the config from conf/ and the command line; `check_config` turns 
 relies on into checked values and fails early, before any process group exists, with
 `ConfigError(what is wrong, the key to change)`; nanomt.train prints it as one line and exits
 with code 2. Every rank composes the same config and reaches the same verdict, so the checks
-only read the config and small files (a tokenizer, a checkpoint's meta.json), never talk.
+only read the config, never talk.
 
 Each rule lives in one place, in the order the run needs them:
 
     fields          every key's type and range (tables below, beside the check that uses them;
                     the rules they are made of: nanomt/config_rules.py)
-    layout          world size = tp * pp * dp (dp inferred when null)
+    model           ModelConfig's own rules (style, num_heads | hidden), converted
+    layout          world size = tp * cp * pp * dp, dp inferred when null (the grid's rule:
+                    nanomt.parallel.grid.validate_layout, converted)
     model vs layout tp divides heads, hidden, ffn; sequence parallelism needs tp | seq_len
     batch           G = m * b * dp: the global batch splits into micro-batches on every replica
     ramp-up         so does every global batch size of train.rampup_batch_size
     pipeline        pp * v divides the layers; interleaving (v > 1) needs pp | m
-    schedule        lr > 0, min_lr <= lr, the cosine decay ends after the warm-up
-    precision       the fp16 loss scale
-    data            the tokenizer loads and fits model.vocab_size; the text file, or the .bin/.idx
-                    pairs of data.path / data.blend, exist, parse and hold the tokenizer's ids
-    resume          the checkpoint in train.resume exists and holds this model's tensors
+    schedule        lr > 0, the cosine decay ends after the warm-up
+    precision       the fp16 loss scale; train.preempt_signal names a signal
 
-Lower layers (validate_layout, ModelConfig, WarmupCosine) keep their own
-ValueErrors for direct library users; here the same rules are checked first, naming the key.
+Rules that live in a subsystem (the pipeline's message plan, the learning-rate floor, the
+tokenizer and data files, the checkpoint to resume from, the evaluation tasks) are checked by
+that subsystem from `nanomt.launch_checks.check_launch`, still before any process group exists,
+so checking a config imports none of them. The code that runs trusts these checks.
 """
 
 from __future__ import annotations
 
-import functools
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nanomt.checkpoint.checkpointer import preempt_signal
 from nanomt.config_rules import (
     BOOL,
+    CHECKPOINTING_MODES,
     DEVICE,
     FRACTION,
+    GRAD_REDUCE_MODES,
     INT,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
     OPEN_FRACTION,
     POSITIVE,
     POSITIVE_INT,
+    PRECISIONS,
+    SCHEDULE_UNITS,
+    SCHEDULES,
+    STATED_BELOW,
     TEXT,
-    as_config_error,
     check_fields,
     choice,
     or_null,
     warn,
 )
-from nanomt.checkpoint.format import CheckpointError, check_model_config
-from nanomt.checkpoint.load import read_meta, resolve_checkpoint
-from nanomt.data.build import check_data_sources
-from nanomt.data.rampup import SCHEDULE_UNITS, check_rampup_config
-from nanomt.data.tokenizer import build_tokenizer
+from nanomt.data.rampup import check_rampup_config
 from nanomt.errors import ConfigError
-from nanomt.model.checkpointing import MODES as CHECKPOINTING_MODES
 from nanomt.model.config import ModelConfig
-from nanomt.parallel.pipeline.posting import checked_plans
-from nanomt.parallel.pipeline.schedules import SCHEDULES
-from nanomt.parallel.data_parallel import GRAD_REDUCE_MODES
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-
+from nanomt.parallel.grid import validate_layout
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -104,7 +99,7 @@ def compose_checked(overrides: list[str]) -> DictConfig:
 
 # ---- the model ----------------------------------------------------------------------------------
 MODEL_RULES = {
-    "model.style": choice("gpt", "llama"),
+    "model.style": STATED_BELOW,  # ModelConfig's rule
     **{f"model.{name}": POSITIVE_INT for name in ("num_layers", "hidden_size", "num_heads",
                                                   "seq_len", "vocab_size", "vocab_pad_multiple")},
     "model.ffn_hidden_size": or_null(POSITIVE_INT),
@@ -118,24 +113,19 @@ MODEL_RULES = {
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
+    """The field types and ranges here; ModelConfig states its own rules (the style, heads
+    divide hidden, no unknown keys), as "what: fix"."""
     check_fields(cfg, MODEL_RULES)
-    m = cfg.model
-    if m.hidden_size % m.num_heads:
-        raise ConfigError(f"model.hidden_size = {m.hidden_size} is not divisible by "
-                          f"model.num_heads = {m.num_heads}",
-                          "change model.hidden_size or model.num_heads")
     try:
-        return ModelConfig.from_dict(OmegaConf.to_container(m, resolve=True))
-    except ValueError as error:  # unknown model keys (added with +model.<key>=...)
-        raise ConfigError(str(error), "remove the key, or check its spelling") from error
+        return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    except ValueError as error:
+        what, _, fix = str(error).rpartition(": ")
+        raise ConfigError(what, fix) from error
 
 
 # ---- the layout ---------------------------------------------------------------------------------
 LAYOUT_RULES = {
-    "parallel.tp": POSITIVE_INT,
-    "parallel.pp": POSITIVE_INT,
-    "parallel.dp": or_null(POSITIVE_INT),
-    "parallel.cp": POSITIVE_INT,
+    **{f"parallel.{name}": STATED_BELOW for name in ("tp", "pp", "dp", "cp")},  # validate_layout
     "parallel.virtual_stages": POSITIVE_INT,
     "parallel.schedule": choice(*SCHEDULES),
     "parallel.sequence_parallel": BOOL,
@@ -167,19 +157,15 @@ class Layout:
 
 def resolve_layout(cfg: DictConfig, world_size: int) -> Layout:
     """The (tp, cp, pp, dp) layout covering `world_size` ranks; dp: null takes what tp*cp*pp
-    leaves."""
+    leaves (the grid states the layout's rules: validate_layout)."""
     check_fields(cfg, LAYOUT_RULES)
     p = cfg.parallel
     tp, pp, cp = p.tp, p.pp, p.get("cp", 1)
-    if p.dp is None and world_size % (tp * cp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by tp*cp*pp = "
-                          f"{tp}*{cp}*{pp}, so parallel.dp cannot be inferred",
-                          "launch a multiple of tp*cp*pp processes or change parallel.tp/cp/pp")
-    dp = p.dp if p.dp is not None else world_size // (tp * cp * pp)
-    if tp * cp * pp * dp != world_size:
-        raise ConfigError(f"world size {world_size} != tp*cp*pp*dp = {tp}*{cp}*{pp}*{dp} = "
-                          f"{tp * cp * pp * dp}",
-                          "launch tp*cp*pp*dp processes or change parallel.tp/cp/pp/dp")
+    try:
+        dp = validate_layout(world_size, tp, pp, p.dp, cp)
+    except ValueError as error:
+        what, _, fix = str(error).rpartition(": ")
+        raise ConfigError(what, fix) from error
     if p.sequence_parallel and tp == 1:
         warn("parallel.sequence_parallel=true does nothing with parallel.tp=1; "
              "set parallel.tp > 1 or parallel.sequence_parallel=false")
@@ -245,8 +231,7 @@ def check_batch(cfg: DictConfig, layout: Layout) -> int:
     return G // (b * dp)
 
 
-def check_pipeline(cfg: DictConfig, model: ModelConfig, layout: Layout, num_microbatches: int
-                   ) -> None:
+def check_pipeline(model: ModelConfig, layout: Layout, num_microbatches: int) -> None:
     """Layers split into pp * virtual_stages chunks; interleaving needs m a multiple of pp."""
     pp, v, layers = layout.pp, layout.virtual_stages, model.num_layers
     if v > 1 and pp == 1:
@@ -262,11 +247,6 @@ def check_pipeline(cfg: DictConfig, model: ModelConfig, layout: Layout, num_micr
             f"step, m = train.global_batch_size / (train.micro_batch_size * dp) = "
             f"{num_microbatches}, to be a multiple of parallel.pp = {pp}",
             "change train.global_batch_size or train.micro_batch_size")
-    try:  # the posting check (docs/pipeline.md) at start-up rather than at step 1 (cached)
-        for forward_only in (False, True) if pp > 1 else ():
-            checked_plans(str(cfg.parallel.schedule), pp, num_microbatches, v, forward_only)
-    except ValueError as error:
-        raise ConfigError(str(error), "change parallel.schedule, .pp or .virtual_stages") from error
 
 
 # ---- optimiser and learning-rate schedule -------------------------------------------------------
@@ -292,9 +272,6 @@ def check_schedule(cfg: DictConfig) -> None:
     ends inside the warm-up (a smoke test) is allowed."""
     check_fields(cfg, OPTIM_RULES)
     o = cfg.optim
-    if o.min_lr > o.lr:
-        raise ConfigError(f"optim.min_lr ({o.min_lr}) exceeds optim.lr ({o.lr})",
-                          "lower optim.min_lr or raise optim.lr")
     if o.decay_steps is not None and o.decay_steps <= o.warmup_steps:
         raise ConfigError(f"optim.decay_steps ({o.decay_steps}) must be greater than "
                           f"optim.warmup_steps ({o.warmup_steps}): the cosine decay ends at step "
@@ -339,18 +316,13 @@ LOSS_SCALE_RULES = {
 
 
 def check_train(cfg: DictConfig) -> None:
-    """Loop, evaluation, checkpointing, preemption, device and the fp16 loss scale."""
+    """Loop, checkpointing, preemption, device and the fp16 loss scale."""
     check_fields(cfg, TRAIN_RULES)
-    preempt_signal(cfg)  # a signal name (nanomt.checkpoint.checkpointer)
+    preempt_signal(cfg)
     t = cfg.train
     if t.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={t.device} but no CUDA device is available",
                           "set train.device=auto or train.device=cpu")
-    if t.get("eval_tasks"):  # read now, not at the first validation pass
-        from nanomt.eval.tasks import load_task
-
-        for spec in OmegaConf.to_container(t.eval_tasks, resolve=True):
-            load_task(spec, key="train.eval_tasks")
     if t.precision == "fp16":
         check_fields(cfg, LOSS_SCALE_RULES)
         if t.loss_scale.min > t.loss_scale.initial:
@@ -359,7 +331,17 @@ def check_train(cfg: DictConfig) -> None:
                               "lower train.loss_scale.min or raise train.loss_scale.initial")
 
 
-# ---- data, tokenizer and the checkpoint to resume from ------------------------------------------
+def preempt_signal(cfg: DictConfig) -> int:
+    """train.preempt_signal as a signal number (a name such as SIGTERM or SIGUSR1)."""
+    name = str(cfg.train.get("preempt_signal", "SIGTERM"))
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise ConfigError(f"train.preempt_signal {name!r} is not a signal name",
+                          "set train.preempt_signal to SIGTERM or SIGUSR1") from None
+
+
+# ---- data (its files and tokenizer: nanomt.data.build.check_data) -------------------------------
 DATA_RULES = {
     "data.name": TEXT,
     "data.tokenizer": TEXT,
@@ -367,71 +349,22 @@ DATA_RULES = {
     "data.cache_dir": or_null(TEXT),
     "data.path": or_null(TEXT),
 }
-TOKENIZER_FIX = "set data.tokenizer to byte, gpt2 or the path of a Hugging Face tokenizer.json"
-
-
-@functools.lru_cache(maxsize=8)
-def tokenizer_vocab_size(spec: str) -> int:
-    """Loads the tokenizer (once per process: preflight and setup both ask)."""
-    return build_tokenizer(spec).vocab_size
-
-
-def check_data(cfg: DictConfig, model: ModelConfig) -> None:
-    """The corpus exists and the tokenizer loads and fits the model's vocabulary. The corpus is
-    not read: tokenizing it is the data loader's job."""
-    check_fields(cfg, DATA_RULES)
-    spec = cfg.data.tokenizer
-    if spec not in ("byte", "gpt2") and not spec.endswith(".json"):
-        raise ConfigError(f"unknown tokenizer {spec!r} in data.tokenizer", TOKENIZER_FIX)
-    if spec.endswith(".json") and not Path(spec).expanduser().is_file():
-        raise ConfigError(f"data.tokenizer: tokenizer file not found: {spec}", TOKENIZER_FIX)
-    try:
-        vocab_size = tokenizer_vocab_size(spec)
-    except Exception as error:  # noqa: BLE001 - ImportError, OSError, tokenizers' own errors
-        raise ConfigError(f"data.tokenizer={spec!r} cannot be loaded: {error}",
-                          TOKENIZER_FIX) from error
-    if vocab_size > model.vocab_size:
-        raise ConfigError(f"data.tokenizer={spec!r} has {vocab_size} tokens but "
-                          f"model.vocab_size is {model.vocab_size}",
-                          f"set model.vocab_size >= {vocab_size} (or a model preset with that "
-                          f"vocabulary), or use a smaller tokenizer")
-    check_data_sources(cfg, vocab_size)  # nanomt.data.build: files, blend, dtype, split
-
-
-def check_resume(cfg: DictConfig, model: ModelConfig) -> None:
-    """train.resume=<folder>: it holds a checkpoint (or a `latest` pointer to one) saved for this
-    model's shape; only its meta.json is read. train.resume=auto is checked the same way when
-    checkpoint.dir is set and already has a checkpoint (else the run folder is not known yet)."""
-    resume = cfg.train.resume
-    if resume in (None, "", "none", "None"):
-        return
-    if resume == "auto":
-        if not cfg.checkpoint.dir or not (Path(cfg.checkpoint.dir) / "latest").exists():
-            return
-        resume = cfg.checkpoint.dir
-    try:
-        folder = resolve_checkpoint(resume)
-        saved = read_meta(folder).get("model", {})
-        check_model_config(saved, model.to_dict(), str(folder))
-    except CheckpointError as error:
-        raise as_config_error(error, "train.resume") from error
 
 
 # ---- everything ---------------------------------------------------------------------------------
 def check_config(cfg: DictConfig, world_size: int) -> tuple[ModelConfig, Layout, int]:
-    """Everything that can be checked before a collective. Returns (model, layout, micro-batches).
+    """The config's own rules. Returns (model, layout, micro-batches).
 
-    Deterministic and cheap: every rank runs it before the process group exists (preflight) and
-    again in setup."""
+    Deterministic and cheap, reads no file: every rank runs it before the process group exists
+    (preflight) and again in setup (nanomt.launch_checks.check_launch)."""
     check_train(cfg)
     model = model_config(cfg)
     layout = resolve_layout(cfg, world_size)
     check_model_fits_layout(model, layout)
     num_microbatches = check_batch(cfg, layout)
-    check_pipeline(cfg, model, layout, num_microbatches)
+    check_pipeline(model, layout, num_microbatches)
     check_rampup_config(cfg.train.get("rampup_batch_size"), cfg.train.global_batch_size,
                         cfg.train.micro_batch_size, layout.dp, layout.pp, layout.virtual_stages)
     check_schedule(cfg)
-    check_data(cfg, model)
-    check_resume(cfg, model)
+    check_fields(cfg, DATA_RULES)
     return model, layout, num_microbatches

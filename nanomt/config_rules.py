@@ -3,6 +3,11 @@
 A `Rule` says what a value must be ("a positive integer", "one of 1f1b, gpipe"); `check_fields`
 checks every key of a table against its rule and fails with `ConfigError(<key> must be <rule>,
 got <value>; set <key>)`. `warn` prints a setting that works but does nothing useful, once.
+
+The choices each subsystem offers are listed here, below every subsystem, so that the config
+checks them without importing the subsystem, and the subsystem imports the same table. A key
+whose rule a lower layer states itself (the grid's layout, ModelConfig's) is STATED_BELOW here:
+the config only resolves it, then converts the lower layer's "what: fix" error.
 """
 
 from __future__ import annotations
@@ -56,8 +61,16 @@ FRACTION = Rule("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
 OPEN_FRACTION = Rule("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1)
 BOOL = Rule("true or false", lambda v: isinstance(v, bool))
 TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and v != "")
+STATED_BELOW = Rule("a value that resolves", lambda v: True)  # its rule: the lower layer's check
 DEVICE = Rule("auto, cpu, cuda or cuda:<index>",
               lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None)
+
+# ---- the choices the subsystems offer -----------------------------------------------------------
+PRECISIONS = ("fp32", "bf16", "fp16")                 # train.precision
+CHECKPOINTING_MODES = ("none", "selective", "full")   # train.activation_checkpointing (model)
+SCHEDULES = ("1f1b", "gpipe")                         # parallel.schedule (parallel.pipeline)
+GRAD_REDUCE_MODES = ("microbatch", "step")            # parallel.grad_reduce (data_parallel)
+SCHEDULE_UNITS = ("steps", "samples", "tokens")       # optim.schedule_unit (data.rampup)
 
 _ABSENT = object()
 

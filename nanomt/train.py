@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanomt import faults
 from nanomt.checkpoint.checkpointer import Checkpointer
-from nanomt.config import CONF_DIR, Layout, check_config, compose_checked
+from nanomt.config import CONF_DIR, Layout, compose_checked
 from nanomt.eval.generation import sample_after_training
 from nanomt.eval.tasks import score_during_training
 from nanomt.errors import (
@@ -44,6 +44,7 @@ from nanomt.data.build import build_samplers
 from nanomt.data.rampup import schedule_position
 from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration, peak_tflops
 from nanomt.interval_metrics import IntervalLog, StepRead, read_step
+from nanomt.launch_checks import check_launch
 from nanomt.logger import RunLogger, startup_tables, write_json_atomic
 from nanomt.memory import PeakMemoryMeter, memory_report
 from nanomt.metrics import (
@@ -67,11 +68,10 @@ from nanomt.parallel.pipeline import Timeline
 
 
 def pick_device(name: str) -> torch.device:
+    """train.device: auto picks this rank's GPU if there is one (check_config checked cuda)."""
     if name == "auto":
         return (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                 else torch.device("cpu"))
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available")
     return torch.device(name)
 
 
@@ -86,7 +86,7 @@ def build_data(cfg: DictConfig, model_cfg: ModelConfig
                ) -> tuple[GlobalBatchSampler, GlobalBatchSampler]:
     """The train and validation samplers over indexed sample streams (nanomt.data.build):
     data.blend, data.path or a text corpus (data.name) preprocessed once into the cache; the
-    tokenizer was checked against model.vocab_size by check_config."""
+    tokenizer was checked against model.vocab_size by check_launch."""
     return build_samplers(cfg, model_cfg.seq_len)
 
 
@@ -304,7 +304,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     _, world_size, _ = init_distributed(cfg.parallel.timeout_s, cfg.parallel.init_timeout_s,
                                         use_cuda=cfg.train.device != "cpu")
     faults.inject("start")
-    model_cfg, layout, num_microbatches = check_config(cfg, world_size)
+    model_cfg, layout, num_microbatches = check_launch(cfg, world_size)
     device = pick_device(cfg.train.device)
     if device.type == "cuda":  # fp32 matmuls on tensor cores (TF32) unless train.tf32=false
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(
@@ -459,7 +459,7 @@ def preflight(overrides: list[str]) -> None:
     config and reaches the same verdict, so a bad input stops the launch at once (exit code 2)."""
     if any(arg.startswith("-") for arg in overrides):
         return  # Hydra's own flags (--cfg job, --help, -m): Hydra handles them
-    check_config(compose_checked(overrides), int(os.environ.get("WORLD_SIZE", "1")))
+    check_launch(compose_checked(overrides), int(os.environ.get("WORLD_SIZE", "1")))
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

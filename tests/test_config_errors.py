@@ -17,8 +17,10 @@ import pytest
 
 import nanomt.config as config
 import nanomt.config_rules as config_rules
+import nanomt.parallel.forward_backward as forward_backward
 from nanomt.config import check_config
 from nanomt.errors import ConfigError
+from nanomt.launch_checks import check_launch
 from nanomt.testing import compose_config
 from nanomt.train import main, preflight, run
 
@@ -318,7 +320,7 @@ def test_check_config_raises_config_error_a_value_error():
 
 
 def test_pipeline_posting_is_checked_at_start_up(monkeypatch):
-    """check_config replays the NCCL posting plan (posting.checked_plans) of the training and
+    """check_launch replays the NCCL posting plan (posting.checked_plans) of the training and
     the evaluation schedule before anything is built; a plan it rejects is a ConfigError."""
     checked = []
 
@@ -326,15 +328,15 @@ def test_pipeline_posting_is_checked_at_start_up(monkeypatch):
         checked.append((schedule, pp, m, v, forward_only))
         raise ValueError("pipeline messages would deadlock on NCCL: rank 0 in the unit after F0")
 
-    monkeypatch.setattr(config, "checked_plans", rejecting_plans)
-    check_config(compose_config([]), world_size=1)  # pp=1: no pipeline, no plan
+    monkeypatch.setattr(forward_backward, "checked_plans", rejecting_plans)
+    check_launch(compose_config([]), world_size=1)  # pp=1: no pipeline, no plan
     assert checked == []
     cfg = compose_config(["parallel.pp=2", "train.global_batch_size=8"])
     with pytest.raises(ConfigError, match="deadlock on NCCL.*parallel.schedule"):
-        check_config(cfg, world_size=2)
+        check_launch(cfg, world_size=2)
     assert checked == [("1f1b", 2, 8 // int(cfg.train.micro_batch_size), 1, False)]
-    monkeypatch.setattr(config, "checked_plans", lambda *args: checked.append(args))
-    check_config(cfg, world_size=2)
+    monkeypatch.setattr(forward_backward, "checked_plans", lambda *args: checked.append(args))
+    check_launch(cfg, world_size=2)
     assert [args[-1] for args in checked[1:]] == [False, True]  # training, then evaluation
 
 
@@ -361,7 +363,7 @@ def test_cuda_device_without_cuda(launch, monkeypatch, capsys):
 
 
 def test_resume_of_the_same_model_passes(checkpoint):
-    check_config(compose_config([f"train.resume={checkpoint}"]), world_size=1)
+    check_launch(compose_config([f"train.resume={checkpoint}"]), world_size=1)
 
 
 def test_short_runs_may_end_inside_the_warmup():

@@ -242,8 +242,8 @@ def test_tasks_scored_during_training_equal_nanomt_eval_on_the_checkpoint(fox_mo
                                  f"eval.tasks=[{task}]"), tmp_path)
     assert last["fox_brown/acc"] == after["fox_brown"]["metrics"]["acc"] == 1.0
     assert last["fox_brown/acc_norm"] == after["fox_brown"]["metrics"]["acc_norm"]
-    from nanomt.config import check_config
+    from nanomt.launch_checks import check_launch
     from nanomt.testing import compose_config
 
     with pytest.raises(ConfigError, match="train.eval_tasks"):
-        check_config(compose_config([f"train.eval_tasks=[{tmp_path / 'absent.jsonl'}]"]), 1)
+        check_launch(compose_config([f"train.eval_tasks=[{tmp_path / 'absent.jsonl'}]"]), 1)

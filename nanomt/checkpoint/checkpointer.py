@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import time
 from pathlib import Path
@@ -33,15 +32,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from nanomt.checkpoint.format import META_FILE, CheckpointError
-from nanomt.checkpoint.load import find_resume_checkpoint, load_checkpoint
+from nanomt.checkpoint.format import META_FILE, CheckpointError, check_model_config
+from nanomt.checkpoint.load import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+)
 from nanomt.checkpoint.save import PreemptionSignal, save_checkpoint
 from nanomt.checkpoint.state import Optimizer
+from nanomt.config import Layout, preempt_signal
+from nanomt.config_rules import as_config_error
 from nanomt.errors import CheckpointWriteError, ConfigError
 from nanomt.parallel import comm
 
 if TYPE_CHECKING:
-    from nanomt.config import Layout
     from nanomt.model import ModelConfig
     from nanomt.parallel.grid import ParallelGrid
 
@@ -79,12 +84,7 @@ class Checkpointer:
         self.run_dir = Path(run_dir)
         self.interval = int(cfg.checkpoint.interval)
         self.keep_last = int(cfg.checkpoint.keep_last)
-        if self.keep_last < 0:
-            raise ValueError(f"checkpoint.keep_last must be >= 0 (0 keeps every checkpoint), "
-                             f"got {self.keep_last}")
         self.exit_after = cfg.train.exit_after
-        if self.exit_after is not None and int(self.exit_after) < 1:
-            raise ValueError(f"train.exit_after must be >= 1 (or null), got {self.exit_after}")
         self.total_steps = int(cfg.train.steps)
         self.resume_setting = str(cfg.train.resume)
         self.grid, self.device = grid, device
@@ -231,14 +231,24 @@ class Checkpointer:
 
 
 
-def preempt_signal(cfg: DictConfig) -> int:
-    """train.preempt_signal as a signal number (a name such as SIGTERM or SIGUSR1)."""
-    name = str(cfg.train.get("preempt_signal", "SIGTERM"))
+def check_resume(cfg: DictConfig, model_cfg: ModelConfig) -> None:
+    """At start-up (nanomt.train.check_launch): train.resume=<folder> holds a checkpoint (or a
+    `latest` pointer to one) saved for this model's shape; only its meta.json is read.
+    train.resume=auto is checked the same way when checkpoint.dir is set and already has a
+    checkpoint (else the run folder is not known yet)."""
+    resume = cfg.train.resume
+    if resume in (None, "", "none", "None"):
+        return
+    if resume == "auto":
+        if not cfg.checkpoint.dir or not (Path(cfg.checkpoint.dir) / "latest").exists():
+            return
+        resume = cfg.checkpoint.dir
     try:
-        return int(signal.Signals[name])
-    except KeyError:
-        raise ConfigError(f"train.preempt_signal {name!r} is not a signal name",
-                          "set train.preempt_signal to SIGTERM or SIGUSR1") from None
+        folder = resolve_checkpoint(resume)
+        saved = read_meta(folder).get("model", {})
+        check_model_config(saved, model_cfg.to_dict(), str(folder))
+    except CheckpointError as error:
+        raise as_config_error(error, "train.resume") from error
 
 
 def _sees(probe: Path, token: str, patience_s: float = 5.0) -> bool:

@@ -12,6 +12,7 @@ validation stream train.eval_batches global batches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,10 +135,40 @@ def build_samplers(cfg: DictConfig, seq_len: int
     return train, valid
 
 
+TOKENIZER_FIX = "set data.tokenizer to byte, gpt2 or the path of a Hugging Face tokenizer.json"
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_vocab_size(spec: str) -> int:
+    """Loads the tokenizer (once per process: preflight and setup both ask)."""
+    return build_tokenizer(spec).vocab_size
+
+
+def check_data(cfg: DictConfig, model_vocab_size: int) -> None:
+    """At start-up (nanomt.train.check_launch): the tokenizer loads and fits the model's
+    vocabulary, and the corpus exists (it is not read: tokenizing it is the loader's job)."""
+    spec = cfg.data.tokenizer
+    try:
+        vocab_size = tokenizer_vocab_size(spec)
+    except FileNotFoundError as error:  # a tokenizer.json path naming no file
+        raise ConfigError(f"data.tokenizer: {error}", TOKENIZER_FIX) from error
+    except ValueError as error:  # not byte, gpt2 or a .json path (build_tokenizer)
+        raise ConfigError(f"{error} in data.tokenizer", TOKENIZER_FIX) from error
+    except Exception as error:  # noqa: BLE001 - ImportError, OSError, tokenizers' own errors
+        raise ConfigError(f"data.tokenizer={spec!r} cannot be loaded: {error}",
+                          TOKENIZER_FIX) from error
+    if vocab_size > model_vocab_size:
+        raise ConfigError(f"data.tokenizer={spec!r} has {vocab_size} tokens but "
+                          f"model.vocab_size is {model_vocab_size}",
+                          f"set model.vocab_size >= {vocab_size} (or a model preset with that "
+                          f"vocabulary), or use a smaller tokenizer")
+    check_data_sources(cfg, vocab_size)
+
+
 def check_data_sources(cfg: DictConfig, vocab_size: int) -> None:
-    """For check_config: data.blend pairs weights (>= 0) with prefixes; each indexed pair
-    (data.blend, data.path) exists, parses and stores ids in a dtype that holds the
-    tokenizer's; or the text file of data.name exists. Raises ConfigError naming the key."""
+    """data.blend pairs weights (>= 0) with prefixes; each indexed pair (data.blend, data.path)
+    exists, parses and stores ids in a dtype that holds the tokenizer's; or the text file of
+    data.name exists. Raises ConfigError naming the key."""
     d = cfg.data
     if d.get("split"):
         try:

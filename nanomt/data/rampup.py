@@ -17,6 +17,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Sequence
 
+from nanomt.config_rules import SCHEDULE_UNITS
+
 
 class BatchSchedule:
     """Global batch size and consumed samples of every step, with or without a ramp-up."""
@@ -88,9 +90,6 @@ def check_rampup(start: int, increment: int, ramp_samples: int, global_batch_siz
     if (global_batch_size - start) % increment:
         raise ValueError(f"train.global_batch_size - START = {global_batch_size} - {start} is "
                          f"not a multiple of INCREMENT = {increment}")
-
-
-SCHEDULE_UNITS = ("steps", "samples", "tokens")
 
 
 def schedule_position(unit: str, consumed_before: Callable[[int], int], seq_len: int

@@ -144,9 +144,7 @@ class HFTokenizerFile(_HFBackedTokenizer):
     def __init__(self, path: str | Path) -> None:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
-                f"tokenizer file not found: {path} (expected a Hugging Face tokenizer.json)"
-            )
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
         tokenizers = _import_tokenizers(f"loading {path}")
         super().__init__(tokenizers.Tokenizer.from_file(str(path)))
         self.path = path
@@ -165,6 +163,4 @@ def build_tokenizer(spec: str) -> Tokenizer:
         return GPT2Tokenizer()
     if spec.endswith(".json"):
         return HFTokenizerFile(spec)
-    raise ValueError(
-        f"unknown tokenizer {spec!r}: expected 'byte', 'gpt2' or a path to a tokenizer.json file"
-    )
+    raise ValueError(f"unknown tokenizer {spec!r}")

@@ -23,10 +23,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from nanomt.config_rules import CHECKPOINTING_MODES
 from nanomt.parallel.random import TensorParallelRNG
-
-MODES = ("none", "selective", "full")
-
 
 @contextlib.contextmanager
 def _tracker_at(rng: TensorParallelRNG, state: dict) -> Iterator[None]:
@@ -54,8 +52,9 @@ def checkpoint(function: Callable, *args: torch.Tensor,
 
 def set_activation_checkpointing(model_chunks: nn.Module | list[nn.Module], mode: str) -> None:
     """Switch every transformer layer of the chunks to `mode` (train.activation_checkpointing)."""
-    if mode not in MODES:
-        raise ValueError(f"train.activation_checkpointing must be one of {MODES}, got {mode!r}")
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"train.activation_checkpointing must be one of {CHECKPOINTING_MODES}, "
+                         f"got {mode!r}")
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     for chunk in chunks:
         for module in chunk.modules():

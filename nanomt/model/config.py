@@ -33,7 +33,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.style not in ("gpt", "llama"):
-            raise ValueError(f"model.style must be 'gpt' or 'llama', got {self.style!r}")
+            raise ValueError(f"model.style must be one of gpt, llama, got {self.style!r}: "
+                             f"set model.style")
         if self.ffn_hidden_size is None:
             if self.style == "gpt":
                 self.ffn_hidden_size = 4 * self.hidden_size
@@ -44,11 +45,9 @@ class ModelConfig:
         if self.tie_embeddings is None:
             self.tie_embeddings = self.style == "gpt"
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size {self.hidden_size} is not divisible by "
-                             f"model.num_heads {self.num_heads}")
-        for name in ("num_layers", "hidden_size", "num_heads", "seq_len", "vocab_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+            raise ValueError(f"model.hidden_size = {self.hidden_size} is not divisible by "
+                             f"model.num_heads = {self.num_heads}: change model.hidden_size or "
+                             f"model.num_heads")
 
     @property
     def head_dim(self) -> int:
@@ -81,7 +80,8 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known - {"name"}
         if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}: remove the key, or "
+                             f"check its spelling")
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def to_dict(self) -> dict:

@@ -32,9 +32,6 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 def cast_to_precision(chunks: list[nn.Module], precision: str) -> dict[int, torch.Tensor]:
     """Cast the model to the compute dtype; return the fp32 values the masters start from (none
     for a model on the meta device: it holds no values yet)."""
-    if precision not in PRECISION_DTYPES:
-        raise ValueError(f"train.precision must be one of {tuple(PRECISION_DTYPES)}, "
-                         f"got {precision!r}")
     dtype = PRECISION_DTYPES[precision]
     if is_on_meta(chunks):
         for chunk in chunks:

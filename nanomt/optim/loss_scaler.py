@@ -35,9 +35,6 @@ class DynamicLossScaler:
     def __init__(self, initial_scale: float = 2.0**16, growth_interval: int = 1000,
                  min_scale: float = 1.0, max_overflows_at_min: int = 10,
                  device: torch.device | str = "cpu"):
-        if initial_scale <= 0 or min_scale <= 0 or growth_interval < 1:
-            raise ValueError("train.loss_scale: initial and min must be > 0, "
-                             "growth_interval >= 1")
         self.growth_interval = growth_interval
         self.min_scale = float(min_scale)
         self.max_overflows_at_min = max_overflows_at_min

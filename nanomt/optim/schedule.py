@@ -14,6 +14,14 @@ import math
 from dataclasses import dataclass
 
 
+def check_floor(max_lr: float, min_lr: float) -> None:
+    """The schedule decays to its floor, so the floor is at most the peak ("what: fix"; the
+    field ranges, warm-up >= 0 and decay >= 1, are the config's: nanomt.config)."""
+    if min_lr > max_lr:
+        raise ValueError(f"optim.min_lr ({min_lr}) exceeds optim.lr ({max_lr}): lower "
+                         f"optim.min_lr or raise optim.lr")
+
+
 @dataclass(frozen=True)
 class WarmupCosine:
     max_lr: float
@@ -22,10 +30,7 @@ class WarmupCosine:
     decay_steps: int
 
     def __post_init__(self) -> None:
-        if self.min_lr > self.max_lr:
-            raise ValueError(f"optim.min_lr ({self.min_lr}) exceeds optim.lr ({self.max_lr})")
-        if self.warmup_steps < 0 or self.decay_steps < 1:
-            raise ValueError("optim.warmup_steps must be >= 0 and the decay length >= 1")
+        check_floor(self.max_lr, self.min_lr)
 
     def __call__(self, step: int) -> float:
         """Learning rate for optimizer step `step` (0-based)."""

@@ -23,6 +23,7 @@ import torch
 
 from nanomt.parallel.no_pipelining import forward_backward_no_pipelining
 from nanomt.parallel.pipeline.engine import forward_backward_pipelining
+from nanomt.parallel.pipeline.posting import checked_plans
 
 
 def get_forward_backward_func(layout, schedule: str = "1f1b") -> Callable[..., torch.Tensor]:
@@ -31,3 +32,11 @@ def get_forward_backward_func(layout, schedule: str = "1f1b") -> Callable[..., t
     if layout.pp == 1:
         return forward_backward_no_pipelining
     return functools.partial(forward_backward_pipelining, schedule=schedule)
+
+
+def check_schedule_plans(schedule: str, pp: int, num_microbatches: int, v: int) -> None:
+    """The posting check (docs/pipeline.md) of the training and the evaluation schedule, at
+    start-up rather than at step 1 (the plans are cached): a plan that would deadlock on NCCL
+    raises ValueError. Without pipelining there is no plan."""
+    for forward_only in (False, True) if pp > 1 else ():
+        checked_plans(schedule, pp, num_microbatches, v, forward_only)

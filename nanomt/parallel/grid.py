@@ -38,16 +38,27 @@ class Coord:
     cp: int = 0
 
 
-def validate_layout(world_size: int, tp: int, pp: int, dp: int, cp: int = 1) -> None:
-    """Raise a clear error, before any collective, when the layout cannot cover the world."""
+def validate_layout(world_size: int, tp: int, pp: int, dp: int | None, cp: int = 1) -> int:
+    """Raise a clear error ("what: fix"), before any collective, when the layout cannot cover
+    the world. Returns dp; dp=None takes what tp*cp*pp leaves of the world."""
     for name, value in (("tp", tp), ("pp", pp), ("dp", dp), ("cp", cp)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"parallel.{name} must be a positive integer, got {value!r}")
+        if (value is None and name == "dp") or (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            continue
+        rule = "a positive integer or null" if name == "dp" else "a positive integer"
+        raise ValueError(f"parallel.{name} must be {rule}, got {value!r}: set parallel.{name}")
+    if dp is None:
+        if world_size % (tp * cp * pp):
+            raise ValueError(f"world size {world_size} is not divisible by tp*cp*pp = "
+                             f"{tp}*{cp}*{pp}, so parallel.dp cannot be inferred: launch a "
+                             f"multiple of tp*cp*pp processes or change parallel.tp/cp/pp")
+        dp = world_size // (tp * cp * pp)
     if tp * cp * pp * dp != world_size:
         raise ValueError(
             f"world size {world_size} != tp*cp*pp*dp = {tp}*{cp}*{pp}*{dp} = "
-            f"{tp * cp * pp * dp}; launch tp*cp*pp*dp processes or change parallel.tp/cp/pp/dp"
+            f"{tp * cp * pp * dp}: launch tp*cp*pp*dp processes or change parallel.tp/cp/pp/dp"
         )
+    return dp
 
 
 class ParallelGrid:

@@ -18,6 +18,6 @@ next forward).
 # Importing the stages' modules registers their classes with GradientBuffer.
 from nanomt.parallel.data_parallel import microbatch_reduce, zero_stages  # noqa: F401
 from nanomt.parallel.data_parallel.finalize import finalize_grads
-from nanomt.parallel.data_parallel.grad_buffer import GRAD_REDUCE_MODES, GradientBuffer
+from nanomt.parallel.data_parallel.grad_buffer import GradientBuffer
 
-__all__ = ["GRAD_REDUCE_MODES", "GradientBuffer", "finalize_grads"]
+__all__ = ["GradientBuffer", "finalize_grads"]

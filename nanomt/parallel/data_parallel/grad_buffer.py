@@ -45,8 +45,6 @@ if TYPE_CHECKING:
     from nanomt.parallel.data_parallel.stage3 import ParameterGatherer
     from nanomt.parallel.grid import ParallelGrid
 
-GRAD_REDUCE_MODES = ("microbatch", "step")
-
 
 @dataclass
 class Reduction:

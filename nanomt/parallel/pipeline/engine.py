@@ -27,13 +27,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nanomt.config_rules import SCHEDULES
 from nanomt.parallel.comm import group_size
 from nanomt.parallel.grid import ParallelGrid
 from nanomt.parallel.pipeline.p2p import PipelineP2P, agree_on_schedule, dtype_code
 from nanomt.parallel.pipeline.partition import allreduce_embedding_grads
 from nanomt.parallel.pipeline.posting import Exchange, Transfer, checked_plans
 from nanomt.parallel.pipeline.scatter_gather import ScatterGatherP2P
-from nanomt.parallel.pipeline.schedules import SCHEDULES, PipelineOp
+from nanomt.parallel.pipeline.schedules import PipelineOp
 from nanomt.parallel.pipeline.timeline import Timeline, maybe_span
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]

@@ -21,12 +21,9 @@ from nanomt.parallel.param_info import param_info
 
 
 def chunk_layer_ranges(num_layers: int, pp: int, virtual_stages: int) -> list[range]:
-    """Layers of each of the p*v global chunks, in model order."""
+    """Layers of each of the p*v global chunks, in model order (p*v divides the layers: the
+    config checks it, nanomt.config.check_pipeline)."""
     chunks = pp * virtual_stages
-    if num_layers < chunks or num_layers % chunks:
-        raise ValueError(f"model.num_layers = {num_layers} does not split into pp * "
-                         f"virtual_stages = {chunks} equal chunks; change parallel.pp or "
-                         f"parallel.virtual_stages")
     per_chunk = num_layers // chunks
     return [range(k * per_chunk, (k + 1) * per_chunk) for k in range(chunks)]
 

@@ -12,7 +12,8 @@ otherwise they are split, in the neighbour's order (`split_in_peer_order`).
 every rank's batches and passes as the engine runs them, a batch completing once every partner
 batch is posted and a pass running once its inputs exist. A plan that breaks the rule or would
 hang fails with one line naming the ranks. `checked_plans` builds and replays a schedule's plans
-once (cached); the engine and the start-up check (`check_config`) both call it.
+once (cached); the engine and the start-up check (forward_backward.check_schedule_plans)
+both call it.
 """
 
 from __future__ import annotations

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEDULES = ("1f1b", "gpipe")
-
 
 @dataclass(frozen=True)
 class PipelineOp:
