@@ -301,7 +301,7 @@ TRAIN_RULES = {
     "train.sample_tokens": POSITIVE_INT,
     "train.sample_temperature": NON_NEGATIVE,
     "logging.log_interval": POSITIVE_INT,
-    "logging.metrics_interval": POSITIVE_INT,  # steps per metrics record and host sync
+    "logging.metrics_interval": POSITIVE_INT,  # steps per metrics record
     "logging.peak_tflops": or_null(POSITIVE),  # MFU's denominator (nanomt.flops)
     "checkpoint.dir": or_null(TEXT),
     "checkpoint.interval": NON_NEGATIVE_INT,  # 0: only on train.exit_after or SIGTERM
