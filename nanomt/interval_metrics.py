@@ -13,10 +13,6 @@ writes a record, which carries its interval's aggregates, as Megatron's averaged
     interval_steps       the steps the record covers: since the previous record of this launch
     skipped_in_interval  updates skipped (inf/nan) among them
     step_time_s          the interval's wall time / its steps
-
-Steps that read nothing at all from the device (the skip decided there by a gated update) were
-removed: their gain is the host launching a step ahead on a GPU, never measured, against a
-second update path and device-side bookkeeping for every stop rule.
 """
 
 from __future__ import annotations
@@ -66,7 +62,7 @@ def read_step(step: int, totals: torch.Tensor, loss: torch.Tensor, grid: Paralle
         along.append(torch.stack([scaler.scale, scaler.failed_at.double()]))
     grad_norm, skipped, values = read_norm(totals, torch.cat(along))
     loss_value, peak_max, signal, *rest = values
-    n = len(DECISIONS) if scaler is None else len(DECISIONS) + 1
+    n = decisions.numel()
     check_agreement(step, rest[:n], [-v for v in rest[n:2 * n]])
     fp16 = rest[2 * n:]
     if scaler is not None:

@@ -63,7 +63,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 def host_values_to(device: torch.device, values: list[float],
                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """`values` as a tensor on `device` without waiting for the GPU: a copy from pageable memory
-    waits for the device's queue to drain (a second sync on a logging step); one staged in
+    waits for the device's queue to drain (a second sync in every step); one staged in
     pinned memory and copied with non_blocking=True is queued behind the step's work instead."""
     host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":

@@ -170,9 +170,9 @@ class Trainer:
                      for t in micro_batch)
 
     def logs_at(self, steps_done: int) -> bool:
-        """Whether step `steps_done` (1-based) writes a metrics record, and so reads from the
-        device: every logging.metrics_interval-th step, and the steps that have a reason to
-        (evaluation, a checkpoint, train.exit_after, the last step)."""
+        """Whether step `steps_done` (1-based) writes a metrics record: every
+        logging.metrics_interval-th step, and the steps that have a reason to (evaluation, a
+        checkpoint, train.exit_after, the last step; a stop or a preemption, in train_step)."""
         c = self.cfg.train
         every = int(self.cfg.logging.get("metrics_interval", 1))
         return (steps_done % every == 0 or steps_done == int(c.steps)
@@ -209,7 +209,7 @@ class Trainer:
         optimizer.step(read.grad_norm, read.skipped)  # AdamW on my shards unless inf/nan
         self.count_nonfinite(step, read)
         self.interval.add(read)
-        if not (self.logs_at(step + 1) or self.over_limit_at is not None):
+        if not (self.logs_at(step + 1) or self.over_limit_at is not None or self.preempted):
             return None
         return self.step_metrics(step, read, lr)
 

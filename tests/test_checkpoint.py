@@ -345,10 +345,13 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
                                                           "step_00000004"]
 
 
-def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path):
+@pytest.mark.parametrize("metrics_interval", [1, 7])
+def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path, metrics_interval):
+    """The signal is read at the next step; that step saves, writes its record (also between
+    two records of logging.metrics_interval) and exits with code 3."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "nanomt.train", *SMALL, "train.steps=100000",
-           f"hydra.run.dir={run_dir}"]
+           f"logging.metrics_interval={metrics_interval}", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(cmd, env=_python_env(), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     metrics = run_dir / "metrics.jsonl"
@@ -360,7 +363,10 @@ def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path):
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 3, output.decode()[-2000:]  # ExitCode.PREEMPTED
-    steps_logged = len(metrics.read_text().splitlines())
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps_logged = records[-1]["step"]  # the preempted step's record
+    assert [r["step"] for r in records[:-1]] == [
+        metrics_interval * k for k in range(1, len(records))]
     root = run_dir / "checkpoints"
     assert (root / "latest").read_text().strip() == f"step_{steps_logged:08d}"
     meta = json.loads((root / f"step_{steps_logged:08d}" / "meta.json").read_text())

@@ -232,7 +232,7 @@ class Checkpointer:
 
 
 def check_resume(cfg: DictConfig, model_cfg: ModelConfig) -> None:
-    """At start-up (nanomt.train.check_launch): train.resume=<folder> holds a checkpoint (or a
+    """At start-up (nanomt.launch_checks.check_launch): train.resume=<folder> holds a checkpoint (or a
     `latest` pointer to one) saved for this model's shape; only its meta.json is read.
     train.resume=auto is checked the same way when checkpoint.dir is set and already has a
     checkpoint (else the run folder is not known yet)."""

@@ -145,7 +145,7 @@ def tokenizer_vocab_size(spec: str) -> int:
 
 
 def check_data(cfg: DictConfig, model_vocab_size: int) -> None:
-    """At start-up (nanomt.train.check_launch): the tokenizer loads and fits the model's
+    """At start-up (nanomt.launch_checks.check_launch): the tokenizer loads and fits the model's
     vocabulary, and the corpus exists (it is not read: tokenizing it is the loader's job)."""
     spec = cfg.data.tokenizer
     try:

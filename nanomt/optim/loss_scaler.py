@@ -69,15 +69,12 @@ class DynamicLossScaler:
         return (1.0 / self.scale).float()
 
     def check(self, failed_at: int, step: int) -> None:
-        """Raise if `failed_at` (a host read of self.failed_at; 0: none) names an update;
-        `step` is the training step of the latest update, to name the failing one."""
+        """Raise if `failed_at` (a host read of self.failed_at, made every step; 0: none)
+        names an update: then it is step `step`'s."""
         if not failed_at:
             return
-        first = step - (self.updates - failed_at)
-        where = f"step {first}" + (f" (found at the record of step {step})" if first != step
-                                   else "")
         raise FloatingPointError(
-            f"{where}: {self.max_overflows_at_min} steps in a row had inf/nan gradients with the "
+            f"step {step}: {self.max_overflows_at_min} steps in a row had inf/nan gradients with the "
             f"loss scale at its minimum ({self.min_scale}): the gradients are not finite at "
             f"any scale. Lower train.loss_scale.min, or look for a NaN in the model/data")
 

@@ -8,7 +8,7 @@ pays nothing). They call torch.distributed through attributes looked up at each 
 (`dist.all_reduce`, `_all_gather_single`, ...), so a test can wrap them to count what a layout
 sends (tests/comm_counting.py).
 
-`Group` is a process group, or None for a world of one.
+`Group` is a process group, or None for a group of one rank (the grid creates none).
 
 Each call also notes which operation this rank entered last and on which named group (`name_group`:
 the grid names tp, pp, dp, embedding, model_parallel; None and the default group are "world").

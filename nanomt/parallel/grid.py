@@ -166,10 +166,3 @@ class ParallelGrid:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
-
-    def describe(self) -> str:
-        return (
-            f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp_size} "
-            f"cp {self.cp_rank}/{self.cp_size} pp {self.pp_rank}/{self.pp_size} "
-            f"dp {self.dp_rank}/{self.dp_size}"
-        )

@@ -135,7 +135,9 @@ def match_batches(plans: Sequence[Sequence[Exchange]]) -> dict[tuple[int, int], 
         theirs = with_peer.get((peer, rank), [])
         for k in range(max(len(mine), len(theirs))):
             a, b = (s[k][1] if k < len(s) else [] for s in (mine, theirs))
-            if sorted((not t.is_send, t.tag) for t in a) != sorted((t.is_send, t.tag) for t in b):
+            # both directions in posting order: NCCL matches a pair's p2p operations in order
+            if ([t.tag for t in a if t.is_send] != [t.tag for t in b if not t.is_send]
+                    or [t.tag for t in a if not t.is_send] != [t.tag for t in b if t.is_send]):
                 raise ValueError(
                     f"pipeline messages break NCCL's ordering rule: batch {k} of rank {rank} "
                     f"with rank {peer} [{', '.join(map(str, a)) or 'none'}] does not mirror "
