@@ -470,8 +470,9 @@ def hydra_main(cfg: DictConfig) -> None:
         summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except NanomtError as error:
         exit_with(error)  # inside Hydra's task: Hydra would print its own traceback otherwise
-    leave_launch()
-    if summary.get("stopped_by") == "preemption":
+    preempted = summary.get("stopped_by") == "preemption"
+    leave_launch(int(ExitCode.PREEMPTED) if preempted else 0)  # a world of one returns
+    if preempted:
         sys.exit(int(ExitCode.PREEMPTED))
 
 

@@ -80,7 +80,7 @@ def test_killed_rank_restarts_and_resumes_bit_exactly(tmp_path, reference, kind)
     result = launch(None, ["checkpoint.interval=4", "train.resume=auto"],
                     fault=f"{kind}:rank=1,step=7", restarts=1, cwd=tmp_path)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + "\n" + result.stderr[-3000:]
     assert f"injected fault: {kind} on rank 1" in output
     (run_dir,) = [p.parent for p in (tmp_path / "outputs").glob("*/*/run.json")]
     assert "resumed from" in output and "step_00000004 at step 4" in output

@@ -23,7 +23,9 @@ restart (the run folder's stamp) are written outside any attempt's prefix.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 import time
 
 import torch
@@ -128,13 +130,23 @@ def init_distributed(timeout_s: float = 300.0, init_timeout_s: float = 300.0,
     return rank, world_size, device
 
 
-def leave_launch() -> None:
-    """Destroy the world group, then let go of the store it lives on, while the interpreter
-    still runs (left to interpreter exit, their C++ threads can be torn down in any order)."""
+def leave_launch(exit_code: int = 0) -> None:
+    """End this process after a run that finished: every rank meets at a barrier (no rank hangs
+    up while a peer still talks to it), destroys the process groups, flushes its output and
+    leaves with `exit_code` at once. Left to interpreter exit, torch's C++ threads (gloo's,
+    the store's) are torn down in no fixed order, which now and then aborts a rank whose run
+    succeeded ("terminate called without an active exception"), and torchrun then counts the
+    launch as failed. A world of one (no process group) returns: the caller exits as usual."""
     global _LAUNCH_STORE
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
     _LAUNCH_STORE = None
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def agree_on_run_stamp(stamp: str) -> str:
