@@ -18,11 +18,11 @@ import torch
 from omegaconf import DictConfig
 
 from nanomt.memory import PeakMemoryMeter
-from nanomt.train import setup
+from nanomt.trainer import setup
 
 
 def step_dtypes(cfg: DictConfig, run_dir: Path) -> dict[str, set[torch.dtype]]:
-    """Set up a run of `cfg` (nanomt.train.setup) and train one step; return the dtypes it used:
+    """Set up a run of `cfg` (nanomt.trainer.setup) and train one step; return the dtypes it used:
     "params" (the model's, for compute), "autograd_grads" (what backward delivers to each
     parameter), "accumulated_grads" (what the optimizer accumulates and reduces) and "masters"
     (the weights AdamW updates). Collective when cfg is a parallel layout: call on every rank."""

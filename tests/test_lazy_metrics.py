@@ -19,7 +19,8 @@ from nanomt.errors import NonFiniteError
 from nanomt.memory import PeakMemoryMeter
 from nanomt.optim.sharded_adamw import ShardedAdamW
 from nanomt.testing import compose_config
-from nanomt.train import run, setup
+from nanomt.train import run
+from nanomt.trainer import setup
 
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.seq_len=16",
         "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_interval=0",

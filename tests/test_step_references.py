@@ -24,7 +24,8 @@ import torch
 from nanomt.memory import PeakMemoryMeter
 from nanomt.optim.loss_scaler import DynamicLossScaler
 from nanomt.testing import compose_config
-from nanomt.train import run, setup
+from nanomt.train import run
+from nanomt.trainer import setup
 
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.seq_len=32",
         "train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_interval=0",

@@ -264,7 +264,7 @@ def reference() -> tuple[list[float], list[float]]:
     from nanomt.config import check_config
     from nanomt.model import GPT
     from nanomt.optim.schedule import WarmupCosine
-    from nanomt.train import build_data
+    from nanomt.data.build import build_samplers
 
     cfg = compose_config(FAST)
     model_cfg, _, _ = check_config(cfg, 1)
@@ -276,7 +276,7 @@ def reference() -> tuple[list[float], list[float]]:
     adamw = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                               foreach=False)
     lr_at = WarmupCosine(o.lr, o.min_lr, o.warmup_steps, o.decay_steps or cfg.train.steps)
-    train_data, _ = build_data(cfg, model_cfg)
+    train_data, _ = build_samplers(cfg, model_cfg.seq_len)
     losses, norms = [], []
     for step in range(STEPS):
         for group in adamw.param_groups:

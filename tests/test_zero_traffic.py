@@ -126,7 +126,7 @@ def _count_host_syncs(run_root: str, extra: tuple = (), steps: int = 2) -> dict:
     the first (Trainer.train_step: schedule, finalize, optimizer update and the step's metrics
     record; then the checkpoint hook), the calls that copy a tensor to the host."""
     from nanomt.memory import PeakMemoryMeter
-    from nanomt.train import setup
+    from nanomt.trainer import setup
 
     cfg = compose_config(TINY + ["parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=2",
                                  "train.global_batch_size=8", f"train.steps={steps + 1}", *extra])
@@ -262,7 +262,7 @@ def _overlap_layout(style: str, stage: int, overlap: bool) -> list[str]:
 
 def _inside_an_overlapped_step(folder: Path, style: str, GPT) -> dict:
     from nanomt.memory import PeakMemoryMeter
-    from nanomt.train import setup
+    from nanomt.trainer import setup
 
     t = setup(compose_config(TINY + _overlap_layout(style, 2, True) + ["train.steps=2"]), folder)
     buffer = t.optimizer.buffer

@@ -232,7 +232,7 @@ def part_one_sync_step(check: Check) -> str:
     import warnings
 
     from nanomt.memory import PeakMemoryMeter
-    from nanomt.train import setup
+    from nanomt.trainer import setup
 
     cfg = compose_config(check.train_overrides("one_sync", 10, [
         f"train.precision={check.half}", "logging.metrics_interval=5"]))
