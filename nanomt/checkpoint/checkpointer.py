@@ -214,8 +214,7 @@ class Checkpointer:
 
         Collective: every rank calls it after every step. preempted: whether some rank got the
         preemption signal (`self.preemption.received`, MAX-reduced over every rank), as the
-        caller read it with its step's values: the trainer in the step's one host sync, on
-        steps that log; False on the others, so a signal is noticed at the next record."""
+        trainer read it in the step's one host sync."""
         if preempted:
             self.stopped_by = "preemption"
         elif self._exit_after_reached(steps_done):
