@@ -91,10 +91,3 @@ def peak_tflops(device_name: str, configured: float | None = None,
                           stacklevel=2)
         return None
     return PEAK_TFLOPS[card][_PRECISION_COLUMN[precision]]
-
-
-def model_flops_utilization(cfg: ModelConfig, global_batch_size: int, step_time_s: float,
-                            num_devices: int, peak_flops_per_device: float) -> float:
-    """Fraction of the hardware's peak spent on the model's own FLOPs (no recompute counted)."""
-    achieved = flops_per_iteration(cfg, global_batch_size) / step_time_s / num_devices
-    return achieved / peak_flops_per_device

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 # for CUDA tensors beside gloo for CPU ones, one GPU per rank: runs through nanomt.train.run
 # (train.device=auto) then train on the GPUs and talk over NCCL.
 TEST_BACKEND_ENV = "NANOMT_TEST_BACKEND"
+START_TIMEOUT_S = 120.0  # for the ranks to meet at the store (not a collective timeout)
 
 
 def distributed_test_backend() -> str:
@@ -56,15 +57,22 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     return _compose_config(overrides)
 
 
-def _init_test_process_group(rank: int, world_size: int, collective_timeout_s: float) -> None:
+def _init_test_process_group(rank: int, world_size: int, port: int,
+                             collective_timeout_s: float) -> None:
+    """The world group with `collective_timeout_s` on its collectives. Meeting at the store
+    has a timeout of its own (START_TIMEOUT_S): on a loaded machine the ranks' processes may
+    start seconds apart, which a test's short collective timeout must not fail."""
     timeout = datetime.timedelta(seconds=collective_timeout_s)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0,
+                          timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
     if distributed_test_backend() != "nccl":
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                                timeout=timeout)
         return
     device = torch.device("cuda", rank)  # one GPU per rank
     torch.cuda.set_device(device)
-    dist.init_process_group("cpu:gloo,cuda:nccl", rank=rank, world_size=world_size,
-                            timeout=timeout, device_id=device)
+    dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank,
+                            world_size=world_size, timeout=timeout, device_id=device)
 
 
 def free_port() -> int:
@@ -81,7 +89,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
                        "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size)})
     torch.set_num_threads(1)  # N ranks share a couple of cores
     try:
-        _init_test_process_group(rank, world_size, collective_timeout_s)
+        _init_test_process_group(rank, world_size, port, collective_timeout_s)
         value = fn(*args, **kwargs)
         buffer = io.BytesIO()
         torch.save(value, buffer)

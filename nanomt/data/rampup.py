@@ -64,13 +64,6 @@ class BatchSchedule:
     def batch_size(self, step: int) -> int:
         return self._sizes[step] if step < self.ramp_steps else self.global_batch_size
 
-    def step_at(self, consumed: int) -> int:
-        """The first step whose start is at or after `consumed` samples."""
-        if consumed <= self._starts[-1]:
-            return bisect.bisect_left(self._starts, consumed)
-        full = consumed - self._starts[-1]
-        return self.ramp_steps + -(-full // self.global_batch_size)
-
     def sizes(self) -> list[int]:
         """Every distinct global batch size, in order (START, START + INCREMENT, ..., G)."""
         if self.rampup is None:
