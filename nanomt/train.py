@@ -75,6 +75,7 @@ def evaluate_all(t: Trainer) -> dict:
             OmegaConf.to_container(t.cfg.train.eval_tasks, resolve=True)))
     return scores
 
+
 def sample(t: Trainer) -> str:
     """The end-of-run sample from the final weights (train.sample), as a printable line."""
     c = t.cfg.train
