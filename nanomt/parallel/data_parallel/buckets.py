@@ -1,22 +1,17 @@
-"""Flat buffers and buckets: how ZeRO lays the parameters and gradients of a rank out in memory.
+"""Flat buckets: how ZeRO lays a rank's parameters and gradients out in memory.
 
-Every parameter lives in a bucket: a flat, contiguous buffer of one dtype holding several
-parameters back to back, padded so that it splits into dp equal shards (Rajbhandari et al. 2019,
-section 5: "partition the [...] states into N_d equal partitions"):
+A bucket is a flat, contiguous buffer of one dtype holding several parameters back to back,
+padded so that it splits into dp equal shards (Rajbhandari et al. 2019, section 5):
 
     bucket (padded_numel = dp * shard_numel)
     | p_7 ......... | p_6 ... | p_5 ............... | pad |
     |   shard of dp rank 0    |   shard of dp rank 1      |
 
-Parameters are views into the bucket's `param_buffer` and their gradients are accumulated into
-its flat `grad_buffer` (where the dtypes agree `param.grad` is itself a view of it), so a whole
-bucket is reduced with one collective. Buckets are filled in reverse parameter order, the order
-in which backward produces gradients, so the first bucket to be complete is the first one sent
-(ZeRO-3 plans one bucket per layer instead: stage3.py).
-
-A `ShardSegment` is the piece of one parameter that falls inside this rank's shard: the optimizer
-walks segments to apply per-parameter rules (weight decay on matrices only, counting a
-tensor-parallel replica once in the gradient norm) to a flat shard.
+Parameters are views into `param_buffer` and their gradients are added into `grad_buffer`, so a
+whole bucket is reduced with one collective. Buckets are filled in reverse parameter order, the
+order in which backward produces gradients, so the first bucket complete is the first sent.
+A `ShardSegment` is the piece of one parameter inside this rank's shard: the optimizer walks
+segments to apply per-parameter rules (weight decay, the norm's counting) to a flat shard.
 """
 
 from __future__ import annotations
@@ -43,8 +38,7 @@ class ShardSegment:
 @dataclass(eq=False)
 class Bucket:
     """A flat group of same-dtype parameters, reduced by one collective and sharded over dp: its
-    layout (fixed when it is made), the memory the gradient buffer gives it, and its progress
-    through the current step."""
+    layout, the memory the gradient buffer gives it, and its progress through the step."""
 
     index: int
     params: list[nn.Parameter]
@@ -145,18 +139,6 @@ def plan_by_size(named_params: list[tuple[str, nn.Parameter]], bucket_size_mb: f
     plans = [([(n, p)], None) for n, p in named_params if id(p) in alone]
     plans += [(group, None) for group in split_by_size(ordered, bucket_numel)]
     return plans
-
-
-def storage_bytes(tensor: torch.Tensor | None) -> int:
-    """Bytes of the storage behind `tensor` (0 for None, and once a ZeRO-3 buffer is freed)."""
-    return 0 if tensor is None else tensor.untyped_storage().nbytes()
-
-
-def distinct_storage_bytes(tensors) -> int:
-    """Bytes behind `tensors`, each storage counted once (a view shares its base's)."""
-    storages = {t.untyped_storage().data_ptr(): storage_bytes(t) for t in tensors
-                if t is not None and storage_bytes(t) > 0}
-    return sum(storages.values())
 
 
 # torch's op that resizes a storage in place, as FSDP2 uses it. The public

@@ -1,21 +1,20 @@
 """The four ZeRO stages (Rajbhandari et al. 2019), one class each: what is sharded over the N_d
 data-parallel ranks, which collective reduces a bucket, and how the updated parameters reach
-every rank. Per step and rank, with Psi the parameter count, in the paper's accounting (an
-all-reduce moves 2 Psi, a reduce-scatter or an all-gather Psi; section 7):
+every rank. Per rank, with Psi parameters, mixed-precision Adam (2 bytes of parameter, 2 of
+gradient, K = 12 of optimizer state) and the paper's traffic (section 7: an all-reduce moves
+2 Psi, a reduce-scatter or an all-gather Psi):
 
-    stage 0  all-reduce the full gradient buffer in place                      2 Psi
-    stage 1  reduce-scatter in place (my shard of the full buffer receives
-             the sum); the optimizer state is my shard's; all-gather the
-             updated parameters in place                                     Psi + Psi
-    stage 2  as stage 1, but a full gradient buffer exists only while its
-             bucket's gradients arrive; my gradient shard is all that stays  Psi + Psi
-    stage 3  as stage 2, and the parameters too stay as my shard, gathered
-             around each layer's forward and backward (stage3.py)           Psi + 2m Psi
+             model-state bytes            traffic      the reduction
+    stage 0  (2 + 2 + K) Psi              2 Psi        all-reduce the gradient buffer in place
+    stage 1  (2 + 2) Psi + K Psi / N_d    Psi + Psi    reduce-scatter in place; after the
+                                                       update, all-gather the parameters
+    stage 2  2 Psi + (2 + K) Psi / N_d    Psi + Psi    as 1, but a full gradient buffer lives
+                                                       only while its bucket's gradients arrive
+    stage 3  (2 + 2 + K) Psi / N_d        Psi + 2m Psi as 2, and parameters gathered around
+                                                       each layer's use (stage3.py)
 
-independent of the number of micro-batches m: each bucket is reduced once per step, during the
-last micro-batch's backward (grad_reduce=microbatch trades that for memory at stages 2-3:
-microbatch_reduce.py). The per-rank bytes follow: gradients g Psi at stages 0-1, g Psi / N_d
-after backward at stages 2-3.
+Each bucket is reduced once per step, in the last micro-batch's backward (microbatch_reduce.py
+trades that for memory at stages 2-3).
 """
 
 from __future__ import annotations
@@ -25,14 +24,11 @@ import torch.distributed as dist
 from torch import nn
 
 from nanomt.parallel import comm
-from nanomt.parallel.data_parallel.buckets import Bucket, storage_bytes
+from nanomt.parallel.data_parallel.buckets import Bucket
 from nanomt.parallel.data_parallel.grad_buffer import GradientBuffer, Reduction
+from nanomt.parallel.data_parallel.memory_accounting import storage_bytes
 from nanomt.parallel.data_parallel.reductions_in_flight import BoundedReductionsInFlight
-from nanomt.parallel.data_parallel.stage3 import (
-    ParameterGatherer,
-    free_params,
-    plan_by_layer,
-)
+from nanomt.parallel.data_parallel.stage3 import ParameterGatherer, free_params, plan_by_layer
 from nanomt.parallel.data_parallel.zero3_prefetch import PrefetchingGatherer
 from nanomt.parallel.deferred_init import InitialValues
 
@@ -122,14 +118,7 @@ class Zero2Buffer(BoundedReductionsInFlight, GradientBuffer, stage=2):
 
     def _retire(self, r: Reduction) -> None:
         super()._retire(r)
-        if r.adds_to_shard:
-            r.bucket.grad_shard.add_(r.bucket.shard_of(r.full))
         self._count_grad_bytes(-storage_bytes(r.full))
-
-    def _count_grad_bytes(self, delta: int) -> None:
-        """The gradient bytes held now and their peak in this step (in flight included)."""
-        self.grad_bytes_now += delta
-        self.peak_grad_bytes = max(self.peak_grad_bytes, self.grad_bytes_now)
 
 
 class Zero3Buffer(Zero2Buffer, stage=3):
