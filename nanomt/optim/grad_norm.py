@@ -3,11 +3,10 @@
     ||g|| = sqrt( sum over every parameter of the whole model, counted exactly once, of ||g_p||^2 )
     g <- g * min(1, max_norm / (||g|| + 1e-6))
 
-A tp shard contributes its own squares; a tensor replicated over tp (norms, row-parallel biases)
-counts on tp rank 0 only, the tied embedding on the first stage only; the partial sums are added
-over tp x pp, and over dp when the ranks hold different ZeRO shards. The same all-reduce sums an
-inf/nan carrier, so every rank agrees on an overflow and skips the update together. All stays on
-the device until `read_norm`, the step's one host read.
+A tp shard adds its own squares; a tensor replicated over tp counts on tp rank 0 only, the tied
+embedding on the first stage only; partial sums are added over tp x pp, and over dp between
+ZeRO shards. The same all-reduce sums an inf/nan carrier, so every rank agrees on an overflow.
+All stays on the device until `read_norm`, the step's one host read.
 """
 
 from __future__ import annotations
@@ -37,13 +36,10 @@ def counted_once(param: nn.Parameter, tp_rank: int) -> bool:
 def squares_and_verdict(pieces: list[tuple[nn.Parameter, torch.Tensor]], device: torch.device,
                         grid: ParallelGrid | None, dp_group: dist.ProcessGroup | None = None,
                         count_squares: bool = True) -> torch.Tensor:
-    """[sum of squares of the whole model's gradient, a sum that is inf/nan exactly when some
-    rank holds an inf/nan gradient]: fp32 on `device` (even with no pieces: NCCL reduces device
-    tensors only), equal on every rank.
-
-    pieces: (parameter, gradient or a slice of it) held by this rank. count_squares=False: this
-    rank only reports inf/nan (its dp replica is counted by another). A piece's norm is inf/nan
-    exactly when the piece holds one (or its squares overflow), so the norms' sum is the verdict.
+    """[sum of squares of the whole gradient, inf/nan exactly when some rank's is]: fp32 on
+    `device` (NCCL reduces device tensors only), equal on every rank. pieces: (parameter, its
+    gradient or a slice) on this rank; count_squares=False: only report inf/nan (a dp replica).
+    A piece's norm is inf/nan exactly when the piece holds one, so the norms' sum is the verdict.
     """
     tp_rank = grid.tp_rank if grid is not None else 0
     totals = torch.zeros(2, dtype=torch.float32, device=device)  # [sum of squares, inf/nan]

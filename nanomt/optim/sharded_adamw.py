@@ -1,18 +1,12 @@
 """The sharded optimizer: AdamW on this rank's shard of every bucket, with fp32 master weights.
 
-ZeRO's optimizer (Rajbhandari et al. 2019; the bytes and traffic per stage: zero_stages.py).
-Where parameters and gradients live, and how gradients are reduced, is the gradient buffer's
-(nanomt.parallel.data_parallel); this object holds only its shard's optimizer state, K Psi / N_d
-(the fp32 master weights, unless the parameters are fp32 and their own masters, and Adam's two
-moments), and runs the step after finalize_grads:
+ZeRO's optimizer state, K Psi / N_d (zero_stages.py): the fp32 masters (unless the parameters
+are fp32 and their own) and Adam's two moments of my shard. After finalize_grads, each step
 
-    clip_grads()   fp16: divide by the loss scale S (loss_scaler.py); the global gradient norm
-                   and the inf/nan verdict, on the device (grad_norm.py); clip by the norm
-    step(verdict)  unless the verdict (read on the host, the same on every rank) says inf/nan:
-                   torch's AdamW on per-parameter views of the fp32 shard (adamw.py), then the
-                   buffer publishes the new shard to the model (ZeRO-1/2: an all-gather)
-
-Checkpoints and memory reports read the state through state_protocol.py.
+    clip_grads()   fp16: unscale (loss_scaler.py); the global norm and the inf/nan verdict on
+                   the device (grad_norm.py); clip
+    step(verdict)  unless inf/nan (read on the host, the same on every rank): torch's AdamW on
+                   per-parameter views of the fp32 shard (adamw.py); publish it to the model
 """
 
 from __future__ import annotations
@@ -38,8 +32,7 @@ class StepResult:
 
 @dataclass
 class ShardState:
-    """AdamW's state for one bucket's shard (fp32, shard_numel elements each), flat: torch's
-    AdamW sees per-parameter views of it (`ShardedAdamW.views`)."""
+    """AdamW's state for one bucket's shard, flat fp32; torch sees per-parameter views."""
 
     master: torch.Tensor       # the parameters' own shard in fp32 runs, else a copy
     exp_avg: torch.Tensor
@@ -47,7 +40,7 @@ class ShardState:
 
 
 class ShardedAdamW(ShardStateProtocol):
-    """AdamW over the shards a GradientBuffer hands out (module docstring)."""
+    """AdamW over the shards a GradientBuffer hands out; state_protocol.py: its state read."""
 
     def __init__(self, buffer: GradientBuffer, *, lr: float, betas: tuple[float, float],
                  eps: float, weight_decay: float, grad_clip: float,
@@ -55,8 +48,7 @@ class ShardedAdamW(ShardStateProtocol):
                  loss_scaler: DynamicLossScaler | None = None):
         self.buffer, self.grid, self.stage = buffer, buffer.grid, buffer.stage
         self.grad_clip = grad_clip
-        # Every scalar of the step is made on this device, even on a rank whose shards hold
-        # only padding (NCCL reduces device tensors only).
+        # The step's scalars live here, even on a rank holding only padding (NCCL: no CPU).
         self.device = buffer.buckets[0].param_buffer.device
         self.loss_scaler = loss_scaler.to(self.device) if loss_scaler is not None else None
         self.steps_taken = 0  # Adam's t: the updates applied so far (read from no device)
@@ -85,9 +77,8 @@ class ShardedAdamW(ShardStateProtocol):
         return ShardState(master, *moments)
 
     def _set_torch_state(self) -> None:
-        """torch's per-parameter state, set before its first step: the moments are views of
-        the flat shards, the step count is Adam's t, kept where torch keeps it (on the device
-        for the fused kernel, else on the host)."""
+        """torch's state, set before its first step: the moments are views of the flat shards,
+        the step count is Adam's t (on the device for the fused kernel, else on the host)."""
         fused = any(group["fused"] for group in self.adamw.param_groups)
         for i, s, view in self.views:
             shard = self.shards[i]
@@ -103,15 +94,12 @@ class ShardedAdamW(ShardStateProtocol):
 
     @torch.no_grad()
     def clip_grads(self) -> torch.Tensor:
-        """Unscale (fp16), take the global norm and the inf/nan verdict, update the loss scale
-        from it (fp16), clip; after finalize_grads. Reads nothing: returns the totals
+        """Unscale, norm, verdict, the next loss scale, clip. Reads nothing: returns the totals
         [||g||^2 before clipping, inf/nan carrier] on the device (grad_norm.read_norm)."""
         buffer = self.buffer
         buffer.release_prefetched()  # no ZeRO-3 gather may read a shard while it is updated
         buffer.wait_for_params()  # nor a ZeRO-1/2 gather left in flight by the last step
-        # Gradients complete, nothing freed yet: the step's peak of model-state memory.
-        self.memory_after_backward = {**self.memory(),
-                                      "grads_peak_in_backward": buffer.peak_grad_bytes}
+        self.note_memory_after_backward()  # nothing freed yet: the step's peak
         scaler = self.loss_scaler
         grads = [g.float() for g in buffer.local_grad_shards()]  # a copy only if not fp32
         if scaler is not None:
@@ -131,9 +119,8 @@ class ShardedAdamW(ShardStateProtocol):
     @torch.no_grad()
     def step(self, grad_norm: float | None = None, overflow: bool | None = None
              ) -> StepResult:
-        """AdamW on my shards, then publish the updated parameters; on `overflow` (inf/nan,
-        read on the host) nothing is updated. Without a verdict: finalize_grads, clip_grads
-        and their one read happen here (torch.optim's one-call step)."""
+        """AdamW on my shards, then publish them; nothing on `overflow`. Without a verdict,
+        finalize_grads, clip_grads and their read run here (torch.optim's one-call step)."""
         if overflow is None:
             finalize_grads(self.buffer)  # a no-op when the caller has run it
             grad_norm, overflow, _ = read_norm(self.clip_grads())
@@ -147,8 +134,7 @@ class ShardedAdamW(ShardStateProtocol):
 
     @property
     def loss_scale(self) -> float | torch.Tensor:
-        """S for the schedule, which starts backward from S * loss / m: 1.0 unless fp16, else
-        on the device in fp32 (the loss's dtype), so that the schedule reads nothing."""
+        """S: backward starts from S * loss / m. 1.0, or fp16's S on the device in fp32."""
         return self.loss_scaler.scale.float() if self.loss_scaler is not None else 1.0
 
     @property

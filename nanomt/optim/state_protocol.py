@@ -9,7 +9,7 @@ speaks this protocol):
         (and "master" under bf16/fp16) of my shard; load_checkpoint_state(read) reads them back
     scalar_state() / load_scalar_state(): {"step", "loss_scaler"}
     parameter_shards(), full_parameters(writeback=...): ZeRO-3's weights as shards / gathered
-    memory(): the bytes this rank holds for model states (nanomt.memory's report)
+    memory(), memory_after_backward: the bytes this rank holds for model states (nanomt.memory)
 """
 
 from __future__ import annotations
@@ -118,9 +118,15 @@ class ShardStateProtocol:
                 state += storage_bytes(shard.master)
         return {**self.buffer.memory(), "optimizer_state": state}
 
+    def note_memory_after_backward(self) -> None:
+        """`memory_after_backward`: model-state bytes with the gradients complete."""
+        self.memory_after_backward = {**self.memory(),
+                                      "grads_peak_in_backward": self.buffer.peak_grad_bytes}
+
     @property
     def buckets(self) -> list:
         return self.buffer.buckets
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return self.buffer.named_parameters()
+        """(key, parameter) for every parameter, key = "<chunk index>.<name in the chunk>"."""
+        return [(name, p) for b in self.buffer.buckets for name, p in zip(b.names, b.params)]

@@ -1,19 +1,16 @@
-"""ZeRO-3: parameters live as 1/dp shards and are gathered only around the module that uses them.
+"""ZeRO-3: parameters live as 1/dp shards, gathered only around the module that uses them.
 
-Each ZeRO-3 bucket belongs to a unit: a transformer layer, or a model chunk for its embeddings,
-final norm and head. Module hooks materialise a unit just in time (Rajbhandari et al. 2019,
-section 5.3, "P_os+g+p"):
+Each bucket belongs to a unit (a transformer layer, or a chunk for its embeddings, final norm
+and head), materialised just in time by module hooks (Rajbhandari et al. 2019, section 5.3):
 
     forward   pre-hook: all-gather the unit's parameters -> run the module -> hook: free them
-    backward  the gradient arriving at the module's output: all-gather them again -> the
-              module's backward -> once every parameter's gradient is accumulated: free them
+    backward  gradient at the module's output: all-gather again -> the module's backward ->
+              every parameter's gradient accumulated: free them
 
-A forward that runs while its unit is in backward is an activation-checkpointing recompute: it
-must not free what backward still needs. Freeing resizes the flat buffer's storage to zero and
-points each parameter at a NaN stand-in of its shape (a view of the freed storage would read
-past its end; a stray read shows NaN instead). Autograd saves a weight as the parameter itself,
-so backward sees the re-gathered values. The chunk's unit stays gathered through the chunk's
-forward, and again from the loss's backward to its last gradient (the input embedding's).
+A forward while its unit is in backward is an activation-checkpointing recompute: it must not
+free. Freeing resizes the flat storage to zero and points each parameter at a NaN stand-in of
+its shape (a stray read shows NaN, not freed memory); autograd saved the parameter itself, so
+backward sees the re-gathered values.
 """
 
 from __future__ import annotations
@@ -103,10 +100,8 @@ class ParameterGatherer:
         self.unit_of_param: dict[int, GatherUnit] = {}
         chunk_ids = {id(chunk) for chunk in chunks}
         for bucket in buckets:
-            unit = self.units.get(id(bucket.owner))
-            if unit is None:
-                unit = GatherUnit(bucket.owner, is_layer=id(bucket.owner) not in chunk_ids)
-                self.units[id(bucket.owner)] = unit
+            unit = self.units.setdefault(id(bucket.owner), GatherUnit(
+                bucket.owner, is_layer=id(bucket.owner) not in chunk_ids))
             unit.buckets.append(bucket)
             unit.num_params += len(bucket.params)
             for param in bucket.params:
@@ -149,15 +144,8 @@ class ParameterGatherer:
         """Nothing is gathered ahead here (zero3_prefetch.py)."""
 
     # ---- hooks -------------------------------------------------------------------------------
-    def before_forward(self, unit: GatherUnit) -> None:
-        self.gather(unit)
-
-    def before_backward(self, unit: GatherUnit) -> None:
-        unit.in_backward = True
-        self.gather(unit)
-
     def _pre_hook(self, unit: GatherUnit, module, args) -> None:
-        self.before_forward(unit)
+        self.gather(unit)
 
     def _post_hook(self, unit: GatherUnit, module, args, output) -> None:
         if unit.in_backward:
@@ -169,11 +157,12 @@ class ParameterGatherer:
         self.free(unit)
 
     def _output_grad_hook(self, unit: GatherUnit, grad: torch.Tensor) -> torch.Tensor:
-        self.before_backward(unit)
+        unit.in_backward = True
+        self.gather(unit)
         return grad
 
     def on_grad_ready(self, param: nn.Parameter) -> None:
-        """Called after a parameter's gradient was accumulated: free the unit once all are."""
+        """A parameter's gradient is accumulated: free its unit once all are."""
         unit = self.unit_of_param[id(param)]
         unit.grads_seen += 1
         if unit.grads_seen == unit.num_params:
@@ -182,7 +171,7 @@ class ParameterGatherer:
             self.free(unit)
 
     def gather_all(self) -> None:
-        """Materialise every parameter (for export or a checkpoint of the full weights)."""
+        """Materialise every parameter (to export the full weights)."""
         for unit in self.units.values():
             self.gather(unit)
 

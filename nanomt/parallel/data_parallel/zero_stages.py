@@ -1,8 +1,7 @@
 """The four ZeRO stages (Rajbhandari et al. 2019), one class each: what is sharded over the N_d
-data-parallel ranks, which collective reduces a bucket, and how the updated parameters reach
-every rank. Per rank, with Psi parameters, mixed-precision Adam (2 bytes of parameter, 2 of
-gradient, K = 12 of optimizer state) and the paper's traffic (section 7: an all-reduce moves
-2 Psi, a reduce-scatter or an all-gather Psi):
+dp ranks, which collective reduces a bucket, how the updated parameters reach every rank. Per
+rank, with Psi parameters, mixed-precision Adam (bytes: 2 parameter, 2 gradient, K = 12 state)
+and section 7's traffic (an all-reduce moves 2 Psi, a reduce-scatter or an all-gather Psi):
 
              model-state bytes            traffic      the reduction
     stage 0  (2 + 2 + K) Psi              2 Psi        all-reduce the gradient buffer in place
@@ -13,8 +12,7 @@ gradient, K = 12 of optimizer state) and the paper's traffic (section 7: an all-
     stage 3  (2 + 2 + K) Psi / N_d        Psi + 2m Psi as 2, and parameters gathered around
                                                        each layer's use (stage3.py)
 
-Each bucket is reduced once per step, in the last micro-batch's backward (microbatch_reduce.py
-trades that for memory at stages 2-3).
+Each bucket is reduced once a step, in the last micro-batch's backward (microbatch_reduce.py).
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ from nanomt.parallel import comm
 from nanomt.parallel.data_parallel.buckets import Bucket
 from nanomt.parallel.data_parallel.grad_buffer import GradientBuffer, Reduction
 from nanomt.parallel.data_parallel.memory_accounting import storage_bytes
+from nanomt.parallel.data_parallel.param_gather import OverlappedParamGather
 from nanomt.parallel.data_parallel.reductions_in_flight import BoundedReductionsInFlight
 from nanomt.parallel.data_parallel.stage3 import ParameterGatherer, free_params, plan_by_layer
 from nanomt.parallel.data_parallel.zero3_prefetch import PrefetchingGatherer
@@ -34,8 +33,7 @@ from nanomt.parallel.deferred_init import InitialValues
 
 
 class AllReduceBuffer(GradientBuffer, stage=0):
-    """ZeRO-0, plain data parallelism: every rank keeps every gradient and updates every
-    parameter; a bucket is all-reduced in place."""
+    """ZeRO-0, plain data parallelism: every rank reduces and updates everything."""
 
     shards_over_dp = False
 
@@ -57,10 +55,8 @@ class AllReduceBuffer(GradientBuffer, stage=0):
         return comm.all_reduce_async(b.grad_buffer, self.dp_group)
 
 
-class Zero1Buffer(AllReduceBuffer, stage=1):
-    """ZeRO-1 (P_os): the gradient buffer stays full, but only my shard of it needs the sum,
-    so a reduce-scatter in place replaces the all-reduce; after the update, the parameters'
-    all-gather gives every rank the other shards."""
+class Zero1Buffer(OverlappedParamGather, AllReduceBuffer, stage=1):
+    """ZeRO-1 (P_os): only my shard of the full gradient buffer needs the sum."""
 
     shards_over_dp = True
     gathers_params_after_step = True
@@ -70,11 +66,9 @@ class Zero1Buffer(AllReduceBuffer, stage=1):
                                         async_op=True)
 
 
-class Zero2Buffer(BoundedReductionsInFlight, GradientBuffer, stage=2):
-    """ZeRO-2 (P_os+g): only my gradient shard persists. A bucket's full buffer is allocated at
-    its round's first gradient and reduce-scattered into my shard when complete; it is freed
-    once that reduction is done (reductions_in_flight.py bounds how many wait), so after
-    backward only shards remain."""
+class Zero2Buffer(OverlappedParamGather, BoundedReductionsInFlight, GradientBuffer, stage=2):
+    """ZeRO-2 (P_os+g): a full buffer lives from its bucket's first gradient until its
+    reduce-scatter into my shard is done (reductions_in_flight.py bounds how many wait)."""
 
     gathers_params_after_step = True
 
@@ -88,7 +82,7 @@ class Zero2Buffer(BoundedReductionsInFlight, GradientBuffer, stage=2):
         super().zero_grad(set_to_none, num_microbatches)
 
     def _full_grad_buffer(self, b: Bucket) -> torch.Tensor:
-        """Not zeroed: each slot's first gradient is copied in, the rest zeroed at the end."""
+        """Not zeroed: first gradients are copied in, unfilled slots zeroed at the end."""
         if b.grad_buffer is None:
             self._retire_completed()
             b.grad_buffer = torch.empty(b.padded_numel, dtype=self.grad_dtype(b),
@@ -122,9 +116,7 @@ class Zero2Buffer(BoundedReductionsInFlight, GradientBuffer, stage=2):
 
 
 class Zero3Buffer(Zero2Buffer, stage=3):
-    """ZeRO-3 (P_os+g+p): as ZeRO-2, and each bucket's parameters are kept only as my shard.
-    Buckets are per layer; stage3.py gathers a layer's around its forward and backward and
-    frees them after, so there is nothing to all-gather after the update."""
+    """ZeRO-3 (P_os+g+p): as ZeRO-2, and the parameters too persist only as my shard."""
 
     gathers_params_after_step = False
 
