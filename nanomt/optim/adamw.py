@@ -1,18 +1,16 @@
-"""AdamW (Loshchilov & Hutter 2019) with weight decay on matrices only. The update is torch's
-own (torch.optim.AdamW); this module says which tensors it sees, in which group. Per element,
-with gradient g at step t:
+"""AdamW (Loshchilov & Hutter 2019), weight decay on matrices only: torch.optim.AdamW, told
+which tensors it sees in which group. Per element, with gradient g at step t:
 
     w <- w (1 - lr wd)                                   decoupled decay (matrices only)
     m <- b1 m + (1 - b1) g        v <- b2 v + (1 - b2) g^2
     w <- w - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
 Under ZeRO the tensors are per-parameter views of this rank's fp32 shard (as Megatron's
-distributed optimizer): the update is element-wise, so where a shard boundary falls changes no
-number. Kernels: `fused` on CUDA (one kernel, its step count on the device: nothing read);
-`foreach` elsewhere, since on CPU the fused kernel rounds its vectorised body and its tail
-differently (an element's result would depend on its place in the shard). Measured on 2 CPU
-cores (run_all's 3.3M-parameter model): 16-19 ms a step against 12-15 ms for the hand-written
-update it replaced, under 1% of the 0.63 s step; on CUDA one pass where that made ten.
+distributed optimizer); the update is element-wise, so shard boundaries change no number.
+Kernels: `fused` on CUDA (one pass, nothing read to the host); `foreach` on CPU, where the fused
+kernel would round an element by its place in the shard. Measured on 2 CPU cores (run_all's
+3.3M-parameter model): 16-19 ms a step against 12-15 ms for the hand-written update it
+replaced, under 1% of the 0.63 s step; on CUDA one pass where that made ten.
 """
 
 from __future__ import annotations

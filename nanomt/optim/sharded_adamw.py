@@ -27,7 +27,6 @@ from nanomt.parallel.data_parallel.buckets import Bucket
 class StepResult:
     grad_norm: float   # global norm of the (unscaled) gradient before clipping
     skipped: bool      # True when an inf/nan gradient made every rank skip the update
-    loss_scale: float | torch.Tensor  # of this step's backward (fp16: S on the device)
 
 
 @dataclass
@@ -61,7 +60,6 @@ class ShardedAdamW(ShardStateProtocol):
         self.adamw = build_adamw([(s.param, view) for _, s, view in self.views], lr=lr,
                                  betas=betas, eps=eps, weight_decay=weight_decay)
         self._set_torch_state()
-        self._loss_scale: float | torch.Tensor = 1.0  # of the backward being clipped
 
     @torch.no_grad()
     def _shard_state(self, b: Bucket, master_params: dict[int, torch.Tensor]) -> ShardState:
@@ -108,7 +106,6 @@ class ShardedAdamW(ShardStateProtocol):
         # At ZeRO-0 every dp replica holds the same gradients: dp rank 0 counts them.
         totals = squares_and_verdict(pieces, self.device, self.grid, buffer.dp_group,
                                      count_squares=self.stage > 0 or buffer.dp_rank == 0)
-        self._loss_scale = scaler.scale if scaler is not None else 1.0
         if scaler is not None:  # the next step's S, from the verdict, without reading it
             scaler.update(~torch.isfinite(totals).all())
         clip_(grads, totals, self.grad_clip)
@@ -130,7 +127,7 @@ class ShardedAdamW(ShardStateProtocol):
             self.buffer.publish_params([shard.master for shard in self.shards])
         for _, _, view in self.views:
             view.grad = None  # the gradients are the buffer's again
-        return StepResult(grad_norm, overflow, self._loss_scale)
+        return StepResult(grad_norm, overflow)
 
     @property
     def loss_scale(self) -> float | torch.Tensor:

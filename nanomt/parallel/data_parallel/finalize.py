@@ -1,15 +1,13 @@
-"""finalize_grads: the step's phase between the schedule and the optimizer.
-
-Every gradient must be complete before anyone clips it (Megatron's finalize_model_grads):
+"""finalize_grads: the step's phase between the schedule and the optimizer (Megatron's
+finalize_model_grads). Every gradient is complete before anyone clips it:
 
     1. data parallel      wait for the buckets' reductions over dp
-    2. sequence parallel  a norm weight or bias under SP saw only this rank's s/t tokens: its
-                          gradient is a partial sum, all-reduced over tp
-    3. tied embedding     the first and last pipeline stage each hold part of its gradient:
-                          all-reduced over the embedding group
+    2. sequence parallel  a norm's gradient under SP covers only this rank's s/t tokens: a
+                          partial sum, all-reduced over tp
+    3. tied embedding     the first and last stage each hold part of its gradient: all-reduced
+                          over the embedding group
 
-Sums are linear, so 2 and 3 run on this rank's reduced shard only: the buckets' layout is the
-same on every tp rank of a stage, and on both stages for the tied embedding's own bucket.
+Sums are linear, so 2 and 3 run on my reduced shard only (the buckets' layouts match).
 """
 
 from __future__ import annotations

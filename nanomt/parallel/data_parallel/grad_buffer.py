@@ -80,13 +80,9 @@ class GradientBuffer(GradientMemoryMeter):
         self.dp_rank = dist.get_rank(self.dp_group) if self.dp > 1 else 0
         self.gatherer: ParameterGatherer | None = None  # ZeRO-3 (stage3.py)
 
-        self.names: dict[int, str] = {}
-        named: list[tuple[str, nn.Parameter]] = []
-        for chunk_index, chunk in enumerate(self.chunks):
-            for name, param in chunk.named_parameters():
-                if param.requires_grad:
-                    self.names[id(param)] = f"{chunk_index}.{name}"
-                    named.append((f"{chunk_index}.{name}", param))
+        named = [(f"{chunk_index}.{name}", param) for chunk_index, chunk in enumerate(self.chunks)
+                 for name, param in chunk.named_parameters() if param.requires_grad]
+        self.names = {id(param): name for name, param in named}
         self.shared_ids = {id(p) for p in self.shared_embedding_params()}
         shard_world, shard_rank = (self.dp, self.dp_rank) if self.shards_over_dp else (1, 0)
         self.buckets = [make_bucket(index, params, shard_world, shard_rank, owner)
@@ -96,10 +92,9 @@ class GradientBuffer(GradientMemoryMeter):
                           for p, offset in zip(b.params, b.offsets)}
         for b in self.buckets:
             self._allocate(b, initial_values)
-        self.in_flight: list[Reduction] = []
-        for b in self.buckets:
             for param in b.params:
                 param.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self.in_flight: list[Reduction] = []
         self.zero_grad(num_microbatches=num_microbatches)
 
     # ---- layout ------------------------------------------------------------------------------
