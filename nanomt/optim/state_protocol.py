@@ -10,6 +10,7 @@ speaks this protocol):
     scalar_state() / load_scalar_state(): {"step", "loss_scaler"}
     parameter_shards(), full_parameters(writeback=...): ZeRO-3's weights as shards / gathered
     memory(), memory_after_backward: the bytes this rank holds for model states (nanomt.memory)
+    buckets, named_parameters(): the buffer's layout and its parameters' keys
 """
 
 from __future__ import annotations
