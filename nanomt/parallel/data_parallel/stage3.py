@@ -97,15 +97,14 @@ class ParameterGatherer:
     def __init__(self, chunks: list[nn.Module], buckets: list[Bucket], group):
         self.dp_group, self.dp = group, comm.group_size(group)
         self.units: dict[int, GatherUnit] = {}
-        self.unit_of_param: dict[int, GatherUnit] = {}
         chunk_ids = {id(chunk) for chunk in chunks}
         for bucket in buckets:
             unit = self.units.setdefault(id(bucket.owner), GatherUnit(
                 bucket.owner, is_layer=id(bucket.owner) not in chunk_ids))
             unit.buckets.append(bucket)
             unit.num_params += len(bucket.params)
-            for param in bucket.params:
-                self.unit_of_param[id(param)] = unit
+            for param in bucket.params:  # after the buffer's own hook (registered first)
+                param.register_post_accumulate_grad_hook(partial(self._param_grad_hook, unit))
         for unit in self.units.values():
             unit.module.register_forward_pre_hook(partial(self._pre_hook, unit))
             unit.module.register_forward_hook(partial(self._post_hook, unit))
@@ -161,9 +160,9 @@ class ParameterGatherer:
         self.gather(unit)
         return grad
 
-    def on_grad_ready(self, param: nn.Parameter) -> None:
+    @torch.no_grad()
+    def _param_grad_hook(self, unit: GatherUnit, param: nn.Parameter) -> None:
         """A parameter's gradient is accumulated: free its unit once all are."""
-        unit = self.unit_of_param[id(param)]
         unit.grads_seen += 1
         if unit.grads_seen == unit.num_params:
             unit.grads_seen = 0

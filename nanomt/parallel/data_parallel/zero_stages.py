@@ -140,11 +140,6 @@ class Zero3Buffer(Zero2Buffer, stage=3):
     def own_param_shard(self, b: Bucket) -> torch.Tensor:
         return b.param_shard
 
-    @torch.no_grad()
-    def _on_grad_ready(self, param: nn.Parameter) -> None:
-        super()._on_grad_ready(param)
-        self.gatherer.on_grad_ready(param)  # frees the layer once all its gradients are in
-
     def release_prefetched(self) -> None:
         if self.gatherer is not None:  # None while __init__ runs
             self.gatherer.release_prefetched()
