@@ -3,17 +3,10 @@
     ||g|| = sqrt( sum over every parameter of the whole model, counted exactly once, of ||g_p||^2 )
     g <- g * min(1, max_norm / (||g|| + 1e-6))
 
-A tensor-parallel shard contributes its own squares; a tensor replicated on every tp rank
-(norms, row-parallel biases, position embeddings) is counted on tp rank 0 only; a tied word
-embedding kept on both the first and last pipeline stage is counted on the first only. The
-partial sums are then added over the model-parallel group (tp x pp). Data-parallel replicas hold
-identical (all-reduced) gradients and are not added again; sharded gradients (ZeRO-1/2/3 shards)
-are summed over dp too.
-
-The same all-reduce counts inf/nan elements, so that every rank of the world agrees on an
-overflow (and skips the update together). Everything stays on the device until `read_norm`, the
-step's one host read. The totals are made on the step's device even when this rank holds no
-piece (its shards all padding): NCCL all-reduces device tensors only.
+A tp shard adds its own squares; a tensor replicated over tp counts on tp rank 0 only, the tied
+embedding on the first stage only; partial sums are added over tp x pp, and over dp between
+ZeRO shards. The same all-reduce sums an inf/nan carrier, so every rank agrees on an overflow.
+All stays on the device until `read_norm`, the step's one host read.
 """
 
 from __future__ import annotations
@@ -43,25 +36,18 @@ def counted_once(param: nn.Parameter, tp_rank: int) -> bool:
 def squares_and_verdict(pieces: list[tuple[nn.Parameter, torch.Tensor]], device: torch.device,
                         grid: ParallelGrid | None, dp_group: dist.ProcessGroup | None = None,
                         count_squares: bool = True) -> torch.Tensor:
-    """[sum of squares of the whole model's gradient, a sum that is inf/nan exactly when some
-    rank holds an inf/nan gradient]: fp32 on `device`, equal on every rank; no host read.
-
-    pieces: (parameter, gradient or a slice of it) held by this rank. dp_group: the group whose
-    ranks hold different pieces of the same parameters (ZeRO shards); None when dp replicas are
-    identical. count_squares=False: this rank only reports inf/nan (a dp replica of a gradient
-    another rank counts). One fused norm kernel over all pieces (torch._foreach_norm), one
-    all-reduce over dp, one over tp x pp. A piece's norm is inf/nan exactly when the piece holds
-    an inf/nan (or its squares overflow fp32, which is as fatal), so the sum of every piece's
-    norm carries the verdict.
+    """[sum of squares of the whole gradient, inf/nan exactly when some rank's is]: fp32 on
+    `device` (NCCL reduces device tensors only), equal on every rank. pieces: (parameter, its
+    gradient or a slice) on this rank; count_squares=False: only report inf/nan (a dp replica).
+    A piece's norm is inf/nan exactly when the piece holds one, so the norms' sum is the verdict.
     """
     tp_rank = grid.tp_rank if grid is not None else 0
     totals = torch.zeros(2, dtype=torch.float32, device=device)  # [sum of squares, inf/nan]
     counts = [count_squares and counted_once(param, tp_rank) for param, _ in pieces]
     counted = [grad for (_, grad), count in zip(pieces, counts) if count]
     others = [grad for (_, grad), count in zip(pieces, counts) if not count]
-    # fp64 accumulation: the squares summed in another grouping of the same elements (other
-    # shards, other layouts) agree to well below fp32's rounding. Split on the host, not masked
-    # on the device: a mask would be a host-to-device copy, which waits for the device.
+    # fp64: other groupings of the same squares (other shards, layouts) agree well below fp32's
+    # rounding. Split on the host: a mask on the device would be a copy that waits for it.
     norms = [torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))
              for grads in (counted, others) if grads]
     if counted:
@@ -75,16 +61,16 @@ def squares_and_verdict(pieces: list[tuple[nn.Parameter, torch.Tensor]], device:
 
 
 def clip_(grads: list[torch.Tensor], totals: torch.Tensor, max_norm: float) -> None:
-    """Scale `grads` in place by min(1, max_norm / (||g|| + 1e-6)), ||g|| from `totals`; on the
-    device (an inf/nan norm makes them nan: the step is then skipped anyway)."""
+    """g <- g * min(1, max_norm / (||g|| + 1e-6)) on the device (an inf/nan norm makes them nan:
+    the step is then skipped anyway)."""
     if max_norm > 0 and grads:
         torch._foreach_mul_(grads, torch.clamp(max_norm / (totals[0].sqrt() + 1e-6), max=1.0))
 
 
 def read_norm(totals: torch.Tensor, along: torch.Tensor | None = None
               ) -> tuple[float, bool, list[float]]:
-    """The host's copy of `squares_and_verdict`'s totals, in one sync: (||g||, whether any rank
-    holds an inf/nan gradient, the values of `along`, which travel in the same copy)."""
+    """One host read of the totals: (||g||, whether any rank holds an inf/nan gradient, the
+    values of `along`, which travel in the same copy)."""
     extra = along.reshape(-1).double() if along is not None else totals.new_empty(0).double()
     sum_of_squares, verdict, *values = torch.cat([totals.double(), extra]).tolist()
     overflow = not (math.isfinite(verdict) and math.isfinite(sum_of_squares))

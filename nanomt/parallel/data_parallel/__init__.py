@@ -12,7 +12,7 @@ schedule and optimizer). Layers, each named for what it buys: reductions_in_flig
 memory for ZeRO-2/3's reduce-scatters in flight), microbatch_reduce.py (grad_reduce=microbatch:
 only gradient shards between micro-batches), zero3_prefetch.py (the next layer's gather during
 this one's compute), param_gather.py (ZeRO-1/2: the parameters' all-gather waited for in the
-next forward).
+next forward), memory_accounting.py (the bytes held and their peak, for ZeRO's memory checks).
 """
 
 # Importing the stages' modules registers their classes with GradientBuffer.

@@ -1,22 +1,15 @@
-"""Flat buffers and buckets: how ZeRO lays the parameters and gradients of a rank out in memory.
+"""Flat buckets: how ZeRO lays a rank's parameters and gradients out in memory.
 
-Every parameter lives in a bucket: a flat, contiguous buffer of one dtype holding several
-parameters back to back, padded so that it splits into dp equal shards (Rajbhandari et al. 2019,
-section 5: "partition the [...] states into N_d equal partitions"):
+A bucket holds several parameters of one dtype back to back in one flat buffer, padded to split
+into dp equal shards (Rajbhandari et al. 2019, section 5), and is reduced by one collective:
 
     bucket (padded_numel = dp * shard_numel)
     | p_7 ......... | p_6 ... | p_5 ............... | pad |
     |   shard of dp rank 0    |   shard of dp rank 1      |
 
-Parameters are views into the bucket's `param_buffer` and their gradients are accumulated into
-its flat `grad_buffer` (where the dtypes agree `param.grad` is itself a view of it), so a whole
-bucket is reduced with one collective. Buckets are filled in reverse parameter order, the order
-in which backward produces gradients, so the first bucket to be complete is the first one sent
-(ZeRO-3 plans one bucket per layer instead: stage3.py).
-
-A `ShardSegment` is the piece of one parameter that falls inside this rank's shard: the optimizer
-walks segments to apply per-parameter rules (weight decay on matrices only, counting a
-tensor-parallel replica once in the gradient norm) to a flat shard.
+Buckets follow reverse parameter order, the order of backward, so the first complete is the
+first sent. A `ShardSegment` is one parameter's piece of my shard: the optimizer walks segments
+to apply per-parameter rules (weight decay, the norm's counting) to a flat shard.
 """
 
 from __future__ import annotations
@@ -33,7 +26,6 @@ class ShardSegment:
     owning bucket's shard."""
 
     param: nn.Parameter
-    name: str
     param_lo: int
     param_hi: int
     shard_lo: int
@@ -42,18 +34,17 @@ class ShardSegment:
 
 @dataclass(eq=False)
 class Bucket:
-    """A flat group of same-dtype parameters, reduced by one collective and sharded over dp: its
-    layout (fixed when it is made), the memory the gradient buffer gives it, and its progress
-    through the current step."""
+    """One bucket: its layout (fixed by make_bucket), its memory, its progress in the step."""
 
     index: int
     params: list[nn.Parameter]
     names: list[str]
     offsets: list[int]            # start of each parameter in the flat buffer
     dtype: torch.dtype
-    padded_numel: int
-    shard_world: int              # 1 (ZeRO-0: nothing sharded) or dp
-    shard_rank: int
+    numel: int                    # the parameters' elements; then padding up to padded_numel
+    padded_numel: int             # shard_world * shard_numel
+    shard_numel: int
+    shard_lo: int                 # my shard: [shard_lo, shard_lo + shard_numel)
     owner: nn.Module | None = None  # ZeRO-3: the module whose forward needs this bucket gathered
     segments: list[ShardSegment] = field(default_factory=list)
     # memory
@@ -70,30 +61,15 @@ class Bucket:
     final_launched: bool = False  # the step's last reduction started: no gradient may follow
     gathered: bool = False        # ZeRO-3: param_buffer holds the parameters now
 
-    @property
-    def numel(self) -> int:
-        return self.offsets[-1] + self.params[-1].numel() if self.params else 0
-
-    @property
-    def shard_numel(self) -> int:
-        return self.padded_numel // self.shard_world
-
-    @property
-    def shard_lo(self) -> int:
-        return self.shard_rank * self.shard_numel
-
     def shard_of(self, flat: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a full flat buffer of this bucket."""
         return flat[self.shard_lo: self.shard_lo + self.shard_numel]
 
 
-def pad_to_multiple(numel: int, multiple: int) -> int:
-    return -(-numel // multiple) * multiple
-
-
 def make_bucket(index: int, named_params: list[tuple[str, nn.Parameter]], shard_world: int,
                 shard_rank: int, owner: nn.Module | None = None) -> Bucket:
-    """Lay `named_params` out back to back; compute which of their pieces are in my shard."""
+    """Lay `named_params` out back to back, padded to shard_world equal shards (1 at ZeRO-0);
+    note which of their pieces fall in my shard."""
     dtypes = {p.dtype for _, p in named_params}
     if len(dtypes) != 1:
         raise ValueError(f"a bucket holds one dtype, got {sorted(map(str, dtypes))}")
@@ -101,72 +77,48 @@ def make_bucket(index: int, named_params: list[tuple[str, nn.Parameter]], shard_
     for _, param in named_params:
         offsets.append(total)
         total += param.numel()
+    shard_numel = -(-max(total, 1) // shard_world)  # rounded up
+    lo, hi = shard_rank * shard_numel, (shard_rank + 1) * shard_numel
     bucket = Bucket(index=index, params=[p for _, p in named_params],
                     names=[n for n, _ in named_params], offsets=offsets, dtype=dtypes.pop(),
-                    padded_numel=pad_to_multiple(max(total, 1), shard_world),
-                    shard_world=shard_world, shard_rank=shard_rank, owner=owner)
-    lo, hi = bucket.shard_lo, bucket.shard_lo + bucket.shard_numel
-    for (name, param), offset in zip(named_params, offsets):
+                    numel=total, padded_numel=shard_world * shard_numel,
+                    shard_numel=shard_numel, shard_lo=lo, owner=owner)
+    for param, offset in zip(bucket.params, offsets):
         start, end = max(offset, lo), min(offset + param.numel(), hi)
         if start < end:
-            bucket.segments.append(ShardSegment(param, name, start - offset, end - offset,
+            bucket.segments.append(ShardSegment(param, start - offset, end - offset,
                                                 start - lo, end - lo))
     return bucket
 
 
-def split_by_size(named_params: list[tuple[str, nn.Parameter]],
-                  bucket_numel: int) -> list[list[tuple[str, nn.Parameter]]]:
-    """Consecutive groups of one dtype, each closed once it holds >= bucket_numel elements."""
-    groups: list[list[tuple[str, nn.Parameter]]] = []
-    current: list[tuple[str, nn.Parameter]] = []
-    size = 0
-    for name, param in named_params:
-        if current and (param.dtype != current[0][1].dtype or size >= bucket_numel):
-            groups.append(current)
-            current, size = [], 0
-        current.append((name, param))
-        size += param.numel()
-    if current:
-        groups.append(current)
-    return groups
-
-
 def plan_by_size(named_params: list[tuple[str, nn.Parameter]], bucket_size_mb: float,
                  separate: list[nn.Parameter]) -> list[tuple[list, nn.Module | None]]:
-    """ZeRO 0-2: buckets of about bucket_size_mb in backward (reverse) order.
-
-    Parameters in `separate` (the tied word embedding under pipeline parallelism) get a bucket of
-    their own, so its layout, and hence its shard, is the same on the first and the last stage.
-    """
+    """ZeRO 0-2: buckets of one dtype in backward order, each closed once it holds
+    bucket_size_mb. `separate` (the tied embedding under pp) gets its own, so its shard is the
+    same on the first and the last stage."""
     alone = {id(p) for p in separate}
+    plans = [([(n, p)], None) for n, p in named_params if id(p) in alone]
     ordered = [(n, p) for n, p in reversed(named_params) if id(p) not in alone]
     itemsize = ordered[0][1].element_size() if ordered else 4
     bucket_numel = max(1, int(bucket_size_mb * 2**20) // itemsize)
-    plans = [([(n, p)], None) for n, p in named_params if id(p) in alone]
-    plans += [(group, None) for group in split_by_size(ordered, bucket_numel)]
+    group: list[tuple[str, nn.Parameter]] = []
+    size = 0
+    for name, param in ordered:
+        if group and (param.dtype != group[0][1].dtype or size >= bucket_numel):
+            plans.append((group, None))
+            group, size = [], 0
+        group.append((name, param))
+        size += param.numel()
+    if group:
+        plans.append((group, None))
     return plans
 
 
-def storage_bytes(tensor: torch.Tensor | None) -> int:
-    """Bytes of the storage behind `tensor` (0 for None, and once a ZeRO-3 buffer is freed)."""
-    return 0 if tensor is None else tensor.untyped_storage().nbytes()
-
-
-def distinct_storage_bytes(tensors) -> int:
-    """Bytes behind `tensors`, each storage counted once (a view shares its base's)."""
-    storages = {t.untyped_storage().data_ptr(): storage_bytes(t) for t in tensors
-                if t is not None and storage_bytes(t) > 0}
-    return sum(storages.values())
-
-
-# torch's op that resizes a storage in place, as FSDP2 uses it. The public
-# `untyped_storage().resize_()` does the same but bypasses the dispatcher, so a dispatch mode
-# (nanomt.memory.PeakMemoryMeter) would not see ZeRO-3 free and re-allocate its buffers; no
-# public API resizes a storage through the dispatcher.
+# Private, as FSDP2 uses it: the public `untyped_storage().resize_()` bypasses the dispatcher,
+# so nanomt.memory's dispatch-mode meter would not see ZeRO-3 free and re-allocate its buffers.
 RESIZE_STORAGE_BYTES = torch.ops.inductor.resize_storage_bytes_.default
 
 
 def resize_storage(tensor: torch.Tensor, nbytes: int) -> None:
-    """Resize the storage behind `tensor` in place (ZeRO-3 frees a gathered buffer with 0 and
-    allocates it again before the next all-gather); its views, the parameters, stay valid."""
+    """Resize the storage behind `tensor` in place; its views, the parameters, stay valid."""
     RESIZE_STORAGE_BYTES(tensor, nbytes)

@@ -1,18 +1,13 @@
-"""Finalising gradients: the step's phase between the schedule and the optimizer.
+"""finalize_grads: the step's phase between the schedule and the optimizer (Megatron's
+finalize_model_grads). Every gradient is complete before anyone clips it:
 
-After the last backward of a step, every gradient must be complete before anyone clips it
-(Megatron's finalize_model_grads):
+    1. data parallel      wait for the buckets' reductions over dp
+    2. sequence parallel  a norm's gradient under SP covers only this rank's s/t tokens: a
+                          partial sum, all-reduced over tp
+    3. tied embedding     the first and last stage each hold part of its gradient: all-reduced
+                          over the embedding group
 
-    1. data parallel    wait for the buckets' all-reduces / reduce-scatters over dp
-    2. sequence parallel  a norm weight or bias under SP sees only this rank's s/t tokens, so its
-                        gradient is a partial sum over tp: all-reduce it over the tp group
-    3. tied embedding   the word embedding lives on the first and the last pipeline stage (input
-                        and output layer); each holds half of its gradient: all-reduce the two
-                        over the embedding group
-
-Sums are linear, so 2 and 3 commute with 1 and run on this rank's reduced shard only. Buckets
-have the same layout on every tp rank of a stage (equal shard shapes), and the tied embedding
-has a bucket of its own with the same layout on both stages, so the shards line up.
+Sums are linear, so 2 and 3 run on my reduced shard only (the buckets' layouts match).
 """
 
 from __future__ import annotations

@@ -1,23 +1,16 @@
-"""The gradient buffer: data parallelism's half of a step, apart from the optimizer.
+"""The gradient buffer: where parameters and gradients live, and their average over dp.
 
-Data parallelism (with ZeRO's sharding, Rajbhandari et al. 2019) owns where parameters and
-gradients live and how gradients are averaged over the dp group; the optimizer only updates the
-shard it is given. As Megatron-core's DistributedDataParallel + _ParamAndGradBuffer, at every
-ZeRO stage the buffer
+At every ZeRO stage the buffer lays the parameters out in flat buckets (buckets.py), adds each
+gradient into its bucket as backward produces it (a post-accumulate-grad hook counts arrivals,
+so any schedule works), and reduces a bucket,
 
-    lays the parameters out in flat buckets (buckets.py), each split into dp equal shards;
-    adds each gradient into its bucket's flat gradient buffer as backward produces it (a
-    post-accumulate-grad hook counts arrivals per parameter, so any schedule works);
-    reduces a bucket, g <- (1/N_d) sum_r g_r over dp, once every parameter in it has delivered
-    its last gradient of the step: during the last micro-batch's backward, overlapped with it;
-    after the optimizer's update, makes every rank's parameters whole again.
+    g <- (1/N_d) sum_r g_r   over the dp ranks r,
 
-Which collective, and which buffers persist, is the stage's: zero_stages.py, one class per
-stage. A parameter's first gradient of a round is copied into its slot (one pass, where zeroing
-and adding would be two); when the dtypes agree `param.grad` then becomes a view of the slot,
-so autograd adds the later micro-batches there in place (Megatron's main_grad); otherwise each
-one is added and dropped. Slots without a gradient, and the padding, are zeroed before the
-reduction. Gradients are accumulated and reduced in fp32 unless train.fp32_grads=false.
+as soon as all its parameters have their last gradient of the step, overlapped with the rest
+of backward; after the optimizer's update it makes every rank's parameters whole again. Which
+collective, and which buffers persist, is the stage's (zero_stages.py). A first gradient is
+copied into its slot; if the dtypes agree `param.grad` becomes a view of the slot, so autograd
+adds the later micro-batches there in place.
 """
 
 from __future__ import annotations
@@ -30,14 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from nanomt.parallel import comm
-from nanomt.parallel.data_parallel.buckets import (
-    Bucket,
-    distinct_storage_bytes,
-    make_bucket,
-    plan_by_size,
-    storage_bytes,
-)
-from nanomt.parallel.data_parallel.param_gather import PendingParamGathers
+from nanomt.parallel.data_parallel.buckets import Bucket, make_bucket, plan_by_size
+from nanomt.parallel.data_parallel.memory_accounting import GradientMemoryMeter
 from nanomt.parallel.deferred_init import InitialValues
 from nanomt.parallel.pipeline.partition import shared_embedding_params
 
@@ -53,14 +40,11 @@ class Reduction:
     bucket: Bucket
     work: dist.Work | None
     full: torch.Tensor
-    adds_to_shard: bool = False  # grad_reduce=microbatch after the first round: add when done
+    adds_to_shard: bool = False  # grad_reduce=microbatch's later rounds (microbatch_reduce.py)
 
 
-class GradientBuffer:
-    """Flat parameter and gradient buckets of `chunks`, reduced over dp during backward.
-
-    `GradientBuffer(chunks, grid, zero_stage=s, ...)` returns the subclass for stage s
-    (zero_stages.py; with grad_reduce=microbatch at stages 2-3, microbatch_reduce.py)."""
+class GradientBuffer(GradientMemoryMeter):
+    """`GradientBuffer(chunks, grid, zero_stage=s, ...)` builds the class of stage s."""
 
     stage: int
     shards_over_dp = True  # ZeRO-1..3 split every bucket into dp shards; ZeRO-0 does not
@@ -70,7 +54,7 @@ class GradientBuffer:
     def __init_subclass__(cls, stage: int | None = None, every_microbatch: bool = False,
                           **kwargs):
         super().__init_subclass__(**kwargs)
-        if stage is not None:  # a stage's class: GradientBuffer(zero_stage=stage) builds it
+        if stage is not None:
             cls.stage = stage
             GradientBuffer._class_for[(stage, every_microbatch)] = cls
 
@@ -85,26 +69,20 @@ class GradientBuffer:
                  grad_reduce: str = "step", zero3_prefetch: int = 1,
                  reduce_in_flight_mb: float | None = None, overlap_param_gather: bool = False,
                  initial_values: InitialValues | None = None):
-        """The options are the config's `parallel.*` keys (checked there; each stage reads its
-        own); initial_values: parameters built on the meta device (now placeholders) are drawn
-        one at a time into their bucket (nanomt.parallel.deferred_init)."""
+        """Options: the config's `parallel.*` keys (checked there); initial_values: a model
+        built on the meta device, drawn into its buckets (deferred_init.py)."""
         self.chunks, self.grid = list(chunks), grid
         self.bucket_size_mb, self.fp32_grads = bucket_size_mb, fp32_grads
-        self.zero3_prefetch, self.overlap_param_gather = zero3_prefetch, overlap_param_gather
+        self.zero3_prefetch = zero3_prefetch
         self.in_flight_limit = int((reduce_in_flight_mb or bucket_size_mb) * 2**20)
         self.dp_group = grid.grad_sync_group if grid is not None else None  # dp x cp
         self.dp = comm.group_size(self.dp_group)
         self.dp_rank = dist.get_rank(self.dp_group) if self.dp > 1 else 0
-        self.gatherer: ParameterGatherer | None = None           # ZeRO-3 (stage3.py)
-        self.param_gathers: PendingParamGathers | None = None    # overlap_param_gather
+        self.gatherer: ParameterGatherer | None = None  # ZeRO-3 (stage3.py)
 
-        self.names: dict[int, str] = {}
-        named: list[tuple[str, nn.Parameter]] = []
-        for chunk_index, chunk in enumerate(self.chunks):
-            for name, param in chunk.named_parameters():
-                if param.requires_grad:
-                    self.names[id(param)] = f"{chunk_index}.{name}"
-                    named.append((f"{chunk_index}.{name}", param))
+        named = [(f"{chunk_index}.{name}", param) for chunk_index, chunk in enumerate(self.chunks)
+                 for name, param in chunk.named_parameters() if param.requires_grad]
+        self.names = {id(param): name for name, param in named}
         self.shared_ids = {id(p) for p in self.shared_embedding_params()}
         shard_world, shard_rank = (self.dp, self.dp_rank) if self.shards_over_dp else (1, 0)
         self.buckets = [make_bucket(index, params, shard_world, shard_rank, owner)
@@ -114,11 +92,9 @@ class GradientBuffer:
                           for p, offset in zip(b.params, b.offsets)}
         for b in self.buckets:
             self._allocate(b, initial_values)
+            for param in b.params:
+                param.register_post_accumulate_grad_hook(self._on_grad_ready)
         self.in_flight: list[Reduction] = []
-        if overlap_param_gather and self.gathers_params_after_step and self.dp > 1:
-            self.param_gathers = PendingParamGathers(self.chunks, self.buckets, self.dp_group)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
-                       for b in self.buckets for p in b.params]
         self.zero_grad(num_microbatches=num_microbatches)
 
     # ---- layout ------------------------------------------------------------------------------
@@ -132,14 +108,13 @@ class GradientBuffer:
 
     @torch.no_grad()
     def _allocate(self, b: Bucket, initial_values: InitialValues | None) -> None:
-        """Move the parameters into a flat buffer; the stage creates the gradient memory."""
+        """Move the parameters into a flat buffer; the stage makes the gradient memory."""
         b.param_buffer = torch.zeros(b.padded_numel, dtype=b.dtype, device=b.params[0].device)
         for param, offset in zip(b.params, b.offsets):
             view = b.param_buffer[offset: offset + param.numel()]
             view.copy_((param if initial_values is None else initial_values(param)).reshape(-1))
             param.data = view.view_as(param)
-        # Not the tied embedding's bucket: the pipeline engine sums a `.grad` it finds over the
-        # embedding group, which finalize_grads does here.
+        # Not the tied embedding's: finalize_grads sums it, the pipeline engine must not.
         b.grads_are_views = (self.grad_dtype(b) == b.dtype
                              and id(b.params[0]) not in self.shared_ids)
         self._allocate_grads(b)
@@ -154,15 +129,9 @@ class GradientBuffer:
 
     # ---- backward: accumulate, and reduce each bucket once its gradients are complete ------
     def zero_grad(self, set_to_none: bool = True, num_microbatches: int | None = None) -> None:
-        """Start a new step: forget the last step's gradients and per-parameter counts.
-
-        num_microbatches: backward passes every parameter sees in this step (kept until changed;
-        e.g. under batch-size ramp-up). set_to_none: accepted for torch.optim's signature;
-        every `param.grad` is None until its first gradient of the step arrives.
-        """
+        """Start a step of `num_microbatches` backward passes (kept until changed); every
+        `param.grad` is None until its first gradient (set_to_none: torch.optim's signature)."""
         if num_microbatches is not None:
-            if num_microbatches < 1:
-                raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
             self.num_microbatches = int(num_microbatches)
         self._wait_for_reductions()  # a step abandoned mid-backward
         self.release_prefetched()
@@ -184,8 +153,7 @@ class GradientBuffer:
             raise RuntimeError(
                 f"gradient {count} of {self.names[id(param)]} arrived in a step of "
                 f"{self.num_microbatches} micro-batches, after its bucket's reduction started; "
-                f"call optimizer.zero_grad(num_microbatches=...) with the number of backward "
-                f"passes of the step")
+                f"call optimizer.zero_grad(num_microbatches=...) with the step's backward passes")
         self.arrivals[id(param)] = count
         self._accumulate(b, param)
         if count == self._round_target(b):
@@ -194,7 +162,7 @@ class GradientBuffer:
                 self._start_reduction(b, final=count == self.num_microbatches)
 
     def _accumulate(self, b: Bucket, param: nn.Parameter) -> None:
-        """Put `param.grad` into its slot of the bucket's full buffer (module docstring)."""
+        """Put `param.grad` into its slot of the bucket's full buffer."""
         if b.grads_are_views and id(param) in b.filled:
             return  # param.grad is the slot: autograd has added into it
         slot = self._slot(b, self._full_grad_buffer(b), param)
@@ -209,12 +177,11 @@ class GradientBuffer:
         return b.grad_buffer
 
     def _round_target(self, b: Bucket) -> int:
-        """The arrival count at which a parameter is done for its bucket's next reduction."""
+        """Arrivals that complete a parameter for its bucket's next reduction."""
         return self.num_microbatches
 
     def _zero_unfilled(self, b: Bucket, full: torch.Tensor) -> list[nn.Parameter]:
-        """Zero the padding and the slots that got no gradient this round; returns their
-        parameters."""
+        """Zero the padding and the slots without a gradient this round; return their params."""
         full[b.numel:].zero_()
         unfilled = [p for p in b.params if id(p) not in b.filled]
         for param in unfilled:
@@ -244,9 +211,8 @@ class GradientBuffer:
 
     @torch.no_grad()
     def finish_grad_sync(self) -> bool:
-        """Wait for every bucket's reduction (launching any a parameter without gradient held
-        back). Runs once per step: returns False, doing nothing, when called again before
-        zero_grad(). The sums owed over other groups are `finalize_grads`' (finalize.py)."""
+        """Launch what a parameter without gradient held back; wait for every reduction. Once a
+        step: False, doing nothing, when called again before zero_grad()."""
         if self.grads_synced:
             return False
         for b in self.buckets:
@@ -263,26 +229,17 @@ class GradientBuffer:
 
     @torch.no_grad()
     def publish_params(self, updated: list[torch.Tensor]) -> None:
-        """Write each bucket's updated shard (fp32 masters or the parameters themselves) into
-        the model's dtype; at ZeRO-1/2 all-gather them (ZeRO-0 updated everything, ZeRO-3
-        gathers at use)."""
+        """Write each bucket's updated shard into the model; at ZeRO-1/2 all-gather them."""
         self.wait_for_params()
         for b, shard in zip(self.buckets, updated):
             own = self.own_param_shard(b)
             if own.data_ptr() != shard.data_ptr():
                 own.copy_(shard)
-        if self.gathers_params_after_step:
+        if self.gathers_params_after_step and self.dp > 1:
             self._all_gather_params()
 
     def _all_gather_params(self) -> None:
-        """ZeRO-1/2: all-gather each bucket in place (my shard is already my slot of the
-        output, as FSDP2 does it); with overlap_param_gather left in flight for the next
-        forward (param_gather.py)."""
-        if self.dp == 1:
-            return
-        if self.param_gathers is not None:
-            self.param_gathers.launch_all(self.buckets, self.own_param_shard)
-            return
+        """All-gather each bucket in place (my shard is already my slot of the output)."""
         works = [comm.all_gather_into(b.param_buffer, self.own_param_shard(b), self.dp_group,
                                       async_op=True) for b in self.buckets]
         comm.note_operation("wait for all_gather (parameters)", self.dp_group)
@@ -290,32 +247,15 @@ class GradientBuffer:
             work.wait()
 
     def wait_for_params(self) -> None:
-        """Every parameter complete: wait for the gathers a step left in flight (ZeRO-1/2 with
-        parallel.overlap_param_gather). Call before reading them outside a forward, and before
-        the optimizer writes the shards again."""
-        if self.param_gathers is not None:
-            self.param_gathers.wait_all()
+        """Wait for the gathers a step left in flight (param_gather.py), before reading the
+        parameters outside a forward or writing the shards."""
 
     def release_prefetched(self) -> None:
         """ZeRO-3: wait for and free every unclaimed prefetch (before the shards change)."""
 
-    # ---- what the optimizer, checkpoints and memory reports read ----------------------------
     def local_grad_shards(self) -> list[torch.Tensor]:
         """This rank's reduced gradient shard of every bucket (valid after finish_grad_sync)."""
         return [b.grad_shard for b in self.buckets]
-
-    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """(key, parameter) for every parameter, key = "<chunk index>.<name in the chunk>"."""
-        return [(name, p) for b in self.buckets for name, p in zip(b.names, b.params)]
-
-    def memory(self) -> dict[str, int]:
-        """Bytes this rank holds now for parameters and gradients (in flight included)."""
-        params = sum(storage_bytes(b.param_buffer) + storage_bytes(b.param_shard)
-                     for b in self.buckets)
-        grads = distinct_storage_bytes([t for b in self.buckets
-                                        for t in (b.grad_buffer, b.grad_shard)]
-                                       + [r.full for r in self.in_flight])
-        return {"params": params, "grads": grads}
 
     def shared_embedding_params(self) -> list[nn.Parameter]:
         """The tied embedding gets its own bucket when a second copy lives on another stage."""

@@ -45,6 +45,11 @@ class ReduceEveryMicrobatch:
         work = comm.reduce_scatter_into(b.shard_of(full), full, self.dp_group, async_op=True)
         return Reduction(b, work, full, adds_to_shard=True)
 
+    def _retire(self, r: Reduction) -> None:
+        super()._retire(r)
+        if r.adds_to_shard:  # a later round: my shard of its sum adds to the earlier rounds'
+            r.bucket.grad_shard.add_(r.bucket.shard_of(r.full))
+
 
 class Zero2EveryMicrobatch(ReduceEveryMicrobatch, Zero2Buffer, stage=2, every_microbatch=True):
     pass

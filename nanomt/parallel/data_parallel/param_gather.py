@@ -121,3 +121,25 @@ class PendingParamGathers:
             # waited for as the chunk starts: gathered first
             self.use_order[:0] = [i for i in record.read_without_a_call
                                   if i not in self.use_order]
+
+
+class OverlappedParamGather:
+    """Mixed into the ZeRO-1/2 buffers before GradientBuffer: with overlap_param_gather (and
+    dp > 1), the parameters' all-gathers are left in flight after the step."""
+
+    param_gathers: PendingParamGathers | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if kwargs.get("overlap_param_gather") and self.gathers_params_after_step and self.dp > 1:
+            self.param_gathers = PendingParamGathers(self.chunks, self.buckets, self.dp_group)
+
+    def _all_gather_params(self) -> None:
+        if self.param_gathers is None:
+            super()._all_gather_params()
+        else:
+            self.param_gathers.launch_all(self.buckets, self.own_param_shard)
+
+    def wait_for_params(self) -> None:
+        if self.param_gathers is not None:
+            self.param_gathers.wait_all()

@@ -20,7 +20,7 @@ machine's gloo CPU ranks it was measured to change nothing but the timing
 
 from __future__ import annotations
 
-from nanomt.parallel.data_parallel.buckets import storage_bytes
+from nanomt.parallel.data_parallel.memory_accounting import storage_bytes
 
 
 class BoundedReductionsInFlight:

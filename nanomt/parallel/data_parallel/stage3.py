@@ -1,28 +1,16 @@
-"""ZeRO-3: parameters live as 1/dp shards and are gathered only around the layer that uses them.
+"""ZeRO-3: parameters live as 1/dp shards, gathered only around the module that uses them.
 
-Each ZeRO-3 bucket belongs to a module (a transformer layer, or a model chunk for its embeddings,
-final norm and head): a unit, gathered together and freed together. Module hooks materialise a
-unit just in time (Rajbhandari et al. 2019, section 5.3, "P_os+g+p"):
+Each bucket belongs to a unit (a transformer layer, or a chunk for its embeddings, final norm
+and head), materialised just in time by module hooks (Rajbhandari et al. 2019, section 5.3):
 
     forward   pre-hook: all-gather the unit's parameters -> run the module -> hook: free them
-    backward  the gradient arriving at the module's output: all-gather them again -> the
-              module's backward -> once every parameter's gradient is accumulated: free them
+    backward  gradient at the module's output: all-gather again -> the module's backward ->
+              every parameter's gradient accumulated: free them
 
-Activation checkpointing runs a layer's forward again inside its backward, after the
-output-gradient hook has gathered it; the post-hook of such a recompute must not free the unit,
-which backward still needs.
-
-Freeing resizes the flat buffer's storage to zero and points each parameter at a NaN stand-in of
-its shape (a view of the freed storage would read past its end and crash the process; a stray
-read, a debugging print, shows NaN instead); gathering points them back at their slices.
-Autograd saves a weight as the parameter itself, so when backward runs it sees the re-gathered
-values.
-
-The chunk's own unit (embeddings, final norm, head) is gathered by the chunk's forward pre-hook
-and freed only after the chunk's forward, so it stays materialised for the whole forward of the
-chunk, and again from the loss's backward until its last gradient (the input embedding's)
-arrives: its bytes add to the per-layer working set. Gathering the next unit while this one
-computes is zero3_prefetch.py's.
+A forward while its unit is in backward is an activation-checkpointing recompute: it must not
+free. Freeing resizes the flat storage to zero and points each parameter at a NaN stand-in of
+its shape (a stray read shows NaN, not freed memory); autograd saved the parameter itself, so
+backward sees the re-gathered values.
 """
 
 from __future__ import annotations
@@ -36,13 +24,12 @@ from torch import nn
 from nanomt.parallel import comm
 from nanomt.parallel.data_parallel.buckets import Bucket, resize_storage
 
+
 def plan_by_layer(chunks: list[nn.Module], names: dict[int, str],
                   separate: list[nn.Parameter]) -> list[tuple[list, nn.Module]]:
-    """ZeRO-3: one bucket per transformer layer (gathered around that layer's forward and
-    backward), in backward order, and for the rest of each chunk (embeddings, final norm, head)
-    two buckets: the parameters registered after the layers (their gradients arrive first in
-    backward) and those registered before them (they arrive last), so that neither gradient
-    buffer waits through the whole backward for the other's parameters."""
+    """One bucket per transformer layer, in backward order, and for the rest of each chunk two:
+    the parameters registered after the layers (their gradients arrive first in backward) and
+    those before them (they arrive last), so neither waits through the whole backward."""
     alone = {id(p) for p in separate}
     plans: list[tuple[list, nn.Module]] = []
     for chunk in reversed(chunks):
@@ -68,8 +55,7 @@ def plan_by_layer(chunks: list[nn.Module], names: dict[int, str],
 
 
 def free_params(b: Bucket) -> None:
-    """Release the gathered flat buffer's memory and point each parameter of `b` at a stand-in
-    of its shape that holds one NaN (module docstring)."""
+    """Release the flat buffer's memory; point each parameter at a NaN stand-in of its shape."""
     resize_storage(b.param_buffer, 0)
     if b.freed_stand_in is None:  # one per bucket, made at the first free
         b.freed_stand_in = torch.full((), float("nan"), dtype=b.dtype,
@@ -80,8 +66,8 @@ def free_params(b: Bucket) -> None:
 
 
 def materialise_params(b: Bucket) -> None:
-    """Give the flat buffer its memory back and point each parameter at its slice (the values
-    arrive with the all-gather the caller starts)."""
+    """Give the flat buffer its memory back and point each parameter at its slice (the caller's
+    all-gather fills them)."""
     resize_storage(b.param_buffer, b.padded_numel * b.param_buffer.element_size())
     for param, offset in zip(b.params, b.offsets):
         param.data = b.param_buffer[offset: offset + param.numel()].view(param.shape)
@@ -90,14 +76,13 @@ def materialise_params(b: Bucket) -> None:
 
 @dataclass(eq=False)  # units are compared by identity
 class GatherUnit:
-    """The ZeRO-3 buckets one module needs materialised to run. `grads_seen` counts its
-    parameters' gradients in the current backward; `works` are its all-gathers in flight."""
+    """The buckets one module needs materialised to run, and its all-gathers in flight."""
 
     module: nn.Module
     is_layer: bool
     buckets: list[Bucket] = field(default_factory=list)
     num_params: int = 0
-    grads_seen: int = 0
+    grads_seen: int = 0        # its parameters' gradients in the current backward
     in_backward: bool = False
     works: list = field(default_factory=list)
 
@@ -107,23 +92,19 @@ class GatherUnit:
 
 
 class ParameterGatherer:
-    """Installs the hooks that gather each unit's parameters before its forward and backward and
-    free them afterwards (module docstring)."""
+    """The hooks that gather each unit before its forward and backward and free it after."""
 
     def __init__(self, chunks: list[nn.Module], buckets: list[Bucket], group):
         self.dp_group, self.dp = group, comm.group_size(group)
         self.units: dict[int, GatherUnit] = {}
-        self.unit_of_param: dict[int, GatherUnit] = {}
         chunk_ids = {id(chunk) for chunk in chunks}
         for bucket in buckets:
-            unit = self.units.get(id(bucket.owner))
-            if unit is None:
-                unit = GatherUnit(bucket.owner, is_layer=id(bucket.owner) not in chunk_ids)
-                self.units[id(bucket.owner)] = unit
+            unit = self.units.setdefault(id(bucket.owner), GatherUnit(
+                bucket.owner, is_layer=id(bucket.owner) not in chunk_ids))
             unit.buckets.append(bucket)
             unit.num_params += len(bucket.params)
-            for param in bucket.params:
-                self.unit_of_param[id(param)] = unit
+            for param in bucket.params:  # after the buffer's own hook (registered first)
+                param.register_post_accumulate_grad_hook(partial(self._param_grad_hook, unit))
         for unit in self.units.values():
             unit.module.register_forward_pre_hook(partial(self._pre_hook, unit))
             unit.module.register_forward_hook(partial(self._post_hook, unit))
@@ -162,15 +143,8 @@ class ParameterGatherer:
         """Nothing is gathered ahead here (zero3_prefetch.py)."""
 
     # ---- hooks -------------------------------------------------------------------------------
-    def before_forward(self, unit: GatherUnit) -> None:
-        self.gather(unit)
-
-    def before_backward(self, unit: GatherUnit) -> None:
-        unit.in_backward = True
-        self.gather(unit)
-
     def _pre_hook(self, unit: GatherUnit, module, args) -> None:
-        self.before_forward(unit)
+        self.gather(unit)
 
     def _post_hook(self, unit: GatherUnit, module, args, output) -> None:
         if unit.in_backward:
@@ -182,12 +156,13 @@ class ParameterGatherer:
         self.free(unit)
 
     def _output_grad_hook(self, unit: GatherUnit, grad: torch.Tensor) -> torch.Tensor:
-        self.before_backward(unit)
+        unit.in_backward = True
+        self.gather(unit)
         return grad
 
-    def on_grad_ready(self, param: nn.Parameter) -> None:
-        """Called after a parameter's gradient was accumulated: free the unit once all are."""
-        unit = self.unit_of_param[id(param)]
+    @torch.no_grad()
+    def _param_grad_hook(self, unit: GatherUnit, param: nn.Parameter) -> None:
+        """A parameter's gradient is accumulated: free its unit once all are."""
         unit.grads_seen += 1
         if unit.grads_seen == unit.num_params:
             unit.grads_seen = 0
@@ -195,7 +170,7 @@ class ParameterGatherer:
             self.free(unit)
 
     def gather_all(self) -> None:
-        """Materialise every parameter (for export or a checkpoint of the full weights)."""
+        """Materialise every parameter (to export the full weights)."""
         for unit in self.units.values():
             self.gather(unit)
 

@@ -28,6 +28,7 @@ gloo, three runs): the ZeRO-3 step 2% to 23% shorter than with synchronous gathe
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from nanomt.parallel.data_parallel.buckets import Bucket
@@ -79,12 +80,13 @@ class PrefetchingGatherer(ParameterGatherer):
         while self.ahead:
             self.free(self.ahead[0])
 
-    def before_forward(self, unit: GatherUnit) -> None:
+    def _pre_hook(self, unit: GatherUnit, module, args) -> None:
         recomputing = any(u.in_backward for u in self.units.values())
-        super().before_forward(unit)
+        super()._pre_hook(unit, module, args)
         if not recomputing:
             self._prefetch(self.next_forward.get(unit))
 
-    def before_backward(self, unit: GatherUnit) -> None:
-        super().before_backward(unit)
+    def _output_grad_hook(self, unit: GatherUnit, grad: torch.Tensor) -> torch.Tensor:
+        grad = super()._output_grad_hook(unit, grad)
         self._prefetch(self.next_backward.get(unit))
+        return grad

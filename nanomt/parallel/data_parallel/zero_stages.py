@@ -1,21 +1,18 @@
 """The four ZeRO stages (Rajbhandari et al. 2019), one class each: what is sharded over the N_d
-data-parallel ranks, which collective reduces a bucket, and how the updated parameters reach
-every rank. Per step and rank, with Psi the parameter count, in the paper's accounting (an
-all-reduce moves 2 Psi, a reduce-scatter or an all-gather Psi; section 7):
+dp ranks, which collective reduces a bucket, how the updated parameters reach every rank. Per
+rank, with Psi parameters, mixed-precision Adam (bytes: 2 parameter, 2 gradient, K = 12 state)
+and section 7's traffic (an all-reduce moves 2 Psi, a reduce-scatter or an all-gather Psi):
 
-    stage 0  all-reduce the full gradient buffer in place                      2 Psi
-    stage 1  reduce-scatter in place (my shard of the full buffer receives
-             the sum); the optimizer state is my shard's; all-gather the
-             updated parameters in place                                     Psi + Psi
-    stage 2  as stage 1, but a full gradient buffer exists only while its
-             bucket's gradients arrive; my gradient shard is all that stays  Psi + Psi
-    stage 3  as stage 2, and the parameters too stay as my shard, gathered
-             around each layer's forward and backward (stage3.py)           Psi + 2m Psi
+             model-state bytes            traffic      the reduction
+    stage 0  (2 + 2 + K) Psi              2 Psi        all-reduce the gradient buffer in place
+    stage 1  (2 + 2) Psi + K Psi / N_d    Psi + Psi    reduce-scatter in place; after the
+                                                       update, all-gather the parameters
+    stage 2  2 Psi + (2 + K) Psi / N_d    Psi + Psi    as 1, but a full gradient buffer lives
+                                                       only while its bucket's gradients arrive
+    stage 3  (2 + 2 + K) Psi / N_d        Psi + 2m Psi as 2, and parameters gathered around
+                                                       each layer's use (stage3.py)
 
-independent of the number of micro-batches m: each bucket is reduced once per step, during the
-last micro-batch's backward (grad_reduce=microbatch trades that for memory at stages 2-3:
-microbatch_reduce.py). The per-rank bytes follow: gradients g Psi at stages 0-1, g Psi / N_d
-after backward at stages 2-3.
+Each bucket is reduced once a step, in the last micro-batch's backward (microbatch_reduce.py).
 """
 
 from __future__ import annotations
@@ -25,21 +22,18 @@ import torch.distributed as dist
 from torch import nn
 
 from nanomt.parallel import comm
-from nanomt.parallel.data_parallel.buckets import Bucket, storage_bytes
+from nanomt.parallel.data_parallel.buckets import Bucket
 from nanomt.parallel.data_parallel.grad_buffer import GradientBuffer, Reduction
+from nanomt.parallel.data_parallel.memory_accounting import storage_bytes
+from nanomt.parallel.data_parallel.param_gather import OverlappedParamGather
 from nanomt.parallel.data_parallel.reductions_in_flight import BoundedReductionsInFlight
-from nanomt.parallel.data_parallel.stage3 import (
-    ParameterGatherer,
-    free_params,
-    plan_by_layer,
-)
+from nanomt.parallel.data_parallel.stage3 import ParameterGatherer, free_params, plan_by_layer
 from nanomt.parallel.data_parallel.zero3_prefetch import PrefetchingGatherer
 from nanomt.parallel.deferred_init import InitialValues
 
 
 class AllReduceBuffer(GradientBuffer, stage=0):
-    """ZeRO-0, plain data parallelism: every rank keeps every gradient and updates every
-    parameter; a bucket is all-reduced in place."""
+    """ZeRO-0, plain data parallelism: every rank reduces and updates everything."""
 
     shards_over_dp = False
 
@@ -61,10 +55,8 @@ class AllReduceBuffer(GradientBuffer, stage=0):
         return comm.all_reduce_async(b.grad_buffer, self.dp_group)
 
 
-class Zero1Buffer(AllReduceBuffer, stage=1):
-    """ZeRO-1 (P_os): the gradient buffer stays full, but only my shard of it needs the sum,
-    so a reduce-scatter in place replaces the all-reduce; after the update, the parameters'
-    all-gather gives every rank the other shards."""
+class Zero1Buffer(OverlappedParamGather, AllReduceBuffer, stage=1):
+    """ZeRO-1 (P_os): only my shard of the full gradient buffer needs the sum."""
 
     shards_over_dp = True
     gathers_params_after_step = True
@@ -74,11 +66,9 @@ class Zero1Buffer(AllReduceBuffer, stage=1):
                                         async_op=True)
 
 
-class Zero2Buffer(BoundedReductionsInFlight, GradientBuffer, stage=2):
-    """ZeRO-2 (P_os+g): only my gradient shard persists. A bucket's full buffer is allocated at
-    its round's first gradient and reduce-scattered into my shard when complete; it is freed
-    once that reduction is done (reductions_in_flight.py bounds how many wait), so after
-    backward only shards remain."""
+class Zero2Buffer(OverlappedParamGather, BoundedReductionsInFlight, GradientBuffer, stage=2):
+    """ZeRO-2 (P_os+g): a full buffer lives from its bucket's first gradient until its
+    reduce-scatter into my shard is done (reductions_in_flight.py bounds how many wait)."""
 
     gathers_params_after_step = True
 
@@ -92,7 +82,7 @@ class Zero2Buffer(BoundedReductionsInFlight, GradientBuffer, stage=2):
         super().zero_grad(set_to_none, num_microbatches)
 
     def _full_grad_buffer(self, b: Bucket) -> torch.Tensor:
-        """Not zeroed: each slot's first gradient is copied in, the rest zeroed at the end."""
+        """Not zeroed: first gradients are copied in, unfilled slots zeroed at the end."""
         if b.grad_buffer is None:
             self._retire_completed()
             b.grad_buffer = torch.empty(b.padded_numel, dtype=self.grad_dtype(b),
@@ -122,20 +112,11 @@ class Zero2Buffer(BoundedReductionsInFlight, GradientBuffer, stage=2):
 
     def _retire(self, r: Reduction) -> None:
         super()._retire(r)
-        if r.adds_to_shard:
-            r.bucket.grad_shard.add_(r.bucket.shard_of(r.full))
         self._count_grad_bytes(-storage_bytes(r.full))
-
-    def _count_grad_bytes(self, delta: int) -> None:
-        """The gradient bytes held now and their peak in this step (in flight included)."""
-        self.grad_bytes_now += delta
-        self.peak_grad_bytes = max(self.peak_grad_bytes, self.grad_bytes_now)
 
 
 class Zero3Buffer(Zero2Buffer, stage=3):
-    """ZeRO-3 (P_os+g+p): as ZeRO-2, and each bucket's parameters are kept only as my shard.
-    Buckets are per layer; stage3.py gathers a layer's around its forward and backward and
-    frees them after, so there is nothing to all-gather after the update."""
+    """ZeRO-3 (P_os+g+p): as ZeRO-2, and the parameters too persist only as my shard."""
 
     gathers_params_after_step = False
 
@@ -158,11 +139,6 @@ class Zero3Buffer(Zero2Buffer, stage=3):
 
     def own_param_shard(self, b: Bucket) -> torch.Tensor:
         return b.param_shard
-
-    @torch.no_grad()
-    def _on_grad_ready(self, param: nn.Parameter) -> None:
-        super()._on_grad_ready(param)
-        self.gatherer.on_grad_ready(param)  # frees the layer once all its gradients are in
 
     def release_prefetched(self) -> None:
         if self.gatherer is not None:  # None while __init__ runs
