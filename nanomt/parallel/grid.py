@@ -70,9 +70,6 @@ class ParallelGrid:
                          "model_parallel"):
                 comm.name_group(getattr(self, f"{name}_group"), name)  # dp wins when cp=1
 
-    def _new_group(self, ranks: list[int]):
-        return dist.new_group(ranks, timeout=self.timeout)
-
     def _groups_along(self, free_dims: tuple[int, ...]) -> list[list[int]]:
         """Every group whose members differ only in `free_dims` of ranks[pp, dp, cp, tp]."""
         fixed = [dim for dim in range(4) if dim not in free_dims]
@@ -94,12 +91,12 @@ class ParallelGrid:
             for members in self._groups_along(free_dims):
                 if len(members) == 1:
                     break  # every group along these dimensions has one rank
-                group = self._new_group(members)
+                group = dist.new_group(members, timeout=self.timeout)
                 if self.rank in members:
                     setattr(self, f"{name}_group", group)
                 if name == "pp":  # the first and last stage
                     embedding = sorted({members[0], members[-1]})
-                    group = self._new_group(embedding)
+                    group = dist.new_group(embedding, timeout=self.timeout)
                     if self.rank in embedding:
                         self.embedding_group = group
 

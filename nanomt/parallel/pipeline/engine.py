@@ -6,17 +6,15 @@ messages it exchanges between them; this module runs both:
   exchange   post one batch on the pipeline communicator (p2p.py): the sends of the passes just
              run, the receives of the passes next; wait for all of it. A sent output's data is
              then freed: only its grad_fn, and the tensors that saves, wait for the backward
-             (Megatron's deallocate_output_tensor), so holding k micro-batches costs k
+             (Megatron's deallocate_output_tensor), so k micro-batches in flight cost k
              micro-batches of saved activations and no more.
-  forward    F(i, chunk): input = tokens (first chunk) or the activation received from the
-             previous chunk; output = chunk(input); the last chunk computes the loss, scaled by
-             1/m as in plain gradient accumulation.
+  forward    F(i, chunk): output = chunk(tokens, or the activation received from the previous
+             chunk); the last chunk computes the loss, scaled by 1/m as in gradient accumulation.
   backward   B(i, chunk): backward from the output with the gradient received from the next
              chunk (or from the loss on the last chunk); the input's gradient is sent back.
 
 Gradients accumulate in .grad over all micro-batches, and the tied word embedding's two copies
-(first and last stage) sum theirs at the end, so after the schedule they equal the
-single-process gradient of the mean loss.
+(first and last stage) sum theirs at the end: the single-process gradient of the mean loss.
 """
 
 from __future__ import annotations
