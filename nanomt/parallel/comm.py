@@ -18,7 +18,7 @@ import torch.distributed as dist
 from nanomt.parallel.control_plane import all_gather_object, broadcast_object  # noqa: F401
 from nanomt.parallel.control_plane import gather_object, world_rank  # noqa: F401
 from nanomt.parallel.failures import describe_failure, is_communication_failure  # noqa: F401
-from nanomt.parallel.failures import name_group, note_operation
+from nanomt.parallel.failures import name_group, note_operation  # noqa: F401
 
 # torch 2.13 renamed the single-tensor collectives (the old names warn); accept either.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
