@@ -12,7 +12,7 @@ Each rule lives in one place, in the order the run needs them:
                     the rules they are made of: nanomt/config_rules.py)
     model           ModelConfig's own rules (style, num_heads | hidden), converted
     layout          world size = tp * cp * pp * dp, dp inferred when null (the grid's rule:
-                    nanomt.parallel.grid.validate_layout, converted)
+                    nanomt.parallel.layout.validate_layout, converted)
     model vs layout tp divides heads, hidden, ffn; sequence parallelism needs tp | seq_len
     batch           G = m * b * dp: the global batch splits into micro-batches on every replica
     ramp-up         so does every global batch size of train.rampup_batch_size
@@ -60,7 +60,7 @@ from nanomt.config_rules import (
 from nanomt.data.rampup import check_rampup_config
 from nanomt.errors import ConfigError
 from nanomt.model.config import ModelConfig
-from nanomt.parallel.grid import validate_layout
+from nanomt.parallel.layout import validate_layout
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -157,7 +157,7 @@ class Layout:
 
 def resolve_layout(cfg: DictConfig, world_size: int) -> Layout:
     """The (tp, cp, pp, dp) layout covering `world_size` ranks; dp: null takes what tp*cp*pp
-    leaves (the grid states the layout's rules: validate_layout)."""
+    leaves (nanomt.parallel.layout states the layout's rule: validate_layout)."""
     check_fields(cfg, LAYOUT_RULES)
     p = cfg.parallel
     tp, pp, cp = p.tp, p.pp, p.get("cp", 1)

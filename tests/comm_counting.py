@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from nanomt.parallel import comm
+from nanomt.parallel.failures import group_name
 
 # ZeRO's accounting of the data one rank moves (Rajbhandari et al. 2019, section 7): a
 # reduce-scatter or an all-gather of a Psi-element tensor moves Psi, an all-reduce (a
@@ -61,7 +62,7 @@ def traffic_log() -> Iterator[list[TrafficRecord]]:
     log: list[TrafficRecord] = []
 
     def note(kind: str, tensor: torch.Tensor, group: comm.Group) -> None:
-        log.append(TrafficRecord(kind, comm.group_name(group), tensor.numel(),
+        log.append(TrafficRecord(kind, group_name(group), tensor.numel(),
                                  tensor.numel() * tensor.element_size()))
 
     with _noting(note):

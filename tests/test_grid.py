@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from nanomt.parallel import comm
-from nanomt.parallel.grid import ParallelGrid, validate_layout
+from nanomt.parallel.grid import ParallelGrid
+from nanomt.parallel.layout import validate_layout
 from nanomt.parallel.launch import default_backend
 from nanomt.testing import run_distributed
 from comm_counting import traffic_log
@@ -62,11 +63,12 @@ def _grid_checks() -> dict:
     results = {}
     for tp, pp, dp, cp in LAYOUTS:
         grid = ParallelGrid(tp=tp, pp=pp, dp=dp, cp=cp, timeout_s=60)
-        coords = {r: grid.coord_of(r) for r in range(WORLD)}
         results[(tp, pp, dp, cp)] = {
             "coord": (grid.tp_rank, grid.pp_rank, grid.dp_rank, grid.cp_rank),
-            "round_trip": all(grid.global_rank(c.tp, c.pp, c.dp, c.cp) == r
-                              for r, c in coords.items()),
+            # the whole mapping ranks[pp, dp, cp, tp] against the formula, every coordinate
+            "round_trip": grid.ranks.tolist() == [[[[expected_rank(t, p, d, c, tp, dp, cp)
+                                                     for t in range(tp)] for c in range(cp)]
+                                                   for d in range(dp)] for p in range(pp)],
             "members": {name: members_by_collective(getattr(grid, name)) for name in GROUPS},
             "first_last": (grid.is_first_stage, grid.is_last_stage),
             "one_pipeline_communicator": not hasattr(grid, "pp_grad_group"),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from nanomt.model import GPT, ModelConfig
-from nanomt.parallel.tensor_parallel import NormalInit
+from nanomt.parallel.blockwise_init import NormalInit
 from model_outputs import full_logits
 
 
@@ -141,7 +141,7 @@ def test_split_heads_gradient_equals_autograds_own():
     """SplitHeads copies q, k, v's gradients straight into qkv's layout; autograd's own
     view -> permute -> unbind is the reference (bitwise: both only move numbers). v unused:
     its gradient must be zero."""
-    from nanomt.model.layers import SplitHeads
+    from nanomt.model.split_heads import SplitHeads
 
     s, b, heads, d = 5, 3, 4, 2
     qkv = torch.randn(s, b, heads * 3 * d, requires_grad=True)

@@ -142,7 +142,7 @@ def test_lower_layers_never_import_higher_ones():
 
 # What checking a config may not load: the evaluation, the checkpoints, the pipeline and
 # data-parallel runtime, the optimizer, the data loaders (their checks run in
-# nanomt.launch_checks). It may call a lower layer's own check (the grid's validate_layout,
+# nanomt.launch_checks). It may call a lower layer's own check (parallel.layout's validate_layout,
 # data.rampup's; the data package's __init__ then imports the tokenizer module, loading none).
 CONFIG_MUST_NOT_REACH = ("nanomt.eval", "nanomt.checkpoint", "nanomt.parallel.pipeline",
                          "nanomt.parallel.data_parallel", "nanomt.parallel.forward_backward",

@@ -50,6 +50,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
+def split(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's slice of `tensor` along `dim` (no communication)."""
+    rank, world = comm.rank_and_size(group)
+    return tensor.chunk(world, dim=dim)[rank].contiguous()
+
+
 def gathered(tensor: torch.Tensor, dim: int | None, group) -> torch.Tensor:
     """The full tensor from its tp shards (dim None: already full)."""
     return tensor if dim is None else comm.all_gather(tensor.contiguous(), group, dim)
@@ -203,7 +209,7 @@ def _cross_entropy_checks(grid: ParallelGrid) -> dict:
                                    targets.reshape(-1), reduction="none").view(BATCH, SEQ)
         (ref_loss * upstream).sum().backward()
 
-        shard = comm.split(full, grid.tp_group, dim=-1).clone().requires_grad_()
+        shard = split(full, grid.tp_group, dim=-1).clone().requires_grad_()
         largest = LargestTensor()
         with largest:
             loss = vocab_parallel_cross_entropy(shard, targets, grid.tp_group, vocab)

@@ -28,7 +28,7 @@ import torch
 from nanomt.errors import ConfigError
 from nanomt.eval.runner import ParallelLM
 from nanomt.eval.scoring import prefix_token
-from nanomt.model.gpt import on_whole_sequences
+from nanomt.model.whole_sequences import on_whole_sequences
 from nanomt.model.kv_cache import KVCache
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from nanomt.errors import ConfigError
 from nanomt.eval.runner import ParallelLM
 from nanomt.eval.scoring import loglikelihoods
-from nanomt.model.gpt import on_whole_sequences
+from nanomt.model.whole_sequences import on_whole_sequences
 
 MULTIPLE_CHOICE, LAST_WORD = "multiple_choice", "last_word"
 KEYS = {MULTIPLE_CHOICE: {"context", "choices", "answer"}, LAST_WORD: {"context", "target"}}

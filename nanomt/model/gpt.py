@@ -8,19 +8,15 @@ Plain PyTorch around tensor-parallel parts. The same class builds
   - one context-parallel share of it (grid.cp_size > 1): every rank holds two chunks of each
     sequence, and positions and attention follow (nanomt.parallel.context_parallel).
 
-Initialisation is layout-independent and blockwise: every row (or split column) of every weight
-has its own generator, seeded by (seed, parameter path, index), and a rank draws only the rows of
-its shard (tensor_parallel.NormalInit). So the model at any (tp, pp) holds exactly the slices of
-the single-process model, and no rank ever builds a full weight matrix. Weights are
-N(0, init_std); the two output projections of each layer use init_std / sqrt(2 * num_layers), as
-in GPT-2 and Megatron; biases start at zero, and so do the embedding's padding rows.
+Weights are N(0, init_std), drawn blockwise so that any layout holds exactly the slices of the
+single-process model (nanomt.parallel.blockwise_init); the two output projections of each layer
+use init_std / sqrt(2 * num_layers), as in GPT-2 and Megatron; biases start at zero, and so do
+the embedding's padding rows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -30,19 +26,17 @@ from torch import nn
 from nanomt.model.config import ModelConfig
 from nanomt.model.kv_cache import KVCache
 from nanomt.model.layers import TransformerLayer, make_norm
+from nanomt.model.param_records import describe_parameters
 from nanomt.parallel import comm
+from nanomt.parallel.blockwise_init import NormalInit
 from nanomt.parallel.context_parallel import local_positions
 from nanomt.parallel.cross_entropy import vocab_parallel_cross_entropy
 from nanomt.parallel.deferred_init import new_parameter
-from nanomt.parallel.param_info import ParamInfo, set_param_info
 from nanomt.parallel.random import TensorParallelRNG
 from nanomt.parallel.tensor_parallel import (
-    TENSOR_PARALLEL_LAYERS,
-    NormalInit,
     VocabParallelEmbedding,
     VocabParallelOutput,
     parallel_lm_logits,
-    tp_rank_and_size,
 )
 
 
@@ -55,19 +49,15 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tp_group = grid.tp_group if grid is not None else None
-        tp_rank, tp = tp_rank_and_size(self.tp_group)
-        self.tp_rank, self.tp_size = tp_rank, tp
+        self.tp_rank, self.tp_size = comm.rank_and_size(self.tp_group)
         self.cp_group = grid.cp_group if grid is not None else None
         self.cp_rank, self.cp_size = comm.rank_and_size(self.cp_group)
-        self.sequence_parallel = sequence_parallel and tp > 1
-        if self.sequence_parallel and cfg.seq_len % tp:
-            raise ValueError(f"sequence parallelism needs model.seq_len ({cfg.seq_len}) "
-                             f"divisible by tp ({tp})")
-        self.padded_vocab_size = cfg.padded_vocab_size(tp)
+        self.sequence_parallel = sequence_parallel and self.tp_size > 1
+        self.padded_vocab_size = cfg.padded_vocab_size(self.tp_size)
         self.layer_range = layer_range if layer_range is not None else range(cfg.num_layers)
         self.pre_process, self.post_process = pre_process, post_process
         # One stream per chunk (named by its first layer): stages draw different masks.
-        self.rng = TensorParallelRNG(seed, tp_rank, stream=self.layer_range.start)
+        self.rng = TensorParallelRNG(seed, self.tp_rank, stream=self.layer_range.start)
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
 
         if pre_process or (post_process and cfg.tie_embeddings):
@@ -152,63 +142,3 @@ class GPT(nn.Module):
 
     def num_local_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-@contextlib.contextmanager
-def on_whole_sequences(chunks: list[nn.Module]) -> Iterator[None]:
-    """Run the chunks as the same model on whole sequences: without sequence parallelism inside
-    the block (every tp rank holds the whole sequence; all-reduces where SP has reduce-scatters
-    and all-gathers) and without context parallelism (every cp rank runs the whole sequence
-    with plain attention: the cp ranks hold the same weights, so they compute the same thing).
-    Neither changes the function; generation and task scoring need it, since a sequence that
-    grows one token at a time, or a prompt of any length, cannot be split over tp or cp."""
-    split = [m for chunk in chunks for m in chunk.modules()
-             if getattr(m, "sequence_parallel", False)]
-    context = [(m, m.cp_rank, m.cp_size) for chunk in chunks for m in chunk.modules()
-               if getattr(m, "cp_size", 1) > 1]
-    for module in split:
-        module.sequence_parallel = False
-    for module, _, _ in context:
-        module.cp_rank, module.cp_size = 0, 1
-    try:
-        yield
-    finally:
-        for module in split:
-            module.sequence_parallel = True
-        for module, rank, size in context:
-            module.cp_rank, module.cp_size = rank, size
-
-
-def global_parameter_name(local_name: str, layer_range: range) -> str:
-    """"layers.<i>.rest" of a pipeline chunk -> "layers.<layer_range[i]>.rest" of the model."""
-    parts = local_name.split(".")
-    if parts[0] == "layers":
-        parts[1] = str(layer_range[int(parts[1])])
-    return ".".join(parts)
-
-
-def describe_parameters(model: GPT) -> None:
-    """Give every parameter of `model` its ParamInfo (nanomt.parallel.param_info): the one place
-    these records are made. The tensor-parallel layers declare their split dims; the rest
-    (norms, position embedding) is replicated over tp. Under sequence parallelism every
-    replicated parameter acts on this rank's s/t tokens only (norms, row-parallel biases added
-    after the reduce-scatter, the positions of the shard), so its gradient is partial over tp."""
-    split_dims = {f"{module_name}.{name}": dim for module_name, module in model.named_modules()
-                  if isinstance(module, TENSOR_PARALLEL_LAYERS)
-                  for name, dim in module.tp_split_dims.items()}
-    vocab_rows = {f"{module_name}.weight" for module_name, module in model.named_modules()
-                  if isinstance(module, (VocabParallelEmbedding, VocabParallelOutput))}
-    for local_name, param in model.named_parameters():
-        split_dim = split_dims.get(local_name)
-        shape = list(param.shape)
-        if split_dim is not None:
-            shape[split_dim] *= model.tp_size
-        if local_name in vocab_rows:  # padding rows are not part of the model
-            shape[0] = model.cfg.vocab_size
-        tied = local_name == "word_embedding.weight" and model.cfg.tie_embeddings
-        set_param_info(param, ParamInfo(
-            name=global_parameter_name(local_name, model.layer_range),
-            global_shape=tuple(shape), tp_split_dim=split_dim,
-            sequence_parallel=model.sequence_parallel and split_dim is None,
-            tied_group="word_embedding" if tied else None,
-            primary=not tied or model.pre_process))  # the first stage's copy counts

@@ -15,6 +15,7 @@ at `length`, the number of tokens already cached.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class LayerKVCache:
@@ -36,6 +37,14 @@ class LayerKVCache:
             values = torch.cat([self.values, values], dim=2)
         self.keys, self.values = keys, values
         return keys, values
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The new tokens' queries against the cached and new keys (after appending k, v):
+        query i sits at position past + i and sees keys 0 .. past + i."""
+        past = self.length
+        k, v = self.append(k, v)
+        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible.tril(diagonal=past))
 
 
 class KVCache:

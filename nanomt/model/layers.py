@@ -8,10 +8,6 @@ With tp=t each rank holds num_heads/t heads and ffn/t MLP columns, and the layer
 one g per block. With sequence parallelism the norms and dropouts run on [s/t, b, h].
 Activations are [seq, batch, hidden] (nanomt.parallel.mappings); attention permutes to SDPA's
 [batch, heads, seq, head_dim] and back.
-
-The fused QKV weight is laid out per head, rows [head0: q k v | head1: q k v | ...], so that a
-contiguous split over tp ranks hands each rank whole heads. SwiGLU's fused gate/up weight is
-[2, ffn, h], split along dim 1, so that each rank holds matching rows of both.
 """
 
 from __future__ import annotations
@@ -25,17 +21,14 @@ from torch import nn
 from nanomt.model.checkpointing import checkpoint
 from nanomt.model.config import ModelConfig
 from nanomt.model.kv_cache import LayerKVCache
+from nanomt.model.rope import apply_rope, rope_cache
+from nanomt.model.split_heads import SplitHeads
 from nanomt.parallel import comm
+from nanomt.parallel.blockwise_init import NormalInit
 from nanomt.parallel.comm import Group
 from nanomt.parallel.context_parallel import local_positions, ring_attention
 from nanomt.parallel.random import TensorParallelRNG
-from nanomt.parallel.tensor_parallel import (
-    ColumnParallelLinear,
-    NormalInit,
-    RowParallelLinear,
-    divide,
-    tp_rank_and_size,
-)
+from nanomt.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -48,48 +41,6 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return norm
 
 
-def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [seq_len, head_dim/2] for rotary position embeddings (Su et al.)."""
-    cpu = torch.device("cpu")  # real tensors even while the model is built on the meta device
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=cpu)
-                                / head_dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=cpu), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0
-               ) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + d/2]) of x [b, heads, s, d] (the "rotate half" convention);
-    x's first token sits at position `start` (past tokens held in a KV cache)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    positions = slice(start, start + x.shape[-2])
-    cos, sin = cos[positions].to(x.dtype), sin[positions].to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
-class SplitHeads(torch.autograd.Function):
-    """qkv [s, b, heads * 3 * d] (rows per head: q k v) -> q, k, v, each a [b, heads, s, d] view.
-
-    Autograd's own backward of view -> permute -> unbind stacks the three gradients into
-    [3, b, heads, s, d], then copies that into qkv's [s, b, heads, 3, d] order: two full copies,
-    the second striding against the cache. Here each gradient is copied once, straight to its
-    place: half the time (docs/performance.md, single_vs_plain)."""
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, heads: int, head_dim: int):
-        s, b, _ = qkv.shape
-        ctx.shape = (s, b, heads, 3, head_dim)
-        return qkv.view(ctx.shape).permute(3, 1, 2, 0, 4).unbind(0)
-
-    @staticmethod
-    def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
-        grad = grad_q.new_empty(ctx.shape)  # (an unused output's gradient arrives as zeros)
-        for i, g in enumerate((grad_q, grad_k, grad_v)):
-            grad[:, :, :, i].copy_(g.permute(2, 0, 1, 3))  # [b, heads, s, d] -> [s, b, heads, d]
-        return grad.flatten(2), None, None
-
-
 class ParallelAttention(nn.Module):
     """Causal self-attention with heads split across the tp group (and under context
     parallelism, the sequence across the cp group: ring attention)."""
@@ -100,9 +51,8 @@ class ParallelAttention(nn.Module):
         super().__init__()
         self.cp_group = cp_group
         self.cp_rank, self.cp_size = comm.rank_and_size(cp_group)
-        _, tp = tp_rank_and_size(tp_group)
-        self.heads_per_rank = divide(cfg.num_heads, tp, "model.num_heads")
-        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.heads_per_rank = cfg.num_heads // comm.group_size(tp_group)
+        self.head_dim = cfg.head_dim
         self.use_rope = cfg.style == "llama"
         self.dropout_p, self.rng = cfg.attention_dropout, rng
         self.recompute = "none"  # "selective": recompute core_attention in backward
@@ -125,19 +75,10 @@ class ParallelAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p,
                                                   is_causal=True)
 
-    def cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         cache: LayerKVCache) -> torch.Tensor:
-        """The new tokens' queries against the cached and new keys (nanomt.model.kv_cache):
-        query i sits at position past + i and sees keys 0 .. past + i."""
-        past = cache.length
-        k, v = cache.append(k, v)
-        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible.tril(diagonal=past))
-
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         qkv = self.qkv(x)  # [s, b, 3h/t] (full sequence even under SP)
         s, b, _ = qkv.shape
-        # each [b, heads/t, s, d]: what SDPA reads
+        # each [b, heads/t, s, d]: what SDPA reads (nanomt.model.split_heads)
         q, k, v = SplitHeads.apply(qkv, self.heads_per_rank, self.head_dim)
         start = cache.length if cache is not None else 0
         if self.use_rope:
@@ -149,7 +90,7 @@ class ParallelAttention(nn.Module):
         if self.cp_size > 1:  # saves only q, k, v, out and lse: already selective
             out = ring_attention(q, k, v, self.cp_group)
         elif cache is not None:
-            out = self.cached_attention(q, k, v, cache)
+            out = cache.attend(q, k, v)
         elif self.recompute == "selective" and torch.is_grad_enabled():
             out = checkpoint(self.core_attention, q, k, v, rng=self.rng)  # keep only q, k, v
         else:
@@ -185,13 +126,12 @@ class ParallelMLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)). `init` / `out_init`:
+    N(0, std) for its weights and N(0, std/sqrt(2L)) for its two output projections."""
 
     def __init__(self, cfg: ModelConfig, tp_group: Group, init: NormalInit,
                  out_init: NormalInit, sequence_parallel: bool, rng: TensorParallelRNG,
                  cp_group: Group = None):
-        """`init` / `out_init`: N(0, std) for this layer's weights and N(0, std/sqrt(2L)) for
-        its two output projections (streams named by the parameters' paths)."""
         super().__init__()
         self.sequence_parallel = sequence_parallel
         self.dropout_p, self.rng = cfg.dropout, rng

@@ -8,14 +8,10 @@ needs only three scalars per token from across the group: the max m (all-reduce 
 of exponentials (all-reduce SUM) and z_y (all-reduce SUM, nonzero on the rank owning y). The
 gradient is softmax(z) - onehot(y), computed locally. Memory per rank: b*s*V/t, never b*s*V.
 
-Columns past the real vocabulary (padding so that V divides by t) get -inf logits: they take no
-probability mass, so the loss equals the one over the unpadded vocabulary. On a tp group of one
-nothing is split, and torch's fused cross-entropy on the unpadded columns computes the same loss
-in fewer passes over the logits.
-
-Targets must lie in [0, vocab_size): there is no ignore_index (a -100 would silently take the
-padding columns' zero gradient and a wrong loss), so an out-of-range target is an error. The
-check runs on the device (`torch._assert_async`): no host sync on a GPU.
+Padding columns (so that t divides V) get -inf logits: no probability mass, the loss of the
+unpadded vocabulary. On a tp group of one torch's fused cross-entropy computes the same loss in
+fewer passes. Targets must lie in [0, vocab_size) (no ignore_index: a -100 would take a padding
+column's zero gradient); the check runs on the device (`torch._assert_async`): no host sync.
 """
 
 from __future__ import annotations
@@ -26,13 +22,12 @@ import torch.nn.functional as F
 
 from nanomt.parallel import comm
 from nanomt.parallel.comm import Group
-from nanomt.parallel.tensor_parallel import tp_rank_and_size
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group, vocab_size):
-        rank, _ = tp_rank_and_size(group)
+        rank, _ = comm.rank_and_size(group)
         per_rank = logits.shape[-1]
         start = rank * per_rank
         ctx.input_dtype = logits.dtype

@@ -6,7 +6,7 @@ holds its whole tp/pp-local model in fp32 (and mixed precision then keeps an fp3
 masters), far more than its steady state under ZeRO-3. Instead, the model is built under
 `torch.device("meta")`: every parameter is only a shape and dtype, and the module that declares
 it records, in `module.initializers[name]`, a function drawing its fp32 values on the CPU (the
-same layout-independent blockwise draws as an eager build: nanomt.parallel.tensor_parallel.
+same layout-independent blockwise draws as an eager build: nanomt.parallel.blockwise_init.
 NormalInit). `place_on` gives each parameter a one-element stand-in on its device; whoever lays
 the parameters out then calls `InitialValues(chunks)(param)` for one tensor
 at a time: the gradient buffer writes it into its flat bucket (under ZeRO-3 the bucket is one

@@ -9,14 +9,12 @@ conjugate operators around each parallel block:
 Sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2) replaces them with g-bar / f-bar:
 an all-gather along the sequence before the column-parallel linear (reduce-scatter in backward)
 and a reduce-scatter after the row-parallel one (all-gather in backward). Same bytes moved, but
-norms, dropout and residual adds now run on 1/t of the sequence. f-bar is here; g-bar is fused
-with the column-parallel matmul (`tensor_parallel._LinearWithSequenceGather`) so that backward
-can gather the input again instead of keeping the gathered copy.
+norms, dropout and residual adds run on 1/t of the sequence. g-bar is fused with the
+column-parallel matmul (tensor_parallel._LinearWithSequenceGather) to save its input.
 
-Activations are [seq, batch, hidden] (Megatron's layout): the hidden/vocab split is the last
-dim and the sequence split dim 0 (`SEQ_DIM`), so a sequence shard is a contiguous block of memory
-and the SP collectives gather and scatter it in place, with no transposing copies. Each operator
-is a tiny autograd function; with a group of one they are identities.
+Activations are [seq, batch, hidden] (Megatron's layout): the hidden/vocab split is the last dim
+and the sequence split dim 0 (`SEQ_DIM`), so a sequence shard is a contiguous block of memory
+gathered and scattered in place. On a group of one every operator is the identity.
 """
 
 from __future__ import annotations
@@ -68,17 +66,14 @@ class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
 
 
 def copy_to_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """f: identity forward, all-reduce of the gradient backward."""
     return x if comm.group_size(group) == 1 else _CopyToTensorParallelRegion.apply(x, group)
 
 
 def reduce_from_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """g: all-reduce forward, identity backward."""
     return x if comm.group_size(group) == 1 else _ReduceFromTensorParallelRegion.apply(x, group)
 
 
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """f-bar: reduce-scatter the sequence forward, all-gather backward."""
     if comm.group_size(group) == 1:
         return x
     return _ReduceScatterToSequenceParallelRegion.apply(x, group)

@@ -1,12 +1,12 @@
 """Forward/backward without pipelining: gradient accumulation over the micro-batches.
 
-The reference schedule is plain gradient accumulation, no pipelining: for each of the m
-micro-batches, forward then backward, gradients summing in .grad. Each micro-batch's loss is
-divided by m, so the accumulated gradient is that of the mean loss over the whole batch.
-Pipeline schedules (GPipe, 1F1B, interleaved 1F1B; nanomt.parallel.pipeline) compute the same
-gradients in a different order, over model chunks held by different ranks.
+For each of the m micro-batches, forward then backward, gradients summing in .grad; each loss
+is divided by m, so the sum is the gradient of the mean loss over the whole batch:
 
-Every schedule is called the same way (nanomt.parallel.forward_backward picks one for a layout).
+    grad = sum_i d(loss_i / m) / d params
+
+The pipeline schedules (nanomt.parallel.pipeline) compute the same sum in another order, over
+model chunks held by different ranks; nanomt.parallel.forward_backward picks one for a layout.
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ def forward_backward_no_pipelining(model_chunks: Sequence[nn.Module],
     """For each micro-batch: forward, then backward from S * loss / m (S: fp16's loss scale, a
     device scalar; else 1). Returns the sum of the micro-batches' mean losses. One chunk, one
     stage: `grid` and `timeline` are unused (the common signature)."""
-    if len(model_chunks) != 1:
-        raise ValueError(f"without pipelining a rank holds one model chunk, got "
-                         f"{len(model_chunks)}; set parallel.virtual_stages=1")
-    model, num_microbatches = model_chunks[0], len(micro_batches)
+    (model,) = model_chunks  # one chunk: config validation allows virtual_stages > 1 only with pp
+    num_microbatches = len(micro_batches)
     loss_sum = torch.zeros((), device=micro_batches[0][0].device)
     for inputs, targets in micro_batches:
         with torch.set_grad_enabled(not forward_only):

@@ -1,7 +1,7 @@
 """One record per parameter: what a local tensor is a piece of, and how its gradient is shared.
 
 Every layer of parallelism asks the same few questions of a parameter, and they are answered
-once, when the model is built (nanomt.model.gpt: `describe_parameters`), in a `ParamInfo`:
+once, when the model is built (nanomt.model.param_records), in a `ParamInfo`:
 
     name               its name in the single-process model ("layers.7.mlp.fc1.weight", even in
                        a pipeline chunk that calls it "layers.0.mlp.fc1.weight")

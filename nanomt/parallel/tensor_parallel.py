@@ -12,26 +12,18 @@ one f and one g each, so a transformer layer costs two all-reduces forward and t
 
 Sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2) keeps X split along the sequence
 between the blocks: a column-parallel linear all-gathers it (g-bar) and a row-parallel one
-reduce-scatters its partial sums (f-bar). The column-parallel side is one autograd function,
-`_LinearWithSequenceGather` (Megatron's LinearWithGradAccumulationAndAsyncCommunication idea):
-it keeps only this rank's [s/t, b, h] shard of X for backward and all-gathers it there again for
-the weight gradient, so the saved input costs s b h / t, not s b h (one more all-gather of
-b s h per column-parallel linear in backward buys it).
+reduce-scatters its partial sums (f-bar). `_LinearWithSequenceGather` keeps only this rank's
+[s/t, b, h] shard of X for backward and all-gathers it there again for the weight gradient: the
+saved input costs s b h / t, not s b h, for one more all-gather per linear in backward.
 
-Initialisation is blockwise (`NormalInit`): the full weight is defined slice by slice along its
-split dim, each slice drawn from its own generator, and a rank draws only the slices of its
-shard. No rank ever materialises a full matrix, and with the same seed the model at tp=N holds
-exactly the shards of the model at tp=1. Each layer records how it draws each parameter
-(`initializers`), so the model can be built on the meta device and drawn later, one tensor at a
-time (nanomt.parallel.deferred_init). Each layer here declares, in `tp_split_dims`, the dim
-each of its parameters is split along (None: replicated); the model turns that into every
-parameter's ParamInfo (nanomt.parallel.param_info), which norms, buffers and checkpoints read.
+Each layer draws its shard blockwise (nanomt.parallel.blockwise_init) and records how, in
+`initializers`, so the model can also be built on the meta device and drawn later
+(nanomt.parallel.deferred_init). `tp_split_dims` declares the dim each parameter is split along
+(None: replicated); the model turns it into every parameter's ParamInfo.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -39,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanomt.parallel import comm
+from nanomt.parallel.blockwise_init import NormalInit, vocab_shard
 from nanomt.parallel.comm import Group
 from nanomt.parallel.deferred_init import new_parameter
 from nanomt.parallel.mappings import (
@@ -49,64 +42,12 @@ from nanomt.parallel.mappings import (
 )
 
 
-def tp_rank_and_size(group: Group) -> tuple[int, int]:
-    """(my rank in the tensor-parallel group, its size); (0, 1) for None."""
-    return comm.rank_and_size(group)
-
-
-def divide(numerator: int, denominator: int, what: str) -> int:
-    """numerator / denominator, or a ValueError naming `what` when it does not divide."""
-    if numerator % denominator:
-        raise ValueError(f"{what} ({numerator}) is not divisible by tensor-parallel size "
-                         f"{denominator}")
-    return numerator // denominator
-
-
-def my_slice(size: int, group: Group, what: str) -> range:
-    """The indices [start, end) of a dim of `size` that this rank holds (contiguous split)."""
-    rank, tp = tp_rank_and_size(group)
-    per_rank = divide(size, tp, what)
+def my_slice(size: int, group: Group) -> range:
+    """The indices [start, end) of a dim of `size` that this rank holds (contiguous split;
+    config validation guarantees that tp divides it)."""
+    rank, tp = comm.rank_and_size(group)
+    per_rank = size // tp
     return range(rank * per_rank, (rank + 1) * per_rank)
-
-
-def slice_seed(seed: int, name: str, index: int) -> int:
-    """A 63-bit generator seed private to slice `index` of the parameter `name`."""
-    digest = hashlib.blake2b(f"{seed}/{name}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-@dataclass(frozen=True)
-class NormalInit:
-    """N(0, std) weights, drawn slice by slice so that a rank draws only its own shard.
-
-    The full tensor is defined along one dim (the dim it is split along over tp): slice i of it
-    (a row, or a column of a row-parallel weight) comes from a generator seeded by
-    (seed, name, i) alone. A rank draws just the slices it holds. The values depend on neither
-    tp nor pp (name is the parameter's path, e.g. "layers.3.mlp.fc1") nor the device (CPU
-    generators), and the cost is one generator per slice, a few microseconds each.
-    """
-
-    std: float
-    seed: int
-    name: str
-
-    def child(self, name: str) -> "NormalInit":
-        """The same distribution for the sub-module or parameter `name`: its own streams."""
-        return NormalInit(self.std, self.seed, f"{self.name}.{name}")
-
-    def slices(self, shape: tuple[int, ...], dim: int, indices: range) -> torch.Tensor:
-        """Slices `indices` along `dim` of the full tensor of `shape`, concatenated."""
-        local_shape = list(shape)
-        local_shape[dim] = len(indices)
-        out = torch.empty(local_shape)
-        if out.is_meta:
-            return out  # built under torch.device("meta"): a shape, nothing to draw
-        slice_shape = shape[:dim] + shape[dim + 1:]
-        for local, index in enumerate(indices):
-            generator = torch.Generator().manual_seed(slice_seed(self.seed, self.name, index))
-            drawn = torch.empty(slice_shape).normal_(0.0, self.std, generator=generator)
-            out.select(dim, local).copy_(drawn)
-        return out
 
 
 class _LinearWithSequenceGather(torch.autograd.Function):
@@ -162,11 +103,10 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, tp_group: Group, init: NormalInit,
                  bias: bool = True, sequence_parallel: bool = False, stacked: int = 1):
         super().__init__()
-        _, tp = tp_rank_and_size(tp_group)
-        rows = my_slice(out_features, tp_group, "output features")
+        rows = my_slice(out_features, tp_group)
         self.in_features = in_features
         self.tp_group = tp_group
-        self.sequence_parallel = sequence_parallel and tp > 1
+        self.sequence_parallel = sequence_parallel and comm.group_size(tp_group) > 1
         parts, split_dim = ((), 0) if stacked == 1 else ((stacked,), 1)
         full = parts + (out_features, in_features)
         local = full[:split_dim] + (len(rows),) + full[split_dim + 1:]
@@ -188,10 +128,9 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, tp_group: Group, init: NormalInit,
                  bias: bool = True, sequence_parallel: bool = False):
         super().__init__()
-        _, tp = tp_rank_and_size(tp_group)
-        columns = my_slice(in_features, tp_group, "input features")
+        columns = my_slice(in_features, tp_group)
         self.tp_group = tp_group
-        self.sequence_parallel = sequence_parallel and tp > 1
+        self.sequence_parallel = sequence_parallel and comm.group_size(tp_group) > 1
         self.initializers = {"weight": partial(init.slices, (out_features, in_features), 1,
                                                columns),
                              "bias": partial(torch.zeros, out_features)}
@@ -214,20 +153,18 @@ class VocabParallelEmbedding(nn.Module):
     """Word embedding with the vocabulary split across tp ranks (rows [start, end) on each).
 
     A rank looks up the tokens it owns, writes zeros for the others, and g sums the partial
-    embeddings. Under sequence parallelism the sum is a reduce-scatter instead: the output is
-    this rank's sequence shard [s/t, b, h] (half the traffic of the all-reduce, and no
-    full-sequence copy). `padded_vocab_size` rows exist (divisible by tp); rows past
-    `vocab_size` are padding, initialised to zero and masked out of the loss.
+    embeddings; under sequence parallelism f-bar reduce-scatters them to this rank's sequence
+    shard [s/t, b, h]. `padded_vocab_size` rows exist (divisible by tp); rows past `vocab_size`
+    are padding, initialised to zero and masked out of the loss.
     """
 
     def __init__(self, vocab_size: int, padded_vocab_size: int, embedding_dim: int,
                  tp_group: Group, init: NormalInit, sequence_parallel: bool = False):
         super().__init__()
-        _, tp = tp_rank_and_size(tp_group)
         self.tp_group = tp_group
-        self.sequence_parallel = sequence_parallel and tp > 1
+        self.sequence_parallel = sequence_parallel and comm.group_size(tp_group) > 1
         self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
-        rows = my_slice(padded_vocab_size, tp_group, "padded vocabulary size")
+        rows = my_slice(padded_vocab_size, tp_group)
         self.vocab_start, self.vocab_end = rows.start, rows.stop
         self.initializers = {"weight": partial(vocab_shard, vocab_size, embedding_dim, rows, init)}
         self.weight = new_parameter(self.initializers["weight"], (len(rows), embedding_dim))
@@ -251,21 +188,11 @@ class VocabParallelOutput(nn.Module):
     def __init__(self, vocab_size: int, padded_vocab_size: int, hidden_size: int,
                  tp_group: Group, init: NormalInit):
         super().__init__()
-        rows = my_slice(padded_vocab_size, tp_group, "padded vocabulary size")
+        rows = my_slice(padded_vocab_size, tp_group)
         self.vocab_size = vocab_size
         self.initializers = {"weight": partial(vocab_shard, vocab_size, hidden_size, rows, init)}
         self.weight = new_parameter(self.initializers["weight"], (len(rows), hidden_size))
         self.tp_split_dims = {"weight": 0}
-
-
-def vocab_shard(vocab_size: int, embedding_dim: int, rows: range,
-                init: NormalInit) -> torch.Tensor:
-    """`rows` of a vocabulary table [padded vocab, embedding_dim]: rows below `vocab_size` drawn
-    by `init` (row i from its own stream), padding rows zero."""
-    shard = torch.zeros(len(rows), embedding_dim)
-    real = range(rows.start, max(rows.start, min(rows.stop, vocab_size)))
-    shard[: len(real)] = init.slices((vocab_size, embedding_dim), dim=0, indices=real)
-    return shard
 
 
 # The layers that split parameters over tp; each declares `tp_split_dims` {name: dim or None}.

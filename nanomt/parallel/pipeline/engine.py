@@ -6,17 +6,15 @@ messages it exchanges between them; this module runs both:
   exchange   post one batch on the pipeline communicator (p2p.py): the sends of the passes just
              run, the receives of the passes next; wait for all of it. A sent output's data is
              then freed: only its grad_fn, and the tensors that saves, wait for the backward
-             (Megatron's deallocate_output_tensor), so holding k micro-batches costs k
+             (Megatron's deallocate_output_tensor), so k micro-batches in flight cost k
              micro-batches of saved activations and no more.
-  forward    F(i, chunk): input = tokens (first chunk) or the activation received from the
-             previous chunk; output = chunk(input); the last chunk computes the loss, scaled by
-             1/m as in plain gradient accumulation.
+  forward    F(i, chunk): output = chunk(tokens, or the activation received from the previous
+             chunk); the last chunk computes the loss, scaled by 1/m as in gradient accumulation.
   backward   B(i, chunk): backward from the output with the gradient received from the next
              chunk (or from the loss on the last chunk); the input's gradient is sent back.
 
 Gradients accumulate in .grad over all micro-batches, and the tied word embedding's two copies
-(first and last stage) sum theirs at the end, so after the schedule they equal the
-single-process gradient of the mean loss.
+(first and last stage) sum theirs at the end: the single-process gradient of the mean loss.
 """
 
 from __future__ import annotations
@@ -27,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanomt.config_rules import SCHEDULES
 from nanomt.parallel.comm import group_size
 from nanomt.parallel.grid import ParallelGrid
-from nanomt.parallel.pipeline.p2p import PipelineP2P, agree_on_schedule, dtype_code
+from nanomt.parallel.pipeline.agreement import agree_on_schedule, check_outgoing
+from nanomt.parallel.pipeline.p2p import PipelineP2P
 from nanomt.parallel.pipeline.partition import allreduce_embedding_grads
 from nanomt.parallel.pipeline.posting import Exchange, Transfer, checked_plans
 from nanomt.parallel.pipeline.scatter_gather import ScatterGatherP2P
@@ -117,7 +115,7 @@ class PipelineStep:
                 output = loss * self.loss_scale / self.m
             else:
                 output = self.chunks[op.chunk](inputs)
-                self.comm.check_outgoing(output)
+                check_outgoing(output, self.comm.shape, self.comm.dtype, self.pp_rank)
                 self.outgoing[op] = output
         if not self.forward_only:
             self.in_flight[(op.microbatch, op.chunk)] = InFlight(inputs if k > 0 else None, output)
@@ -155,10 +153,7 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
         dtype = next(model_chunks[0].parameters()).dtype
     shape = activation_shape(model_chunks[0], micro_batches[0])
     device = micro_batches[0][0].device
-    agree_on_schedule(grid, {"schedule": SCHEDULES.index(schedule), "microbatches": m,
-                             "virtual_stages": v, "forward_only": forward_only,
-                             "seq": shape[0], "batch": shape[1], "hidden": shape[2],
-                             "dtype": dtype_code(dtype)}, device)
+    agree_on_schedule(grid, schedule, m, v, forward_only, shape, dtype, device)
     plan = checked_plans(schedule, grid.pp_size, m, v, forward_only)[grid.pp_rank]
     # Without SP the tp ranks hold the same activation: each sends 1/t (scatter_gather.py).
     scatter_gather = grid.tp_size > 1 and not model_chunks[0].sequence_parallel

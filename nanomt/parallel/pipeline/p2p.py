@@ -11,15 +11,9 @@ sequence parallelism), so the receiver allocates its buffer before the data arri
 rank's messages go on the grid's pp_group, one `batch_isend_irecv` per batch of posting.py's
 plan (NCCL's ordering rule: docs/pipeline.md). NCCL returns a single work for a whole batch,
 gloo one per operation; `P2PBatch` waits for all.
-
-Before the first message, `agree_on_schedule` all-gathers each rank's view of the schedule (kind,
-micro-batches, chunks, shape, dtype) over the pipeline group, once per distinct schedule:
-ranks that disagree would wait on each other forever, so they fail together with a clear error.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -27,8 +21,6 @@ import torch.distributed as dist
 from nanomt.parallel import comm
 from nanomt.parallel.pipeline.posting import Transfer
 from nanomt.parallel.pipeline.schedules import PipelineOp
-
-DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class P2PBatch:
@@ -76,44 +68,3 @@ class PipelineP2P:
                 ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group, transfer.tag))
         comm.note_operation("pipeline send/recv", self.group)
         return P2PBatch(dist.batch_isend_irecv(ops), self.group), buffers
-
-    def check_outgoing(self, tensor: torch.Tensor) -> None:
-        if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
-            raise ValueError(
-                f"pipeline rank {self.grid.pp_rank} would send a {tuple(tensor.shape)} "
-                f"{tensor.dtype} tensor but its neighbours expect {self.shape} {self.dtype}: "
-                f"stage outputs must keep the activation shape")
-
-
-# Signatures every pipeline group has already agreed on (checked once, not every step).
-_AGREED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def agree_on_schedule(grid, signature: dict[str, int], device: torch.device) -> None:
-    """All-gather `signature` over the pipeline group; ValueError on every rank if they differ.
-
-    Runs once per distinct signature (then cached), on a tensor on `device`: an NCCL group has
-    no CPU path. A rank whose signature is cached skips the check, so a disagreement is caught
-    when the signatures first appear, which is the first step of a run. Being the first
-    operation on pp_group, it also opens the NCCL communicator with every member, as torch
-    requires before a batch_isend_irecv that not every member joins."""
-    if grid.pp_group is None or grid.pp_size == 1:
-        return
-    keys = sorted(signature)
-    key = tuple((k, int(signature[k])) for k in keys)
-    agreed = _AGREED.setdefault(grid, set())
-    if key in agreed:
-        return
-    mine = torch.tensor([value for _, value in key], dtype=torch.int64, device=device)
-    everyone = [torch.empty_like(mine) for _ in range(grid.pp_size)]
-    comm.note_operation("all_gather (schedule check)", grid.pp_group)
-    dist.all_gather(everyone, mine, group=grid.pp_group)
-    if any(not torch.equal(other, mine) for other in everyone):
-        table = "; ".join(f"pp rank {r}: " + ", ".join(f"{k}={int(v)}" for k, v in zip(keys, row))
-                          for r, row in enumerate(everyone))
-        raise ValueError(f"pipeline ranks disagree on the schedule and would deadlock: {table}")
-    agreed.add(key)
-
-
-def dtype_code(dtype: torch.dtype) -> int:
-    return DTYPES.index(dtype) if dtype in DTYPES else len(DTYPES)
