@@ -70,7 +70,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")                 # train.precision
 CHECKPOINTING_MODES = ("none", "selective", "full")   # train.activation_checkpointing (model)
 SCHEDULES = ("1f1b", "gpipe")                         # parallel.schedule (parallel.pipeline)
 GRAD_REDUCE_MODES = ("microbatch", "step")            # parallel.grad_reduce (data_parallel)
-SCHEDULE_UNITS = ("steps", "samples", "tokens")       # optim.schedule_unit (data.rampup)
+SCHEDULE_UNITS = ("steps", "samples", "tokens")       # optim.schedule_unit (optim.schedule)
 
 _ABSENT = object()
 

@@ -25,7 +25,7 @@ from nanomt.parallel.grid import ParallelGrid
 
 # Every key a training step's record carries (val_loss and val_ppl only on evaluation steps;
 # mfu null when no peak is known); tests check a run's metrics.jsonl against this list. A record
-# covers interval_steps steps (logging.metrics_interval; nanomt.interval_metrics): loss,
+# covers interval_steps steps (logging.metrics_interval; nanomt.records): loss,
 # grad_norm and skipped are its own step's, loss_mean, skipped_in_interval and the throughput
 # the interval's.
 STEP_METRICS = ("step", "loss", "lr", "grad_norm", "loss_scale", "skipped", "skipped_steps",

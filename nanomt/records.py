@@ -3,21 +3,29 @@ many non-finite steps in a row.
 
 A step writes a record every logging.metrics_interval-th step and on the steps that have a
 reason to (evaluation, a checkpoint, train.exit_after, the last step, a stop, a preemption).
-A record holds the step's values (its one read, nanomt.interval_metrics.StepRead), the
-interval's aggregates since the previous record (IntervalLog) and its throughput (MFU from
-nanomt.flops).
+A record holds the step's values (its one read, nanomt.step_read.StepRead), its throughput
+(MFU from nanomt.flops) and the aggregates of its interval, the steps since the previous record
+of this launch, as Megatron's averaged log does:
+
+    loss_mean            mean loss over the interval's steps whose update was applied (not
+                         skipped); nan when every one was skipped
+    interval_steps       the steps the record covers
+    skipped_in_interval  updates skipped (inf/nan) among them
+    step_time_s          the interval's wall time / its steps
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING
 
+import torch
 from omegaconf import DictConfig
 
 from nanomt.errors import NonFiniteError
-from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration
-from nanomt.interval_metrics import IntervalLog, StepRead
+from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration, peak_tflops
+from nanomt.step_read import StepRead
 from nanomt.metrics import throughput
 
 if TYPE_CHECKING:
@@ -26,16 +34,54 @@ if TYPE_CHECKING:
     from nanomt.model import ModelConfig
 
 
+class IntervalLog:
+    """The host's sums over the steps since the last record (the module docstring's list)."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self._restart()
+
+    def _restart(self) -> None:
+        self.steps = self.applied = self.skipped = 0
+        self.loss_sum = 0.0
+
+    def start_step(self) -> None:
+        """Call as a step begins: the interval's clock starts with its first step."""
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def add(self, read: StepRead) -> None:
+        self.steps += 1
+        self.skipped += read.skipped
+        if not read.skipped:
+            self.applied += 1
+            self.loss_sum += read.loss
+
+    def close(self) -> dict:
+        """The interval's aggregates for a record; the next step starts a new interval."""
+        elapsed = time.perf_counter() - self.started
+        aggregates = {"interval_steps": self.steps,
+                      "loss_mean": self.loss_sum / self.applied if self.applied else float("nan"),
+                      "skipped_in_interval": self.skipped,
+                      "step_time_s": elapsed / self.steps}
+        self.started = None
+        self._restart()
+        return aggregates
+
+
 class StepRecords:
     """The host-side bookkeeping between steps: records, skips, the non-finite run."""
 
     def __init__(self, cfg: DictConfig, model_cfg: ModelConfig, world_size: int,
-                 peak_tflops: float | None) -> None:
+                 device: torch.device) -> None:
         self.cfg, self.model_cfg, self.world_size = cfg, model_cfg, world_size
         G, recompute = cfg.train.global_batch_size, str(cfg.train.activation_checkpointing)
         self.flops_per_step = flops_per_iteration(model_cfg, G)
         self.hardware_flops_per_step = hardware_flops_per_iteration(model_cfg, G, recompute)
-        self.peak_tflops = peak_tflops  # per device, for MFU (logging.peak_tflops or known GPUs)
+        # per device, for MFU: logging.peak_tflops, or the card's from nanomt.flops's table
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        self.peak_tflops = peak_tflops(name, cfg.logging.get("peak_tflops"),
+                                       str(cfg.train.precision))
         self.interval = IntervalLog()  # sums between records
         self.skipped_steps = 0         # updates skipped so far in this launch (inf/nan)
         self.nonfinite_in_a_row = 0    # steps in a row whose loss or gradient norm was not finite

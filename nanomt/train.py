@@ -33,7 +33,7 @@ from nanomt.metrics import is_logging_rank, peak_memory_bytes
 from nanomt.parallel import comm
 from nanomt.parallel.grid import ParallelGrid
 from nanomt.parallel.launch import agree_on_run_stamp, leave_launch
-from nanomt.trainer import Trainer, setup
+from nanomt.trainer import Trainer, mean_over_batch, setup
 
 
 def describe_ranks(grid: ParallelGrid, model: torch.nn.Module) -> list[dict]:
@@ -64,9 +64,28 @@ def write_run_json(t: Trainer) -> list[dict]:
     return ranks
 
 
+@torch.no_grad()
+def evaluate(t: Trainer) -> float:
+    """Mean loss over `train.eval_batches` fixed validation batches of global_batch_size
+    sequences: the same sequences, split the same way, under every layout."""
+    chunks = t.model_chunks
+    for chunk in chunks:
+        chunk.eval()
+    mbs, grid, G = t.cfg.train.micro_batch_size, t.grid, t.cfg.train.global_batch_size
+    loss_sum = torch.zeros((), device=t.device)  # stays on the device: one sync, below
+    for inputs, targets in t.val_data.eval_batches(t.cfg.train.eval_batches, G,
+                                                   grid.dp_rank, grid.dp_size):
+        micro_batches = [t.my_tokens(pair) for pair in zip(inputs.split(mbs), targets.split(mbs))]
+        loss_sum += t.forward_backward(chunks, micro_batches, grid, forward_only=True).float()
+    for chunk in chunks:
+        chunk.train()
+    return float(mean_over_batch(loss_sum, t.num_microbatches *
+                                 t.cfg.train.eval_batches, grid, t.device))
+
+
 def evaluate_all(t: Trainer) -> dict:
     """Validation loss and perplexity, and the train.eval_tasks scores."""
-    val_loss = t.evaluate()
+    val_loss = evaluate(t)
     scores = {"val_loss": val_loss,
               "val_ppl": math.exp(min(val_loss, 50.0))}  # capped: exp overflows past ~709
     if t.cfg.train.get("eval_tasks"):

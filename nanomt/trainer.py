@@ -1,9 +1,8 @@
 """The training step: setup builds everything once; `Trainer.train_step` runs one optimizer step.
 
-One optimizer step over a global batch of G sequences: every data-parallel rank runs its
-m = G / (b * dp) micro-batches through the model (gradient accumulation, or a pipeline
-schedule), gradients are reduced over the dp group, clipped by their global norm, and AdamW
-updates the weights:
+One optimizer step over a global batch of G sequences: every dp rank runs its m = G / (b * dp)
+micro-batches through the model (gradient accumulation, or a pipeline schedule), gradients are
+reduced over dp, clipped by their global norm, and AdamW updates the weights:
 
     zero_grad -> schedule (forward + backward of m micro-batches) -> finalize_grads
               -> clip by the global norm -> one host read -> AdamW step
@@ -24,16 +23,14 @@ from nanomt.checkpoint.checkpointer import Checkpointer
 from nanomt.config import Layout
 from nanomt.data import GlobalBatchSampler
 from nanomt.data.build import build_samplers
-from nanomt.data.rampup import schedule_position
-from nanomt.flops import peak_tflops
-from nanomt.interval_metrics import read_step
+from nanomt.step_read import read_step
 from nanomt.launch_checks import check_launch
 from nanomt.memory import PeakMemoryMeter
 from nanomt.model import GPT, ModelConfig
 from nanomt.model.checkpointing import set_activation_checkpointing
 from nanomt.model.chunks import build_model_chunks
 from nanomt.optim import build_optimizer
-from nanomt.optim.schedule import WarmupCosine
+from nanomt.optim.schedule import learning_rate_at
 from nanomt.parallel import comm
 from nanomt.parallel.context_parallel import split_sequence
 from nanomt.parallel.data_parallel import finalize_grads
@@ -45,14 +42,6 @@ from nanomt.parallel.random import seed_everything
 from nanomt.records import StepRecords
 
 
-def pick_device(name: str) -> torch.device:
-    """train.device: auto picks this rank's GPU if there is one (check_config checked cuda)."""
-    if name == "auto":
-        return (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                else torch.device("cpu"))
-    return torch.device(name)
-
-
 def to_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU batch onto `device`; to a GPU from pinned memory, without blocking the host."""
     if device.type != "cuda":
@@ -62,8 +51,8 @@ def to_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def mean_over_batch(loss_sum: torch.Tensor, num_microbatches: int, grid: ParallelGrid,
                     device: torch.device) -> torch.Tensor:
-    """The global batch's mean loss [1], on every rank (only last stages hold a loss). On the
-    device: the all-reduces run there (NCCL has no CPU path), and no host read happens here."""
+    """The global batch's mean loss [1] on every rank (only last stages hold a loss), on the
+    device: NCCL has no CPU path, and the step's one read comes later."""
     loss = loss_sum.to(device=device, dtype=torch.float32).reshape(1) / num_microbatches
     if not grid.is_last_stage:
         loss.zero_()
@@ -86,7 +75,7 @@ class Trainer:
     model_chunks: list[GPT]
     forward_backward: Callable
     optimizer: Any
-    lr_at: WarmupCosine
+    lr_at: Callable[[int], float]
     train_data: GlobalBatchSampler
     val_data: GlobalBatchSampler
     checkpointer: Checkpointer
@@ -110,8 +99,7 @@ class Trainer:
                 for i in range(m)]
 
     def my_tokens(self, micro_batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Inputs and labels on the device; under context parallelism this cp rank's two
-        chunks of every sequence (nanomt.parallel.context_parallel)."""
+        """Inputs and labels on the device (under cp, this rank's two chunks of each one)."""
         grid = self.grid
         return tuple(to_device(split_sequence(t, 1, grid.cp_rank, grid.cp_size), self.device)
                      for t in micro_batch)
@@ -119,7 +107,7 @@ class Trainer:
     def train_step(self, step: int, measure: PeakMemoryMeter) -> dict | None:
         """One optimizer step over the global batch of `step`; returns its metrics record, or
         None on a step that writes none (nanomt.records). Each phase is one call; the step reads
-        the device once, between clipping and the update (nanomt.interval_metrics.read_step)."""
+        the device once, between clipping and the update (nanomt.step_read.read_step)."""
         self.records.interval.start_step()
         faults.inject("step", step + 1)
         micro_batches = self.micro_batches(self.train_data, step)
@@ -147,37 +135,13 @@ class Trainer:
         return self.records.after_step(step, read, lr, self.train_data, self.checkpointer)
 
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over `train.eval_batches` fixed validation batches of global_batch_size
-        sequences: the same sequences, split the same way, under every layout."""
-        chunks = self.model_chunks
-        for chunk in chunks:
-            chunk.eval()
-        mbs, grid, G = self.cfg.train.micro_batch_size, self.grid, self.cfg.train.global_batch_size
-        loss_sum = torch.zeros((), device=self.device)  # stays on the device: one sync, below
-        for inputs, targets in self.val_data.eval_batches(self.cfg.train.eval_batches, G,
-                                                          grid.dp_rank, grid.dp_size):
-            micro_batches = [self.my_tokens(pair) for pair in zip(inputs.split(mbs),
-                                                                  targets.split(mbs))]
-            loss_sum += self.forward_backward(chunks, micro_batches, grid,
-                                              forward_only=True).float()
-        for chunk in chunks:
-            chunk.train()
-        return float(mean_over_batch(loss_sum, self.num_microbatches *
-                                     self.cfg.train.eval_batches, grid, self.device))
-
-
 def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     """config -> grid -> checkpoint folder -> model -> schedule -> optimizer -> data -> resume."""
-    _, world_size, _ = init_distributed(cfg.parallel.timeout_s, cfg.parallel.init_timeout_s,
-                                        use_cuda=cfg.train.device != "cpu")
+    _, world_size, device = init_distributed(
+        cfg.parallel.timeout_s, cfg.parallel.init_timeout_s, use_cuda=cfg.train.device != "cpu",
+        tf32=bool(cfg.train.get("tf32", True)))
     faults.inject("start")
     model_cfg, layout, num_microbatches = check_launch(cfg, world_size)
-    device = pick_device(cfg.train.device)
-    if device.type == "cuda":  # fp32 matmuls on tensor cores (TF32) unless train.tf32=false
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(
-            cfg.train.get("tf32", True))
     grid = ParallelGrid(layout.tp, layout.pp, layout.dp, timeout_s=cfg.parallel.timeout_s,
                         cp=layout.cp)
     seed_everything(cfg.train.seed, grid.pp_rank)
@@ -190,27 +154,15 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
                                       device=torch.device("meta"))
     set_activation_checkpointing(model_chunks, cfg.train.activation_checkpointing)
     forward_backward = get_forward_backward_func(layout, cfg.parallel.schedule)
-    timeline = Timeline({"rank": grid.rank, "pp_rank": grid.pp_rank, "tp_rank": grid.tp_rank,
-                         "dp_rank": grid.dp_rank, "pp": layout.pp,
-                         "virtual_stages": layout.virtual_stages,
-                         "num_microbatches": num_microbatches},
-                        cuda_events=device.type == "cuda") if cfg.train.timeline else None
+    timeline = Timeline.of_rank(grid, layout.virtual_stages, num_microbatches,
+                                device) if cfg.train.timeline else None
     # Data parallelism (gradient buckets reduced during backward, ZeRO sharding) is the
     # optimizer's buffer; the optimizer holds the fp32 shard state (nanomt.optim.build).
     optimizer = build_optimizer(model_chunks, cfg, grid, device=device)
-    o = cfg.optim
     train_data, val_data = build_samplers(cfg, model_cfg.seq_len)  # checked by check_launch
-    # the LR schedule counts steps, samples or tokens (optim.schedule_unit; same with ramp-up)
-    position = schedule_position(str(o.get("schedule_unit", "steps")),
-                                 train_data.consumed_before, model_cfg.seq_len)
-    lr_curve = WarmupCosine(o.lr, o.min_lr, o.warmup_steps,
-                            o.decay_steps or position(cfg.train.steps))
-    lr_at = lambda step: lr_curve(position(step))  # noqa: E731
+    lr_at = learning_rate_at(cfg.optim, cfg.train.steps, train_data.consumed_before,
+                             model_cfg.seq_len)
     start_step = checkpointer.resume(model_chunks, optimizer, train_data)  # 0 unless train.resume
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    records = StepRecords(cfg, model_cfg, grid.world_size,
-                          peak_tflops(device_name, cfg.logging.get("peak_tflops"),
-                                      str(cfg.train.precision)))
     return Trainer(cfg, run_dir, model_cfg, layout, grid, device, num_microbatches, model_chunks,
                    forward_backward, optimizer, lr_at, train_data, val_data, checkpointer,
-                   timeline, start_step, records)
+                   timeline, start_step, StepRecords(cfg, model_cfg, grid.world_size, device))

@@ -8,7 +8,8 @@ import pytest
 from nanomt.data.blend import BlendedDataset, blend_indices
 from nanomt.data.gpt_dataset import GPTDataset, parse_split, split_ranges
 from nanomt.data.indexed import IndexedDataset, IndexedWriter
-from nanomt.data.rampup import BatchSchedule, schedule_position
+from nanomt.data.rampup import BatchSchedule
+from nanomt.optim.schedule import schedule_position
 from nanomt.data.sampler import GlobalBatchSampler
 
 

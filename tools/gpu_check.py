@@ -228,7 +228,7 @@ def part_recompute_dropout(check: Check) -> str:
 
 def part_one_sync_step(check: Check) -> str:
     """A step's host syncs, counted by CUDA's sync debug mode: exactly one, the step's read of
-    its loss, norm and verdict (nanomt.interval_metrics.read_step)."""
+    its loss, norm and verdict (nanomt.step_read.read_step)."""
     import warnings
 
     from nanomt.memory import PeakMemoryMeter

@@ -15,9 +15,7 @@ any step is a lookup, and after the ramp c_t grows by G per step.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
-
-from nanomt.config_rules import SCHEDULE_UNITS
+from collections.abc import Sequence
 
 
 class BatchSchedule:
@@ -83,20 +81,6 @@ def check_rampup(start: int, increment: int, ramp_samples: int, global_batch_siz
     if (global_batch_size - start) % increment:
         raise ValueError(f"train.global_batch_size - START = {global_batch_size} - {start} is "
                          f"not a multiple of INCREMENT = {increment}")
-
-
-def schedule_position(unit: str, consumed_before: Callable[[int], int], seq_len: int
-                      ) -> Callable[[int], int]:
-    """Where step t stands on the learning-rate schedule's axis (optim.schedule_unit): the step
-    itself, the samples consumed before it, or those samples' tokens. Counted in samples or
-    tokens, warm-up and decay mean the same amount of data with or without a ramp-up."""
-    if unit == "steps":
-        return lambda step: step
-    if unit == "samples":
-        return consumed_before
-    if unit == "tokens":
-        return lambda step: consumed_before(step) * seq_len
-    raise ValueError(f"optim.schedule_unit must be one of {SCHEDULE_UNITS}, got {unit!r}")
 
 
 def check_rampup_config(ramp: Sequence[int] | None, global_batch_size: int,

@@ -10,7 +10,7 @@ again before the update. S is chosen dynamically:
 
 The rule runs on the device, from the device's inf/nan verdict (ShardedAdamW.clip_grads), with
 torch.where: deciding the scale adds no host sync of its own (the step's one read brings S
-along, nanomt.interval_metrics.read_step), and the schedule multiplies the loss by S without a
+along, nanomt.step_read.read_step), and the schedule multiplies the loss by S without a
 host-to-device copy. S is kept in float64: halving and doubling it are exact, so it is the same
 number, bit for bit, as the host's float rule would give (for any initial and min); the schedule
 multiplies the fp32 loss by S cast to fp32.

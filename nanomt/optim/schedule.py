@@ -11,7 +11,12 @@ MT-NLG: lr_max 5e-5, warm-up over 1B tokens, cosine decay to 10% (lr_min = lr_ma
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from nanomt.config_rules import SCHEDULE_UNITS
 
 
 def check_floor(max_lr: float, min_lr: float) -> None:
@@ -40,3 +45,27 @@ class WarmupCosine:
             return self.min_lr
         progress = (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps)
         return self.min_lr + (self.max_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def learning_rate_at(o: DictConfig, steps: int, consumed_before: Callable[[int], int],
+                     seq_len: int) -> Callable[[int], float]:
+    """The run's lr(step) from the `optim` config: the schedule counts steps, samples or tokens
+    (optim.schedule_unit; with a ramp-up, samples and tokens keep warm-up and decay the same
+    amount of data); decay ends at optim.decay_steps, else at the run's last step."""
+    position = schedule_position(str(o.get("schedule_unit", "steps")), consumed_before, seq_len)
+    curve = WarmupCosine(o.lr, o.min_lr, o.warmup_steps, o.decay_steps or position(steps))
+    return lambda step: curve(position(step))
+
+
+def schedule_position(unit: str, consumed_before: Callable[[int], int], seq_len: int
+                      ) -> Callable[[int], int]:
+    """Where step t stands on the learning-rate schedule's axis (optim.schedule_unit): the step
+    itself, the samples consumed before it, or those samples' tokens. Counted in samples or
+    tokens, warm-up and decay mean the same amount of data with or without a ramp-up."""
+    if unit == "steps":
+        return lambda step: step
+    if unit == "samples":
+        return consumed_before
+    if unit == "tokens":
+        return lambda step: consumed_before(step) * seq_len
+    raise ValueError(f"optim.schedule_unit must be one of {SCHEDULE_UNITS}, got {unit!r}")

@@ -101,12 +101,14 @@ def agree_on_attempt(store: dist.Store, rank: int, world_size: int, timeout_s: f
 
 
 def init_distributed(timeout_s: float = 300.0, init_timeout_s: float = 300.0,
-                     use_cuda: bool = True) -> tuple[int, int, torch.device]:
+                     use_cuda: bool = True, tf32: bool | None = None
+                     ) -> tuple[int, int, torch.device]:
     """Join the launch's world (if launched by torchrun) and pick this rank's device.
 
     `timeout_s` bounds every collective on the world group; `init_timeout_s` bounds start-up
     (meeting at the store, building the groups); use_cuda=False keeps a GPU host on the CPU
-    and gloo. Returns (rank, world_size, device). A plain
+    and gloo; tf32 (train.tf32) runs a GPU's fp32 matmuls on its TF32 tensor cores, or not
+    (None: torch's default). Returns (rank, world_size, device). A plain
     `python -m nanomt.train` is a world of one and starts no process group at all.
     """
     global _ATTEMPT
@@ -115,6 +117,8 @@ def init_distributed(timeout_s: float = 300.0, init_timeout_s: float = 300.0,
     if use_cuda and torch.cuda.is_available():
         device = torch.device("cuda", env_int("LOCAL_RANK", 0))
         torch.cuda.set_device(device)
+        if tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     if world_size > 1 and not dist.is_initialized():
         store = launch_store(init_timeout_s)
         store.set_timeout(datetime.timedelta(seconds=init_timeout_s))

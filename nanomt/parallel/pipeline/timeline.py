@@ -15,8 +15,12 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from nanomt.parallel.grid import ParallelGrid
 
 
 class Timeline:
@@ -38,6 +42,16 @@ class Timeline:
         self.events: list[list] = []
         self.pending: list[tuple[str, int, int, object, object]] = []  # CUDA event pairs
         self.anchor: tuple[object, float] | None = None  # (CUDA event, its host time)
+
+    @classmethod
+    def of_rank(cls, grid: ParallelGrid, virtual_stages: int, num_microbatches: int,
+                device: torch.device) -> Timeline:
+        """The timeline of this rank of `grid`, its coordinates and the schedule's shape in
+        its metadata (what tools/pipeline_timeline.py draws and measures)."""
+        return cls({"rank": grid.rank, "pp_rank": grid.pp_rank, "tp_rank": grid.tp_rank,
+                    "dp_rank": grid.dp_rank, "pp": grid.pp_size,
+                    "virtual_stages": virtual_stages, "num_microbatches": num_microbatches},
+                   cuda_events=device.type == "cuda")
 
     def begin_step(self, step: int) -> None:
         self.end_step()
