@@ -12,6 +12,12 @@ reference the search says it beats or not):
     python tools/plan.py --search model=mtnlg_530b plan.gpus=2240 \
         train.global_batch_size=1920 train.precision=bf16
 
+Measure this machine first (--calibrate: matmul TFLOP/s at the model's shapes, the current
+backend's collective bandwidth and latency on plan.gpus spawned ranks), then plan with it:
+
+    python tools/plan.py --calibrate model=tiny plan.gpus=4 plan.machine_file=machine.json
+    python tools/plan.py --search model=tiny plan.gpus=4 plan.machine_file=machine.json
+
 The overrides are the training ones (same config groups, same checks), plus plan.* (conf/plan/
 default.yaml: the GPU, the links, plan.machine_file). The maths lives in nanomt.planner;
 docs/planner.md explains it and shows the MT-NLG 530B plan next to the paper. Exit code 0 when
@@ -33,6 +39,24 @@ from nanomt.planner.from_config import machine, plan_inputs, search_inputs  # no
 from nanomt.planner.search import search  # noqa: E402
 from nanomt.planner.search_report import launch_command, search_json, search_table  # noqa: E402
 from nanomt.planner.step_time import step_time  # noqa: E402
+
+
+def run_calibrate(cfg) -> int:
+    """--calibrate: measure plan.gpus ranks of this machine, write plan.machine_file."""
+    from nanomt.config import model_config
+    from nanomt.planner.calibrate import machine_file, measure_rank
+    from nanomt.testing import run_distributed
+
+    world = int(cfg.plan.gpus or 4)
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[str(cfg.train.precision)]
+    per_rank = run_distributed(measure_rank, world, args=(
+        model_config(cfg), int(cfg.train.micro_batch_size), dtype), timeout_s=600)
+    found = machine_file(per_rank, world)
+    path = Path(cfg.plan.machine_file or "machine.json")
+    path.write_text(json.dumps(found, indent=2))
+    print(json.dumps(found, indent=2))
+    print(f"wrote {path}: plan with plan.machine_file={path}")
+    return 0
 
 
 def run_search(cfg, overrides: list[str]) -> int:
@@ -58,6 +82,8 @@ def main(argv: list[str]) -> int:
     overrides = [a for a in argv if not a.startswith("--")]
     try:
         cfg = compose_checked(["+plan=default", *overrides])
+        if "--calibrate" in flags:
+            return run_calibrate(cfg)
         if "--search" in flags:
             return run_search(cfg, overrides)
         model, inputs = plan_inputs(cfg)
@@ -73,9 +99,7 @@ def main(argv: list[str]) -> int:
                                  plan.largest_pp_rank,
                                  sequence_parallel=inputs.sequence_parallel)
     iteration_time = cfg.plan.iteration_time_s
-    print(plan_table(plan, meta, iteration_time))
-    print("step-time model         " + f"{modelled.total:,.2f} s: " + ", ".join(
-        f"{k} {v:.3g}" for k, v in modelled.terms.items() if v))
+    print(plan_table(plan, meta, iteration_time, modelled))
     if cfg.plan.json_out:
         Path(cfg.plan.json_out).write_text(json.dumps(plan_json(plan, meta, iteration_time),
                                                       indent=2))

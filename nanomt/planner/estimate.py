@@ -16,13 +16,15 @@ stands for s/cp; the dp x cp ranks of a (tp, pp) position hold the same weights)
                              micro-batch l/(p v) layers x Korthikanti et al.'s per-layer bytes
                              (nanomt.memory.activation_bytes_per_layer; the embedding's output
                              is the first layer's input, counted there), plus, on the last, the
-                             final norm's and the head's inputs (2 e s b h) and the fp32 logits
-                             with the cross-entropy's softmax (2 x 4 s b V_padded / t); the
-                             e s b h terms / t under sequence parallelism. At the backward's
-                             peak the gradients flowing through one MLP (2 e s b f / t) and,
-                             with pp > 1, the pipeline's receive buffers (the backward's
-                             gradient, e s b h, and the other input of an interleaved pair,
-                             e s b h / t) live beside them.
+                             final norm's and the head's inputs (2 e s b h) and the one fp32
+                             buffer the cross-entropy keeps (4 s b V_padded / t: the log-softmax,
+                             or the vocab-parallel loss's softmax); the e s b h terms / t under
+                             sequence parallelism. At the backward's peak the gradients flowing
+                             through one MLP (2 e s b f / t) and, with pp > 1, the pipeline's
+                             receive buffers (the backward's gradient, e s b h, and the other
+                             input of an interleaved pair, e s b h / t) live beside them; on
+                             the last rank, so does one more logits buffer (the loss's working
+                             copy or its gradient, for the one micro-batch at the loss).
     ZeRO-3 working set       the gathered parameters of the layers in use and their gradients
                              before the reduce-scatter: (1 + prefetch) layers of the rank's
                              tensor-parallel shard, whole over dp
@@ -117,8 +119,13 @@ def chunk_activation_bytes(cfg: ModelConfig, x: PlanInputs, chunk: int, num_chun
     whole = e * s * b * h / (t if x.sequence_parallel else 1)
     total = cfg.num_layers // num_chunks * per_layer
     if chunk == num_chunks - 1:
-        total += 2 * whole + 2 * 4 * s * b * cfg.padded_vocab_size(t) / t
+        total += 2 * whole + logits_bytes(cfg, x)
     return total
+
+
+def logits_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
+    """One micro-batch's logits shard in fp32: 4 s b V_padded / t."""
+    return 4 * (cfg.seq_len // x.cp) * x.micro_batch * cfg.padded_vocab_size(x.tp) / x.tp
 
 
 def backward_working_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
@@ -161,6 +168,7 @@ def peak_activations(cfg: ModelConfig, x: PlanInputs) -> tuple[float, int, int]:
     for rank in sorted({0, p - 1}):  # the first holds the most passes, the last the head
         counts = in_flight_counts(x.schedule, p, rank, m, v)
         peak = max(n * chunk + k * extra for n, k in counts)
+        peak += logits_bytes(cfg, x) if rank == p - 1 else 0.0
         if peak > best[0]:
             best = (peak, rank, max(n for n, _ in counts))
     return best[0] + backward_working_bytes(cfg, x), best[1], best[2]

@@ -134,12 +134,15 @@ def search(cfg: ModelConfig, base: PlanInputs, gpus: int, machine: Machine) -> S
     return result
 
 
-def why_faster(fast: StepTime, slow: StepTime) -> str:
-    """The gap between two step times and the terms that make most of it."""
-    gap = slow.total - fast.total
-    diffs = sorted(((slow.terms[k] - fast.terms[k], k) for k in fast.terms),
-                   key=lambda d: -abs(d[0]))
-    parts = [f"{k} {fast.terms[k]:.3g} vs {slow.terms[k]:.3g} s" for d, k in diffs[:3]
-             if abs(d) > 0.05 * max(abs(gap), 1e-12)]
-    pct = 100 * gap / slow.total if slow.total else 0.0
-    return f"{gap:.3g} s ({pct:.1f}%) faster: " + ", ".join(parts or ["equal terms"])
+def why_faster(fast: Candidate, slow: Candidate) -> str:
+    """The gap between two step times and the terms that make most of it (on a tie: the
+    memory the first leaves free)."""
+    a, b = fast.time, slow.time
+    gap = b.total - a.total
+    if gap <= 1e-9 * b.total:
+        room = (slow.plan.total_bytes - fast.plan.total_bytes) / GIB
+        return f"as fast, {room:.1f} GiB less memory per GPU"
+    diffs = sorted(((b.terms[k] - a.terms[k], k) for k in a.terms), key=lambda d: -abs(d[0]))
+    parts = [f"{k} {a.terms[k]:.3g} vs {b.terms[k]:.3g} s" for d, k in diffs[:3]
+             if abs(d) > 0.05 * gap]
+    return f"{gap:.3g} s ({100 * gap / b.total:.1f}%) faster: " + ", ".join(parts)

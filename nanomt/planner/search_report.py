@@ -57,7 +57,7 @@ def search_json(result: SearchResult, top: int, reference: PlanInputs | None,
     out = {"machine": asdict(machine), "considered": result.considered,
            "feasible": len(result.ranked), "dropped_by_largest_term": dict(result.dropped),
            "best": [candidate_json(c) for c in best],
-           "why_faster_than_next": [why_faster(a.time, b.time)
+           "why_faster_than_next": [why_faster(a, b)
                                     for a, b in zip(result.ranked[:top], result.ranked[1:top + 1])],
            "launch": launch}
     if reference is not None:
@@ -67,7 +67,7 @@ def search_json(result: SearchResult, top: int, reference: PlanInputs | None,
             mine = result.ranked[place - 1]
             out["reference"].update(candidate_json(mine))
             if place > 1:
-                out["reference"]["best_beats_it"] = why_faster(result.ranked[0].time, mine.time)
+                out["reference"]["best_beats_it"] = why_faster(result.ranked[0], mine)
     return out
 
 
@@ -91,7 +91,7 @@ def search_table(result: SearchResult, top: int, reference: PlanInputs | None,
     for place, c in enumerate(ranked[:top], 1):
         lines += candidate_lines(place, c)
         if place < len(ranked):
-            lines.append(f"    vs #{place + 1}: {why_faster(c.time, ranked[place].time)}")
+            lines.append(f"    vs #{place + 1}: {why_faster(c, ranked[place])}")
     if reference is not None:
         place = result.rank_of(reference)
         if place is None:
@@ -101,7 +101,7 @@ def search_table(result: SearchResult, top: int, reference: PlanInputs | None,
             lines += candidate_lines(place, ranked[place - 1])
         if place and place > 1:
             lines.append(f"the config's layout ranks #{place}; #1 is "
-                         f"{why_faster(ranked[0].time, ranked[place - 1].time)}")
+                         f"{why_faster(ranked[0], ranked[place - 1])}")
     if launch:
         lines += ["launch #1:", "    " + launch]
     return "\n".join(lines)
