@@ -11,7 +11,15 @@ what one rank gets is what it gets in training, beside its peers:
     intra/inter_node_gbps  the median bus bandwidth of all-reduce (2 (n-1)/n B / t),
                          all-gather and reduce-scatter ((n-1)/n B / t) of 4 MiB; every rank
                          sits on this one host, so both links are the one measured
-    latency_us           one all-reduce of one element
+    latency_us           what one all-reduce of one micro-batch's hidden states adds to a
+                         stream of the model's GEMMs, less its bandwidth time, per ring step
+                         (an all-reduce over n ranks takes 2 (n-1) of them): in training a
+                         collective waits for the slowest rank of its group, so on a host
+                         with more ranks than cores it costs a scheduling turn, not the
+                         microseconds of an idle ping (recorded too, as ping_us)
+    bubble_cost          1 when every rank has a core of its own; 0 when ranks outnumber the
+                         cores: a rank idle in the pipeline's bubble hands its core to the
+                         others, so the bubble costs no time (on a GPU, 1: the device idles)
     memory_gbps          a copy of 64 MiB: 2 B / t
 
 The machine file holds these (what step_time.Machine reads) and every measurement under
@@ -20,6 +28,7 @@ The machine file holds these (what step_time.Machine reads) and every measuremen
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -93,6 +102,29 @@ def collective_gbps(nbytes: int, world: int) -> dict[str, float]:
     return out
 
 
+def collective_in_compute_us(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype,
+                             all_reduce_gbps: float, rounds: int = 20) -> float:
+    """Microseconds one all-reduce of [b s, h] adds to a stream of [b s, h] x [h, h] GEMMs,
+    beyond its bytes at the measured bandwidth (module docstring)."""
+    m, h = micro_batch * cfg.seq_len, cfg.hidden_size
+    x, w = torch.randn(m, h, dtype=dtype), torch.randn(h, h, dtype=dtype)
+    hidden = torch.zeros(m, h, dtype=dtype)
+    n = dist.get_world_size()
+
+    def gemms(with_collective: bool) -> None:
+        for _ in range(rounds):
+            x @ w
+            if with_collective:
+                dist.all_reduce(hidden)
+
+    dist.barrier()
+    alone = best_seconds(lambda: gemms(False), repeats=3)
+    dist.barrier()
+    paired = best_seconds(lambda: gemms(True), repeats=3)
+    wire = 2 * (n - 1) / n * hidden.numel() * hidden.element_size() / (all_reduce_gbps * 1e9)
+    return max((paired - alone) / rounds - wire, 0.0) * 1e6
+
+
 def measure_rank(cfg: ModelConfig, micro_batch: int, dtype_name: str) -> dict[str, float]:
     """Every measurement of one rank (all ranks run this at once: run_distributed)."""
     dtype = getattr(torch, dtype_name)
@@ -104,7 +136,9 @@ def measure_rank(cfg: ModelConfig, micro_batch: int, dtype_name: str) -> dict[st
     out.update({f"{k}_gbps": v for k, v in collective_gbps(4 * MIB, world).items()})
     one = torch.zeros(1)
     dist.barrier()
-    out["latency_us"] = best_seconds(lambda: dist.all_reduce(one), repeats=20) * 1e6
+    out["ping_us"] = best_seconds(lambda: dist.all_reduce(one), repeats=20) * 1e6
+    in_compute = collective_in_compute_us(cfg, micro_batch, dtype, out["all_reduce_gbps"])
+    out["latency_us"] = in_compute / (2 * (world - 1))  # an all-reduce is 2 (n-1) ring steps
     big, other = torch.zeros(16 * MIB), torch.ones(16 * MIB)
     dist.barrier()
     out["memory_gbps"] = 2 * big.numel() * 4 / best_seconds(lambda: big.copy_(other)) / 1e9
@@ -121,4 +155,5 @@ def machine_file(per_rank: list[dict[str, float]], world: int) -> dict:
             "compute_efficiency": median["model_tflops"] / median["matmul_tflops"],
             "intra_node_gbps": link, "inter_node_gbps": link,
             "latency_us": median["latency_us"], "memory_gbps": median["memory_gbps"],
+            "bubble_cost": 1.0 if world <= len(os.sched_getaffinity(0)) else 0.0,
             "measured": median}

@@ -108,16 +108,22 @@ class Plan:
         return not self.advice
 
 
+def layer_activation_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
+    """Bytes one layer keeps per micro-batch for its backward (Korthikanti et al.)."""
+    e = 4 if x.precision == "fp32" else 2
+    return activation_bytes_per_layer(
+        cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, cfg.num_heads, tp=x.tp,
+        sequence_parallel=x.sequence_parallel, recompute=x.recompute,
+        dropout=cfg.dropout > 0 or cfg.attention_dropout > 0, flash=True, bytes_per_element=e,
+        ffn_hidden=cfg.ffn_hidden_size)
+
+
 def chunk_activation_bytes(cfg: ModelConfig, x: PlanInputs, chunk: int, num_chunks: int) -> float:
     """Bytes one micro-batch leaves in chunk `chunk` of `num_chunks` until its backward."""
     s, b, h, t = cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, x.tp
     e = 4 if x.precision == "fp32" else 2
-    per_layer = activation_bytes_per_layer(
-        s, b, h, cfg.num_heads, tp=t, sequence_parallel=x.sequence_parallel,
-        recompute=x.recompute, dropout=cfg.dropout > 0 or cfg.attention_dropout > 0,
-        flash=True, bytes_per_element=e, ffn_hidden=cfg.ffn_hidden_size)
     whole = e * s * b * h / (t if x.sequence_parallel else 1)
-    total = cfg.num_layers // num_chunks * per_layer
+    total = cfg.num_layers // num_chunks * layer_activation_bytes(cfg, x)
     if chunk == num_chunks - 1:
         total += 2 * whole + logits_bytes(cfg, x)
     return total

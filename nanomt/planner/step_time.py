@@ -6,9 +6,10 @@ data-parallel traffic adds what the code does not hide behind compute; the optim
 ends the step. With N GPUs, R the achievable FLOP/s of one GPU, m micro-batches of b
 sequences, s' = s / cp tokens each, e bytes per activation element, t = tp, L = l / p layers
 per rank (v chunks of l/(p v)), and a collective over n ranks of B bytes at bus bandwidth W
-(nccl-tests' convention) and latency a:
+(nccl-tests' convention) in ring steps of fixed cost a each (Thakur et al. 2005's alpha-beta
+model; plan.latency_us):
 
-    all-reduce  2 (n-1)/n B / W + a      reduce-scatter, all-gather  (n-1)/n B / W + a
+    all-reduce  2 (n-1)/n B / W + 2 (n-1) a      reduce-scatter, all-gather  (n-1)/n B / W + (n-1) a
     p2p         B / W + a
 
     compute      model FLOPs / (N R)                   (Korthikanti et al.: 72 B s l h^2 (..))
@@ -22,15 +23,18 @@ per rank (v chunks of l/(p v)), and a collective over n ranks of B bytes at bus 
                  (nanomt.parallel.context_parallel), so only their latency counts
     pp           2 m v p2p(e b s' h / t) sends and receives between stages (the wire carries
                  1/t of the activation) + as many all-gathers over tp to rebuild it
-    bubble       (p-1) / (v m) x (compute + recompute + tp + cp + pp)
+    bubble       (p-1) / (v m) x (compute + recompute + tp + cp + pp) x plan.bubble_cost
+                 (1 on GPUs; calibrate.py measures it for a CPU host)
     dp           stage 0: all-reduce(g Psi); 1-2: reduce-scatter(g Psi) + all-gather(e Psi)
                  over dp cp ranks, Psi this rank's parameters. The reduce runs during the last
                  micro-batch's backward (buckets): hidden up to that backward's time, but never
                  its last bucket. The all-gather of the updated parameters waits at the end of
                  the step unless parallel.overlap_param_gather hides it behind the first
-                 forward. Stage 3 gathers e Psi around every forward and backward of every
-                 micro-batch, prefetched one layer ahead: what a pass's compute cannot hide
-                 (and the first layer's gather) is exposed, 2 m times.
+                 forward; each bucket of parallel.bucket_size_mb pays its own steps' a. Stage 3
+                 gathers e Psi around every forward and backward of every micro-batch, one
+                 collective per layer, prefetched one layer ahead: what a pass's compute cannot
+                 hide (and the first layer's gather) is exposed, and every gather's fixed
+                 cost, 2 m times.
     optimizer    AdamW reads and writes its shard's weights, gradients and state once:
                  2 (e + g + K) Psi / (N_d at ZeRO >= 1) / memory bandwidth
 
@@ -41,6 +45,7 @@ intra-node link (NVLink), else the inter-node one (InfiniBand, per GPU).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from nanomt.model.config import ModelConfig
@@ -58,8 +63,9 @@ class Machine:
     compute_efficiency: float = 0.6     # fraction of the peak a layer's FLOPs run at
     intra_node_gbps: float = 200.0      # bus bandwidth inside a node, GB/s per GPU (NVLink)
     inter_node_gbps: float = 20.0       # between nodes, GB/s per GPU (one HDR NIC each)
-    latency_us: float = 10.0            # one collective's or message's fixed cost
+    latency_us: float = 3.0             # fixed cost of one ring step or message
     memory_gbps: float = 1500.0         # GPU memory bandwidth, for the optimizer's update
+    bubble_cost: float = 1.0            # fraction of the bubble that is lost time (calibrate.py)
 
     @property
     def flops_per_s(self) -> float:
@@ -86,14 +92,14 @@ def link_gbps(machine: Machine, stride: int, size: int) -> float:
 def all_reduce_s(nbytes: float, n: int, gbps: float, machine: Machine) -> float:
     if n == 1:
         return 0.0
-    return 2 * (n - 1) / n * nbytes / (gbps * 1e9) + machine.latency_us * 1e-6
+    return 2 * (n - 1) / n * nbytes / (gbps * 1e9) + 2 * (n - 1) * machine.latency_us * 1e-6
 
 
 def gather_s(nbytes: float, n: int, gbps: float, machine: Machine) -> float:
     """An all-gather or a reduce-scatter of a `nbytes` whole over `n` ranks."""
     if n == 1:
         return 0.0
-    return (n - 1) / n * nbytes / (gbps * 1e9) + machine.latency_us * 1e-6
+    return (n - 1) / n * nbytes / (gbps * 1e9) + (n - 1) * machine.latency_us * 1e-6
 
 
 def p2p_s(nbytes: float, gbps: float, machine: Machine) -> float:
@@ -142,8 +148,8 @@ def pp_s(cfg: ModelConfig, x: PlanInputs, machine: Machine) -> float:
     return 2 * x.num_microbatches * x.virtual_stages * one
 
 
-def bubble_s(busy_s: float, x: PlanInputs) -> float:
-    return (x.pp - 1) / (x.virtual_stages * x.num_microbatches) * busy_s
+def bubble_s(busy_s: float, x: PlanInputs, machine: Machine) -> float:
+    return machine.bubble_cost * (x.pp - 1) / (x.virtual_stages * x.num_microbatches) * busy_s
 
 
 def dp_s(x: PlanInputs, psi: int, pass_s: tuple[float, float], units: int,
@@ -157,19 +163,19 @@ def dp_s(x: PlanInputs, psi: int, pass_s: tuple[float, float], units: int,
     e = 4 if x.precision == "fp32" else 2
     g = 4 if x.precision == "fp32" or x.fp32_grads else 2
     forward, backward = pass_s
-    if x.zero_stage == 0:
-        reduce = all_reduce_s(g * psi, n, gbps, machine)
-        last_bucket = all_reduce_s(min(g * psi, x.bucket_mb * 2**20), n, gbps, machine)
-    else:
-        reduce = gather_s(g * psi, n, gbps, machine)
-        last_bucket = gather_s(min(g * psi, x.bucket_mb * 2**20), n, gbps, machine)
-    exposed = max(reduce - backward, last_bucket)
+    bucket = min(g * psi, x.bucket_mb * 2**20)
+    collective = all_reduce_s if x.zero_stage == 0 else gather_s
+    reduce = collective(g * psi, n, gbps, machine)
+    reduce += (math.ceil(g * psi / bucket) - 1) * (collective(0, n, gbps, machine))
+    exposed = max(reduce - backward, collective(bucket, n, gbps, machine))
     gather = gather_s(e * psi, n, gbps, machine)
     if x.zero_stage in (1, 2):
         exposed += max(gather - forward, 0.0) if x.overlap_param_gather else gather
     elif x.zero_stage == 3:
-        per_pass = [max(gather - compute, gather / units) if x.zero3_prefetch else gather
-                    for compute in (forward, backward)]
+        fixed = gather_s(0, n, gbps, machine)
+        wire = gather - fixed
+        per_pass = [units * fixed + (max(wire - compute, wire / units) if x.zero3_prefetch
+                                     else wire) for compute in (forward, backward)]
         exposed += x.num_microbatches * sum(per_pass)
     return exposed
 
@@ -188,7 +194,7 @@ def step_time(cfg: ModelConfig, x: PlanInputs, psi: int, hardware_flops: float,
          "recompute": recompute_s(hardware_flops, model_flops, x, machine),
          "tp": tp_s(cfg, x, machine), "cp": cp_s(cfg, x, machine), "pp": pp_s(cfg, x, machine)}
     busy = sum(t.values())
-    t["bubble"] = bubble_s(busy, x)
+    t["bubble"] = bubble_s(busy, x, machine)
     # one micro-batch's passes: the forward a third of the model FLOPs, the backward the rest
     # and the recompute; the communication in line with them splits the same way
     m = x.num_microbatches
