@@ -173,3 +173,12 @@ def test_search_tool_prints_a_launch_command_training_accepts(tmp_path, capsys):
     assert found["best"][0]["step_time_s"] == pytest.approx(
         modelled(ModelConfig(num_layers=4, hidden_size=128, num_heads=4, seq_len=128,
                              vocab_size=256), chosen).total)
+
+
+@pytest.mark.parametrize("overrides,key", [(["model=tiny"], "plan.gpus"), (
+    ["model=tiny", "plan.gpus=8", "plan.machine_file=/nonexistent/machine.json"],
+    "plan.machine_file")])
+def test_search_without_its_inputs_names_the_key(overrides, key, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plan_tool().main(["--search", *overrides])
+    assert exit_info.value.code == 2 and key in capsys.readouterr().err
