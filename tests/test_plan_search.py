@@ -162,6 +162,8 @@ def test_search_tool_prints_a_launch_command_training_accepts(tmp_path, capsys):
     assert found["feasible"] + sum(found["dropped_by_largest_term"].values()) == \
         found["considered"]
     assert printed.splitlines()[-1].strip() == found["launch"]
+    assert plan_tool().main(["--search", "--json", *overrides[:3]]) == 0
+    assert json.loads(capsys.readouterr().out)["best"][0] == found["best"][0]
     words = shlex.split(found["launch"])
     assert words[:3] == ["torchrun", "--nnodes=1", "--nproc-per-node=8"]
     assert words[3:5] == ["-m", "nanomt.train"] and "model=tiny" in words

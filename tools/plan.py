@@ -10,7 +10,7 @@ step-time model, with the launch command of the best; a full layout in the overr
 reference the search says it beats or not):
 
     python tools/plan.py --search model=mtnlg_530b plan.gpus=2240 \
-        train.global_batch_size=1920 train.precision=bf16
+        train.global_batch_size=1920 train.precision=bf16        [--json: JSON on stdout]
 
 Measure this machine first (--calibrate: matmul TFLOP/s at the model's shapes, the current
 backend's collective bandwidth and latency on plan.gpus spawned ranks), then plan with it:
@@ -59,18 +59,19 @@ def run_calibrate(cfg) -> int:
     return 0
 
 
-def run_search(cfg, overrides: list[str]) -> int:
-    """--search: rank every layout of plan.gpus; print the best plan.top and the launch."""
+def run_search(cfg, overrides: list[str], as_json: bool) -> int:
+    """--search: rank every layout of plan.gpus; print the best plan.top and the launch (as
+    JSON on stdout with --json; plan.json_out writes the JSON to a file)."""
     model, base, reference, gpus = search_inputs(cfg)
     cluster = machine(cfg)
     result = search(model, base, gpus, cluster)
     top = int(cfg.plan.top)
     launch = (launch_command(result.ranked[0].plan.inputs, cluster.gpus_per_node, overrides)
               if result.ranked else None)
-    print(search_table(result, top, reference, launch))
+    found = json.dumps(search_json(result, top, reference, cluster, launch), indent=2)
+    print(found if as_json else search_table(result, top, reference, launch))
     if cfg.plan.json_out:
-        Path(cfg.plan.json_out).write_text(json.dumps(
-            search_json(result, top, reference, cluster, launch), indent=2))
+        Path(cfg.plan.json_out).write_text(found)
     return 0 if result.ranked else 1
 
 
@@ -85,7 +86,7 @@ def main(argv: list[str]) -> int:
         if "--calibrate" in flags:
             return run_calibrate(cfg)
         if "--search" in flags:
-            return run_search(cfg, overrides)
+            return run_search(cfg, overrides, "--json" in flags)
         model, inputs = plan_inputs(cfg)
         cluster = machine(cfg)
     except NanomtError as error:

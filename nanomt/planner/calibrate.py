@@ -72,7 +72,7 @@ def model_tflops(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype) -> floa
         model(tokens, tokens).backward()
         model.zero_grad(set_to_none=True)
 
-    return flops_per_iteration(cfg, micro_batch) / best_seconds(step, repeats=3) / 1e12
+    return flops_per_iteration(cfg, micro_batch) / best_seconds(step, repeats=6) / 1e12
 
 
 def collective_gbps(nbytes: int, world: int) -> dict[str, float]:

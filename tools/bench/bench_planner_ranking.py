@@ -2,12 +2,12 @@
 
     python tools/plan.py --calibrate model=tiny plan.gpus=4 plan.machine_file=machine.json \
         train.micro_batch_size=4
-    python tools/bench/bench_planner_ranking.py --machine machine.json [--steps 5]
+    python tools/bench/bench_planner_ranking.py --machine machine.json [--steps 5] [--rounds 2]
 
 Trains one small GPT (fp32) for a few steps in each of eight layouts of 4 gloo ranks (one spawn
-for all), mixing tp, pp, interleaved stages, GPipe, dp, ZeRO 0/3, sequence parallelism and
-recompute; takes the median step time of the steps after the first from each run's
-metrics.jsonl, predicts each with nanomt.planner.step_time on the calibrated machine, and prints
+for all, after a warm-up run), mixing tp, pp, interleaved stages, GPipe, dp, ZeRO 0/3, sequence
+parallelism and recompute, `rounds` times over; takes the median step time of the steps after
+the first from each run's metrics.jsonl (the fastest round: the host is shared), predicts each with nanomt.planner.step_time on the calibrated machine, and prints
 both with Kendall's tau between the two rankings (docs/planner.md keeps the table).
 """
 
@@ -40,19 +40,28 @@ LAYOUTS = {
 }
 
 
-def _train_all(run_dir: str, steps: int) -> None:
+def _train_all(run_dir: str, steps: int, rounds: int) -> None:
+    """A warm-up run (the first run of a process pays one-time costs), then every layout,
+    `rounds` times over."""
     from nanomt.testing import compose_config
     from nanomt.train import run
 
-    for name, overrides in LAYOUTS.items():
-        run(compose_config(MODEL + overrides + [f"train.steps={steps}"]),
-            Path(run_dir) / name.replace(" ", "_"))
+    run(compose_config(MODEL + ["train.steps=2"]), Path(run_dir) / "warm-up")
+    for round_ in range(rounds):
+        for name, overrides in LAYOUTS.items():
+            run(compose_config(MODEL + overrides + [f"train.steps={steps}"]),
+                Path(run_dir) / f"{name.replace(' ', '_')}.{round_}")
 
 
-def measured_step_s(run_dir: Path) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    times = [r["step_time_s"] for r in records if "step_time_s" in r]
-    return statistics.median(times[1:] or times)
+def measured_step_s(run_dir: Path, name: str, rounds: int) -> float:
+    """The fastest round's median step time, the first step of each run left out."""
+    medians = []
+    for round_ in range(rounds):
+        metrics = run_dir / f"{name.replace(' ', '_')}.{round_}" / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        times = [r["step_time_s"] for r in records if "step_time_s" in r]
+        medians.append(statistics.median(times[1:] or times))
+    return min(medians)
 
 
 def predicted_step_s(overrides: list[str], machine_path: str) -> float:
@@ -82,12 +91,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--machine", required=True, help="the file of tools/plan.py --calibrate")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     from nanomt.testing import run_distributed
 
     with tempfile.TemporaryDirectory() as run_dir:
-        run_distributed(_train_all, world_size=WORLD, args=(run_dir, args.steps), timeout_s=1800)
-        measured = [measured_step_s(Path(run_dir) / n.replace(" ", "_")) for n in LAYOUTS]
+        run_distributed(_train_all, world_size=WORLD, args=(run_dir, args.steps, args.rounds),
+                        timeout_s=1800)
+        measured = [measured_step_s(Path(run_dir), n, args.rounds) for n in LAYOUTS]
     predicted = [predicted_step_s(o, args.machine) for o in LAYOUTS.values()]
     rank = {n: i + 1 for i, n in enumerate(sorted(LAYOUTS, key=lambda n: measured[
         list(LAYOUTS).index(n)]))}
