@@ -4,24 +4,14 @@ the keys it holds override plan.*; the median over ranks and bubble_cost's rule 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from nanomt.planner.calibrate import machine_file
 from nanomt.planner.from_config import machine
 from nanomt.testing import compose_config
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def plan_tool():
-    spec = importlib.util.spec_from_file_location("plan_tool", REPO / "tools" / "plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from planner_tool import plan_tool
 
 
 def test_machine_file_takes_the_median_over_ranks():

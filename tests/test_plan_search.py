@@ -13,13 +13,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
 import shlex
 import time
-from pathlib import Path
 
 import pytest
 
@@ -32,18 +30,11 @@ from nanomt.planner.estimate import (backward_working_bytes, chunk_activation_by
 from nanomt.planner.from_config import plan_inputs
 from nanomt.planner.search import same_layout, search, why_faster
 from nanomt.planner.step_time import Machine, StepTime, step_time
+from planner_tool import plan_tool
 
-REPO = Path(__file__).resolve().parent.parent
 MTNLG = ModelConfig(num_layers=105, hidden_size=20480, num_heads=128, seq_len=2048,
                     vocab_size=50257)
 A100 = Machine()  # conf/plan/default.yaml's DGX A100 cluster
-
-
-def plan_tool():
-    spec = importlib.util.spec_from_file_location("plan_tool", REPO / "tools" / "plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def modelled(cfg: ModelConfig, x: PlanInputs, machine: Machine = A100) -> StepTime:

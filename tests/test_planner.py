@@ -13,28 +13,19 @@ tests/test_planner_memory.py's; the step-time model and the search tests/test_pl
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from nanomt.model import ModelConfig
 from nanomt.planner import PlanInputs, make_plan, meta_shard_params, params_on_pipeline_rank
+from planner_tool import plan_tool
 
 
-REPO = Path(__file__).resolve().parent.parent
 MTNLG = ModelConfig(num_layers=105, hidden_size=20480, num_heads=128, seq_len=2048,
                     vocab_size=50257)
 PAPER = ["model=mtnlg_530b", "parallel.tp=8", "parallel.pp=35", "parallel.dp=8",
          "train.global_batch_size=1920", "train.micro_batch_size=1"]
-
-
-def plan_tool():
-    spec = importlib.util.spec_from_file_location("plan_tool", REPO / "tools" / "plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 LAYOUTS = {  # name: (model, tp, pp, virtual stages, sequence parallel)

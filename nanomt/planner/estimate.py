@@ -71,7 +71,7 @@ class PlanInputs:
     gpu_memory_gb: float = 80.0     # plan.gpu_memory_gb: what the layout must fit in
     tflops_per_gpu: float = 126.0   # plan.tflops_per_gpu: the throughput to estimate time at
     bucket_mb: float = 25.0         # parallel.bucket_size_mb
-    overlap_param_gather: bool = False
+    overlap_param_gather: bool = False  # parallel.overlap_param_gather (ZeRO-1/2)
 
     @property
     def num_gpus(self) -> int:

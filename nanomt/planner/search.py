@@ -106,14 +106,6 @@ def layouts(cfg: ModelConfig, base: PlanInputs, gpus: int,
                                           sequence_parallel=sp, recompute=recompute)
 
 
-def evaluate(cfg: ModelConfig, x: PlanInputs, machine: Machine) -> Candidate:
-    """The plan of `x` and its step time on `machine`."""
-    plan = make_plan(cfg, x)
-    time = step_time(cfg, x, plan.params_per_rank, plan.hardware_flops_per_iteration,
-                     plan.model_flops_per_iteration, machine)
-    return Candidate(plan, time)
-
-
 def largest_term(plan: Plan) -> str:
     return max(plan.bytes_per_gpu, key=plan.bytes_per_gpu.get)
 
