@@ -175,3 +175,15 @@ def test_search_without_its_inputs_names_the_key(overrides, key, capsys):
     with pytest.raises(SystemExit) as exit_info:
         plan_tool().main(["--search", *overrides])
     assert exit_info.value.code == 2 and key in capsys.readouterr().err
+
+
+def test_search_names_what_keeps_the_configs_layout_out(capsys):
+    paper = ["model=mtnlg_530b", "plan.gpus=2240", "train.global_batch_size=1920",
+             "parallel.tp=8", "parallel.pp=35", "parallel.dp=8", "train.micro_batch_size=1",
+             "plan.top=1"]
+    assert plan_tool().main(["--search", *paper]) == 0  # fp32, no recompute: 90.6 GiB kept
+    assert "(tp8 cp1 pp35 v1 dp8 1f1b ZeRO-0 SP=off recompute=none b=1) does not fit: " \
+        "activations 90.6 GiB of 121.3" in capsys.readouterr().out
+    assert plan_tool().main(["--search", *paper, "train.precision=bf16",
+                             "train.activation_checkpointing=full"]) == 0
+    assert "the config's layout ranks #" in capsys.readouterr().out

@@ -69,7 +69,8 @@ def run_search(cfg, overrides: list[str], as_json: bool) -> int:
     launch = (launch_command(result.ranked[0].plan.inputs, cluster.gpus_per_node, overrides)
               if result.ranked else None)
     found = json.dumps(search_json(result, top, reference, cluster, launch), indent=2)
-    print(found if as_json else search_table(result, top, reference, launch))
+    mine = make_plan(model, reference) if reference is not None else None
+    print(found if as_json else search_table(result, top, mine, launch))
     if cfg.plan.json_out:
         Path(cfg.plan.json_out).write_text(found)
     return 0 if result.ranked else 1

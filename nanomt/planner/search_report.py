@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from nanomt.planner.estimate import GIB, PlanInputs
-from nanomt.planner.search import Candidate, SearchResult, why_faster
+from nanomt.planner.estimate import GIB, Plan, PlanInputs
+from nanomt.planner.search import Candidate, SearchResult, largest_term, why_faster
 from nanomt.planner.step_time import TERMS, Machine
 
 MEMORY_KINDS = ("weights", "grads", "optimizer", "activations", "zero3_gathered")
@@ -82,8 +82,10 @@ def candidate_lines(place: int, c: Candidate) -> list[str]:
             f"seconds: {terms}"]
 
 
-def search_table(result: SearchResult, top: int, reference: PlanInputs | None,
+def search_table(result: SearchResult, top: int, reference: Plan | None,
                  launch: str | None) -> str:
+    """The ranking tools/plan.py --search prints; `reference` is the plan of the config's own
+    layout (None: no full layout given)."""
     dropped = ", ".join(f"{n} by {k}" for k, n in result.dropped.most_common())
     lines = [f"{result.considered} layouts, {len(result.ranked)} fit; over memory: "
              f"{dropped or 'none'}"]
@@ -93,10 +95,15 @@ def search_table(result: SearchResult, top: int, reference: PlanInputs | None,
         if place < len(ranked):
             lines.append(f"    vs #{place + 1}: {why_faster(c, ranked[place])}")
     if reference is not None:
-        place = result.rank_of(reference)
-        if place is None:
-            lines.append(f"the config's layout ({describe(reference)}) does not fit or is not "
-                         "a layout of plan.gpus")
+        place = result.rank_of(reference.inputs)
+        if place is None and not reference.fits:
+            term = largest_term(reference)
+            lines.append(f"the config's layout ({describe(reference.inputs)}) does not fit: "
+                         f"{term} {reference.bytes_per_gpu[term] / GIB:.1f} GiB of "
+                         f"{reference.total_bytes / GIB:.1f}")
+        elif place is None:
+            lines.append(f"the config's layout ({describe(reference.inputs)}) is not one the "
+                         "search walks (plan.gpus, the micro-batch sizes, cp)")
         elif place > top:
             lines += candidate_lines(place, ranked[place - 1])
         if place and place > 1:
