@@ -12,8 +12,8 @@ reference the search says it beats or not):
     python tools/plan.py --search model=mtnlg_530b plan.gpus=2240 \
         train.global_batch_size=1920 train.precision=bf16        [--json: JSON on stdout]
 
-Measure this machine first (--calibrate: matmul TFLOP/s at the model's shapes, the current
-backend's collective bandwidth and latency on plan.gpus spawned ranks), then plan with it:
+Measure this machine first (--calibrate: matmul TFLOP/s at the model's shapes, gloo's
+collective bandwidth and latency on plan.gpus spawned CPU ranks), then plan with it:
 
     python tools/plan.py --calibrate model=tiny plan.gpus=4 plan.machine_file=machine.json
     python tools/plan.py --search model=tiny plan.gpus=4 plan.machine_file=machine.json

@@ -1,6 +1,6 @@
 """Measuring this machine for the step-time model (tools/plan.py --calibrate).
 
-Every rank of `world` spawned processes (gloo on CPU, the current backend) measures at once, so
+Every rank of `world` spawned processes (gloo, CPU tensors) measures at once, so
 what one rank gets is what it gets in training, beside its peers:
 
     peak_tflops          the model's GEMMs at its shapes (b s tokens x h x 3h, h x h, h x f,
