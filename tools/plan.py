@@ -5,9 +5,23 @@ r"""Plan a layout: parameters, bytes per GPU, bubble, FLOPs and step time, befor
     python tools/plan.py model=gpt_1_3b parallel.tp=2 parallel.dp=4 parallel.zero_stage=1 \
         train.precision=bf16 plan.gpu_memory_gb=40 plan.json_out=plan.json
 
+Choose the layout instead (every layout of plan.gpus GPUs that fits, fastest first by the
+step-time model, with the launch command of the best; a full layout in the overrides is the
+reference the search says it beats or not):
+
+    python tools/plan.py --search model=mtnlg_530b plan.gpus=2240 \
+        train.global_batch_size=1920 train.precision=bf16        [--json: JSON on stdout]
+
+Measure this machine first (--calibrate: matmul TFLOP/s at the model's shapes, gloo's
+collective bandwidth and latency on plan.gpus spawned CPU ranks), then plan with it:
+
+    python tools/plan.py --calibrate model=tiny plan.gpus=4 plan.machine_file=machine.json
+    python tools/plan.py --search model=tiny plan.gpus=4 plan.machine_file=machine.json
+
 The overrides are the training ones (same config groups, same checks), plus plan.* (conf/plan/
-default.yaml). The maths lives in nanomt.planner; docs/planner.md explains it and shows the
-MT-NLG 530B plan next to the paper. Exit code 0 when the layout fits, 1 when it does not.
+default.yaml: the GPU, the links, plan.machine_file). The maths lives in nanomt.planner;
+docs/planner.md explains it and shows the MT-NLG 530B plan next to the paper. Exit code 0 when
+the layout fits (--search: when one does), 1 when it does not.
 """
 
 from __future__ import annotations
@@ -21,26 +35,73 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nanomt.config import compose_checked  # noqa: E402
 from nanomt.errors import NanomtError, exit_with  # noqa: E402
 from nanomt.planner import make_plan, meta_shard_params, plan_json, plan_table  # noqa: E402
-from nanomt.planner.from_config import plan_inputs  # noqa: E402
+from nanomt.planner.from_config import machine, plan_inputs, search_inputs  # noqa: E402
+from nanomt.planner.search import search  # noqa: E402
+from nanomt.planner.search_report import launch_command, search_json, search_table  # noqa: E402
+from nanomt.planner.step_time import step_time  # noqa: E402
+
+
+def run_calibrate(cfg) -> int:
+    """--calibrate: measure plan.gpus ranks of this machine, write plan.machine_file."""
+    from nanomt.config import model_config
+    from nanomt.planner.calibrate import machine_file, measure_rank
+    from nanomt.testing import run_distributed
+
+    world = int(cfg.plan.gpus or 4)
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[str(cfg.train.precision)]
+    per_rank = run_distributed(measure_rank, world, args=(
+        model_config(cfg), int(cfg.train.micro_batch_size), dtype), timeout_s=600)
+    found = machine_file(per_rank, world)
+    path = Path(cfg.plan.machine_file or "machine.json")
+    path.write_text(json.dumps(found, indent=2))
+    print(json.dumps(found, indent=2))
+    print(f"wrote {path}: plan with plan.machine_file={path}")
+    return 0
+
+
+def run_search(cfg, overrides: list[str], as_json: bool) -> int:
+    """--search: rank every layout of plan.gpus; print the best plan.top and the launch (as
+    JSON on stdout with --json; plan.json_out writes the JSON to a file)."""
+    model, base, reference, gpus = search_inputs(cfg)
+    cluster = machine(cfg)
+    result = search(model, base, gpus, cluster)
+    top = int(cfg.plan.top)
+    launch = (launch_command(result.ranked[0].plan.inputs, cluster.gpus_per_node, overrides)
+              if result.ranked else None)
+    found = json.dumps(search_json(result, top, reference, cluster, launch), indent=2)
+    mine = make_plan(model, reference) if reference is not None else None
+    print(found if as_json else search_table(result, top, mine, launch))
+    if cfg.plan.json_out:
+        Path(cfg.plan.json_out).write_text(found)
+    return 0 if result.ranked else 1
 
 
 def main(argv: list[str]) -> int:
     if {"-h", "--help"} & set(argv):
         print(__doc__)
         return 0
+    flags = {a for a in argv if a.startswith("--")}
+    overrides = [a for a in argv if not a.startswith("--")]
     try:
-        cfg = compose_checked(["+plan=default", *argv])
+        cfg = compose_checked(["+plan=default", *overrides])
+        if "--calibrate" in flags:
+            return run_calibrate(cfg)
+        if "--search" in flags:
+            return run_search(cfg, overrides, "--json" in flags)
         model, inputs = plan_inputs(cfg)
+        cluster = machine(cfg)
     except NanomtError as error:
         exit_with(error)
     plan = make_plan(model, inputs)
+    modelled = step_time(model, inputs, plan.params_per_rank, plan.hardware_flops_per_iteration,
+                         plan.model_flops_per_iteration, cluster)
     meta = None
     if cfg.plan.meta_check:
         meta = meta_shard_params(model, inputs.tp, inputs.pp, inputs.virtual_stages,
                                  plan.largest_pp_rank,
                                  sequence_parallel=inputs.sequence_parallel)
     iteration_time = cfg.plan.iteration_time_s
-    print(plan_table(plan, meta, iteration_time))
+    print(plan_table(plan, meta, iteration_time, modelled))
     if cfg.plan.json_out:
         Path(cfg.plan.json_out).write_text(json.dumps(plan_json(plan, meta, iteration_time),
                                                       indent=2))

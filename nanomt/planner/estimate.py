@@ -10,17 +10,21 @@ stands for s/cp; the dp x cp ranks of a (tp, pp) position hold the same weights)
                              over dp x cp (nanomt.memory.zero_formula_bytes)
     activations per GPU      the most bytes in flight on any pipeline rank: walk its schedule
                              (nanomt.parallel.pipeline.schedules), adding a chunk's bytes at each
-                             forward and removing them at its backward. A chunk keeps per
+                             forward and removing them at its backward (the first rank's
+                             warm-up is the longest and the last rank holds the head: the
+                             peak is on one of the two, so only they are walked). A chunk keeps per
                              micro-batch l/(p v) layers x Korthikanti et al.'s per-layer bytes
                              (nanomt.memory.activation_bytes_per_layer; the embedding's output
                              is the first layer's input, counted there), plus, on the last, the
-                             final norm's and the head's inputs (2 e s b h) and the fp32 logits
-                             with the cross-entropy's softmax (2 x 4 s b V_padded / t); the
-                             e s b h terms / t under sequence parallelism. At the backward's
-                             peak the gradients flowing through one MLP (2 e s b f / t) and,
-                             with pp > 1, the pipeline's receive buffers (the backward's
-                             gradient, e s b h, and the other input of an interleaved pair,
-                             e s b h / t) live beside them.
+                             final norm's and the head's inputs (2 e s b h) and the one fp32
+                             buffer the cross-entropy keeps (4 s b V_padded / t: the log-softmax,
+                             or the vocab-parallel loss's softmax); the e s b h terms / t under
+                             sequence parallelism. At the backward's peak the gradients flowing
+                             through one MLP (2 e s b f / t) and, with pp > 1, the pipeline's
+                             receive buffers (the backward's gradient, e s b h, and the other
+                             input of an interleaved pair, e s b h / t) live beside them; on
+                             the last rank, so does one more logits buffer (the loss's working
+                             copy or its gradient, for the one micro-batch at the loss).
     ZeRO-3 working set       the gathered parameters of the layers in use and their gradients
                              before the reduce-scatter: (1 + prefetch) layers of the rank's
                              tensor-parallel shard, whole over dp
@@ -31,6 +35,7 @@ stands for s/cp; the dp x cp ranks of a (tp, pp) position hold the same weights)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration
@@ -65,6 +70,8 @@ class PlanInputs:
     fp32_grads: bool = True
     gpu_memory_gb: float = 80.0     # plan.gpu_memory_gb: what the layout must fit in
     tflops_per_gpu: float = 126.0   # plan.tflops_per_gpu: the throughput to estimate time at
+    bucket_mb: float = 25.0         # parallel.bucket_size_mb
+    overlap_param_gather: bool = False  # parallel.overlap_param_gather (ZeRO-1/2)
 
     @property
     def num_gpus(self) -> int:
@@ -101,19 +108,30 @@ class Plan:
         return not self.advice
 
 
+def layer_activation_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
+    """Bytes one layer keeps per micro-batch for its backward (Korthikanti et al.)."""
+    e = 4 if x.precision == "fp32" else 2
+    return activation_bytes_per_layer(
+        cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, cfg.num_heads, tp=x.tp,
+        sequence_parallel=x.sequence_parallel, recompute=x.recompute,
+        dropout=cfg.dropout > 0 or cfg.attention_dropout > 0, flash=True, bytes_per_element=e,
+        ffn_hidden=cfg.ffn_hidden_size)
+
+
 def chunk_activation_bytes(cfg: ModelConfig, x: PlanInputs, chunk: int, num_chunks: int) -> float:
     """Bytes one micro-batch leaves in chunk `chunk` of `num_chunks` until its backward."""
     s, b, h, t = cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, x.tp
     e = 4 if x.precision == "fp32" else 2
-    per_layer = activation_bytes_per_layer(
-        s, b, h, cfg.num_heads, tp=t, sequence_parallel=x.sequence_parallel,
-        recompute=x.recompute, dropout=cfg.dropout > 0 or cfg.attention_dropout > 0,
-        flash=True, bytes_per_element=e, ffn_hidden=cfg.ffn_hidden_size)
     whole = e * s * b * h / (t if x.sequence_parallel else 1)
-    total = cfg.num_layers // num_chunks * per_layer
+    total = cfg.num_layers // num_chunks * layer_activation_bytes(cfg, x)
     if chunk == num_chunks - 1:
-        total += 2 * whole + 2 * 4 * s * b * cfg.padded_vocab_size(t) / t
+        total += 2 * whole + logits_bytes(cfg, x)
     return total
+
+
+def logits_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
+    """One micro-batch's logits shard in fp32: 4 s b V_padded / t."""
+    return 4 * (cfg.seq_len // x.cp) * x.micro_batch * cfg.padded_vocab_size(x.tp) / x.tp
 
 
 def backward_working_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
@@ -128,28 +146,45 @@ def backward_working_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
     return 2 * e * s * b * cfg.ffn_hidden_size / t + receive
 
 
+@functools.lru_cache(maxsize=65536)
+def in_flight_counts(schedule: str, pp: int, rank: int, m: int,
+                     v: int) -> tuple[tuple[int, int], ...]:
+    """The (passes in flight, of them through the model's last chunk) pairs that rank `rank`
+    reaches walking its schedule, those no other pair exceeds in both: a chunk keeps the same
+    bytes per micro-batch except the last, so the peak is at one of these. Cached: the search
+    asks for the same schedules many times."""
+    last_chunk = v - 1 if rank == pp - 1 else None
+    seen, in_flight, in_last = set(), 0, 0
+    for op in schedule_order(schedule, pp, rank, m, v):
+        sign = 1 if op.kind == "F" else -1
+        in_flight += sign
+        in_last += sign if op.chunk == last_chunk else 0
+        seen.add((in_flight, in_last))
+    return tuple(a for a in seen if not any(b != a and b[0] >= a[0] and b[1] >= a[1]
+                                            for b in seen))
+
+
 def peak_activations(cfg: ModelConfig, x: PlanInputs) -> tuple[float, int, int]:
     """(most activation bytes on any pipeline rank, that rank, its most micro-batches in
     flight): the kept activations at their peak, plus the backward's working set."""
     p, v, m = x.pp, x.virtual_stages, x.num_microbatches
+    chunk = chunk_activation_bytes(cfg, x, 0, p * v) if p * v > 1 else 0.0
+    extra = chunk_activation_bytes(cfg, x, p * v - 1, p * v) - chunk
     best = (0.0, 0, 0)
-    for rank in range(p):
-        kept = [chunk_activation_bytes(cfg, x, j * p + rank, p * v) for j in range(v)]
-        live = peak = 0.0
-        in_flight = most_in_flight = 0
-        for op in schedule_order(x.schedule, p, rank, m, v):
-            sign = 1 if op.kind == "F" else -1
-            live += sign * kept[op.chunk]
-            in_flight += sign
-            peak, most_in_flight = max(peak, live), max(most_in_flight, in_flight)
+    for rank in sorted({0, p - 1}):  # the first holds the most passes, the last the head
+        counts = in_flight_counts(x.schedule, p, rank, m, v)
+        peak = max(n * chunk + k * extra for n, k in counts)
+        peak += logits_bytes(cfg, x) if rank == p - 1 else 0.0
         if peak > best[0]:
-            best = (peak, rank, most_in_flight)
+            best = (peak, rank, max(n for n, _ in counts))
     return best[0] + backward_working_bytes(cfg, x), best[1], best[2]
 
 
 def make_plan(cfg: ModelConfig, x: PlanInputs) -> Plan:
     """The plan of layout `x` for model `cfg` (module docstring)."""
-    per_rank = [params_on_pipeline_rank(cfg, x.tp, x.pp, x.virtual_stages, r) for r in range(x.pp)]
+    # the first rank adds the embedding, the last the head; those between hold layers only
+    edges = sorted({0, x.pp - 1})
+    per_rank = [params_on_pipeline_rank(cfg, x.tp, x.pp, x.virtual_stages, r) for r in edges]
     psi = max(per_rank)
     param_bytes = 4 if x.precision == "fp32" else 2
     grad_bytes = 4 if x.precision == "fp32" or x.fp32_grads else 2
@@ -164,7 +199,7 @@ def make_plan(cfg: ModelConfig, x: PlanInputs) -> Plan:
     step_time = hardware / (x.num_gpus * x.tflops_per_gpu * 1e12)
     plan = Plan(
         inputs=x, params_total=cfg.num_parameters(), params_per_rank=psi,
-        largest_pp_rank=per_rank.index(psi),
+        largest_pp_rank=edges[per_rank.index(psi)],
         bytes_per_gpu={"weights": state["params"], "grads": state["grads"],
                        "optimizer": state["optimizer_state"], "activations": activations,
                        "zero3_gathered": gathered},

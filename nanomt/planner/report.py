@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from nanomt.planner.estimate import GIB, Plan
+from nanomt.planner.step_time import StepTime
 
 
 def plan_json(plan: Plan, meta_shard_params: int | None,
@@ -35,7 +36,7 @@ def achieved_tflops(plan: Plan, iteration_time_s: float) -> float:
 
 
 def plan_table(plan: Plan, meta_shard_params: int | None,
-               iteration_time_s: float | None = None) -> str:
+               iteration_time_s: float | None = None, modelled: StepTime | None = None) -> str:
     """The readable table tools/plan.py prints."""
     x, b = plan.inputs, plan.bytes_per_gpu
     layout = (f"tp={x.tp} cp={x.cp} pp={x.pp} v={x.virtual_stages} dp={x.dp} "
@@ -69,6 +70,9 @@ def plan_table(plan: Plan, meta_shard_params: int | None,
     if iteration_time_s:
         rows.append((f"measured {iteration_time_s:g} s/iteration",
                      f"{achieved_tflops(plan, iteration_time_s):.1f} TFLOP/s per GPU (F)"))
+    if modelled is not None:
+        rows.append(("step-time model", f"{modelled.total:,.2f} s: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in modelled.terms.items() if v)))
     rows.append(("fits", "yes" if plan.fits else "NO: " + "; ".join(plan.advice)))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
