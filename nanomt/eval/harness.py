@@ -9,7 +9,8 @@ The harness asks three questions (lm_eval.api.model.LM), answered by nanomt.eval
 
     loglikelihood(context, continuation)  -> (log p(continuation | context), is_greedy)
     loglikelihood_rolling(text)           -> log p(text), every token scored once
-    generate_until(context, gen_kwargs)   -> greedy (or sampled) text, cut at the first stop string
+    generate_until(context, gen_kwargs)   -> greedy (or sampled) text up to (without) end-of-text
+                                             and the first stop string, as the `hf` backend
 
 Tokenization is lm-evaluation-harness's own convention (nanomt.eval.scoring), so a task gives the
 same log-likelihoods here as through `python -m nanomt.eval`. Every rank runs the harness on every
@@ -65,11 +66,15 @@ class NanomtLM(LM):
                                     temperature=float(kwargs.get("temperature", 1.0)) if sampled
                                     else 0.0, top_k=int(kwargs.get("top_k", 0) or 0),
                                     top_p=float(kwargs.get("top_p", 1.0) or 1.0))
-        prompt = self.lm.tokenizer.encode(context)[-(self.lm.seq_len - max_new):]
-        text = self.lm.tokenizer.decode(generate_tokens(self.lm, [prompt], settings)[0])
-        for stop in until:
-            if stop and stop in text:
-                text = text[:text.index(stop)]
+        tokenizer = self.lm.tokenizer
+        prompt = tokenizer.encode(context)[-(self.lm.seq_len - max_new):]
+        new = generate_tokens(self.lm, [prompt], settings)[0]
+        if tokenizer.eot_id in new:  # the row stopped there; the text ends before it
+            new = new[:new.index(tokenizer.eot_id)]
+        text = tokenizer.decode(new)
+        for stop in until:  # cut at the earliest stop string
+            if stop:
+                text = text.split(stop)[0]
         return text
 
     @property
