@@ -25,7 +25,7 @@ from lm_eval.api.model import LM
 
 from nanomt.eval.generation import SamplingSettings, generate_tokens
 from nanomt.eval.runner import ParallelLM, load_parallel_lm
-from nanomt.eval.scoring import loglikelihoods, rolling_loglikelihoods
+from nanomt.eval.scoring import loglikelihoods, prefix_token, rolling_loglikelihoods
 from nanomt.parallel.grid import ParallelGrid
 from nanomt.parallel.launch import init_distributed
 
@@ -68,11 +68,10 @@ class NanomtLM(LM):
                                     top_p=float(kwargs.get("top_p", 1.0) or 1.0))
         tokenizer = self.lm.tokenizer
         prompt = tokenizer.encode(context)[-(self.lm.seq_len - max_new):]
-        new = generate_tokens(self.lm, [prompt], settings)[0]
-        if tokenizer.eot_id in new:  # the row stopped there; the text ends before it
-            new = new[:new.index(tokenizer.eot_id)]
-        text = tokenizer.decode(new)
-        for stop in until:  # cut at the earliest stop string
+        text = tokenizer.decode(generate_tokens(self.lm, [prompt], settings)[0])
+        # as the hf backend: the end-of-text (prefix_token, an export's eos) is one more stop
+        # string, and the text ends before the earliest one
+        for stop in [*until, tokenizer.decode([prefix_token(tokenizer)])]:
             if stop:
                 text = text.split(stop)[0]
         return text

@@ -42,7 +42,10 @@ class Score:
 
 
 def prefix_token(tokenizer: Tokenizer) -> int:
-    """What conditions the first token of a text with no context."""
+    """The boundary of a text: the end-of-text token, or a newline for tokenizers without one
+    (the byte tokenizer). It conditions the first token of a text with no context, ends a
+    harness generation, and a Hugging Face export names it bos and eos (tools/convert_hf.py), so
+    lm-eval's hf backend conditions and stops on the same token."""
     return tokenizer.eot_id if tokenizer.eot_id is not None else tokenizer.encode("\n")[0]
 
 
