@@ -277,19 +277,23 @@ def hf_tokenizer(tokenizer: Tokenizer):
 def export_checkpoint(checkpoint: str | Path, output: str | Path, tokenizer: str | None = None
                       ) -> Path:
     """nanomt checkpoint (any layout) -> Hugging Face folder (config.json, model.safetensors and
-    the tokenizer: the run's data.tokenizer unless `tokenizer` names one)."""
+    the tokenizer: the run's data.tokenizer unless `tokenizer` names one; none if it has more
+    ids than the model)."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
     reader = CheckpointReader(resolve_checkpoint(checkpoint))
     cfg = ModelConfig.from_dict(reader.meta["model"])
     text_tokenizer = checkpoint_tokenizer(reader.meta, tokenizer)
-    if text_tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer {text_tokenizer.name} has {text_tokenizer.vocab_size} ids, "
-                         f"more than model.vocab_size={cfg.vocab_size}: pass --tokenizer")
+    if text_tokenizer.vocab_size > cfg.vocab_size:  # not the model's: no tokenizer, no ids
+        print(f"convert_hf: tokenizer {text_tokenizer.name} has {text_tokenizer.vocab_size} ids, "
+              f"more than model.vocab_size={cfg.vocab_size}: exporting without a tokenizer "
+              f"(pass --tokenizer to name the model's)", file=sys.stderr)
+        text_tokenizer = None
     tensors = {name: reader.full(weight_key(reader, name)).float() for name in
                (key.split("/", 1)[1] for key in reader.pieces if key.startswith("model/"))}
     model_class = GPT2LMHeadModel if cfg.style == "gpt" else LlamaForCausalLM
-    model = model_class(hf_config(cfg, prefix_token(text_tokenizer)))
+    boundary = None if text_tokenizer is None else prefix_token(text_tokenizer)
+    model = model_class(hf_config(cfg, boundary))
     missing, unexpected = model.load_state_dict(to_hf_state(cfg, tensors), strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -297,7 +301,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, tokenizer: str
     if cfg.tie_embeddings:
         model.tie_weights()
     model.save_pretrained(str(output), safe_serialization=True)
-    hf_tokenizer(text_tokenizer).save_pretrained(str(output))
+    if text_tokenizer is not None:
+        hf_tokenizer(text_tokenizer).save_pretrained(str(output))
     return Path(output)
 
 

@@ -97,12 +97,13 @@ def score_batch(lm: ParallelLM, pairs: list[tuple[list[int], list[int]]]) -> lis
 
 def score_pairs(lm: ParallelLM, pairs: list[tuple[list[int], list[int]]],
                 batch_size: int = 16) -> list[Score]:
-    """Score many pairs: this replica's share in batches, then every replica's results (the
-    forward's collectives stay inside a replica, so replicas may run different batch counts)."""
+    """Score many pairs: this replica's share in batches, then every replica's results."""
     mine = lm.shard(pairs)
     scores: list[Score] = []
-    for start in range(0, len(mine), batch_size):
-        scores += score_batch(lm, mine[start:start + batch_size])
+    for b in range(lm.batch_count(len(pairs), batch_size)):
+        batch = mine[b * batch_size:(b + 1) * batch_size]
+        scored = score_batch(lm, batch or pairs[:1])  # past my share: a stand-in, dropped
+        scores += scored if batch else []
     return lm.unshard(scores, len(pairs))
 
 
