@@ -146,12 +146,13 @@ def checkpoint_tokenizer(meta: dict, override: str | None = None) -> Tokenizer:
 
 
 def load_parallel_lm(path: str | Path, grid: ParallelGrid | None, virtual_stages: int = 1,
-                     device: torch.device | str = "cpu", tokenizer: str | None = None
-                     ) -> ParallelLM:
-    """Build this rank's chunks for the checkpoint's model and read its slices into them."""
+                     device: torch.device | str = "cpu", tokenizer: str | None = None,
+                     sequence_parallel: bool = False) -> ParallelLM:
+    """Build this rank's chunks for the checkpoint's model (as training builds them for the
+    grid's layout) and read its slices into them."""
     meta = checkpoint_meta(path)
     cfg = ModelConfig.from_dict(meta["model"])
-    chunks = build_model_chunks(cfg, grid, virtual_stages, sequence_parallel=False,
+    chunks = build_model_chunks(cfg, grid, virtual_stages, sequence_parallel=sequence_parallel,
                                 device=device)
     load_checkpoint(meta["folder"], chunks, None, grid, cfg.to_dict())
     return ParallelLM(chunks, grid, checkpoint_tokenizer(meta, tokenizer))
