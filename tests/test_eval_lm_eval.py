@@ -163,3 +163,26 @@ def test_nanomt_and_its_hf_export_score_alike_in_lm_eval(tokenizer, vocab_size, 
     # the cases are there: 3 choices a question (2 in the last), 2-shot prompts, several windows
     assert compared[f"{tokenizer}_mc2"] == 11 and compared[f"{tokenizer}_empty"] == 3
     assert "\n\n" in hf["samples"][f"{tokenizer}_mc2"][0]["arguments"][0][0]
+
+
+def test_generate_until_ends_before_end_of_text_and_the_earliest_stop(tmp_path, monkeypatch):
+    """As the hf backend: generation stops at the end-of-text token (an export's eos) and at the
+    stop strings, and the text returned holds neither."""
+    from lm_eval.api.instance import Instance
+
+    import nanomt.eval.harness as harness
+    from nanomt.eval.runner import load_parallel_lm
+
+    lm = load_parallel_lm(tiny_checkpoint(tmp_path / "ckpt", "gpt2", 50257), None)
+    gpt2 = lm.tokenizer
+    drawn = gpt2.encode(" be be. or not") + [50256] + gpt2.encode(" to be")
+    monkeypatch.setattr(harness, "generate_tokens", lambda *args: [list(drawn)])
+    model = harness.NanomtLM(lm=lm)
+
+    def generate(until: list[str]) -> str:
+        request = Instance("generate_until", {}, ("To", {"until": until, "max_gen_toks": 8}), 0)
+        return model.generate_until([request])[0]
+
+    assert generate([]) == " be be. or not"
+    assert generate(["not", "."]) == " be be"
+    assert generate([" to"]) == " be be. or not"  # past the end-of-text: never reached
