@@ -45,7 +45,8 @@ from nanomt.eval.scoring import prefix_token  # noqa: E402
 from nanomt.model import GPT, ModelConfig  # noqa: E402
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+    from tokenizers import Tokenizer as TokenizersBackend
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 
 # ---- the fused QKV layout -----------------------------------------------------------------------
@@ -248,7 +249,7 @@ def byte_level_alphabet() -> list[str]:
     return [stand_in[b] for b in range(256)]
 
 
-def byte_tokenizer_backend():
+def byte_tokenizer_backend() -> TokenizersBackend:
     """nanomt's byte tokenizer as a `tokenizers.Tokenizer`: byte-level BPE with no merges, so a
     text's ids are its UTF-8 bytes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -260,13 +261,14 @@ def byte_tokenizer_backend():
     return backend
 
 
-def hf_tokenizer(tokenizer: Tokenizer):
+def hf_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     """`tokenizer` as a transformers tokenizer with the same ids, bos = eos = its prefix token."""
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
     backend = tokenizer.backend if hasattr(tokenizer, "backend") else byte_tokenizer_backend()
-    if backend.encode("a\nb", add_special_tokens=False).ids != tokenizer.encode("a\nb"):
+    probe = "a\nb é"  # a tokenizer that is not its backend alone (none in nanomt) is refused
+    if backend.encode(probe, add_special_tokens=False).ids != tokenizer.encode(probe):
         raise ValueError(f"tokenizer {tokenizer.name} cannot be exported: its ids differ")
     boundary = AddedToken(backend.id_to_token(prefix_token(tokenizer)), special=True)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=boundary,
