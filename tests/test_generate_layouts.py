@@ -1,7 +1,8 @@
 """`python -m nanomt.generate` and `python -m nanomt.eval` under tp=2 with sequence parallelism
 and under cp=2 print what one process prints (greedy continuations token for token, task scores
-to 1e-5), and a training run under tp=2 + SP ends with its sample: the greedy continuation the
-single process draws from the run's final checkpoint."""
+to 1e-5); a training run under tp=2 + SP ends with its sample: the greedy continuation the
+single process draws from the run's final checkpoint; a ZeRO-3 run at dp=2 scores its
+train.eval_tasks (replicas with unequal shares) as the single process scores its checkpoint."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ TRAIN = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "mod
          "train.measure_memory=false", "optim.warmup_steps=1", "optim.lr=1e-2",
          "logging.wandb.mode=disabled", "train.sample_prompt=ROMEO:", "train.sample_tokens=12",
          "train.sample_temperature=0", "parallel.tp=2", "parallel.sequence_parallel=true"]
+
+
+ZERO3 = ["parallel.dp=2", "parallel.zero_stage=3", "train.eval_interval=3", "train.sample=false"]
+MC33 = [{"context": f"ROMEO: {word}", "choices": ["But", "soft", "what"], "answer": i % 3}
+        for i, word in enumerate("But soft what light through yonder window breaks now".split()
+                                 + ["ROMEO:", "light"])]  # 11 questions, 33 requests
 
 
 def inference_config(name: str, *overrides: str):
@@ -71,11 +78,15 @@ def _every_layout(checkpoint: str, task: str, root: str) -> dict:
 
     out = {name: generate_and_score(checkpoint, task, layout, f"{root}/{name}")
            for name, layout in LAYOUTS.items()}
+    data = [f"data.name={root}/text.txt", f"data.cache_dir={root}/cache"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        run(compose_config(TRAIN + [f"data.name={root}/text.txt",
-                                    f"data.cache_dir={root}/cache",
-                                    f"checkpoint.dir={root}/ckpt"]), Path(root) / "train")
+        run(compose_config(TRAIN + data + [f"checkpoint.dir={root}/ckpt"]), Path(root) / "train")
+        # ZeRO-3 gathers the weights over both replicas in every forward: the 33 requests split
+        # 17 / 16 must still run the same number of forwards (batches of 16) on each
+        run(compose_config(TRAIN[:-2] + data + ZERO3 + [f"train.eval_tasks=[{root}/mc33.jsonl]",
+                                                        f"checkpoint.dir={root}/ckpt_z3"]),
+            Path(root) / "zero3")
     out["train_printed"] = printed.getvalue()
     return out
 
@@ -90,6 +101,7 @@ def test_generate_and_eval_under_sp_and_cp_equal_one_process(tmp_path):
     (tmp_path / "ranks").mkdir()
     (tmp_path / "ranks" / "text.txt").write_text(  # 60 documents: train and valid splits
         "\n\n".join(["ROMEO: But soft, what light through yonder window breaks?"] * 60))
+    (tmp_path / "ranks" / "mc33.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC33))
     single = generate_and_score(checkpoint, str(task), [], str(tmp_path / "single"))
     assert len(set(single["texts"])) == 3 and all(len(t) > 0 for t in single["texts"])
     ranks = run_distributed(_every_layout, world_size=2,
@@ -107,3 +119,11 @@ def test_generate_and_eval_under_sp_and_cp_equal_one_process(tmp_path):
         "generate", f"checkpoint={tmp_path / 'ranks' / 'ckpt'}", "prompt=ROMEO:",
         "gen.temperature=0", "gen.max_new_tokens=12"))[0]
     assert sample == "ROMEO:" + final and len(final) > 0
+    # the ZeRO-3 run's task scores are the single process's on its final checkpoint
+    record = json.loads((tmp_path / "ranks" / "zero3" / "metrics.jsonl").read_text()
+                        .splitlines()[-1])
+    after = run_eval(inference_config(
+        "eval", f"checkpoint={tmp_path / 'ranks' / 'ckpt_z3'}", "eval.perplexity=false",
+        f"eval.tasks=[{tmp_path / 'ranks' / 'mc33.jsonl'}]"), tmp_path / "after")["mc33"]
+    assert record["mc33/acc"] == after["metrics"]["acc"]
+    assert record["mc33/acc_norm"] == after["metrics"]["acc_norm"]
