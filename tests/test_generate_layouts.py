@@ -73,11 +73,23 @@ def generate_and_score(checkpoint: str, task: str, layout: list[str], run_dir: s
             "lls": [e["loglikelihoods"] for e in scores["mc"]["examples"]]}
 
 
+def harness_loglikelihoods(checkpoint: str, **layout) -> list[float]:
+    """NanomtLM (the lm-eval model) built on `layout` from the checkpoint: two requests."""
+    from lm_eval.api.instance import Instance
+
+    from nanomt.eval.harness import NanomtLM
+
+    requests = [Instance("loglikelihood", {}, ("the quick", " brown"), 0),
+                Instance("loglikelihood", {}, ("", "ROMEO:"), 1)]
+    return [ll for ll, _ in NanomtLM(checkpoint, **layout).loglikelihood(requests)]
+
+
 def _every_layout(checkpoint: str, task: str, root: str) -> dict:
     from nanomt.train import run
 
     out = {name: generate_and_score(checkpoint, task, layout, f"{root}/{name}")
            for name, layout in LAYOUTS.items()}
+    out["harness_cp2"] = harness_loglikelihoods(checkpoint, cp=2, sequence_parallel=False)
     data = [f"data.name={root}/text.txt", f"data.cache_dir={root}/cache"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -113,6 +125,9 @@ def test_generate_and_eval_under_sp_and_cp_equal_one_process(tmp_path):
             for mine, ref in zip(rank[name]["lls"], single["lls"]):
                 assert mine == pytest.approx(ref, rel=1e-5), name
     assert ranks[0]["tp2_sp"]["printed"].startswith(single["printed"].split("nanomt eval")[0])
+    harness_single = harness_loglikelihoods(checkpoint)
+    for rank in ranks:
+        assert rank["harness_cp2"] == pytest.approx(harness_single, rel=1e-5)
     # the SP run's sample is the single process's greedy continuation of its final checkpoint
     sample = ranks[0]["train_printed"].split("nanomt sample:\n")[1].split("\n")[0]
     final = run_generate(inference_config(

@@ -14,8 +14,9 @@ The harness asks three questions (lm_eval.api.model.LM), answered by nanomt.eval
 
 Tokenization is lm-evaluation-harness's own convention (nanomt.eval.scoring), so a task gives the
 same log-likelihoods here as through `python -m nanomt.eval`. Every rank runs the harness on every
-request (the harness sees a world of one); inside, data-parallel replicas split the requests and
-tp/pp ranks share each forward. Needs the `eval` extra (pip install 'nanomt[eval]').
+request (the harness sees a world of one); inside, the dp x cp replicas split the requests and
+tp/pp ranks share each forward (any layout: NanomtLM(path, tp=2, sequence_parallel=True, cp=2)).
+Needs the `eval` extra (pip install 'nanomt[eval]').
 """
 
 from __future__ import annotations
@@ -34,15 +35,18 @@ class NanomtLM(LM):
     """lm_eval.api.model.LM over a nanomt checkpoint (or an already loaded ParallelLM)."""
 
     def __init__(self, checkpoint: str | None = None, *, lm: ParallelLM | None = None,
-                 tp: int = 1, pp: int = 1, virtual_stages: int = 1, batch_size: int = 16,
-                 max_gen_toks: int = 64, device: str = "cpu", tokenizer: str | None = None):
+                 tp: int = 1, pp: int = 1, cp: int = 1, sequence_parallel: bool = False,
+                 virtual_stages: int = 1, batch_size: int = 16, max_gen_toks: int = 64,
+                 device: str = "cpu", tokenizer: str | None = None):
         super().__init__()
         if lm is None:
             if checkpoint is None:
                 raise ValueError("NanomtLM needs a checkpoint folder (or a loaded lm=)")
             _, world_size, _ = init_distributed()
-            grid = ParallelGrid(tp, pp, world_size // (tp * pp)) if world_size > 1 else None
-            lm = load_parallel_lm(checkpoint, grid, virtual_stages, device, tokenizer)
+            grid = (ParallelGrid(tp, pp, world_size // (tp * pp * cp), cp=cp)
+                    if world_size > 1 else None)
+            lm = load_parallel_lm(checkpoint, grid, virtual_stages, device, tokenizer,
+                                  sequence_parallel=sequence_parallel)
         self.lm, self.batch_size, self.max_gen_toks = lm, int(batch_size), int(max_gen_toks)
 
     def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
