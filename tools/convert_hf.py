@@ -13,6 +13,14 @@ style=llama <-> LlamaForCausalLM  RoPE (both use the rotate-half convention: no 
                                   [gate_proj; up_proj] (tp splits dim 1: each rank holds
                                   matching gate and up rows), fc2 = down_proj; untied lm_head.
 
+The export also writes the run's tokenizer (data.tokenizer, or --tokenizer) as a transformers
+tokenizer with nanomt's ids: GPT-2 BPE and tokenizer.json files as they are, the byte tokenizer as
+a byte-level BPE without merges (id = byte). Its bos and eos, and config.json's bos_token_id and
+eos_token_id, are nanomt's prefix token (nanomt.eval.scoring.prefix_token: end-of-text, or the
+newline byte), so lm-eval's `hf` backend loads the folder as is and conditions empty contexts and
+stops generations on the token nanomt does. (The byte export's special token is the byte-level
+character of "\n", U+010A: a literal U+010A in a text encodes to it there, to two bytes here.)
+
 A checkpoint of any layout exports (its tensors are stored layout-independently); an import is
 a single-shard checkpoint at step 0 without optimizer state, which any layout can load
 (`train.resume=CKPT_DIR` starts training from it with fresh Adam moments).
@@ -31,10 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanomt.checkpoint import CheckpointReader, resolve_checkpoint, save_checkpoint  # noqa: E402
 from nanomt.checkpoint.state import weight_key  # noqa: E402
+from nanomt.data.tokenizer import Tokenizer  # noqa: E402
+from nanomt.eval.runner import checkpoint_tokenizer  # noqa: E402
+from nanomt.eval.scoring import prefix_token  # noqa: E402
 from nanomt.model import GPT, ModelConfig  # noqa: E402
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+    from tokenizers import Tokenizer as TokenizersBackend
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 
 # ---- the fused QKV layout -----------------------------------------------------------------------
@@ -137,9 +149,15 @@ def from_hf_state(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, to
 
 
 # ---- configs ------------------------------------------------------------------------------------
-def hf_config(cfg: ModelConfig) -> PretrainedConfig:
+def hf_config(cfg: ModelConfig, boundary_id: int | None = None) -> PretrainedConfig:
+    """The transformers config of `cfg`; bos and eos are `boundary_id` (None: none), never an id
+    outside the vocabulary."""
     from transformers import GPT2Config, LlamaConfig
 
+    if boundary_id is not None and not 0 <= boundary_id < cfg.vocab_size:
+        raise ValueError(f"token id {boundary_id} is outside the model's vocabulary "
+                         f"(model.vocab_size={cfg.vocab_size}): export with its own tokenizer")
+    ids = {"bos_token_id": boundary_id, "eos_token_id": boundary_id}
     if cfg.style == "gpt":
         return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.seq_len,
                           n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
@@ -147,14 +165,15 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
                           activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                           tie_word_embeddings=cfg.tie_embeddings,
-                          architectures=["GPT2LMHeadModel"])
+                          architectures=["GPT2LMHeadModel"], **ids)
     return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                        intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
                        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
                        head_dim=cfg.head_dim, max_position_embeddings=cfg.seq_len,
                        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
                        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False,
-                       mlp_bias=False, hidden_act="silu", architectures=["LlamaForCausalLM"])
+                       mlp_bias=False, hidden_act="silu", architectures=["LlamaForCausalLM"],
+                       **ids)
 
 
 def _gpt2_model_config(config: PretrainedConfig) -> ModelConfig:
@@ -219,17 +238,64 @@ def model_config_from_hf(config: PretrainedConfig) -> ModelConfig:
                      f"imported")
 
 
+# ---- the tokenizer ------------------------------------------------------------------------------
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's printable stand-in for each byte (index = byte): printable Latin-1 bytes stand
+    for themselves, the others for 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    stand_in = {b: chr(b) for b in printable} | {b: chr(256 + j) for j, b in enumerate(others)}
+    return [stand_in[b] for b in range(256)]
+
+
+def byte_tokenizer_backend() -> TokenizersBackend:
+    """nanomt's byte tokenizer as a `tokenizers.Tokenizer`: byte-level BPE with no merges, so a
+    text's ids are its UTF-8 bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: byte for byte, char in enumerate(byte_level_alphabet())}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def hf_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """`tokenizer` as a transformers tokenizer with the same ids, bos = eos = its prefix token."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tokenizer.backend if hasattr(tokenizer, "backend") else byte_tokenizer_backend()
+    probe = "a\nb é"  # a tokenizer that is not its backend alone (none in nanomt) is refused
+    if backend.encode(probe, add_special_tokens=False).ids != tokenizer.encode(probe):
+        raise ValueError(f"tokenizer {tokenizer.name} cannot be exported: its ids differ")
+    boundary = AddedToken(backend.id_to_token(prefix_token(tokenizer)), special=True)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=boundary,
+                                   eos_token=boundary)
+
+
 # ---- the two commands ---------------------------------------------------------------------------
-def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
-    """nanomt checkpoint (any layout) -> Hugging Face folder (config.json + model.safetensors)."""
+def export_checkpoint(checkpoint: str | Path, output: str | Path, tokenizer: str | None = None
+                      ) -> Path:
+    """nanomt checkpoint (any layout) -> Hugging Face folder (config.json, model.safetensors and
+    the tokenizer: the run's data.tokenizer unless `tokenizer` names one; none if it has more
+    ids than the model)."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
     reader = CheckpointReader(resolve_checkpoint(checkpoint))
     cfg = ModelConfig.from_dict(reader.meta["model"])
+    text_tokenizer = checkpoint_tokenizer(reader.meta, tokenizer)
+    if text_tokenizer.vocab_size > cfg.vocab_size:  # not the model's: no tokenizer, no ids
+        print(f"convert_hf: tokenizer {text_tokenizer.name} has {text_tokenizer.vocab_size} ids, "
+              f"more than model.vocab_size={cfg.vocab_size}: exporting without a tokenizer "
+              f"(pass --tokenizer to name the model's)", file=sys.stderr)
+        text_tokenizer = None
     tensors = {name: reader.full(weight_key(reader, name)).float() for name in
                (key.split("/", 1)[1] for key in reader.pieces if key.startswith("model/"))}
     model_class = GPT2LMHeadModel if cfg.style == "gpt" else LlamaForCausalLM
-    model = model_class(hf_config(cfg))
+    boundary = None if text_tokenizer is None else prefix_token(text_tokenizer)
+    model = model_class(hf_config(cfg, boundary))
     missing, unexpected = model.load_state_dict(to_hf_state(cfg, tensors), strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -237,6 +303,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     if cfg.tie_embeddings:
         model.tie_weights()
     model.save_pretrained(str(output), safe_serialization=True)
+    if text_tokenizer is not None:
+        hf_tokenizer(text_tokenizer).save_pretrained(str(output))
     return Path(output)
 
 
@@ -270,12 +338,14 @@ def main(argv: list[str] | None = None) -> None:
     export = commands.add_parser("export", help="nanomt checkpoint -> Hugging Face folder")
     export.add_argument("--checkpoint", required=True, help="a step folder or checkpoint root")
     export.add_argument("--output", required=True)
+    export.add_argument("--tokenizer", default=None,
+                        help="byte | gpt2 | a tokenizer.json (default: the run's data.tokenizer)")
     imp = commands.add_parser("import", help="Hugging Face folder -> nanomt checkpoint")
     imp.add_argument("--input", required=True)
     imp.add_argument("--output", required=True, help="checkpoint root to create")
     args = parser.parse_args(argv)
     if args.command == "export":
-        print(f"exported to {export_checkpoint(args.checkpoint, args.output)}")
+        print(f"exported to {export_checkpoint(args.checkpoint, args.output, args.tokenizer)}")
     else:
         print(f"imported to {import_checkpoint(args.input, args.output)}")
 

@@ -1,7 +1,8 @@
 """`python -m nanomt.eval` and `python -m nanomt.generate`: start the ranks, load, run, report.
 
 Both take Hydra overrides on conf/inference/eval.yaml or generate.yaml and run under torchrun
-with any (tp, pp, dp) layout: the checkpoint is resharded onto it (nanomt.eval.runner).
+with any layout the trainer runs (tp with or without sequence parallelism, cp, pp, dp): the
+checkpoint is resharded onto it, and every forward runs on whole sequences (nanomt.eval.runner).
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ def start(cfg: DictConfig) -> tuple[ParallelLM, dict]:
     meta = checkpoint_meta(cfg.checkpoint)
     layout = resolve_layout(cfg, world_size)
     check_model_fits_layout(ModelConfig.from_dict(meta["model"]), layout)
-    grid = ParallelGrid(layout.tp, layout.pp, layout.dp, timeout_s=cfg.parallel.timeout_s)
+    grid = ParallelGrid(layout.tp, layout.pp, layout.dp, timeout_s=cfg.parallel.timeout_s,
+                        cp=layout.cp)
     lm = load_parallel_lm(meta["folder"], grid, layout.virtual_stages,
-                          _device(str(cfg.device), launched_on), cfg.tokenizer)
+                          _device(str(cfg.device), launched_on), cfg.tokenizer,
+                          sequence_parallel=layout.sequence_parallel)
     return lm, meta
 
 

@@ -28,7 +28,6 @@ import torch
 from nanomt.errors import ConfigError
 from nanomt.eval.runner import ParallelLM
 from nanomt.eval.scoring import prefix_token
-from nanomt.model.whole_sequences import on_whole_sequences
 from nanomt.model.kv_cache import KVCache
 
 
@@ -117,17 +116,15 @@ def generate_text(lm: ParallelLM, prompts: list[str], settings: SamplingSettings
 def sample_after_training(chunks: list, grid, tokenizer: str, prompt: str,
                           max_new_tokens: int, temperature: float, seed: int) -> str:
     """The end-of-run sample (train.sample): from the final weights as they are held, under the
-    run's layout (every rank calls it; under sequence and context parallelism the same weights
-    run on whole sequences); top-k 40 when sampling."""
+    run's layout (every rank calls it; ParallelLM runs SP and cp on whole sequences); top-k 40
+    when sampling."""
     from nanomt.data.tokenizer import build_tokenizer
 
-    with on_whole_sequences(chunks):
-        lm = ParallelLM(chunks, grid, build_tokenizer(tokenizer))
-        prompt_ids = lm.tokenizer.encode(prompt)[-(lm.seq_len - 1):]  # room for one new token
-        settings = SamplingSettings(
-            max_new_tokens=min(max_new_tokens, lm.seq_len - len(prompt_ids)),
-            temperature=temperature, top_k=40, seed=seed)
-        new = generate_tokens(lm, [prompt_ids], settings)[0]
+    lm = ParallelLM(chunks, grid, build_tokenizer(tokenizer))
+    prompt_ids = lm.tokenizer.encode(prompt)[-(lm.seq_len - 1):]  # room for one new token
+    settings = SamplingSettings(max_new_tokens=min(max_new_tokens, lm.seq_len - len(prompt_ids)),
+                                temperature=temperature, top_k=40, seed=seed)
+    new = generate_tokens(lm, [prompt_ids], settings)[0]
     for chunk in chunks:
         chunk.train()
     return lm.tokenizer.decode(prompt_ids + new)

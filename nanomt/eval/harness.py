@@ -9,12 +9,14 @@ The harness asks three questions (lm_eval.api.model.LM), answered by nanomt.eval
 
     loglikelihood(context, continuation)  -> (log p(continuation | context), is_greedy)
     loglikelihood_rolling(text)           -> log p(text), every token scored once
-    generate_until(context, gen_kwargs)   -> greedy (or sampled) text, cut at the first stop string
+    generate_until(context, gen_kwargs)   -> greedy (or sampled) text up to (without) end-of-text
+                                             and the first stop string, as the `hf` backend
 
 Tokenization is lm-evaluation-harness's own convention (nanomt.eval.scoring), so a task gives the
 same log-likelihoods here as through `python -m nanomt.eval`. Every rank runs the harness on every
-request (the harness sees a world of one); inside, data-parallel replicas split the requests and
-tp/pp ranks share each forward. Needs the `eval` extra (pip install 'nanomt[eval]').
+request (the harness sees a world of one); inside, the dp x cp replicas split the requests and
+tp/pp ranks share each forward (any layout: NanomtLM(path, tp=2, sequence_parallel=True, cp=2)).
+Needs the `eval` extra (pip install 'nanomt[eval]').
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from lm_eval.api.model import LM
 
 from nanomt.eval.generation import SamplingSettings, generate_tokens
 from nanomt.eval.runner import ParallelLM, load_parallel_lm
-from nanomt.eval.scoring import loglikelihoods, rolling_loglikelihoods
+from nanomt.eval.scoring import loglikelihoods, prefix_token, rolling_loglikelihoods
 from nanomt.parallel.grid import ParallelGrid
 from nanomt.parallel.launch import init_distributed
 
@@ -33,15 +35,18 @@ class NanomtLM(LM):
     """lm_eval.api.model.LM over a nanomt checkpoint (or an already loaded ParallelLM)."""
 
     def __init__(self, checkpoint: str | None = None, *, lm: ParallelLM | None = None,
-                 tp: int = 1, pp: int = 1, virtual_stages: int = 1, batch_size: int = 16,
-                 max_gen_toks: int = 64, device: str = "cpu", tokenizer: str | None = None):
+                 tp: int = 1, pp: int = 1, cp: int = 1, sequence_parallel: bool = False,
+                 virtual_stages: int = 1, batch_size: int = 16, max_gen_toks: int = 64,
+                 device: str = "cpu", tokenizer: str | None = None):
         super().__init__()
         if lm is None:
             if checkpoint is None:
                 raise ValueError("NanomtLM needs a checkpoint folder (or a loaded lm=)")
             _, world_size, _ = init_distributed()
-            grid = ParallelGrid(tp, pp, world_size // (tp * pp)) if world_size > 1 else None
-            lm = load_parallel_lm(checkpoint, grid, virtual_stages, device, tokenizer)
+            grid = (ParallelGrid(tp, pp, world_size // (tp * pp * cp), cp=cp)
+                    if world_size > 1 else None)
+            lm = load_parallel_lm(checkpoint, grid, virtual_stages, device, tokenizer,
+                                  sequence_parallel=sequence_parallel)
         self.lm, self.batch_size, self.max_gen_toks = lm, int(batch_size), int(max_gen_toks)
 
     def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
@@ -65,11 +70,14 @@ class NanomtLM(LM):
                                     temperature=float(kwargs.get("temperature", 1.0)) if sampled
                                     else 0.0, top_k=int(kwargs.get("top_k", 0) or 0),
                                     top_p=float(kwargs.get("top_p", 1.0) or 1.0))
-        prompt = self.lm.tokenizer.encode(context)[-(self.lm.seq_len - max_new):]
-        text = self.lm.tokenizer.decode(generate_tokens(self.lm, [prompt], settings)[0])
-        for stop in until:
-            if stop and stop in text:
-                text = text[:text.index(stop)]
+        tokenizer = self.lm.tokenizer
+        prompt = tokenizer.encode(context)[-(self.lm.seq_len - max_new):]
+        text = tokenizer.decode(generate_tokens(self.lm, [prompt], settings)[0])
+        # as the hf backend: the end-of-text (prefix_token, an export's eos) is one more stop
+        # string, and the text ends before the earliest one
+        for stop in [*until, tokenizer.decode([prefix_token(tokenizer)])]:
+            if stop:
+                text = text.split(stop)[0]
         return text
 
     @property

@@ -19,7 +19,6 @@ from nanomt.config import compose_config
 from nanomt.data.build import build_stream
 from nanomt.data.sampler import SampleStream, to_inputs_targets
 from nanomt.eval.runner import ParallelLM
-from nanomt.parallel import comm
 
 
 def validation_stream(run_config: dict | None, data_path: str | None, seq_len: int,
@@ -35,16 +34,18 @@ def validation_stream(run_config: dict | None, data_path: str | None, seq_len: i
 def dataset_loss(lm: ParallelLM, stream: SampleStream, num_samples: int,
                  batch_size: int = 8) -> dict[str, float]:
     """Mean token loss and perplexity over the first `num_samples` samples of `stream`; data-
-    parallel replicas take every dp-th sample and the sums meet on every rank."""
-    mine = lm.shard(range(min(num_samples, len(stream))))
+    parallel replicas (dp * cp) take every replicas-th sample and the sums meet on every rank."""
+    total = min(num_samples, len(stream))
+    mine = lm.shard(range(total))
     loss_sum, count = 0.0, 0
-    for start in range(0, len(mine), batch_size):
-        inputs, targets = to_inputs_targets([stream[i] for i in mine[start:start + batch_size]])
+    for b in range(lm.batch_count(total, batch_size)):
+        batch = mine[b * batch_size:(b + 1) * batch_size]
+        inputs, targets = to_inputs_targets([stream[i] for i in batch or [0]])
         log_probs = lm.log_probs(inputs).cpu()
-        loss_sum -= float(log_probs.gather(-1, targets.unsqueeze(-1)).double().sum())
-        count += targets.numel()
-    if lm.grid is not None and lm.grid.dp_size > 1:
-        parts = comm.all_gather_object((loss_sum, count), lm.grid.dp_group)
-        loss_sum, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        if batch:  # past my share: a stand-in forward (lm.batch_count), not counted
+            loss_sum -= float(log_probs.gather(-1, targets.unsqueeze(-1)).double().sum())
+            count += targets.numel()
+    parts = lm.gather((loss_sum, count))
+    loss_sum, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
     loss = loss_sum / count
     return {"loss": loss, "ppl": math.exp(loss), "tokens": count}

@@ -8,14 +8,21 @@ order, one forward each:
     logits = all-gather of the last chunk's vocabulary shards over tp (padding rows dropped)
 
 Every rank of a model replica then holds the same [b, s, V] logits, so sampling and scoring
-need no further agreement. Data-parallel replicas score different examples (`shard`).
+need no further agreement.
 
-Weights come from any checkpoint through nanomt.checkpoint's resharding load. Sequence
-parallelism is off here: it saves training activations, and the weights do not depend on it.
+Sequence and context parallelism split a forward's activations, not its function: inference runs
+every forward on whole sequences (nanomt.model.whole_sequences), since a prompt of any
+length, or a sequence growing one token at a time, cannot be split. Each cp rank then holds the
+whole replica (its weights are the same as its cp peers'), so the dp x cp ranks of a (tp, pp)
+position are dp * cp replicas that score different examples (`shard`), each running as many
+forwards as the others (`batch_count`: ZeRO-3 gathers the weights over all of them in each one).
+
+Weights come from any checkpoint through nanomt.checkpoint's resharding load.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +34,7 @@ from nanomt.checkpoint.load import read_meta
 from nanomt.data.tokenizer import Tokenizer, build_tokenizer
 from nanomt.model import GPT, ModelConfig
 from nanomt.model.chunks import build_model_chunks
+from nanomt.model.whole_sequences import on_whole_sequences
 from nanomt.model.kv_cache import KVCache
 from nanomt.parallel import comm
 from nanomt.parallel.grid import ParallelGrid
@@ -78,8 +86,9 @@ class ParallelLM:
         cache, `tokens` follow the `cache.length` tokens already in it, and it grows by s."""
         tokens = tokens.to(self.device)
         hidden = tokens
-        for k in range(len(self.chunks) * self._pp()):
-            hidden = self._stage_output(k, hidden, tokens, cache)
+        with on_whole_sequences(self.chunks):
+            for k in range(len(self.chunks) * self._pp()):
+                hidden = self._stage_output(k, hidden, tokens, cache)
         if cache is not None:
             cache.advance(tokens.shape[1])
         return hidden
@@ -89,20 +98,36 @@ class ParallelLM:
         """log p(next token | prefix) [b, s, V] at every position."""
         return torch.log_softmax(self.logits(tokens), dim=-1)
 
+    @property
+    def replicas(self) -> int:
+        """Model replicas that split the examples: dp * cp."""
+        return 1 if self.grid is None else self.grid.dp_size * self.grid.cp_size
+
     def shard(self, items: Sequence[T]) -> list[T]:
-        """The items this data-parallel replica handles (every dp-th, from its dp rank)."""
-        if self.grid is None or self.grid.dp_size == 1:
+        """The items this replica handles (every replicas-th, from its place among them)."""
+        if self.replicas == 1:
             return list(items)
-        return list(items[self.grid.dp_rank::self.grid.dp_size])
+        place = self.grid.grad_sync_ranks.index(self.grid.rank)
+        return list(items[place::self.replicas])
+
+    def batch_count(self, total: int, batch_size: int) -> int:
+        """Forwards every replica runs over its share of `total` items (the largest share's; a
+        replica past its own share runs a stand-in batch and drops it)."""
+        return math.ceil(math.ceil(total / self.replicas) / batch_size)
+
+    def gather(self, value: T) -> list[T]:
+        """Every replica's `value`, in replica order, on every rank."""
+        if self.replicas == 1:
+            return [value]
+        return comm.all_gather_object(value, self.grid.grad_sync_group)
 
     def unshard(self, mine: list[T], total: int) -> list[T]:
         """Inverse of `shard`: every replica's results in the original order, on every rank."""
-        if self.grid is None or self.grid.dp_size == 1:
+        if self.replicas == 1:
             return mine
-        parts = comm.all_gather_object(mine, self.grid.dp_group)
         out: list = [None] * total
-        for dp_rank, part in enumerate(parts):
-            out[dp_rank::len(parts)] = part
+        for place, part in enumerate(self.gather(mine)):
+            out[place::self.replicas] = part
         return out
 
 
@@ -121,12 +146,13 @@ def checkpoint_tokenizer(meta: dict, override: str | None = None) -> Tokenizer:
 
 
 def load_parallel_lm(path: str | Path, grid: ParallelGrid | None, virtual_stages: int = 1,
-                     device: torch.device | str = "cpu", tokenizer: str | None = None
-                     ) -> ParallelLM:
-    """Build this rank's chunks for the checkpoint's model and read its slices into them."""
+                     device: torch.device | str = "cpu", tokenizer: str | None = None,
+                     sequence_parallel: bool = False) -> ParallelLM:
+    """Build this rank's chunks for the checkpoint's model (as training builds them for the
+    grid's layout) and read its slices into them."""
     meta = checkpoint_meta(path)
     cfg = ModelConfig.from_dict(meta["model"])
-    chunks = build_model_chunks(cfg, grid, virtual_stages, sequence_parallel=False,
+    chunks = build_model_chunks(cfg, grid, virtual_stages, sequence_parallel=sequence_parallel,
                                 device=device)
     load_checkpoint(meta["folder"], chunks, None, grid, cfg.to_dict())
     return ParallelLM(chunks, grid, checkpoint_tokenizer(meta, tokenizer))

@@ -2,11 +2,19 @@
 
     log p(continuation | context) = sum_{i in continuation} log p(x_i | x_<i)
 
-Context and continuation are tokenized as lm-evaluation-harness does for causal models, so the
-two agree token for token: trailing spaces of the context move to the continuation, the pair is
-encoded whole, and the continuation's tokens are those after the context's. An empty context is
-replaced by the end-of-text token (or, for tokenizers without one, a newline). A sequence longer
-than the model's window keeps its last seq_len + 1 tokens (the continuation is always scored).
+Context and continuation are tokenized as lm-evaluation-harness's `hf` backend does for causal
+models (`encode_pair`), so the two agree token for token:
+
+    trailing spaces of the context move to the front of the continuation
+    context ids      = encode(context)
+    continuation ids = encode(context + continuation)[len(context ids):]
+
+The context keeps its own encoding even where the whole's tokens differ at the seam ("the bo" +
+"ok": the context ends in " bo", the continuation starts after its length in the whole). An empty
+context becomes the prefix token (end-of-text, or a newline for tokenizers without one), unless
+the continuation itself starts with that token: then its first token is the context and is not
+scored. A sequence longer than the model's window keeps its last seq_len + 1 tokens (the
+continuation is always scored).
 
 `is_greedy`: every continuation token is the argmax of the model's distribution at its position,
 i.e. greedy decoding from the context would produce the continuation exactly (LAMBADA's accuracy).
@@ -34,21 +42,28 @@ class Score:
 
 
 def prefix_token(tokenizer: Tokenizer) -> int:
-    """What conditions the first token of a text with no context."""
+    """The boundary of a text: the end-of-text token, or a newline for tokenizers without one
+    (the byte tokenizer). It conditions the first token of a text with no context, ends a
+    harness generation, and a Hugging Face export names it bos and eos (tools/convert_hf.py), so
+    lm-eval's hf backend conditions and stops on the same token."""
     return tokenizer.eot_id if tokenizer.eot_id is not None else tokenizer.encode("\n")[0]
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str
                 ) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids), split as lm-evaluation-harness splits them."""
+    """(context ids, continuation ids), split as lm-evaluation-harness's `hf` backend splits them:
+    the one encoding behind `python -m nanomt.eval` and nanomt.eval.harness.NanomtLM."""
     if not context:
-        return [prefix_token(tokenizer)], tokenizer.encode(continuation)
+        continuation_ids = tokenizer.encode(continuation)
+        prefix = prefix_token(tokenizer)
+        if continuation_ids[:1] == [prefix]:
+            return continuation_ids[:1], continuation_ids[1:]
+        return [prefix], continuation_ids
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
-    return whole[:len(context_ids)], whole[len(context_ids):]
+    return context_ids, tokenizer.encode(context + continuation)[len(context_ids):]
 
 
 def _window(context: list[int], continuation: list[int], seq_len: int
@@ -82,12 +97,13 @@ def score_batch(lm: ParallelLM, pairs: list[tuple[list[int], list[int]]]) -> lis
 
 def score_pairs(lm: ParallelLM, pairs: list[tuple[list[int], list[int]]],
                 batch_size: int = 16) -> list[Score]:
-    """Score many pairs: this replica's share in batches, then every replica's results (the
-    forward's collectives stay inside a replica, so replicas may run different batch counts)."""
+    """Score many pairs: this replica's share in batches, then every replica's results."""
     mine = lm.shard(pairs)
     scores: list[Score] = []
-    for start in range(0, len(mine), batch_size):
-        scores += score_batch(lm, mine[start:start + batch_size])
+    for b in range(lm.batch_count(len(pairs), batch_size)):
+        batch = mine[b * batch_size:(b + 1) * batch_size]
+        scored = score_batch(lm, batch or pairs[:1])  # past my share: a stand-in, dropped
+        scores += scored if batch else []
     return lm.unshard(scores, len(pairs))
 
 

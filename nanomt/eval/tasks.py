@@ -31,7 +31,6 @@ from typing import Any
 from nanomt.errors import ConfigError
 from nanomt.eval.runner import ParallelLM
 from nanomt.eval.scoring import loglikelihoods
-from nanomt.model.whole_sequences import on_whole_sequences
 
 MULTIPLE_CHOICE, LAST_WORD = "multiple_choice", "last_word"
 KEYS = {MULTIPLE_CHOICE: {"context", "choices", "answer"}, LAST_WORD: {"context", "target"}}
@@ -179,17 +178,15 @@ def evaluate_task(lm: ParallelLM, task: Task, settings: PromptSettings,
 
 def score_during_training(chunks: list, grid, tokenizer: str, specs: list) -> dict[str, float]:
     """train.eval_tasks on the weights as training holds them (zero-shot; every rank calls it;
-    under sequence and context parallelism the same weights run on whole sequences):
+    ParallelLM runs SP and cp on whole sequences):
     {"<task>/<metric>": value}, logged beside val_loss."""
     from nanomt.data.tokenizer import build_tokenizer
 
     lm = ParallelLM(chunks, grid, build_tokenizer(tokenizer))
     metrics = {}
-    with on_whole_sequences(chunks):  # prompts of any length
-        for spec in specs:
-            result = evaluate_task(lm, load_task(spec), PromptSettings())
-            metrics.update({f"{result.name}/{key}": value
-                            for key, value in result.metrics.items()})
+    for spec in specs:
+        result = evaluate_task(lm, load_task(spec), PromptSettings())
+        metrics.update({f"{result.name}/{key}": value for key, value in result.metrics.items()})
     for chunk in chunks:
         chunk.train()
     return metrics

@@ -5,6 +5,10 @@
             with p = (t - T_warm) / (T_decay - T_warm)
     lr(t) = lr_min                                               for t >= T_decay
 
+t counts from 0 (the first optimizer step), as in Megatron's scheduler: the first step runs at
+lr 0, the warm-up climbs by lr_max / T_warm a step, and lr_max is reached once, at t = T_warm,
+where the cosine starts (T_warm = 0: no warm-up, the first step runs at lr_max).
+
 MT-NLG: lr_max 5e-5, warm-up over 1B tokens, cosine decay to 10% (lr_min = lr_max / 10).
 """
 
@@ -40,7 +44,7 @@ class WarmupCosine:
     def __call__(self, step: int) -> float:
         """Learning rate for optimizer step `step` (0-based)."""
         if step < self.warmup_steps:
-            return self.max_lr * (step + 1) / self.warmup_steps
+            return self.max_lr * step / self.warmup_steps
         if step >= self.decay_steps:
             return self.min_lr
         progress = (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps)
