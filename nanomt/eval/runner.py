@@ -107,7 +107,7 @@ class ParallelLM:
         """The items this replica handles (every replicas-th, from its place among them)."""
         if self.replicas == 1:
             return list(items)
-        place = self.grid.grad_sync_ranks.index(self.grid.rank)
+        place = self.grid.dp_rank * self.grid.cp_size + self.grid.cp_rank  # dp x cp order
         return list(items[place::self.replicas])
 
     def batch_count(self, total: int, batch_size: int) -> int:
