@@ -125,7 +125,7 @@ def model_config(cfg: DictConfig) -> ModelConfig:
 
 # ---- the layout ---------------------------------------------------------------------------------
 LAYOUT_RULES = {
-    **{f"parallel.{name}": STATED_BELOW for name in ("tp", "pp", "dp", "cp")},  # validate_layout
+    **{f"parallel.{name}": STATED_BELOW for name in ("tp", "pp", "dp", "cp", "ep")},  # validate_layout
     "parallel.virtual_stages": POSITIVE_INT,
     "parallel.schedule": choice(*SCHEDULES),
     "parallel.sequence_parallel": BOOL,
@@ -149,6 +149,7 @@ class Layout:
     sequence_parallel: bool
     zero_stage: int
     cp: int = 1
+    ep: int = 1  # expert parallelism, folded into the dp x cp ranks (nanomt.parallel.grid)
 
     @property
     def world_size(self) -> int:
@@ -160,9 +161,9 @@ def resolve_layout(cfg: DictConfig, world_size: int) -> Layout:
     leaves (nanomt.parallel.layout states the layout's rule: validate_layout)."""
     check_fields(cfg, LAYOUT_RULES)
     p = cfg.parallel
-    tp, pp, cp = p.tp, p.pp, p.get("cp", 1)
+    tp, pp, cp, ep = p.tp, p.pp, p.get("cp", 1), p.get("ep", 1)
     try:
-        dp = validate_layout(world_size, tp, pp, p.dp, cp)
+        dp = validate_layout(world_size, tp, pp, p.dp, cp, ep)
     except ValueError as error:
         what, _, fix = str(error).rpartition(": ")
         raise ConfigError(what, fix) from error
@@ -173,7 +174,8 @@ def resolve_layout(cfg: DictConfig, world_size: int) -> Layout:
         warn("parallel.overlap_param_gather=true does nothing here: it overlaps the parameter "
              "all-gather of parallel.zero_stage=1 or 2 over more than one data-parallel rank")
     return Layout(tp=tp, pp=pp, dp=dp, virtual_stages=p.virtual_stages,
-                  sequence_parallel=bool(p.sequence_parallel), zero_stage=p.zero_stage, cp=cp)
+                  sequence_parallel=bool(p.sequence_parallel), zero_stage=p.zero_stage, cp=cp,
+                  ep=ep)
 
 
 def check_model_fits_layout(model: ModelConfig, layout: Layout) -> None:

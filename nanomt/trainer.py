@@ -143,7 +143,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     faults.inject("start")
     model_cfg, layout, num_microbatches = check_launch(cfg, world_size)
     grid = ParallelGrid(layout.tp, layout.pp, layout.dp, timeout_s=cfg.parallel.timeout_s,
-                        cp=layout.cp)
+                        cp=layout.cp, ep=layout.ep)
     seed_everything(cfg.train.seed, grid.pp_rank)
     checkpointer = Checkpointer(cfg, run_dir, model_cfg, layout, grid, device)
     checkpointer.check_folder()  # writable and shared by every rank, before anything is built

@@ -20,18 +20,22 @@ from nanomt.testing import run_distributed
 from comm_counting import traffic_log
 
 WORLD = 4
-# (tp, pp, dp, cp)
-LAYOUTS = [(4, 1, 1, 1), (1, 4, 1, 1), (1, 1, 4, 1), (2, 2, 1, 1), (2, 1, 2, 1), (1, 2, 2, 1),
-           (1, 1, 1, 4), (2, 1, 1, 2), (1, 2, 1, 2), (1, 1, 2, 2)]
+# (tp, pp, dp, cp, ep)
+LAYOUTS = [(4, 1, 1, 1, 1), (1, 4, 1, 1, 1), (1, 1, 4, 1, 1), (2, 2, 1, 1, 1), (2, 1, 2, 1, 1),
+           (1, 2, 2, 1, 1), (1, 1, 1, 4, 1), (2, 1, 1, 2, 1), (1, 2, 1, 2, 1), (1, 1, 2, 2, 1),
+           # expert parallelism folded into the dp x cp ranks
+           (1, 1, 4, 1, 2), (1, 1, 4, 1, 4), (1, 1, 2, 2, 2), (1, 1, 2, 2, 4), (2, 1, 2, 1, 2),
+           (1, 2, 2, 1, 2)]
 GROUPS = ("tp_group", "cp_group", "dp_group", "grad_sync_group", "pp_group",
-          "embedding_group", "model_parallel_group")
+          "embedding_group", "model_parallel_group", "ep_group", "expert_dp_group")
 
 
 def expected_rank(t: int, p: int, d: int, c: int, tp: int, dp: int, cp: int) -> int:
     return ((p * dp + d) * cp + c) * tp + t
 
 
-def expected_groups(rank: int, tp: int, pp: int, dp: int, cp: int) -> dict[str, list[int]]:
+def expected_groups(rank: int, tp: int, pp: int, dp: int, cp: int, ep: int = 1
+                    ) -> dict[str, list[int]]:
     def at(t, p, d, c):
         return expected_rank(t, p, d, c, tp, dp, cp)
     coords = {at(t, p, d, c): (t, p, d, c) for t in range(tp) for p in range(pp)
@@ -39,7 +43,12 @@ def expected_groups(rank: int, tp: int, pp: int, dp: int, cp: int) -> dict[str, 
     t0, p0, d0, c0 = coords[rank]
     pp_ranks = [at(t0, p, d0, c0) for p in range(pp)]
     embedding = sorted({pp_ranks[0], pp_ranks[-1]})
+    # expert parallelism: the dp x cp ranks numbered j = d * cp + c, cut into ep consecutive ones
+    folded = [at(t0, p0, j // cp, j % cp) for j in range(dp * cp)]
+    j0 = d0 * cp + c0
     return {
+        "ep_group": folded[j0 - j0 % ep: j0 - j0 % ep + ep],
+        "expert_dp_group": sorted(folded[j0 % ep::ep]),
         "tp_group": [at(t, p0, d0, c0) for t in range(tp)],
         "cp_group": [at(t0, p0, d0, c) for c in range(cp)],
         "dp_group": [at(t0, p0, d, c0) for d in range(dp)],
@@ -61,10 +70,11 @@ def members_by_collective(group) -> list[int]:
 
 def _grid_checks() -> dict:
     results = {}
-    for tp, pp, dp, cp in LAYOUTS:
-        grid = ParallelGrid(tp=tp, pp=pp, dp=dp, cp=cp, timeout_s=60)
-        results[(tp, pp, dp, cp)] = {
+    for tp, pp, dp, cp, ep in LAYOUTS:
+        grid = ParallelGrid(tp=tp, pp=pp, dp=dp, cp=cp, timeout_s=60, ep=ep)
+        results[(tp, pp, dp, cp, ep)] = {
             "coord": (grid.tp_rank, grid.pp_rank, grid.dp_rank, grid.cp_rank),
+            "ep_rank": grid.ep_rank,
             # the whole mapping ranks[pp, dp, cp, tp] against the formula, every coordinate
             "round_trip": grid.ranks.tolist() == [[[[expected_rank(t, p, d, c, tp, dp, cp)
                                                      for t in range(tp)] for c in range(cp)]
@@ -95,17 +105,18 @@ def ranks() -> list[dict]:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_groups_connect_the_ranks_the_formula_names(ranks, layout):
-    tp, pp, dp, cp = layout
+    tp, pp, dp, cp, ep = layout
     for rank, result in enumerate(ranks):
         r = result[layout]
         t, p, d, c = r["coord"]
         assert expected_rank(t, p, d, c, tp, dp, cp) == rank
+        assert r["ep_rank"] == (d * cp + c) % ep
         assert r["round_trip"]
-        assert r["members"] == expected_groups(rank, tp, pp, dp, cp)
+        assert r["members"] == expected_groups(rank, tp, pp, dp, cp, ep)
         assert r["first_last"] == (p == 0, p == pp - 1)
         assert r["one_pipeline_communicator"]  # activations and gradients share pp_group
         # a group of one rank is never created: None, the "no communication" group
-        expected = expected_groups(rank, tp, pp, dp, cp)
+        expected = expected_groups(rank, tp, pp, dp, cp, ep)
         assert r["one_rank_groups_are_none"] == [name for name in GROUPS
                                                  if len(expected[name]) == 1]
 
@@ -116,11 +127,14 @@ def test_broadcast_is_counted_in_the_traffic_log(ranks):
 
 
 def test_tensor_parallel_ranks_are_consecutive(ranks):
-    assert ranks[1][(2, 2, 1, 1)]["members"]["tp_group"] == [0, 1]
-    assert ranks[3][(2, 1, 2, 1)]["members"]["tp_group"] == [2, 3]
-    assert ranks[2][(2, 1, 2, 1)]["members"]["dp_group"] == [0, 2]
+    assert ranks[1][(2, 2, 1, 1, 1)]["members"]["tp_group"] == [0, 1]
+    assert ranks[3][(2, 1, 2, 1, 1)]["members"]["tp_group"] == [2, 3]
+    assert ranks[2][(2, 1, 2, 1, 1)]["members"]["dp_group"] == [0, 2]
     # cp sits between tp and dp: the cp peers of rank 0 at tp=2 are two ranks away
-    assert ranks[0][(2, 1, 1, 2)]["members"]["cp_group"] == [0, 2]
+    assert ranks[0][(2, 1, 1, 2, 1)]["members"]["cp_group"] == [0, 2]
+    # ep groups are consecutive data-parallel ranks; an expert's replicas are ep ranks apart
+    assert ranks[1][(1, 1, 4, 1, 2)]["members"]["ep_group"] == [0, 1]
+    assert ranks[1][(1, 1, 4, 1, 2)]["members"]["expert_dp_group"] == [1, 3]
 
 
 def test_bad_layout_is_a_clear_error_on_every_rank(ranks):
@@ -146,6 +160,9 @@ def test_layout_validation():
         validate_layout(8, 2, 0, 2)
     with pytest.raises(ValueError, match="parallel.cp must be a positive integer"):
         validate_layout(8, 2, 2, 2, cp=0)
+    validate_layout(8, 1, 1, 4, cp=2, ep=8)
+    with pytest.raises(ValueError, match="parallel.ep = 3 does not divide dp\\*cp"):
+        validate_layout(8, 2, 1, 4, ep=3)
 
 
 def _count_new_groups(monkeypatch, world: int, tp: int, pp: int, dp: int, cp: int

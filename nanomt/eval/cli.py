@@ -46,7 +46,7 @@ def start(cfg: DictConfig) -> tuple[ParallelLM, dict]:
     layout = resolve_layout(cfg, world_size)
     check_model_fits_layout(ModelConfig.from_dict(meta["model"]), layout)
     grid = ParallelGrid(layout.tp, layout.pp, layout.dp, timeout_s=cfg.parallel.timeout_s,
-                        cp=layout.cp)
+                        cp=layout.cp, ep=layout.ep)
     lm = load_parallel_lm(meta["folder"], grid, layout.virtual_stages,
                           _device(str(cfg.device), launched_on), cfg.tokenizer,
                           sequence_parallel=layout.sequence_parallel)

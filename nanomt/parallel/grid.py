@@ -12,6 +12,13 @@ The cp ranks of a replica hold the same weights (each sees a different part of e
 so gradients are averaged, and ZeRO shards, over the dp x cp ranks of a (tp, pp) position:
 `grad_sync_group`, the dp group when cp=1.
 
+Expert parallelism (mixture of experts) takes no ranks of its own ("parallel folding"): the
+dp x cp ranks of a (tp, pp) position, numbered j = dp_rank * cp + cp_rank, form groups of ep
+consecutive ranks (`ep_group`: ep_rank = j mod ep) that split the experts among themselves and
+exchange tokens by all-to-all. Each expert's weights therefore live on dp*cp/ep ranks, the
+ranks of equal ep_rank (`expert_dp_group`): expert gradients are averaged, and ZeRO shards,
+over that group, every other gradient over grad_sync_group as before.
+
 `ParallelGrid` owns this layout and its process groups. It is passed to whatever needs a group
 (as nanotron's ParallelContext), never kept in a module global, so a test can build a
 single-process grid beside a distributed one.
@@ -42,6 +49,8 @@ class ParallelGrid:
                       pipeline messages, activations and gradients (pipeline/posting.py)
       embedding_group first and last pipeline stage: share the tied word embedding's gradient
       model_parallel_group  the tp*pp ranks of one model replica (global norms, loss-scale votes)
+      ep_group        ep consecutive ranks of grad_sync_group: split the experts, all-to-all
+      expert_dp_group the ranks of grad_sync_group with my ep_rank: expert gradients, ZeRO
 
     A group of one rank is None (never created), and every collective in nanomt.parallel is the
     identity on it: with world size 1 every group is None and the single-process model reads
@@ -49,9 +58,9 @@ class ParallelGrid:
     """
 
     def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, timeout_s: float = 300.0,
-                 cp: int = 1):
+                 cp: int = 1, ep: int = 1):
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-        validate_layout(world_size, tp, pp, dp, cp)
+        validate_layout(world_size, tp, pp, dp, cp, ep)
         self.tp_size, self.pp_size, self.dp_size, self.cp_size = tp, pp, dp, cp
         self.world_size = world_size
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -61,13 +70,16 @@ class ParallelGrid:
         p, d, c, t = (self.ranks == self.rank).nonzero()[0].tolist()
         self.tp_rank, self.pp_rank, self.dp_rank, self.cp_rank = t, p, d, c
         self.pp_ranks = self.ranks[:, d, c, t].tolist()  # the pipeline's ranks, stage by stage
+        self.ep_size, self.ep_rank = ep, (d * cp + c) % ep
 
         self.tp_group = self.cp_group = self.pp_group = self.dp_group = None
         self.grad_sync_group = self.embedding_group = self.model_parallel_group = None
+        self.ep_group = self.expert_dp_group = None
         if world_size > 1:
             self._build_groups()
+            self._build_expert_groups()
             for name in ("tp", "cp", "pp", "grad_sync", "dp", "embedding",
-                         "model_parallel"):
+                         "model_parallel", "ep", "expert_dp"):
                 comm.name_group(getattr(self, f"{name}_group"), name)  # dp wins when cp=1
 
     def _groups_along(self, free_dims: tuple[int, ...]) -> list[list[int]]:
@@ -99,6 +111,23 @@ class ParallelGrid:
                     group = dist.new_group(embedding, timeout=self.timeout)
                     if self.rank in embedding:
                         self.embedding_group = group
+
+    def _build_expert_groups(self) -> None:
+        """ep_group and expert_dp_group, cut from every grad_sync group (dp x cp ranks, in the
+        order j = dp_rank * cp + cp_rank); with ep=1 the experts' group is grad_sync_group."""
+        if self.ep_size == 1:
+            self.expert_dp_group = self.grad_sync_group
+            return
+        ep, replicas = self.ep_size, self.dp_size * self.cp_size // self.ep_size
+        for members in self._groups_along((DP, CP)):
+            for name, groups in (("ep", [members[i * ep:(i + 1) * ep] for i in range(replicas)]),
+                                 ("expert_dp", [members[e::ep] for e in range(ep)])):
+                for group_ranks in groups:
+                    if len(group_ranks) == 1:
+                        continue
+                    group = dist.new_group(group_ranks, timeout=self.timeout)
+                    if self.rank in group_ranks:
+                        setattr(self, f"{name}_group", group)
 
     @property
     def is_first_stage(self) -> bool:

@@ -14,6 +14,9 @@ once, when the model is built (nanomt.model.param_records), in a `ParamInfo`:
                        input/output embedding); their gradients are summed over that group
     primary            this copy is the one that counts: the global gradient norm counts it and
                        checkpoints store it (False for the last stage's copy of a tied embedding)
+    expert             a mixture-of-experts expert's weight: it lives on one ep rank of every
+                       ep group (its name carries the expert's global index), so its gradient
+                       is averaged, and ZeRO shards it, over grid.expert_dp_group
 
 Readers: the gradient norm (count every value once), the gradient buffer (which sums are owed),
 checkpoints (the layout-independent piece a local tensor is: box = the 1/t slice of
@@ -39,6 +42,7 @@ class ParamInfo:
     sequence_parallel: bool = False
     tied_group: str | None = None
     primary: bool = True
+    expert: bool = False
 
     def box(self, local_shape: tuple[int, ...], tp_rank: int) -> list[list[int]]:
         """[start, stop) per dim: the region of the (padded) global tensor a local tensor of
