@@ -14,9 +14,10 @@ once, when the model is built (nanomt.model.param_records), in a `ParamInfo`:
                        input/output embedding); their gradients are summed over that group
     primary            this copy is the one that counts: the global gradient norm counts it and
                        checkpoints store it (False for the last stage's copy of a tied embedding)
-    expert             a mixture-of-experts expert's weight: it lives on one ep rank of every
-                       ep group (its name carries the expert's global index), so its gradient
-                       is averaged, and ZeRO shards it, over grid.expert_dp_group
+    expert             the stacked weights of a mixture of experts, [num_experts, ...]: dim 0
+                       indexes the experts and is split over the ep group, each ep rank holding
+                       a contiguous 1/ep of them; its gradient is averaged, and ZeRO shards it,
+                       over grid.expert_dp_group instead of grad_sync_group
 
 Readers: the gradient norm (count every value once), the gradient buffer (which sums are owed),
 checkpoints (the layout-independent piece a local tensor is: box = the 1/t slice of
@@ -44,13 +45,17 @@ class ParamInfo:
     primary: bool = True
     expert: bool = False
 
-    def box(self, local_shape: tuple[int, ...], tp_rank: int) -> list[list[int]]:
+    def box(self, local_shape: tuple[int, ...], tp_rank: int, ep_rank: int = 0
+            ) -> list[list[int]]:
         """[start, stop) per dim: the region of the (padded) global tensor a local tensor of
-        `local_shape` on tp rank `tp_rank` covers."""
+        `local_shape` on tp rank `tp_rank` (and for experts, ep rank `ep_rank`) covers."""
         box = [[0, n] for n in local_shape]
         if self.tp_split_dim is not None:
             n = local_shape[self.tp_split_dim]
             box[self.tp_split_dim] = [tp_rank * n, (tp_rank + 1) * n]
+        if self.expert:
+            n = local_shape[0]
+            box[0] = [ep_rank * n, (ep_rank + 1) * n]
         return box
 
     def to_json(self) -> dict:
