@@ -154,7 +154,7 @@ def replay(plans: Sequence[Sequence[Exchange]], virtual_stages: int) -> None:
     A rank posts its next batch and waits until every partner batch is posted (a send completes
     only once its receive is posted: NCCL does not buffer); then it runs the slot's passes, each
     once its inputs exist: F(i, k) after F(i, k-1), B(i, k) after F(i, k) and B(i, k+1), with
-    global chunk k = chunk * pp + rank.
+    W(i, k) after B(i, k), with global chunk k = chunk * pp + rank.
     """
     pp = len(plans)
     last = pp * virtual_stages - 1
@@ -166,6 +166,8 @@ def replay(plans: Sequence[Sequence[Exchange]], virtual_stages: int) -> None:
         k = op.chunk * pp + rank
         if op.kind == "F":
             return k == 0 or ("F", op.microbatch, k - 1) in done
+        if op.kind == "W":  # exchanges nothing: after its own B
+            return ("B", op.microbatch, k) in done
         return ("F", op.microbatch, k) in done and (k == last or ("B", op.microbatch, k + 1)
                                                     in done)
 
