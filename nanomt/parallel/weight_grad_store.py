@@ -56,6 +56,13 @@ class WeightGradStore:
 STORE = WeightGradStore()
 
 
+def recomputing(unit_in_backward: bool) -> bool:
+    """Whether a module's forward is an activation-checkpointing recompute: inside a B pass
+    under the zero-bubble schedule (where a unit waiting for its W may run a genuine forward
+    of the next micro-batch), else while its unit is in backward (ZeRO-3, stage3.py)."""
+    return STORE.current is not None if STORE.active else unit_in_backward
+
+
 @contextlib.contextmanager
 def deferring_weight_grads() -> Iterator[WeightGradStore]:
     """Within: the tensor-parallel linears built by `linear` defer their weight gradients."""
