@@ -18,6 +18,7 @@ import pytest
 
 from nanomt.parallel.pipeline.posting import checked_plans, match_batches
 from nanomt.parallel.pipeline.schedules import schedule_order
+from nanomt.parallel.pipeline.zero_bubble import zb_h1_order, zb_h1_slots
 from nanomt.testing import run_distributed
 from test_pipeline import TRAIN_OVERRIDES, read_metrics, reference, run_case
 
@@ -35,7 +36,7 @@ def test_zb_h1_order_keeps_1f1b_passes_and_memory():
     for pp in range(2, 9):
         for m in range(1, 3 * pp + 1):
             for rank in range(pp):
-                order = schedule_order("zb_h1", pp, rank, m)
+                order = zb_h1_order(pp, rank, m)
                 one_f_one_b = schedule_order("1f1b", pp, rank, m)
                 assert [op for op in order if op.kind != "W"] == one_f_one_b, (pp, m, rank)
                 for i in range(m):
@@ -45,7 +46,8 @@ def test_zb_h1_order_keeps_1f1b_passes_and_memory():
                     f"W{i}" for i in range(m))
                 assert in_flight_peak(order) == in_flight_peak(one_f_one_b) == min(pp - rank, m)
             plans = checked_plans("zb_h1", pp, m, 1, False)  # replayed: no deadlock, rule 3
-            for plan in plans:
+            for rank, plan in enumerate(plans):
+                assert [e.passes for e in plan if e.passes] == zb_h1_slots(pp, rank, m)
                 for exchange in plan:
                     assert not any(t.op.kind == "W" for t in exchange.transfers)
 
@@ -115,7 +117,7 @@ def test_zb_h1_equals_single_process():
             assert r["saved_left_bytes"] == 0, case
         assert set().union(*(result[case]["names"] for result in results)) == all_names, case
     for rank, result in enumerate(results):  # as executed, and 1F1B's in-flight peak
-        assert result["pp4"]["order"] == [str(op) for op in schedule_order("zb_h1", 4, rank, 8)]
+        assert result["pp4"]["order"] == [str(op) for op in zb_h1_order(4, rank, 8)]
         assert result["pp4"]["peak"] == result["pp4_1f1b"]["peak"] == min(4 - rank, 8)
 
 

@@ -22,7 +22,8 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nanomt.parallel.pipeline.schedules import PipelineOp, schedule_slots
+from nanomt.parallel.pipeline.schedules import PipelineOp
+from nanomt.parallel.pipeline.zero_bubble import pipeline_slots
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ def stuck_at(plans: Sequence[Sequence[Exchange]], partners: dict, rank: int, at:
 def checked_plans(schedule: str, pp: int, m: int, v: int,
                   forward_only: bool) -> tuple[tuple[Exchange, ...], ...]:
     """Every rank's batches and passes for a schedule, replayed once (cached) before they run."""
-    slots = [schedule_slots(schedule, pp, rank, m, v, forward_only) for rank in range(pp)]
+    slots = [pipeline_slots(schedule, pp, rank, m, v, forward_only) for rank in range(pp)]
     plans = plans_from_slots(slots, v, m)
     replay(plans, v)
     return tuple(tuple(plan) for plan in plans)

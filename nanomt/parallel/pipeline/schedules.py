@@ -15,17 +15,11 @@ how many forwards the warm-up holds:
                               warm-up holds 2(p-r-1) + (v-1)p forwards: bubble (p-1)/(v*m)
                               (section 2.2.2). Config validation guarantees m % p == 0.
 
-ZB-H1 (Qi et al. 2024, "Zero Bubble Pipeline Parallelism") splits each backward in two: B, the
-gradient of the input, which the previous stage waits for, and W, the gradient of the weights,
-which nobody waits for (nanomt/parallel/weight_grad_store.py). Its F and B passes run in 1F1B's
-order (so it holds 1F1B's micro-batches in flight); each B is followed by its W, except that
-rank r runs the W of its last r+1 micro-batches after all its B passes, so the cool-down's B
-passes reach the first stages sooner. With F, B and W of equal length the paper's bubble is
-(p-1)/(3m) against 1F1B's (p-1)/m; this order, with blocking exchanges, reaches it at p = 2 and
-about (p-1)/(2m) at p = 4..8 (tests/test_pipeline.py times it).
+ZB-H1 (parallel.schedule=zb_h1) splits each backward into B and W; it lives beside this module,
+in zero_bubble.py, whose `pipeline_slots` gives any schedule's slots.
 
 A rank exchanges messages with its neighbours between *slots* of passes (posting.py): every pass
-is a slot (a W exchanges nothing), except that interleaved 1F1B's steady state exchanges once per forward-backward pair,
+is a slot, except that interleaved 1F1B's steady state exchanges once per forward-backward pair,
 as Megatron does; its longer warm-up is what lets each pair's inputs arrive before the pair.
 """
 
@@ -74,8 +68,6 @@ def schedule_slots(schedule: str, pp: int, rank: int, m: int, v: int = 1,
     forwards, backwards = passes("F", pp, m, v), passes("B", pp, m, v)
     if forward_only:
         return [(op,) for op in forwards]
-    if schedule == "zb_h1":
-        return zb_h1_slots(pp, rank, m)
     warmup = warmup_forwards(schedule, pp, rank, m, v)
     slots = [(op,) for op in forwards[:warmup]]                    # warm-up: forwards only
     for forward, backward in zip(forwards[warmup:], backwards):    # steady state: 1F1B
@@ -90,28 +82,3 @@ def schedule_order(schedule: str, pp: int, rank: int, m: int, v: int = 1,
     return [op for slot in schedule_slots(schedule, pp, rank, m, v, forward_only)
             for op in slot]
 
-
-def zb_h1_order(pp: int, rank: int, m: int) -> list[PipelineOp]:
-    """ZB-H1 on rank `rank` (v = 1): 1F1B's forwards and backwards, each B followed by its W,
-    except that the W of the last r+1 micro-batches wait until every B has run: the B passes
-    of the cool-down then reach the first stages sooner, and the W fill the last waits."""
-    deferred = min(rank + 1, m)
-    warmup = min(pp - rank - 1, m)
-    order = passes("F", pp, m, 1)[:warmup]
-    for backward in passes("B", pp, m, 1):
-        forward = warmup + backward.microbatch
-        order += [PipelineOp("F", forward)] if forward < m else []
-        order.append(backward)
-        if backward.microbatch < m - deferred:
-            order.append(PipelineOp("W", backward.microbatch))
-    return order + [PipelineOp("W", i) for i in range(m - deferred, m)]
-
-def zb_h1_slots(pp: int, rank: int, m: int) -> list[tuple[PipelineOp, ...]]:
-    """ZB-H1's passes slot by slot: a W exchanges nothing, so in the steady state it shares
-    the next forward's slot (1F1B's batch, a B's send with the next F's receive, posts before
-    it); in the cool-down it has a slot of its own, run while the next gradient is on its way."""
-    slots: list[tuple[PipelineOp, ...]] = []
-    for op in zb_h1_order(pp, rank, m):
-        joins = op.kind == "F" and slots and slots[-1][-1].kind == "W"
-        slots[-1:] = [slots[-1] + (op,)] if joins else [slots[-1], (op,)] if slots else [(op,)]
-    return slots
