@@ -5,7 +5,8 @@ Without processes: every rank's order runs each micro-batch's F before its B bef
 exchanging nothing, and, timed with F = B = W and free messages, has a shorter step than 1F1B.
 Distributed (four gloo ranks): loss and every gradient equal the single-process model at pp=2
 and pp=4 and pp=2 x tp=2 with sequence parallelism, and 10-step training runs (ZeRO-1, ZeRO-3,
-full recompute) follow the single-process losses.
+full recompute; a checkpoint saved under zb_h1 resumed under 1F1B) follow the single-process
+losses.
 """
 
 from __future__ import annotations
@@ -142,6 +143,17 @@ def _zb_train_runs(root: str) -> dict:
         dist.barrier()
         if dist.get_rank() == 0:
             out[name] = read_metrics(run_dir)
+    # Saved under zb_h1 after 5 steps, resumed under 1F1B: the same 10 losses.
+    run_dir, layout = Path(root) / "zb_h1_then_1f1b", ["parallel.pp=2", "parallel.zero_stage=1"]
+    run(compose_config(TRAIN_OVERRIDES + layout + ["parallel.schedule=zb_h1",
+                                                   "train.exit_after=5"]), run_dir)
+    run(compose_config(TRAIN_OVERRIDES + layout + ["train.resume=auto"]), run_dir)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        records = read_metrics(run_dir)
+        out["records_logged_around_the_resume"] = len(records)  # 5 + 5: no step ran twice
+        by_step = {record["step"]: record for record in records}
+        out["zb_h1_then_1f1b"] = [by_step[step] for step in sorted(by_step)]
     return out
 
 
@@ -153,6 +165,7 @@ def test_zb_h1_training_matches_one_process():
         run(compose_config(TRAIN_OVERRIDES), Path(root) / "single")
         expected = read_metrics(Path(root) / "single")
         results = run_distributed(_zb_train_runs, world_size=4, args=(root,), timeout_s=500)[0]
+    assert results.pop("records_logged_around_the_resume") == 10
     for name, got in results.items():
         assert len(got) == 10, name
         for mine, ref in zip(got, expected):
