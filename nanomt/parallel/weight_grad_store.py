@@ -85,7 +85,8 @@ def accumulate_weight_grad(weight: torch.Tensor, grad_weight: torch.Tensor) -> N
 class _LinearDeferringWeightGrad(torch.autograd.Function):
     """y = x W^T + b; backward returns dX and db now and stores dW = dY^T X for the W pass.
     With `sp_group` (sequence parallelism) x is this rank's sequence shard: all-gathered for
-    the matmul (and again in W), dX reduce-scattered, as tensor_parallel._LinearWithSequenceGather."""
+    the matmul (and again in W), dX reduce-scattered, as in tensor_parallel's
+    _LinearWithSequenceGather."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, sp_group, attached_weight):

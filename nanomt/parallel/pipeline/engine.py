@@ -21,10 +21,9 @@ Gradients accumulate in .grad over all micro-batches, and the tied word embeddin
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import contextlib
 
 import torch
 from torch import nn
@@ -131,8 +130,7 @@ class PipelineStep:
         k = self.global_chunk(op)
         flight = self.in_flight.pop((op.microbatch, op.chunk))
         grad = None if k == self.last_chunk else self.comm.arrived(self.received.pop(op))
-        with STORE.backward_of((op.microbatch, op.chunk)) if STORE.active else \
-                contextlib.nullcontext():
+        with STORE.backward_of((op.microbatch, op.chunk)):  # where deferred dW goes (zb_h1)
             torch.autograd.backward(flight.output, grad)
         if k > 0:
             self.outgoing[op] = flight.input.grad
