@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from nanomt.parallel.pipeline.posting import checked_plans, match_batches
+from nanomt.parallel.pipeline.posting import checked_plans
 from nanomt.parallel.pipeline.schedules import schedule_order
 from nanomt.parallel.pipeline.zero_bubble import zb_h1_order, zb_h1_slots
 from nanomt.testing import run_distributed
-from test_pipeline import TRAIN_OVERRIDES, read_metrics, reference, run_case
+from test_pipeline import TRAIN_OVERRIDES, read_metrics, reference, run_case, step_time
 
 
 def in_flight_peak(order) -> int:
@@ -53,30 +53,13 @@ def test_zb_h1_order_keeps_1f1b_passes_and_memory():
                     assert not any(t.op.kind == "W" for t in exchange.transfers)
 
 
-def step_time(plans, cost: dict[str, float]) -> float:
-    """The step's length when each pass kind takes cost[kind] and messages take no time."""
-    partners = match_batches(plans)
-    posted, clock, at = {}, [0.0] * len(plans), [0] * len(plans)
-    while any(u < len(plan) for u, plan in zip(at, plans)):
-        for rank, plan in enumerate(plans):
-            if at[rank] == len(plan):
-                continue
-            posted.setdefault((rank, at[rank]), clock[rank])
-            batch = [(rank, at[rank])] + partners.get((rank, at[rank]), [])
-            if all(b in posted for b in batch):
-                clock[rank] = max(posted[b] for b in batch) + sum(
-                    cost[op.kind] for op in plan[at[rank]].passes)
-                at[rank] += 1
-    return max(clock)
-
-
 @pytest.mark.parametrize("pp,m", [(2, 8), (4, 8), (4, 16), (8, 16)])
 def test_zb_h1_bubble_below_1f1b(pp, m):
     """F = B = W = 1 (1F1B's backward B + W = 2): the paper's (p-1)/(3m) at p = 2; below
     1F1B's (p-1)/m everywhere, at most (p-1)/(2m)."""
     ideal = 3 * m
-    zb = step_time(checked_plans("zb_h1", pp, m, 1, False), {"F": 1, "B": 1, "W": 1})
-    one_f_one_b = step_time(checked_plans("1f1b", pp, m, 1, False), {"F": 1, "B": 2})
+    zb = step_time(checked_plans("zb_h1", pp, m, 1, False), 1, forward=1, backward=1, weights=1)
+    one_f_one_b = step_time(checked_plans("1f1b", pp, m, 1, False), 1, forward=1, backward=2)
     assert (one_f_one_b - ideal) / ideal == pytest.approx((pp - 1) / m)
     assert (zb - ideal) / ideal <= (pp - 1) / (2 * m) + 1e-9, (pp, m, zb)
     if pp == 2:
