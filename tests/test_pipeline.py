@@ -354,7 +354,7 @@ def run_case(grid, tp: int, pp: int, v: int, m: int, refs, schedule="1f1b", sp=F
     from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
     from nanomt.parallel.forward_backward import get_forward_backward_func
 
-    chunks = build_model_chunks(cfg, grid, v, seed=SEED, sequence_parallel=sp)
+    chunks = build_model_chunks(cfg, grid, v, seed=SEED, sequence_parallel=sp, schedule=schedule)
     # Gradients go where training puts them: the data-parallel buffer (every dp rank runs the
     # same micro-batches here, so the dp average changes nothing), completed by finalize_grads
     # (sequence-parallel sums over tp, the tied embedding over the first and last stage).

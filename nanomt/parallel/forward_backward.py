@@ -26,15 +26,15 @@ import torch
 from nanomt.parallel.no_pipelining import forward_backward_no_pipelining
 from nanomt.parallel.pipeline.engine import forward_backward_pipelining
 from nanomt.parallel.pipeline.posting import checked_plans
-from nanomt.parallel.pipeline.zero_bubble_step import ZeroBubbleStep
+from nanomt.parallel.pipeline.zero_bubble_step import ZeroBubbleStep, ZeroBubbleVStep
 
-ZERO_BUBBLE_STEPS = {"zb_h1": ZeroBubbleStep}  # schedule -> the engine step that runs B and W
+ZERO_BUBBLE_STEPS = {"zb_h1": ZeroBubbleStep, "zbv": ZeroBubbleVStep}  # schedule -> the engine step that runs B and W
 
 
 def get_forward_backward_func(layout, schedule: str = "1f1b") -> Callable[..., torch.Tensor]:
     """The schedule for `layout` (anything with .pp and .virtual_stages): no pipelining when
     pp == 1, else `schedule` ("1f1b": 1F1B, interleaved when virtual_stages > 1; "gpipe";
-    "zb_h1")."""
+    "zb_h1"; "zbv")."""
     if layout.pp == 1:
         return forward_backward_no_pipelining
     return functools.partial(forward_backward_pipelining, schedule=schedule,
