@@ -174,12 +174,28 @@ def test_zero_bubble_equals_single_process():
     assert max(saved["zbv_pp4"]) <= 1.1 * max(saved["pp4_1f1b"])  # 1F1B's first stage's
 
 
-ZB_TRAIN_LAYOUTS = {
-    "pp2_dp2_zero1": ["parallel.pp=2", "parallel.zero_stage=1"],
-    "pp2_dp2_zero3_full_recompute": ["parallel.pp=2", "parallel.zero_stage=3",
-                                     "train.activation_checkpointing=full"],
-    "pp2_tp2_sp": ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
+ZB_H1 = ["parallel.schedule=zb_h1"]
+ZBV = ["parallel.schedule=zbv", "parallel.virtual_stages=2", "model.tie_embeddings=false"]
+PP2 = ["parallel.pp=2"]
+FP16 = ["train.precision=fp16", "model.hidden_size=16"]  # fp16 matmuls are slow on CPUs
+ZB_TRAIN_RUNS = {  # name: (the single-process run it must follow, overrides)
+    "zb_h1_pp2_dp2_zero1": ("tied", ZB_H1 + PP2 + ["parallel.zero_stage=1"]),
+    "zb_h1_pp2_dp2_zero3_full_recompute": ("tied", ZB_H1 + PP2 + [
+        "parallel.zero_stage=3", "train.activation_checkpointing=full"]),
+    "zb_h1_pp2_tp2_sp": ("tied", ZB_H1 + PP2 + ["parallel.tp=2",
+                                                "parallel.sequence_parallel=true"]),
+    "zb_h1_pp2_cp2_selective": ("tied", ZB_H1 + PP2 + [
+        "parallel.cp=2", "train.activation_checkpointing=selective"]),
+    "zbv_pp2_dp2_zero1": ("untied", ZBV + PP2 + ["parallel.zero_stage=1"]),
+    "zbv_pp2_dp2_zero3_full_recompute": ("untied", ZBV + PP2 + [
+        "parallel.zero_stage=3", "train.activation_checkpointing=full"]),
+    "zbv_pp2_tp2_sp": ("untied", ZBV + PP2 + ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "zbv_pp2_cp2_selective": ("untied", ZBV + PP2 + [
+        "parallel.cp=2", "train.activation_checkpointing=selective"]),
+    "zbv_pp2_dp2_fp16": ("untied_fp16", ZBV + PP2 + FP16),
 }
+SINGLE_RUNS = {"tied": [], "untied": ["model.tie_embeddings=false"],
+               "untied_fp16": ["model.tie_embeddings=false"] + FP16}
 
 
 def _zb_train_runs(root: str) -> dict:
@@ -189,36 +205,41 @@ def _zb_train_runs(root: str) -> dict:
     from nanomt.train import run
 
     out = {}
-    for name, overrides in ZB_TRAIN_LAYOUTS.items():
+    for name, (_, overrides) in ZB_TRAIN_RUNS.items():
         run_dir = Path(root) / name
-        run(compose_config(TRAIN_OVERRIDES + overrides + ["parallel.schedule=zb_h1"]), run_dir)
+        run(compose_config(TRAIN_OVERRIDES + overrides), run_dir)
         dist.barrier()
         if dist.get_rank() == 0:
             out[name] = read_metrics(run_dir)
-    # Saved under zb_h1 after 5 steps, resumed under 1F1B: the same 10 losses.
-    run_dir, layout = Path(root) / "zb_h1_then_1f1b", ["parallel.pp=2", "parallel.zero_stage=1"]
-    run(compose_config(TRAIN_OVERRIDES + layout + ["parallel.schedule=zb_h1",
-                                                   "train.exit_after=5"]), run_dir)
-    run(compose_config(TRAIN_OVERRIDES + layout + ["train.resume=auto"]), run_dir)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        records = read_metrics(run_dir)
-        out["records_logged_around_the_resume"] = len(records)  # 5 + 5: no step ran twice
-        by_step = {record["step"]: record for record in records}
-        out["zb_h1_then_1f1b"] = [by_step[step] for step in sorted(by_step)]
+    # Saved under zb_h1 (zbv) after 5 steps, resumed under 1F1B: the same 10 losses.
+    for name, schedule in (("zb_h1_then_1f1b", ZB_H1), ("zbv_then_1f1b", ZBV)):
+        run_dir, layout = Path(root) / name, PP2 + ["parallel.zero_stage=1"]
+        untied = ["model.tie_embeddings=false"] if schedule == ZBV else []
+        run(compose_config(TRAIN_OVERRIDES + layout + schedule + ["train.exit_after=5"]), run_dir)
+        run(compose_config(TRAIN_OVERRIDES + layout + untied + ["train.resume=auto"]), run_dir)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            records = read_metrics(run_dir)
+            out[f"{name}_records"] = len(records)  # 5 + 5: no step ran twice
+            by_step = {record["step"]: record for record in records}
+            out[name] = [by_step[step] for step in sorted(by_step)]
     return out
 
 
-def test_zb_h1_training_matches_one_process():
+def test_zero_bubble_training_matches_one_process():
     from nanomt.testing import compose_config
     from nanomt.train import run
 
     with tempfile.TemporaryDirectory() as root:
-        run(compose_config(TRAIN_OVERRIDES), Path(root) / "single")
-        expected = read_metrics(Path(root) / "single")
-        results = run_distributed(_zb_train_runs, world_size=4, args=(root,), timeout_s=500)[0]
-    assert results.pop("records_logged_around_the_resume") == 10
+        expected = {}
+        for name, overrides in SINGLE_RUNS.items():
+            run(compose_config(TRAIN_OVERRIDES + overrides), Path(root) / f"single_{name}")
+            expected[name] = read_metrics(Path(root) / f"single_{name}")
+        results = run_distributed(_zb_train_runs, world_size=4, args=(root,), timeout_s=580)[0]
+    assert results.pop("zb_h1_then_1f1b_records") == results.pop("zbv_then_1f1b_records") == 10
+    references = {name: reference for name, (reference, _) in ZB_TRAIN_RUNS.items()}
+    references.update(zb_h1_then_1f1b="tied", zbv_then_1f1b="untied")
     for name, got in results.items():
         assert len(got) == 10, name
-        for mine, ref in zip(got, expected):
+        for mine, ref in zip(got, expected[references[name]]):
             assert math.isclose(mine["loss"], ref["loss"], rel_tol=1e-5), (name, mine, ref)
