@@ -71,6 +71,44 @@ def test_zb_h1_bubble_below_1f1b(pp, m):
         assert (zb - ideal) / ideal == pytest.approx((pp - 1) / (3 * m))
 
 
+def test_deferring_linears_are_installed_for_one_step_only():
+    """Inside the block the linears leave dW to W (and W supplies the same gradients); after
+    it they are the core's again, bitwise."""
+    import torch
+
+    from nanomt.model import GPT
+    from nanomt.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from nanomt.parallel.weight_grad_store import STORE, deferring_weight_grads
+
+    model = GPT(CFG, None, seed=1)
+    linears = [m for m in model.modules()
+               if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    hooked = [m for m in linears if {"parallel_linear", "matmul"} & set(vars(m))]
+    tokens = torch.randint(0, CFG.vocab_size, (2, CFG.seq_len + 1),
+                           generator=torch.Generator().manual_seed(0))
+
+    def backward() -> list[torch.Tensor | None]:
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    before = backward()
+    with deferring_weight_grads([model]):
+        assert len([m for m in linears if {"parallel_linear", "matmul"} & set(vars(m))]) \
+            == len(linears) > 0
+        with STORE.backward_of((0, 0)):
+            model(tokens[:, :-1], tokens[:, 1:]).backward()
+        assert all(m.weight.grad is None for m in linears)  # left to W
+        STORE.run((0, 0))
+        deferred = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+    assert not hooked and not [m for m in linears if {"parallel_linear", "matmul"} & set(vars(m))]
+    assert all(torch.equal(a, b) for a, b in zip(before, backward()))
+    for a, b in zip(before, deferred):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_zbv_places_its_chunks_in_a_v():
     for pp in range(2, 9):
         held = {rank: [global_chunk_index(c, rank, pp, v_shape=True) for c in (0, 1)]
