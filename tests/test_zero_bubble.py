@@ -6,8 +6,8 @@ first stage's activations (2p chunk passes) with its chunks in a V; both pass th
 with W exchanging nothing and, timed with F = B = W and free messages, have a shorter step than
 1F1B (ZB-H1) and interleaved 1F1B (ZB-V). Distributed (four gloo ranks): loss and every gradient
 equal the single-process model at pp=2 and pp=4 and pp=2 x tp=2 with sequence parallelism, and
-10-step training runs (ZeRO-1, ZeRO-3, full recompute, selective recompute; a checkpoint saved
-under zb_h1 or zbv resumed under 1F1B) follow the single-process losses.
+10-step training runs (ZeRO-1, ZeRO-3 + full recompute, tp=2 + SP, cp=2 + selective recompute,
+fp16; a checkpoint saved under zb_h1 or zbv resumed under 1F1B) follow the single-process losses.
 """
 
 from __future__ import annotations
@@ -224,6 +224,7 @@ ZB_TRAIN_RUNS = {  # name: (the single-process run it must follow, overrides)
                                                 "parallel.sequence_parallel=true"]),
     "zb_h1_pp2_cp2_selective": ("tied", ZB_H1 + PP2 + [
         "parallel.cp=2", "train.activation_checkpointing=selective"]),
+    "zb_h1_pp2_dp2_fp16": ("tied_fp16", ZB_H1 + PP2 + FP16),
     "zbv_pp2_dp2_zero1": ("untied", ZBV + PP2 + ["parallel.zero_stage=1"]),
     "zbv_pp2_dp2_zero3_full_recompute": ("untied", ZBV + PP2 + [
         "parallel.zero_stage=3", "train.activation_checkpointing=full"]),
@@ -232,7 +233,7 @@ ZB_TRAIN_RUNS = {  # name: (the single-process run it must follow, overrides)
         "parallel.cp=2", "train.activation_checkpointing=selective"]),
     "zbv_pp2_dp2_fp16": ("untied_fp16", ZBV + PP2 + FP16),
 }
-SINGLE_RUNS = {"tied": [], "untied": ["model.tie_embeddings=false"],
+SINGLE_RUNS = {"tied": [], "tied_fp16": FP16, "untied": ["model.tie_embeddings=false"],
                "untied_fp16": ["model.tie_embeddings=false"] + FP16}
 
 
