@@ -1,7 +1,7 @@
 """Private torch APIs in nanomt: each one has no public replacement, is used in one place, and
 says why in a comment just above. A private API is a module below torch whose name starts with
 an underscore (torch.utils._python_dispatch), torch.testing, an op namespace that belongs to
-torch's compiler (torch.ops.inductor) or the internals of nn.Module (`_parameters`, `_buffers`,
+torch's compiler (torch.ops.inductor), torch._C's bindings, or the internals of nn.Module (`_parameters`, `_buffers`,
 `_modules`) and of autograd (`_execution_engine`). torch's underscore functions at its top level
 (torch._foreach_norm, torch._assert_async: fused and asynchronous kernels that torch.optim uses
 too) are not counted. Reads the source with `ast`."""
@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nanomt"
 # the private API -> the one file allowed to use it
 ALLOWED = {"torch.utils._python_dispatch": "memory.py",  # TorchDispatchMode (PeakMemoryMeter)
            "torch._dynamo": "memory.py",  # imported ahead of a measurement (PeakMemoryMeter)
-           "torch.ops.inductor": "parallel/data_parallel/buckets.py"}  # resize_storage_bytes_
+           "torch.ops.inductor": "parallel/data_parallel/buckets.py",  # resize_storage_bytes_
+           "torch._C": "parallel/data_parallel/stage3.py"}  # is a backward running (recompute)
 PRIVATE_ATTRIBUTES = ("_parameters", "_buffers", "_modules", "_execution_engine")
 
 
@@ -32,8 +33,9 @@ def private_uses(source: str) -> list[tuple[int, str]]:
             found.append((node.lineno, node.module))
         elif isinstance(node, ast.Attribute) and node.attr in PRIVATE_ATTRIBUTES:
             found.append((node.lineno, node.attr))
-        elif isinstance(node, ast.Attribute) and ast.unparse(node) == "torch.ops.inductor":
-            found.append((node.lineno, "torch.ops.inductor"))
+        elif isinstance(node, ast.Attribute) and ast.unparse(node) in ("torch.ops.inductor",
+                                                                        "torch._C"):
+            found.append((node.lineno, ast.unparse(node)))
     return found
 
 

@@ -91,6 +91,12 @@ class GatherUnit:
         return any(b.gathered for b in self.buckets)
 
 
+def running_backward() -> bool:
+    """Whether autograd's engine is running a backward now: a forward there is a recompute."""
+    # torch._C: no public API says so; torch.utils.checkpoint asks the engine the same way
+    return torch._C._current_graph_task_id() != -1
+
+
 class ParameterGatherer:
     """The hooks that gather each unit before its forward and backward and free it after."""
 
@@ -147,8 +153,8 @@ class ParameterGatherer:
         self.gather(unit)
 
     def _post_hook(self, unit: GatherUnit, module, args, output) -> None:
-        if torch._C._current_graph_task_id() != -1:  # in a backward: a recompute, which
-            return  # must not free: backward still needs the weights
+        if running_backward():  # a recompute, which must not free: backward needs the weights
+            return
         outputs = output if isinstance(output, (tuple, list)) else (output,)
         began = [False]  # this forward's backward begins at its outputs' first gradient
         for tensor in outputs:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from nanomt.parallel.data_parallel.buckets import Bucket
-from nanomt.parallel.data_parallel.stage3 import GatherUnit, ParameterGatherer
+from nanomt.parallel.data_parallel.stage3 import GatherUnit, ParameterGatherer, running_backward
 
 
 class PrefetchingGatherer(ParameterGatherer):
@@ -81,7 +81,7 @@ class PrefetchingGatherer(ParameterGatherer):
             self.free(self.ahead[0])
 
     def _pre_hook(self, unit: GatherUnit, module, args) -> None:
-        recompute = torch._C._current_graph_task_id() != -1  # in a backward (stage3.py)
+        recompute = running_backward()
         super()._pre_hook(unit, module, args)
         if not recompute:
             self._prefetch(self.next_forward.get(unit))
