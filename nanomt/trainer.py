@@ -154,8 +154,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
                                       device=torch.device("meta"))
     set_activation_checkpointing(model_chunks, cfg.train.activation_checkpointing)
     forward_backward = get_forward_backward_func(layout, cfg.parallel.schedule)
-    timeline = Timeline.of_rank(grid, layout.virtual_stages, num_microbatches,
-                                device) if cfg.train.timeline else None
+    timeline = Timeline.of_rank(grid, layout.virtual_stages, num_microbatches, device,
+                                str(cfg.parallel.schedule)) if cfg.train.timeline else None
     # Data parallelism (gradient buckets reduced during backward, ZeRO sharding) is the
     # optimizer's buffer; the optimizer holds the fp32 shard state (nanomt.optim.build).
     optimizer = build_optimizer(model_chunks, cfg, grid, device=device)

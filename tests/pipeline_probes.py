@@ -50,6 +50,10 @@ class RecordingStep(engine.PipelineStep):
         self.stats.op_order.append(str(op))
         super().backward(op)
 
+    def weights(self, op) -> None:
+        self.stats.op_order.append(str(op))
+        super().weights(op)
+
     def sent(self, op, tensor) -> None:
         storage = tensor.untyped_storage().nbytes()
         super().sent(op, tensor)

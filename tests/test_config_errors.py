@@ -82,7 +82,9 @@ BAD_INPUTS = {
                             "= 3, to be a multiple of parallel.pp = 2; change "
                             "train.global_batch_size"),
     "unknown_schedule": (["parallel.schedule=zigzag"], 1,
-                         "parallel.schedule must be one of 1f1b, gpipe, got 'zigzag'"),
+                         "parallel.schedule must be one of 1f1b, gpipe, zb_h1, got 'zigzag'"),
+    "zb_h1_interleaved": (["parallel.schedule=zb_h1", "parallel.pp=2", "parallel.virtual_stages=2"],
+                          2, "parallel.schedule=zb_h1 runs one model chunk per pipeline rank"),
     # batch
     "batch_by_micro_dp": (["train.micro_batch_size=16"], 4,
                           "train.global_batch_size (32) is not divisible by "

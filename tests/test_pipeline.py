@@ -211,9 +211,10 @@ def test_replay_rejects_posts_out_of_order():
     assert len(plans_from_slots(slots, 1, 1)[0]) > len(unsplit[0])  # split in the peer's order
 
 
-def step_time(plans, v: int, forward: float = 1.0, backward: float = 2.0) -> float:
-    """The step's length when a chunk's forward takes forward / v, its backward backward / v,
-    and messages take no time: each rank runs its plan, a batch completing once every partner
+def step_time(plans, v: int, forward: float = 1.0, backward: float = 2.0,
+              weights: float = 0.0) -> float:
+    """The step's length when a chunk's forward takes forward / v, its backward backward / v
+    (a zero-bubble W pass weights / v), and messages take no time: each rank runs its plan, a batch completing once every partner
     batch is posted (test-side timing of posting.replay's model)."""
     partners = match_batches(plans)
     posted, clock, at = {}, [0.0] * len(plans), [0] * len(plans)
@@ -225,7 +226,8 @@ def step_time(plans, v: int, forward: float = 1.0, backward: float = 2.0) -> flo
             batch = [(rank, at[rank])] + partners.get((rank, at[rank]), [])
             if all(b in posted for b in batch):
                 clock[rank] = max(posted[b] for b in batch) + sum(
-                    (forward if op.kind == "F" else backward) / v for op in plan[at[rank]].passes)
+                    {"F": forward, "B": backward, "W": weights}[op.kind] / v
+                    for op in plan[at[rank]].passes)
                 at[rank] += 1
     return max(clock)
 

@@ -2,7 +2,8 @@
 
 `get_forward_backward_func(layout)`, as Megatron's function of the same name: plain gradient
 accumulation without pipelining (nanomt.parallel.no_pipelining) when pp == 1, else a pipeline
-schedule (nanomt.parallel.pipeline: GPipe, 1F1B, interleaved 1F1B when virtual_stages > 1).
+schedule (nanomt.parallel.pipeline: GPipe, 1F1B, interleaved 1F1B when virtual_stages > 1,
+ZB-H1).
 Every schedule is called the same way,
 
     loss_sum = fn(model_chunks, micro_batches, grid, forward_only=..., timeline=...,
@@ -28,7 +29,8 @@ from nanomt.parallel.pipeline.posting import checked_plans
 
 def get_forward_backward_func(layout, schedule: str = "1f1b") -> Callable[..., torch.Tensor]:
     """The schedule for `layout` (anything with .pp and .virtual_stages): no pipelining when
-    pp == 1, else `schedule` ("1f1b": 1F1B, interleaved when virtual_stages > 1; "gpipe")."""
+    pp == 1, else `schedule` ("1f1b": 1F1B, interleaved when virtual_stages > 1; "gpipe";
+    "zb_h1")."""
     if layout.pp == 1:
         return forward_backward_no_pipelining
     return functools.partial(forward_backward_pipelining, schedule=schedule)

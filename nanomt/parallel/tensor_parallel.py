@@ -40,6 +40,7 @@ from nanomt.parallel.mappings import (
     reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
+from nanomt.parallel.weight_grad_store import STORE, deferring_linear
 
 
 def my_slice(size: int, group: Group) -> range:
@@ -87,8 +88,15 @@ def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """x W^T + b for a weight split by output rows: f then a matmul, or under sequence
     parallelism (x a sequence shard) the gather-and-matmul that saves only the shard."""
     if sequence_parallel and comm.group_size(tp_group) > 1:
+        if STORE.active:  # zero-bubble schedule: dW waits for the W pass
+            return deferring_linear(x, weight, bias, tp_group)
         return _LinearWithSequenceGather.apply(x, weight, bias, tp_group)
-    return F.linear(copy_to_tensor_parallel_region(x, tp_group), weight, bias)
+    return linear(copy_to_tensor_parallel_region(x, tp_group), weight, bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b; under the zero-bubble schedule with dW left to the W pass."""
+    return deferring_linear(x, weight, bias) if STORE.active else F.linear(x, weight, bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -140,8 +148,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if comm.group_size(self.tp_group) == 1:  # nothing to sum: one fused multiply-add
-            return F.linear(x, self.weight, self.bias)
-        partial = F.linear(x, self.weight)
+            return linear(x, self.weight, self.bias)
+        partial = linear(x, self.weight, None)
         if self.sequence_parallel:  # f-bar: sum the partials and keep my sequence shard
             y = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)
         else:  # g

@@ -23,6 +23,7 @@ from torch import nn
 
 from nanomt.parallel import comm
 from nanomt.parallel.data_parallel.buckets import Bucket, resize_storage
+from nanomt.parallel.weight_grad_store import recomputing
 
 
 def plan_by_layer(chunks: list[nn.Module], names: dict[int, str],
@@ -82,7 +83,8 @@ class GatherUnit:
     is_layer: bool
     buckets: list[Bucket] = field(default_factory=list)
     num_params: int = 0
-    grads_seen: int = 0        # its parameters' gradients in the current backward
+    grads_seen: int = 0        # its parameters' gradients in the current backward(s)
+    backwards: int = 0         # backwards begun and not complete (zb_h1's W comes later: > 1)
     in_backward: bool = False
     works: list = field(default_factory=list)
 
@@ -147,25 +149,34 @@ class ParameterGatherer:
         self.gather(unit)
 
     def _post_hook(self, unit: GatherUnit, module, args, output) -> None:
-        if unit.in_backward:
+        if recomputing(unit.in_backward):
             return  # a recompute during backward: backward still needs the weights
         outputs = output if isinstance(output, (tuple, list)) else (output,)
+        first_of_this_forward = [True]  # one backward begins, whichever output's gradient first
         for tensor in outputs:
             if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                tensor.register_hook(partial(self._output_grad_hook, unit))
+                tensor.register_hook(partial(self._output_grad_hook, unit,
+                                             first=first_of_this_forward))
         self.free(unit)
 
-    def _output_grad_hook(self, unit: GatherUnit, grad: torch.Tensor) -> torch.Tensor:
+    def _output_grad_hook(self, unit: GatherUnit, grad: torch.Tensor,
+                          first: list[bool] | None = None) -> torch.Tensor:
         unit.in_backward = True
+        if first is None or first[0]:
+            unit.backwards += 1
+            if first is not None:
+                first[0] = False
         self.gather(unit)
         return grad
 
     @torch.no_grad()
     def _param_grad_hook(self, unit: GatherUnit, param: nn.Parameter) -> None:
-        """A parameter's gradient is accumulated: free its unit once all are."""
+        """A parameter's gradient is accumulated: free its unit once all are, of every backward
+        begun (under zb_h1 a weight's gradient waits for its W pass, weight_grad_store.py, while
+        the next micro-batch's backward may begin)."""
         unit.grads_seen += 1
-        if unit.grads_seen == unit.num_params:
-            unit.grads_seen = 0
+        if unit.grads_seen == unit.num_params * max(unit.backwards, 1):
+            unit.grads_seen = unit.backwards = 0
             unit.in_backward = False
             self.free(unit)
 

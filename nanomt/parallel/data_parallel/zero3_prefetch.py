@@ -33,6 +33,7 @@ from torch import nn
 
 from nanomt.parallel.data_parallel.buckets import Bucket
 from nanomt.parallel.data_parallel.stage3 import GatherUnit, ParameterGatherer
+from nanomt.parallel.weight_grad_store import recomputing
 
 
 class PrefetchingGatherer(ParameterGatherer):
@@ -81,12 +82,13 @@ class PrefetchingGatherer(ParameterGatherer):
             self.free(self.ahead[0])
 
     def _pre_hook(self, unit: GatherUnit, module, args) -> None:
-        recomputing = any(u.in_backward for u in self.units.values())
+        recompute = recomputing(any(u.in_backward for u in self.units.values()))
         super()._pre_hook(unit, module, args)
-        if not recomputing:
+        if not recompute:
             self._prefetch(self.next_forward.get(unit))
 
-    def _output_grad_hook(self, unit: GatherUnit, grad: torch.Tensor) -> torch.Tensor:
-        grad = super()._output_grad_hook(unit, grad)
+    def _output_grad_hook(self, unit: GatherUnit, grad: torch.Tensor,
+                          first: list[bool] | None = None) -> torch.Tensor:
+        grad = super()._output_grad_hook(unit, grad, first)
         self._prefetch(self.next_backward.get(unit))
         return grad

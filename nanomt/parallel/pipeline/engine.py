@@ -12,6 +12,8 @@ messages it exchanges between them; this module runs both:
              chunk); the last chunk computes the loss, scaled by 1/m as in gradient accumulation.
   backward   B(i, chunk): backward from the output with the gradient received from the next
              chunk (or from the loss on the last chunk); the input's gradient is sent back.
+  weights    W(i, chunk), zero-bubble schedules only: the weight gradients B(i, chunk) left in
+             nanomt/parallel/weight_grad_store.py, accumulated into .grad.
 
 Gradients accumulate in .grad over all micro-batches, and the tied word embedding's two copies
 (first and last stage) sum theirs at the end: the single-process gradient of the mean loss.
@@ -19,6 +21,7 @@ Gradients accumulate in .grad over all micro-batches, and the tied word embeddin
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +37,9 @@ from nanomt.parallel.pipeline.posting import Exchange, Transfer, checked_plans
 from nanomt.parallel.pipeline.scatter_gather import ScatterGatherP2P
 from nanomt.parallel.pipeline.schedules import PipelineOp
 from nanomt.parallel.pipeline.timeline import Timeline, maybe_span
+from nanomt.parallel.weight_grad_store import STORE, deferring_weight_grads
+
+ZERO_BUBBLE_SCHEDULES = ("zb_h1",)  # their backward is B + W (weight_grad_store.py)
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
 
@@ -84,7 +90,7 @@ class PipelineStep:
                 self.exchange(exchange.transfers)
             for op in exchange.passes:
                 with maybe_span(self.timeline, op.kind, op.microbatch, op.chunk):
-                    self.forward(op) if op.kind == "F" else self.backward(op)
+                    {"F": self.forward, "B": self.backward, "W": self.weights}[op.kind](op)
         return self.loss_sum
 
     def exchange(self, transfers: tuple[Transfer, ...]) -> None:
@@ -124,9 +130,13 @@ class PipelineStep:
         k = self.global_chunk(op)
         flight = self.in_flight.pop((op.microbatch, op.chunk))
         grad = None if k == self.last_chunk else self.comm.arrived(self.received.pop(op))
-        torch.autograd.backward(flight.output, grad)
+        with STORE.backward_of((op.microbatch, op.chunk)):  # where deferred dW goes (zb_h1)
+            torch.autograd.backward(flight.output, grad)
         if k > 0:
             self.outgoing[op] = flight.input.grad
+
+    def weights(self, op: PipelineOp) -> None:
+        STORE.run((op.microbatch, op.chunk))
 
 
 def activation_shape(model_chunk: nn.Module, micro_batch: MicroBatch) -> tuple[int, int, int]:
@@ -158,8 +168,10 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
     # Without SP the tp ranks hold the same activation: each sends 1/t (scatter_gather.py).
     scatter_gather = grid.tp_size > 1 and not model_chunks[0].sequence_parallel
     comm = (ScatterGatherP2P if scatter_gather else PipelineP2P)(grid, shape, dtype, device)
-    loss_sum = PipelineStep(model_chunks, micro_batches, comm, plan, forward_only, timeline,
-                            loss_scale).run()
+    deferring = schedule in ZERO_BUBBLE_SCHEDULES and not forward_only
+    with deferring_weight_grads() if deferring else contextlib.nullcontext():
+        loss_sum = PipelineStep(model_chunks, micro_batches, comm, plan, forward_only,
+                                timeline, loss_scale).run()
     if not forward_only:
         allreduce_embedding_grads(model_chunks, grid)
     return loss_sum

@@ -22,7 +22,8 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nanomt.parallel.pipeline.schedules import PipelineOp, schedule_slots
+from nanomt.parallel.pipeline.schedules import PipelineOp
+from nanomt.parallel.pipeline.zero_bubble import pipeline_slots
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def replay(plans: Sequence[Sequence[Exchange]], virtual_stages: int) -> None:
     A rank posts its next batch and waits until every partner batch is posted (a send completes
     only once its receive is posted: NCCL does not buffer); then it runs the slot's passes, each
     once its inputs exist: F(i, k) after F(i, k-1), B(i, k) after F(i, k) and B(i, k+1), with
-    global chunk k = chunk * pp + rank.
+    W(i, k) after B(i, k), with global chunk k = chunk * pp + rank.
     """
     pp = len(plans)
     last = pp * virtual_stages - 1
@@ -166,6 +167,8 @@ def replay(plans: Sequence[Sequence[Exchange]], virtual_stages: int) -> None:
         k = op.chunk * pp + rank
         if op.kind == "F":
             return k == 0 or ("F", op.microbatch, k - 1) in done
+        if op.kind == "W":  # exchanges nothing: after its own B
+            return ("B", op.microbatch, k) in done
         return ("F", op.microbatch, k) in done and (k == last or ("B", op.microbatch, k + 1)
                                                     in done)
 
@@ -207,7 +210,7 @@ def stuck_at(plans: Sequence[Sequence[Exchange]], partners: dict, rank: int, at:
 def checked_plans(schedule: str, pp: int, m: int, v: int,
                   forward_only: bool) -> tuple[tuple[Exchange, ...], ...]:
     """Every rank's batches and passes for a schedule, replayed once (cached) before they run."""
-    slots = [schedule_slots(schedule, pp, rank, m, v, forward_only) for rank in range(pp)]
+    slots = [pipeline_slots(schedule, pp, rank, m, v, forward_only) for rank in range(pp)]
     plans = plans_from_slots(slots, v, m)
     replay(plans, v)
     return tuple(tuple(plan) for plan in plans)
