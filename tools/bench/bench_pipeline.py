@@ -1,19 +1,23 @@
-"""Benchmark (not a test): nanomt's (interleaved) 1F1B against torch.distributed.pipelining's.
+"""Benchmark (not a test): nanomt's pipeline schedules against torch.distributed.pipelining's.
 
-Both run the same model chunks (nanomt GPT chunks, chunk k on rank k mod p) on the same
-micro-batches, on gloo CPU ranks spawned once, one after the other in the same processes:
+Both run the same model chunks (nanomt GPT chunks) on the same micro-batches, on gloo CPU ranks
+spawned once, one after the other in the same processes. The pairs (TORCH_SCHEDULES):
+
+    nanomt 1f1b (v = 1)          Schedule1F1B
+    nanomt 1f1b (v > 1)          ScheduleInterleaved1F1B
+    nanomt zb_h1 (v = 1)         ScheduleInterleavedZeroBubble with one stage per rank (its ZB1P
+                                 order, ZB-H1 at v = 1), B and W as separate passes
 
     python tools/bench/bench_pipeline.py                 # p=4, v=2, m=8
     python tools/bench/bench_pipeline.py --pp 2 --virtual-stages 2 --microbatches 8 --steps 5
     python tools/bench/bench_pipeline.py --pp 2 --virtual-stages 1 --schedule zb_h1
 
-With --schedule zb_h1, nanomt's ZB-H1 runs against nanomt's 1F1B instead (torch's zero-bubble
-schedules are not compared yet), the bubble counting W passes as busy.
+With --schedule zb_h1, nanomt's 1F1B runs first, for its bubble next to ZB-H1's.
 
 Prints the mean step time of each (the slowest rank's), their ratio, and each one's measured
-bubble (idle / busy time per rank, from the start and end of every forward and backward pass)
-next to the theoretical (p-1)/(v*m). torch's loss function runs outside its timed passes, ours
-inside the last chunk's forward; on a small shared CPU, timings are noisy: run a few times.
+bubble (idle / busy time per rank, from the start and end of every F, B and W pass) next to the
+planner's formula (nanomt.planner.schedule_costs). torch's loss function runs outside its timed passes,
+ours inside the last chunk's forward; on a small shared CPU, timings are noisy: run a few times.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from nanomt.model.chunks import build_model_chunks  # noqa: E402
 from nanomt.parallel.pipeline import Timeline  # noqa: E402
 from nanomt.parallel.pipeline import forward_backward_pipelining  # noqa: E402
 from nanomt.parallel.pipeline.timeline import bubble_fraction  # noqa: E402
+from nanomt.planner.schedule_costs import bubble_fraction as formula_bubble  # noqa: E402
 from nanomt.testing import run_distributed  # noqa: E402
 
 
@@ -81,13 +86,21 @@ def timed(method, events: list, kind: str, chunk: int):
     return wrapper
 
 
-def bench_torch(cfg, grid, v, batches, steps) -> tuple[float, float]:
-    """torch's Schedule1F1B (v = 1) or ScheduleInterleaved1F1B (v > 1) on the same chunks."""
-    from torch.distributed.pipelining import (
-        PipelineStage,
-        Schedule1F1B,
-        ScheduleInterleaved1F1B,
-    )
+def torch_schedule(schedule: str, stages: list, m: int, loss_fn):
+    """torch's counterpart of nanomt's `schedule` (module docstring) over this rank's stages."""
+    from torch.distributed import pipelining as pipe
+
+    if schedule == "zb_h1":
+        return pipe.ScheduleInterleavedZeroBubble(stages, m, loss_fn=loss_fn)
+    if len(stages) == 1:
+        return pipe.Schedule1F1B(stages[0], m, loss_fn=loss_fn)
+    return pipe.ScheduleInterleaved1F1B(stages, m, loss_fn=loss_fn)
+
+
+def bench_torch(cfg, grid, v, batches, steps, schedule: str = "1f1b") -> tuple[float, float]:
+    """torch's schedule for nanomt's `schedule` with v chunks per rank, on the same chunks;
+    a W pass (backward_weight_one_chunk, zero-bubble schedules) is timed as busy."""
+    from torch.distributed.pipelining import PipelineStage
 
     chunks = build_model_chunks(cfg, grid, v, seed=1)
     pp, rank = grid.pp_size, grid.pp_rank
@@ -98,13 +111,14 @@ def bench_torch(cfg, grid, v, batches, steps) -> tuple[float, float]:
                               group=grid.pp_group)
         stage.forward_one_chunk = timed(stage.forward_one_chunk, events, "F", local)
         stage.backward_one_chunk = timed(stage.backward_one_chunk, events, "B", local)
+        stage.backward_weight_one_chunk = timed(stage.backward_weight_one_chunk, events, "W",
+                                                local)
         stages.append(stage)
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits[..., : cfg.vocab_size].flatten(0, 1), targets.flatten())
 
-    schedule = (Schedule1F1B(stages[0], len(batches), loss_fn=loss_fn) if v == 1 else
-                ScheduleInterleaved1F1B(stages, len(batches), loss_fn=loss_fn))
+    schedule = torch_schedule(schedule, stages, len(batches), loss_fn)
     inputs = torch.cat([x for x, _ in batches])
     targets = torch.cat([y for _, y in batches])
     times = []
@@ -134,7 +148,8 @@ def bench(args: argparse.Namespace) -> dict:
     ours = bench_nanomt(cfg, grid, args.virtual_stages, batches, args.steps)
     if args.schedule == "zb_h1":
         zb = bench_nanomt(cfg, grid, 1, batches, args.steps, schedule="zb_h1")
-        return {"nanomt": ours, "zb_h1": zb}
+        theirs = bench_torch(cfg, grid, 1, batches, args.steps, schedule="zb_h1")
+        return {"nanomt": ours, "zb_h1": zb, "torch": theirs}
     theirs = bench_torch(cfg, grid, args.virtual_stages, batches, args.steps)
     return {"nanomt": ours, "torch": theirs}
 
@@ -156,12 +171,16 @@ def main() -> None:
     p, v, m = args.pp, args.virtual_stages, args.microbatches
     if args.schedule == "zb_h1":
         (ours, our_bubble), (zb, zb_bubble) = result["nanomt"], result["zb_h1"]
+        theirs, their_bubble = result["torch"]
         print(f"p={p} m={m}, {args.layers} layers h={args.hidden} s={args.seq_len} "
               f"b={args.micro_batch_size}, gloo CPU, mean of {args.steps} steps")
         print(f"  1F1B   step {ours * 1e3:8.1f} ms   bubble {our_bubble:.3f}   "
-              f"formula (p-1)/m = {(p - 1) / m:.3f}")
+              f"formula (p-1)/m = {formula_bubble('1f1b', p, m):.3f}")
         print(f"  ZB-H1  step {zb * 1e3:8.1f} ms   bubble {zb_bubble:.3f}   "
-              f"formula (p-1)/(3m) = {(p - 1) / (3 * m):.3f} (F = B = W)")
+              f"formula (p-1)/(3m) = {formula_bubble('zb_h1', p, m):.3f} (F = B = W)")
+        print(f"  torch ScheduleInterleavedZeroBubble step {theirs * 1e3:8.1f} ms   "
+              f"bubble {their_bubble:.3f}")
+        print(f"  step-time ratio nanomt ZB-H1 / torch = {zb / theirs:.2f}")
         return
     (ours, our_bubble), (theirs, their_bubble) = result["nanomt"], result["torch"]
     print(f"interleaved 1F1B, p={p} v={v} m={m}, {args.layers} layers h={args.hidden} "
@@ -169,7 +188,7 @@ def main() -> None:
     print(f"  nanomt                      step {ours * 1e3:8.1f} ms   bubble {our_bubble:.3f}")
     print(f"  torch.distributed.pipelining step {theirs * 1e3:8.1f} ms   bubble {their_bubble:.3f}")
     print(f"  step-time ratio nanomt / torch = {ours / theirs:.2f}; "
-          f"theoretical bubble (p-1)/(v*m) = {(p - 1) / (v * m):.3f}")
+          f"theoretical bubble (p-1)/(v*m) = {formula_bubble('1f1b', p, m, v):.3f}")
 
 
 if __name__ == "__main__":
