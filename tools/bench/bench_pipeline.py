@@ -7,6 +7,7 @@ spawned once, one after the other in the same processes. The pairs (TORCH_SCHEDU
     nanomt 1f1b (v > 1)          ScheduleInterleaved1F1B
     nanomt zb_h1 (v = 1)         ScheduleInterleavedZeroBubble with one stage per rank (its ZB1P
                                  order, ZB-H1 at v = 1), B and W as separate passes
+    nanomt zbv (v = 2)           ScheduleZBVZeroBubble: rank r holds chunks r and 2p-1-r (a V)
 
     python tools/bench/bench_pipeline.py                 # p=4, v=2, m=8
     python tools/bench/bench_pipeline.py --pp 2 --virtual-stages 2 --microbatches 8 --steps 5
@@ -16,8 +17,9 @@ With --schedule zb_h1, nanomt's 1F1B runs first, for its bubble next to ZB-H1's.
 
 Prints the mean step time of each (the slowest rank's), their ratio, and each one's measured
 bubble (idle / busy time per rank, from the start and end of every F, B and W pass) next to the
-planner's formula (nanomt.planner.schedule_costs). torch's loss function runs outside its timed passes,
-ours inside the last chunk's forward; on a small shared CPU, timings are noisy: run a few times.
+planner's formula (nanomt.planner.schedule_costs). torch's loss function runs outside its timed
+passes, ours inside the last chunk's forward; on a small shared CPU, timings are noisy: run a
+few times.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nanomt.model import ModelConfig  # noqa: E402
-from nanomt.parallel.grid import ParallelGrid  # noqa: E402
+from nanomt.model import GPT, ModelConfig  # noqa: E402
 from nanomt.model.chunks import build_model_chunks  # noqa: E402
+from nanomt.parallel.grid import ParallelGrid  # noqa: E402
+from nanomt.parallel.pipeline.partition import chunk_layer_ranges  # noqa: E402
 from nanomt.parallel.pipeline import Timeline  # noqa: E402
 from nanomt.parallel.pipeline import forward_backward_pipelining  # noqa: E402
 from nanomt.parallel.pipeline.timeline import bubble_fraction  # noqa: E402
@@ -86,10 +89,20 @@ def timed(method, events: list, kind: str, chunk: int):
     return wrapper
 
 
+def v_chunks(cfg: ModelConfig, grid: ParallelGrid) -> list:
+    """ZB-V's placement: of the model cut into 2p chunks, rank r holds chunk r and 2p-1-r."""
+    pp, rank = grid.pp_size, grid.pp_rank
+    ranges, last = chunk_layer_ranges(cfg.num_layers, pp, 2), 2 * pp - 1
+    return [GPT(cfg, grid, seed=1, layer_range=ranges[k], pre_process=k == 0,
+                post_process=k == last) for k in (rank, last - rank)]
+
+
 def torch_schedule(schedule: str, stages: list, m: int, loss_fn):
     """torch's counterpart of nanomt's `schedule` (module docstring) over this rank's stages."""
     from torch.distributed import pipelining as pipe
 
+    if schedule == "zbv":
+        return pipe.ScheduleZBVZeroBubble(stages, m, loss_fn=loss_fn)
     if schedule == "zb_h1":
         return pipe.ScheduleInterleavedZeroBubble(stages, m, loss_fn=loss_fn)
     if len(stages) == 1:
@@ -102,13 +115,16 @@ def bench_torch(cfg, grid, v, batches, steps, schedule: str = "1f1b") -> tuple[f
     a W pass (backward_weight_one_chunk, zero-bubble schedules) is timed as busy."""
     from torch.distributed.pipelining import PipelineStage
 
-    chunks = build_model_chunks(cfg, grid, v, seed=1)
     pp, rank = grid.pp_size, grid.pp_rank
+    if schedule == "zbv":  # the head's chunk, 2p-1, is on rank 0
+        chunks, ids, head_rank = v_chunks(cfg, grid), (rank, 2 * pp - 1 - rank), 0
+    else:  # chunk k on rank k mod p
+        chunks, ids = build_model_chunks(cfg, grid, v, seed=1), range(rank, pp * v, pp)
+        head_rank = pp - 1
     events: list = []
     stages = []
-    for local, chunk in enumerate(chunks):
-        stage = PipelineStage(chunk, local * pp + rank, pp * v, torch.device("cpu"),
-                              group=grid.pp_group)
+    for local, (chunk, stage_id) in enumerate(zip(chunks, ids)):
+        stage = PipelineStage(chunk, stage_id, pp * v, torch.device("cpu"), group=grid.pp_group)
         stage.forward_one_chunk = timed(stage.forward_one_chunk, events, "F", local)
         stage.backward_one_chunk = timed(stage.backward_one_chunk, events, "B", local)
         stage.backward_weight_one_chunk = timed(stage.backward_weight_one_chunk, events, "W",
@@ -118,7 +134,7 @@ def bench_torch(cfg, grid, v, batches, steps, schedule: str = "1f1b") -> tuple[f
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits[..., : cfg.vocab_size].flatten(0, 1), targets.flatten())
 
-    schedule = torch_schedule(schedule, stages, len(batches), loss_fn)
+    runner = torch_schedule(schedule, stages, len(batches), loss_fn)
     inputs = torch.cat([x for x, _ in batches])
     targets = torch.cat([y for _, y in batches])
     times = []
@@ -129,11 +145,12 @@ def bench_torch(cfg, grid, v, batches, steps, schedule: str = "1f1b") -> tuple[f
         dist.barrier()
         t0 = time.perf_counter()
         if rank == 0:
-            schedule.step(inputs, target=targets if rank == pp - 1 else None)
-        elif rank == pp - 1:
-            schedule.step(target=targets, losses=[])
+            runner.step(inputs, target=targets if rank == head_rank else None,
+                        losses=[] if rank == head_rank else None)
+        elif rank == head_rank:
+            runner.step(target=targets, losses=[])
         else:
-            schedule.step()
+            runner.step()
         if step:
             times.append(time.perf_counter() - t0)
     return slowest_mean(times), gathered_bubble(events)
