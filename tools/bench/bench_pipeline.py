@@ -28,6 +28,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,7 @@ from nanomt.model.chunks import build_model_chunks  # noqa: E402
 from nanomt.parallel.grid import ParallelGrid  # noqa: E402
 from nanomt.parallel.pipeline.partition import chunk_layer_ranges  # noqa: E402
 from nanomt.parallel.pipeline import Timeline  # noqa: E402
-from nanomt.parallel.pipeline import forward_backward_pipelining  # noqa: E402
+from nanomt.parallel.forward_backward import get_forward_backward_func  # noqa: E402
 from nanomt.parallel.pipeline.timeline import bubble_fraction  # noqa: E402
 from nanomt.planner.schedule_costs import bubble_fraction as formula_bubble  # noqa: E402
 from nanomt.testing import run_distributed  # noqa: E402
@@ -65,7 +66,10 @@ def slowest_mean(times: list[float]) -> float:
 
 
 def bench_nanomt(cfg, grid, v, batches, steps, schedule: str = "1f1b") -> tuple[float, float]:
+    """nanomt's `schedule` as training runs it (get_forward_backward_func)."""
     chunks = build_model_chunks(cfg, grid, v, seed=1)
+    run_schedule = get_forward_backward_func(SimpleNamespace(pp=grid.pp_size, virtual_stages=v),
+                                             schedule)
     timeline, times = Timeline(), []
     for step in range(steps + 1):  # step 0 warms up
         for chunk in chunks:
@@ -73,7 +77,7 @@ def bench_nanomt(cfg, grid, v, batches, steps, schedule: str = "1f1b") -> tuple[
         timeline.begin_step(step)
         dist.barrier()
         t0 = time.perf_counter()
-        forward_backward_pipelining(chunks, batches, grid, schedule=schedule, timeline=timeline)
+        run_schedule(chunks, batches, grid, timeline=timeline)
         if step:
             times.append(time.perf_counter() - t0)
     return slowest_mean(times), gathered_bubble(timeline.events)
