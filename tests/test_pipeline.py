@@ -16,6 +16,7 @@ import json
 import math
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -351,9 +352,9 @@ def run_case(grid, tp: int, pp: int, v: int, m: int, refs, schedule="1f1b", sp=F
     from nanomt.model.chunks import build_model_chunks
     from nanomt.parallel import comm
     from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
-    from nanomt.parallel.pipeline import forward_backward_pipelining
+    from nanomt.parallel.forward_backward import get_forward_backward_func
 
-    chunks = build_model_chunks(cfg, grid, v, seed=SEED, sequence_parallel=sp)
+    chunks = build_model_chunks(cfg, grid, v, seed=SEED, sequence_parallel=sp, schedule=schedule)
     # Gradients go where training puts them: the data-parallel buffer (every dp rank runs the
     # same micro-batches here, so the dp average changes nothing), completed by finalize_grads
     # (sequence-parallel sums over tp, the tied embedding over the first and last stage).
@@ -361,8 +362,8 @@ def run_case(grid, tp: int, pp: int, v: int, m: int, refs, schedule="1f1b", sp=F
     meter = SavedActivationMeter([p for chunk in chunks for p in chunk.parameters()])
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda tensor: tensor), \
             recording_pipeline() as recording:
-        loss_sum = forward_backward_pipelining(chunks, make_micro_batches(m), grid,
-                                               schedule=schedule)
+        forward_backward = get_forward_backward_func(SimpleNamespace(pp=pp), schedule)
+        loss_sum = forward_backward(chunks, make_micro_batches(m), grid)
     stats = recording.last
     finalize_grads(buffer)
     loss = (loss_sum / m).reshape(1)

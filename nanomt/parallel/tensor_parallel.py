@@ -40,7 +40,6 @@ from nanomt.parallel.mappings import (
     reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-from nanomt.parallel.weight_grad_store import STORE, deferring_linear
 
 
 def my_slice(size: int, group: Group) -> range:
@@ -88,15 +87,8 @@ def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """x W^T + b for a weight split by output rows: f then a matmul, or under sequence
     parallelism (x a sequence shard) the gather-and-matmul that saves only the shard."""
     if sequence_parallel and comm.group_size(tp_group) > 1:
-        if STORE.active:  # zero-bubble schedule: dW waits for the W pass
-            return deferring_linear(x, weight, bias, tp_group)
         return _LinearWithSequenceGather.apply(x, weight, bias, tp_group)
-    return linear(copy_to_tensor_parallel_region(x, tp_group), weight, bias)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b; under the zero-bubble schedule with dW left to the W pass."""
-    return deferring_linear(x, weight, bias) if STORE.active else F.linear(x, weight, bias)
+    return F.linear(copy_to_tensor_parallel_region(x, tp_group), weight, bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -107,6 +99,7 @@ class ColumnParallelLinear(nn.Module):
     every part, and its output [..., stacked * out/t] holds its columns of each part in turn
     (`y.chunk(stacked, -1)`). One input, one f: one collective for all parts.
     """
+    parallel_linear = staticmethod(column_parallel_linear)  # a layer may replace it per module
 
     def __init__(self, in_features: int, out_features: int, tp_group: Group, init: NormalInit,
                  bias: bool = True, sequence_parallel: bool = False, stacked: int = 1):
@@ -127,11 +120,12 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.reshape(-1, self.in_features)  # a view: stacked parts as rows
         bias = self.bias.reshape(-1) if self.bias is not None else None
-        return column_parallel_linear(x, weight, bias, self.tp_group, self.sequence_parallel)
+        return self.parallel_linear(x, weight, bias, self.tp_group, self.sequence_parallel)
 
 
 class RowParallelLinear(nn.Module):
     """Y = X A^T + b with A split by input features; X arrives split along its last dim."""
+    matmul = staticmethod(F.linear)  # a layer may replace it per module
 
     def __init__(self, in_features: int, out_features: int, tp_group: Group, init: NormalInit,
                  bias: bool = True, sequence_parallel: bool = False):
@@ -148,8 +142,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if comm.group_size(self.tp_group) == 1:  # nothing to sum: one fused multiply-add
-            return linear(x, self.weight, self.bias)
-        partial = linear(x, self.weight, None)
+            return self.matmul(x, self.weight, self.bias)
+        partial = self.matmul(x, self.weight)
         if self.sequence_parallel:  # f-bar: sum the partials and keep my sequence shard
             y = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)
         else:  # g

@@ -5,13 +5,15 @@ For Y = X W^T (+ b), backward computes two things from the output gradient dY:
     B   dX = dY W        what the previous layer (and pipeline stage) waits for
     W   dW = dY^T X      what only the optimizer needs
 
-Under the zero-bubble schedule (parallel.schedule=zb_h1) the tensor-parallel linears compute
-dX (and the small bias gradient) in the backward pass and leave (X, dY) here; the schedule's W
-pass of the same micro-batch computes dW and hands it to autograd on the weight, as if the
-backward had: `param.grad` accumulates and the post-accumulate-grad hooks (the gradient
-buffer's bucket counting, grad_buffer.py) fire then, so a bucket is reduced once its
-weights' W has run. Norm weights and the embedding keep theirs in B (small). Outside
-`deferring_weight_grads()` nothing is stored and the linears run unchanged.
+Under the zero-bubble schedules (parallel.schedule=zb_h1 or zbv) `deferring_weight_grads`
+installs the deferring linear on the model's tensor-parallel linears for one step (their
+`parallel_linear` / `matmul` attribute, tensor_parallel.py): they compute dX (and the small
+bias gradient) in the backward pass and leave (X, dY) here; the schedule's W pass of the same
+micro-batch computes dW and hands it to autograd on the weight, as if the backward had:
+`param.grad` accumulates and the post-accumulate-grad hooks (the gradient buffer's bucket
+counting, grad_buffer.py) fire then, so a bucket is reduced once its weights' W has run. Norm
+weights, the embedding and the output head keep theirs in B (small, or outside the layers).
+Outside the block the linears are the core's, unchanged.
 """
 
 from __future__ import annotations
@@ -21,17 +23,18 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from nanomt.parallel import comm
 from nanomt.parallel.comm import Group
-from nanomt.parallel.mappings import SEQ_DIM
+from nanomt.parallel.mappings import SEQ_DIM, copy_to_tensor_parallel_region
+from nanomt.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
 class WeightGradStore:
     """The W work of each backward pass, kept by key (micro-batch, chunk) until its W pass."""
 
     def __init__(self):
-        self.active = False
         self.current: tuple[int, int] | None = None  # the backward pass running
         self.work: dict[tuple[int, int], list[Callable[[], None]]] = {}
 
@@ -56,24 +59,26 @@ class WeightGradStore:
 STORE = WeightGradStore()
 
 
-def recomputing(unit_in_backward: bool) -> bool:
-    """Whether a module's forward is an activation-checkpointing recompute: inside a B pass
-    under the zero-bubble schedule (where a unit waiting for its W may run a genuine forward
-    of the next micro-batch), else while its unit is in backward (ZeRO-3, stage3.py)."""
-    return STORE.current is not None if STORE.active else unit_in_backward
-
-
 @contextlib.contextmanager
-def deferring_weight_grads() -> Iterator[WeightGradStore]:
-    """Within: the tensor-parallel linears built by `linear` defer their weight gradients."""
-    STORE.active, STORE.work = True, {}
+def deferring_weight_grads(model_chunks: list[nn.Module]) -> Iterator[WeightGradStore]:
+    """Within: the chunks' tensor-parallel linears leave their weight gradients in STORE; by
+    the end every W must have run."""
+    hooks = {ColumnParallelLinear: ("parallel_linear", deferring_column_linear),
+             RowParallelLinear: ("matmul", deferring_linear)}
+    linears = [module for chunk in model_chunks for module in chunk.modules()
+               if type(module) in hooks]
+    for module in linears:  # an instance attribute shadows the class's core function
+        setattr(module, *hooks[type(module)])
+    STORE.work = {}
     try:
         yield STORE
         left = list(STORE.work)
         if left:
             raise RuntimeError(f"weight gradients of (micro-batch, chunk) {left} had no W pass")
     finally:
-        STORE.active, STORE.work = False, {}
+        STORE.work = {}
+        for module in linears:
+            delattr(module, hooks[type(module)][0])
 
 
 def accumulate_weight_grad(weight: torch.Tensor, grad_weight: torch.Tensor) -> None:
@@ -116,9 +121,18 @@ class _LinearDeferringWeightGrad(torch.autograd.Function):
         return grad_x, None, grad_b, None, None
 
 
-def deferring_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def deferring_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                      sp_group: Group | None = None) -> torch.Tensor:
     """x W^T + b (x all-gathered over `sp_group` first, if given) with dW left to the W pass."""
     # The function sees the weight detached: backward has no gradient edge to it at all (a
     # None there would still reach the parameter's hooks); W hands dW to the attached one.
     return _LinearDeferringWeightGrad.apply(x, weight.detach(), bias, sp_group, (weight,))
+
+
+def deferring_column_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            tp_group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """tensor_parallel.column_parallel_linear with dW left to the W pass: f then the matmul,
+    or under sequence parallelism the gather-and-matmul."""
+    if sequence_parallel:
+        return deferring_linear(x, weight, bias, tp_group)
+    return deferring_linear(copy_to_tensor_parallel_region(x, tp_group), weight, bias)

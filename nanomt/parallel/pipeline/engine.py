@@ -12,8 +12,6 @@ messages it exchanges between them; this module runs both:
              chunk); the last chunk computes the loss, scaled by 1/m as in gradient accumulation.
   backward   B(i, chunk): backward from the output with the gradient received from the next
              chunk (or from the loss on the last chunk); the input's gradient is sent back.
-  weights    W(i, chunk), zero-bubble schedules only: the weight gradients B(i, chunk) left in
-             nanomt/parallel/weight_grad_store.py, accumulated into .grad.
 
 Gradients accumulate in .grad over all micro-batches, and the tied word embedding's two copies
 (first and last stage) sum theirs at the end: the single-process gradient of the mean loss.
@@ -21,7 +19,6 @@ Gradients accumulate in .grad over all micro-batches, and the tied word embeddin
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,9 +34,6 @@ from nanomt.parallel.pipeline.posting import Exchange, Transfer, checked_plans
 from nanomt.parallel.pipeline.scatter_gather import ScatterGatherP2P
 from nanomt.parallel.pipeline.schedules import PipelineOp
 from nanomt.parallel.pipeline.timeline import Timeline, maybe_span
-from nanomt.parallel.weight_grad_store import STORE, deferring_weight_grads
-
-ZERO_BUBBLE_SCHEDULES = ("zb_h1",)  # their backward is B + W (weight_grad_store.py)
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
 
@@ -68,13 +62,10 @@ class PipelineStep:
     def __init__(self, model_chunks: Sequence[nn.Module], micro_batches: Sequence[MicroBatch],
                  comm: PipelineP2P, plan: Sequence[Exchange], forward_only: bool,
                  timeline: Timeline | None, loss_scale: float | torch.Tensor = 1.0):
-        self.chunks, self.micro_batches = model_chunks, micro_batches
-        self.comm, self.plan = comm, plan
-        self.forward_only, self.timeline = forward_only, timeline
-        grid = comm.grid
-        self.pp, self.pp_rank = grid.pp_size, grid.pp_rank
-        self.m = len(micro_batches)
-        self.loss_scale = loss_scale  # fp16: backward starts from S * loss / m
+        self.chunks, self.micro_batches, self.plan = model_chunks, micro_batches, plan
+        self.comm, self.forward_only, self.timeline = comm, forward_only, timeline
+        self.pp, self.pp_rank = comm.grid.pp_size, comm.grid.pp_rank
+        self.m, self.loss_scale = len(micro_batches), loss_scale  # fp16: backward from S*loss/m
         self.last_chunk = self.pp * len(model_chunks) - 1
         self.in_flight: dict[tuple[int, int], InFlight] = {}
         self.received: dict[PipelineOp, torch.Tensor] = {}  # arrived messages, by the pass
@@ -90,7 +81,7 @@ class PipelineStep:
                 self.exchange(exchange.transfers)
             for op in exchange.passes:
                 with maybe_span(self.timeline, op.kind, op.microbatch, op.chunk):
-                    {"F": self.forward, "B": self.backward, "W": self.weights}[op.kind](op)
+                    self.forward(op) if op.kind == "F" else self.backward(op)
         return self.loss_sum
 
     def exchange(self, transfers: tuple[Transfer, ...]) -> None:
@@ -130,13 +121,9 @@ class PipelineStep:
         k = self.global_chunk(op)
         flight = self.in_flight.pop((op.microbatch, op.chunk))
         grad = None if k == self.last_chunk else self.comm.arrived(self.received.pop(op))
-        with STORE.backward_of((op.microbatch, op.chunk)):  # where deferred dW goes (zb_h1)
-            torch.autograd.backward(flight.output, grad)
+        torch.autograd.backward(flight.output, grad)
         if k > 0:
             self.outgoing[op] = flight.input.grad
-
-    def weights(self, op: PipelineOp) -> None:
-        STORE.run((op.microbatch, op.chunk))
 
 
 def activation_shape(model_chunk: nn.Module, micro_batch: MicroBatch) -> tuple[int, int, int]:
@@ -152,7 +139,7 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
                                 micro_batches: Sequence[MicroBatch], grid: ParallelGrid, *,
                                 schedule: str = "1f1b", forward_only: bool = False,
                                 timeline: Timeline | None = None,
-                                dtype: torch.dtype | None = None,
+                                dtype: torch.dtype | None = None, step_type: type | None = None,
                                 loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Run this rank's part of the pipeline schedule. Returns the sum of micro-batch losses as
     a tensor on the micro-batches' device (last stage; zero elsewhere). Gradients accumulate in
@@ -168,10 +155,8 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
     # Without SP the tp ranks hold the same activation: each sends 1/t (scatter_gather.py).
     scatter_gather = grid.tp_size > 1 and not model_chunks[0].sequence_parallel
     comm = (ScatterGatherP2P if scatter_gather else PipelineP2P)(grid, shape, dtype, device)
-    deferring = schedule in ZERO_BUBBLE_SCHEDULES and not forward_only
-    with deferring_weight_grads() if deferring else contextlib.nullcontext():
-        loss_sum = PipelineStep(model_chunks, micro_batches, comm, plan, forward_only,
-                                timeline, loss_scale).run()
+    loss_sum = (step_type or PipelineStep)(model_chunks, micro_batches, comm, plan, forward_only,
+                                           timeline, loss_scale).run()  # or a layer's subclass
     if not forward_only:
         allreduce_embedding_grads(model_chunks, grid)
     return loss_sum

@@ -15,9 +15,6 @@ how many forwards the warm-up holds:
                               warm-up holds 2(p-r-1) + (v-1)p forwards: bubble (p-1)/(v*m)
                               (section 2.2.2). Config validation guarantees m % p == 0.
 
-ZB-H1 (parallel.schedule=zb_h1) splits each backward into B and W; it lives beside this module,
-in zero_bubble.py, whose `pipeline_slots` gives any schedule's slots.
-
 A rank exchanges messages with its neighbours between *slots* of passes (posting.py): every pass
 is a slot, except that interleaved 1F1B's steady state exchanges once per forward-backward pair,
 as Megatron does; its longer warm-up is what lets each pair's inputs arrive before the pair.
@@ -30,8 +27,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PipelineOp:
-    """One pass on one rank: kind "F", "B" (a whole backward, or under ZB-H1 only the input's
-    gradient) or "W" (ZB-H1's weight gradients), of `microbatch`, through local model `chunk`."""
+    """One pass on one rank: kind "F" or "B", of `microbatch`, through local model `chunk`."""
 
     kind: str
     microbatch: int
@@ -81,4 +77,3 @@ def schedule_order(schedule: str, pp: int, rank: int, m: int, v: int = 1,
     """The order of passes of pipeline rank `rank`."""
     return [op for slot in schedule_slots(schedule, pp, rank, m, v, forward_only)
             for op in slot]
-

@@ -16,6 +16,8 @@ cool-down it has a slot of its own, run while the next gradient is on its way.
 
 from __future__ import annotations
 
+import functools
+
 from nanomt.parallel.pipeline.schedules import PipelineOp, passes, schedule_slots
 
 
@@ -25,6 +27,8 @@ def pipeline_slots(schedule: str, pp: int, rank: int, m: int, v: int = 1,
     (evaluation under ZB-H1 runs the forwards alone, as every schedule's does)."""
     if schedule == "zb_h1" and not forward_only:
         return zb_h1_slots(pp, rank, m)
+    if schedule == "zbv":
+        return list(zbv_steps(pp, m, forward_only)[rank])
     return schedule_slots(schedule, pp, rank, m, v, forward_only)
 
 
@@ -53,3 +57,57 @@ def zb_h1_slots(pp: int, rank: int, m: int) -> list[tuple[PipelineOp, ...]]:
         else:
             slots.append((op,))
     return slots
+
+
+V_SHAPED = ("zbv",)  # schedules whose two chunks per rank sit in a V (partition.py)
+
+
+@functools.lru_cache(maxsize=32)
+def zbv_steps(pp: int, m: int, forward_only: bool = False
+              ) -> tuple[tuple[tuple[PipelineOp, ...], ...], ...]:
+    """ZB-V on every rank, time step by time step (one pass, or () idle), played out with F, B
+    and W one step each and messages arriving by the next step. At each step every rank runs
+    the first of these that can run:
+
+      1. a B whose output gradient is there, chunk 0's first (the previous stage waits);
+      2. an F whose input is there, chunk 1's first (nearer the loss: its B comes sooner),
+         unless the rank holds 2p passes whose W has not run (the activations of 1F1B's first
+         stage: p micro-batches of two chunks each);
+      3. the oldest W waiting.
+
+    Global chunk k (0 .. 2p-1) is on rank k for k < p, else on rank 2p-1-k."""
+    last = 2 * pp - 1
+    finished: dict[tuple[str, int, int], int] = {}  # (kind, micro-batch, chunk): its step
+    steps: list[list[tuple[PipelineOp, ...]]] = [[] for _ in range(pp)]
+    next_op = [{(kind, c): 0 for kind in "FB" for c in (0, 1)} for _ in range(pp)]
+    waiting_w: list[list[PipelineOp]] = [[] for _ in range(pp)]
+    held, left = [0] * pp, [2 * m * (1 if forward_only else 3)] * pp
+
+    def can_run(rank: int, kind: str, c: int, step: int) -> bool:
+        i, k = next_op[rank][(kind, c)], rank if c == 0 else last - rank
+        before = [("F", i, k - 1)] if kind == "F" else [("F", i, k), ("B", i, k + 1)]
+        return i < m and all(finished.get(p, step) < step for p in before
+                             if 0 <= p[2] <= last)
+
+    while any(left):
+        step = len(steps[0])
+        for rank in range(pp):
+            candidates = [] if forward_only else [("B", 0), ("B", 1)]
+            candidates += [("F", 1), ("F", 0)] if held[rank] < 2 * pp else []
+            kind, c = next(((kind, c) for kind, c in candidates
+                            if can_run(rank, kind, c, step)), ("W", -1))
+            if kind != "W":
+                op = PipelineOp(kind, next_op[rank][(kind, c)], c)
+                next_op[rank][(kind, c)] += 1
+                finished[(kind, op.microbatch, rank if c == 0 else last - rank)] = step
+                held[rank] += 1 if kind == "F" and not forward_only else 0
+                waiting_w[rank] += [PipelineOp("W", op.microbatch, c)] if kind == "B" else []
+            elif waiting_w[rank]:
+                op = waiting_w[rank].pop(0)
+                held[rank] -= 1
+            else:
+                steps[rank].append(())
+                continue
+            steps[rank].append((op,))
+            left[rank] -= 1
+    return tuple(tuple(rank_steps) for rank_steps in steps)
