@@ -3,12 +3,15 @@ and the zero-bubble schedules in the plan, the table and the search:
 
   - bubble: GPipe and 1F1B (p-1)/m, interleaved (p-1)/(v m), ZB-H1 (p-1)(T_F + T_B - T_W) /
     (m (T_F + T_B + T_W)), a third of 1F1B's at T_F = T_B = T_W and half of it under full
-    recompute (T_B doubled), ZB-V 0 at equal times;
+    recompute (T_B doubled), nanomt's ZB-V half ZB-H1's, (p-1)/(6m) at equal times;
   - activations: walking each rank's real order (a zero-bubble micro-batch held until its W)
     reaches the closed-form peak on the first rank, and ZB-H1 holds 1F1B's p micro-batches;
     the bytes a pending W keeps are its linears' X and dY, formula worked by hand;
+  - ZB-V's V placement: rank 0 holds the embedding and the head (parameters equal the
+    meta-device shard built by training's code), the head's bytes counted there;
   - MT-NLG 530B (tp 8, pp 35, dp 8): the table says what ZB-H1 saves per step, the bubble
-    term's difference; the search considers ZB-H1 and ranks the paper's layout under it first.
+    term's difference; the search considers ZB-H1 and ranks the paper's layout under it first;
+    ZB-V is searched and printed for an untied model (the config refuses it tied).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from nanomt.planner.estimate import (backward_working_bytes, chunk_activation_by
                                      in_flight_counts, logits_bytes, pending_weight_grad_bytes)
 from nanomt.planner.schedule_costs import (PassTimes, bubble_fraction, pass_times,
                                            peak_passes_in_flight, peak_stage_microbatches)
+from nanomt.planner.meta_shard import meta_shard_params
+from nanomt.planner.params import params_on_pipeline_rank
 from nanomt.planner.search import search
 from nanomt.planner.step_time import Machine, step_time
 from planner_tool import plan_tool
@@ -49,11 +54,11 @@ def test_bubbles_equal_their_closed_forms(p, m):
     assert bubble_fraction("zb_h1", p, m) == pytest.approx(bubble_fraction("1f1b", p, m) / 3)
     assert bubble_fraction("zb_h1", p, m, 1, pass_times("full")) == pytest.approx(
         (p - 1) / (2 * m))
-    assert bubble_fraction("zbv", p, m, 2) == 0.0
-    # away from equal times: ZB-H1 (p-1)(F + B - W) / (m (F + B + W)), ZB-V half ZB-H2's
+    assert bubble_fraction("zbv", p, m, 2) == pytest.approx((p - 1) / (6 * m))
+    # away from equal times: ZB-H1 (p-1)(F + B - W) / (m (F + B + W)), ZB-V half of it
     slow_w = PassTimes(forward=1.0, input_grad=1.0, weight_grad=0.5)
     assert bubble_fraction("zb_h1", p, m, 1, slow_w) == pytest.approx((p - 1) * 1.5 / (2.5 * m))
-    assert bubble_fraction("zbv", p, m, 2, slow_w) == pytest.approx((p - 1) * 1.0 / (5 * m))
+    assert bubble_fraction("zbv", p, m, 2, slow_w) == pytest.approx((p - 1) * 1.5 / (5 * m))
     assert bubble_fraction("1f1b", 1, m) == bubble_fraction("zb_h1", 1, m) == 0.0
 
 
@@ -61,14 +66,16 @@ def test_bubbles_equal_their_closed_forms(p, m):
 def test_the_walk_reaches_the_closed_form_peak(p, m):
     """The first rank's most passes in flight (F run, B or under ZB-H1 W not yet) equal
     peak_passes_in_flight, and ZB-H1's most on any rank equal 1F1B's first rank: p."""
-    cases = [("gpipe", 1), ("1f1b", 1), ("zb_h1", 1)] + ([("1f1b", 2)] if m % p == 0 else [])
+    cases = [("gpipe", 1), ("1f1b", 1), ("zb_h1", 1), ("zbv", 2)] + (
+        [("1f1b", 2)] if m % p == 0 else [])
     for schedule, v in cases:
         walked = max(n + w for n, _, w, _ in in_flight_counts(schedule, p, 0, m, v))
         assert walked == peak_passes_in_flight(schedule, p, m, v), (schedule, v)
     assert peak_stage_microbatches("1f1b", p, m, 2) == min(p + (p - 1) / 2, m)
     zb_h1 = max(n + w for r in range(p) for n, _, w, _ in in_flight_counts("zb_h1", p, r, m, 1))
-    assert zb_h1 == peak_stage_microbatches("1f1b", p, m) == peak_stage_microbatches("zbv", p, m, 2)
-    assert zb_h1 == min(p, m)
+    zbv = max(n + w for r in range(p) for n, _, w, _ in in_flight_counts("zbv", p, r, m, 2))
+    assert zb_h1 == zbv / 2 == peak_stage_microbatches("1f1b", p, m) == min(p, m)
+    assert peak_stage_microbatches("zbv", p, m, 2) == min(p, m)
 
 
 def test_pending_weight_gradient_bytes_by_hand():
@@ -143,3 +150,41 @@ def test_the_search_considers_zb_h1_and_prefers_it_to_1f1b():
     assert any(c.plan.inputs.schedule == "zb_h1" for c in result.ranked)
     paper_zb = replace(PAPER, schedule="zb_h1")
     assert result.rank_of(paper_zb) < result.rank_of(PAPER)
+
+
+UNTIED = ModelConfig(num_layers=8, hidden_size=64, num_heads=4, seq_len=64, vocab_size=256,
+                     tie_embeddings=False)
+
+
+def test_zbv_places_the_embedding_and_the_head_on_rank_0():
+    """Rank 0 holds chunks 0 and 2p-1: the plan's largest rank, its count the meta shard's, and
+    the head's logits and X, dY counted in its activations."""
+    x = PlanInputs(tp=2, pp=2, dp=1, virtual_stages=2, schedule="zbv", micro_batch=2,
+                   global_batch=8, precision="fp32")
+    plan = make_plan(UNTIED, x)
+    assert plan.largest_pp_rank == 0
+    for rank in (0, 1):
+        assert params_on_pipeline_rank(UNTIED, 2, 2, 2, rank, v_shape=True) == \
+            meta_shard_params(UNTIED, 2, 2, 2, rank, schedule="zbv")
+    assert plan.activation_pp_rank == 0 and plan.microbatches_in_flight == 4
+    assert plan.bubble_fraction == pytest.approx(1 / 24)
+    last_chunk_counts = [k + wk for _, k, _, wk in in_flight_counts("zbv", 2, 0, 4, 2)]
+    assert max(last_chunk_counts) >= 1
+    assert all(k == wk == 0 for _, k, _, wk in in_flight_counts("zbv", 2, 1, 4, 2))
+
+
+def test_zbv_in_the_search_and_the_table(capsys):
+    base = PlanInputs(tp=1, pp=1, dp=8, micro_batch=1, global_batch=32, precision="bf16")
+    result = search(UNTIED, base, 8, Machine())
+    assert any(c.plan.inputs.schedule == "zbv" and c.plan.inputs.virtual_stages == 2
+               for c in result.ranked)
+    assert not any(c.plan.inputs.schedule == "zbv"
+                   for c in search(replace(UNTIED, tie_embeddings=True), base, 8,
+                                   Machine()).ranked)
+    args = ["model=tiny", "model.tie_embeddings=false", "parallel.pp=2", "parallel.dp=1",
+            "train.global_batch_size=8", "train.micro_batch_size=1"]
+    plan_tool().main(args)
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("with parallel.schedule=")]
+    assert [row.split()[1] for row in rows] == ["parallel.schedule=zb_h1", "parallel.schedule=zbv"]
+    assert f"bubble {1 / 48:.4f}" in rows[1]  # (p-1)/(6m), m = 8

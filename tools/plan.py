@@ -44,7 +44,7 @@ from nanomt.planner.search import search  # noqa: E402
 from nanomt.planner.search_report import launch_command, search_json, search_table  # noqa: E402
 from nanomt.planner.step_time import step_time  # noqa: E402
 
-ZERO_BUBBLE = (("zb_h1", 1),)  # (parallel.schedule, its chunks per rank)
+ZERO_BUBBLE = (("zb_h1", 1), ("zbv", 2))  # (parallel.schedule, its chunks per rank)
 
 
 def run_calibrate(cfg) -> int:
@@ -83,13 +83,16 @@ def run_search(cfg, overrides: list[str], as_json: bool) -> int:
 
 
 def zero_bubble_alternatives(model, inputs, cluster) -> dict:
-    """The same layout under the zero-bubble schedules it is not already run with (pp > 1):
-    {schedule: (plan, modelled step time)}, for the table's saving rows."""
+    """The same layout under the zero-bubble schedules it is not already run with and the
+    config accepts (pp > 1; ZB-V: 2p | layers, untied embeddings): {schedule: (plan,
+    modelled step time)}, for the table's saving rows."""
     if inputs.pp == 1:
         return {}
     out = {}
     for schedule, v in ZERO_BUBBLE:
-        if schedule != inputs.schedule and model.num_layers % (inputs.pp * v) == 0:
+        accepted = model.num_layers % (inputs.pp * v) == 0 and not (
+            schedule == "zbv" and model.tie_embeddings)  # nanomt.config's rules
+        if schedule != inputs.schedule and accepted:
             x = replace(inputs, schedule=schedule, virtual_stages=v)
             plan = make_plan(model, x)
             out[schedule] = (plan, step_time(model, x, plan.params_per_rank,
@@ -121,7 +124,8 @@ def main(argv: list[str]) -> int:
     if cfg.plan.meta_check:
         meta = meta_shard_params(model, inputs.tp, inputs.pp, inputs.virtual_stages,
                                  plan.largest_pp_rank,
-                                 sequence_parallel=inputs.sequence_parallel)
+                                 sequence_parallel=inputs.sequence_parallel,
+                                 schedule=inputs.schedule)
     iteration_time = cfg.plan.iteration_time_s
     print(plan_table(plan, meta, iteration_time, modelled,
                      zero_bubble_alternatives(model, inputs, cluster)))

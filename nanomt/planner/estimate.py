@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration
 from nanomt.memory import activation_bytes_per_layer, zero_formula_bytes
 from nanomt.model.config import ModelConfig
-from nanomt.parallel.pipeline.zero_bubble import pipeline_slots
+from nanomt.parallel.pipeline.partition import global_chunk_index, rank_of_chunk
+from nanomt.parallel.pipeline.zero_bubble import V_SHAPED, pipeline_slots
 from nanomt.planner.params import layer_params, params_on_pipeline_rank
 from nanomt.planner.schedule_costs import SPLIT_BACKWARD, bubble_fraction, pass_times
 
@@ -181,7 +182,9 @@ def in_flight_counts(schedule: str, pp: int, rank: int, m: int,
     those no other reached exceeds in all four: a chunk's bytes per micro-batch are the same
     except the last's, so the peak is at one of these. Without W passes (1F1B, GPipe) the
     last two stay 0. Cached: the search asks for the same schedules many times."""
-    last_chunk = v - 1 if rank == pp - 1 else None
+    v_shape = schedule in V_SHAPED
+    last_chunk = next((j for j in range(v)
+                       if global_chunk_index(j, rank, pp, v_shape) == pp * v - 1), None)
     seen, state = set(), [0, 0, 0, 0]
     for op in (op for slot in pipeline_slots(schedule, pp, rank, m, v) for op in slot):
         last = op.chunk == last_chunk
@@ -206,13 +209,14 @@ def peak_activations(cfg: ModelConfig, x: PlanInputs) -> tuple[float, int, int]:
     extra = chunk_activation_bytes(cfg, x, p * v - 1, p * v) - chunk
     pending = pending_weight_grad_bytes(cfg, x, 0, p * v) if p * v > 1 else 0.0
     pending_extra = pending_weight_grad_bytes(cfg, x, p * v - 1, p * v) - pending
-    ranks = range(p) if x.schedule in SPLIT_BACKWARD else sorted({0, p - 1})
+    head_rank = rank_of_chunk(p * v - 1, p, x.schedule in V_SHAPED)
+    ranks = range(p) if x.schedule in SPLIT_BACKWARD else sorted({0, head_rank})
     best = (0.0, 0, 0)
     for rank in ranks:  # 1F1B: the first holds the most passes, the last the head
         counts = in_flight_counts(x.schedule, p, rank, m, v)
         peak = max(n * chunk + k * extra + w * pending + wk * pending_extra
                    for n, k, w, wk in counts)
-        peak += logits_bytes(cfg, x) if rank == p - 1 else 0.0
+        peak += logits_bytes(cfg, x) if rank == head_rank else 0.0
         if peak > best[0]:
             best = (peak, rank, max(n + w for n, _, w, _ in counts))
     return best[0] + backward_working_bytes(cfg, x), best[1], best[2]
@@ -222,7 +226,8 @@ def make_plan(cfg: ModelConfig, x: PlanInputs) -> Plan:
     """The plan of layout `x` for model `cfg` (module docstring)."""
     # the first rank adds the embedding, the last the head; those between hold layers only
     edges = sorted({0, x.pp - 1})
-    per_rank = [params_on_pipeline_rank(cfg, x.tp, x.pp, x.virtual_stages, r) for r in edges]
+    per_rank = [params_on_pipeline_rank(cfg, x.tp, x.pp, x.virtual_stages, r,
+                                        v_shape=x.schedule in V_SHAPED) for r in edges]
     psi = max(per_rank)
     param_bytes = 4 if x.precision == "fp32" else 2
     grad_bytes = 4 if x.precision == "fp32" or x.fp32_grads else 2

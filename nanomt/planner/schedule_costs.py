@@ -13,15 +13,17 @@ m (T_F + T_B + T_W) per step and idles, at the start and at the end of the step:
     ZB-H1                  (p-1)(T_F + T_B - T_W)       the last backwards travel up as B alone
                                                         (T_W less each stage), and the W held
                                                         back fill (p-1) T_W of the wait
-    ZB-V (v = 2, a V)      (p-1)(T_F + T_B - 2 T_W) / 2, at least 0   ZB-H2's fill of the
-                                                        bubble by W (both ends), in chunks half
-                                                        as long; 0 at the paper's T_F = T_B = T_W
+    ZB-V (v = 2, a V)      (p-1)(T_F + T_B - T_W) / 2   ZB-H1's in chunks half as long:
+                                                        nanomt's greedy V order
+                                                        (zero_bubble.zbv_steps, replayed in
+                                                        tests/test_zero_bubble.py); the paper's
+                                                        hand-placed ZB-V reaches 0 at equal times
 
 The bubble fraction is the idle over the busy time: with T_F = T_B = T_W (the paper's
 assumption; a backward costs two forwards, and its two halves, dX = dY W^T and dW = X^T dY, the
 same FLOPs) it is (p-1)/m for GPipe and 1F1B, (p-1)/(v m) interleaved, (p-1)/(3m) for ZB-H1 (a
-third of 1F1B's) and 0 for ZB-V. The ZB-V line is this module's estimate away from equal
-times (the paper gives its zero at equal times only). Full recompute runs the forward again
+third of 1F1B's) and (p-1)/(6m) for nanomt's ZB-V (a third of interleaved's at v = 2). Away
+from equal times the ZB-V line is this module's estimate. Full recompute runs the forward again
 in B, T_F : T_B : T_W = 1 : 2 : 1 (pass_times): ZB-H1's bubble is then (p-1)/(2m).
 
 Activation memory, in micro-batches of a whole stage's activations on the first rank (the one
@@ -75,15 +77,15 @@ def zb_h1_bubble(p: int, m: int, v: int = 1, t: PassTimes = EQUAL) -> float:
 
 
 def zbv_bubble(p: int, m: int, v: int = 2, t: PassTimes = EQUAL) -> float:
-    """ZB-V: (p-1) max(T_F + T_B - 2 T_W, 0) / (2 m (T_F + T_B + T_W)); 0 at equal times."""
-    return (p - 1) * max(t.forward + t.input_grad - 2 * t.weight_grad, 0.0) / (2 * m * t.busy)
+    """nanomt's ZB-V: ZB-H1's bubble in chunks half as long; (p-1)/(6m) at equal times."""
+    return zb_h1_bubble(p, m, 1, t) / 2
 
 
 BUBBLE = {"gpipe": one_f_one_b_bubble, "1f1b": one_f_one_b_bubble, "zb_h1": zb_h1_bubble,
           "zbv": zbv_bubble}
 FORMULA = {"gpipe": "(p-1)/m", "1f1b": "(p-1)/(v m)",
            "zb_h1": "(p-1)(T_F + T_B - T_W) / (m (T_F + T_B + T_W))",
-           "zbv": "(p-1) max(T_F + T_B - 2 T_W, 0) / (2m (T_F + T_B + T_W))"}
+           "zbv": "(p-1)(T_F + T_B - T_W) / (2m (T_F + T_B + T_W))"}
 SPLIT_BACKWARD = ("zb_h1", "zbv")  # the schedules with B and W passes
 
 
