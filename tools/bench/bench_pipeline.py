@@ -7,13 +7,16 @@ spawned once, one after the other in the same processes. The pairs (TORCH_SCHEDU
     nanomt 1f1b (v > 1)          ScheduleInterleaved1F1B
     nanomt zb_h1 (v = 1)         ScheduleInterleavedZeroBubble with one stage per rank (its ZB1P
                                  order, ZB-H1 at v = 1), B and W as separate passes
-    nanomt zbv (v = 2)           ScheduleZBVZeroBubble: rank r holds chunks r and 2p-1-r (a V)
+    nanomt zbv (v = 2)           ScheduleZBVZeroBubble: rank r holds chunks r and 2p-1-r (a V),
+                                 the embeddings untied (nanomt's zbv requires it)
 
     python tools/bench/bench_pipeline.py                 # p=4, v=2, m=8
     python tools/bench/bench_pipeline.py --pp 2 --virtual-stages 2 --microbatches 8 --steps 5
     python tools/bench/bench_pipeline.py --pp 2 --virtual-stages 1 --schedule zb_h1
+    python tools/bench/bench_pipeline.py --pp 2 --schedule zbv
 
-With --schedule zb_h1, nanomt's 1F1B runs first, for its bubble next to ZB-H1's.
+With --schedule zb_h1 (zbv), nanomt's 1F1B (interleaved, v = 2) runs first, for its bubble
+next to the zero-bubble schedule's.
 
 Prints the mean step time of each (the slowest rank's), their ratio, and each one's measured
 bubble (idle / busy time per rank, from the start and end of every F, B and W pass) next to the
@@ -36,10 +39,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nanomt.model import GPT, ModelConfig  # noqa: E402
+from nanomt.model import ModelConfig  # noqa: E402
 from nanomt.model.chunks import build_model_chunks  # noqa: E402
 from nanomt.parallel.grid import ParallelGrid  # noqa: E402
-from nanomt.parallel.pipeline.partition import chunk_layer_ranges  # noqa: E402
+from nanomt.parallel.pipeline.partition import global_chunk_index, rank_of_chunk  # noqa: E402
+from nanomt.parallel.pipeline.zero_bubble import V_SHAPED  # noqa: E402
 from nanomt.parallel.pipeline import Timeline  # noqa: E402
 from nanomt.parallel.forward_backward import get_forward_backward_func  # noqa: E402
 from nanomt.parallel.pipeline.timeline import bubble_fraction  # noqa: E402
@@ -67,7 +71,7 @@ def slowest_mean(times: list[float]) -> float:
 
 def bench_nanomt(cfg, grid, v, batches, steps, schedule: str = "1f1b") -> tuple[float, float]:
     """nanomt's `schedule` as training runs it (get_forward_backward_func)."""
-    chunks = build_model_chunks(cfg, grid, v, seed=1)
+    chunks = build_model_chunks(cfg, grid, v, seed=1, schedule=schedule)
     run_schedule = get_forward_backward_func(SimpleNamespace(pp=grid.pp_size, virtual_stages=v),
                                              schedule)
     timeline, times = Timeline(), []
@@ -93,14 +97,6 @@ def timed(method, events: list, kind: str, chunk: int):
     return wrapper
 
 
-def v_chunks(cfg: ModelConfig, grid: ParallelGrid) -> list:
-    """ZB-V's placement: of the model cut into 2p chunks, rank r holds chunk r and 2p-1-r."""
-    pp, rank = grid.pp_size, grid.pp_rank
-    ranges, last = chunk_layer_ranges(cfg.num_layers, pp, 2), 2 * pp - 1
-    return [GPT(cfg, grid, seed=1, layer_range=ranges[k], pre_process=k == 0,
-                post_process=k == last) for k in (rank, last - rank)]
-
-
 def torch_schedule(schedule: str, stages: list, m: int, loss_fn):
     """torch's counterpart of nanomt's `schedule` (module docstring) over this rank's stages."""
     from torch.distributed import pipelining as pipe
@@ -120,11 +116,10 @@ def bench_torch(cfg, grid, v, batches, steps, schedule: str = "1f1b") -> tuple[f
     from torch.distributed.pipelining import PipelineStage
 
     pp, rank = grid.pp_size, grid.pp_rank
-    if schedule == "zbv":  # the head's chunk, 2p-1, is on rank 0
-        chunks, ids, head_rank = v_chunks(cfg, grid), (rank, 2 * pp - 1 - rank), 0
-    else:  # chunk k on rank k mod p
-        chunks, ids = build_model_chunks(cfg, grid, v, seed=1), range(rank, pp * v, pp)
-        head_rank = pp - 1
+    v_shape = schedule in V_SHAPED  # ZB-V: the head's chunk, 2p-1, is on rank 0
+    chunks = build_model_chunks(cfg, grid, v, seed=1, schedule=schedule)
+    ids = [global_chunk_index(local, rank, pp, v_shape) for local in range(v)]
+    head_rank = rank_of_chunk(pp * v - 1, pp, v_shape)
     events: list = []
     stages = []
     for local, (chunk, stage_id) in enumerate(zip(chunks, ids)):
@@ -160,19 +155,44 @@ def bench_torch(cfg, grid, v, batches, steps, schedule: str = "1f1b") -> tuple[f
     return slowest_mean(times), gathered_bubble(events)
 
 
+ZERO_BUBBLE = {"zb_h1": ("ZB-H1", "ScheduleInterleavedZeroBubble", 1),
+               "zbv": ("ZB-V", "ScheduleZBVZeroBubble", 2)}  # name, torch's, chunks per rank
+
+
+def chunks_per_rank(args: argparse.Namespace) -> int:
+    return ZERO_BUBBLE[args.schedule][2] if args.schedule in ZERO_BUBBLE else args.virtual_stages
+
+
 def bench(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_heads=4,
-                      seq_len=args.seq_len, vocab_size=256)
+                      seq_len=args.seq_len, vocab_size=256,
+                      tie_embeddings=False if args.schedule == "zbv" else None)
     grid = ParallelGrid(tp=1, pp=args.pp, dp=1)
     batches = micro_batches(cfg, args.microbatches, args.micro_batch_size)
-    ours = bench_nanomt(cfg, grid, args.virtual_stages, batches, args.steps)
-    if args.schedule == "zb_h1":
-        zb = bench_nanomt(cfg, grid, 1, batches, args.steps, schedule="zb_h1")
-        theirs = bench_torch(cfg, grid, 1, batches, args.steps, schedule="zb_h1")
-        return {"nanomt": ours, "zb_h1": zb, "torch": theirs}
-    theirs = bench_torch(cfg, grid, args.virtual_stages, batches, args.steps)
+    v = chunks_per_rank(args)
+    ours = bench_nanomt(cfg, grid, v, batches, args.steps)  # (interleaved) 1F1B
+    if args.schedule in ZERO_BUBBLE:
+        zb = bench_nanomt(cfg, grid, v, batches, args.steps, schedule=args.schedule)
+        theirs = bench_torch(cfg, grid, v, batches, args.steps, schedule=args.schedule)
+        return {"nanomt": ours, "zero_bubble": zb, "torch": theirs}
+    theirs = bench_torch(cfg, grid, v, batches, args.steps)
     return {"nanomt": ours, "torch": theirs}
+
+
+def print_zero_bubble(args: argparse.Namespace, result: dict) -> None:
+    p, v, m = args.pp, chunks_per_rank(args), args.microbatches
+    name, peer, _ = ZERO_BUBBLE[args.schedule]
+    (ours, our_bubble), (zb, zb_bubble) = result["nanomt"], result["zero_bubble"]
+    theirs, their_bubble = result["torch"]
+    print(f"p={p} v={v} m={m}, {args.layers} layers h={args.hidden} s={args.seq_len} "
+          f"b={args.micro_batch_size}, gloo CPU, mean of {args.steps} steps")
+    print(f"  nanomt 1F1B (v={v})   step {ours * 1e3:8.1f} ms   bubble {our_bubble:.3f}   "
+          f"formula {formula_bubble('1f1b', p, m, v):.3f}")
+    print(f"  nanomt {name:<12} step {zb * 1e3:8.1f} ms   bubble {zb_bubble:.3f}   "
+          f"formula {formula_bubble(args.schedule, p, m, v):.3f} (F = B = W)")
+    print(f"  torch {peer} step {theirs * 1e3:8.1f} ms   bubble {their_bubble:.3f}")
+    print(f"  step-time ratio nanomt {name} / torch = {zb / theirs:.2f}")
 
 
 def main() -> None:
@@ -185,24 +205,14 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--schedule", choices=("1f1b", "zb_h1"), default="1f1b")
+    parser.add_argument("--schedule", choices=("1f1b", *ZERO_BUBBLE), default="1f1b")
     args = parser.parse_args()
     result = run_distributed(bench, world_size=args.pp, args=(args,), timeout_s=1200,
                              collective_timeout_s=600)[0]
-    p, v, m = args.pp, args.virtual_stages, args.microbatches
-    if args.schedule == "zb_h1":
-        (ours, our_bubble), (zb, zb_bubble) = result["nanomt"], result["zb_h1"]
-        theirs, their_bubble = result["torch"]
-        print(f"p={p} m={m}, {args.layers} layers h={args.hidden} s={args.seq_len} "
-              f"b={args.micro_batch_size}, gloo CPU, mean of {args.steps} steps")
-        print(f"  1F1B   step {ours * 1e3:8.1f} ms   bubble {our_bubble:.3f}   "
-              f"formula (p-1)/m = {formula_bubble('1f1b', p, m):.3f}")
-        print(f"  ZB-H1  step {zb * 1e3:8.1f} ms   bubble {zb_bubble:.3f}   "
-              f"formula (p-1)/(3m) = {formula_bubble('zb_h1', p, m):.3f} (F = B = W)")
-        print(f"  torch ScheduleInterleavedZeroBubble step {theirs * 1e3:8.1f} ms   "
-              f"bubble {their_bubble:.3f}")
-        print(f"  step-time ratio nanomt ZB-H1 / torch = {zb / theirs:.2f}")
+    if args.schedule in ZERO_BUBBLE:
+        print_zero_bubble(args, result)
         return
+    p, v, m = args.pp, args.virtual_stages, args.microbatches
     (ours, our_bubble), (theirs, their_bubble) = result["nanomt"], result["torch"]
     print(f"interleaved 1F1B, p={p} v={v} m={m}, {args.layers} layers h={args.hidden} "
           f"s={args.seq_len} b={args.micro_batch_size}, gloo CPU, mean of {args.steps} steps")

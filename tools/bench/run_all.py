@@ -17,6 +17,8 @@ Each comparison runs both contenders in the same processes, alternating them `re
                           measured bubbles next to (p-1)/(v*m)
     zb_h1_vs_torch        ZB-H1 (pp=2) vs ScheduleInterleavedZeroBubble, one stage per rank
                           (its ZB1P order), bubbles next to (p-1)/(3m)
+    zbv_vs_torch          ZB-V (pp=2, chunks in a V, untied embeddings) vs ScheduleZBVZeroBubble,
+                          bubbles next to nanomt's order's (p-1)/(6m)
 
 and, per ZeRO stage, the bytes the dp group moved in one step (counted by the tests' wrapper
 around nanomt.parallel.comm, tests/comm_counting.py, in ZeRO's accounting) next to the formula.
@@ -33,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -191,6 +194,7 @@ PIPELINE_PAIRS = {  # name: (nanomt's parallel.schedule, chunks per rank); torch
     "1f1b_vs_torch": ("1f1b", 1),
     "interleaved_vs_torch": ("1f1b", 2),
     "zb_h1_vs_torch": ("zb_h1", 1),
+    "zbv_vs_torch": ("zbv", 2),
 }
 
 
@@ -202,10 +206,11 @@ def pipelines(args) -> dict:
     batches = micro_batches(cfg, 8, 4)
     out = {}
     for key, (schedule, v) in PIPELINE_PAIRS.items():
+        model = replace(cfg, tie_embeddings=False) if schedule == "zbv" else cfg  # zbv's rule
         rounds = {"nanomt": [], "torch": []}
         for _ in range(args.repeats):
-            rounds["nanomt"].append(bench_nanomt(cfg, grid, v, batches, args.steps, schedule))
-            rounds["torch"].append(bench_torch(cfg, grid, v, batches, args.steps, schedule))
+            rounds["nanomt"].append(bench_nanomt(model, grid, v, batches, args.steps, schedule))
+            rounds["torch"].append(bench_torch(model, grid, v, batches, args.steps, schedule))
         out[key] = {name: (statistics.median(t for t, _ in r),
                            statistics.median(b for _, b in r)) for name, r in rounds.items()}
     return out
