@@ -80,21 +80,22 @@ def plan_table(plan: Plan, meta_shard_params: int | None,
         rows.append(("step-time model", f"{modelled.total:,.2f} s: " + ", ".join(
             f"{k} {v:.3g}" for k, v in modelled.terms.items() if v)))
     if modelled is not None:
-        rows += [schedule_row(name, plan, modelled, *other)
+        rows += [schedule_row(name, modelled, *other)
                  for name, other in (alternatives or {}).items()]
     rows.append(("fits", "yes" if plan.fits else "NO: " + "; ".join(plan.advice)))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def schedule_row(schedule: str, plan: Plan, modelled: StepTime, other: Plan,
+def schedule_row(schedule: str, modelled: StepTime, other: Plan,
                  other_time: StepTime) -> tuple[str, str]:
     """What parallel.schedule=`schedule` would save per step against the plan's schedule
     (step-time model) and what its activations would be."""
     saved = modelled.total - other_time.total
-    share = 100 * saved / modelled.total
+    verb, share = "saves" if saved >= 0 else "costs", 100 * abs(saved) / modelled.total
     return (f"with parallel.schedule={schedule}",
-            f"bubble {other.bubble_fraction:.4f}, saves {saved:,.2f} s per step ({share:.1f}%); "
+            f"bubble {other.bubble_fraction:.4f}, {verb} {abs(saved):,.2f} s per step "
+            f"({share:.1f}%); "
             f"activations {other.bytes_per_gpu['activations'] / GIB:,.2f} GiB "
             f"(pipeline rank {other.activation_pp_rank}), total {other.total_bytes / GIB:,.2f}"
             f" GiB{'' if other.fits else ', does NOT fit'}")
