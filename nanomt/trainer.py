@@ -51,8 +51,8 @@ def to_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def mean_over_batch(loss_sum: torch.Tensor, num_microbatches: int, grid: ParallelGrid,
                     device: torch.device) -> torch.Tensor:
-    """The global batch's mean loss [1] on every rank (only last stages hold a loss), on the
-    device: NCCL has no CPU path, and the step's one read comes later."""
+    """The global batch's mean loss [1] on every rank (only the last chunk's rank holds a loss),
+    on the device: NCCL has no CPU path, and the step's one read comes later."""
     loss = loss_sum.to(device=device, dtype=torch.float32).reshape(1) / num_microbatches
     comm.all_reduce(loss, grid.pp_group)  # from the stage with the last chunk (zero elsewhere)
     comm.all_reduce(loss, grid.grad_sync_group)  # dp x cp: equal tokens on every cp rank

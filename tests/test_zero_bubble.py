@@ -6,8 +6,8 @@ first stage's activations (2p chunk passes) with its chunks in a V; both pass th
 with W exchanging nothing and, timed with F = B = W and free messages, have a shorter step than
 1F1B (ZB-H1) and interleaved 1F1B (ZB-V). Distributed (four gloo ranks): loss and every gradient
 equal the single-process model at pp=2 and pp=4 and pp=2 x tp=2 with sequence parallelism, and
-10-step training runs (ZeRO-1, ZeRO-3, full recompute, selective recompute; a checkpoint saved
-under zb_h1 or zbv resumed under 1F1B) follow the single-process losses.
+10-step training runs (ZeRO-1, ZeRO-3 + full recompute, tp=2 + SP, cp=2 + selective recompute,
+fp16; a checkpoint saved under zb_h1 or zbv resumed under 1F1B) follow the single-process losses.
 """
 
 from __future__ import annotations
@@ -69,6 +69,44 @@ def test_zb_h1_bubble_below_1f1b(pp, m):
     assert (zb - ideal) / ideal <= (pp - 1) / (2 * m) + 1e-9, (pp, m, zb)
     if pp == 2:
         assert (zb - ideal) / ideal == pytest.approx((pp - 1) / (3 * m))
+
+
+def test_deferring_linears_are_installed_for_one_step_only():
+    """Inside the block the linears leave dW to W (and W supplies the same gradients); after
+    it they are the core's again, bitwise."""
+    import torch
+
+    from nanomt.model import GPT
+    from nanomt.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from nanomt.parallel.weight_grad_store import STORE, deferring_weight_grads
+
+    model = GPT(CFG, None, seed=1)
+    linears = [m for m in model.modules()
+               if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    hooked = [m for m in linears if {"parallel_linear", "matmul"} & set(vars(m))]
+    tokens = torch.randint(0, CFG.vocab_size, (2, CFG.seq_len + 1),
+                           generator=torch.Generator().manual_seed(0))
+
+    def backward() -> list[torch.Tensor | None]:
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    before = backward()
+    with deferring_weight_grads([model]):
+        assert len([m for m in linears if {"parallel_linear", "matmul"} & set(vars(m))]) \
+            == len(linears) > 0
+        with STORE.backward_of((0, 0)):
+            model(tokens[:, :-1], tokens[:, 1:]).backward()
+        assert all(m.weight.grad is None for m in linears)  # left to W
+        STORE.run((0, 0))
+        deferred = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+    assert not hooked and not [m for m in linears if {"parallel_linear", "matmul"} & set(vars(m))]
+    assert all(torch.equal(a, b) for a, b in zip(before, backward()))
+    for a, b in zip(before, deferred):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_zbv_places_its_chunks_in_a_v():
@@ -186,6 +224,7 @@ ZB_TRAIN_RUNS = {  # name: (the single-process run it must follow, overrides)
                                                 "parallel.sequence_parallel=true"]),
     "zb_h1_pp2_cp2_selective": ("tied", ZB_H1 + PP2 + [
         "parallel.cp=2", "train.activation_checkpointing=selective"]),
+    "zb_h1_pp2_dp2_fp16": ("tied_fp16", ZB_H1 + PP2 + FP16),
     "zbv_pp2_dp2_zero1": ("untied", ZBV + PP2 + ["parallel.zero_stage=1"]),
     "zbv_pp2_dp2_zero3_full_recompute": ("untied", ZBV + PP2 + [
         "parallel.zero_stage=3", "train.activation_checkpointing=full"]),
@@ -194,7 +233,7 @@ ZB_TRAIN_RUNS = {  # name: (the single-process run it must follow, overrides)
         "parallel.cp=2", "train.activation_checkpointing=selective"]),
     "zbv_pp2_dp2_fp16": ("untied_fp16", ZBV + PP2 + FP16),
 }
-SINGLE_RUNS = {"tied": [], "untied": ["model.tie_embeddings=false"],
+SINGLE_RUNS = {"tied": [], "tied_fp16": FP16, "untied": ["model.tie_embeddings=false"],
                "untied_fp16": ["model.tie_embeddings=false"] + FP16}
 
 

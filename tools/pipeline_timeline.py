@@ -7,7 +7,8 @@
 
 Writes <run>/timeline/timeline.png and <run>/timeline/trace.json (open it in chrome://tracing or
 https://ui.perfetto.dev) and prints the measured bubble, idle time / busy time averaged over
-ranks, next to Narayanan et al.'s (p-1)/(v*m), or for ZB-H1 Qi et al.'s (p-1)/(3m) (F = B = W).
+ranks, next to the schedule's formula (SCHEDULE_FORMULAS: F, and for the zero-bubble schedules
+B = W, of equal length; ZB-V's is its order's, replayed, tests/test_zero_bubble.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ FORWARD_COLOURS = ["#4C72B0", "#8FB0DE", "#2E4A7A", "#B9CCEB"]
 BACKWARD_COLOURS = ["#DD8452", "#F2B58C", "#A3532A", "#F7D2B8"]
 WEIGHT_COLOURS = ["#55A868", "#9CD3A8", "#2F6B3D", "#C8E8CF"]  # ZB-H1's W passes
 COLOURS = {"F": FORWARD_COLOURS, "B": BACKWARD_COLOURS, "W": WEIGHT_COLOURS}
+SCHEDULE_FORMULAS = {  # schedule: (its name, the bubble's formula, the formula of p, v, m)
+    "1f1b": ("1F1B", "(p-1)/m", lambda p, v, m: (p - 1) / m),
+    "gpipe": ("GPipe", "(p-1)/m", lambda p, v, m: (p - 1) / m),
+    "interleaved": ("interleaved 1F1B", "(p-1)/(v*m)", lambda p, v, m: (p - 1) / (v * m)),
+    "zb_h1": ("ZB-H1", "(p-1)/(3m)", lambda p, v, m: (p - 1) / (3 * m)),
+    "zbv": ("ZB-V", "(p-1)/(6m)", lambda p, v, m: (p - 1) / (6 * m)),
+}
 
 
 def step_events(timelines: list[dict], step: int | None) -> tuple[int, list[list[list]]]:
@@ -110,11 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     step, events = step_events(timelines, args.step)
     pp, v = timelines[0]["pp"], timelines[0]["virtual_stages"]
     m = timelines[0]["num_microbatches"]
-    zero_bubble = timelines[0].get("schedule") == "zb_h1"
-    theory, formula = ((pp - 1) / (3 * m), "(p-1)/(3m)") if zero_bubble else (
-        (pp - 1) / (v * m), "(p-1)/(v*m)")
+    schedule = timelines[0].get("schedule", "1f1b")
+    if schedule == "1f1b" and v > 1:
+        schedule = "interleaved"
+    schedule, formula, theory_of = SCHEDULE_FORMULAS[schedule]
+    theory = theory_of(pp, v, m)
     idle_over_busy, idle_over_span = bubble_fraction(events)
-    schedule = "ZB-H1" if zero_bubble else "interleaved 1F1B" if v > 1 else "1F1B"
     title = (f"step {step}: p={pp}, v={v}, m={m} ({schedule}); bubble measured "
              f"{idle_over_busy:.3f} vs {formula} = {theory:.3f}")
     draw_png(timelines, events, step, title, folder / "timeline.png")

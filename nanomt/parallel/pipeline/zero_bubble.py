@@ -1,30 +1,43 @@
-"""ZB-H1 (Qi et al. 2024, "Zero Bubble Pipeline Parallelism"): 1F1B with the backward split.
+"""The zero-bubble schedules (Qi et al. 2024, "Zero Bubble Pipeline Parallelism"): ZB-H1, ZB-V.
 
 Each backward becomes B, the gradient of the input, which the previous stage waits for, and W,
-the gradient of the weights, which nobody waits for (nanomt/parallel/weight_grad_store.py). The
-F and B passes run in 1F1B's order (schedules.py), so a rank holds 1F1B's micro-batches in
-flight; each B is followed by its W, except that rank r runs the W of its last r+1
-micro-batches after all its B passes, so the cool-down's B passes reach the first stages
-sooner and those W fill the waits there. With F, B and W of equal length the paper's bubble is
-(p-1)/(3m) against 1F1B's (p-1)/m; this order, with posting.py's blocking exchanges, reaches it
-at p = 2 and stays below (p-1)/(2m) for p up to 8 (tests/test_zero_bubble.py times it).
+the gradient of the weights, which nobody waits for (nanomt/parallel/weight_grad_store.py; the
+engine's layer that runs them: zero_bubble_step.py).
 
-A W exchanges no message: in the steady state it shares the next forward's slot, after the
-batch that sends the B's gradient and receives the forward's input (1F1B's batch); in the
-cool-down it has a slot of its own, run while the next gradient is on its way.
+ZB-H1 (parallel.schedule=zb_h1, one chunk per rank). The F and B passes run in 1F1B's order
+(schedules.py), so a rank holds 1F1B's micro-batches in flight; each B is followed by its W,
+except that rank r runs the W of its last r+1 micro-batches after all its B passes, so the
+cool-down's B passes reach the first stages sooner and those W fill the waits there. With F, B
+and W of equal length the paper's bubble is (p-1)/(3m) against 1F1B's (p-1)/m; this order, with
+posting.py's blocking exchanges, reaches it at p = 2 and stays below (p-1)/(2m) for p up to 8
+(tests/test_zero_bubble.py times it). A W exchanges no message: in the steady state it shares
+the next forward's slot, after the batch that sends the B's gradient and receives the forward's
+input (1F1B's batch); in the cool-down it has a slot of its own.
+
+ZB-V (parallel.schedule=zbv, two chunks per rank in a V: rank r holds chunks r and 2p-1-r, so
+the first and the last are on rank 0 and chunks p-1 and p, the V's turn, share rank p-1). The
+order is played out time step by time step (`zbv_steps`: B first, then F within 1F1B's first
+stage's activations, then W), and its slots are those steps: every message is posted at the
+step after its pass on both sides (posting.lockstep_plans). With F = B = W its bubble is
+(p-1)/(6m), a third of interleaved 1F1B's (p-1)/(2m) at v = 2, at the activations of 1F1B's
+first stage on every rank.
 """
 
 from __future__ import annotations
 
 import functools
 
+from nanomt.parallel.pipeline.partition import global_chunk_index
 from nanomt.parallel.pipeline.schedules import PipelineOp, passes, schedule_slots
+
+V_SHAPED = ("zbv",)  # schedules whose two chunks per rank sit in a V (partition.py)
 
 
 def pipeline_slots(schedule: str, pp: int, rank: int, m: int, v: int = 1,
                    forward_only: bool = False) -> list[tuple[PipelineOp, ...]]:
-    """Any schedule's slots on rank `rank`: ZB-H1's here, the others' from schedules.py
-    (evaluation under ZB-H1 runs the forwards alone, as every schedule's does)."""
+    """Any schedule's slots on rank `rank`: ZB-H1's and ZB-V's here (ZB-V's are time steps,
+    () idle), the others' from schedules.py (evaluation under ZB-H1 runs the forwards alone,
+    as every schedule's does; under ZB-V in the V)."""
     if schedule == "zb_h1" and not forward_only:
         return zb_h1_slots(pp, rank, m)
     if schedule == "zbv":
@@ -59,9 +72,6 @@ def zb_h1_slots(pp: int, rank: int, m: int) -> list[tuple[PipelineOp, ...]]:
     return slots
 
 
-V_SHAPED = ("zbv",)  # schedules whose two chunks per rank sit in a V (partition.py)
-
-
 @functools.lru_cache(maxsize=32)
 def zbv_steps(pp: int, m: int, forward_only: bool = False
               ) -> tuple[tuple[tuple[PipelineOp, ...], ...], ...]:
@@ -75,19 +85,19 @@ def zbv_steps(pp: int, m: int, forward_only: bool = False
          stage: p micro-batches of two chunks each);
       3. the oldest W waiting.
 
-    Global chunk k (0 .. 2p-1) is on rank k for k < p, else on rank 2p-1-k."""
+    Each micro-batch's passes of one chunk run in micro-batch order (F, B and W alike)."""
     last = 2 * pp - 1
-    finished: dict[tuple[str, int, int], int] = {}  # (kind, micro-batch, chunk): its step
+    finished: dict[tuple[str, int, int], int] = {}  # (kind, micro-batch, global chunk): step
     steps: list[list[tuple[PipelineOp, ...]]] = [[] for _ in range(pp)]
     next_op = [{(kind, c): 0 for kind in "FB" for c in (0, 1)} for _ in range(pp)]
     waiting_w: list[list[PipelineOp]] = [[] for _ in range(pp)]
     held, left = [0] * pp, [2 * m * (1 if forward_only else 3)] * pp
 
     def can_run(rank: int, kind: str, c: int, step: int) -> bool:
-        i, k = next_op[rank][(kind, c)], rank if c == 0 else last - rank
-        before = [("F", i, k - 1)] if kind == "F" else [("F", i, k), ("B", i, k + 1)]
-        return i < m and all(finished.get(p, step) < step for p in before
-                             if 0 <= p[2] <= last)
+        i, k = next_op[rank][(kind, c)], global_chunk_index(c, rank, pp, v_shape=True)
+        inputs = [("F", i, k - 1)] if kind == "F" else [("F", i, k), ("B", i, k + 1)]
+        return i < m and all(finished.get(need, step) < step for need in inputs
+                             if 0 <= need[2] <= last)
 
     while any(left):
         step = len(steps[0])
@@ -99,14 +109,14 @@ def zbv_steps(pp: int, m: int, forward_only: bool = False
             if kind != "W":
                 op = PipelineOp(kind, next_op[rank][(kind, c)], c)
                 next_op[rank][(kind, c)] += 1
-                finished[(kind, op.microbatch, rank if c == 0 else last - rank)] = step
+                finished[(kind, op.microbatch, global_chunk_index(c, rank, pp, True))] = step
                 held[rank] += 1 if kind == "F" and not forward_only else 0
                 waiting_w[rank] += [PipelineOp("W", op.microbatch, c)] if kind == "B" else []
             elif waiting_w[rank]:
                 op = waiting_w[rank].pop(0)
                 held[rank] -= 1
             else:
-                steps[rank].append(())
+                steps[rank].append(())  # idle: nothing can run yet
                 continue
             steps[rank].append((op,))
             left[rank] -= 1
