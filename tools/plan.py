@@ -18,6 +18,9 @@ collective bandwidth and latency on plan.gpus spawned CPU ranks), then plan with
     python tools/plan.py --calibrate model=tiny plan.gpus=4 plan.machine_file=machine.json
     python tools/plan.py --search model=tiny plan.gpus=4 plan.machine_file=machine.json
 
+For a pipelined layout (pp > 1) the table adds what the zero-bubble schedules (parallel.schedule
+=zb_h1) would save per step and hold in activations; plan it under one to see its own table.
+
 The overrides are the training ones (same config groups, same checks), plus plan.* (conf/plan/
 default.yaml: the GPU, the links, plan.machine_file). The maths lives in nanomt.planner;
 docs/planner.md explains it and shows the MT-NLG 530B plan next to the paper. Exit code 0 when
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,6 +43,8 @@ from nanomt.planner.from_config import machine, plan_inputs, search_inputs  # no
 from nanomt.planner.search import search  # noqa: E402
 from nanomt.planner.search_report import launch_command, search_json, search_table  # noqa: E402
 from nanomt.planner.step_time import step_time  # noqa: E402
+
+ZERO_BUBBLE = (("zb_h1", 1), ("zbv", 2))  # (parallel.schedule, its chunks per rank)
 
 
 def run_calibrate(cfg) -> int:
@@ -76,6 +82,25 @@ def run_search(cfg, overrides: list[str], as_json: bool) -> int:
     return 0 if result.ranked else 1
 
 
+def zero_bubble_alternatives(model, inputs, cluster) -> dict:
+    """The same layout under the zero-bubble schedules it is not already run with and the
+    config accepts (pp > 1; ZB-V: 2p | layers, untied embeddings): {schedule: (plan,
+    modelled step time)}, for the table's saving rows."""
+    if inputs.pp == 1:
+        return {}
+    out = {}
+    for schedule, v in ZERO_BUBBLE:
+        accepted = model.num_layers % (inputs.pp * v) == 0 and not (
+            schedule == "zbv" and model.tie_embeddings)  # nanomt.config's rules
+        if schedule != inputs.schedule and accepted:
+            x = replace(inputs, schedule=schedule, virtual_stages=v)
+            plan = make_plan(model, x)
+            out[schedule] = (plan, step_time(model, x, plan.params_per_rank,
+                                             plan.hardware_flops_per_iteration,
+                                             plan.model_flops_per_iteration, cluster))
+    return out
+
+
 def main(argv: list[str]) -> int:
     if {"-h", "--help"} & set(argv):
         print(__doc__)
@@ -99,9 +124,11 @@ def main(argv: list[str]) -> int:
     if cfg.plan.meta_check:
         meta = meta_shard_params(model, inputs.tp, inputs.pp, inputs.virtual_stages,
                                  plan.largest_pp_rank,
-                                 sequence_parallel=inputs.sequence_parallel)
+                                 sequence_parallel=inputs.sequence_parallel,
+                                 schedule=inputs.schedule)
     iteration_time = cfg.plan.iteration_time_s
-    print(plan_table(plan, meta, iteration_time, modelled))
+    print(plan_table(plan, meta, iteration_time, modelled,
+                     zero_bubble_alternatives(model, inputs, cluster)))
     if cfg.plan.json_out:
         Path(cfg.plan.json_out).write_text(json.dumps(plan_json(plan, meta, iteration_time),
                                                       indent=2))

@@ -5,7 +5,9 @@ micro-batches b (context parallelism: a rank holds s/cp tokens of every sequence
 stands for s/cp; the dp x cp ranks of a (tp, pp) position hold the same weights):
 
     micro-batches per step   m = G / (b dp)
-    bubble                   (p - 1) / (v m)          (Narayanan et al. 2021, section 2.2)
+    bubble                   (p - 1) / (v m)          (Narayanan et al. 2021, section 2.2),
+                             (p - 1) / (3m) under ZB-H1, 0 under ZB-V (schedule_costs.py:
+                             with F = B = W; full recompute makes B twice as long)
     model state per GPU      ZeRO's formulas on the largest rank's Psi parameters, sharded
                              over dp x cp (nanomt.memory.zero_formula_bytes)
     activations per GPU      the most bytes in flight on any pipeline rank: walk its schedule
@@ -25,6 +27,10 @@ stands for s/cp; the dp x cp ranks of a (tp, pp) position hold the same weights)
                              input of an interleaved pair, e s b h / t) live beside them; on
                              the last rank, so does one more logits buffer (the loss's working
                              copy or its gradient, for the one micro-batch at the loss).
+                             Zero-bubble schedules (zb_h1, zbv): B frees a micro-batch's
+                             kept bytes, but its linears' inputs X and output gradients dY
+                             stay until its W (pending_weight_grad_bytes); every rank is
+                             walked, as each holds back a different number of W.
     ZeRO-3 working set       the gathered parameters of the layers in use and their gradients
                              before the reduce-scatter: (1 + prefetch) layers of the rank's
                              tensor-parallel shard, whole over dp
@@ -41,8 +47,10 @@ from dataclasses import dataclass, field
 from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration
 from nanomt.memory import activation_bytes_per_layer, zero_formula_bytes
 from nanomt.model.config import ModelConfig
-from nanomt.parallel.pipeline.schedules import schedule_order
+from nanomt.parallel.pipeline.partition import global_chunk_index, rank_of_chunk
+from nanomt.parallel.pipeline.zero_bubble import V_SHAPED, pipeline_slots
 from nanomt.planner.params import layer_params, params_on_pipeline_rank
+from nanomt.planner.schedule_costs import SPLIT_BACKWARD, bubble_fraction, pass_times
 
 GIB = 2**30
 # (parameter, gradient, optimizer-state) bytes per parameter: fp32 keeps Adam's two moments;
@@ -146,37 +154,71 @@ def backward_working_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
     return 2 * e * s * b * cfg.ffn_hidden_size / t + receive
 
 
+def pending_weight_grad_bytes(cfg: ModelConfig, x: PlanInputs, chunk: int,
+                              num_chunks: int) -> float:
+    """Bytes one micro-batch holds in chunk `chunk` between its B and its W under a
+    zero-bubble schedule: every linear's input X and output gradient dY, kept for dW = dY^T X
+    (nanomt.parallel.weight_grad_store), whatever the recompute. Per layer, of e s b x: the
+    column linears' (QKV, fc1) inputs h each (/t under sequence parallelism) and outputs
+    3h/t and f/t (2f/t gated); the row linears' (attention out, fc2) inputs h/t and f/t and
+    output gradients h each, whole (the backward of g, or of SP's reduce-scatter, gives dY
+    whole). The last chunk adds the head's: input h (/t under SP), output V_padded/t."""
+    s, b, h, t = cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, x.tp
+    f, e = cfg.ffn_hidden_size, 4 if x.precision == "fp32" else 2
+    t_sp = t if x.sequence_parallel else 1
+    fc1_out = 2 * f if cfg.style == "llama" else f
+    per_layer = 2 * h / t_sp + (h + f) / t + (3 * h + fc1_out) / t + 2 * h
+    total = cfg.num_layers // num_chunks * per_layer
+    if chunk == num_chunks - 1:
+        total += h / t_sp + cfg.padded_vocab_size(t) / t
+    return e * s * b * total
+
+
 @functools.lru_cache(maxsize=65536)
 def in_flight_counts(schedule: str, pp: int, rank: int, m: int,
-                     v: int) -> tuple[tuple[int, int], ...]:
-    """The (passes in flight, of them through the model's last chunk) pairs that rank `rank`
-    reaches walking its schedule, those no other pair exceeds in both: a chunk keeps the same
-    bytes per micro-batch except the last, so the peak is at one of these. Cached: the search
-    asks for the same schedules many times."""
-    last_chunk = v - 1 if rank == pp - 1 else None
-    seen, in_flight, in_last = set(), 0, 0
-    for op in schedule_order(schedule, pp, rank, m, v):
-        sign = 1 if op.kind == "F" else -1
-        in_flight += sign
-        in_last += sign if op.chunk == last_chunk else 0
-        seen.add((in_flight, in_last))
-    return tuple(a for a in seen if not any(b != a and b[0] >= a[0] and b[1] >= a[1]
-                                            for b in seen))
+                     v: int) -> tuple[tuple[int, int, int, int], ...]:
+    """The (passes between F and B, of them through the model's last chunk, passes between B
+    and W, of them through the last chunk) that rank `rank` reaches walking its schedule,
+    those no other reached exceeds in all four: a chunk's bytes per micro-batch are the same
+    except the last's, so the peak is at one of these. Without W passes (1F1B, GPipe) the
+    last two stay 0. Cached: the search asks for the same schedules many times."""
+    v_shape = schedule in V_SHAPED
+    last_chunk = next((j for j in range(v)
+                       if global_chunk_index(j, rank, pp, v_shape) == pp * v - 1), None)
+    seen, state = set(), [0, 0, 0, 0]
+    for op in (op for slot in pipeline_slots(schedule, pp, rank, m, v) for op in slot):
+        last = op.chunk == last_chunk
+        moves = {"F": ((0, 1),), "B": ((0, -1), (2, 1)), "W": ((2, -1),)}[op.kind]
+        if op.kind == "B" and schedule not in SPLIT_BACKWARD:
+            moves = ((0, -1),)
+        for index, sign in moves:
+            state[index] += sign
+            state[index + 1] += sign if last else 0
+        seen.add(tuple(state))
+    return tuple(a for a in seen
+                 if not any(b != a and all(i >= j for i, j in zip(b, a)) for b in seen))
 
 
 def peak_activations(cfg: ModelConfig, x: PlanInputs) -> tuple[float, int, int]:
     """(most activation bytes on any pipeline rank, that rank, its most micro-batches in
-    flight): the kept activations at their peak, plus the backward's working set."""
+    flight, F run and B, or W, not yet): the kept activations at their peak, plus the
+    backward's working set. A zero-bubble schedule's ranks each hold differently many W
+    back: all are walked."""
     p, v, m = x.pp, x.virtual_stages, x.num_microbatches
     chunk = chunk_activation_bytes(cfg, x, 0, p * v) if p * v > 1 else 0.0
     extra = chunk_activation_bytes(cfg, x, p * v - 1, p * v) - chunk
+    pending = pending_weight_grad_bytes(cfg, x, 0, p * v) if p * v > 1 else 0.0
+    pending_extra = pending_weight_grad_bytes(cfg, x, p * v - 1, p * v) - pending
+    head_rank = rank_of_chunk(p * v - 1, p, x.schedule in V_SHAPED)
+    ranks = range(p) if x.schedule in SPLIT_BACKWARD else sorted({0, head_rank})
     best = (0.0, 0, 0)
-    for rank in sorted({0, p - 1}):  # the first holds the most passes, the last the head
+    for rank in ranks:  # 1F1B: the first holds the most passes, the last the head
         counts = in_flight_counts(x.schedule, p, rank, m, v)
-        peak = max(n * chunk + k * extra for n, k in counts)
-        peak += logits_bytes(cfg, x) if rank == p - 1 else 0.0
+        peak = max(n * chunk + k * extra + w * pending + wk * pending_extra
+                   for n, k, w, wk in counts)
+        peak += logits_bytes(cfg, x) if rank == head_rank else 0.0
         if peak > best[0]:
-            best = (peak, rank, max(n for n, _ in counts))
+            best = (peak, rank, max(n + w for n, _, w, _ in counts))
     return best[0] + backward_working_bytes(cfg, x), best[1], best[2]
 
 
@@ -184,7 +226,8 @@ def make_plan(cfg: ModelConfig, x: PlanInputs) -> Plan:
     """The plan of layout `x` for model `cfg` (module docstring)."""
     # the first rank adds the embedding, the last the head; those between hold layers only
     edges = sorted({0, x.pp - 1})
-    per_rank = [params_on_pipeline_rank(cfg, x.tp, x.pp, x.virtual_stages, r) for r in edges]
+    per_rank = [params_on_pipeline_rank(cfg, x.tp, x.pp, x.virtual_stages, r,
+                                        v_shape=x.schedule in V_SHAPED) for r in edges]
     psi = max(per_rank)
     param_bytes = 4 if x.precision == "fp32" else 2
     grad_bytes = 4 if x.precision == "fp32" or x.fp32_grads else 2
@@ -204,7 +247,8 @@ def make_plan(cfg: ModelConfig, x: PlanInputs) -> Plan:
                        "optimizer": state["optimizer_state"], "activations": activations,
                        "zero3_gathered": gathered},
         activation_pp_rank=activation_rank, microbatches_in_flight=in_flight,
-        bubble_fraction=(x.pp - 1) / (x.virtual_stages * x.num_microbatches),
+        bubble_fraction=bubble_fraction(x.schedule, x.pp, x.num_microbatches, x.virtual_stages,
+                                        pass_times(x.recompute)),
         flops_per_iteration=flops_per_iteration(cfg, G, padded, full_recompute=True),
         hardware_flops_per_iteration=hardware,
         model_flops_per_iteration=flops_per_iteration(cfg, G, padded),

@@ -20,7 +20,8 @@ from nanomt.model.config import ModelConfig
 
 
 def meta_shard_params(cfg: ModelConfig, tp: int, pp: int, virtual_stages: int, pp_rank: int,
-                      tp_rank: int = 0, sequence_parallel: bool = False) -> int:
+                      tp_rank: int = 0, sequence_parallel: bool = False,
+                      schedule: str = "1f1b") -> int:
     """Parameters of the model chunks of rank (tp_rank, pp_rank), built on `meta`."""
     if dist.is_initialized():
         raise RuntimeError("meta_shard_params builds its own fake process group: call it outside "
@@ -31,7 +32,7 @@ def meta_shard_params(cfg: ModelConfig, tp: int, pp: int, virtual_stages: int, p
         grid = SimpleNamespace(tp_group=dist.group.WORLD if tp > 1 else None, cp_group=None,
                                pp_rank=pp_rank, pp_size=pp)
         with torch.device("meta"):
-            chunks = build_model_chunks(cfg, grid, virtual_stages,
+            chunks = build_model_chunks(cfg, grid, virtual_stages, schedule=schedule,
                                         sequence_parallel=sequence_parallel, device="meta")
         return sum(p.numel() for chunk in chunks for p in chunk.parameters())
     finally:

@@ -11,12 +11,15 @@ With t = tp, one transformer layer of hidden h and feed-forward f holds on each 
 The word embedding is split by vocabulary rows, V_padded / t x h (V padded to a multiple of
 lcm(128, t)); the first chunk adds learned positions s h (GPT, whole), the last chunk the final
 norm and, untied (llama), its own output layer V_padded / t x h, or tied (GPT) a copy of the word
-embedding. Pipeline rank r holds chunks r, r + p, ... of the p v chunks of l / (p v) layers.
+embedding. Pipeline rank r holds chunks r, r + p, ... of the p v chunks of l / (p v) layers,
+or under ZB-V (parallel.schedule=zbv, a V) chunks r and 2p-1-r: rank 0 holds the embedding and
+the head.
 """
 
 from __future__ import annotations
 
 from nanomt.model.config import ModelConfig
+from nanomt.parallel.pipeline.partition import global_chunk_index
 
 
 def layer_params(cfg: ModelConfig, tp: int) -> int:
@@ -45,10 +48,12 @@ def chunk_params(cfg: ModelConfig, tp: int, chunk: int, num_chunks: int) -> int:
 
 
 def params_on_pipeline_rank(cfg: ModelConfig, tp: int, pp: int, virtual_stages: int,
-                            pp_rank: int) -> int:
-    """Parameters of each tp rank of pipeline rank `pp_rank` (all tp ranks hold as many)."""
+                            pp_rank: int, v_shape: bool = False) -> int:
+    """Parameters of each tp rank of pipeline rank `pp_rank` (all tp ranks hold as many);
+    `v_shape`: ZB-V's placement."""
     chunks = pp * virtual_stages
-    return sum(chunk_params(cfg, tp, j * pp + pp_rank, chunks) for j in range(virtual_stages))
+    return sum(chunk_params(cfg, tp, global_chunk_index(j, pp_rank, pp, v_shape), chunks)
+               for j in range(virtual_stages))
 
 
 def largest_pipeline_rank(cfg: ModelConfig, tp: int, pp: int, virtual_stages: int) -> int:

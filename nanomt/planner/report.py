@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from nanomt.planner.estimate import GIB, Plan
+from nanomt.planner.schedule_costs import bubble_formula, pass_times
 from nanomt.planner.step_time import StepTime
 
 
@@ -19,6 +20,8 @@ def plan_json(plan: Plan, meta_shard_params: int | None,
            "activation_pp_rank": plan.activation_pp_rank,
            "microbatches_in_flight": plan.microbatches_in_flight,
            "bubble_fraction": plan.bubble_fraction,
+           "bubble_formula": bubble_formula(x.schedule, x.virtual_stages,
+                                            pass_times(x.recompute)),
            "flops_per_iteration": plan.flops_per_iteration,
            "hardware_flops_per_iteration": plan.hardware_flops_per_iteration,
            "model_flops_per_iteration": plan.model_flops_per_iteration,
@@ -36,8 +39,10 @@ def achieved_tflops(plan: Plan, iteration_time_s: float) -> float:
 
 
 def plan_table(plan: Plan, meta_shard_params: int | None,
-               iteration_time_s: float | None = None, modelled: StepTime | None = None) -> str:
-    """The readable table tools/plan.py prints."""
+               iteration_time_s: float | None = None, modelled: StepTime | None = None,
+               alternatives: dict[str, tuple[Plan, StepTime]] | None = None) -> str:
+    """The readable table tools/plan.py prints; `alternatives`: the same layout under other
+    schedules (the zero-bubble ones), each a row of what it would save and cost."""
     x, b = plan.inputs, plan.bytes_per_gpu
     layout = (f"tp={x.tp} cp={x.cp} pp={x.pp} v={x.virtual_stages} dp={x.dp} "
               f"({x.num_gpus} GPUs), "
@@ -60,7 +65,8 @@ def plan_table(plan: Plan, meta_shard_params: int | None,
                                        f"{x.gpu_memory_gb:g}"))
     rows += [("  activations from", f"pipeline rank {plan.activation_pp_rank}, "
                                     f"{plan.microbatches_in_flight} micro-batch passes in flight"),
-             ("pipeline bubble", f"{plan.bubble_fraction:.4f} = (p-1)/(v m)"),
+             ("pipeline bubble", f"{plan.bubble_fraction:.4f} = " + bubble_formula(
+                 x.schedule, x.virtual_stages, pass_times(x.recompute))),
              ("F per iteration (paper)", f"{plan.flops_per_iteration / 1e15:,.1f} PFLOP"),
              ("hardware FLOPs", f"{plan.hardware_flops_per_iteration / 1e15:,.1f} PFLOP "
                                 f"(recompute={x.recompute})"),
@@ -73,6 +79,23 @@ def plan_table(plan: Plan, meta_shard_params: int | None,
     if modelled is not None:
         rows.append(("step-time model", f"{modelled.total:,.2f} s: " + ", ".join(
             f"{k} {v:.3g}" for k, v in modelled.terms.items() if v)))
+    if modelled is not None:
+        rows += [schedule_row(name, modelled, *other)
+                 for name, other in (alternatives or {}).items()]
     rows.append(("fits", "yes" if plan.fits else "NO: " + "; ".join(plan.advice)))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def schedule_row(schedule: str, modelled: StepTime, other: Plan,
+                 other_time: StepTime) -> tuple[str, str]:
+    """What parallel.schedule=`schedule` would save per step against the plan's schedule
+    (step-time model) and what its activations would be."""
+    saved = modelled.total - other_time.total
+    verb, share = "saves" if saved >= 0 else "costs", 100 * abs(saved) / modelled.total
+    return (f"with parallel.schedule={schedule}",
+            f"bubble {other.bubble_fraction:.4f}, {verb} {abs(saved):,.2f} s per step "
+            f"({share:.1f}%); "
+            f"activations {other.bytes_per_gpu['activations'] / GIB:,.2f} GiB "
+            f"(pipeline rank {other.activation_pp_rank}), total {other.total_bytes / GIB:,.2f}"
+            f" GiB{'' if other.fits else ', does NOT fit'}")

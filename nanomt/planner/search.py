@@ -4,7 +4,8 @@ For a model, a global batch G and N GPUs of M bytes, `search` walks every
 
     tp | GPUs per node (and tp | heads, hidden, ffn), pp | layers, cp in 1, 2, 4, 8 (2 cp | s),
     dp = N / (tp cp pp), micro-batch b in 1, 2, 4, 8 with b dp | G,
-    schedule 1F1B (v | l/pp chunks per rank, v > 1 when pp | m) or GPipe,
+    schedule 1F1B (v | l/pp chunks per rank, v > 1 when pp | m), GPipe, ZB-H1 (v = 1) or
+    ZB-V (v = 2, untied embeddings),
     ZeRO stage 0-3 (when dp cp > 1), sequence parallelism (when tp > 1),
     recompute none / selective / full
 
@@ -84,6 +85,9 @@ def schedules(cfg: ModelConfig, pp: int, m: int) -> Iterator[tuple[str, int]]:
     for v in divisors(cfg.num_layers // pp):
         if v == 1 or m % pp == 0:
             yield "1f1b", v
+    yield "zb_h1", 1
+    if cfg.num_layers % (2 * pp) == 0 and not cfg.tie_embeddings:
+        yield "zbv", 2
 
 
 def layouts(cfg: ModelConfig, base: PlanInputs, gpus: int,

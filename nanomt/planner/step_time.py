@@ -1,7 +1,7 @@
 """The step-time model: one optimizer step of a layout, as a sum of terms a reader can check.
 
 A pipeline rank is busy for the compute of its layers plus the communication that the code
-runs in line with it; the schedule's bubble stretches that busy time by (p-1)/(v m); the
+runs in line with it; the schedule's bubble stretches that busy time by its bubble fraction; the
 data-parallel traffic adds what the code does not hide behind compute; the optimizer's update
 ends the step. With N GPUs, R the achievable FLOP/s of one GPU, m micro-batches of b
 sequences, s' = s / cp tokens each, e bytes per activation element, t = tp, L = l / p layers
@@ -23,7 +23,8 @@ model; plan.latency_us):
                  (nanomt.parallel.context_parallel), so only their latency counts
     pp           2 m v p2p(e b s' h / t) sends and receives between stages (the wire carries
                  1/t of the activation) + as many all-gathers over tp to rebuild it
-    bubble       (p-1) / (v m) x (compute + recompute + tp + cp + pp) x plan.bubble_cost
+    bubble       bubble fraction (schedule_costs.py: (p-1)/(v m) for 1F1B, (p-1)/(3m) ZB-H1)
+                 x (compute + recompute + tp + cp + pp) x plan.bubble_cost
                  (1 on GPUs; calibrate.py measures it for a CPU host)
     dp           stage 0: all-reduce(g Psi); 1-2: reduce-scatter(g Psi) + all-gather(e Psi)
                  over dp cp ranks, Psi this rank's parameters. The reduce runs during the last
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 
 from nanomt.model.config import ModelConfig
 from nanomt.planner.estimate import STATE_BYTES, PlanInputs
+from nanomt.planner.schedule_costs import bubble_fraction, pass_times
 
 TERMS = ("compute", "recompute", "tp", "cp", "pp", "bubble", "dp", "optimizer")
 
@@ -149,7 +151,9 @@ def pp_s(cfg: ModelConfig, x: PlanInputs, machine: Machine) -> float:
 
 
 def bubble_s(busy_s: float, x: PlanInputs, machine: Machine) -> float:
-    return machine.bubble_cost * (x.pp - 1) / (x.virtual_stages * x.num_microbatches) * busy_s
+    fraction = bubble_fraction(x.schedule, x.pp, x.num_microbatches, x.virtual_stages,
+                               pass_times(x.recompute))
+    return machine.bubble_cost * fraction * busy_s
 
 
 def dp_s(x: PlanInputs, psi: int, pass_s: tuple[float, float], units: int,

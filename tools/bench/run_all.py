@@ -1,6 +1,6 @@
 """Benchmark (not a test): every CPU comparison of nanomt against what users would run instead.
 
-    python tools/bench/run_all.py [--repeats 5] [--out bench.json]
+    python tools/bench/run_all.py [--repeats 5] [--out bench.json] [--only pipelines]
 
 Each comparison runs both contenders in the same processes, alternating them `repeats` times
 (pair by pair, so a load change on a shared machine hits both), and reports medians:
@@ -15,6 +15,10 @@ Each comparison runs both contenders in the same processes, alternating them `re
     1f1b_vs_torch         nanomt's 1F1B vs torch.distributed.pipelining Schedule1F1B (pp=2)
     interleaved_vs_torch  interleaved 1F1B (pp=2, v=2) vs ScheduleInterleaved1F1B, with the
                           measured bubbles next to (p-1)/(v*m)
+    zb_h1_vs_torch        ZB-H1 (pp=2) vs ScheduleInterleavedZeroBubble, one stage per rank
+                          (its ZB1P order), bubbles next to (p-1)/(3m)
+    zbv_vs_torch          ZB-V (pp=2, chunks in a V, untied embeddings) vs ScheduleZBVZeroBubble,
+                          bubbles next to nanomt's order's (p-1)/(6m)
 
 and, per ZeRO stage, the bytes the dp group moved in one step (counted by the tests' wrapper
 around nanomt.parallel.comm, tests/comm_counting.py, in ZeRO's accounting) next to the formula.
@@ -31,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,6 +50,7 @@ from comm_counting import traffic_log  # noqa: E402
 from plain_gpt import PlainGPT, tensor_parallel_plan  # noqa: E402
 
 from nanomt.model import GPT, ModelConfig  # noqa: E402
+from nanomt.planner.schedule_costs import bubble_fraction  # noqa: E402
 from nanomt.testing import run_distributed  # noqa: E402
 
 
@@ -183,21 +189,30 @@ def tensor_parallel(args) -> dict:
                      args.steps, sync=dist.barrier)
 
 
-# ---- pipeline parallel (pp=2) -----------------------------------------------------------------
+# ---- pipeline parallel (pp=2, m=8) ------------------------------------------------------------
+PIPELINE_PAIRS = {  # name: (nanomt's parallel.schedule, chunks per rank); torch's: bench_pipeline
+    "1f1b_vs_torch": ("1f1b", 1),
+    "interleaved_vs_torch": ("1f1b", 2),
+    "zb_h1_vs_torch": ("zb_h1", 1),
+    "zbv_vs_torch": ("zbv", 2),
+}
+
+
 def pipelines(args) -> dict:
     from nanomt.parallel.grid import ParallelGrid
 
     cfg = ModelConfig(num_layers=4, hidden_size=128, num_heads=4, seq_len=128)
     grid = ParallelGrid(tp=1, pp=2, dp=1)
+    batches = micro_batches(cfg, 8, 4)
     out = {}
-    for v in (1, 2):
-        batches = micro_batches(cfg, 8, 4)
+    for key, (schedule, v) in PIPELINE_PAIRS.items():
+        model = replace(cfg, tie_embeddings=False) if schedule == "zbv" else cfg  # zbv's rule
         rounds = {"nanomt": [], "torch": []}
         for _ in range(args.repeats):
-            rounds["nanomt"].append(bench_nanomt(cfg, grid, v, batches, args.steps))
-            rounds["torch"].append(bench_torch(cfg, grid, v, batches, args.steps))
-        out[v] = {name: (statistics.median(t for t, _ in r), statistics.median(b for _, b in r))
-                  for name, r in rounds.items()}
+            rounds["nanomt"].append(bench_nanomt(model, grid, v, batches, args.steps, schedule))
+            rounds["torch"].append(bench_torch(model, grid, v, batches, args.steps, schedule))
+        out[key] = {name: (statistics.median(t for t, _ in r),
+                           statistics.median(b for _, b in r)) for name, r in rounds.items()}
     return out
 
 
@@ -207,24 +222,33 @@ def pair(ours: float, theirs: float, **extra) -> dict:
 
 
 def collect(args) -> dict:
-    single = single_vs_plain(args)
-    dp = run_distributed(data_parallel, 2, args=(args,), timeout_s=900, collective_timeout_s=600)[0]
-    tp = run_distributed(tensor_parallel, 2, args=(args,), timeout_s=900,
-                         collective_timeout_s=600)[0]
-    pp = run_distributed(pipelines, 2, args=(args,), timeout_s=900, collective_timeout_s=600)[0]
-    t, mem = dp["times"], dp["peak_bytes"]
-    bench = {"single_vs_plain": pair(single["nanomt"], single["plain"])}
-    for ours, peer in (("zero1", "ddp"), ("zero2", "ddp"), ("zero3", "fsdp2")):
-        bench[f"{ours}_vs_{peer}"] = pair(t[ours], t[peer], nanomt_peak_bytes=mem[ours],
-                                          peer_peak_bytes=mem[peer])
-    for ours in ("zero1_overlap", "zero2_overlap"):
-        bench[f"{ours}_vs_ddp"] = pair(t[ours], t["ddp"])
-    bench["tp2_vs_dtensor"] = pair(tp["nanomt"], tp["dtensor"])
-    for v, key in ((1, "1f1b_vs_torch"), (2, "interleaved_vs_torch")):
-        (ours, our_bubble), (theirs, their_bubble) = pp[v]["nanomt"], pp[v]["torch"]
-        bench[key] = pair(ours, theirs, nanomt_bubble=our_bubble, peer_bubble=their_bubble,
-                          formula_bubble=(2 - 1) / (v * 8))
-    bench["zero_traffic"] = {f"stage{s}": r for s, r in dp["traffic"].items()}
+    """Every comparison, or only the group --only names (single, dp, tp, pipelines)."""
+    bench, run = {}, (lambda group: args.only in (None, group))
+    if run("single"):
+        single = single_vs_plain(args)
+        bench["single_vs_plain"] = pair(single["nanomt"], single["plain"])
+    if run("dp"):
+        dp = run_distributed(data_parallel, 2, args=(args,), timeout_s=900,
+                             collective_timeout_s=600)[0]
+        t, mem = dp["times"], dp["peak_bytes"]
+        for ours, peer in (("zero1", "ddp"), ("zero2", "ddp"), ("zero3", "fsdp2")):
+            bench[f"{ours}_vs_{peer}"] = pair(t[ours], t[peer], nanomt_peak_bytes=mem[ours],
+                                              peer_peak_bytes=mem[peer])
+        for ours in ("zero1_overlap", "zero2_overlap"):
+            bench[f"{ours}_vs_ddp"] = pair(t[ours], t["ddp"])
+    if run("tp"):
+        tp = run_distributed(tensor_parallel, 2, args=(args,), timeout_s=900,
+                             collective_timeout_s=600)[0]
+        bench["tp2_vs_dtensor"] = pair(tp["nanomt"], tp["dtensor"])
+    if run("pipelines"):
+        pp = run_distributed(pipelines, 2, args=(args,), timeout_s=1800,
+                             collective_timeout_s=600)[0]
+        for key, (schedule, v) in PIPELINE_PAIRS.items():
+            (ours, our_bubble), (theirs, their_bubble) = pp[key]["nanomt"], pp[key]["torch"]
+            bench[key] = pair(ours, theirs, nanomt_bubble=our_bubble, peer_bubble=their_bubble,
+                              formula_bubble=bubble_fraction(schedule, 2, 8, v))
+    if run("dp"):
+        bench["zero_traffic"] = {f"stage{s}": r for s, r in dp["traffic"].items()}
     return bench
 
 
@@ -248,6 +272,8 @@ def table(bench: dict) -> str:
             notes = (f"bubble {r['nanomt_bubble']:.3f} vs {r['peer_bubble']:.3f} "
                      f"(formula {r['formula_bubble']:.3f})")
         lines.append(f"| {key} | {r['nanomt_s']:.4f} | {r['peer_s']:.4f} | {r['ratio']:.2f} | {notes} |")
+    if "zero_traffic" not in bench:
+        return "\n".join(lines)
     lines += ["", "| ZeRO stage | counted bytes/step/rank | formula |", "|---|---|---|"]
     for stage, r in bench["zero_traffic"].items():
         lines.append(f"| {stage} | {r['counted_bytes']:,} | {r['formula_bytes']:,} |")
@@ -259,6 +285,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--only", choices=("single", "dp", "tp", "pipelines"),
+                        help="run one group of comparisons")
     args = parser.parse_args()
     start = machine()
     bench = collect(args)
