@@ -29,6 +29,7 @@ from nanomt.memory import PeakMemoryMeter
 from nanomt.model import GPT, ModelConfig
 from nanomt.model.checkpointing import set_activation_checkpointing
 from nanomt.model.chunks import build_model_chunks
+from nanomt.model.moe import set_aux_loss_scale, step_statistics
 from nanomt.optim import build_optimizer
 from nanomt.optim.schedule import learning_rate_at
 from nanomt.parallel import comm
@@ -113,6 +114,8 @@ class Trainer:
         optimizer.zero_grad(num_microbatches=len(micro_batches))
         if self.timeline is not None:
             self.timeline.begin_step(step + 1)
+        # the router's losses (mixture of experts) enter backward with each loss's scale
+        set_aux_loss_scale(self.model_chunks, optimizer.loss_scale / len(micro_batches))
         with measure.watch(step == self.start_step and self.cfg.train.measure_memory):
             loss_sum = self.forward_backward(self.model_chunks, micro_batches, self.grid,
                                              timeline=self.timeline,
@@ -123,8 +126,11 @@ class Trainer:
         finalize_grads(optimizer.buffer)
         # the global norm and the inf/nan verdict, on the device; clip by the norm
         totals = optimizer.clip_grads()
+        router_sums = step_statistics(self.model_chunks, self.model_cfg,  # MoE; else None
+                                      (self.grid.dp_size, self.grid.cp_size), self.device)
         read = read_step(step + 1, totals, loss, self.grid, self.device,  # the one host read
-                         self.checkpointer.preemption.received, optimizer.loss_scaler)
+                         self.checkpointer.preemption.received, optimizer.loss_scaler,
+                         router_sums)
         self.preempted = read.preempted
         lr = self.lr_at(step)
         for group in optimizer.param_groups:
