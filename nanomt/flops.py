@@ -14,6 +14,12 @@ model FLOPs count the model once, whatever is recomputed:
                                     selective: 4 B s^2 l h,
                                     full: 24 B s l h^2 (1 + s/(6h))}
 
+A mixture-of-experts layer (model.moe, one in `every` layers) runs per token, instead of the
+16 h^2 the formulas count for a dense MLP (f = 4h, or SwiGLU at 8h/3), its router and its
+active experts, 2 h E + 2 n h f_e (top_k + S) forward (n = 3 matrices for SwiGLU, 2 for GeLU;
+S shared experts): both formulas add (3, or 4 with the recomputed forward) B s times that
+difference per MoE layer. FLOPs and MFU thus count the active parameters, not the total.
+
 MFU = model FLOPs per second / (number of GPUs * peak FLOP/s per GPU). MT-NLG 530B reached
 126 TFLOP/s per A100 (40% of 312) counted with the first formula. Peaks are the datasheets' dense
 tensor-core figures (never the 2:4 sparsity ones, twice as large), per card and precision.
@@ -32,8 +38,23 @@ def flops_per_iteration(cfg: ModelConfig, global_batch_size: int, padded_vocab: 
     B, s, l, h = global_batch_size, cfg.seq_len, cfg.num_layers, cfg.hidden_size
     V = padded_vocab if padded_vocab is not None else cfg.vocab_size
     if full_recompute:
-        return 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
-    return 72 * B * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h))
+        dense = 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
+    else:
+        dense = 72 * B * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h))
+    passes = 4 if full_recompute else 3  # forward, backward (twice the forward), recompute
+    return dense + passes * B * s * moe_forward_flops_per_token(cfg)
+
+
+def moe_forward_flops_per_token(cfg: ModelConfig) -> float:
+    """What the MoE layers' forward adds per token to the dense formula's (module docstring):
+    0 for a dense model, negative when the active experts are narrower than 4h."""
+    moe = getattr(cfg, "moe", None)
+    if moe is None:
+        return 0.0
+    h, matrices = cfg.hidden_size, 3 if cfg.style == "llama" else 2
+    active = 2 * h * moe.num_experts + 2 * matrices * h * moe.ffn_hidden_size * (
+        moe.top_k + moe.shared_experts)
+    return cfg.num_layers // moe.every * (active - 16 * h * h)
 
 
 def hardware_flops_per_iteration(cfg: ModelConfig, global_batch_size: int, recompute: str,

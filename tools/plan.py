@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
         exit_with(error)
     plan = make_plan(model, inputs)
     modelled = step_time(model, inputs, plan.params_per_rank, plan.hardware_flops_per_iteration,
-                         plan.model_flops_per_iteration, cluster)
+                         plan.model_flops_per_iteration, cluster, plan.expert_params_per_rank)
     meta = None
     if cfg.plan.meta_check:
         meta = meta_shard_params(model, inputs.tp, inputs.pp, inputs.virtual_stages,

@@ -20,7 +20,8 @@ def layout_overrides(x: PlanInputs) -> list[str]:
             f"parallel.sequence_parallel={str(x.sequence_parallel).lower()}",
             f"train.micro_batch_size={x.micro_batch}",
             f"train.global_batch_size={x.global_batch}",
-            f"train.activation_checkpointing={x.recompute}", f"train.precision={x.precision}"]
+            f"train.activation_checkpointing={x.recompute}", f"train.precision={x.precision}"
+            ] + ([f"parallel.ep={x.ep}"] if x.ep > 1 else [])
 
 
 def launch_command(x: PlanInputs, gpus_per_node: int, other_overrides: list[str]) -> str:
@@ -37,7 +38,8 @@ def launch_command(x: PlanInputs, gpus_per_node: int, other_overrides: list[str]
 
 
 def describe(x: PlanInputs) -> str:
-    return (f"tp{x.tp} cp{x.cp} pp{x.pp} v{x.virtual_stages} dp{x.dp} {x.schedule} "
+    experts = f" ep{x.ep}" if x.ep > 1 else ""
+    return (f"tp{x.tp} cp{x.cp} pp{x.pp} v{x.virtual_stages} dp{x.dp}{experts} {x.schedule} "
             f"ZeRO-{x.zero_stage} SP={'on' if x.sequence_parallel else 'off'} "
             f"recompute={x.recompute} b={x.micro_batch}")
 

@@ -1,0 +1,155 @@
+"""The planner and the FLOPs counter for a mixture of experts (model.moe, parallel.ep), against
+closed-form counts, transformers' Mixtral and the real model:
+
+  - Mixtral 8x7B's total and active parameters: transformers' MixtralForCausalLM (built on
+    the meta device) plus what nanomt's full multi-head attention adds over its grouped K, V;
+  - parameters per rank: E/ep experts per MoE layer, split over tp, every `every` layers; the
+    dense part unchanged;
+  - model state: the experts' ZeRO shards over dp cp / ep ranks, the rest over dp cp;
+  - all-to-all bytes per step: 4 e T top_k h per MoE layer and micro-batch (6 with the
+    recomputed forward), 0 at ep = 1; the step-time model's ep term is those all-to-alls;
+  - FLOPs count the active experts and the router, not the total;
+  - --search offers ep (divisors of dp cp that divide E) for MoE models only.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nanomt.flops import flops_per_iteration
+from nanomt.model import ModelConfig
+from nanomt.planner import PlanInputs, make_plan
+from nanomt.planner.params import params_on_pipeline_rank, total_and_active_params
+from nanomt.planner.search import search
+from nanomt.planner.step_time import Machine, all_to_all_s, step_time
+
+A100 = Machine()
+
+
+def with_moe(cfg: ModelConfig, num_experts: int, top_k: int, ffn_hidden_size: int,
+             every: int = 1, shared_experts: int = 0) -> ModelConfig:
+    cfg.moe = SimpleNamespace(num_experts=num_experts, top_k=top_k,
+                              ffn_hidden_size=ffn_hidden_size, every=every,
+                              shared_experts=shared_experts, aux_loss_coef=0.01,
+                              z_loss_coef=0.0)
+    return cfg
+
+
+def mixtral_8x7b() -> ModelConfig:
+    """Mixtral 8x7B as nanomt builds it: HF's config.json, but num_key_value_heads = 32."""
+    cfg = ModelConfig(style="llama", num_layers=32, hidden_size=4096, num_heads=32,
+                      ffn_hidden_size=14336, seq_len=4096, vocab_size=32000,
+                      rope_theta=1e6)
+    return with_moe(cfg, num_experts=8, top_k=2, ffn_hidden_size=14336)
+
+
+# Mixtral 8x7B, as transformers counts it (grouped-query attention: 8 K, V heads of 128)
+HF_TOTAL, HF_ACTIVE = 46_702_792_704, 12_879_925_248
+# nanomt's attention has 32 K and 32 V heads: 2 h (h - h/4) more weights per layer
+MHA_EXTRA = 32 * 2 * 4096 * (4096 - 1024)
+
+
+def test_mixtral_8x7b_total_and_active_parameters():
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        hf = transformers.MixtralForCausalLM(transformers.MixtralConfig())  # 8x7B defaults
+    assert sum(p.numel() for p in hf.parameters()) == HF_TOTAL
+    one_expert = 3 * 14336 * 4096
+    assert HF_TOTAL - HF_ACTIVE == 32 * (8 - 2) * one_expert
+    assert total_and_active_params(mixtral_8x7b()) == (HF_TOTAL + MHA_EXTRA,
+                                                       HF_ACTIVE + MHA_EXTRA)
+
+
+def test_expert_params_per_rank_are_e_over_ep_split_over_tp():
+    cfg = with_moe(ModelConfig(style="gpt", num_layers=4, hidden_size=64, num_heads=4,
+                               seq_len=32, vocab_size=256), num_experts=8, top_k=2,
+                   ffn_hidden_size=96, every=2, shared_experts=1)
+    dense = ModelConfig(style="gpt", num_layers=4, hidden_size=64, num_heads=4, seq_len=32,
+                        vocab_size=256)
+    h, f_e, tp, ep = 64, 96, 2, 4
+    experts = 8 // ep * 2 * f_e * h // tp          # GeLU: fc1 and fc2, no biases
+    shared = 2 * f_e * h // tp + f_e // tp + h     # a dense MLP of width 1 x f_e, biases
+    dense_mlp = 2 * 256 * h // tp + 256 // tp + h  # what layer 1 (and 3) replace
+    for pp_rank in range(2):  # layers 2r, 2r+1: 2r+1 is an MoE layer
+        assert params_on_pipeline_rank(cfg, tp, 2, 1, pp_rank, ep) == \
+            params_on_pipeline_rank(dense, tp, 2, 1, pp_rank) - dense_mlp + 8 * h + experts \
+            + shared
+        assert params_on_pipeline_rank(cfg, tp, 2, 1, pp_rank, ep, experts_only=True) == experts
+
+
+def test_expert_state_is_sharded_over_expert_dp():
+    cfg = mixtral_8x7b()
+    x = PlanInputs(tp=2, pp=4, dp=8, ep=8, zero_stage=1, micro_batch=1, global_batch=64)
+    plan = make_plan(cfg, x)
+    layers, experts_per_layer = 32 // 4, 8 // 8
+    experts = layers * experts_per_layer * 3 * 14336 * 4096 // 2  # split over tp = 2
+    assert plan.expert_params_per_rank == experts and x.expert_dp == 1
+    dense = plan.params_per_rank - experts
+    assert plan.bytes_per_gpu["optimizer"] == 12 * dense / 8 + 12 * experts / 1
+    assert plan.bytes_per_gpu["weights"] == 2 * plan.params_per_rank
+    at_ep2 = make_plan(cfg, PlanInputs(tp=2, pp=4, dp=8, ep=2, zero_stage=1, micro_batch=1,
+                                       global_batch=64))
+    assert at_ep2.expert_params_per_rank == 4 * experts  # 4 experts a layer, over 4 ranks
+    assert at_ep2.bytes_per_gpu["optimizer"] == pytest.approx(
+        plan.bytes_per_gpu["optimizer"])  # ZeRO-1: E/(ep (dp/ep)) = E/dp experts' state
+    assert at_ep2.bytes_per_gpu["weights"] > plan.bytes_per_gpu["weights"]
+
+
+def test_all_to_all_bytes_and_the_ep_term():
+    cfg = mixtral_8x7b()
+    x = PlanInputs(tp=1, pp=2, dp=4, ep=4, micro_batch=2, global_batch=32, precision="bf16")
+    plan = make_plan(cfg, x)
+    m, layers, tokens = 4, 16, 2 * 4096
+    one = 2 * tokens * 2 * 4096  # e T top_k h
+    assert plan.all_to_all_bytes_per_step == m * layers * 4 * one
+    full = make_plan(cfg, PlanInputs(**{**x.__dict__, "recompute": "full"}))
+    assert full.all_to_all_bytes_per_step == m * layers * 6 * one
+    assert make_plan(cfg, PlanInputs(**{**x.__dict__, "ep": 1})).all_to_all_bytes_per_step == 0
+    t = step_time(cfg, x, plan.params_per_rank, plan.hardware_flops_per_iteration,
+                  plan.model_flops_per_iteration, A100, plan.expert_params_per_rank).terms
+    exchange = 3 / 4 * one / 200e9 + 3 * 3e-6  # 4 consecutive ranks: NVLink
+    assert all_to_all_s(one, 4, 200.0, A100) == pytest.approx(exchange)
+    assert t["ep"] == pytest.approx(m * layers * 4 * exchange)
+
+
+def test_flops_count_the_active_experts_and_the_router():
+    B, s, l, h, E = 8, 128, 4, 64, 8
+    dense = ModelConfig(num_layers=l, hidden_size=h, num_heads=4, seq_len=s, vocab_size=256)
+    # top-1 of 8 experts as wide as the dense MLP: the dense count plus the router's 2 h E
+    moe = with_moe(ModelConfig(num_layers=l, hidden_size=h, num_heads=4, seq_len=s,
+                               vocab_size=256), num_experts=E, top_k=1, ffn_hidden_size=4 * h)
+    for full in (False, True):
+        passes = 4 if full else 3
+        assert flops_per_iteration(moe, B, full_recompute=full) == pytest.approx(
+            flops_per_iteration(dense, B, full_recompute=full) + passes * B * s * l * 2 * h * E)
+    # every 2nd layer, top-2 SwiGLU experts of f_e and one shared: per MoE layer and token
+    # forward 2 h E + 2 x 3 h f_e x (2 + 1) instead of 16 h^2
+    f_e = 96
+    llama = with_moe(ModelConfig(style="llama", num_layers=l, hidden_size=h, num_heads=4,
+                                 seq_len=s, vocab_size=256), num_experts=E, top_k=2,
+                     ffn_hidden_size=f_e, every=2, shared_experts=1)
+    base = ModelConfig(style="llama", num_layers=l, hidden_size=h, num_heads=4, seq_len=s,
+                       vocab_size=256)
+    assert flops_per_iteration(llama, B) == pytest.approx(
+        flops_per_iteration(base, B) + 3 * B * s * 2 * (2 * h * E + 6 * h * f_e * 3 - 16 * h * h))
+
+
+def test_search_offers_expert_parallelism_for_moe_models_only():
+    cfg = mixtral_8x7b()
+    base = PlanInputs(tp=1, pp=1, dp=64, global_batch=256, precision="bf16",
+                      gpu_memory_gb=80.0)
+    result = search(cfg, base, 64, A100)
+    eps = {c.plan.inputs.ep for c in result.ranked}
+    assert eps and eps <= {1, 2, 4, 8} and max(eps) > 1
+    for c in result.ranked:
+        x = c.plan.inputs
+        assert (x.dp * x.cp) % x.ep == 0 and 8 % x.ep == 0
+    best = result.ranked[0]
+    assert best.time.terms["ep"] > 0 or best.plan.inputs.ep == 1
+    dense = ModelConfig(style="llama", num_layers=8, hidden_size=1024, num_heads=16,
+                        seq_len=1024, vocab_size=32000)
+    assert {c.plan.inputs.ep for c in search(dense, PlanInputs(
+        tp=1, pp=1, dp=8, global_batch=32, precision="bf16"), 8, A100).ranked} == {1}
