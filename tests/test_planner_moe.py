@@ -139,9 +139,9 @@ def test_flops_count_the_active_experts_and_the_router():
 
 def test_search_offers_expert_parallelism_for_moe_models_only():
     cfg = mixtral_8x7b()
-    base = PlanInputs(tp=1, pp=1, dp=64, global_batch=256, precision="bf16",
+    base = PlanInputs(tp=1, pp=1, dp=16, global_batch=64, precision="bf16",
                       gpu_memory_gb=80.0)
-    result = search(cfg, base, 64, A100)
+    result = search(cfg, base, 16, A100)
     eps = {c.plan.inputs.ep for c in result.ranked}
     assert eps and eps <= {1, 2, 4, 8} and max(eps) > 1
     for c in result.ranked:
