@@ -48,13 +48,13 @@ def flops_per_iteration(cfg: ModelConfig, global_batch_size: int, padded_vocab: 
 def moe_forward_flops_per_token(cfg: ModelConfig) -> float:
     """What the MoE layers' forward adds per token to the dense formula's (module docstring):
     0 for a dense model, negative when the active experts are narrower than 4h."""
-    moe = getattr(cfg, "moe", None)
+    moe = cfg.moe
     if moe is None:
         return 0.0
     h, matrices = cfg.hidden_size, 3 if cfg.style == "llama" else 2
     active = 2 * h * moe.num_experts + 2 * matrices * h * moe.ffn_hidden_size * (
         moe.top_k + moe.shared_experts)
-    return cfg.num_layers // moe.every * (active - 16 * h * h)
+    return moe.num_moe_layers(cfg.num_layers) * (active - 16 * h * h)
 
 
 def hardware_flops_per_iteration(cfg: ModelConfig, global_batch_size: int, recompute: str,

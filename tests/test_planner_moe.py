@@ -4,7 +4,10 @@ closed-form counts, transformers' Mixtral and the real model:
   - Mixtral 8x7B's total and active parameters: transformers' MixtralForCausalLM (built on
     the meta device) plus what nanomt's full multi-head attention adds over its grouped K, V;
   - parameters per rank: E/ep experts per MoE layer, split over tp, every `every` layers; the
-    dense part unchanged;
+    dense part unchanged; equal to the real model's shard built on the meta device at
+    tp x ep x pp;
+  - the all-to-all bytes the real layer hands to comm on 2 gloo ranks (ep = 2) in a forward
+    and backward equal the planner's count;
   - model state: the experts' ZeRO shards over dp cp / ep ranks, the rest over dp cp;
   - all-to-all bytes per step: 4 e T top_k h per MoE layer and micro-batch (6 with the
     recomputed forward), 0 at ep = 1; the step-time model's ep term is those all-to-alls;
@@ -14,28 +17,28 @@ closed-form counts, transformers' Mixtral and the real model:
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from dataclasses import replace
 
 import pytest
 import torch
 
 from nanomt.flops import flops_per_iteration
-from nanomt.model import ModelConfig
-from nanomt.planner import PlanInputs, make_plan
-from nanomt.planner.params import params_on_pipeline_rank, total_and_active_params
+from nanomt.model import GPT, ModelConfig
+from nanomt.model.config import MoEConfig
+from nanomt.planner import PlanInputs, make_plan, meta_shard_params
+from nanomt.planner.params import params_on_pipeline_rank
 from nanomt.planner.search import search
 from nanomt.planner.step_time import Machine, all_to_all_s, step_time
+from nanomt.testing import run_distributed
 
 A100 = Machine()
 
 
 def with_moe(cfg: ModelConfig, num_experts: int, top_k: int, ffn_hidden_size: int,
              every: int = 1, shared_experts: int = 0) -> ModelConfig:
-    cfg.moe = SimpleNamespace(num_experts=num_experts, top_k=top_k,
-                              ffn_hidden_size=ffn_hidden_size, every=every,
-                              shared_experts=shared_experts, aux_loss_coef=0.01,
-                              z_loss_coef=0.0)
-    return cfg
+    return replace(cfg, moe=MoEConfig(num_experts=num_experts, top_k=top_k,
+                                      ffn_hidden_size=ffn_hidden_size, every=every,
+                                      shared_experts=shared_experts))
 
 
 def mixtral_8x7b() -> ModelConfig:
@@ -59,8 +62,14 @@ def test_mixtral_8x7b_total_and_active_parameters():
     assert sum(p.numel() for p in hf.parameters()) == HF_TOTAL
     one_expert = 3 * 14336 * 4096
     assert HF_TOTAL - HF_ACTIVE == 32 * (8 - 2) * one_expert
-    assert total_and_active_params(mixtral_8x7b()) == (HF_TOTAL + MHA_EXTRA,
+    cfg = mixtral_8x7b()
+    assert cfg.num_parameters() == HF_TOTAL + MHA_EXTRA
+    assert cfg.num_parameters(active=True) == HF_ACTIVE + MHA_EXTRA
+    plan = make_plan(cfg, PlanInputs(tp=1, pp=1, dp=1))
+    assert (plan.params_total, plan.params_active) == (HF_TOTAL + MHA_EXTRA,
                                                        HF_ACTIVE + MHA_EXTRA)
+    # one rank holding everything: the planner's count, the vocabulary padded to 32,000 already
+    assert plan.params_per_rank == plan.params_total
 
 
 def test_expert_params_per_rank_are_e_over_ep_split_over_tp():
@@ -103,11 +112,11 @@ def test_all_to_all_bytes_and_the_ep_term():
     x = PlanInputs(tp=1, pp=2, dp=4, ep=4, micro_batch=2, global_batch=32, precision="bf16")
     plan = make_plan(cfg, x)
     m, layers, tokens = 4, 16, 2 * 4096
-    one = 2 * tokens * 2 * 4096  # e T top_k h
-    assert plan.all_to_all_bytes_per_step == m * layers * 4 * one
-    full = make_plan(cfg, PlanInputs(**{**x.__dict__, "recompute": "full"}))
-    assert full.all_to_all_bytes_per_step == m * layers * 6 * one
-    assert make_plan(cfg, PlanInputs(**{**x.__dict__, "ep": 1})).all_to_all_bytes_per_step == 0
+    one, counts = 2 * tokens * 2 * 4096, 8 * 8  # e T top_k h; E int64 per forward
+    assert plan.all_to_all_bytes_per_step == m * layers * (4 * one + counts)
+    full = make_plan(cfg, replace(x, recompute="full"))
+    assert full.all_to_all_bytes_per_step == m * layers * (6 * one + 2 * counts)
+    assert make_plan(cfg, replace(x, ep=1)).all_to_all_bytes_per_step == 0
     t = step_time(cfg, x, plan.params_per_rank, plan.hardware_flops_per_iteration,
                   plan.model_flops_per_iteration, A100, plan.expert_params_per_rank).terms
     exchange = 3 / 4 * one / 200e9 + 3 * 3e-6  # 4 consecutive ranks: NVLink
@@ -153,3 +162,57 @@ def test_search_offers_expert_parallelism_for_moe_models_only():
                         seq_len=1024, vocab_size=32000)
     assert {c.plan.inputs.ep for c in search(dense, PlanInputs(
         tp=1, pp=1, dp=8, global_batch=32, precision="bf16"), 8, A100).ranked} == {1}
+
+
+SHARDED = {  # name: (model, tp, pp, v, ep, sequence parallel)
+    "llama tp2 ep2 pp2 shared": (with_moe(ModelConfig(
+        style="llama", num_layers=4, hidden_size=32, num_heads=4, seq_len=16, vocab_size=100),
+        num_experts=4, top_k=2, ffn_hidden_size=24, every=2, shared_experts=1), 2, 2, 1, 2,
+        True),
+    "gpt ep4 pp2 v2": (with_moe(ModelConfig(
+        style="gpt", num_layers=4, hidden_size=32, num_heads=4, seq_len=16, vocab_size=100),
+        num_experts=8, top_k=1, ffn_hidden_size=40), 1, 2, 2, 4, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARDED))
+def test_params_per_rank_equal_the_meta_device_shard(name):
+    cfg, tp, pp, v, ep, sp = SHARDED[name]
+    for pp_rank in range(pp):
+        for tp_rank, ep_rank in {(0, 0), (tp - 1, ep - 1)}:
+            assert params_on_pipeline_rank(cfg, tp, pp, v, pp_rank, ep) == meta_shard_params(
+                cfg, tp, pp, v, pp_rank, tp_rank, sp, ep, ep_rank), (pp_rank, tp_rank, ep_rank)
+            assert params_on_pipeline_rank(cfg, tp, pp, v, pp_rank, ep, experts_only=True) > 0
+
+
+COUNTED = with_moe(ModelConfig(style="llama", num_layers=3, hidden_size=16, num_heads=2,
+                               seq_len=8, vocab_size=64), num_experts=4, top_k=2,
+                   ffn_hidden_size=24, every=2)  # layer 1 only
+
+
+def _count_all_to_all_bytes(micro_batches: int) -> int:
+    """One forward + backward per micro-batch of b = 2 sequences on this rank (ep = dp = 2)."""
+    from comm_counting import traffic_log
+    from nanomt.parallel.grid import ParallelGrid
+
+    grid = ParallelGrid(dp=2, ep=2)
+    model = GPT(COUNTED, grid, seed=5)
+    generator = torch.Generator().manual_seed(grid.rank)
+    with traffic_log() as log:
+        for _ in range(micro_batches):
+            tokens = torch.randint(0, 64, (2, 8), generator=generator)
+            model(tokens, tokens).mean().backward()
+    return sum(r.nbytes for r in log if r.kind == "all_to_all")
+
+
+def test_counted_all_to_all_bytes_equal_the_planners():
+    """Rank by rank the bytes depend on the routing (a rank sends its T k rows and returns the
+    rows it received); over the ep group they add up to ep x the planner's per-rank count."""
+    counted = run_distributed(_count_all_to_all_bytes, world_size=2, args=(3,), timeout_s=300)
+    x = PlanInputs(tp=1, pp=1, dp=2, ep=2, micro_batch=2, global_batch=12, precision="fp32")
+    assert x.num_microbatches == 3
+    plan = make_plan(COUNTED, x)
+    T, k, h, E = 2 * 8, 2, 16, 4
+    counts = 8 * E  # int64 per expert, once per forward
+    assert plan.all_to_all_bytes_per_step == 3 * 1 * (4 * 4 * T * k * h + counts)
+    assert sum(counted) == 2 * plan.all_to_all_bytes_per_step

@@ -184,14 +184,6 @@ def hf_config(cfg: ModelConfig, boundary_id: int | None = None) -> PretrainedCon
         raise ValueError(f"token id {boundary_id} is outside the model's vocabulary "
                          f"(model.vocab_size={cfg.vocab_size}): export with its own tokenizer")
     ids = {"bos_token_id": boundary_id, "eos_token_id": boundary_id}
-    if cfg.style == "gpt":
-        return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.seq_len,
-                          n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
-                          n_inner=cfg.ffn_hidden_size,
-                          activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
-                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                          tie_word_embeddings=cfg.tie_embeddings,
-                          architectures=["GPT2LMHeadModel"], **ids)
     shared = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                   num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                   num_key_value_heads=cfg.num_heads, head_dim=cfg.head_dim,
@@ -200,6 +192,14 @@ def hf_config(cfg: ModelConfig, boundary_id: int | None = None) -> PretrainedCon
                   hidden_act="silu", **ids)
     if cfg.moe:
         return mixtral_config(cfg, shared)
+    if cfg.style == "gpt":
+        return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.seq_len,
+                          n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                          n_inner=cfg.ffn_hidden_size,
+                          activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                          tie_word_embeddings=cfg.tie_embeddings,
+                          architectures=["GPT2LMHeadModel"], **ids)
     return LlamaConfig(**shared, intermediate_size=cfg.ffn_hidden_size, attention_bias=False,
                        mlp_bias=False, architectures=["LlamaForCausalLM"])
 

@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
     if cfg.plan.meta_check:
         meta = meta_shard_params(model, inputs.tp, inputs.pp, inputs.virtual_stages,
                                  plan.largest_pp_rank,
-                                 sequence_parallel=inputs.sequence_parallel)
+                                 sequence_parallel=inputs.sequence_parallel, ep=inputs.ep)
     iteration_time = cfg.plan.iteration_time_s
     print(plan_table(plan, meta, iteration_time, modelled))
     if cfg.plan.json_out:

@@ -33,8 +33,9 @@ stands for s/cp; the dp x cp ranks of a (tp, pp) position hold the same weights)
                              routes all its tokens)
     all-to-all bytes         per MoE layer and micro-batch, T top_k rows of h elements (T = b s
                              tokens of the rank) leave and come back in forward, and again in
-                             backward: 4 e T top_k h sent per rank, (ep-1)/ep of them to
-                             other ranks when the routing is uniform (docs/moe.md)
+                             backward: 4 e T top_k h sent per rank (+ 8 E bytes of counts),
+                             (ep-1)/ep of them to other ranks when the routing is uniform
+                             (docs/moe.md)
     ZeRO-3 working set       the gathered parameters of the layers in use and their gradients
                              before the reduce-scatter: (1 + prefetch) layers of the rank's
                              tensor-parallel shard, whole over dp
@@ -53,8 +54,7 @@ from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration
 from nanomt.memory import activation_bytes_per_layer, zero_formula_bytes
 from nanomt.model.config import ModelConfig
 from nanomt.parallel.pipeline.schedules import schedule_order
-from nanomt.planner.params import (chunk_layers, is_moe_layer, layer_params,
-                                   params_on_pipeline_rank, total_and_active_params)
+from nanomt.planner.params import chunk_layers, is_moe_layer, layer_params, params_on_pipeline_rank
 
 GIB = 2**30
 # (parameter, gradient, optimizer-state) bytes per parameter: fp32 keeps Adam's two moments;
@@ -199,7 +199,7 @@ def peak_activations(cfg: ModelConfig, x: PlanInputs) -> tuple[float, int, int]:
     flight): the kept activations at their peak, plus the backward's working set."""
     p, v, m = x.pp, x.virtual_stages, x.num_microbatches
     # the chunks but the last keep as many bytes (dense), or (MoE layers unevenly spread) at most
-    others = range(p * v - 1) if getattr(cfg, "moe", None) else range(min(p * v - 1, 1))
+    others = range(p * v - 1) if cfg.moe else range(min(p * v - 1, 1))
     chunk = max((chunk_activation_bytes(cfg, x, c, p * v) for c in others), default=0.0)
     extra = chunk_activation_bytes(cfg, x, p * v - 1, p * v) - chunk
     best = (0.0, 0, 0)
@@ -235,15 +235,18 @@ def moe_layers_on_pipeline_rank(cfg: ModelConfig, x: PlanInputs, pp_rank: int) -
 
 
 def all_to_all_bytes_per_step(cfg: ModelConfig, x: PlanInputs, pp_rank: int) -> float:
-    """Bytes one rank of pipeline rank `pp_rank` hands to all_to_all_single in one step:
-    per MoE layer and micro-batch 4 e T top_k h (T = b s / cp tokens; module docstring),
-    6 under full recompute (the forward's two run again); 0 without expert parallelism."""
-    if x.ep == 1 or not getattr(cfg, "moe", None):
+    """Bytes one rank of pipeline rank `pp_rank` hands to all_to_all_single in one step, the
+    mean over its ep group: per MoE layer and micro-batch each forward sends the T top_k rows
+    out and back, 2 e T top_k h (T = b s / cp tokens), and the E int64 counts, 8 E; the
+    backward the rows' gradients, 2 e T top_k h (module docstring); 0 without expert
+    parallelism. Full recompute runs the forward twice."""
+    if x.ep == 1 or not cfg.moe:
         return 0.0
     tokens = x.micro_batch * cfg.seq_len // x.cp
-    passes = 6 if x.recompute == "full" else 4
-    one = element_bytes(x)[0] * tokens * cfg.moe.top_k * cfg.hidden_size
-    return x.num_microbatches * moe_layers_on_pipeline_rank(cfg, x, pp_rank) * passes * one
+    rows = 2 * element_bytes(x)[0] * tokens * cfg.moe.top_k * cfg.hidden_size
+    forwards = 2 if x.recompute == "full" else 1
+    one = forwards * (rows + 8 * cfg.moe.num_experts) + rows
+    return x.num_microbatches * moe_layers_on_pipeline_rank(cfg, x, pp_rank) * one
 
 
 def make_plan(cfg: ModelConfig, x: PlanInputs) -> Plan:
@@ -265,9 +268,9 @@ def make_plan(cfg: ModelConfig, x: PlanInputs) -> Plan:
     G, padded = x.global_batch, cfg.padded_vocab_size(x.tp)
     hardware = hardware_flops_per_iteration(cfg, G, x.recompute, padded)
     step_time = hardware / (x.num_gpus * x.tflops_per_gpu * 1e12)
-    total, active = total_and_active_params(cfg)
     plan = Plan(
-        inputs=x, params_total=total, params_active=active, params_per_rank=psi,
+        inputs=x, params_total=cfg.num_parameters(),
+        params_active=cfg.num_parameters(active=True), params_per_rank=psi,
         expert_params_per_rank=psi_experts, largest_pp_rank=largest,
         bytes_per_gpu={"weights": state["params"], "grads": state["grads"],
                        "optimizer": state["optimizer_state"], "activations": activations,

@@ -8,16 +8,13 @@ With t = tp, one transformer layer of hidden h and feed-forward f holds on each 
                 + f/t + h biases (GeLU only)
     norms       2 x 2h (LayerNorm weight and bias) or 2 x h (RMSNorm), whole on every rank
 
-A mixture-of-experts layer (model.moe; global layer i is one iff i % every == every - 1) has
+A mixture-of-experts layer (model.moe: nanomt.model.config.MoEConfig says which layers) has
 instead of the MLP, with E experts of width f_e, S shared experts and ep = parallel.ep,
 
     router          E h weights, whole on every rank (tp and ep)
     routed experts  E/ep x (k + 1) f_e h / t weights, no biases: ep rank r holds experts
                     [r E/ep, (r+1) E/ep), each split over tp like the dense MLP
     shared experts  a dense MLP of width S f_e (its biases too, GeLU only)
-
-Of a token's E routed experts only top_k run: the active parameters are the total less
-(E - top_k) experts' (k + 1) f_e h per MoE layer.
 
 The word embedding is split by vocabulary rows, V_padded / t x h (V padded to a multiple of
 lcm(128, t)); the first chunk adds learned positions s h (GPT, whole), the last chunk the final
@@ -31,9 +28,7 @@ from nanomt.model.config import ModelConfig
 
 
 def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
-    """Global layer `layer` (0-based) is a mixture of experts (module docstring)."""
-    moe = getattr(cfg, "moe", None)
-    return moe is not None and layer % moe.every == moe.every - 1
+    return cfg.moe is not None and cfg.moe.is_moe_layer(layer)
 
 
 def mlp_params(cfg: ModelConfig, width: int, tp: int) -> int:
@@ -111,17 +106,3 @@ def largest_pipeline_rank(cfg: ModelConfig, tp: int, pp: int, virtual_stages: in
     """The pipeline rank holding the most parameters (the first, on ties)."""
     counts = [params_on_pipeline_rank(cfg, tp, pp, virtual_stages, r, ep) for r in range(pp)]
     return counts.index(max(counts))
-
-
-def total_and_active_params(cfg: ModelConfig) -> tuple[int, int]:
-    """The whole model's parameters (vocabulary unpadded, a tied output counted once), and of
-    them those one token runs through: all but (E - top_k) routed experts per MoE layer."""
-    h, v = cfg.hidden_size, cfg.vocab_size
-    layers = sum(layer_params(cfg, 1, i) for i in range(cfg.num_layers))
-    embeddings = v * h + (cfg.seq_len * h if cfg.style == "gpt" else 0)
-    final_norm = 2 * h if cfg.style == "gpt" else h
-    total = layers + embeddings + final_norm + (0 if cfg.tie_embeddings else v * h)
-    moe_layers = sum(is_moe_layer(cfg, i) for i in range(cfg.num_layers))
-    idle = moe_layers * (cfg.moe.num_experts - cfg.moe.top_k) * one_expert_params(cfg, 1) \
-        if moe_layers else 0
-    return total, total - idle

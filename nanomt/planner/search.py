@@ -79,10 +79,9 @@ def grids(cfg: ModelConfig, gpus: int, gpus_per_node: int) -> Iterator[tuple[int
 
 def expert_parallel_sizes(cfg: ModelConfig, dp: int, cp: int) -> list[int]:
     """ep: the divisors of dp cp that divide the experts (1 alone for a dense model)."""
-    moe = getattr(cfg, "moe", None)
-    if moe is None:
+    if cfg.moe is None:
         return [1]
-    return [ep for ep in divisors(dp * cp) if moe.num_experts % ep == 0]
+    return [ep for ep in divisors(dp * cp) if cfg.moe.num_experts % ep == 0]
 
 
 def schedules(cfg: ModelConfig, pp: int, m: int) -> Iterator[tuple[str, int]]:

@@ -162,7 +162,7 @@ def pp_s(cfg: ModelConfig, x: PlanInputs, machine: Machine) -> float:
 
 
 def ep_s(cfg: ModelConfig, x: PlanInputs, machine: Machine) -> float:
-    if x.ep == 1 or not getattr(cfg, "moe", None):
+    if x.ep == 1 or not cfg.moe:
         return 0.0
     passes = 4 + (2 if x.recompute == "full" else 0)
     routed = activation_bytes(cfg, x) * cfg.moe.top_k
