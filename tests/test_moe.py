@@ -200,3 +200,52 @@ def test_gpt_with_experts_trains():
     with torch.no_grad():
         model(tokens, targets)
     assert all(layer.micro_batches == 30 for layer in layers)
+
+
+@pytest.mark.parametrize("overrides,world_size,key", [
+    (["model.moe.top_k=5"], 1, "model.moe.top_k"),
+    (["model.moe.num_experts=0"], 1, "model.moe.num_experts"),
+    (["model.moe.aux_loss_coef=-1"], 1, "model.moe.aux_loss_coef"),
+    (["model.moe.shared_experts=-1"], 1, "model.moe.shared_experts"),
+    (["+model.moe.capacity_factor=1.25"], 1, "model.moe"),
+    (["model.moe.num_experts=6", "model.moe.top_k=2", "parallel.ep=4", "parallel.dp=4"], 4,
+     "model.moe.num_experts"),
+    (["model.moe.ffn_hidden_size=100", "parallel.tp=8", "model.num_heads=8"], 8,
+     "model.moe.ffn_hidden_size"),
+    (["model=tiny", "parallel.ep=2", "parallel.dp=2"], 2, "parallel.ep"),
+])
+def test_bad_config_is_one_error_naming_the_key(overrides, world_size, key):
+    from nanomt.config import check_config
+    from nanomt.errors import ConfigError
+    from nanomt.testing import compose_config
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
+        check_config(compose_config(["model=moe_tiny", *overrides]), world_size=world_size)
+    assert "\n" not in str(error.value)
+
+
+def test_moe_tiny_preset_passes_the_checks_at_ep_2():
+    from nanomt.config import check_config
+    from nanomt.testing import compose_config
+    model, layout, _ = check_config(compose_config(["model=moe_tiny", "parallel.ep=2",
+                                                    "parallel.dp=4"]), world_size=4)
+    assert model.moe.num_experts == 4 and layout.ep == 2
+    assert model.num_parameters(active=True) < model.num_parameters()
+
+
+def test_flops_count_the_active_parameters_as_torch_counts_the_matmuls():
+    """What experts add to a step's FLOPs over the same model dense (4h MLP) equals 3 x the
+    forward matmul FLOPs torch's counter sees: k experts, shared experts and router a token."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nanomt.flops import flops_per_iteration
+    counted, formula = [], []
+    for moe in (None, dict(num_experts=4, top_k=2, ffn_hidden_size=48, shared_experts=1)):
+        cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_len=16,
+                          vocab_size=128, moe=moe)
+        model, tokens = GPT(cfg), torch.randint(0, 128, (3, 16))
+        with FlopCounterMode(display=False) as counter:
+            model(tokens, tokens)
+        counted.append(3 * counter.get_total_flops())
+        formula.append(flops_per_iteration(cfg, 3, padded_vocab=128))
+    assert counted[1] != counted[0]
+    assert formula[1] - formula[0] == counted[1] - counted[0]
