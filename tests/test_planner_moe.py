@@ -22,6 +22,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from nanomt.config import model_config
 from nanomt.flops import flops_per_iteration
 from nanomt.model import GPT, ModelConfig
 from nanomt.model.config import MoEConfig
@@ -29,7 +30,7 @@ from nanomt.planner import PlanInputs, make_plan, meta_shard_params
 from nanomt.planner.params import params_on_pipeline_rank
 from nanomt.planner.search import search
 from nanomt.planner.step_time import Machine, all_to_all_s, step_time
-from nanomt.testing import run_distributed
+from nanomt.testing import compose_config, run_distributed
 
 A100 = Machine()
 
@@ -42,11 +43,8 @@ def with_moe(cfg: ModelConfig, num_experts: int, top_k: int, ffn_hidden_size: in
 
 
 def mixtral_8x7b() -> ModelConfig:
-    """Mixtral 8x7B as nanomt builds it: HF's config.json, but num_key_value_heads = 32."""
-    cfg = ModelConfig(style="llama", num_layers=32, hidden_size=4096, num_heads=32,
-                      ffn_hidden_size=14336, seq_len=4096, vocab_size=32000,
-                      rope_theta=1e6)
-    return with_moe(cfg, num_experts=8, top_k=2, ffn_hidden_size=14336)
+    """model=mixtral_8x7b: HF's config.json, but num_key_value_heads = num_heads = 32."""
+    return model_config(compose_config(["model=mixtral_8x7b"]))
 
 
 # Mixtral 8x7B, as transformers counts it (grouped-query attention: 8 K, V heads of 128)
