@@ -1,6 +1,7 @@
 """Mixtral round trips (tools/convert_hf.py): a llama-style nanomt model with a mixture of
 experts in every layer exports as MixtralForCausalLM with transformers' logits within 1e-5 and
-the hub's tensor names on disk; a transformers Mixtral imports with its logits within 1e-5;
+the hub's tensor names on disk; a transformers Mixtral imports with its logits within 1e-5,
+on one process and under tp = 2;
 both round trips give back the same tensors bit for bit; the router picks and weighs the
 experts as Mixtral's does (top-k of the softmax over all E, renormalised); what nanomt cannot
 compute the same way is refused, naming the field. Offline: random weights from configs."""
@@ -17,6 +18,7 @@ import torch
 
 from nanomt.checkpoint import load_checkpoint, save_checkpoint
 from nanomt.model import GPT, ModelConfig
+from nanomt.testing import run_distributed
 from model_outputs import full_logits
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -102,6 +104,16 @@ def test_export_matches_mixtral_logits_and_names_and_imports_back(tmp_path):
         assert torch.equal(param, params[name]), name
 
 
+def _logits_under_tp2(checkpoint: str) -> torch.Tensor:
+    from nanomt.parallel.grid import ParallelGrid
+
+    cfg, grid = ModelConfig(**MIXTRAL), ParallelGrid(tp=2)
+    model = GPT(cfg, grid, seed=3)
+    load_checkpoint(checkpoint, [model], None, grid, cfg.to_dict())
+    with torch.no_grad():
+        return full_logits(model.eval(), TOKENS)
+
+
 def test_import_matches_mixtral_logits_and_exports_back(tmp_path):
     torch.manual_seed(0)
     hf_model = transformers.MixtralForCausalLM(convert_hf.hf_config(ModelConfig(**MIXTRAL)))
@@ -114,7 +126,12 @@ def test_import_matches_mixtral_logits_and_exports_back(tmp_path):
     model = imported_model(tmp_path / "ckpt")
     with torch.no_grad():
         logits = full_logits(model, TOKENS)
-    assert (logits - hf_logits(tmp_path / "hf")).abs().max() < 1e-5
+    expected = hf_logits(tmp_path / "hf")
+    assert (logits - expected).abs().max() < 1e-5
+    # under tp = 2 each rank holds its f_e / 2 rows of every expert's gate AND up
+    for rank_logits in run_distributed(_logits_under_tp2, world_size=2,
+                                       args=(str(tmp_path / "ckpt"),), timeout_s=300):
+        assert (rank_logits - expected).abs().max() < 1e-5
 
     # and back: Mixtral -> nanomt -> Mixtral writes the same files' tensors, bit for bit
     convert_hf.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--output",
