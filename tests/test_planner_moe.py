@@ -29,7 +29,7 @@ from nanomt.model.config import MoEConfig
 from nanomt.planner import PlanInputs, make_plan, meta_shard_params
 from nanomt.planner.params import params_on_pipeline_rank
 from nanomt.planner.search import search
-from nanomt.planner.step_time import Machine, all_to_all_s, step_time
+from nanomt.planner.step_time import Machine, all_to_all_s, optimizer_s, step_time
 from nanomt.testing import compose_config, run_distributed
 
 A100 = Machine()
@@ -103,6 +103,9 @@ def test_expert_state_is_sharded_over_expert_dp():
     assert at_ep2.bytes_per_gpu["optimizer"] == pytest.approx(
         plan.bytes_per_gpu["optimizer"])  # ZeRO-1: E/(ep (dp/ep)) = E/dp experts' state
     assert at_ep2.bytes_per_gpu["weights"] > plan.bytes_per_gpu["weights"]
+    # AdamW touches its dense shard (1/8) and its whole experts' state (expert_dp = 1)
+    assert optimizer_s(x, plan.params_per_rank, A100, experts) == pytest.approx(
+        2 * (2 + 4 + 12) * (dense / 8 + experts) / 1500e9)
 
 
 def test_all_to_all_bytes_and_the_ep_term():

@@ -369,7 +369,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, tokenizer: str
 
 
 def import_checkpoint(hf_dir: str | Path, output: str | Path) -> Path:
-    """Hugging Face GPT-2 / Llama / Mixtral folder -> nanomt checkpoint (step 0, no optimizer state)."""
+    """Hugging Face GPT-2 / Llama / Mixtral folder -> nanomt checkpoint (step 0, no optimizer
+    state)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     output = Path(output)

@@ -136,8 +136,8 @@ def layer_activation_bytes(cfg: ModelConfig, x: PlanInputs, moe: bool = False) -
     ffn, routed_copies = cfg.ffn_hidden_size, 0.0
     if moe:
         ffn = (cfg.moe.top_k + cfg.moe.shared_experts) * cfg.moe.ffn_hidden_size
-        routed_copies = 0.0 if x.recompute == "full" else e * s * b * cfg.moe.top_k * \
-            cfg.hidden_size
+        if x.recompute != "full":  # full recompute keeps the layer's input only
+            routed_copies = e * s * b * cfg.moe.top_k * cfg.hidden_size
     return routed_copies + activation_bytes_per_layer(
         s, b, cfg.hidden_size, cfg.num_heads, tp=x.tp,
         sequence_parallel=x.sequence_parallel, recompute=x.recompute,
@@ -229,6 +229,7 @@ def model_state_bytes(psi_dense: int, psi_experts: int, x: PlanInputs) -> dict[s
 
 
 def moe_layers_on_pipeline_rank(cfg: ModelConfig, x: PlanInputs, pp_rank: int) -> int:
+    """The MoE layers of pipeline rank `pp_rank`'s chunks."""
     chunks = x.pp * x.virtual_stages
     return sum(is_moe_layer(cfg, i) for j in range(x.virtual_stages)
                for i in chunk_layers(cfg, j * x.pp + pp_rank, chunks))

@@ -28,6 +28,7 @@ from nanomt.model.config import ModelConfig
 
 
 def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    """Global layer `layer` has experts (model.moe.every), not a dense MLP."""
     return cfg.moe is not None and cfg.moe.is_moe_layer(layer)
 
 

@@ -32,15 +32,15 @@ model; plan.latency_us):
     dp           stage 0: all-reduce(g Psi); 1-2: reduce-scatter(g Psi) + all-gather(e Psi)
                  over dp cp ranks, Psi this rank's parameters. The reduce runs during the last
                  micro-batch's backward (buckets): hidden up to that backward's time, but never
-                 its last bucket. A mixture of experts' stacked experts, Psi_E of Psi,
-                 reduce (and shard) over the dp cp / ep ranks of their ep rank, the rest over
-                 dp cp: each group pays its own collectives. The all-gather of the updated parameters waits at the end of
+                 its last bucket. The all-gather of the updated parameters waits at the end of
                  the step unless parallel.overlap_param_gather hides it behind the first
                  forward; each bucket of parallel.bucket_size_mb pays its own steps' a. Stage 3
                  gathers e Psi around every forward and backward of every micro-batch, one
                  collective per layer, prefetched one layer ahead: what a pass's compute cannot
                  hide (and the first layer's gather) is exposed, and every gather's fixed
-                 cost, 2 m times.
+                 cost, 2 m times. A mixture of experts' stacked experts, Psi_E of Psi, are
+                 reduced (and sharded) over the dp cp / ep ranks of their ep rank, the rest
+                 over dp cp: each group pays its own collectives.
     optimizer    AdamW reads and writes its shard's weights, gradients and state once:
                  2 (e + g + K) Psi / (N_d at ZeRO >= 1) / memory bandwidth (Psi_E / (N_d/ep))
 
