@@ -217,3 +217,42 @@ def test_counted_all_to_all_bytes_equal_the_planners():
     counts = 8 * E  # int64 per expert, once per forward
     assert plan.all_to_all_bytes_per_step == 3 * 1 * (4 * 4 * T * k * h + counts)
     assert sum(counted) == 2 * plan.all_to_all_bytes_per_step
+
+
+METERED = ["model.hidden_size=32", "model.seq_len=256", "train.global_batch_size=4",
+           "train.micro_batch_size=4", "train.steps=1", "train.eval_interval=0",
+           "train.eval_batches=1", "train.progress_bar=false", "checkpoint.interval=0",
+           "logging.wandb.mode=disabled", "train.measure_memory=true"]
+# the same attention, and an MLP as wide as the MoE layer's active experts (k f_e = 128)
+METERED_MODELS = {"moe": ["model=moe_tiny", "model.moe.ffn_hidden_size=64"],
+                  "dense": ["model=llama_tiny", "model.ffn_hidden_size=128"]}
+
+
+def _train_metered(run_dir: str) -> None:
+    from pathlib import Path
+
+    from nanomt.train import run
+
+    for name, overrides in METERED_MODELS.items():
+        run(compose_config(METERED + overrides), Path(run_dir) / name)
+
+
+def test_what_routing_keeps_matches_the_memory_meter(tmp_path):
+    """s b >> h (tests/test_planner_memory.py's reason). What an MoE layer keeps beyond a dense
+    layer of its active width (estimate.routing_bytes) against the meter's difference between
+    the two models; the llama layer's own bytes are not this test's (docs/moe.md)."""
+    import json
+
+    from nanomt.planner.from_config import plan_inputs
+
+    run_distributed(_train_metered, world_size=1, args=(str(tmp_path),), timeout_s=600)
+    measured, planned = {}, {}
+    for name, overrides in METERED_MODELS.items():
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        measured[name] = summary["memory_per_rank"][0]["peak_activations"]
+        cfg = compose_config(METERED + overrides + ["+plan=default"])
+        cfg.parallel.dp = 1
+        planned[name] = make_plan(*plan_inputs(cfg)).bytes_per_gpu["activations"]
+    routing = 4 * (2 * 4 * 1024 * 2 * 32 + 8 * 1024 * 4 + 32 * 1024 * 2)  # 4 layers, T = 1024
+    assert planned["moe"] - planned["dense"] == routing
+    assert routing == pytest.approx(measured["moe"] - measured["dense"], rel=0.1)

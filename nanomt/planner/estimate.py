@@ -28,9 +28,10 @@ stands for s/cp; the dp x cp ranks of a (tp, pp) position hold the same weights)
                              the last rank, so does one more logits buffer (the loss's working
                              copy or its gradient, for the one micro-batch at the loss).
     MoE layers               keep activations as a dense layer whose MLP is (top_k + S) f_e
-                             wide (the active experts and the shared ones), plus the routed
-                             copies of the tokens, e s b top_k h (whole over tp: every tp rank
-                             routes all its tokens)
+                             wide (the active experts and the shared ones), plus what the
+                             routing keeps (routing_bytes: the routed rows and the weighted
+                             outputs, 2 e s b top_k h, whole over tp: every tp rank routes all
+                             its tokens; the router's fp32 outputs; the permutation's indices)
     all-to-all bytes         per MoE layer and micro-batch, T top_k rows of h elements (T = b s
                              tokens of the rank) leave and come back in forward, and again in
                              backward: 4 e T top_k h sent per rank (+ 8 E bytes of counts),
@@ -133,16 +134,38 @@ def layer_activation_bytes(cfg: ModelConfig, x: PlanInputs, moe: bool = False) -
     """Bytes one layer (`moe`: a mixture-of-experts one) keeps per micro-batch for its backward
     (Korthikanti et al.; an MoE layer as the module docstring says)."""
     s, b, e = cfg.seq_len // x.cp, x.micro_batch, 4 if x.precision == "fp32" else 2
-    ffn, routed_copies = cfg.ffn_hidden_size, 0.0
-    if moe:
-        ffn = (cfg.moe.top_k + cfg.moe.shared_experts) * cfg.moe.ffn_hidden_size
-        if x.recompute != "full":  # full recompute keeps the layer's input only
-            routed_copies = e * s * b * cfg.moe.top_k * cfg.hidden_size
-    return routed_copies + activation_bytes_per_layer(
+    routing = 0.0
+    if moe and x.recompute != "full":  # full recompute keeps the layer's input only
+        routing = routing_bytes(cfg, x, s * b)
+    return routing + activation_bytes_per_layer(
         s, b, cfg.hidden_size, cfg.num_heads, tp=x.tp,
         sequence_parallel=x.sequence_parallel, recompute=x.recompute,
         dropout=cfg.dropout > 0 or cfg.attention_dropout > 0, flash=True, bytes_per_element=e,
-        ffn_hidden=ffn)
+        ffn_hidden=mlp_width(cfg, moe))
+
+
+def mlp_width(cfg: ModelConfig, moe: bool) -> int:
+    """The MLP width a token runs through: the dense f, or an MoE layer's active (k + S) f_e."""
+    if not moe:
+        return cfg.ffn_hidden_size
+    return (cfg.moe.top_k + cfg.moe.shared_experts) * cfg.moe.ffn_hidden_size
+
+
+def widest_mlp_width(cfg: ModelConfig) -> int:
+    """The widest mlp_width among the model's layers (dense ones, MoE ones or both)."""
+    kinds = {is_moe_layer(cfg, i) for i in range(cfg.num_layers)}
+    return max(mlp_width(cfg, moe) for moe in kinds)
+
+
+def routing_bytes(cfg: ModelConfig, x: PlanInputs, tokens: int) -> float:
+    """What an MoE layer keeps for its backward beyond a dense layer with an MLP of its active
+    width (module docstring): the T k routed rows entering the experts and the k weighted
+    outputs, 2 e T k h; the router's fp32 logits and probabilities, 8 T E; about four int64
+    indices per assignment for the permutation, 32 T k; and, under sequence parallelism, the
+    gathered tokens the router reads, e T h (every tp rank routes them all)."""
+    e, k, h = 4 if x.precision == "fp32" else 2, cfg.moe.top_k, cfg.hidden_size
+    kept = 2 * e * tokens * k * h + 8 * tokens * cfg.moe.num_experts + 32 * tokens * k
+    return kept + (e * tokens * h if x.sequence_parallel and x.tp > 1 else 0)
 
 
 def chunk_activation_bytes(cfg: ModelConfig, x: PlanInputs, chunk: int, num_chunks: int) -> float:
@@ -165,15 +188,16 @@ def logits_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
 
 
 def backward_working_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
-    """Gradients in flight through one MLP, and the pipeline's receive buffers: the backward's
-    gradient, [s/t, b, h] under SP, else whole once gathered over tp (the wire carries 1/t of
-    it, all-gathered when the pass takes it: the piece is freed as the whole appears), and the
-    other receive of an interleaved forward-backward pair (posting.py), still a 1/t piece."""
+    """Gradients in flight through one MLP (the widest), and the pipeline's receive buffers:
+    the backward's gradient, [s/t, b, h] under SP, else whole once gathered over tp (the wire
+    carries 1/t of it, all-gathered when the pass takes it: the piece is freed as the whole
+    appears), and the other receive of an interleaved forward-backward pair (posting.py), still
+    a 1/t piece."""
     s, b, h, t = cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, x.tp
     e = 4 if x.precision == "fp32" else 2
     current = e * s * b * h / (t if x.sequence_parallel else 1)
     receive = current + e * s * b * h / t if x.pp > 1 else 0
-    return 2 * e * s * b * cfg.ffn_hidden_size / t + receive
+    return 2 * e * s * b * widest_mlp_width(cfg) / t + receive
 
 
 @functools.lru_cache(maxsize=65536)
