@@ -12,7 +12,9 @@ closed-form counts, transformers' Mixtral and the real model:
   - all-to-all bytes per step: 4 e T top_k h per MoE layer and micro-batch (6 with the
     recomputed forward), 0 at ep = 1; the step-time model's ep term is those all-to-alls;
   - FLOPs count the active experts and the router, not the total;
-  - --search offers ep (divisors of dp cp that divide E) for MoE models only.
+  - --search offers ep (divisors of dp cp that divide E) for MoE models only, and only
+    layouts training accepts (tp dividing the experts' ffn too);
+  - what the routing keeps for backward against the memory meter.
 """
 
 from __future__ import annotations
@@ -256,3 +258,24 @@ def test_what_routing_keeps_matches_the_memory_meter(tmp_path):
     routing = 4 * (2 * 4 * 1024 * 2 * 32 + 8 * 1024 * 4 + 32 * 1024 * 2)  # 4 layers, T = 1024
     assert planned["moe"] - planned["dense"] == routing
     assert routing == pytest.approx(measured["moe"] - measured["dense"], rel=0.1)
+
+
+def test_the_search_offers_only_expert_layouts_training_accepts():
+    """Every (tp, ep) the search ranks for an MoE model passes training's own checks (E % ep,
+    expert ffn % tp, ep | dp cp) through its launch command, which selects that layout."""
+    import shlex
+
+    from nanomt.planner.from_config import plan_inputs, search_inputs
+    from nanomt.planner.search import same_layout
+    from nanomt.planner.search_report import launch_command
+
+    overrides = ["+plan=default", "model=moe_tiny", "model.moe.ffn_hidden_size=18",
+                 "plan.gpus=8", "train.global_batch_size=32"]
+    model, base, _, gpus = search_inputs(compose_config(overrides))
+    ranked = [c.plan.inputs for c in search(model, base, gpus, A100).ranked]
+    # 4 heads: tp 1, 2 or 4, but 4 does not divide the experts' 18; 4 experts: ep 1, 2 or 4
+    assert {(x.tp, x.ep) for x in ranked} == {(tp, ep) for tp in (1, 2) for ep in (1, 2, 4)}
+    for x in {(x.tp, x.ep, x.dp, x.cp, x.pp): x for x in ranked}.values():
+        words = shlex.split(launch_command(x, 8, overrides[1:3]))
+        _, chosen = plan_inputs(compose_config(["+plan=default"] + words[5:]))  # checks it
+        assert same_layout(chosen, x)

@@ -2,7 +2,8 @@
 
 For a model, a global batch G and N GPUs of M bytes, `search` walks every
 
-    tp | GPUs per node (and tp | heads, hidden, ffn), pp | layers, cp in 1, 2, 4, 8 (2 cp | s),
+    tp | GPUs per node (and tp | heads, hidden, ffn, expert ffn), pp | layers, cp in 1, 2, 4, 8
+    (2 cp | s),
     dp = N / (tp cp pp), micro-batch b in 1, 2, 4, 8 with b dp | G,
     schedule 1F1B (v | l/pp chunks per rank, v > 1 when pp | m) or GPipe,
     ZeRO stage 0-3 (when dp cp > 1), sequence parallelism (when tp > 1),
@@ -68,6 +69,8 @@ def grids(cfg: ModelConfig, gpus: int, gpus_per_node: int) -> Iterator[tuple[int
     """(tp, cp, pp, dp) covering `gpus`, tp inside a node."""
     for tp in divisors(gpus_per_node):
         if cfg.num_heads % tp or cfg.hidden_size % tp or cfg.ffn_hidden_size % tp:
+            continue
+        if cfg.moe is not None and cfg.moe.ffn_hidden_size % tp:  # tp splits every expert
             continue
         for cp in CONTEXT_PARALLEL:
             if cfg.seq_len % (2 * cp) and cp > 1:
