@@ -88,6 +88,20 @@ def my_part(t: torch.Tensor, grid: ParallelGrid, sequence_parallel: bool) -> tor
     return t
 
 
+def reduced_grad(p: torch.nn.Parameter, grid: ParallelGrid) -> tuple[str, torch.Tensor, tuple]:
+    """(name, the gradient reduced as the buffer will, the slices of the whole parameter this
+    rank holds): tp partials summed; dense gradients summed over grad_sync_group, expert ones
+    over expert_dp_group; both / (dp cp)."""
+    info = param_info(p)
+    grad = p.grad.clone()
+    if info.sequence_parallel:  # partial over tp
+        comm.all_reduce(grad, grid.tp_group)
+    comm.all_reduce(grad, grid.expert_dp_group if info.expert else grid.grad_sync_group)
+    box = info.box(tuple(p.shape), grid.tp_rank, grid.ep_rank)
+    return (info.name, grad / (grid.dp_size * grid.cp_size),
+            tuple(slice(a, b) for a, b in box))
+
+
 def run_layout(cfg, ref: dict, tp=1, dp=1, cp=1, ep=1, sequence_parallel=False) -> dict:
     grid = ParallelGrid(tp=tp, dp=dp, cp=cp, ep=ep, timeout_s=60)
     sp = sequence_parallel and tp > 1
@@ -105,14 +119,8 @@ def run_layout(cfg, ref: dict, tp=1, dp=1, cp=1, ep=1, sequence_parallel=False) 
     # x: d(sum of every rank's loss)/dx / (dp cp) against d(mean over micro-batches)/dx
     checks["x_grad"] = (x.grad / (dp * cp), my_part(ref["x_grad"][grid.dp_rank], grid, sp))
     for p in holder.parameters():
-        info = param_info(p)
-        grad = p.grad.clone()
-        if info.sequence_parallel:  # partial over tp
-            comm.all_reduce(grad, grid.tp_group)
-        comm.all_reduce(grad, grid.expert_dp_group if info.expert else grid.grad_sync_group)
-        box = info.box(tuple(p.shape), grid.tp_rank, grid.ep_rank)
-        want = ref["grads"][info.name][tuple(slice(a, b) for a, b in box)]
-        checks[info.name] = (grad / (dp * cp), want)
+        name, grad, box = reduced_grad(p, grid)
+        checks[name] = (grad, ref["grads"][name][box])
     # the record's statistics: every rank's share summed (read_step's sum) = the batch's
     table = step_statistics([holder], cfg, (dp, cp), torch.device("cpu"))
     comm.all_reduce(table, grid.grad_sync_group)
@@ -186,8 +194,10 @@ def test_all_to_all_bytes_equal_the_formula(ranks, layout):
 
 
 # ---- a whole GPT through the training schedules ------------------------------------------------
-GPT_LAYOUTS = {"pp2_dp2_ep2": dict(pp=2, dp=2, ep=2), "tp2_sp_dp2_ep2": dict(tp=2, dp=2, ep=2),
-               "dp4_ep4_recompute": dict(dp=4, ep=4)}
+GPT_LAYOUTS = {"pp2_dp2_ep2": dict(pp=2, dp=2, ep=2),  # 1F1B
+               "pp2_interleaved_dp2_ep2": dict(pp=2, dp=2, ep=2, virtual_stages=2),
+               "tp2_sp_dp2_ep2": dict(tp=2, dp=2, ep=2),  # sequence parallel
+               "dp4_ep4_recompute": dict(dp=4, ep=4)}  # full activation recompute
 M = 2  # micro-batches per dp rank
 
 
@@ -212,6 +222,8 @@ def _gpt_layouts() -> dict:
     cfg = gpt_config()
     results = {}
     for name, layout in GPT_LAYOUTS.items():
+        layout = dict(layout)
+        v = layout.pop("virtual_stages", 1)
         dp = layout["dp"]
         batches = gpt_batches(dp * M)
         (reference_model,) = build_model_chunks(cfg, None)
@@ -221,28 +233,23 @@ def _gpt_layouts() -> dict:
         ref = {param_info(p).name: p.grad for p in reference_model.parameters()}
         grid = ParallelGrid(timeout_s=60, **layout)
         sp = grid.tp_size > 1
-        chunks = build_model_chunks(cfg, grid, sequence_parallel=sp)
+        chunks = build_model_chunks(cfg, grid, v, sequence_parallel=sp)
         if "recompute" in name:
             set_activation_checkpointing(chunks, "full")
         set_aux_loss_scale(chunks, 1.0 / M)
         mine = batches[grid.dp_rank * M:(grid.dp_rank + 1) * M]
-        schedule = get_forward_backward_func(SimpleNamespace(pp=grid.pp_size, virtual_stages=1))
+        schedule = get_forward_backward_func(SimpleNamespace(pp=grid.pp_size, virtual_stages=v))
         schedule(chunks, mine, grid)
         checks = {}
         for p in (p for chunk in chunks for p in chunk.parameters()):
-            info = param_info(p)
-            grad = p.grad.clone()
-            if info.sequence_parallel:
-                comm.all_reduce(grad, grid.tp_group)
-            comm.all_reduce(grad, grid.expert_dp_group if info.expert else grid.grad_sync_group)
-            box = info.box(tuple(p.shape), grid.tp_rank, grid.ep_rank)
-            checks[info.name] = (grad / dp, ref[info.name][tuple(slice(a, b) for a, b in box)])
+            param, grad, box = reduced_grad(p, grid)
+            checks[param] = (grad, ref[param][box])
         table = step_statistics(chunks, cfg, (dp, 1), torch.device("cpu"))
         comm.all_reduce(table, grid.pp_group)
         comm.all_reduce(table, grid.grad_sync_group)
-        want = step_statistics([reference_model], cfg, (1, 1), torch.device("cpu"))
-        want[:, :2] /= dp  # the reference's one rank averaged over dp * M micro-batches
-        checks["statistics"] = (table, want * torch.tensor([dp, dp] + [1] * 4))
+        # the reference's one rank: losses averaged over its dp * M micro-batches, all counts
+        checks["statistics"] = (table, step_statistics([reference_model], cfg, (1, 1),
+                                                       torch.device("cpu")))
         results[name] = checks
     return results
 
