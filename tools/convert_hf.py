@@ -12,6 +12,12 @@ style=llama <-> LlamaForCausalLM  RoPE (both use the rotate-half convention: no 
                                   RMSNorm, SwiGLU whose fused fc1 [2, ffn, h] is
                                   [gate_proj; up_proj] (tp splits dim 1: each rank holds
                                   matching gate and up rows), fc2 = down_proj; untied lm_head.
+style=llama <-> MixtralForCausalLM  the same, every MLP a mixture of experts (model.moe, every
+  + moe                           = 1, no shared experts): router = gate, each expert's
+                                  SwiGLU as above, the experts stacked: fc1 [E, 2, f_e, h] =
+                                  [w1 (gate); w3 (up)] per expert, fc2 [E, h, f_e] = w2. Its
+                                  router (softmax over all E, top-k, renormalised) is
+                                  nanomt's, so the logits agree (docs/moe.md).
 
 The export also writes the run's tokenizer (data.tokenizer, or --tokenizer) as a transformers
 tokenizer with nanomt's ids: GPT-2 BPE and tokenizer.json files as they are, the byte tokenizer as
@@ -87,6 +93,17 @@ def llama_layer_map(i: int) -> list[tuple[str, str, bool]]:
             (n + "mlp.fc2.weight", h + "mlp.down_proj.weight", False)]
 
 
+def mixtral_layer_map(i: int) -> list[tuple[str, str, bool]]:
+    """transformers (5 and later) holds a Mixtral layer's experts stacked in memory,
+    experts.gate_up_proj [E, 2 f_e, h] = [w1; w3] per expert and experts.down_proj
+    [E, h, f_e] = w2, and saves (and loads) them per expert as the hub's files name them,
+    block_sparse_moe.experts.{e}.w1 / w3 / w2 and block_sparse_moe.gate."""
+    n, h = f"layers.{i}.", f"model.layers.{i}."
+    return llama_layer_map(i)[:3] + [
+        (n + "mlp.router.weight", h + "mlp.gate.weight", False),
+        (n + "mlp.experts.fc2.weight", h + "mlp.experts.down_proj", False)]
+
+
 def name_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
     """Every tensor except the fused QKV (and llama's fused gate/up), as (nanomt name, HF name,
     transposed)."""
@@ -99,7 +116,7 @@ def name_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
     else:
         pairs = [("word_embedding.weight", "model.embed_tokens.weight", False),
                  ("final_norm.weight", "model.norm.weight", False)]
-        layer_map = llama_layer_map
+        layer_map = mixtral_layer_map if cfg.moe else llama_layer_map
     if not cfg.tie_embeddings:
         pairs.append(("output_layer.weight", "lm_head.weight", False))
     for i in range(cfg.num_layers):
@@ -122,6 +139,10 @@ def to_hf_state(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str,
             prefix = f"model.layers.{i}.self_attn."
             for part, tensor in zip("qkv", (q, k, v)):
                 hf[f"{prefix}{part}_proj.weight"] = tensor.contiguous()
+            if cfg.moe:  # [E, 2, f_e, h] -> [E, 2 f_e, h]: each expert's gate rows, then up
+                fc1 = tensors[f"layers.{i}.mlp.experts.fc1.weight"]
+                hf[f"model.layers.{i}.mlp.experts.gate_up_proj"] = fc1.flatten(1, 2).contiguous()
+                continue
             gate, up = tensors[f"layers.{i}.mlp.fc1.weight"]  # [2, ffn, h] = [gate; up]
             hf[f"model.layers.{i}.mlp.gate_proj.weight"] = gate.contiguous()
             hf[f"model.layers.{i}.mlp.up_proj.weight"] = up.contiguous()
@@ -142,8 +163,13 @@ def from_hf_state(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, to
             prefix = f"model.layers.{i}.self_attn."
             q, k, v = (hf[f"{prefix}{part}_proj.weight"] for part in "qkv")
             mlp = f"model.layers.{i}.mlp."
-            tensors[f"layers.{i}.mlp.fc1.weight"] = torch.stack(
-                [hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
+            if cfg.moe:
+                experts, ffn = cfg.moe.num_experts, cfg.moe.ffn_hidden_size
+                tensors[f"layers.{i}.mlp.experts.fc1.weight"] = hf[
+                    mlp + "experts.gate_up_proj"].reshape(experts, 2, ffn, h).contiguous()
+            else:
+                tensors[f"layers.{i}.mlp.fc1.weight"] = torch.stack(
+                    [hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
         tensors[f"layers.{i}.attention.qkv.weight"] = fuse_qkv(q, k, v, cfg.num_heads)
     return tensors
 
@@ -158,6 +184,14 @@ def hf_config(cfg: ModelConfig, boundary_id: int | None = None) -> PretrainedCon
         raise ValueError(f"token id {boundary_id} is outside the model's vocabulary "
                          f"(model.vocab_size={cfg.vocab_size}): export with its own tokenizer")
     ids = {"bos_token_id": boundary_id, "eos_token_id": boundary_id}
+    shared = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  num_key_value_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                  max_position_embeddings=cfg.seq_len, rms_norm_eps=cfg.norm_eps,
+                  rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+                  hidden_act="silu", **ids)
+    if cfg.moe:
+        return mixtral_config(cfg, shared)
     if cfg.style == "gpt":
         return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.seq_len,
                           n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
@@ -166,14 +200,23 @@ def hf_config(cfg: ModelConfig, boundary_id: int | None = None) -> PretrainedCon
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                           tie_word_embeddings=cfg.tie_embeddings,
                           architectures=["GPT2LMHeadModel"], **ids)
-    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                       intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
-                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-                       head_dim=cfg.head_dim, max_position_embeddings=cfg.seq_len,
-                       rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                       tie_word_embeddings=cfg.tie_embeddings, attention_bias=False,
-                       mlp_bias=False, hidden_act="silu", architectures=["LlamaForCausalLM"],
-                       **ids)
+    return LlamaConfig(**shared, intermediate_size=cfg.ffn_hidden_size, attention_bias=False,
+                       mlp_bias=False, architectures=["LlamaForCausalLM"])
+
+
+def mixtral_config(cfg: ModelConfig, shared: dict) -> PretrainedConfig:
+    """MixtralConfig of a llama-style MoE model: every layer an MoE, no shared experts."""
+    from transformers import MixtralConfig
+
+    moe = cfg.moe
+    if cfg.style != "llama" or moe.every != 1 or moe.shared_experts:
+        raise ValueError(f"model.style={cfg.style}, model.moe.every={moe.every}, "
+                         f"model.moe.shared_experts={moe.shared_experts}: only style=llama with "
+                         f"every=1 and no shared experts exports (as MixtralForCausalLM)")
+    return MixtralConfig(**shared, intermediate_size=moe.ffn_hidden_size,
+                         num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                         router_aux_loss_coef=moe.aux_loss_coef, router_jitter_noise=0.0,
+                         sliding_window=None, architectures=["MixtralForCausalLM"])
 
 
 def _gpt2_model_config(config: PretrainedConfig) -> ModelConfig:
@@ -227,6 +270,20 @@ def _llama_model_config(config: PretrainedConfig) -> ModelConfig:
                        tie_embeddings=bool(config.tie_word_embeddings))
 
 
+def _mixtral_model_config(config: PretrainedConfig) -> ModelConfig:
+    """Mixtral is Llama (the same checks) with a mixture of experts in every layer."""
+    if getattr(config, "sliding_window", None) is not None:
+        raise ValueError(f"Mixtral sliding_window={config.sliding_window}: nanomt's attention "
+                         f"is causal over the whole sequence")
+    if getattr(config, "router_jitter_noise", 0.0):
+        raise ValueError(f"Mixtral router_jitter_noise={config.router_jitter_noise}: nanomt's "
+                         f"router has no jitter")
+    moe = {"num_experts": config.num_local_experts, "top_k": config.num_experts_per_tok,
+           "ffn_hidden_size": config.intermediate_size, "every": 1, "shared_experts": 0,
+           "aux_loss_coef": config.router_aux_loss_coef}
+    return ModelConfig.from_dict({**_llama_model_config(config).to_dict(), "moe": moe})
+
+
 def model_config_from_hf(config: PretrainedConfig) -> ModelConfig:
     """A transformers config (AutoConfig) -> nanomt's; anything nanomt computes differently is
     refused with the field to blame."""
@@ -234,8 +291,10 @@ def model_config_from_hf(config: PretrainedConfig) -> ModelConfig:
         return _gpt2_model_config(config)
     if config.model_type == "llama":
         return _llama_model_config(config)
-    raise ValueError(f"model_type {config.model_type!r}: only gpt2 and llama folders can be "
-                     f"imported")
+    if config.model_type == "mixtral":
+        return _mixtral_model_config(config)
+    raise ValueError(f"model_type {config.model_type!r}: only gpt2, llama and mixtral folders "
+                     f"can be imported")
 
 
 # ---- the tokenizer ------------------------------------------------------------------------------
@@ -281,7 +340,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, tokenizer: str
     """nanomt checkpoint (any layout) -> Hugging Face folder (config.json, model.safetensors and
     the tokenizer: the run's data.tokenizer unless `tokenizer` names one; none if it has more
     ids than the model)."""
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM
 
     reader = CheckpointReader(resolve_checkpoint(checkpoint))
     cfg = ModelConfig.from_dict(reader.meta["model"])
@@ -293,7 +352,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, tokenizer: str
         text_tokenizer = None
     tensors = {name: reader.full(weight_key(reader, name)).float() for name in
                (key.split("/", 1)[1] for key in reader.pieces if key.startswith("model/"))}
-    model_class = GPT2LMHeadModel if cfg.style == "gpt" else LlamaForCausalLM
+    model_class = (GPT2LMHeadModel if cfg.style == "gpt" else
+                   MixtralForCausalLM if cfg.moe else LlamaForCausalLM)
     boundary = None if text_tokenizer is None else prefix_token(text_tokenizer)
     model = model_class(hf_config(cfg, boundary))
     missing, unexpected = model.load_state_dict(to_hf_state(cfg, tensors), strict=False)
@@ -309,7 +369,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, tokenizer: str
 
 
 def import_checkpoint(hf_dir: str | Path, output: str | Path) -> Path:
-    """Hugging Face GPT-2 / Llama folder -> nanomt checkpoint (step 0, no optimizer state)."""
+    """Hugging Face GPT-2 / Llama / Mixtral folder -> nanomt checkpoint (step 0, no optimizer
+    state)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     output = Path(output)

@@ -4,6 +4,11 @@ r"""Plan a layout: parameters, bytes per GPU, bubble, FLOPs and step time, befor
         train.global_batch_size=1920 train.micro_batch_size=1
     python tools/plan.py model=gpt_1_3b parallel.tp=2 parallel.dp=4 parallel.zero_stage=1 \
         train.precision=bf16 plan.gpu_memory_gb=40 plan.json_out=plan.json
+    python tools/plan.py model=mixtral_8x7b parallel.tp=2 parallel.pp=4 parallel.dp=8 \
+        parallel.ep=8 parallel.zero_stage=1 train.global_batch_size=256 train.precision=bf16
+
+(a mixture of experts adds its active parameters, experts per rank and all-to-all bytes:
+docs/moe.md)
 
 Choose the layout instead (every layout of plan.gpus GPUs that fits, fastest first by the
 step-time model, with the launch command of the best; a full layout in the overrides is the
@@ -119,13 +124,13 @@ def main(argv: list[str]) -> int:
         exit_with(error)
     plan = make_plan(model, inputs)
     modelled = step_time(model, inputs, plan.params_per_rank, plan.hardware_flops_per_iteration,
-                         plan.model_flops_per_iteration, cluster)
+                         plan.model_flops_per_iteration, cluster, plan.expert_params_per_rank)
     meta = None
     if cfg.plan.meta_check:
         meta = meta_shard_params(model, inputs.tp, inputs.pp, inputs.virtual_stages,
                                  plan.largest_pp_rank,
                                  sequence_parallel=inputs.sequence_parallel,
-                                 schedule=inputs.schedule)
+                                 schedule=inputs.schedule, ep=inputs.ep)
     iteration_time = cfg.plan.iteration_time_s
     print(plan_table(plan, meta, iteration_time, modelled,
                      zero_bubble_alternatives(model, inputs, cluster)))

@@ -9,7 +9,9 @@ stands for s/cp; the dp x cp ranks of a (tp, pp) position hold the same weights)
                              (p - 1) / (3m) under ZB-H1, 0 under ZB-V (schedule_costs.py:
                              with F = B = W; full recompute makes B twice as long)
     model state per GPU      ZeRO's formulas on the largest rank's Psi parameters, sharded
-                             over dp x cp (nanomt.memory.zero_formula_bytes)
+                             over dp x cp (nanomt.memory.zero_formula_bytes); of them the
+                             stacked experts' (a mixture of experts), E/ep per layer, over
+                             the dp cp / ep ranks of the same expert-parallel rank
     activations per GPU      the most bytes in flight on any pipeline rank: walk its schedule
                              (nanomt.parallel.pipeline.schedules), adding a chunk's bytes at each
                              forward and removing them at its backward (the first rank's
@@ -31,11 +33,22 @@ stands for s/cp; the dp x cp ranks of a (tp, pp) position hold the same weights)
                              kept bytes, but its linears' inputs X and output gradients dY
                              stay until its W (pending_weight_grad_bytes); every rank is
                              walked, as each holds back a different number of W.
+    MoE layers               keep activations as a dense layer whose MLP is (top_k + S) f_e
+                             wide (the active experts and the shared ones), plus what the
+                             routing keeps (routing_bytes: the routed rows and the weighted
+                             outputs, 2 e s b top_k h, whole over tp: every tp rank routes all
+                             its tokens; the router's fp32 outputs; the permutation's indices)
+    all-to-all bytes         per MoE layer and micro-batch, T top_k rows of h elements (T = b s
+                             tokens of the rank) leave and come back in forward, and again in
+                             backward: 4 e T top_k h sent per rank (+ 8 E bytes of counts),
+                             (ep-1)/ep of them to other ranks when the routing is uniform
+                             (docs/moe.md)
     ZeRO-3 working set       the gathered parameters of the layers in use and their gradients
                              before the reduce-scatter: (1 + prefetch) layers of the rank's
                              tensor-parallel shard, whole over dp
     FLOPs per iteration      F, the paper's count (nanomt.flops: 96 B s l h^2 (...), full
-                             recompute), and the hardware FLOPs of the configured recompute
+                             recompute), and the hardware FLOPs of the configured recompute;
+                             an MoE layer counts its active experts only
     step time                hardware FLOPs / (GPUs x TFLOP/s per GPU); tokens/s = G s / time
 """
 
@@ -49,7 +62,7 @@ from nanomt.memory import activation_bytes_per_layer, zero_formula_bytes
 from nanomt.model.config import ModelConfig
 from nanomt.parallel.pipeline.partition import global_chunk_index, rank_of_chunk
 from nanomt.parallel.pipeline.zero_bubble import V_SHAPED, pipeline_slots
-from nanomt.planner.params import layer_params, params_on_pipeline_rank
+from nanomt.planner.params import chunk_layers, is_moe_layer, layer_params, params_on_pipeline_rank
 from nanomt.planner.schedule_costs import SPLIT_BACKWARD, bubble_fraction, pass_times
 
 GIB = 2**30
@@ -66,6 +79,7 @@ class PlanInputs:
     pp: int
     dp: int
     cp: int = 1
+    ep: int = 1                     # parallel.ep: experts split over ep of the dp x cp ranks
     virtual_stages: int = 1
     schedule: str = "1f1b"
     zero_stage: int = 0
@@ -89,12 +103,19 @@ class PlanInputs:
     def num_microbatches(self) -> int:
         return self.global_batch // (self.micro_batch * self.dp)
 
+    @property
+    def expert_dp(self) -> int:
+        """The ranks an expert's gradient is reduced (and ZeRO-sharded) over: dp cp / ep."""
+        return self.dp * self.cp // self.ep
+
 
 @dataclass
 class Plan:
     inputs: PlanInputs
     params_total: int
+    params_active: int                # of them, those one token runs through (MoE: top_k experts)
     params_per_rank: int              # the largest rank's (all its tp ranks hold as many)
+    expert_params_per_rank: int       # of them, the stacked experts' (0 for a dense model)
     largest_pp_rank: int
     bytes_per_gpu: dict[str, float]   # weights, grads, optimizer, activations, zero3_gathered
     activation_pp_rank: int           # the pipeline rank with the most activations in flight
@@ -103,6 +124,7 @@ class Plan:
     flops_per_iteration: float        # F, the paper's formula (full recompute)
     hardware_flops_per_iteration: float
     model_flops_per_iteration: float
+    all_to_all_bytes_per_step: float  # sent by one rank, all MoE layers (0 when ep = 1)
     step_time_s: float
     tokens_per_s: float
     advice: list[str] = field(default_factory=list)  # empty when the layout fits
@@ -116,14 +138,42 @@ class Plan:
         return not self.advice
 
 
-def layer_activation_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
-    """Bytes one layer keeps per micro-batch for its backward (Korthikanti et al.)."""
-    e = 4 if x.precision == "fp32" else 2
-    return activation_bytes_per_layer(
-        cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, cfg.num_heads, tp=x.tp,
+def layer_activation_bytes(cfg: ModelConfig, x: PlanInputs, moe: bool = False) -> float:
+    """Bytes one layer (`moe`: a mixture-of-experts one) keeps per micro-batch for its backward
+    (Korthikanti et al.; an MoE layer as the module docstring says)."""
+    s, b, e = cfg.seq_len // x.cp, x.micro_batch, 4 if x.precision == "fp32" else 2
+    routing = 0.0
+    if moe and x.recompute != "full":  # full recompute keeps the layer's input only
+        routing = routing_bytes(cfg, x, s * b)
+    return routing + activation_bytes_per_layer(
+        s, b, cfg.hidden_size, cfg.num_heads, tp=x.tp,
         sequence_parallel=x.sequence_parallel, recompute=x.recompute,
         dropout=cfg.dropout > 0 or cfg.attention_dropout > 0, flash=True, bytes_per_element=e,
-        ffn_hidden=cfg.ffn_hidden_size)
+        ffn_hidden=mlp_width(cfg, moe))
+
+
+def mlp_width(cfg: ModelConfig, moe: bool) -> int:
+    """The MLP width a token runs through: the dense f, or an MoE layer's active (k + S) f_e."""
+    if not moe:
+        return cfg.ffn_hidden_size
+    return (cfg.moe.top_k + cfg.moe.shared_experts) * cfg.moe.ffn_hidden_size
+
+
+def widest_mlp_width(cfg: ModelConfig) -> int:
+    """The widest mlp_width among the model's layers (dense ones, MoE ones or both)."""
+    kinds = {is_moe_layer(cfg, i) for i in range(cfg.num_layers)}
+    return max(mlp_width(cfg, moe) for moe in kinds)
+
+
+def routing_bytes(cfg: ModelConfig, x: PlanInputs, tokens: int) -> float:
+    """What an MoE layer keeps for its backward beyond a dense layer with an MLP of its active
+    width (module docstring): the T k routed rows entering the experts and the k weighted
+    outputs, 2 e T k h; the router's fp32 logits and probabilities, 8 T E; about four int64
+    indices per assignment for the permutation, 32 T k; and, under sequence parallelism, the
+    gathered tokens the router reads, e T h (every tp rank routes them all)."""
+    e, k, h = 4 if x.precision == "fp32" else 2, cfg.moe.top_k, cfg.hidden_size
+    kept = 2 * e * tokens * k * h + 8 * tokens * cfg.moe.num_experts + 32 * tokens * k
+    return kept + (e * tokens * h if x.sequence_parallel and x.tp > 1 else 0)
 
 
 def chunk_activation_bytes(cfg: ModelConfig, x: PlanInputs, chunk: int, num_chunks: int) -> float:
@@ -131,7 +181,10 @@ def chunk_activation_bytes(cfg: ModelConfig, x: PlanInputs, chunk: int, num_chun
     s, b, h, t = cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, x.tp
     e = 4 if x.precision == "fp32" else 2
     whole = e * s * b * h / (t if x.sequence_parallel else 1)
-    total = cfg.num_layers // num_chunks * layer_activation_bytes(cfg, x)
+    layers = chunk_layers(cfg, chunk, num_chunks)
+    moe_layers = sum(is_moe_layer(cfg, i) for i in layers)
+    total = (len(layers) - moe_layers) * layer_activation_bytes(cfg, x) + (
+        moe_layers * layer_activation_bytes(cfg, x, moe=True) if moe_layers else 0.0)
     if chunk == num_chunks - 1:
         total += 2 * whole + logits_bytes(cfg, x)
     return total
@@ -143,15 +196,16 @@ def logits_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
 
 
 def backward_working_bytes(cfg: ModelConfig, x: PlanInputs) -> float:
-    """Gradients in flight through one MLP, and the pipeline's receive buffers: the backward's
-    gradient, [s/t, b, h] under SP, else whole once gathered over tp (the wire carries 1/t of
-    it, all-gathered when the pass takes it: the piece is freed as the whole appears), and the
-    other receive of an interleaved forward-backward pair (posting.py), still a 1/t piece."""
+    """Gradients in flight through one MLP (the widest), and the pipeline's receive buffers:
+    the backward's gradient, [s/t, b, h] under SP, else whole once gathered over tp (the wire
+    carries 1/t of it, all-gathered when the pass takes it: the piece is freed as the whole
+    appears), and the other receive of an interleaved forward-backward pair (posting.py), still
+    a 1/t piece."""
     s, b, h, t = cfg.seq_len // x.cp, x.micro_batch, cfg.hidden_size, x.tp
     e = 4 if x.precision == "fp32" else 2
     current = e * s * b * h / (t if x.sequence_parallel else 1)
     receive = current + e * s * b * h / t if x.pp > 1 else 0
-    return 2 * e * s * b * cfg.ffn_hidden_size / t + receive
+    return 2 * e * s * b * widest_mlp_width(cfg) / t + receive
 
 
 def pending_weight_grad_bytes(cfg: ModelConfig, x: PlanInputs, chunk: int,
@@ -205,7 +259,9 @@ def peak_activations(cfg: ModelConfig, x: PlanInputs) -> tuple[float, int, int]:
     backward's working set. A zero-bubble schedule's ranks each hold differently many W
     back: all are walked."""
     p, v, m = x.pp, x.virtual_stages, x.num_microbatches
-    chunk = chunk_activation_bytes(cfg, x, 0, p * v) if p * v > 1 else 0.0
+    # the chunks but the last keep as many bytes (dense), or (MoE layers unevenly spread) at most
+    others = range(p * v - 1) if cfg.moe else range(min(p * v - 1, 1))
+    chunk = max((chunk_activation_bytes(cfg, x, c, p * v) for c in others), default=0.0)
     extra = chunk_activation_bytes(cfg, x, p * v - 1, p * v) - chunk
     pending = pending_weight_grad_bytes(cfg, x, 0, p * v) if p * v > 1 else 0.0
     pending_extra = pending_weight_grad_bytes(cfg, x, p * v - 1, p * v) - pending
@@ -222,27 +278,68 @@ def peak_activations(cfg: ModelConfig, x: PlanInputs) -> tuple[float, int, int]:
     return best[0] + backward_working_bytes(cfg, x), best[1], best[2]
 
 
+def element_bytes(x: PlanInputs) -> tuple[int, int]:
+    """(bytes of a parameter, of a gradient) in the run's precision."""
+    return (4 if x.precision == "fp32" else 2,
+            4 if x.precision == "fp32" or x.fp32_grads else 2)
+
+
+def model_state_bytes(psi_dense: int, psi_experts: int, x: PlanInputs) -> dict[str, float]:
+    """ZeRO's formulas for the rank's dense parameters over dp cp ranks plus those for its
+    stacked experts over the dp cp / ep ranks that hold the same experts."""
+    param_bytes, grad_bytes = element_bytes(x)
+    dense, experts = (zero_formula_bytes(psi, ranks, x.zero_stage, param_bytes, grad_bytes,
+                                         STATE_BYTES[x.precision])
+                      for psi, ranks in ((psi_dense, x.dp * x.cp), (psi_experts, x.expert_dp)))
+    return {kind: dense[kind] + experts[kind] for kind in dense}
+
+
+def moe_layers_on_pipeline_rank(cfg: ModelConfig, x: PlanInputs, pp_rank: int) -> int:
+    """The MoE layers of pipeline rank `pp_rank`'s chunks."""
+    chunks = x.pp * x.virtual_stages
+    v_shape = x.schedule in V_SHAPED
+    return sum(is_moe_layer(cfg, i) for j in range(x.virtual_stages)
+               for i in chunk_layers(cfg, global_chunk_index(j, pp_rank, x.pp, v_shape), chunks))
+
+
+def all_to_all_bytes_per_step(cfg: ModelConfig, x: PlanInputs, pp_rank: int) -> float:
+    """Bytes one rank of pipeline rank `pp_rank` hands to all_to_all_single in one step, the
+    mean over its ep group: per MoE layer and micro-batch each forward sends the T top_k rows
+    out and back, 2 e T top_k h (T = b s / cp tokens), and the E int64 counts, 8 E; the
+    backward the rows' gradients, 2 e T top_k h (module docstring); 0 without expert
+    parallelism. Full recompute runs the forward twice."""
+    if x.ep == 1 or not cfg.moe:
+        return 0.0
+    tokens = x.micro_batch * cfg.seq_len // x.cp
+    rows = 2 * element_bytes(x)[0] * tokens * cfg.moe.top_k * cfg.hidden_size
+    forwards = 2 if x.recompute == "full" else 1
+    one = forwards * (rows + 8 * cfg.moe.num_experts) + rows
+    return x.num_microbatches * moe_layers_on_pipeline_rank(cfg, x, pp_rank) * one
+
+
 def make_plan(cfg: ModelConfig, x: PlanInputs) -> Plan:
     """The plan of layout `x` for model `cfg` (module docstring)."""
     # the first rank adds the embedding, the last the head; those between hold layers only
     edges = sorted({0, x.pp - 1})
-    per_rank = [params_on_pipeline_rank(cfg, x.tp, x.pp, x.virtual_stages, r,
+    per_rank = [params_on_pipeline_rank(cfg, x.tp, x.pp, x.virtual_stages, r, x.ep,
                                         v_shape=x.schedule in V_SHAPED) for r in edges]
     psi = max(per_rank)
-    param_bytes = 4 if x.precision == "fp32" else 2
-    grad_bytes = 4 if x.precision == "fp32" or x.fp32_grads else 2
-    state = zero_formula_bytes(psi, x.dp * x.cp, x.zero_stage, param_bytes, grad_bytes,
-                               STATE_BYTES[x.precision])
+    largest = edges[per_rank.index(psi)]
+    psi_experts = params_on_pipeline_rank(cfg, x.tp, x.pp, x.virtual_stages, largest, x.ep,
+                                          experts_only=True, v_shape=x.schedule in V_SHAPED)
+    state = model_state_bytes(psi - psi_experts, psi_experts, x)
     activations, activation_rank, in_flight = peak_activations(cfg, x)
     gathered = 0.0
     if x.zero_stage >= 3:
-        gathered = (1 + x.zero3_prefetch) * layer_params(cfg, x.tp) * (param_bytes + grad_bytes)
+        widest = max(layer_params(cfg, x.tp, i, x.ep) for i in range(cfg.num_layers))
+        gathered = (1 + x.zero3_prefetch) * widest * sum(element_bytes(x))
     G, padded = x.global_batch, cfg.padded_vocab_size(x.tp)
     hardware = hardware_flops_per_iteration(cfg, G, x.recompute, padded)
     step_time = hardware / (x.num_gpus * x.tflops_per_gpu * 1e12)
     plan = Plan(
-        inputs=x, params_total=cfg.num_parameters(), params_per_rank=psi,
-        largest_pp_rank=edges[per_rank.index(psi)],
+        inputs=x, params_total=cfg.num_parameters(),
+        params_active=cfg.num_parameters(active=True), params_per_rank=psi,
+        expert_params_per_rank=psi_experts, largest_pp_rank=largest,
         bytes_per_gpu={"weights": state["params"], "grads": state["grads"],
                        "optimizer": state["optimizer_state"], "activations": activations,
                        "zero3_gathered": gathered},
@@ -252,6 +349,7 @@ def make_plan(cfg: ModelConfig, x: PlanInputs) -> Plan:
         flops_per_iteration=flops_per_iteration(cfg, G, padded, full_recompute=True),
         hardware_flops_per_iteration=hardware,
         model_flops_per_iteration=flops_per_iteration(cfg, G, padded),
+        all_to_all_bytes_per_step=all_to_all_bytes_per_step(cfg, x, largest),
         step_time_s=step_time, tokens_per_s=G * cfg.seq_len / step_time)
     plan.advice = advice(plan)
     return plan
@@ -278,5 +376,7 @@ def advice(plan: Plan) -> list[str]:
         if x.zero_stage < 3 and x.dp * x.cp > 1:
             tips.append(f"raise parallel.zero_stage (now {x.zero_stage}) to shard model state "
                         "over dp")
+        if plan.expert_params_per_rank and x.ep < x.dp * x.cp:
+            tips.append(f"raise parallel.ep (now {x.ep}): E/ep experts per GPU")
         tips.append("raise parallel.tp or parallel.pp (fewer parameters per GPU)")
     return tips

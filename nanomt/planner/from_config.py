@@ -24,7 +24,7 @@ def plan_inputs(cfg: DictConfig) -> tuple[ModelConfig, PlanInputs]:
                           "set parallel.dp")
     model, layout, _ = check_config(cfg, int(p.tp) * int(p.get("cp", 1)) * int(p.pp) * int(p.dp))
     return model, _inputs(cfg, tp=layout.tp, pp=layout.pp, dp=layout.dp, cp=layout.cp,
-                          virtual_stages=layout.virtual_stages,
+                          ep=layout.ep, virtual_stages=layout.virtual_stages,
                           sequence_parallel=layout.sequence_parallel,
                           zero_stage=layout.zero_stage)
 
@@ -53,7 +53,7 @@ def search_inputs(cfg: DictConfig) -> tuple[ModelConfig, PlanInputs, PlanInputs 
     if not gpus or int(gpus) < 1:
         raise ConfigError("plan.gpus is not set: the search needs the cluster's GPU count",
                           "set plan.gpus (or a full layout with parallel.dp)")
-    base = reference or _inputs(cfg, tp=1, pp=1, dp=int(gpus), cp=1, virtual_stages=1,
+    base = reference or _inputs(cfg, tp=1, pp=1, dp=int(gpus), cp=1, ep=1, virtual_stages=1,
                                 sequence_parallel=False, zero_stage=0)
     return model, base, reference, int(gpus)
 

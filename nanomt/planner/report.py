@@ -14,7 +14,9 @@ def plan_json(plan: Plan, meta_shard_params: int | None,
     """Every number of the table; `meta_shard_params` is the meta-device count (or None)."""
     x = plan.inputs
     out = {"inputs": asdict(x), "num_gpus": x.num_gpus, "num_microbatches": x.num_microbatches,
-           "params_total": plan.params_total, "params_per_rank": plan.params_per_rank,
+           "params_total": plan.params_total, "params_active": plan.params_active,
+           "params_per_rank": plan.params_per_rank,
+           "expert_params_per_rank": plan.expert_params_per_rank,
            "largest_pp_rank": plan.largest_pp_rank, "meta_shard_params": meta_shard_params,
            "bytes_per_gpu": {**plan.bytes_per_gpu, "total": plan.total_bytes},
            "activation_pp_rank": plan.activation_pp_rank,
@@ -25,6 +27,7 @@ def plan_json(plan: Plan, meta_shard_params: int | None,
            "flops_per_iteration": plan.flops_per_iteration,
            "hardware_flops_per_iteration": plan.hardware_flops_per_iteration,
            "model_flops_per_iteration": plan.model_flops_per_iteration,
+           "all_to_all_bytes_per_step": plan.all_to_all_bytes_per_step,
            "step_time_s": plan.step_time_s, "tokens_per_s": plan.tokens_per_s,
            "fits": plan.fits, "advice": plan.advice}
     if iteration_time_s:
@@ -44,7 +47,8 @@ def plan_table(plan: Plan, meta_shard_params: int | None,
     """The readable table tools/plan.py prints; `alternatives`: the same layout under other
     schedules (the zero-bubble ones), each a row of what it would save and cost."""
     x, b = plan.inputs, plan.bytes_per_gpu
-    layout = (f"tp={x.tp} cp={x.cp} pp={x.pp} v={x.virtual_stages} dp={x.dp} "
+    experts = f" ep={x.ep}" if x.ep > 1 else ""
+    layout = (f"tp={x.tp} cp={x.cp} pp={x.pp} v={x.virtual_stages} dp={x.dp}{experts} "
               f"({x.num_gpus} GPUs), "
               f"ZeRO-{x.zero_stage}, {x.precision}, SP={'on' if x.sequence_parallel else 'off'}, "
               f"recompute={x.recompute}, {x.schedule}")
@@ -57,6 +61,13 @@ def plan_table(plan: Plan, meta_shard_params: int | None,
             ("parameters, largest rank", f"{plan.params_per_rank:,} (pipeline rank "
                                          f"{plan.largest_pp_rank})"),
             ("  meta-device shard", meta)]
+    if plan.params_active != plan.params_total:
+        rows.insert(3, ("parameters, active", f"{plan.params_active:,} "
+                                              f"({plan.params_active / 1e9:.1f}B per token)"))
+        rows += [("  of them experts", f"{plan.expert_params_per_rank:,} (E/ep per MoE layer, "
+                                       f"ZeRO over dp*cp/ep = {x.expert_dp})"),
+                 ("all-to-all per step", f"{plan.all_to_all_bytes_per_step / GIB:,.2f} GiB "
+                                         f"sent per rank")]
     for kind in ("weights", "grads", "optimizer", "activations", "zero3_gathered"):
         if kind == "zero3_gathered" and x.zero_stage < 3:
             continue

@@ -2,12 +2,14 @@
 
 For a model, a global batch G and N GPUs of M bytes, `search` walks every
 
-    tp | GPUs per node (and tp | heads, hidden, ffn), pp | layers, cp in 1, 2, 4, 8 (2 cp | s),
+    tp | GPUs per node (and tp | heads, hidden, ffn, expert ffn), pp | layers, cp in 1, 2, 4, 8
+    (2 cp | s),
     dp = N / (tp cp pp), micro-batch b in 1, 2, 4, 8 with b dp | G,
     schedule 1F1B (v | l/pp chunks per rank, v > 1 when pp | m), GPipe, ZB-H1 (v = 1) or
     ZB-V (v = 2, untied embeddings),
     ZeRO stage 0-3 (when dp cp > 1), sequence parallelism (when tp > 1),
-    recompute none / selective / full
+    recompute none / selective / full,
+    expert parallelism ep | dp cp with ep | E (a mixture-of-experts model only)
 
 that the training config accepts (nanomt.config's rules), plans each (estimate.py), drops
 those over M, each counted under its largest term (weights, grads, optimizer, activations,
@@ -17,6 +19,7 @@ neighbours in the ranking apart is the terms whose difference adds up to most of
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterator
@@ -50,7 +53,7 @@ class SearchResult:
         return None
 
 
-LAYOUT_KEYS = ("tp", "pp", "dp", "cp", "virtual_stages", "schedule", "zero_stage",
+LAYOUT_KEYS = ("tp", "pp", "dp", "cp", "ep", "virtual_stages", "schedule", "zero_stage",
                "micro_batch", "sequence_parallel", "recompute")
 
 
@@ -68,12 +71,21 @@ def grids(cfg: ModelConfig, gpus: int, gpus_per_node: int) -> Iterator[tuple[int
     for tp in divisors(gpus_per_node):
         if cfg.num_heads % tp or cfg.hidden_size % tp or cfg.ffn_hidden_size % tp:
             continue
+        if cfg.moe is not None and cfg.moe.ffn_hidden_size % tp:  # tp splits every expert
+            continue
         for cp in CONTEXT_PARALLEL:
             if cfg.seq_len % (2 * cp) and cp > 1:
                 continue
             for pp in divisors(cfg.num_layers):
                 if gpus % (tp * cp * pp) == 0:
                     yield tp, cp, pp, gpus // (tp * cp * pp)
+
+
+def expert_parallel_sizes(cfg: ModelConfig, dp: int, cp: int) -> list[int]:
+    """ep: the divisors of dp cp that divide the experts (1 alone for a dense model)."""
+    if cfg.moe is None:
+        return [1]
+    return [ep for ep in divisors(dp * cp) if cfg.moe.num_experts % ep == 0]
 
 
 def schedules(cfg: ModelConfig, pp: int, m: int) -> Iterator[tuple[str, int]]:
@@ -102,12 +114,11 @@ def layouts(cfg: ModelConfig, base: PlanInputs, gpus: int,
                 stages = range(4) if dp * cp > 1 else (0,)
                 sp_choices = (False, True) if tp > 1 and (cfg.seq_len // cp) % tp == 0 else (
                     False,)
-                for zero in stages:
-                    for sp in sp_choices:
-                        for recompute in RECOMPUTE:
-                            yield replace(base, tp=tp, cp=cp, pp=pp, dp=dp, micro_batch=b,
-                                          schedule=schedule, virtual_stages=v, zero_stage=zero,
-                                          sequence_parallel=sp, recompute=recompute)
+                for zero, sp, recompute, ep in itertools.product(
+                        stages, sp_choices, RECOMPUTE, expert_parallel_sizes(cfg, dp, cp)):
+                    yield replace(base, tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, micro_batch=b,
+                                  schedule=schedule, virtual_stages=v, zero_stage=zero,
+                                  sequence_parallel=sp, recompute=recompute)
 
 
 def largest_term(plan: Plan) -> str:
@@ -125,7 +136,7 @@ def search(cfg: ModelConfig, base: PlanInputs, gpus: int, machine: Machine) -> S
             continue
         result.ranked.append(Candidate(plan, step_time(
             cfg, x, plan.params_per_rank, plan.hardware_flops_per_iteration,
-            plan.model_flops_per_iteration, machine)))
+            plan.model_flops_per_iteration, machine, plan.expert_params_per_rank)))
     result.ranked.sort(key=lambda c: (c.time.total, c.plan.total_bytes))  # ties: more room
     return result
 

@@ -14,13 +14,15 @@ MEMORY_KINDS = ("weights", "grads", "optimizer", "activations", "zero3_gathered"
 
 def layout_overrides(x: PlanInputs) -> list[str]:
     """The training overrides that select layout `x` (nanomt.train's keys)."""
+    experts = [f"parallel.ep={x.ep}"] if x.ep > 1 else []
     return [f"parallel.tp={x.tp}", f"parallel.cp={x.cp}", f"parallel.pp={x.pp}",
             f"parallel.dp={x.dp}", f"parallel.virtual_stages={x.virtual_stages}",
             f"parallel.schedule={x.schedule}", f"parallel.zero_stage={x.zero_stage}",
             f"parallel.sequence_parallel={str(x.sequence_parallel).lower()}",
             f"train.micro_batch_size={x.micro_batch}",
             f"train.global_batch_size={x.global_batch}",
-            f"train.activation_checkpointing={x.recompute}", f"train.precision={x.precision}"]
+            f"train.activation_checkpointing={x.recompute}", f"train.precision={x.precision}",
+            *experts]
 
 
 def launch_command(x: PlanInputs, gpus_per_node: int, other_overrides: list[str]) -> str:
@@ -37,7 +39,8 @@ def launch_command(x: PlanInputs, gpus_per_node: int, other_overrides: list[str]
 
 
 def describe(x: PlanInputs) -> str:
-    return (f"tp{x.tp} cp{x.cp} pp{x.pp} v{x.virtual_stages} dp{x.dp} {x.schedule} "
+    experts = f" ep{x.ep}" if x.ep > 1 else ""
+    return (f"tp{x.tp} cp{x.cp} pp{x.pp} v{x.virtual_stages} dp{x.dp}{experts} {x.schedule} "
             f"ZeRO-{x.zero_stage} SP={'on' if x.sequence_parallel else 'off'} "
             f"recompute={x.recompute} b={x.micro_batch}")
 

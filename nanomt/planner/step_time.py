@@ -23,8 +23,12 @@ model; plan.latency_us):
                  (nanomt.parallel.context_parallel), so only their latency counts
     pp           2 m v p2p(e b s' h / t) sends and receives between stages (the wire carries
                  1/t of the activation) + as many all-gathers over tp to rebuild it
+    ep           m L_moe (4 [+2 full recompute]) all-to-all(e b s' top_k h) over ep ranks: per
+                 mixture-of-experts layer the routed token rows go to their experts' ranks and
+                 come back, in forward and in backward (docs/moe.md); an all-to-all of B bytes
+                 per rank takes (n-1)/n B / W + (n-1) a (pairwise exchange)
     bubble       bubble fraction (schedule_costs.py: (p-1)/(v m) for 1F1B, (p-1)/(3m) ZB-H1)
-                 x (compute + recompute + tp + cp + pp) x plan.bubble_cost
+                 x (compute + recompute + tp + cp + pp + ep) x plan.bubble_cost
                  (1 on GPUs; calibrate.py measures it for a CPU host)
     dp           stage 0: all-reduce(g Psi); 1-2: reduce-scatter(g Psi) + all-gather(e Psi)
                  over dp cp ranks, Psi this rank's parameters. The reduce runs during the last
@@ -35,9 +39,11 @@ model; plan.latency_us):
                  gathers e Psi around every forward and backward of every micro-batch, one
                  collective per layer, prefetched one layer ahead: what a pass's compute cannot
                  hide (and the first layer's gather) is exposed, and every gather's fixed
-                 cost, 2 m times.
+                 cost, 2 m times. A mixture of experts' stacked experts, Psi_E of Psi, are
+                 reduced (and sharded) over the dp cp / ep ranks of their ep rank, the rest
+                 over dp cp: each group pays its own collectives.
     optimizer    AdamW reads and writes its shard's weights, gradients and state once:
-                 2 (e + g + K) Psi / (N_d at ZeRO >= 1) / memory bandwidth
+                 2 (e + g + K) Psi / (N_d at ZeRO >= 1) / memory bandwidth (Psi_E / (N_d/ep))
 
 The link of a dimension: its group spans stride x size consecutive ranks of the grid
 (tp innermost, then cp, dp, pp: nanomt.parallel.grid); within plan.gpus_per_node that is the
@@ -50,10 +56,10 @@ import math
 from dataclasses import dataclass
 
 from nanomt.model.config import ModelConfig
-from nanomt.planner.estimate import STATE_BYTES, PlanInputs
+from nanomt.planner.estimate import STATE_BYTES, PlanInputs, moe_layers_on_pipeline_rank
 from nanomt.planner.schedule_costs import bubble_fraction, pass_times
 
-TERMS = ("compute", "recompute", "tp", "cp", "pp", "bubble", "dp", "optimizer")
+TERMS = ("compute", "recompute", "tp", "cp", "pp", "ep", "bubble", "dp", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,13 @@ def all_reduce_s(nbytes: float, n: int, gbps: float, machine: Machine) -> float:
 
 def gather_s(nbytes: float, n: int, gbps: float, machine: Machine) -> float:
     """An all-gather or a reduce-scatter of a `nbytes` whole over `n` ranks."""
+    if n == 1:
+        return 0.0
+    return (n - 1) / n * nbytes / (gbps * 1e9) + (n - 1) * machine.latency_us * 1e-6
+
+
+def all_to_all_s(nbytes: float, n: int, gbps: float, machine: Machine) -> float:
+    """An all-to-all of `nbytes` per rank over `n` ranks: (n-1)/n of them leave, n-1 steps."""
     if n == 1:
         return 0.0
     return (n - 1) / n * nbytes / (gbps * 1e9) + (n - 1) * machine.latency_us * 1e-6
@@ -150,6 +163,16 @@ def pp_s(cfg: ModelConfig, x: PlanInputs, machine: Machine) -> float:
     return 2 * x.num_microbatches * x.virtual_stages * one
 
 
+def ep_s(cfg: ModelConfig, x: PlanInputs, machine: Machine) -> float:
+    if x.ep == 1 or not cfg.moe:
+        return 0.0
+    passes = 4 + (2 if x.recompute == "full" else 0)
+    routed = activation_bytes(cfg, x) * cfg.moe.top_k
+    one = all_to_all_s(routed, x.ep, link_gbps(machine, x.tp, x.ep), machine)
+    layers = max(moe_layers_on_pipeline_rank(cfg, x, r) for r in range(x.pp))
+    return x.num_microbatches * layers * passes * one
+
+
 def bubble_s(busy_s: float, x: PlanInputs, machine: Machine) -> float:
     fraction = bubble_fraction(x.schedule, x.pp, x.num_microbatches, x.virtual_stages,
                                pass_times(x.recompute))
@@ -157,26 +180,33 @@ def bubble_s(busy_s: float, x: PlanInputs, machine: Machine) -> float:
 
 
 def dp_s(x: PlanInputs, psi: int, pass_s: tuple[float, float], units: int,
-         machine: Machine) -> float:
+         machine: Machine, psi_experts: int = 0) -> float:
     """Exposed data-parallel time; pass_s = (one micro-batch's forward, its backward) on this
-    rank, the compute that hides the traffic; `units` ZeRO-3 gathers per pass (the layers)."""
-    n = x.dp * x.cp
-    if n == 1:
+    rank, the compute that hides the traffic; `units` ZeRO-3 gathers per pass (the layers);
+    `psi_experts` of the `psi` parameters are stacked experts (over dp cp / ep ranks)."""
+    groups = [(n_params, ranks) for n_params, ranks in
+              ((psi - psi_experts, x.dp * x.cp), (psi_experts, x.expert_dp))
+              if n_params and ranks > 1]
+    if not groups:
         return 0.0
-    gbps = link_gbps(machine, x.tp, n)
+    gbps = link_gbps(machine, x.tp, x.dp * x.cp)
     e = 4 if x.precision == "fp32" else 2
     g = 4 if x.precision == "fp32" or x.fp32_grads else 2
     forward, backward = pass_s
-    bucket = min(g * psi, x.bucket_mb * 2**20)
     collective = all_reduce_s if x.zero_stage == 0 else gather_s
-    reduce = collective(g * psi, n, gbps, machine)
-    reduce += (math.ceil(g * psi / bucket) - 1) * (collective(0, n, gbps, machine))
-    exposed = max(reduce - backward, collective(bucket, n, gbps, machine))
-    gather = gather_s(e * psi, n, gbps, machine)
+    reduce = 0.0
+    for n_params, n in groups:
+        bucket = min(g * n_params, x.bucket_mb * 2**20)
+        reduce += collective(g * n_params, n, gbps, machine)
+        reduce += (math.ceil(g * n_params / bucket) - 1) * collective(0, n, gbps, machine)
+    n_params, n = groups[0]
+    last_bucket = collective(min(g * n_params, x.bucket_mb * 2**20), n, gbps, machine)
+    exposed = max(reduce - backward, last_bucket)
+    gather = sum(gather_s(e * n_params, n, gbps, machine) for n_params, n in groups)
     if x.zero_stage in (1, 2):
         exposed += max(gather - forward, 0.0) if x.overlap_param_gather else gather
     elif x.zero_stage == 3:
-        fixed = gather_s(0, n, gbps, machine)
+        fixed = sum(gather_s(0, n, gbps, machine) for _, n in groups)
         wire = gather - fixed
         per_pass = [units * fixed + (max(wire - compute, wire / units) if x.zero3_prefetch
                                      else wire) for compute in (forward, backward)]
@@ -184,27 +214,31 @@ def dp_s(x: PlanInputs, psi: int, pass_s: tuple[float, float], units: int,
     return exposed
 
 
-def optimizer_s(x: PlanInputs, psi: int, machine: Machine) -> float:
+def optimizer_s(x: PlanInputs, psi: int, machine: Machine, psi_experts: int = 0) -> float:
     e = 4 if x.precision == "fp32" else 2
     g = 4 if x.precision == "fp32" or x.fp32_grads else 2
-    shard = psi / (x.dp * x.cp) if x.zero_stage >= 1 else psi
+    shard = psi
+    if x.zero_stage >= 1:
+        shard = (psi - psi_experts) / (x.dp * x.cp) + psi_experts / x.expert_dp
     return 2 * (e + g + STATE_BYTES[x.precision]) * shard / (machine.memory_gbps * 1e9)
 
 
 def step_time(cfg: ModelConfig, x: PlanInputs, psi: int, hardware_flops: float,
-              model_flops: float, machine: Machine) -> StepTime:
-    """Every term of one step of layout `x` (psi: the largest rank's parameters)."""
+              model_flops: float, machine: Machine, psi_experts: int = 0) -> StepTime:
+    """Every term of one step of layout `x` (psi: the largest rank's parameters, psi_experts
+    of them its stacked experts')."""
     t = {"compute": compute_s(model_flops, x, machine),
          "recompute": recompute_s(hardware_flops, model_flops, x, machine),
-         "tp": tp_s(cfg, x, machine), "cp": cp_s(cfg, x, machine), "pp": pp_s(cfg, x, machine)}
+         "tp": tp_s(cfg, x, machine), "cp": cp_s(cfg, x, machine), "pp": pp_s(cfg, x, machine),
+         "ep": ep_s(cfg, x, machine)}
     busy = sum(t.values())
     t["bubble"] = bubble_s(busy, x, machine)
     # one micro-batch's passes: the forward a third of the model FLOPs, the backward the rest
     # and the recompute; the communication in line with them splits the same way
     m = x.num_microbatches
-    forward = (t["compute"] / 3 + (t["tp"] + t["cp"]) / 3) / m
+    forward = (t["compute"] / 3 + (t["tp"] + t["cp"] + t["ep"]) / 3) / m
     backward = busy / m - forward
     layers = cfg.num_layers // x.pp
-    t["dp"] = dp_s(x, psi, (forward, backward), layers, machine)
-    t["optimizer"] = optimizer_s(x, psi, machine)
+    t["dp"] = dp_s(x, psi, (forward, backward), layers, machine, psi_experts)
+    t["optimizer"] = optimizer_s(x, psi, machine, psi_experts)
     return StepTime(t)
