@@ -1,0 +1,204 @@
+"""Experts' weights under data parallelism and ZeRO 0-3, against one process.
+
+A stand-in model (no nanomt.model code): one layer with a dense matrix, a stack of E experts'
+matrices marked ParamInfo.expert and split over the ep group, and a deterministic route (row t
+goes to expert route[t], E rows per expert) with an explicit all_to_all to the experts' ranks and
+back, then a dense head. Every rank of the dp x cp ranks sees its own data; the single process
+sees all of it, with every expert, and averages the ranks' losses. One spawn of 4 ranks checks,
+for ep = 1, 2, 4 with dp up to 4 (and with cp, and with tp replicas), at ZeRO 0-3 (ZeRO-2/3
+also reducing every micro-batch), two micro-batches per step:
+  - experts' weights sit in buckets of their own, reduced over expert_dp_group;
+  - after finalize_grads every gradient (dense and experts', at their global expert index) is
+    the single process's gradient: expert buckets are summed over expert_dp_group and divided
+    by dp * cp (docs/moe.md);
+  - the global gradient norm is the single process's (each expert element counted once);
+  - one clipped AdamW step gives the single process's parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nanomt.parallel.param_info import ParamInfo, param_info, set_param_info
+from nanomt.testing import run_distributed
+
+E, H, ROWS_PER_EXPERT, MICROBATCHES = 4, 6, 2, 2
+T = E * ROWS_PER_EXPERT  # rows (tokens) per micro-batch and rank
+OPTIM = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+GRAD_CLIP = 0.05  # below the norm: clipping acts
+# (tp, dp, cp, ep) on 4 ranks; the stand-in model is replicated over tp
+LAYOUTS = ((1, 4, 1, 1), (1, 4, 1, 2), (1, 4, 1, 4), (1, 2, 2, 4), (2, 2, 1, 2))
+MODES = ((0, "step"), (1, "step"), (2, "step"), (3, "step"), (2, "microbatch"),
+         (3, "microbatch"))
+
+
+class _AllToAll(torch.autograd.Function):
+    """Equal splits of dim 0 exchanged over `group`; backward sends the gradients back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllToAll.apply(grad, ctx.group), None
+
+
+def all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    return x if group is None else _AllToAll.apply(x, group)
+
+
+def _global_values(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    seed = sum(map(ord, name))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.5
+
+
+def _described(name: str, global_shape: tuple[int, ...], expert: bool, ep: int,
+               ep_rank: int) -> nn.Parameter:
+    """This rank's piece of a weight drawn whole from a seed: an expert stack's 1/ep."""
+    full = _global_values(name, global_shape)
+    param = nn.Parameter((full.chunk(ep)[ep_rank] if expert else full).clone())
+    set_param_info(param, ParamInfo(name, global_shape, tp_split_dim=None, expert=expert))
+    return param
+
+
+class ExpertLayer(nn.Module):
+    """y = tanh(x W); each row through its expert (on the expert's ep rank); y + expert(y)."""
+
+    def __init__(self, ep: int, ep_rank: int, ep_group):
+        super().__init__()
+        self.ep, self.ep_group = ep, ep_group
+        self.dense = _described("layers.0.dense", (H, H), False, ep, ep_rank)
+        self.experts = _described("layers.0.experts", (E, H, H), True, ep, ep_rank)
+        route = torch.randperm(T, generator=torch.Generator().manual_seed(7)) % E
+        self.order = torch.argsort(route, stable=True)  # rows sorted by expert
+        self.inverse = torch.argsort(self.order)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x @ self.dense)
+        sent = y[self.order]  # ep blocks: the rows for each ep rank's experts
+        got = all_to_all(sent, self.ep_group).view(self.ep, E // self.ep, ROWS_PER_EXPERT, H)
+        out = torch.einsum("serh,ehk->serk", got, self.experts).reshape(T, H)
+        return y + all_to_all(out, self.ep_group)[self.inverse]
+
+
+class StandIn(nn.Module):
+    def __init__(self, ep: int = 1, ep_rank: int = 0, ep_group=None):
+        super().__init__()
+        self.layers = nn.ModuleList([ExpertLayer(ep, ep_rank, ep_group)])
+        self.head = _described("head", (H,), False, ep, ep_rank)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ((self.layers[0](x) @ self.head - target) ** 2).mean()
+
+
+def rank_data(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batches of dp x cp rank j: inputs [m, T, H], targets [m, T]."""
+    generator = torch.Generator().manual_seed(100 + j)
+    return (torch.randn(MICROBATCHES, T, H, generator=generator),
+            torch.randn(MICROBATCHES, T, generator=generator))
+
+
+def _pieces(buffer, shards: list[torch.Tensor], ep_rank: int) -> list[tuple]:
+    """(name, ep_rank if an expert else 0, lo, hi, values) of each segment of my shards."""
+    return [(param_info(s.param).name, ep_rank if param_info(s.param).expert else 0,
+             s.param_lo, s.param_hi, shard[s.shard_lo: s.shard_hi].clone())
+            for b, shard in zip(buffer.buckets, shards) for s in b.segments]
+
+
+def _one_layout(tp: int, dp: int, cp: int, ep: int) -> dict:
+    from nanomt.optim.grad_norm import read_norm
+    from nanomt.optim.sharded_adamw import ShardedAdamW
+    from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
+    from nanomt.parallel.grid import ParallelGrid
+
+    grid = ParallelGrid(tp=tp, dp=dp, cp=cp, ep=ep)
+    x, target = rank_data(grid.dp_rank * cp + grid.cp_rank)
+    results = {}
+    for stage, grad_reduce in MODES:
+        model = StandIn(ep, grid.ep_rank, grid.ep_group)
+        buffer = GradientBuffer([model], grid, zero_stage=stage, num_microbatches=MICROBATCHES,
+                                bucket_size_mb=1e-4, grad_reduce=grad_reduce)
+        optimizer = ShardedAdamW(buffer, **OPTIM, grad_clip=GRAD_CLIP)
+        for i in range(MICROBATCHES):
+            (model(x[i], target[i]) / MICROBATCHES).backward()
+        finalize_grads(buffer)
+        grads = _pieces(buffer, [g.clone() for g in buffer.local_grad_shards()], grid.ep_rank)
+        norm, overflow, _ = read_norm(optimizer.clip_grads())
+        optimizer.step(norm, overflow)
+        params = _pieces(buffer, [buffer.own_param_shard(b) for b in buffer.buckets],
+                         grid.ep_rank)
+        results[(stage, grad_reduce)] = {
+            "grads": grads, "params": params, "norm": norm, "overflow": overflow,
+            "buckets": [([param_info(p).expert for p in b.params], b.group_size)
+                        for b in buffer.buckets]}
+    return results
+
+
+def _every_layout() -> dict:
+    return {layout: _one_layout(*layout) for layout in LAYOUTS}
+
+
+def single_process_step(ranks: int) -> tuple[dict, float, dict]:
+    """The reference: the data of `ranks` dp x cp ranks through the whole model, their losses
+    averaged; torch's clip and AdamW. Returns (gradients, norm before clipping, parameters)."""
+    model = StandIn()
+    loss = 0.0
+    for j in range(ranks):
+        x, target = rank_data(j)
+        for i in range(MICROBATCHES):
+            loss = loss + model(x[i], target[i]) / (MICROBATCHES * ranks)
+    loss.backward()
+    named = {param_info(p).name: p for p in model.parameters()}
+    grads = {name: p.grad.clone() for name, p in named.items()}
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP))
+    groups = [{"params": [p for p in named.values() if p.ndim >= 2]},
+              {"params": [p for p in named.values() if p.ndim < 2], "weight_decay": 0.0}]
+    torch.optim.AdamW(groups, **OPTIM, foreach=True).step()
+    return grads, norm, {name: p.detach().clone() for name, p in named.items()}
+
+
+def assemble(pieces: list[tuple], shapes: dict[str, tuple], ep: int) -> dict:
+    """The full tensors from every rank's flat pieces; every element covered, copies equal."""
+    full = {name: torch.full(shape, float("nan")) for name, shape in shapes.items()}
+    for name, ep_rank, lo, hi, values in pieces:
+        experts = name.endswith("experts")
+        local = full[name].view(ep, -1)[ep_rank] if experts else full[name].view(-1)
+        seen = local[lo:hi]
+        if not torch.isnan(seen).all():  # a copy of a piece another rank gave
+            torch.testing.assert_close(values, seen, rtol=0, atol=0)
+        local[lo:hi] = values
+    for name, tensor in full.items():
+        assert not torch.isnan(tensor).any(), f"{name}: some elements on no rank"
+    return full
+
+
+def test_expert_buckets_reduce_norm_and_step_as_one_process():
+    results = run_distributed(_every_layout, world_size=4, timeout_s=300)
+    references = {ranks: single_process_step(ranks) for ranks in (2, 4)}
+    for layout in LAYOUTS:
+        tp, dp, cp, ep = layout
+        ref_grads, ref_norm, ref_params = references[dp * cp]
+        assert ref_norm > GRAD_CLIP
+        shapes = {name: tuple(g.shape) for name, g in ref_grads.items()}
+        for mode in MODES:
+            per_rank = [r[layout][mode] for r in results]
+            where = f"(tp, dp, cp, ep)={layout}, ZeRO-{mode[0]} grad_reduce={mode[1]}"
+            for r in per_rank:
+                for flags, group_size in r["buckets"]:
+                    assert len(set(flags)) == 1, f"{where}: experts mixed with dense params"
+                    assert group_size == (dp * cp // ep if flags[0] else dp * cp), where
+                assert not r["overflow"]
+                assert abs(r["norm"] - ref_norm) <= 1e-5 * ref_norm, (where, r["norm"], ref_norm)
+            grads = assemble([p for r in per_rank for p in r["grads"]], shapes, ep)
+            params = assemble([p for r in per_rank for p in r["params"]], shapes, ep)
+            for name in shapes:
+                torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"{where} gradient of {name}: {m}")
+                torch.testing.assert_close(params[name], ref_params[name], rtol=1e-5,
+                                           atol=1e-6, msg=lambda m: f"{where} {name}: {m}")
