@@ -97,9 +97,9 @@ class StandIn(nn.Module):
         return ((self.layers[0](x) @ self.head - target) ** 2).mean()
 
 
-def rank_data(j: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The micro-batches of dp x cp rank j: inputs [m, T, H], targets [m, T]."""
-    generator = torch.Generator().manual_seed(100 + j)
+def rank_data(j: int, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batches of dp x cp rank j at `step`: inputs [m, T, H], targets [m, T]."""
+    generator = torch.Generator().manual_seed(100 + j + 1000 * step)
     return (torch.randn(MICROBATCHES, T, H, generator=generator),
             torch.randn(MICROBATCHES, T, generator=generator))
 
