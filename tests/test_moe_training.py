@@ -12,7 +12,8 @@ also reducing every micro-batch), two micro-batches per step:
     the single process's gradient: expert buckets are summed over expert_dp_group and divided
     by dp * cp (docs/moe.md);
   - the global gradient norm is the single process's (each expert element counted once);
-  - one clipped AdamW step gives the single process's parameters.
+  - one clipped AdamW step gives the single process's parameters, on every rank (the
+    parameters' all-gathers, ZeRO-3's included, run over each bucket's group).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ OPTIM = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 GRAD_CLIP = 0.05  # below the norm: clipping acts
 # (tp, dp, cp, ep) on 4 ranks; the stand-in model is replicated over tp
 LAYOUTS = ((1, 4, 1, 1), (1, 4, 1, 2), (1, 4, 1, 4), (1, 2, 2, 4), (2, 2, 1, 2))
-MODES = ((0, "step"), (1, "step"), (2, "step"), (3, "step"), (2, "microbatch"),
-         (3, "microbatch"))
+# (ZeRO stage, parallel.grad_reduce, parallel.overlap_param_gather)
+MODES = ((0, "step", False), (1, "step", False), (2, "step", False), (3, "step", False),
+         (2, "microbatch", True), (3, "microbatch", False))
 
 
 class _AllToAll(torch.autograd.Function):
@@ -120,10 +122,11 @@ def _one_layout(tp: int, dp: int, cp: int, ep: int) -> dict:
     grid = ParallelGrid(tp=tp, dp=dp, cp=cp, ep=ep)
     x, target = rank_data(grid.dp_rank * cp + grid.cp_rank)
     results = {}
-    for stage, grad_reduce in MODES:
+    for stage, grad_reduce, overlap in MODES:
         model = StandIn(ep, grid.ep_rank, grid.ep_group)
         buffer = GradientBuffer([model], grid, zero_stage=stage, num_microbatches=MICROBATCHES,
-                                bucket_size_mb=1e-4, grad_reduce=grad_reduce)
+                                bucket_size_mb=1e-4, grad_reduce=grad_reduce,
+                                overlap_param_gather=overlap)
         optimizer = ShardedAdamW(buffer, **OPTIM, grad_clip=GRAD_CLIP)
         for i in range(MICROBATCHES):
             (model(x[i], target[i]) / MICROBATCHES).backward()
@@ -131,9 +134,11 @@ def _one_layout(tp: int, dp: int, cp: int, ep: int) -> dict:
         grads = _pieces(buffer, [g.clone() for g in buffer.local_grad_shards()], grid.ep_rank)
         norm, overflow, _ = read_norm(optimizer.clip_grads())
         optimizer.step(norm, overflow)
-        params = _pieces(buffer, [buffer.own_param_shard(b) for b in buffer.buckets],
-                         grid.ep_rank)
-        results[(stage, grad_reduce)] = {
+        buffer.wait_for_params()  # the gathers overlap_param_gather leaves in flight
+        with optimizer.full_parameters():  # every rank's whole tensors, gathered at ZeRO-3
+            params = [(param_info(p).name, grid.ep_rank if param_info(p).expert else 0, 0,
+                       p.numel(), p.detach().reshape(-1).clone()) for p in model.parameters()]
+        results[(stage, grad_reduce, overlap)] = {
             "grads": grads, "params": params, "norm": norm, "overflow": overflow,
             "buckets": [([param_info(p).expert for p in b.params], b.group_size)
                         for b in buffer.buckets]}
@@ -188,7 +193,7 @@ def test_expert_buckets_reduce_norm_and_step_as_one_process():
         shapes = {name: tuple(g.shape) for name, g in ref_grads.items()}
         for mode in MODES:
             per_rank = [r[layout][mode] for r in results]
-            where = f"(tp, dp, cp, ep)={layout}, ZeRO-{mode[0]} grad_reduce={mode[1]}"
+            where = f"(tp, dp, cp, ep)={layout}, (ZeRO, grad_reduce, overlap)={mode}"
             for r in per_rank:
                 for flags, group_size in r["buckets"]:
                     assert len(set(flags)) == 1, f"{where}: experts mixed with dense params"
