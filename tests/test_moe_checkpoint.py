@@ -76,3 +76,64 @@ def test_a_checkpoint_saved_at_ep2_resumes_at_ep1_and_ep4(tmp_path):
     assert losses[(2, 1)] == losses["saved"]  # the same layout: bit for bit
     for ep, stage in RESUMES:
         assert losses[(ep, stage)] == pytest.approx(losses["saved"], rel=1e-6), (ep, stage)
+
+
+# ---- the real model through nanomt.train ------------------------------------------------------
+STEPS = 6
+MOE_RUN = ["model=moe_tiny", "model.num_layers=2", "model.hidden_size=32", "model.num_heads=4",
+           "model.seq_len=16", "model.moe.ffn_hidden_size=32", "train.global_batch_size=8",
+           "train.micro_batch_size=1", f"train.steps={STEPS}", "train.eval_interval=0",
+           "train.progress_bar=false", "train.measure_memory=false", "optim.warmup_steps=2",
+           "logging.wandb.mode=disabled", "parallel.dp=4", "train.device=cpu"]
+# (ep, ZeRO stage) of the resumed runs: the experts' shards regrouped (ZeRO-1 over 4 ranks at
+# ep=1; at ep=4 every rank holds one expert whole and ZeRO-3 shards only the dense weights)
+MOE_RESUMES = {"ep1_zero1": (1, 1), "ep4_zero3": (4, 3)}
+
+
+def _moe_layout(ep: int, stage: int) -> list[str]:
+    return [f"parallel.ep={ep}", f"parallel.zero_stage={stage}"]
+
+
+def _moe_save_then_resume(base: str) -> int:
+    """On 4 ranks: 3 steps at ep=2 (ZeRO-1) and save; resume at ep=1 and 4; the uninterrupted
+    run; the same layout resumed."""
+    from pathlib import Path
+
+    from nanomt.testing import compose_config
+    from nanomt.train import run
+
+    base = Path(base)
+    saved = _moe_layout(2, 1)
+    run(compose_config(MOE_RUN + saved + ["train.exit_after=3"]), base / "ep2")
+    for name, layout in MOE_RESUMES.items():
+        run(compose_config(MOE_RUN + _moe_layout(*layout)
+                           + [f"train.resume={base / 'ep2' / 'checkpoints'}"]), base / name)
+    run(compose_config(MOE_RUN + saved), base / "ep2_whole")
+    run(compose_config(MOE_RUN + saved + ["train.resume=auto"]), base / "ep2")
+    return 0
+
+
+def test_moe_checkpoint_saved_at_ep2_resumes_at_ep1_and_ep4(tmp_path):
+    import json
+
+    from nanomt.testing import run_distributed
+
+    def losses(run_dir) -> list[float]:
+        by_step = {}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            by_step[record["step"]] = record["loss"]
+        return [by_step[step] for step in sorted(by_step)]
+
+    run_distributed(_moe_save_then_resume, world_size=4, args=(str(tmp_path),), timeout_s=400)
+    whole = losses(tmp_path / "ep2_whole")
+    assert len(whole) == STEPS
+    assert losses(tmp_path / "ep2") == whole  # the same layout: bit for bit
+    meta = json.loads((tmp_path / "ep2" / "checkpoints" / "step_00000003" / "meta.json")
+                      .read_text())
+    experts = [name for name, record in meta["parameters"].items() if record.get("expert")]
+    assert experts and all(meta["parameters"][n]["global_shape"][0] == 4 for n in experts)
+    for name in MOE_RESUMES:
+        resumed = losses(tmp_path / name)
+        assert len(resumed) == STEPS - 3, name
+        assert resumed == pytest.approx(whole[3:], rel=1e-5), name

@@ -106,11 +106,22 @@ def rank_data(j: int, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randn(MICROBATCHES, T, generator=generator))
 
 
-def _pieces(buffer, shards: list[torch.Tensor], ep_rank: int) -> list[tuple]:
-    """(name, ep_rank if an expert else 0, lo, hi, values) of each segment of my shards."""
-    return [(param_info(s.param).name, ep_rank if param_info(s.param).expert else 0,
-             s.param_lo, s.param_hi, shard[s.shard_lo: s.shard_hi].clone())
+def _box(param: nn.Parameter, grid) -> list[list[int]]:
+    return param_info(param).box(tuple(param.shape), grid.tp_rank, grid.ep_rank)
+
+
+def flat_pieces(buffer, shards: list[torch.Tensor], grid) -> list[tuple]:
+    """(name, box, lo, hi, values): each segment of my shards of the buffer's buckets, the
+    elements [lo, hi) of the flattened piece `box` of the global tensor `name`."""
+    return [(param_info(s.param).name, _box(s.param, grid), s.param_lo, s.param_hi,
+             shard[s.shard_lo: s.shard_hi].clone())
             for b, shard in zip(buffer.buckets, shards) for s in b.segments]
+
+
+def whole_pieces(chunks: list[nn.Module], grid) -> list[tuple]:
+    """(name, box, 0, numel, values) of every parameter of `chunks`, whole."""
+    return [(param_info(p).name, _box(p, grid), 0, p.numel(), p.detach().reshape(-1).clone())
+            for chunk in chunks for p in chunk.parameters()]
 
 
 def _one_layout(tp: int, dp: int, cp: int, ep: int) -> dict:
@@ -131,13 +142,12 @@ def _one_layout(tp: int, dp: int, cp: int, ep: int) -> dict:
         for i in range(MICROBATCHES):
             (model(x[i], target[i]) / MICROBATCHES).backward()
         finalize_grads(buffer)
-        grads = _pieces(buffer, [g.clone() for g in buffer.local_grad_shards()], grid.ep_rank)
+        grads = flat_pieces(buffer, buffer.local_grad_shards(), grid)
         norm, overflow, _ = read_norm(optimizer.clip_grads())
         optimizer.step(norm, overflow)
         buffer.wait_for_params()  # the gathers overlap_param_gather leaves in flight
         with optimizer.full_parameters():  # every rank's whole tensors, gathered at ZeRO-3
-            params = [(param_info(p).name, grid.ep_rank if param_info(p).expert else 0, 0,
-                       p.numel(), p.detach().reshape(-1).clone()) for p in model.parameters()]
+            params = whole_pieces([model], grid)
         results[(stage, grad_reduce, overlap)] = {
             "grads": grads, "params": params, "norm": norm, "overflow": overflow,
             "buckets": [([param_info(p).expert for p in b.params], b.group_size)
@@ -168,18 +178,26 @@ def single_process_step(ranks: int) -> tuple[dict, float, dict]:
     return grads, norm, {name: p.detach().clone() for name, p in named.items()}
 
 
-def assemble(pieces: list[tuple], shapes: dict[str, tuple], ep: int) -> dict:
-    """The full tensors from every rank's flat pieces; every element covered, copies equal."""
-    full = {name: torch.full(shape, float("nan")) for name, shape in shapes.items()}
-    for name, ep_rank, lo, hi, values in pieces:
-        experts = name.endswith("experts")
-        local = full[name].view(ep, -1)[ep_rank] if experts else full[name].view(-1)
-        seen = local[lo:hi]
-        if not torch.isnan(seen).all():  # a copy of a piece another rank gave
-            torch.testing.assert_close(values, seen, rtol=0, atol=0)
-        local[lo:hi] = values
-    for name, tensor in full.items():
-        assert not torch.isnan(tensor).any(), f"{name}: some elements on no rank"
+def assemble(pieces: list[tuple], shapes: dict[str, tuple], atol: float = 0.0) -> dict:
+    """The global tensors from every rank's pieces (flat_pieces, whole_pieces): every element
+    covered by some rank, the copies of one element equal (within `atol`). Rows of a box past
+    the global shape (the vocabulary's padding) are dropped."""
+    full = {}
+    for name, box, lo, hi, values in pieces:
+        if name not in full:
+            padded = [max(n, b[1]) for n, b in zip(shapes[name], box)]
+            full[name] = torch.full(padded, float("nan"), dtype=values.dtype)
+        region = tuple(slice(a, b) for a, b in box)
+        piece = full[name][region].clone()
+        seen = piece.view(-1)[lo:hi]
+        known = ~torch.isnan(seen)  # copies of elements another rank gave
+        torch.testing.assert_close(values[known], seen[known], rtol=0, atol=atol)
+        seen.copy_(values)
+        full[name][region] = piece
+    full = {name: tensor[tuple(slice(0, n) for n in shapes[name])]
+            for name, tensor in full.items()}
+    for name in shapes:
+        assert name in full and not torch.isnan(full[name]).any(), f"{name}: not on any rank"
     return full
 
 
@@ -200,10 +218,111 @@ def test_expert_buckets_reduce_norm_and_step_as_one_process():
                     assert group_size == (dp * cp // ep if flags[0] else dp * cp), where
                 assert not r["overflow"]
                 assert abs(r["norm"] - ref_norm) <= 1e-5 * ref_norm, (where, r["norm"], ref_norm)
-            grads = assemble([p for r in per_rank for p in r["grads"]], shapes, ep)
-            params = assemble([p for r in per_rank for p in r["params"]], shapes, ep)
+            grads = assemble([p for r in per_rank for p in r["grads"]], shapes)
+            params = assemble([p for r in per_rank for p in r["params"]], shapes)
             for name in shapes:
                 torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6,
                                            msg=lambda m: f"{where} gradient of {name}: {m}")
                 torch.testing.assert_close(params[name], ref_params[name], rtol=1e-5,
                                            atol=1e-6, msg=lambda m: f"{where} {name}: {m}")
+
+
+# ---- the real layer (nanomt.model.moe) in every layout --------------------------------------
+SEED, M, BATCH = 1234, 2, 2  # micro-batches per rank, sequences per micro-batch
+# (style, tp, pp, dp, ep, ZeRO stage, sequence parallel) on 4 ranks
+REAL_LAYOUTS = (("llama", 1, 1, 4, 2, 1, False), ("llama", 1, 1, 4, 2, 3, False),
+                ("llama", 1, 1, 4, 4, 1, False), ("gpt", 1, 1, 4, 4, 3, False),
+                ("llama", 2, 1, 2, 2, 3, True), ("gpt", 2, 1, 2, 2, 1, True),
+                ("llama", 1, 2, 2, 2, 1, False))
+
+
+def moe_config(style: str):
+    """Four layers, MoE in layers 1 and 3 (dense MLPs in 0 and 2), 4 experts, top-2, one
+    shared expert, both router losses."""
+    from nanomt.model import ModelConfig
+
+    return ModelConfig(style=style, num_layers=4, hidden_size=32, num_heads=4, seq_len=16,
+                       vocab_size=64, ffn_hidden_size=64,
+                       moe={"num_experts": 4, "top_k": 2, "ffn_hidden_size": 32, "every": 2,
+                            "shared_experts": 1, "aux_loss_coef": 0.01, "z_loss_coef": 0.001})
+
+
+def rank_micro_batches(j: int, cfg) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """dp rank j's M micro-batches (inputs, targets) of BATCH sequences."""
+    g = torch.Generator().manual_seed(10 + j)
+    tokens = torch.randint(0, cfg.vocab_size, (M, BATCH, cfg.seq_len + 1), generator=g)
+    return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+
+
+def real_reference(style: str, dp: int) -> dict:
+    """One process, every dp rank's micro-batches in turn: (loss, gradients, their norm)."""
+    from nanomt.model import GPT
+    from nanomt.model.moe import set_aux_loss_scale
+    from nanomt.parallel.no_pipelining import forward_backward_no_pipelining
+
+    cfg = moe_config(style)
+    model = GPT(cfg, None, seed=SEED)
+    micro_batches = [mb for j in range(dp) for mb in rank_micro_batches(j, cfg)]
+    set_aux_loss_scale([model], 1.0 / len(micro_batches))
+    loss_sum = forward_backward_no_pipelining([model], micro_batches)
+    grads = {param_info(p).name: p.grad.clone() for p in model.parameters()}
+    norm = float(torch.stack([g.double().norm() for g in grads.values()]).norm())
+    return {"loss": float(loss_sum) / len(micro_batches), "grads": grads, "norm": norm}
+
+
+def _real_layout(style: str, tp: int, pp: int, dp: int, ep: int, stage: int, sp: bool) -> dict:
+    from nanomt.model.chunks import build_model_chunks
+    from nanomt.model.moe import set_aux_loss_scale
+    from nanomt.optim.grad_norm import read_norm
+    from nanomt.optim.sharded_adamw import ShardedAdamW
+    from nanomt.parallel import comm
+    from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
+    from nanomt.parallel.grid import ParallelGrid
+    from nanomt.parallel.no_pipelining import forward_backward_no_pipelining
+    from nanomt.parallel.pipeline import forward_backward_pipelining
+
+    grid = ParallelGrid(tp=tp, pp=pp, dp=dp, ep=ep)
+    cfg = moe_config(style)
+    chunks = build_model_chunks(cfg, grid, 1, seed=SEED, sequence_parallel=sp)
+    buffer = GradientBuffer(chunks, grid, zero_stage=stage, num_microbatches=M)
+    optimizer = ShardedAdamW(buffer, **OPTIM, grad_clip=0.0)  # for the norm only
+    set_aux_loss_scale(chunks, 1.0 / M)
+    schedule = forward_backward_pipelining if pp > 1 else forward_backward_no_pipelining
+    loss = schedule(chunks, rank_micro_batches(grid.dp_rank, cfg), grid) / M
+    finalize_grads(buffer)
+    norm, _, _ = read_norm(optimizer.clip_grads())
+    comm.all_reduce(loss, grid.pp_group)  # only the last stage holds it
+    comm.all_reduce(loss, grid.dp_group)
+    return {"loss": float(loss) / dp, "norm": norm,
+            "grads": flat_pieces(buffer, buffer.local_grad_shards(), grid),
+            "expert_buckets": sorted({b.group_size for b in buffer.buckets
+                                      if param_info(b.params[0]).expert})}
+
+
+def _every_real_layout() -> dict:
+    return {layout: _real_layout(*layout) for layout in REAL_LAYOUTS}
+
+
+def test_moe_loss_and_every_gradient_equal_one_process():
+    """Router, experts, shared expert and dense parts, at ep=2 and 4 with dp, ZeRO-1 and 3,
+    tp=2 + SP (both styles: fc1 split along dims 1 and 2), pp=2: the loss, every gradient
+    after finalize_grads (at its global place: tp slice, experts at their global index) and
+    the global norm equal the single process's."""
+    results = run_distributed(_every_real_layout, world_size=4, timeout_s=300)
+    references = {(style, dp): real_reference(style, dp) for style in ("llama", "gpt")
+                  for dp in (2, 4)}
+    for layout in REAL_LAYOUTS:
+        style, tp, pp, dp, ep, stage, sp = layout
+        ref = references[(style, dp)]
+        shapes = {name: tuple(g.shape) for name, g in ref["grads"].items()}
+        per_rank = [r[layout] for r in results]
+        for r in per_rank:
+            assert abs(r["loss"] - ref["loss"]) <= 1e-5 * ref["loss"], (layout, r["loss"])
+            assert abs(r["norm"] - ref["norm"]) <= 1e-5 * ref["norm"], (layout, r["norm"])
+            assert r["expert_buckets"] == [dp // ep], layout
+        grads = assemble([p for r in per_rank for p in r["grads"]], shapes, atol=1e-6)
+        kinds = {"router", "experts", "shared", "mlp.fc1", "attention", "embedding"}
+        assert {kind for kind in kinds for name in shapes if kind in name} == kinds
+        for name, expected in ref["grads"].items():
+            error = float((grads[name] - expected).norm() / expected.norm())
+            assert error < 1e-5, (layout, name, error)
