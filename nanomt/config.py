@@ -109,6 +109,12 @@ MODEL_RULES = {
     "model.norm_eps": POSITIVE,
     "model.rope_theta": POSITIVE,
     "model.tie_embeddings": or_null(BOOL),
+    # model.moe: null (dense) or a mapping; MoEConfig states the cross-field rule (top_k <= E)
+    **{f"model.moe.{name}": POSITIVE_INT for name in ("num_experts", "top_k",
+                                                      "ffn_hidden_size", "every")},
+    "model.moe.shared_experts": NON_NEGATIVE_INT,
+    "model.moe.aux_loss_coef": NON_NEGATIVE,
+    "model.moe.z_loss_coef": NON_NEGATIVE,
 }
 
 
@@ -189,6 +195,7 @@ def check_model_fits_layout(model: ModelConfig, layout: Layout) -> None:
             raise ConfigError(f"{key} = {value} is not divisible by parallel.tp = {tp}",
                               f"change parallel.tp or {key}")
     check_context_parallel(model, layout)
+    check_experts(model, layout)
     if layout.sequence_parallel and (model.seq_len // layout.cp) % tp:
         held = (f"model.seq_len / parallel.cp ({model.seq_len // layout.cp})" if layout.cp > 1
                 else f"model.seq_len ({model.seq_len})")
@@ -196,6 +203,22 @@ def check_model_fits_layout(model: ModelConfig, layout: Layout) -> None:
                           f"parallel.tp ({tp})",
                           "change model.seq_len or parallel.tp, or set "
                           "parallel.sequence_parallel=false")
+
+
+def check_experts(model: ModelConfig, layout: Layout) -> None:
+    """ep splits the experts (model.moe) over ep ranks; tp splits each expert's ffn."""
+    if model.moe is None:
+        if layout.ep > 1:
+            raise ConfigError(f"parallel.ep = {layout.ep} splits experts, but the model is dense "
+                              f"(model.moe is null)", "set parallel.ep=1 or model.moe")
+        return
+    if model.moe.num_experts % layout.ep:
+        raise ConfigError(f"model.moe.num_experts = {model.moe.num_experts} is not divisible by "
+                          f"parallel.ep = {layout.ep}", "change parallel.ep or model.moe.num_experts")
+    if model.moe.ffn_hidden_size % layout.tp:
+        raise ConfigError(f"model.moe.ffn_hidden_size = {model.moe.ffn_hidden_size} is not "
+                          f"divisible by parallel.tp = {layout.tp}",
+                          "change parallel.tp or model.moe.ffn_hidden_size")
 
 
 def check_context_parallel(model: ModelConfig, layout: Layout) -> None:

@@ -14,6 +14,13 @@ model FLOPs count the model once, whatever is recomputed:
                                     selective: 4 B s^2 l h,
                                     full: 24 B s l h^2 (1 + s/(6h))}
 
+A mixture of experts (model.moe) counts ACTIVE parameters: the 72 counts, per token and layer,
+3 passes x 2 FLOPs x (4 h^2 attention + 8 h^2 MLP weights); in an MoE layer the MLP's 8 h^2
+becomes the weights a token really multiplies by, its k experts' m h ffn_e each (m = 2 GeLU,
+3 SwiGLU), the shared experts' and the router's E h (`active_mlp_weights`):
+
+    F_moe = F + (3 or 4 with full recompute) * 2 B s * moe_layers * (active MLP - 8 h^2)
+
 MFU = model FLOPs per second / (number of GPUs * peak FLOP/s per GPU). MT-NLG 530B reached
 126 TFLOP/s per A100 (40% of 312) counted with the first formula. Peaks are the datasheets' dense
 tensor-core figures (never the 2:4 sparsity ones, twice as large), per card and precision.
@@ -26,14 +33,27 @@ import warnings
 from nanomt.model.config import ModelConfig
 
 
+def active_mlp_weights(cfg: ModelConfig) -> int:
+    """The matmul weights one token multiplies by in an MoE layer's MLP: its k experts, the
+    shared experts (one MLP of their total width) and the router (biases are no matmul)."""
+    moe, h = cfg.moe, cfg.hidden_size
+    per_width = (2 if cfg.style == "gpt" else 3) * h * moe.ffn_hidden_size
+    return (moe.top_k + moe.shared_experts) * per_width + moe.num_experts * h
+
+
 def flops_per_iteration(cfg: ModelConfig, global_batch_size: int, padded_vocab: int | None = None,
                         full_recompute: bool = False) -> float:
     """Matrix-multiply FLOPs of one optimizer step (forward + backward [+ recompute])."""
     B, s, l, h = global_batch_size, cfg.seq_len, cfg.num_layers, cfg.hidden_size
     V = padded_vocab if padded_vocab is not None else cfg.vocab_size
+    passes = 4 if full_recompute else 3  # forward, backward (2x) [, the recompute's forward]
+    experts = 0.0
+    if cfg.moe is not None:  # the module docstring's active-parameter correction
+        experts = passes * 2 * B * s * cfg.moe.num_moe_layers(l) * (
+            active_mlp_weights(cfg) - 8 * h * h)
     if full_recompute:
-        return 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
-    return 72 * B * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h))
+        return 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h)) + experts
+    return 72 * B * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h)) + experts
 
 
 def hardware_flops_per_iteration(cfg: ModelConfig, global_batch_size: int, recompute: str,

@@ -59,7 +59,9 @@ def write_run_json(t: Trainer) -> list[dict]:
     write_json_atomic(t.run_dir / "run.json", {
         "config": OmegaConf.to_container(t.cfg, resolve=True), "world_size": t.grid.world_size,
         "layout": layout, "num_microbatches": t.num_microbatches,
-        "model_parameters": t.model_cfg.num_parameters(), "ranks": ranks,
+        "model_parameters": t.model_cfg.num_parameters(),
+        "model_parameters_active": t.model_cfg.num_parameters(active=True),  # MoE: k experts
+        "ranks": ranks,
         "started": datetime.now().isoformat(timespec="seconds")})
     return ranks
 
@@ -138,7 +140,9 @@ def train(cfg: DictConfig, run_dir: Path, position: dict) -> dict:
     logger = RunLogger(run_dir, is_logging_rank(t.grid), steps, t.start_step,
                        resolved["logging"]["wandb"], resolved, cfg.train.progress_bar,
                        log_interval=int(cfg.logging.get("log_interval", 10)))
-    logger.print(f"nanomt: {t.model_cfg.num_parameters():,} parameters, layout tp={layout.tp} "
+    active = t.model_cfg.num_parameters(active=True)
+    logger.print(f"nanomt: {t.model_cfg.num_parameters():,} parameters"
+                 + (f" ({active:,} active)" if t.model_cfg.moe else "") + f", layout tp={layout.tp} "
                  f"cp={layout.cp} pp={layout.pp} dp={layout.dp}, {t.num_microbatches} "
                  f"micro-batches/step, run folder {run_dir}")
     logger.print(startup_tables(ranks))

@@ -29,6 +29,7 @@ from nanomt.memory import PeakMemoryMeter
 from nanomt.model import GPT, ModelConfig
 from nanomt.model.checkpointing import set_activation_checkpointing
 from nanomt.model.chunks import build_model_chunks
+from nanomt.model.moe import set_aux_loss_scale
 from nanomt.optim import build_optimizer
 from nanomt.optim.schedule import learning_rate_at
 from nanomt.parallel import comm
@@ -115,6 +116,8 @@ class Trainer:
         optimizer.zero_grad(num_microbatches=len(micro_batches))
         if self.timeline is not None:
             self.timeline.begin_step(step + 1)
+        # the router's losses (mixture of experts) enter backward with each loss's scale
+        set_aux_loss_scale(self.model_chunks, optimizer.loss_scale / len(micro_batches))
         with measure.watch(step == self.start_step and self.cfg.train.measure_memory):
             loss_sum = self.forward_backward(self.model_chunks, micro_batches, self.grid,
                                              timeline=self.timeline,

@@ -8,7 +8,7 @@ or `count_collectives()` those entry points are wrapped so that each call is rec
 runs; the package itself counts nothing.
 
 A record holds the elements of the FULL tensor: the input of a reduce-scatter, the output of an
-all-gather; every isend of a batch is one record of kind "send". That is how the tests check the
+all-gather, what this rank sends in an all-to-all; every isend of a batch is one record of kind "send". That is how the tests check the
 papers' communication volume: two all-reduces of b*s*h per layer forward and two backward
 (Shoeybi et al. 2019), ZeRO's 2 or 3 times the parameter count per step and rank (Rajbhandari et
 al. 2020, `TrafficRecord.volume_bytes`), a pipeline stage's s*b*h/t per message and tp rank.
@@ -30,13 +30,15 @@ from nanomt.parallel.failures import group_name
 # ZeRO's accounting of the data one rank moves (Rajbhandari et al. 2019, section 7): a
 # reduce-scatter or an all-gather of a Psi-element tensor moves Psi, an all-reduce (a
 # reduce-scatter followed by an all-gather) 2 Psi. A ring sends (N-1)/N of that per rank.
-VOLUME_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "send": 1}
+VOLUME_FACTOR = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "send": 1,
+                 "all_to_all": 1}
 
 # The entry points comm calls -> (the kind recorded, the position of the full tensor).
 COLLECTIVES = {(dist, "all_reduce"): ("all_reduce", 0),
                (dist, "broadcast"): ("broadcast", 0),
                (comm, "_all_gather_single"): ("all_gather", 0),  # (output, shard)
-               (comm, "_reduce_scatter_single"): ("reduce_scatter", 1)}  # (shard, input)
+               (comm, "_reduce_scatter_single"): ("reduce_scatter", 1),  # (shard, input)
+               (dist, "all_to_all_single"): ("all_to_all", 1)}  # (output, what I send)
 
 Note = Callable[[str, torch.Tensor, comm.Group], None]  # (kind, full tensor, group) -> None
 

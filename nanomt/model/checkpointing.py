@@ -26,6 +26,32 @@ from torch import nn
 from nanomt.config_rules import CHECKPOINTING_MODES
 from nanomt.parallel.random import TensorParallelRNG
 
+_replaying = False  # inside a recompute: layers that count things (MoE load) count once
+
+
+def recomputing() -> bool:
+    """Whether the forward running now is a recompute in backward."""
+    return _replaying
+
+
+@contextlib.contextmanager
+def _replay_flag() -> Iterator[None]:
+    global _replaying
+    before, _replaying = _replaying, True
+    try:
+        yield
+    finally:
+        _replaying = before
+
+
+@contextlib.contextmanager
+def _replay(rng: TensorParallelRNG | None, state: dict | None) -> Iterator[None]:
+    """A recompute: flagged, with the tracker rewound to `state` when there is one."""
+    with _replay_flag(), (_tracker_at(rng, state) if rng is not None
+                          else contextlib.nullcontext()):
+        yield
+
+
 @contextlib.contextmanager
 def _tracker_at(rng: TensorParallelRNG, state: dict) -> Iterator[None]:
     """Run the block with the tracker rewound to `state`; leave it where it was afterwards."""
@@ -43,8 +69,7 @@ def checkpoint(function: Callable, *args: torch.Tensor,
     tracker_state = rng.state_dict() if rng is not None else None
 
     def contexts():
-        replay = _tracker_at(rng, tracker_state) if rng is not None else contextlib.nullcontext()
-        return contextlib.nullcontext(), replay
+        return contextlib.nullcontext(), _replay(rng, tracker_state)
 
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
                                              context_fn=contexts, preserve_rng_state=True)

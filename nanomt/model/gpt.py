@@ -52,6 +52,8 @@ class GPT(nn.Module):
         self.tp_rank, self.tp_size = comm.rank_and_size(self.tp_group)
         self.cp_group = grid.cp_group if grid is not None else None
         self.cp_rank, self.cp_size = comm.rank_and_size(self.cp_group)
+        self.ep_group = grid.ep_group if grid is not None else None
+        self.ep_rank, self.ep_size = comm.rank_and_size(self.ep_group)
         self.sequence_parallel = sequence_parallel and self.tp_size > 1
         self.padded_vocab_size = cfg.padded_vocab_size(self.tp_size)
         self.layer_range = layer_range if layer_range is not None else range(cfg.num_layers)
@@ -75,7 +77,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, self.tp_group, NormalInit(std, seed, f"layers.{i}"),
                              NormalInit(out_std, seed, f"layers.{i}"), self.sequence_parallel,
-                             self.rng, self.cp_group)
+                             self.rng, self.cp_group, layer=i, ep_group=self.ep_group)
             for i in self.layer_range)
         if post_process:
             self.final_norm = make_norm(cfg)

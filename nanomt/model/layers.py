@@ -2,6 +2,7 @@
 
     x = x + Dropout(Attention(Norm(x)))     Attention = ColumnParallel(QKV) -> SDPA -> RowParallel
     x = x + Dropout(MLP(Norm(x)))           MLP       = ColumnParallel -> GeLU/SwiGLU -> RowParallel
+                                                        or a mixture of experts (nanomt.model.moe)
 
 With tp=1 every parallel linear is an ordinary linear and this is a plain pre-norm GPT block.
 With tp=t each rank holds num_heads/t heads and ffn/t MLP columns, and the layer issues one f and
@@ -21,6 +22,7 @@ from torch import nn
 from nanomt.model.checkpointing import checkpoint
 from nanomt.model.config import ModelConfig
 from nanomt.model.kv_cache import LayerKVCache
+from nanomt.model.moe import MoEMLP
 from nanomt.model.rope import apply_rope, rope_cache
 from nanomt.model.split_heads import SplitHeads
 from nanomt.parallel import comm
@@ -107,9 +109,10 @@ class ParallelMLP(nn.Module):
     input through one f (as QKV is one weight)."""
 
     def __init__(self, cfg: ModelConfig, tp_group: Group, init: NormalInit,
-                 out_init: NormalInit, sequence_parallel: bool):
+                 out_init: NormalInit, sequence_parallel: bool, ffn_hidden_size: int | None = None):
         super().__init__()
-        h, f, bias = cfg.hidden_size, cfg.ffn_hidden_size, cfg.use_bias
+        h, bias = cfg.hidden_size, cfg.use_bias
+        f = ffn_hidden_size or cfg.ffn_hidden_size
         self.swiglu = cfg.style == "llama"
         self.fc1 = ColumnParallelLinear(h, f, tp_group, init.child("fc1"), bias=bias,
                                         sequence_parallel=sequence_parallel,
@@ -125,13 +128,28 @@ class ParallelMLP(nn.Module):
         return self.fc2(F.gelu(y, approximate="tanh"))
 
 
+def make_mlp(cfg: ModelConfig, layer: int, tp_group: Group, init: NormalInit,
+             out_init: NormalInit, sequence_parallel: bool, ep_group: Group = None,
+             cp_group: Group = None) -> nn.Module:
+    """Global layer `layer`'s MLP: dense, or a mixture of experts (model.moe.every picks which
+    layers; nanomt.model.moe), whose shared experts are one dense MLP of their total width."""
+    if cfg.moe is None or not cfg.moe.is_moe_layer(layer):
+        return ParallelMLP(cfg, tp_group, init, out_init, sequence_parallel)
+    shared = None
+    if cfg.moe.shared_experts:
+        shared = ParallelMLP(cfg, tp_group, init.child("shared"), out_init.child("shared"),
+                             sequence_parallel, cfg.moe.shared_experts * cfg.moe.ffn_hidden_size)
+    return MoEMLP(cfg, tp_group, init, out_init, sequence_parallel, ep_group, cp_group, shared)
+
+
 class TransformerLayer(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)). `init` / `out_init`:
-    N(0, std) for its weights and N(0, std/sqrt(2L)) for its two output projections."""
+    N(0, std) for its weights and N(0, std/sqrt(2L)) for its two output projections. `layer`:
+    its global index (which MLP it has); `ep_group`: the experts' ranks (nanomt.parallel.grid)."""
 
     def __init__(self, cfg: ModelConfig, tp_group: Group, init: NormalInit,
                  out_init: NormalInit, sequence_parallel: bool, rng: TensorParallelRNG,
-                 cp_group: Group = None):
+                 cp_group: Group = None, layer: int = 0, ep_group: Group = None):
         super().__init__()
         self.sequence_parallel = sequence_parallel
         self.dropout_p, self.rng = cfg.dropout, rng
@@ -141,8 +159,8 @@ class TransformerLayer(nn.Module):
                                            out_init.child("attention"), sequence_parallel, rng,
                                            cp_group)
         self.norm2 = make_norm(cfg)
-        self.mlp = ParallelMLP(cfg, tp_group, init.child("mlp"), out_init.child("mlp"),
-                               sequence_parallel)
+        self.mlp = make_mlp(cfg, layer, tp_group, init.child("mlp"), out_init.child("mlp"),
+                            sequence_parallel, ep_group, cp_group)
 
     def residual_dropout(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.dropout_p == 0.0:

@@ -3,7 +3,8 @@
 Every collective behind the f and g operators of tensor parallelism (Shoeybi et al. 2019, fig. 3:
 all-reduce; under sequence parallelism all-gather and reduce-scatter) and behind ZeRO's sharded
 data parallelism (Rajbhandari et al. 2020: flat all-gather / reduce-scatter into given buffers)
-goes through these few functions. Each is a no-op on a group of one (the single-process model
+goes through these few functions, and so do expert parallelism's token exchanges (GShard,
+Lepikhin et al. 2020: all-to-all with uneven splits). Each is a no-op on a group of one (the single-process model
 pays nothing), notes what it enters for failure messages (nanomt.parallel.failures), and looks
 torch.distributed up at each call, so a test can wrap it to count what a layout sends
 (tests/comm_counting.py). `Group` is a process group, or None for a group of one rank.
@@ -124,3 +125,17 @@ def reduce_scatter_into(shard: torch.Tensor, full: torch.Tensor, group: Group,
         return None
     note_operation("reduce_scatter", group)
     return _reduce_scatter_single(shard, full, group=group, async_op=async_op)
+
+
+def all_to_all_single(tensor: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                      group: Group) -> torch.Tensor:
+    """Rank i sends rows [sum(input_splits[:j]), sum(input_splits[:j+1])) of `tensor` to rank j
+    and receives output_splits[j] rows from rank j: the output is what every rank sent me,
+    concatenated in rank order. Splits may be uneven (and zero)."""
+    if group_size(group) == 1:
+        return tensor
+    out = torch.empty((sum(output_splits),) + tuple(tensor.shape[1:]), dtype=tensor.dtype,
+                      device=tensor.device)
+    note_operation("all_to_all", group)
+    dist.all_to_all_single(out, tensor.contiguous(), output_splits, input_splits, group=group)
+    return out
