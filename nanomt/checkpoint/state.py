@@ -14,9 +14,9 @@ Optimizer state: ShardedAdamW's flat shards (nanomt/optim/sharded_adamw.py):
 `checkpoint_state()` -> (param, state_name, tensor, flat_range), flat_range being [a, b) of the
 parameter's flattened local (tp-shard) tensor held by this dp rank, and
 `load_checkpoint_state(read)` with read(param, state_name, flat_range) -> tensor. Every dp rank
-writes its own range (at stage 0, where each holds everything, dp rank 0 only). Its scalars (Adam
-step, loss scale) go to meta.json via `scalar_state()`. Under ZeRO-3 the weights too are written
-as flat pieces of each dp rank's shard and read back into it.
+writes its own range (at stage 0, where each holds everything, the rank that writes the
+weights). Its scalars (Adam step, loss scale) go to meta.json via `scalar_state()`. Under ZeRO-3
+the weights too are written as flat pieces of each dp rank's shard and read back into it.
 
 RNG: Python's, torch's CPU (and CUDA) generators and each chunk's tensor-parallel tracker.
 """
