@@ -1,11 +1,15 @@
 """Checkpoints of experts' weights: each expert stored at its global index, any ep reads it.
 
-The stand-in model of tests/test_moe_training.py (a dense matrix, E experts split over the ep
-group with an explicit all_to_all, a head) trains one step at ep=2 (dp=4, ZeRO-1), saves
-weights and AdamW state, and trains two more steps; the checkpoint is then resumed at ep=1 and
-ep=4 under ZeRO-0, 1 and 3 (experts' ZeRO shards over expert_dp_group of another size) and at
-ep=2 itself, each run training the same two steps: their losses equal the uninterrupted run's
-(bit for bit at ep=2, ZeRO-1, the layout it was saved in).
+1. The stand-in model of tests/test_moe_training.py (a dense matrix, E experts split over the
+   ep group with an explicit all_to_all, a head) trains one step at ep=2 (dp=4, ZeRO-1), saves
+   weights and AdamW state, and trains two more steps; the checkpoint is then resumed at ep=1
+   and ep=4 under ZeRO-0, 1 and 3 (experts' ZeRO shards over expert_dp_group of another size)
+   and at ep=2 itself, each training the same two steps: their losses equal the uninterrupted
+   run's (bit for bit at ep=2, ZeRO-1, the layout it was saved in).
+2. The real model (model=moe_tiny, made smaller) through nanomt.train on 4 ranks: saved at
+   ep=2 under ZeRO-3 after 3 of 6 steps, resumed at ep=1 (ZeRO-1) and ep=4 (ZeRO-0) to the
+   uninterrupted run's losses, and in its own layout bit for bit; meta.json marks the experts'
+   stacks, stored whole (all E experts).
 """
 
 from __future__ import annotations
@@ -85,9 +89,11 @@ MOE_RUN = ["model=moe_tiny", "model.num_layers=2", "model.hidden_size=32", "mode
            "train.micro_batch_size=1", f"train.steps={STEPS}", "train.eval_interval=0",
            "train.progress_bar=false", "train.measure_memory=false", "optim.warmup_steps=2",
            "logging.wandb.mode=disabled", "parallel.dp=4", "train.device=cpu"]
-# (ep, ZeRO stage) of the resumed runs: the experts' shards regrouped (ZeRO-1 over 4 ranks at
-# ep=1; at ep=4 every rank holds one expert whole and ZeRO-3 shards only the dense weights)
-MOE_RESUMES = {"ep1_zero1": (1, 1), "ep4_zero3": (4, 3)}
+# Saved at ep=2 under ZeRO-3 (each expert stack sharded over the 2 ranks of expert_dp_group);
+# resumed at ep=1 under ZeRO-1 (the experts' state sharded over all 4 ranks) and at ep=4 under
+# ZeRO-0 (every rank holds one expert whole).
+SAVED = (2, 3)
+MOE_RESUMES = {"ep1_zero1": (1, 1), "ep4_zero0": (4, 0)}
 
 
 def _moe_layout(ep: int, stage: int) -> list[str]:
@@ -95,7 +101,7 @@ def _moe_layout(ep: int, stage: int) -> list[str]:
 
 
 def _moe_save_then_resume(base: str) -> int:
-    """On 4 ranks: 3 steps at ep=2 (ZeRO-1) and save; resume at ep=1 and 4; the uninterrupted
+    """On 4 ranks: 3 steps at ep=2 (ZeRO-3) and save; resume at ep=1 and 4; the uninterrupted
     run; the same layout resumed."""
     from pathlib import Path
 
@@ -103,7 +109,7 @@ def _moe_save_then_resume(base: str) -> int:
     from nanomt.train import run
 
     base = Path(base)
-    saved = _moe_layout(2, 1)
+    saved = _moe_layout(*SAVED)
     run(compose_config(MOE_RUN + saved + ["train.exit_after=3"]), base / "ep2")
     for name, layout in MOE_RESUMES.items():
         run(compose_config(MOE_RUN + _moe_layout(*layout)
