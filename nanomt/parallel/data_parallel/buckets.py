@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from nanomt.parallel import comm
 from nanomt.parallel.param_info import param_info
 
 
@@ -46,7 +46,7 @@ class Bucket:
     names: list[str]
     offsets: list[int]            # start of each parameter in the flat buffer
     dtype: torch.dtype
-    group: dist.ProcessGroup | None  # the ranks it is reduced (and sharded) over; None: one
+    group: comm.Group             # the ranks it is reduced (and sharded) over; None: one
     group_size: int
     group_rank: int
     numel: int                    # the parameters' elements; then padding up to padded_numel
@@ -74,11 +74,11 @@ class Bucket:
         return flat[self.shard_lo: self.shard_lo + self.shard_numel]
 
 
-def make_bucket(index: int, named_params: list[tuple[str, nn.Parameter]], group: dist.ProcessGroup
-                | None, group_rank: int, group_size: int, sharded: bool,
-                owner: nn.Module | None = None) -> Bucket:
-    """Lay `named_params` out back to back, padded to group_size equal shards (sharded: ZeRO
-    1-3; else one shard, the whole bucket); note which of their pieces fall in my shard."""
+def make_bucket(index: int, named_params: list[tuple[str, nn.Parameter]], group: comm.Group,
+                sharded: bool, owner: nn.Module | None = None) -> Bucket:
+    """Lay `named_params` out back to back, padded to one equal shard per rank of `group`
+    (sharded: ZeRO 1-3; else one shard, the whole bucket); note which of their pieces fall in
+    my shard."""
     dtypes = {p.dtype for _, p in named_params}
     if len(dtypes) != 1:
         raise ValueError(f"a bucket holds one dtype, got {sorted(map(str, dtypes))}")
@@ -86,6 +86,7 @@ def make_bucket(index: int, named_params: list[tuple[str, nn.Parameter]], group:
     for _, param in named_params:
         offsets.append(total)
         total += param.numel()
+    group_rank, group_size = comm.rank_and_size(group)
     shard_world, shard_rank = (group_size, group_rank) if sharded else (1, 0)
     shard_numel = -(-max(total, 1) // shard_world)  # rounded up
     lo, hi = shard_rank * shard_numel, (shard_rank + 1) * shard_numel

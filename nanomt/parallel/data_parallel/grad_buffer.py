@@ -10,10 +10,10 @@ as soon as all its parameters have their last gradient of the step, overlapped w
 of backward; after the optimizer's update it makes every rank's parameters whole again. The
 group is grad_sync_group, or expert_dp_group for experts' weights, still divided by dp * cp:
 my ep group's tokens that reached my experts were all computed here, so the sum over
-expert_dp_group already covers every rank's tokens (docs/moe.md). Which
-collective, and which buffers persist, is the stage's (zero_stages.py). A first gradient is
-copied into its slot; if the dtypes agree `param.grad` becomes a view of the slot, so autograd
-adds the later micro-batches there in place.
+expert_dp_group already covers every rank's tokens (docs/moe.md). Which collective, and which
+buffers persist, is the stage's (zero_stages.py). A first gradient is copied into its slot; if
+the dtypes agree `param.grad` becomes a view of the slot, so autograd adds the later
+micro-batches there in place.
 """
 
 from __future__ import annotations
@@ -90,8 +90,7 @@ class GradientBuffer(GradientMemoryMeter):
         self.buckets = []
         for index, (params, owner) in enumerate(self._plan(named)):
             group = expert_dp_group if is_expert(params[0][1]) else self.dp_group
-            self.buckets.append(make_bucket(index, params, group, *comm.rank_and_size(group),
-                                            self.shards_over_dp, owner))
+            self.buckets.append(make_bucket(index, params, group, self.shards_over_dp, owner))
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self.offset_of = {id(p): offset for b in self.buckets
                           for p, offset in zip(b.params, b.offsets)}
