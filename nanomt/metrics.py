@@ -33,6 +33,9 @@ STEP_METRICS = ("step", "loss", "lr", "grad_norm", "loss_scale", "skipped", "ski
                 "skipped_in_interval", "step_time_s", "tokens_per_s", "tflops_per_gpu",
                 "model_tflops_per_gpu", "mfu", "peak_memory_gb", "peak_memory_gb_max_rank")
 EVAL_METRICS = ("val_loss", "val_ppl")
+# A model with experts (model.moe) adds these, and moe_expert_load/layer_<i> per MoE layer i
+# (max / mean assignments per expert over the step's batch; nanomt.model.moe).
+MOE_METRICS = ("moe_aux_loss", "moe_z_loss")
 
 
 def is_logging_rank(grid: ParallelGrid) -> bool:

@@ -12,6 +12,9 @@ of this launch, as Megatron's averaged log does:
     interval_steps       the steps the record covers
     skipped_in_interval  updates skipped (inf/nan) among them
     step_time_s          the interval's wall time / its steps
+
+A model with experts adds its step's router statistics (nanomt.model.moe.statistics_record:
+moe_aux_loss, moe_z_loss, moe_expert_load/layer_<i>), read with the step's values.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from nanomt.errors import NonFiniteError
 from nanomt.flops import flops_per_iteration, hardware_flops_per_iteration, peak_tflops
 from nanomt.step_read import StepRead
 from nanomt.metrics import throughput
+from nanomt.model.moe import statistics_record
 
 if TYPE_CHECKING:
     from nanomt.checkpoint.checkpointer import Checkpointer
@@ -136,7 +140,8 @@ class StepRecords:
                              self.flops_per_step * share, self.hardware_flops_per_step * share,
                              self.world_size, self.peak_tflops),
                 "peak_memory_gb": read.peak_memory / 2**30,
-                "peak_memory_gb_max_rank": read.peak_memory_max / 2**30}
+                "peak_memory_gb_max_rank": read.peak_memory_max / 2**30,
+                **(statistics_record(read.summed, self.model_cfg) if read.summed else {})}
 
     def check_finite(self, record: dict, last_good: str | None) -> None:
         """bf16/fp32 have no loss scale to lower: a non-finite loss or gradient norm skips the

@@ -29,7 +29,7 @@ from nanomt.memory import PeakMemoryMeter
 from nanomt.model import GPT, ModelConfig
 from nanomt.model.checkpointing import set_activation_checkpointing
 from nanomt.model.chunks import build_model_chunks
-from nanomt.model.moe import set_aux_loss_scale
+from nanomt.model.moe import set_aux_loss_scale, step_statistics
 from nanomt.optim import build_optimizer
 from nanomt.optim.schedule import learning_rate_at
 from nanomt.parallel import comm
@@ -128,8 +128,11 @@ class Trainer:
         finalize_grads(optimizer.buffer)
         # the global norm and the inf/nan verdict, on the device; clip by the norm
         totals = optimizer.clip_grads()
+        router_sums = step_statistics(self.model_chunks, self.model_cfg,  # MoE; else None
+                                      (self.grid.dp_size, self.grid.cp_size), self.device)
         read = read_step(step + 1, totals, loss, self.grid, self.device,  # the one host read
-                         self.checkpointer.preemption.received, optimizer.loss_scaler)
+                         self.checkpointer.preemption.received, optimizer.loss_scaler,
+                         router_sums)
         self.preempted = read.preempted
         lr = self.lr_at(step)
         for group in optimizer.param_groups:

@@ -10,12 +10,15 @@ divided by dp * cp (moe_design: the loss is the mean over the dp x cp ranks). Th
 the whole layer in one process on the dp micro-batches, its loss their mean.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from comm_counting import traffic_log
 from nanomt.model.layers import make_mlp
 from nanomt.model.config import ModelConfig
+from nanomt.model.moe import step_statistics
 from nanomt.parallel import comm
 from nanomt.parallel.blockwise_init import NormalInit
 from nanomt.parallel.context_parallel import split_sequence
@@ -110,6 +113,11 @@ def run_layout(cfg, ref: dict, tp=1, dp=1, cp=1, ep=1, sequence_parallel=False) 
         box = info.box(tuple(p.shape), grid.tp_rank, grid.ep_rank)
         want = ref["grads"][info.name][tuple(slice(a, b) for a, b in box)]
         checks[info.name] = (grad / (dp * cp), want)
+    # the record's statistics: every rank's share summed (read_step's sum) = the batch's
+    table = step_statistics([holder], cfg, (dp, cp), torch.device("cpu"))
+    comm.all_reduce(table, grid.grad_sync_group)
+    ref_sums = torch.stack(ref["sums"])
+    checks["statistics"] = (table[0], torch.cat([ref_sums[:, :2].mean(0), ref_sums[:, 2:].sum(0)]))
     a2a = [r for r in log if r.kind == "all_to_all"]
     checks["a2a"] = {"bytes": sum(r.nbytes for r in a2a), "calls": len(a2a),
                      "groups": {r.group for r in a2a}, "ep_rank": grid.ep_rank,
@@ -138,7 +146,7 @@ def test_layer_equals_one_process(ranks, layout):
     for rank, result in enumerate(ranks):
         checks = result[layout]
         names = [n for n in checks if n not in ("a2a", "ref_counts")]
-        assert {"y", "sums", "x_grad", "mlp.router.weight", "mlp.experts.fc1.weight",
+        assert {"y", "sums", "x_grad", "statistics", "mlp.router.weight", "mlp.experts.fc1.weight",
                 "mlp.experts.fc2.weight", "mlp.shared.fc1.weight", "mlp.shared.fc2.weight"
                 } <= set(names)
         for name in names:
@@ -175,3 +183,85 @@ def test_all_to_all_bytes_equal_the_formula(ranks, layout):
         total = sum(r[layout]["a2a"]["bytes"] for r in ranks)
         tokens_per_rank = S * B // LAYOUTS[layout]["cp"]
         assert total == 4 * a2a_bytes_formula(tokens_per_rank * K, tokens_per_rank * K, H, 4)
+
+
+# ---- a whole GPT through the training schedules ------------------------------------------------
+GPT_LAYOUTS = {"pp2_dp2_ep2": dict(pp=2, dp=2, ep=2), "tp2_sp_dp2_ep2": dict(tp=2, dp=2, ep=2),
+               "dp4_ep4_recompute": dict(dp=4, ep=4)}
+M = 2  # micro-batches per dp rank
+
+
+def gpt_config() -> ModelConfig:
+    return ModelConfig(num_layers=4, hidden_size=16, num_heads=2, seq_len=8, vocab_size=61,
+                       style="llama", moe=dict(num_experts=4, top_k=2, ffn_hidden_size=8,
+                                               every=2, shared_experts=1, aux_loss_coef=0.1,
+                                               z_loss_coef=0.01))
+
+
+def gpt_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randint(0, 61, (2, 8), generator=g), torch.randint(0, 61, (2, 8), generator=g))
+            for _ in range(count)]
+
+
+def _gpt_layouts() -> dict:
+    from nanomt.model.checkpointing import set_activation_checkpointing
+    from nanomt.model.chunks import build_model_chunks
+    from nanomt.model.moe import set_aux_loss_scale
+    from nanomt.parallel.forward_backward import get_forward_backward_func
+    cfg = gpt_config()
+    results = {}
+    for name, layout in GPT_LAYOUTS.items():
+        dp = layout["dp"]
+        batches = gpt_batches(dp * M)
+        (reference_model,) = build_model_chunks(cfg, None)
+        set_aux_loss_scale([reference_model], 1.0 / (dp * M))
+        for tokens, targets in batches:
+            (reference_model(tokens, targets) / (dp * M)).backward()
+        ref = {param_info(p).name: p.grad for p in reference_model.parameters()}
+        grid = ParallelGrid(timeout_s=60, **layout)
+        sp = grid.tp_size > 1
+        chunks = build_model_chunks(cfg, grid, sequence_parallel=sp)
+        if "recompute" in name:
+            set_activation_checkpointing(chunks, "full")
+        set_aux_loss_scale(chunks, 1.0 / M)
+        mine = batches[grid.dp_rank * M:(grid.dp_rank + 1) * M]
+        schedule = get_forward_backward_func(SimpleNamespace(pp=grid.pp_size, virtual_stages=1))
+        schedule(chunks, mine, grid)
+        checks = {}
+        for p in (p for chunk in chunks for p in chunk.parameters()):
+            info = param_info(p)
+            grad = p.grad.clone()
+            if info.sequence_parallel:
+                comm.all_reduce(grad, grid.tp_group)
+            comm.all_reduce(grad, grid.expert_dp_group if info.expert else grid.grad_sync_group)
+            box = info.box(tuple(p.shape), grid.tp_rank, grid.ep_rank)
+            checks[info.name] = (grad / dp, ref[info.name][tuple(slice(a, b) for a, b in box)])
+        table = step_statistics(chunks, cfg, (dp, 1), torch.device("cpu"))
+        comm.all_reduce(table, grid.pp_group)
+        comm.all_reduce(table, grid.grad_sync_group)
+        want = step_statistics([reference_model], cfg, (1, 1), torch.device("cpu"))
+        want[:, :2] /= dp  # the reference's one rank averaged over dp * M micro-batches
+        checks["statistics"] = (table, want * torch.tensor([dp, dp] + [1] * 4))
+        results[name] = checks
+    return results
+
+
+@pytest.fixture(scope="module")
+def gpt_ranks() -> list[dict]:
+    return run_distributed(_gpt_layouts, world_size=4, timeout_s=600)
+
+
+@pytest.mark.parametrize("layout", list(GPT_LAYOUTS))
+def test_gpt_gradients_equal_one_process(gpt_ranks, layout):
+    """Every parameter (embedding, attention, router, experts, shared experts, dense MLPs) and
+    the router statistics, with the aux losses scaled 1/m on every pipeline stage."""
+    names = set()
+    for rank, result in enumerate(gpt_ranks):
+        for name, (got, want) in result[layout].items():
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"rank {rank} {layout} {name}: {m}")
+            names.add(name)
+    for part in ("router", "experts.fc1", "experts.fc2", "shared.fc1", "layers.0.mlp.fc1",
+                 "attention.qkv", "word_embedding", "statistics"):
+        assert any(part in n for n in names), part

@@ -139,7 +139,8 @@ def make_mlp(cfg: ModelConfig, layer: int, tp_group: Group, init: NormalInit,
     if cfg.moe.shared_experts:
         shared = ParallelMLP(cfg, tp_group, init.child("shared"), out_init.child("shared"),
                              sequence_parallel, cfg.moe.shared_experts * cfg.moe.ffn_hidden_size)
-    return MoEMLP(cfg, tp_group, init, out_init, sequence_parallel, ep_group, cp_group, shared)
+    return MoEMLP(cfg, tp_group, init, out_init, sequence_parallel, ep_group, cp_group, shared,
+                  layer)
 
 
 class TransformerLayer(nn.Module):

@@ -156,9 +156,10 @@ class MoEMLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp_group: Group, init: NormalInit,
                  out_init: NormalInit, sequence_parallel: bool, ep_group: Group = None,
-                 cp_group: Group = None, shared: nn.Module | None = None):
+                 cp_group: Group = None, shared: nn.Module | None = None, layer: int = 0):
         super().__init__()
         moe = cfg.moe
+        self.layer = layer  # its global index: the metrics name it
         ep_rank, ep = comm.rank_and_size(ep_group)
         per_rank = moe.num_experts // ep
         self.num_experts, self.top_k = moe.num_experts, moe.top_k
@@ -217,6 +218,46 @@ class MoEMLP(nn.Module):
 
 def moe_layers(model_chunks: list[nn.Module]) -> list[MoEMLP]:
     return [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, MoEMLP)]
+
+
+def step_statistics(model_chunks: list[nn.Module], cfg: ModelConfig, dp_cp: tuple[int, int],
+                    device: torch.device) -> torch.Tensor | None:
+    """This rank's share of the step's router statistics, [MoE layers of the model, 2 + E]:
+    per layer (in global order; zeros for layers on other pipeline stages) the load-balancing
+    loss and z-loss, averaged over its micro-batches, / (dp cp), and the assignments per
+    expert, / cp (every cp rank counted the whole micro-batch). Summed over every rank (dp x cp
+    and pp; tp ranks hold equal values) they are the batch's mean losses and its assignments.
+    Resets the layers' sums; None for a dense model."""
+    if cfg.moe is None:
+        return None
+    dp, cp = dp_cp
+    index = {layer: row for row, layer in enumerate(
+        i for i in range(cfg.num_layers) if cfg.moe.is_moe_layer(i))}
+    table = torch.zeros(len(index), 2 + cfg.moe.num_experts, device=device)
+    for layer in moe_layers(model_chunks):
+        if layer.step_sums is not None:
+            sums = layer.step_sums.to(device)
+            table[index[layer.layer]] = torch.cat([sums[:2] / (layer.micro_batches * dp * cp),
+                                                   sums[2:] / cp])
+        layer.reset_statistics()
+    return table
+
+
+def statistics_record(table: list[float], cfg: ModelConfig) -> dict:
+    """The metrics record's MoE entries from step_statistics' table summed over the ranks:
+    moe_aux_loss and moe_z_loss (summed over the MoE layers: what the objective adds per
+    micro-batch) and per MoE layer i `moe_expert_load/layer_i` = max / mean assignments per
+    expert over the step's batch (1: balanced; E / k at worst)."""
+    E = cfg.moe.num_experts
+    rows = [table[r * (2 + E):(r + 1) * (2 + E)] for r in range(len(table) // (2 + E))]
+    layers = [i for i in range(cfg.num_layers) if cfg.moe.is_moe_layer(i)]
+    record = {"moe_aux_loss": sum(row[0] for row in rows),
+              "moe_z_loss": sum(row[1] for row in rows)}
+    for layer, row in zip(layers, rows):
+        counts = row[2:]
+        mean = sum(counts) / E
+        record[f"moe_expert_load/layer_{layer}"] = max(counts) / mean if mean else None
+    return record
 
 
 def set_aux_loss_scale(model_chunks: list[nn.Module], scale: float | torch.Tensor) -> None:
