@@ -14,10 +14,8 @@ so gradients are averaged, and ZeRO shards, over the dp x cp ranks of a (tp, pp)
 
 Expert parallelism (mixture of experts) takes no ranks of its own ("parallel folding"): the
 dp x cp ranks of a (tp, pp) position, numbered j = dp_rank * cp + cp_rank, form groups of ep
-consecutive ranks (`ep_group`: ep_rank = j mod ep) that split the experts among themselves and
-exchange tokens by all-to-all. Each expert's weights therefore live on dp*cp/ep ranks, the
-ranks of equal ep_rank (`expert_dp_group`): expert gradients are averaged, and ZeRO shards,
-over that group, every other gradient over grad_sync_group as before.
+consecutive ranks that split the experts and exchange tokens by all-to-all (ep_rank = j mod ep);
+an expert's weights live on the dp*cp/ep ranks of equal ep_rank, which average its gradient.
 
 `ParallelGrid` owns this layout and its process groups. It is passed to whatever needs a group
 (as nanotron's ParallelContext), never kept in a module global, so a test can build a
@@ -77,30 +75,36 @@ class ParallelGrid:
         self.ep_group = self.expert_dp_group = None
         if world_size > 1:
             self._build_groups()
-            self._build_expert_groups()
             for name in ("tp", "cp", "pp", "ep", "expert_dp", "grad_sync", "dp", "embedding",
                          "model_parallel"):  # a later name wins: dp when cp = ep = 1
                 comm.name_group(getattr(self, f"{name}_group"), name)
 
-    def _groups_along(self, free_dims: tuple[int, ...]) -> list[list[int]]:
-        """Every group whose members differ only in `free_dims` of ranks[pp, dp, cp, tp]."""
-        fixed = [dim for dim in range(4) if dim not in free_dims]
+    def _groups_along(self, free_dims: tuple[int, ...], ranks: torch.Tensor) -> list[list[int]]:
+        """Every group whose members differ only in `free_dims` of `ranks`."""
+        fixed = [dim for dim in range(ranks.dim()) if dim not in free_dims]
         size = 1
         for dim in free_dims:
-            size *= self.ranks.shape[dim]
-        return self.ranks.permute(*fixed, *free_dims).reshape(-1, size).tolist()
+            size *= ranks.shape[dim]
+        return ranks.permute(*fixed, *free_dims).reshape(-1, size).tolist()
 
     def _build_groups(self) -> None:
         # dist.new_group is collective over the whole world: every rank creates every group, in
         # the same order, and keeps the ones it belongs to. A group of one rank stays None;
         # that depends on the layout only, so every rank skips the same ones.
-        for name, free_dims in (("tp", (TP,)), ("cp", (CP,)), ("dp", (DP,)),
-                                ("grad_sync", (DP, CP)), ("pp", (PP,)),
-                                ("model_parallel", (PP, TP))):
+        # Expert parallelism folds dp x cp into [dp*cp/ep, ep]: ranks[pp, expert_dp, ep, tp].
+        folded = self.ranks.reshape(self.pp_size, -1, self.ep_size, self.tp_size)
+        for name, ranks, free_dims in (
+                ("tp", self.ranks, (TP,)), ("cp", self.ranks, (CP,)), ("dp", self.ranks, (DP,)),
+                ("grad_sync", self.ranks, (DP, CP)), ("pp", self.ranks, (PP,)),
+                ("model_parallel", self.ranks, (PP, TP)), ("ep", folded, (2,)),
+                ("expert_dp", folded, (1,))):
             if name == "grad_sync" and self.cp_size == 1:  # the same ranks as dp: one group
                 self.grad_sync_group = self.dp_group
                 continue
-            for members in self._groups_along(free_dims):
+            if name == "expert_dp" and self.ep_size == 1:  # the same ranks as grad_sync
+                self.expert_dp_group = self.grad_sync_group
+                continue
+            for members in self._groups_along(free_dims, ranks):
                 if len(members) == 1:
                     break  # every group along these dimensions has one rank
                 group = dist.new_group(members, timeout=self.timeout)
@@ -111,23 +115,6 @@ class ParallelGrid:
                     group = dist.new_group(embedding, timeout=self.timeout)
                     if self.rank in embedding:
                         self.embedding_group = group
-
-    def _build_expert_groups(self) -> None:
-        """ep_group and expert_dp_group, cut from every grad_sync group (dp x cp ranks, in the
-        order j = dp_rank * cp + cp_rank); with ep=1 the experts' group is grad_sync_group."""
-        if self.ep_size == 1:
-            self.expert_dp_group = self.grad_sync_group
-            return
-        ep, replicas = self.ep_size, self.dp_size * self.cp_size // self.ep_size
-        for members in self._groups_along((DP, CP)):
-            for name, groups in (("ep", [members[i * ep:(i + 1) * ep] for i in range(replicas)]),
-                                 ("expert_dp", [members[e::ep] for e in range(ep)])):
-                for group_ranks in groups:
-                    if len(group_ranks) == 1:
-                        continue
-                    group = dist.new_group(group_ranks, timeout=self.timeout)
-                    if self.rank in group_ranks:
-                        setattr(self, f"{name}_group", group)
 
     @property
     def is_first_stage(self) -> bool:
