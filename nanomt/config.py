@@ -256,9 +256,21 @@ def check_batch(cfg: DictConfig, layout: Layout) -> int:
     return G // (b * dp)
 
 
-def check_pipeline(model: ModelConfig, layout: Layout, num_microbatches: int) -> None:
-    """Layers split into pp * virtual_stages chunks; interleaving needs m a multiple of pp."""
+def check_pipeline(model: ModelConfig, layout: Layout, num_microbatches: int,
+                   schedule: str = "1f1b") -> None:
+    """Layers split into pp * virtual_stages chunks; interleaving needs m a multiple of pp;
+    ZB-H1 is written for one chunk per rank, ZB-V for two in a V (first and last on rank 0)."""
     pp, v, layers = layout.pp, layout.virtual_stages, model.num_layers
+    if schedule == "zb_h1" and v > 1:
+        raise ConfigError(f"parallel.schedule=zb_h1 runs one model chunk per pipeline rank, got "
+                          f"parallel.virtual_stages = {v}", "set parallel.virtual_stages=1")
+    if schedule == "zbv" and v != 2:
+        raise ConfigError(f"parallel.schedule=zbv runs two model chunks per pipeline rank, got "
+                          f"parallel.virtual_stages = {v}", "set parallel.virtual_stages=2")
+    if schedule == "zbv" and model.tie_embeddings:
+        raise ConfigError("parallel.schedule=zbv holds the first and last chunk on one rank and "
+                          "needs untied input and output embeddings, got model.tie_embeddings "
+                          "= true", "set model.tie_embeddings=false")
     if v > 1 and pp == 1:
         raise ConfigError("parallel.virtual_stages > 1 interleaves model chunks over pipeline "
                           "ranks and needs parallel.pp > 1", "set parallel.virtual_stages=1")
@@ -266,7 +278,7 @@ def check_pipeline(model: ModelConfig, layout: Layout, num_microbatches: int) ->
         raise ConfigError(f"model.num_layers = {layers} is not divisible by parallel.pp * "
                           f"parallel.virtual_stages = {pp} * {v} = {pp * v}",
                           "change parallel.pp, parallel.virtual_stages or model.num_layers")
-    if v > 1 and num_microbatches % pp:
+    if v > 1 and num_microbatches % pp and schedule != "zbv":
         raise ConfigError(
             f"interleaved pipelining (parallel.virtual_stages = {v}) needs the micro-batches per "
             f"step, m = train.global_batch_size / (train.micro_batch_size * dp) = "
@@ -387,7 +399,7 @@ def check_config(cfg: DictConfig, world_size: int) -> tuple[ModelConfig, Layout,
     layout = resolve_layout(cfg, world_size)
     check_model_fits_layout(model, layout)
     num_microbatches = check_batch(cfg, layout)
-    check_pipeline(model, layout, num_microbatches)
+    check_pipeline(model, layout, num_microbatches, str(cfg.parallel.schedule))
     check_rampup_config(cfg.train.get("rampup_batch_size"), cfg.train.global_batch_size,
                         cfg.train.micro_batch_size, layout.dp, layout.pp, layout.virtual_stages)
     check_schedule(cfg)

@@ -68,7 +68,7 @@ DEVICE = Rule("auto, cpu, cuda or cuda:<index>",
 # ---- the choices the subsystems offer -----------------------------------------------------------
 PRECISIONS = ("fp32", "bf16", "fp16")                 # train.precision
 CHECKPOINTING_MODES = ("none", "selective", "full")   # train.activation_checkpointing (model)
-SCHEDULES = ("1f1b", "gpipe")                         # parallel.schedule (parallel.pipeline)
+SCHEDULES = ("1f1b", "gpipe", "zb_h1", "zbv")       # parallel.schedule (parallel.pipeline)
 GRAD_REDUCE_MODES = ("microbatch", "step")            # parallel.grad_reduce (data_parallel)
 SCHEDULE_UNITS = ("steps", "samples", "tokens")       # optim.schedule_unit (optim.schedule)
 

@@ -52,12 +52,10 @@ def to_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def mean_over_batch(loss_sum: torch.Tensor, num_microbatches: int, grid: ParallelGrid,
                     device: torch.device) -> torch.Tensor:
-    """The global batch's mean loss [1] on every rank (only last stages hold a loss), on the
-    device: NCCL has no CPU path, and the step's one read comes later."""
+    """The global batch's mean loss [1] on every rank (only the last chunk's rank holds a loss),
+    on the device: NCCL has no CPU path, and the step's one read comes later."""
     loss = loss_sum.to(device=device, dtype=torch.float32).reshape(1) / num_microbatches
-    if not grid.is_last_stage:
-        loss.zero_()
-    comm.all_reduce(loss, grid.pp_group)  # from the last stage to all stages
+    comm.all_reduce(loss, grid.pp_group)  # from the stage with the last chunk (zero elsewhere)
     comm.all_reduce(loss, grid.grad_sync_group)  # dp x cp: equal tokens on every cp rank
     return loss / (grid.dp_size * grid.cp_size)
 
@@ -157,11 +155,11 @@ def setup(cfg: DictConfig, run_dir: Path) -> Trainer:
     # On the meta device: build_optimizer draws each tensor into its bucket (ZeRO-3: its shard)
     model_chunks = build_model_chunks(model_cfg, grid, layout.virtual_stages, seed=cfg.train.seed,
                                       sequence_parallel=layout.sequence_parallel,
-                                      device=torch.device("meta"))
+                                      device=torch.device("meta"), schedule=cfg.parallel.schedule)
     set_activation_checkpointing(model_chunks, cfg.train.activation_checkpointing)
     forward_backward = get_forward_backward_func(layout, cfg.parallel.schedule)
-    timeline = Timeline.of_rank(grid, layout.virtual_stages, num_microbatches,
-                                device) if cfg.train.timeline else None
+    timeline = Timeline.of_rank(grid, layout.virtual_stages, num_microbatches, device,
+                                str(cfg.parallel.schedule)) if cfg.train.timeline else None
     # Data parallelism (gradient buckets reduced during backward, ZeRO sharding) is the
     # optimizer's buffer; the optimizer holds the fp32 shard state (nanomt.optim.build).
     optimizer = build_optimizer(model_chunks, cfg, grid, device=device)

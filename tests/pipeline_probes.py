@@ -1,6 +1,7 @@
 """Test-side probes of the pipeline engine (test code, kept out of the package).
 
-`recording_pipeline()` swaps the engine's PipelineStep for a subclass that records, per step,
+`recording_pipeline()` swaps the engine's PipelineStep (and the zero-bubble schedules' steps,
+forward_backward.ZERO_BUBBLE_STEPS) for subclasses that record, per step,
 the passes as run, the most micro-batches in flight, the outputs sent and freed and the bytes of
 produced outputs not yet freed (`PipelineStats`). `SavedActivationMeter` counts what autograd
 saves, independently of the engine; `one_work_per_batch` mimics NCCL's single work per batch.
@@ -28,13 +29,14 @@ class PipelineStats:
     op_order: list[str] = field(default_factory=list)
 
 
-class RecordingStep(engine.PipelineStep):
-    """PipelineStep that notes what it does in `self.stats` (the last step run)."""
+class Recording:
+    """Mixed into a PipelineStep (or a subclass): notes what it does in `self.stats` (the last
+    step run; a zero-bubble step's W passes arrive through its backward)."""
 
     last: PipelineStats | None = None
 
     def run(self):
-        self.stats = RecordingStep.last = PipelineStats()
+        self.stats = Recording.last = PipelineStats()
         return super().run()
 
     def forward(self, op) -> None:
@@ -59,10 +61,17 @@ class RecordingStep(engine.PipelineStep):
 
 
 @contextlib.contextmanager
-def recording_pipeline() -> Iterator[type[RecordingStep]]:
-    """Within the block, pipeline steps record their stats (RecordingStep.last)."""
-    with unittest.mock.patch.object(engine, "PipelineStep", RecordingStep):
-        yield RecordingStep
+def recording_pipeline() -> Iterator[type[Recording]]:
+    """Within the block, pipeline steps record their stats (Recording.last)."""
+    from nanomt.parallel import forward_backward
+
+    def recording(step: type) -> type:
+        return type(f"Recording{step.__name__}", (Recording, step), {})
+
+    layers = {name: recording(step) for name, step in forward_backward.ZERO_BUBBLE_STEPS.items()}
+    with unittest.mock.patch.object(engine, "PipelineStep", recording(engine.PipelineStep)), \
+            unittest.mock.patch.dict(forward_backward.ZERO_BUBBLE_STEPS, layers):
+        yield Recording
 
 
 def one_work_per_batch(ops, one_per_op):

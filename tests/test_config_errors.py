@@ -82,7 +82,15 @@ BAD_INPUTS = {
                             "= 3, to be a multiple of parallel.pp = 2; change "
                             "train.global_batch_size"),
     "unknown_schedule": (["parallel.schedule=zigzag"], 1,
-                         "parallel.schedule must be one of 1f1b, gpipe, got 'zigzag'"),
+                         "parallel.schedule must be one of 1f1b, gpipe, zb_h1, zbv, got 'zigzag'"),
+    "zb_h1_interleaved": (["parallel.schedule=zb_h1", "parallel.pp=2", "parallel.virtual_stages=2"],
+                          2, "parallel.schedule=zb_h1 runs one model chunk per pipeline rank"),
+    "zbv_one_chunk": (["parallel.schedule=zbv", "parallel.pp=2", "model.tie_embeddings=false"], 2,
+                      "parallel.schedule=zbv runs two model chunks per pipeline rank, got "
+                      "parallel.virtual_stages = 1; set parallel.virtual_stages=2"),
+    "zbv_tied": (["parallel.schedule=zbv", "parallel.pp=2", "parallel.virtual_stages=2"], 2,
+                 "needs untied input and output embeddings, got model.tie_embeddings = true; "
+                 "set model.tie_embeddings=false"),
     # batch
     "batch_by_micro_dp": (["train.micro_batch_size=16"], 4,
                           "train.global_batch_size (32) is not divisible by "

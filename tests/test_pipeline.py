@@ -16,6 +16,7 @@ import json
 import math
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -211,9 +212,10 @@ def test_replay_rejects_posts_out_of_order():
     assert len(plans_from_slots(slots, 1, 1)[0]) > len(unsplit[0])  # split in the peer's order
 
 
-def step_time(plans, v: int, forward: float = 1.0, backward: float = 2.0) -> float:
-    """The step's length when a chunk's forward takes forward / v, its backward backward / v,
-    and messages take no time: each rank runs its plan, a batch completing once every partner
+def step_time(plans, v: int, forward: float = 1.0, backward: float = 2.0,
+              weights: float = 0.0) -> float:
+    """The step's length when a chunk's forward takes forward / v, its backward backward / v
+    (a zero-bubble W pass weights / v), and messages take no time: each rank runs its plan, a batch completing once every partner
     batch is posted (test-side timing of posting.replay's model)."""
     partners = match_batches(plans)
     posted, clock, at = {}, [0.0] * len(plans), [0] * len(plans)
@@ -225,7 +227,8 @@ def step_time(plans, v: int, forward: float = 1.0, backward: float = 2.0) -> flo
             batch = [(rank, at[rank])] + partners.get((rank, at[rank]), [])
             if all(b in posted for b in batch):
                 clock[rank] = max(posted[b] for b in batch) + sum(
-                    (forward if op.kind == "F" else backward) / v for op in plan[at[rank]].passes)
+                    {"F": forward, "B": backward, "W": weights}[op.kind] / v
+                    for op in plan[at[rank]].passes)
                 at[rank] += 1
     return max(clock)
 
@@ -349,9 +352,9 @@ def run_case(grid, tp: int, pp: int, v: int, m: int, refs, schedule="1f1b", sp=F
     from nanomt.model.chunks import build_model_chunks
     from nanomt.parallel import comm
     from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
-    from nanomt.parallel.pipeline import forward_backward_pipelining
+    from nanomt.parallel.forward_backward import get_forward_backward_func
 
-    chunks = build_model_chunks(cfg, grid, v, seed=SEED, sequence_parallel=sp)
+    chunks = build_model_chunks(cfg, grid, v, seed=SEED, sequence_parallel=sp, schedule=schedule)
     # Gradients go where training puts them: the data-parallel buffer (every dp rank runs the
     # same micro-batches here, so the dp average changes nothing), completed by finalize_grads
     # (sequence-parallel sums over tp, the tied embedding over the first and last stage).
@@ -359,8 +362,8 @@ def run_case(grid, tp: int, pp: int, v: int, m: int, refs, schedule="1f1b", sp=F
     meter = SavedActivationMeter([p for chunk in chunks for p in chunk.parameters()])
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda tensor: tensor), \
             recording_pipeline() as recording:
-        loss_sum = forward_backward_pipelining(chunks, make_micro_batches(m), grid,
-                                               schedule=schedule)
+        forward_backward = get_forward_backward_func(SimpleNamespace(pp=pp), schedule)
+        loss_sum = forward_backward(chunks, make_micro_batches(m), grid)
     stats = recording.last
     finalize_grads(buffer)
     loss = (loss_sum / m).reshape(1)

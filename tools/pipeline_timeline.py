@@ -7,7 +7,8 @@
 
 Writes <run>/timeline/timeline.png and <run>/timeline/trace.json (open it in chrome://tracing or
 https://ui.perfetto.dev) and prints the measured bubble, idle time / busy time averaged over
-ranks, next to Narayanan et al.'s (p-1)/(v*m).
+ranks, next to the schedule's formula (SCHEDULE_FORMULAS: F, and for the zero-bubble schedules
+B = W, of equal length; ZB-V's is its order's, replayed, tests/test_zero_bubble.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ from nanomt.parallel.pipeline.timeline import bubble_fraction, load_timelines  #
 
 FORWARD_COLOURS = ["#4C72B0", "#8FB0DE", "#2E4A7A", "#B9CCEB"]
 BACKWARD_COLOURS = ["#DD8452", "#F2B58C", "#A3532A", "#F7D2B8"]
+WEIGHT_COLOURS = ["#55A868", "#9CD3A8", "#2F6B3D", "#C8E8CF"]  # ZB-H1's W passes
+COLOURS = {"F": FORWARD_COLOURS, "B": BACKWARD_COLOURS, "W": WEIGHT_COLOURS}
+SCHEDULE_FORMULAS = {  # schedule: (its name, the bubble's formula, the formula of p, v, m)
+    "1f1b": ("1F1B", "(p-1)/m", lambda p, v, m: (p - 1) / m),
+    "gpipe": ("GPipe", "(p-1)/m", lambda p, v, m: (p - 1) / m),
+    "interleaved": ("interleaved 1F1B", "(p-1)/(v*m)", lambda p, v, m: (p - 1) / (v * m)),
+    "zb_h1": ("ZB-H1", "(p-1)/(3m)", lambda p, v, m: (p - 1) / (3 * m)),
+    "zbv": ("ZB-V", "(p-1)/(6m)", lambda p, v, m: (p - 1) / (6 * m)),
+}
 
 
 def step_events(timelines: list[dict], step: int | None) -> tuple[int, list[list[list]]]:
@@ -62,8 +72,7 @@ def draw_png(timelines: list[dict], events: list[list[list]], step: int, title: 
             if kind == "wait":
                 ax.broken_barh([(x, width)], (y - 0.1, 0.2), facecolors="#D0D0D0")
                 continue
-            colours = FORWARD_COLOURS if kind == "F" else BACKWARD_COLOURS
-            ax.broken_barh([(x, width)], (y - 0.4, 0.8), facecolors=colours[chunk % 4],
+            ax.broken_barh([(x, width)], (y - 0.4, 0.8), facecolors=COLOURS[kind][chunk % 4],
                            edgecolors="black", linewidth=0.4)
             ax.text(x + width / 2, y, str(mb), ha="center", va="center", fontsize=7)
     ax.set_yticks(range(len(events)))
@@ -73,6 +82,8 @@ def draw_png(timelines: list[dict], events: list[list[list]], step: int, title: 
     v = timelines[0]["virtual_stages"]
     handles = [Patch(color=FORWARD_COLOURS[c], label=f"forward, chunk {c}") for c in range(v)]
     handles += [Patch(color=BACKWARD_COLOURS[c], label=f"backward, chunk {c}") for c in range(v)]
+    if any(e[0] == "W" for rank_events in events for e in rank_events):
+        handles.append(Patch(color=WEIGHT_COLOURS[0], label="weight gradients (W)"))
     handles.append(Patch(color="#D0D0D0", label="waiting for a neighbour"))
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(handles),
               fontsize=8, frameon=False)
@@ -107,18 +118,21 @@ def main(argv: list[str] | None = None) -> None:
     step, events = step_events(timelines, args.step)
     pp, v = timelines[0]["pp"], timelines[0]["virtual_stages"]
     m = timelines[0]["num_microbatches"]
-    theory = (pp - 1) / (v * m)
+    schedule = timelines[0].get("schedule", "1f1b")
+    if schedule == "1f1b" and v > 1:
+        schedule = "interleaved"
+    schedule, formula, theory_of = SCHEDULE_FORMULAS[schedule]
+    theory = theory_of(pp, v, m)
     idle_over_busy, idle_over_span = bubble_fraction(events)
-    schedule = "interleaved 1F1B" if v > 1 else "1F1B"
     title = (f"step {step}: p={pp}, v={v}, m={m} ({schedule}); bubble measured "
-             f"{idle_over_busy:.3f} vs (p-1)/(v*m) = {theory:.3f}")
+             f"{idle_over_busy:.3f} vs {formula} = {theory:.3f}")
     draw_png(timelines, events, step, title, folder / "timeline.png")
     (folder / "trace.json").write_text(json.dumps(chrome_trace(timelines, events)))
     print(f"step {step}, {len(timelines)} ranks, p={pp} v={v} m={m}")
     print(f"bubble (idle / busy time, mean over ranks): measured {idle_over_busy:.3f}, "
-          f"theory (p-1)/(v*m) = {theory:.3f}")
+          f"theory {formula} = {theory:.3f}")
     print(f"idle share of the step: measured {idle_over_span:.3f}, "
-          f"theory (p-1)/(v*m + p-1) = {(pp - 1) / (v * m + pp - 1):.3f}")
+          f"theory {theory / (1 + theory):.3f}")
     print(f"wrote {folder / 'timeline.png'} and {folder / 'trace.json'}")
 
 

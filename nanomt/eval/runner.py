@@ -52,6 +52,13 @@ class ParallelLM:
         self.dtype = next(chunks[0].parameters()).dtype
         for chunk in chunks:
             chunk.eval()
+        # Which pipeline rank holds global chunk k, as which of its chunks (interleaved, or in
+        # ZB-V's V: nanomt.parallel.pipeline.partition), gathered from every rank's layers.
+        mine = torch.tensor([[c.layer_range.start // len(c.layer_range) for c in chunks]],
+                            device=self.device)
+        every = comm.all_gather(mine, grid.pp_group if grid is not None else None, dim=0)
+        self.place = {k: (rank, local) for rank, row in enumerate(every.tolist())
+                      for local, k in enumerate(row)}
 
     @property
     def seq_len(self) -> int:
@@ -61,10 +68,10 @@ class ParallelLM:
                       cache: KVCache | None) -> torch.Tensor:
         """Global chunk k on its owner; everyone else receives the result by broadcast."""
         grid, last = self.grid, len(self.chunks) * self._pp() - 1
-        owner = k % self._pp()
+        owner, local = self.place[k]
         b, s = tokens.shape
         if grid is None or grid.pp_rank == owner:
-            out = self.chunks[k // self._pp()](inputs, cache=cache)
+            out = self.chunks[local](inputs, cache=cache)
             if k == last:
                 tp_group = grid.tp_group if grid is not None else None
                 out = comm.all_gather(out, tp_group, dim=-1)[..., : self.cfg.vocab_size]

@@ -99,6 +99,7 @@ class ColumnParallelLinear(nn.Module):
     every part, and its output [..., stacked * out/t] holds its columns of each part in turn
     (`y.chunk(stacked, -1)`). One input, one f: one collective for all parts.
     """
+    parallel_linear = staticmethod(column_parallel_linear)  # a layer may replace it per module
 
     def __init__(self, in_features: int, out_features: int, tp_group: Group, init: NormalInit,
                  bias: bool = True, sequence_parallel: bool = False, stacked: int = 1):
@@ -119,11 +120,12 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.reshape(-1, self.in_features)  # a view: stacked parts as rows
         bias = self.bias.reshape(-1) if self.bias is not None else None
-        return column_parallel_linear(x, weight, bias, self.tp_group, self.sequence_parallel)
+        return self.parallel_linear(x, weight, bias, self.tp_group, self.sequence_parallel)
 
 
 class RowParallelLinear(nn.Module):
     """Y = X A^T + b with A split by input features; X arrives split along its last dim."""
+    matmul = staticmethod(F.linear)  # a layer may replace it per module
 
     def __init__(self, in_features: int, out_features: int, tp_group: Group, init: NormalInit,
                  bias: bool = True, sequence_parallel: bool = False):
@@ -140,8 +142,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if comm.group_size(self.tp_group) == 1:  # nothing to sum: one fused multiply-add
-            return F.linear(x, self.weight, self.bias)
-        partial = F.linear(x, self.weight)
+            return self.matmul(x, self.weight, self.bias)
+        partial = self.matmul(x, self.weight)
         if self.sequence_parallel:  # f-bar: sum the partials and keep my sequence shard
             y = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)
         else:  # g

@@ -5,6 +5,10 @@ micro-batches, on gloo CPU ranks spawned once, one after the other in the same p
 
     python tools/bench/bench_pipeline.py                 # p=4, v=2, m=8
     python tools/bench/bench_pipeline.py --pp 2 --virtual-stages 2 --microbatches 8 --steps 5
+    python tools/bench/bench_pipeline.py --pp 2 --virtual-stages 1 --schedule zb_h1
+
+With --schedule zb_h1, nanomt's ZB-H1 runs against nanomt's 1F1B instead (torch's zero-bubble
+schedules are not compared yet), the bubble counting W passes as busy.
 
 Prints the mean step time of each (the slowest rank's), their ratio, and each one's measured
 bubble (idle / busy time per rank, from the start and end of every forward and backward pass)
@@ -52,7 +56,7 @@ def slowest_mean(times: list[float]) -> float:
     return float(t)
 
 
-def bench_nanomt(cfg, grid, v, batches, steps) -> tuple[float, float]:
+def bench_nanomt(cfg, grid, v, batches, steps, schedule: str = "1f1b") -> tuple[float, float]:
     chunks = build_model_chunks(cfg, grid, v, seed=1)
     timeline, times = Timeline(), []
     for step in range(steps + 1):  # step 0 warms up
@@ -61,7 +65,7 @@ def bench_nanomt(cfg, grid, v, batches, steps) -> tuple[float, float]:
         timeline.begin_step(step)
         dist.barrier()
         t0 = time.perf_counter()
-        forward_backward_pipelining(chunks, batches, grid, timeline=timeline)
+        forward_backward_pipelining(chunks, batches, grid, schedule=schedule, timeline=timeline)
         if step:
             times.append(time.perf_counter() - t0)
     return slowest_mean(times), gathered_bubble(timeline.events)
@@ -128,6 +132,9 @@ def bench(args: argparse.Namespace) -> dict:
     grid = ParallelGrid(tp=1, pp=args.pp, dp=1)
     batches = micro_batches(cfg, args.microbatches, args.micro_batch_size)
     ours = bench_nanomt(cfg, grid, args.virtual_stages, batches, args.steps)
+    if args.schedule == "zb_h1":
+        zb = bench_nanomt(cfg, grid, 1, batches, args.steps, schedule="zb_h1")
+        return {"nanomt": ours, "zb_h1": zb}
     theirs = bench_torch(cfg, grid, args.virtual_stages, batches, args.steps)
     return {"nanomt": ours, "torch": theirs}
 
@@ -142,10 +149,20 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--schedule", choices=("1f1b", "zb_h1"), default="1f1b")
     args = parser.parse_args()
     result = run_distributed(bench, world_size=args.pp, args=(args,), timeout_s=1200,
                              collective_timeout_s=600)[0]
     p, v, m = args.pp, args.virtual_stages, args.microbatches
+    if args.schedule == "zb_h1":
+        (ours, our_bubble), (zb, zb_bubble) = result["nanomt"], result["zb_h1"]
+        print(f"p={p} m={m}, {args.layers} layers h={args.hidden} s={args.seq_len} "
+              f"b={args.micro_batch_size}, gloo CPU, mean of {args.steps} steps")
+        print(f"  1F1B   step {ours * 1e3:8.1f} ms   bubble {our_bubble:.3f}   "
+              f"formula (p-1)/m = {(p - 1) / m:.3f}")
+        print(f"  ZB-H1  step {zb * 1e3:8.1f} ms   bubble {zb_bubble:.3f}   "
+              f"formula (p-1)/(3m) = {(p - 1) / (3 * m):.3f} (F = B = W)")
+        return
     (ours, our_bubble), (theirs, their_bubble) = result["nanomt"], result["torch"]
     print(f"interleaved 1F1B, p={p} v={v} m={m}, {args.layers} layers h={args.hidden} "
           f"s={args.seq_len} b={args.micro_batch_size}, gloo CPU, mean of {args.steps} steps")

@@ -7,10 +7,10 @@ and head), materialised just in time by module hooks (Rajbhandari et al. 2019, s
     backward  gradient at the module's output: all-gather again -> the module's backward ->
               every parameter's gradient accumulated: free them
 
-A forward while its unit is in backward is an activation-checkpointing recompute: it must not
-free. Freeing resizes the flat storage to zero and points each parameter at a NaN stand-in of
-its shape (a stray read shows NaN, not freed memory); autograd saved the parameter itself, so
-backward sees the re-gathered values.
+A forward inside a backward pass is an activation-checkpointing recompute: it must not free; a
+unit is freed once every backward begun has all its gradients (zero-bubble's W come later).
+Freeing points each parameter at a NaN stand-in (a stray read shows NaN, not freed memory);
+autograd saved the parameter itself, so backward sees the re-gathered values.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ class GatherUnit:
     is_layer: bool
     buckets: list[Bucket] = field(default_factory=list)
     num_params: int = 0
-    grads_seen: int = 0        # its parameters' gradients in the current backward
-    in_backward: bool = False
+    grads_seen: int = 0        # its parameters' gradients in the backwards begun
+    backwards: int = 0         # backwards begun and not complete (> 1: zero-bubble's W later)
     works: list = field(default_factory=list)
 
     @property
@@ -147,26 +147,27 @@ class ParameterGatherer:
         self.gather(unit)
 
     def _post_hook(self, unit: GatherUnit, module, args, output) -> None:
-        if unit.in_backward:
-            return  # a recompute during backward: backward still needs the weights
+        if torch._C._current_graph_task_id() != -1:  # in a backward: a recompute, which
+            return  # must not free: backward still needs the weights
         outputs = output if isinstance(output, (tuple, list)) else (output,)
+        began = [False]  # this forward's backward begins at its outputs' first gradient
         for tensor in outputs:
             if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                tensor.register_hook(partial(self._output_grad_hook, unit))
+                tensor.register_hook(partial(self._output_grad_hook, unit, began))
         self.free(unit)
 
-    def _output_grad_hook(self, unit: GatherUnit, grad: torch.Tensor) -> torch.Tensor:
-        unit.in_backward = True
+    def _output_grad_hook(self, unit: GatherUnit, began: list, grad: torch.Tensor) -> torch.Tensor:
+        if not began[0]:
+            began[0], unit.backwards = True, unit.backwards + 1
         self.gather(unit)
         return grad
 
     @torch.no_grad()
     def _param_grad_hook(self, unit: GatherUnit, param: nn.Parameter) -> None:
-        """A parameter's gradient is accumulated: free its unit once all are."""
+        """A parameter's gradient is accumulated: free its unit once all (of every backward) are."""
         unit.grads_seen += 1
-        if unit.grads_seen == unit.num_params:
-            unit.grads_seen = 0
-            unit.in_backward = False
+        if unit.grads_seen == unit.num_params * max(unit.backwards, 1):
+            unit.grads_seen = unit.backwards = 0
             self.free(unit)
 
     def gather_all(self) -> None:

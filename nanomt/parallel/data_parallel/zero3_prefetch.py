@@ -17,7 +17,7 @@ the oldest and frees it, so the layers materialised at once are the running one 
 in another order): that costs memory and time, never correctness, since a unit always waits for
 its own gather whoever launched it, freeing waits for any gather still writing into the buffer,
 and step() waits for and frees every unclaimed prefetch (`release_prefetched`) before the
-shards change. A forward pre-hook that fires while a unit is in backward is an activation
+shards change. A forward pre-hook that fires inside a backward pass is an activation
 checkpointing recompute: it prefetches nothing, so the backward-order prefetch is undisturbed.
 
 What it buys, measured (docs/zero.md, `tools/bench/bench_zero.py`, dp=2 on a 2-core CPU with
@@ -81,12 +81,12 @@ class PrefetchingGatherer(ParameterGatherer):
             self.free(self.ahead[0])
 
     def _pre_hook(self, unit: GatherUnit, module, args) -> None:
-        recomputing = any(u.in_backward for u in self.units.values())
+        recompute = torch._C._current_graph_task_id() != -1  # in a backward (stage3.py)
         super()._pre_hook(unit, module, args)
-        if not recomputing:
+        if not recompute:
             self._prefetch(self.next_forward.get(unit))
 
-    def _output_grad_hook(self, unit: GatherUnit, grad: torch.Tensor) -> torch.Tensor:
-        grad = super()._output_grad_hook(unit, grad)
+    def _output_grad_hook(self, unit: GatherUnit, began: list, grad: torch.Tensor) -> torch.Tensor:
+        grad = super()._output_grad_hook(unit, began, grad)
         self._prefetch(self.next_backward.get(unit))
         return grad

@@ -62,13 +62,10 @@ class PipelineStep:
     def __init__(self, model_chunks: Sequence[nn.Module], micro_batches: Sequence[MicroBatch],
                  comm: PipelineP2P, plan: Sequence[Exchange], forward_only: bool,
                  timeline: Timeline | None, loss_scale: float | torch.Tensor = 1.0):
-        self.chunks, self.micro_batches = model_chunks, micro_batches
-        self.comm, self.plan = comm, plan
-        self.forward_only, self.timeline = forward_only, timeline
-        grid = comm.grid
-        self.pp, self.pp_rank = grid.pp_size, grid.pp_rank
-        self.m = len(micro_batches)
-        self.loss_scale = loss_scale  # fp16: backward starts from S * loss / m
+        self.chunks, self.micro_batches, self.plan = model_chunks, micro_batches, plan
+        self.comm, self.forward_only, self.timeline = comm, forward_only, timeline
+        self.pp, self.pp_rank = comm.grid.pp_size, comm.grid.pp_rank
+        self.m, self.loss_scale = len(micro_batches), loss_scale  # fp16: backward from S*loss/m
         self.last_chunk = self.pp * len(model_chunks) - 1
         self.in_flight: dict[tuple[int, int], InFlight] = {}
         self.received: dict[PipelineOp, torch.Tensor] = {}  # arrived messages, by the pass
@@ -142,7 +139,7 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
                                 micro_batches: Sequence[MicroBatch], grid: ParallelGrid, *,
                                 schedule: str = "1f1b", forward_only: bool = False,
                                 timeline: Timeline | None = None,
-                                dtype: torch.dtype | None = None,
+                                dtype: torch.dtype | None = None, step_type: type | None = None,
                                 loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Run this rank's part of the pipeline schedule. Returns the sum of micro-batch losses as
     a tensor on the micro-batches' device (last stage; zero elsewhere). Gradients accumulate in
@@ -158,8 +155,8 @@ def forward_backward_pipelining(model_chunks: Sequence[nn.Module],
     # Without SP the tp ranks hold the same activation: each sends 1/t (scatter_gather.py).
     scatter_gather = grid.tp_size > 1 and not model_chunks[0].sequence_parallel
     comm = (ScatterGatherP2P if scatter_gather else PipelineP2P)(grid, shape, dtype, device)
-    loss_sum = PipelineStep(model_chunks, micro_batches, comm, plan, forward_only, timeline,
-                            loss_scale).run()
+    loss_sum = (step_type or PipelineStep)(model_chunks, micro_batches, comm, plan, forward_only,
+                                           timeline, loss_scale).run()  # or a layer's subclass
     if not forward_only:
         allreduce_embedding_grads(model_chunks, grid)
     return loss_sum

@@ -2,7 +2,8 @@
 
 The l layers are cut into p*v equal chunks of l/(p*v) consecutive layers (Narayanan et al. 2021,
 section 2.2.2). Chunk k goes to pipeline rank k mod p, so with v > 1 each rank holds v chunks
-spread over the depth of the model (rank 0 holds chunks 0, p, 2p, ...). The first chunk also
+spread over the depth of the model (rank 0 holds chunks 0, p, 2p, ...); ZB-V places its two
+chunks per rank in a V instead (rank r: chunks r and 2p-1-r). The first chunk also
 holds the embedding, the last the final norm, the output head and the loss. (The model builds
 its chunks from these ranges: nanomt.model.chunks.)
 
@@ -28,9 +29,15 @@ def chunk_layer_ranges(num_layers: int, pp: int, virtual_stages: int) -> list[ra
     return [range(k * per_chunk, (k + 1) * per_chunk) for k in range(chunks)]
 
 
-def global_chunk_index(local_chunk: int, pp_rank: int, pp: int) -> int:
-    """Local chunk j of pipeline rank r is chunk j*p + r of the model."""
-    return local_chunk * pp + pp_rank
+def global_chunk_index(local_chunk: int, pp_rank: int, pp: int, v_shape: bool = False) -> int:
+    """Local chunk j of pipeline rank r is chunk j*p + r of the model; in ZB-V's V (`v_shape`,
+    two chunks per rank) rank r holds chunks r and 2p-1-r, so rank 0 holds the first and last."""
+    return 2 * pp - 1 - pp_rank if v_shape and local_chunk == 1 else local_chunk * pp + pp_rank
+
+
+def rank_of_chunk(global_chunk: int, pp: int, v_shape: bool = False) -> int:
+    """The pipeline rank that holds global chunk k (the inverse of global_chunk_index)."""
+    return 2 * pp - 1 - global_chunk if v_shape and global_chunk >= pp else global_chunk % pp
 
 
 def shared_embedding_params(model_chunks: list[nn.Module]) -> list[nn.Parameter]:

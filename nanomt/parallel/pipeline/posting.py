@@ -22,7 +22,9 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nanomt.parallel.pipeline.schedules import PipelineOp, schedule_slots
+from nanomt.parallel.pipeline.partition import global_chunk_index, rank_of_chunk
+from nanomt.parallel.pipeline.schedules import PipelineOp
+from nanomt.parallel.pipeline.zero_bubble import V_SHAPED, pipeline_slots
 
 
 @dataclass(frozen=True)
@@ -53,34 +55,37 @@ def message_tag(is_gradient: bool, global_chunk: int, microbatch: int, m: int) -
     return (global_chunk * m + microbatch) * 2 + is_gradient
 
 
-def send_of(op: PipelineOp, rank: int, pp: int, v: int, m: int) -> Transfer | None:
-    """What pass `op` sends: its output to the next chunk, or its input gradient to the previous."""
-    k = op.chunk * pp + rank
-    if op.kind == "F" and k < pp * v - 1:
-        return Transfer(True, op, (rank + 1) % pp, message_tag(False, k + 1, op.microbatch, m))
-    if op.kind == "B" and k > 0:
-        return Transfer(True, op, (rank - 1) % pp, message_tag(True, k - 1, op.microbatch, m))
-    return None
+def send_of(op: PipelineOp, rank: int, pp: int, v: int, m: int,
+            v_shape: bool = False) -> Transfer | None:
+    """What pass `op` sends: its output to the next chunk, or its input gradient to the
+    previous; nothing from a W, or where that chunk is on this rank (the turn of ZB-V's V)."""
+    k = global_chunk_index(op.chunk, rank, pp, v_shape)
+    to = k + 1 if op.kind == "F" else k - 1
+    if op.kind == "W" or not 0 <= to < pp * v or rank_of_chunk(to, pp, v_shape) == rank:
+        return None
+    return Transfer(True, op, rank_of_chunk(to, pp, v_shape),
+                    message_tag(op.kind == "B", to, op.microbatch, m))
 
 
-def receive_of(op: PipelineOp, rank: int, pp: int, v: int, m: int) -> Transfer | None:
-    """What pass `op` receives: its input activation, or its output's gradient."""
-    k = op.chunk * pp + rank
-    if op.kind == "F" and k > 0:
-        return Transfer(False, op, (rank - 1) % pp, message_tag(False, k, op.microbatch, m))
-    if op.kind == "B" and k < pp * v - 1:
-        return Transfer(False, op, (rank + 1) % pp, message_tag(True, k, op.microbatch, m))
-    return None
+def receive_of(op: PipelineOp, rank: int, pp: int, v: int, m: int,
+               v_shape: bool = False) -> Transfer | None:
+    """What pass `op` receives: its input activation, or its output's gradient (as send_of)."""
+    k = global_chunk_index(op.chunk, rank, pp, v_shape)
+    source = k - 1 if op.kind == "F" else k + 1
+    if op.kind == "W" or not 0 <= source < pp * v or rank_of_chunk(source, pp, v_shape) == rank:
+        return None
+    return Transfer(False, op, rank_of_chunk(source, pp, v_shape),
+                    message_tag(op.kind == "B", k, op.microbatch, m))
 
 
 def slot_exchanges(slots: Sequence[Sequence[PipelineOp]], rank: int, pp: int, v: int,
-                   m: int) -> list[Exchange]:
+                   m: int, v_shape: bool = False) -> list[Exchange]:
     """Before each slot, the sends of the slot before and the slot's receives; after the last
     slot, its sends."""
     plan, before = [], ()
     for slot in [*slots, ()]:
-        transfers = [send_of(op, rank, pp, v, m) for op in before]
-        transfers += [receive_of(op, rank, pp, v, m) for op in slot]
+        transfers = [send_of(op, rank, pp, v, m, v_shape) for op in before]
+        transfers += [receive_of(op, rank, pp, v, m, v_shape) for op in slot]
         transfers = [t for t in transfers if t is not None]
         if transfers or slot:
             plan.append(Exchange(tuple(transfers), tuple(slot)))
@@ -105,11 +110,11 @@ def split_in_peer_order(exchange: Exchange, counterpart: dict[Transfer, int]
     return [Exchange(batch) for batch in batches[:-1]] + [Exchange(batches[-1], exchange.passes)]
 
 
-def plans_from_slots(slots: Sequence[Sequence[Sequence[PipelineOp]]], v: int, m: int
-                     ) -> list[list[Exchange]]:
+def plans_from_slots(slots: Sequence[Sequence[Sequence[PipelineOp]]], v: int, m: int,
+                     v_shape: bool = False) -> list[list[Exchange]]:
     """Every rank's batches and passes, given every rank's slots."""
     pp = len(slots)
-    exchanges = [slot_exchanges(rank_slots, rank, pp, v, m) for rank, rank_slots in
+    exchanges = [slot_exchanges(rank_slots, rank, pp, v, m, v_shape) for rank, rank_slots in
                  enumerate(slots)]
     posted_at = {(rank, t.is_send, t.tag): index for rank, plan in enumerate(exchanges)
                  for index, exchange in enumerate(plan) for t in exchange.transfers}
@@ -117,6 +122,33 @@ def plans_from_slots(slots: Sequence[Sequence[Sequence[PipelineOp]]], v: int, m:
                 exchange, {t: posted_at.get((t.peer, not t.is_send, t.tag), -1)
                            for t in exchange.transfers})]
             for plan in exchanges]
+
+
+def lockstep_plans(slots: Sequence[Sequence[Sequence[PipelineOp]]], v: int, m: int,
+                   v_shape: bool = False) -> list[list[Exchange]]:
+    """Every rank's batches and passes when slot t of every rank is one time step (ZB-V's,
+    zero_bubble.zbv_steps; () an idle step): each message is sent and received in the batch
+    at the end of the step that produced it, both sides in the same order, however many steps
+    later the pass that takes it runs (it waits in the engine's received messages)."""
+    pp, num_steps = len(slots), len(slots[0])
+    taker = {t.tag: (rank, t) for rank, rank_slots in enumerate(slots) for slot in rank_slots
+             for t in (receive_of(op, rank, pp, v, m, v_shape) for op in slot) if t is not None}
+    batches: list[list[list[Transfer]]] = [[[] for _ in range(num_steps + 1)] for _ in slots]
+    for rank, rank_slots in enumerate(slots):
+        for step, slot in enumerate(rank_slots):
+            for send in filter(None, (send_of(op, rank, pp, v, m, v_shape) for op in slot)):
+                peer, receive = taker[send.tag]
+                batches[rank][step + 1].append(send)
+                batches[peer][step + 1].append(receive)
+    plans: list[list[Exchange]] = [[] for _ in slots]
+    for rank, plan in enumerate(plans):
+        for step, transfers in enumerate(batches[rank]):
+            passes = tuple(slots[rank][step]) if step < num_steps else ()
+            if transfers or not plan:
+                plan.append(Exchange(tuple(transfers), passes))
+            elif passes:  # nothing to post: the pass runs right after the ones before
+                plan[-1] = Exchange(plan[-1].transfers, plan[-1].passes + passes)
+    return plans
 
 
 def match_batches(plans: Sequence[Sequence[Exchange]]) -> dict[tuple[int, int], list]:
@@ -147,14 +179,16 @@ def match_batches(plans: Sequence[Sequence[Exchange]]) -> dict[tuple[int, int], 
     return partners
 
 
-def replay(plans: Sequence[Sequence[Exchange]], virtual_stages: int) -> None:
+def replay(plans: Sequence[Sequence[Exchange]], virtual_stages: int,
+           v_shape: bool = False) -> None:
     """The schedule simulator: check the ordering rule (match_batches), then run every rank's
     plan as the engine does; ValueError naming the stuck ranks if some would wait forever.
 
     A rank posts its next batch and waits until every partner batch is posted (a send completes
     only once its receive is posted: NCCL does not buffer); then it runs the slot's passes, each
     once its inputs exist: F(i, k) after F(i, k-1), B(i, k) after F(i, k) and B(i, k+1), with
-    global chunk k = chunk * pp + rank.
+    W(i, k) after B(i, k), with global chunk k = chunk * pp + rank (or in ZB-V's V, v_shape,
+    partition.global_chunk_index).
     """
     pp = len(plans)
     last = pp * virtual_stages - 1
@@ -163,9 +197,11 @@ def replay(plans: Sequence[Sequence[Exchange]], virtual_stages: int) -> None:
     done: set[tuple[str, int, int]] = set()
 
     def ready(rank: int, op: PipelineOp) -> bool:
-        k = op.chunk * pp + rank
+        k = global_chunk_index(op.chunk, rank, pp, v_shape)
         if op.kind == "F":
             return k == 0 or ("F", op.microbatch, k - 1) in done
+        if op.kind == "W":  # exchanges nothing: after its own B
+            return ("B", op.microbatch, k) in done
         return ("F", op.microbatch, k) in done and (k == last or ("B", op.microbatch, k + 1)
                                                     in done)
 
@@ -179,18 +215,18 @@ def replay(plans: Sequence[Sequence[Exchange]], virtual_stages: int) -> None:
             for op in plan[u].passes:  # in order, each once its inputs exist
                 if not ready(rank, op):
                     break
-                done.add((op.kind, op.microbatch, op.chunk * pp + rank))
+                done.add((op.kind, op.microbatch, global_chunk_index(op.chunk, rank, pp, v_shape)))
             else:
                 at[rank] = u + 1
                 progressed = True
     stuck = [rank for rank in range(pp) if at[rank] < len(plans[rank])]
     if stuck:
         raise ValueError("pipeline schedule would deadlock: " + ", ".join(
-            stuck_at(plans, partners, rank, at, done) for rank in stuck))
+            stuck_at(plans, partners, rank, at, done, v_shape) for rank in stuck))
 
 
 def stuck_at(plans: Sequence[Sequence[Exchange]], partners: dict, rank: int, at: list[int],
-             done: set) -> str:
+             done: set, v_shape: bool = False) -> str:
     """Where a stuck rank waits: for a peer's batch, or at a pass whose inputs never come."""
     u, pp = at[rank], len(plans)
     missing = [peer for peer, w in partners.get((rank, u), []) if at[peer] < w]
@@ -199,7 +235,8 @@ def stuck_at(plans: Sequence[Sequence[Exchange]], partners: dict, rank: int, at:
         return (f"rank {rank} waits for rank {missing[0]} in its batch before "
                 f"{'+'.join(map(str, upcoming)) or 'the end'}")
     waiting = next(op for op in plans[rank][u].passes
-                   if (op.kind, op.microbatch, op.chunk * pp + rank) not in done)
+                   if (op.kind, op.microbatch, global_chunk_index(op.chunk, rank, pp, v_shape))
+                   not in done)
     return f"rank {rank} at {waiting} (its inputs never arrive)"
 
 
@@ -207,7 +244,8 @@ def stuck_at(plans: Sequence[Sequence[Exchange]], partners: dict, rank: int, at:
 def checked_plans(schedule: str, pp: int, m: int, v: int,
                   forward_only: bool) -> tuple[tuple[Exchange, ...], ...]:
     """Every rank's batches and passes for a schedule, replayed once (cached) before they run."""
-    slots = [schedule_slots(schedule, pp, rank, m, v, forward_only) for rank in range(pp)]
-    plans = plans_from_slots(slots, v, m)
-    replay(plans, v)
+    slots = [pipeline_slots(schedule, pp, rank, m, v, forward_only) for rank in range(pp)]
+    v_shape = schedule in V_SHAPED  # ZB-V: chunks in a V (partition.py), slots in lockstep
+    plans = (lockstep_plans if v_shape else plans_from_slots)(slots, v, m, v_shape)
+    replay(plans, v, v_shape)
     return tuple(tuple(plan) for plan in plans)

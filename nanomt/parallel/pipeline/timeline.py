@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 class Timeline:
-    """Events of one rank: (kind, micro-batch, chunk, start_s, end_s); kind is F, B or wait.
+    """Events of one rank: (kind, micro-batch, chunk, start_s, end_s); kind F, B, W or wait.
 
     Only the last `keep_last` steps are held (a long run would otherwise grow without bound).
     On a GPU the passes are asynchronous, so each span records a pair of CUDA events instead of
@@ -45,12 +45,13 @@ class Timeline:
 
     @classmethod
     def of_rank(cls, grid: ParallelGrid, virtual_stages: int, num_microbatches: int,
-                device: torch.device) -> Timeline:
+                device: torch.device, schedule: str = "1f1b") -> Timeline:
         """The timeline of this rank of `grid`, its coordinates and the schedule's shape in
         its metadata (what tools/pipeline_timeline.py draws and measures)."""
         return cls({"rank": grid.rank, "pp_rank": grid.pp_rank, "tp_rank": grid.tp_rank,
                     "dp_rank": grid.dp_rank, "pp": grid.pp_size,
-                    "virtual_stages": virtual_stages, "num_microbatches": num_microbatches},
+                    "virtual_stages": virtual_stages, "num_microbatches": num_microbatches,
+                    "schedule": schedule},
                    cuda_events=device.type == "cuda")
 
     def begin_step(self, step: int) -> None:
@@ -120,9 +121,9 @@ def bubble_fraction(rank_events: list[list[list]]) -> tuple[float, float]:
     """(idle / busy, idle / span) averaged over ranks, for one step's events of every rank.
 
     The step spans from the first pass on any rank to the last; a rank is busy while it runs a
-    forward or backward pass (waits count as idle).
+    forward, backward or (zero-bubble schedules) weight-gradient pass (waits count as idle).
     """
-    passes = [[e for e in events if e[0] in ("F", "B")] for events in rank_events]
+    passes = [[e for e in events if e[0] in ("F", "B", "W")] for events in rank_events]
     start = min(e[3] for events in passes for e in events)
     end = max(e[4] for events in passes for e in events)
     span = end - start
