@@ -88,6 +88,20 @@ def my_part(t: torch.Tensor, grid: ParallelGrid, sequence_parallel: bool) -> tor
     return t
 
 
+def reduced_grad(p: torch.nn.Parameter, grid: ParallelGrid) -> tuple[str, torch.Tensor, tuple]:
+    """(name, the gradient reduced as the buffer will, the slices of the whole parameter this
+    rank holds): tp partials summed; dense gradients summed over grad_sync_group, expert ones
+    over expert_dp_group; both / (dp cp)."""
+    info = param_info(p)
+    grad = p.grad.clone()
+    if info.sequence_parallel:  # partial over tp
+        comm.all_reduce(grad, grid.tp_group)
+    comm.all_reduce(grad, grid.expert_dp_group if info.expert else grid.grad_sync_group)
+    box = info.box(tuple(p.shape), grid.tp_rank, grid.ep_rank)
+    return (info.name, grad / (grid.dp_size * grid.cp_size),
+            tuple(slice(a, b) for a, b in box))
+
+
 def run_layout(cfg, ref: dict, tp=1, dp=1, cp=1, ep=1, sequence_parallel=False) -> dict:
     grid = ParallelGrid(tp=tp, dp=dp, cp=cp, ep=ep, timeout_s=60)
     sp = sequence_parallel and tp > 1
@@ -105,14 +119,8 @@ def run_layout(cfg, ref: dict, tp=1, dp=1, cp=1, ep=1, sequence_parallel=False) 
     # x: d(sum of every rank's loss)/dx / (dp cp) against d(mean over micro-batches)/dx
     checks["x_grad"] = (x.grad / (dp * cp), my_part(ref["x_grad"][grid.dp_rank], grid, sp))
     for p in holder.parameters():
-        info = param_info(p)
-        grad = p.grad.clone()
-        if info.sequence_parallel:  # partial over tp
-            comm.all_reduce(grad, grid.tp_group)
-        comm.all_reduce(grad, grid.expert_dp_group if info.expert else grid.grad_sync_group)
-        box = info.box(tuple(p.shape), grid.tp_rank, grid.ep_rank)
-        want = ref["grads"][info.name][tuple(slice(a, b) for a, b in box)]
-        checks[info.name] = (grad / (dp * cp), want)
+        name, grad, box = reduced_grad(p, grid)
+        checks[name] = (grad, ref["grads"][name][box])
     # the record's statistics: every rank's share summed (read_step's sum) = the batch's
     table = step_statistics([holder], cfg, (dp, cp), torch.device("cpu"))
     comm.all_reduce(table, grid.grad_sync_group)
@@ -230,19 +238,14 @@ def _gpt_layouts() -> dict:
         schedule(chunks, mine, grid)
         checks = {}
         for p in (p for chunk in chunks for p in chunk.parameters()):
-            info = param_info(p)
-            grad = p.grad.clone()
-            if info.sequence_parallel:
-                comm.all_reduce(grad, grid.tp_group)
-            comm.all_reduce(grad, grid.expert_dp_group if info.expert else grid.grad_sync_group)
-            box = info.box(tuple(p.shape), grid.tp_rank, grid.ep_rank)
-            checks[info.name] = (grad / dp, ref[info.name][tuple(slice(a, b) for a, b in box)])
+            param, grad, box = reduced_grad(p, grid)
+            checks[param] = (grad, ref[param][box])
         table = step_statistics(chunks, cfg, (dp, 1), torch.device("cpu"))
         comm.all_reduce(table, grid.pp_group)
         comm.all_reduce(table, grid.grad_sync_group)
-        want = step_statistics([reference_model], cfg, (1, 1), torch.device("cpu"))
-        want[:, :2] /= dp  # the reference's one rank averaged over dp * M micro-batches
-        checks["statistics"] = (table, want * torch.tensor([dp, dp] + [1] * 4))
+        # the reference's one rank: losses averaged over its dp * M micro-batches, all counts
+        checks["statistics"] = (table, step_statistics([reference_model], cfg, (1, 1),
+                                                       torch.device("cpu")))
         results[name] = checks
     return results
 

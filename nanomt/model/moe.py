@@ -179,11 +179,14 @@ class MoEMLP(nn.Module):
         self.micro_batches = 0
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, h] -> (routing weights [T, k], expert ids [T, k], router loss to backprop)."""
+        """x [T, h] -> (routing weights [T, k], expert ids [T, k], router loss to backprop;
+        None without autograd)."""
         logits = self.router(x)
         probs = torch.softmax(logits, dim=-1)
         top_probs, expert_ids = probs.topk(self.top_k, dim=-1)
         weights = top_probs / top_probs.sum(dim=-1, keepdim=True)  # Mixtral: renormalised
+        if not torch.is_grad_enabled():  # evaluation, generation: no losses, no collectives
+            return weights, expert_ids, None
         aux, z, counts = router_losses(logits, probs, expert_ids, self.num_experts,
                                        self.aux_coef, self.z_coef, self.cp_group)
         self.note_statistics(aux, z, counts)
@@ -211,7 +214,7 @@ class MoEMLP(nn.Module):
         y = combine(outputs, weights, route).view(s, b, h)
         if self.sequence_parallel:
             y = keep_my_sequence_shard(y, self.tp_group)
-        if router_loss.requires_grad:
+        if router_loss is not None and router_loss.requires_grad:
             y = _AddAuxLossGradient.apply(y, router_loss, self.aux_loss_scale)
         return y if shared is None else y + shared
 
