@@ -105,7 +105,8 @@ def test_layer_equals_the_naive_reference(style, shared):
     assert aux.item() > 0 and z.item() > 0  # both losses are in play
 
 
-def test_router_losses_get_the_main_loss_scale():
+@pytest.mark.parametrize("as_tensor", [False, True])  # fp16: a device scalar / m
+def test_router_losses_get_the_main_loss_scale(as_tensor):
     """With scale S the layer's backward adds S * d(aux + z): the router's gradient is
     d(main) + S d(aux + z), checked against the two parts computed apart."""
     torch.manual_seed(1)
@@ -123,7 +124,8 @@ def test_router_losses_get_the_main_loss_scale():
 
     main_only = router_grad(0.0)
     aux_only = router_grad(1.0, with_main=False)
-    torch.testing.assert_close(router_grad(0.25), main_only + 0.25 * aux_only)
+    scale = torch.tensor(0.25) if as_tensor else 0.25
+    torch.testing.assert_close(router_grad(scale), main_only + 0.25 * aux_only)
     assert aux_only.abs().max() > 1e-3  # the losses' gradient is not negligible here
 
 

@@ -194,8 +194,10 @@ def test_all_to_all_bytes_equal_the_formula(ranks, layout):
 
 
 # ---- a whole GPT through the training schedules ------------------------------------------------
-GPT_LAYOUTS = {"pp2_dp2_ep2": dict(pp=2, dp=2, ep=2), "tp2_sp_dp2_ep2": dict(tp=2, dp=2, ep=2),
-               "dp4_ep4_recompute": dict(dp=4, ep=4)}
+GPT_LAYOUTS = {"pp2_dp2_ep2": dict(pp=2, dp=2, ep=2),  # 1F1B
+               "pp2_interleaved_dp2_ep2": dict(pp=2, dp=2, ep=2, virtual_stages=2),
+               "tp2_sp_dp2_ep2": dict(tp=2, dp=2, ep=2),  # sequence parallel
+               "dp4_ep4_recompute": dict(dp=4, ep=4)}  # full activation recompute
 M = 2  # micro-batches per dp rank
 
 
@@ -220,6 +222,8 @@ def _gpt_layouts() -> dict:
     cfg = gpt_config()
     results = {}
     for name, layout in GPT_LAYOUTS.items():
+        layout = dict(layout)
+        v = layout.pop("virtual_stages", 1)
         dp = layout["dp"]
         batches = gpt_batches(dp * M)
         (reference_model,) = build_model_chunks(cfg, None)
@@ -229,12 +233,12 @@ def _gpt_layouts() -> dict:
         ref = {param_info(p).name: p.grad for p in reference_model.parameters()}
         grid = ParallelGrid(timeout_s=60, **layout)
         sp = grid.tp_size > 1
-        chunks = build_model_chunks(cfg, grid, sequence_parallel=sp)
+        chunks = build_model_chunks(cfg, grid, v, sequence_parallel=sp)
         if "recompute" in name:
             set_activation_checkpointing(chunks, "full")
         set_aux_loss_scale(chunks, 1.0 / M)
         mine = batches[grid.dp_rank * M:(grid.dp_rank + 1) * M]
-        schedule = get_forward_backward_func(SimpleNamespace(pp=grid.pp_size, virtual_stages=1))
+        schedule = get_forward_backward_func(SimpleNamespace(pp=grid.pp_size, virtual_stages=v))
         schedule(chunks, mine, grid)
         checks = {}
         for p in (p for chunk in chunks for p in chunk.parameters()):

@@ -14,7 +14,10 @@ route of GShard (Lepikhin et al. 2020), dropless:
     return     the reverse regroup and all_to_all_single: every row comes home
     combine    unpermute to [T, k, h] and take the weighted sum over the k experts
 
-With ep = 1 both all-to-alls are skipped. The backward of an all-to-all is the all-to-all with
+With ep = 1 both all-to-alls are skipped. Dropless has one price: the rows per expert are
+known only after routing, and the host must know them (to size the exchange and split the rows
+among the experts), so each layer reads its counts once per micro-batch (one small copy; with
+ep > 1 the sent and received counts together), as every dropless implementation does. The backward of an all-to-all is the all-to-all with
 the splits swapped (rows go back where they came from), so gradients follow the same route.
 
 Traffic per MoE layer and micro-batch, on each rank (fp32: 4 bytes an element; the rows
