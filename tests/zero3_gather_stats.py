@@ -23,8 +23,7 @@ def watch_gathers(gatherer) -> GatherStats:
     launch, gather, free = gatherer._launch, gatherer.gather, gatherer.free
 
     def counted_launch(unit, async_op=False):
-        if gatherer.dp > 1:
-            stats.gathers += sum(not b.gathered for b in unit.buckets)
+        stats.gathers += sum(not b.gathered and b.group_size > 1 for b in unit.buckets)
         launch(unit, async_op)
         if unit.is_layer:
             live = sum(u.is_layer and u.materialised for u in gatherer.units.values())

@@ -57,6 +57,9 @@ STEP_PREFIX = "step_"
 SHAPE_FIELDS = ("style", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size",
                 "vocab_size", "tie_embeddings", "norm_eps", "rope_theta")
 GPT_SHAPE_FIELDS = SHAPE_FIELDS + ("seq_len",)
+# model.moe's (null when dense): the experts' tensors and which of them a token uses; the loss
+# coefficients may change on resume.
+MOE_SHAPE_FIELDS = ("num_experts", "top_k", "ffn_hidden_size", "every", "shared_experts")
 
 
 class CheckpointError(ConfigError):
@@ -238,6 +241,9 @@ def check_model_config(saved: dict, current: dict, where: str) -> None:
     fields = GPT_SHAPE_FIELDS if current.get("style", "gpt") == "gpt" else SHAPE_FIELDS
     differences = [f"model.{key}: checkpoint {saved.get(key)!r}, run {current.get(key)!r}"
                    for key in fields if saved.get(key) != current.get(key)]
+    saved_moe, moe = saved.get("moe") or {}, current.get("moe") or {}
+    differences += [f"model.moe.{key}: checkpoint {saved_moe.get(key)!r}, run {moe.get(key)!r}"
+                    for key in MOE_SHAPE_FIELDS if saved_moe.get(key) != moe.get(key)]
     if differences:
         raise CheckpointError(
             f"checkpoint {where} was saved for a different model ("

@@ -2,19 +2,21 @@
 
 Every local tensor is a layout-independent piece of a tensor of the single-process model, and
 its ParamInfo (nanomt.parallel.param_info, made when the model is built) says which: the name,
-the global shape, and the 1/t slice along tp_split_dim this tp rank holds. Pieces are written
-straight from it; nothing here knows the model's names.
+the global shape, the 1/t slice along tp_split_dim this tp rank holds, and for experts' weights
+the 1/ep of the experts (dim 0) this ep rank holds. Pieces are written straight from it; nothing
+here knows the model's names.
 
 Model weights: every tensor by dp (and cp) rank 0 only (the other replicas hold the same
-values); a replicated tensor by tp rank 0 only; a tied copy that is not `primary` not at all.
+values), experts' weights by the first rank of expert_dp_group (one per ep rank); a replicated
+tensor by tp rank 0 only; a tied copy that is not `primary` not at all.
 
 Optimizer state: ShardedAdamW's flat shards (nanomt/optim/sharded_adamw.py):
 `checkpoint_state()` -> (param, state_name, tensor, flat_range), flat_range being [a, b) of the
 parameter's flattened local (tp-shard) tensor held by this dp rank, and
 `load_checkpoint_state(read)` with read(param, state_name, flat_range) -> tensor. Every dp rank
-writes its own range (at stage 0, where each holds everything, dp rank 0 only). Its scalars (Adam
-step, loss scale) go to meta.json via `scalar_state()`. Under ZeRO-3 the weights too are written
-as flat pieces of each dp rank's shard and read back into it.
+writes its own range (at stage 0, where each holds everything, the rank that writes the
+weights). Its scalars (Adam step, loss scale) go to meta.json via `scalar_state()`. Under ZeRO-3
+the weights too are written as flat pieces of each dp rank's shard and read back into it.
 
 RNG: Python's, torch's CPU (and CUDA) generators and each chunk's tensor-parallel tracker.
 """
@@ -63,19 +65,29 @@ def optimizer_section(state_name: str) -> str:
     return f"optimizer/{state_name}"
 
 
-def writes_replicas(grid: Grid) -> bool:
-    return grid is None or (grid.dp_rank == 0 and grid.cp_rank == 0)
+def writes_replicas(grid: Grid, info: ParamInfo) -> bool:
+    """Whether this rank writes a value its dp x cp replicas hold too: the first of them (j =
+    dp_rank * cp + cp_rank = 0), for experts' weights the first of each ep rank's (j < ep)."""
+    if grid is None:
+        return True
+    return grid.dp_rank * grid.cp_size + grid.cp_rank < (grid.ep_size if info.expert else 1)
 
 
 def _tp_rank(grid: Grid) -> int:
     return 0 if grid is None else grid.tp_rank
 
 
+def _box(param: nn.Parameter, grid: Grid) -> list[list[int]]:
+    """The region of the global tensor this rank's `param` covers (its tp and ep slices)."""
+    ep_rank = 0 if grid is None else grid.ep_rank
+    return param_info(param).box(tuple(param.shape), _tp_rank(grid), ep_rank)
+
+
 def _piece(section: str, param: nn.Parameter, tensor: torch.Tensor, grid: Grid,
            flat: list[int] | None = None) -> tuple[Piece, torch.Tensor] | None:
     """The piece `tensor` is (the param itself, or a flat range of it) of its global tensor."""
     info = param_info(param)
-    box = info.box(tuple(param.shape), _tp_rank(grid))
+    box = _box(param, grid)
     return make_piece(section_key(section, info.name), info.name, tensor,
                       list(info.global_shape), box, flat)
 
@@ -95,10 +107,9 @@ def model_pieces(chunks: list[nn.Module], optimizer: Optimizer,
     shards = weight_shards(optimizer)
     if shards is not None:  # ZeRO-3: every dp rank writes its own flat range of each weight
         values = [(param, shard, list(flat)) for param, shard, flat in shards]
-    elif writes_replicas(grid):
-        values = [(param, param.detach(), None) for param in _parameters(chunks)]
     else:
-        return
+        values = [(param, param.detach(), None) for param in _parameters(chunks)
+                  if writes_replicas(grid, param_info(param))]
     for param, value, flat in values:
         if _stores(param_info(param), grid):
             piece = _piece(MODEL_SECTION, param, value, grid, flat)
@@ -108,9 +119,9 @@ def model_pieces(chunks: list[nn.Module], optimizer: Optimizer,
 
 def optimizer_pieces(optimizer: Optimizer, grid: Grid) -> Iterator[tuple[Piece, torch.Tensor]]:
     """This rank's pieces of the optimizer state (its flat shards), views of the live state."""
-    if optimizer.stage == 0 and not writes_replicas(grid):
-        return  # ZeRO stage 0: every dp rank holds the whole state
     for param, state_name, tensor, flat in optimizer.checkpoint_state():
+        if optimizer.stage == 0 and not writes_replicas(grid, param_info(param)):
+            continue  # ZeRO stage 0: every replica holds the whole state
         if _stores(param_info(param), grid):
             piece = _piece(optimizer_section(state_name), param, tensor, grid, list(flat))
             if piece is not None:
@@ -118,9 +129,10 @@ def optimizer_pieces(optimizer: Optimizer, grid: Grid) -> Iterator[tuple[Piece, 
 
 
 def tensor_record(info: ParamInfo) -> dict:
-    """What meta.json says of a stored tensor: the layout-independent part of its ParamInfo."""
+    """What meta.json says of a stored tensor: the layout-independent part of its ParamInfo
+    ("expert" only for experts' weights: dense checkpoints read as before)."""
     return {"global_shape": list(info.global_shape), "tp_split_dim": info.tp_split_dim,
-            "tied_group": info.tied_group}
+            "tied_group": info.tied_group, **({"expert": True} if info.expert else {})}
 
 
 def stored_records(chunks: list[nn.Module]) -> dict[str, dict]:
@@ -146,10 +158,6 @@ def weight_key(reader: Reader, name: str) -> str:
     """The most exact copy of a weight: the fp32 master of a bf16/fp16 run, if saved."""
     master = section_key(optimizer_section("master"), name)
     return master if reader.has(master) else section_key(MODEL_SECTION, name)
-
-
-def _box(param: nn.Parameter, grid: Grid) -> list[list[int]]:
-    return param_info(param).box(tuple(param.shape), _tp_rank(grid))
 
 
 @torch.no_grad()

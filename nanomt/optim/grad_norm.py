@@ -4,8 +4,11 @@
     g <- g * min(1, max_norm / (||g|| + 1e-6))
 
 A tp shard adds its own squares; a tensor replicated over tp counts on tp rank 0 only, the tied
-embedding on the first stage only; partial sums are added over tp x pp, and over dp between
-ZeRO shards. The same all-reduce sums an inf/nan carrier, so every rank agrees on an overflow.
+embedding on the first stage only; partial sums are added over tp x pp, and over dp x cp
+between ZeRO shards. Experts' weights differ across the ep ranks and are sharded (or replicated,
+at ZeRO-0) over expert_dp_group: the dp x cp ranks hold each expert element once (ZeRO) or
+expert_dp_group's rank 0 counts it, so the same sum over dp x cp counts each once.
+The same all-reduce sums an inf/nan carrier, so every rank agrees on an overflow.
 All stays on the device until `read_norm`, the step's one host read.
 """
 
@@ -35,15 +38,17 @@ def counted_once(param: nn.Parameter, tp_rank: int) -> bool:
 
 def squares_and_verdict(pieces: list[tuple[nn.Parameter, torch.Tensor]], device: torch.device,
                         grid: ParallelGrid | None, dp_group: dist.ProcessGroup | None = None,
-                        count_squares: bool = True) -> torch.Tensor:
+                        count_squares: bool | list[bool] = True) -> torch.Tensor:
     """[sum of squares of the whole gradient, inf/nan exactly when some rank's is]: fp32 on
     `device` (NCCL reduces device tensors only), equal on every rank. pieces: (parameter, its
-    gradient or a slice) on this rank; count_squares=False: only report inf/nan (a dp replica).
+    gradient or a slice) on this rank; count_squares, for all pieces or per piece: False, only
+    report inf/nan (a replica another rank counts).
     A piece's norm is inf/nan exactly when the piece holds one, so the norms' sum is the verdict.
     """
     tp_rank = grid.tp_rank if grid is not None else 0
     totals = torch.zeros(2, dtype=torch.float32, device=device)  # [sum of squares, inf/nan]
-    counts = [count_squares and counted_once(param, tp_rank) for param, _ in pieces]
+    wanted = count_squares if isinstance(count_squares, list) else [count_squares] * len(pieces)
+    counts = [want and counted_once(param, tp_rank) for (param, _), want in zip(pieces, wanted)]
     counted = [grad for (_, grad), count in zip(pieces, counts) if count]
     others = [grad for (_, grad), count in zip(pieces, counts) if not count]
     # fp64: other groupings of the same squares (other shards, layouts) agree well below fp32's

@@ -103,9 +103,9 @@ class ShardedAdamW(ShardStateProtocol):
         if scaler is not None:
             torch._foreach_mul_(grads, scaler.unscale_factor())
         pieces = [(s.param, grads[i][s.shard_lo: s.shard_hi]) for i, s, _ in self.views]
-        # At ZeRO-0 every dp replica holds the same gradients: dp rank 0 counts them.
-        totals = squares_and_verdict(pieces, self.device, self.grid, buffer.dp_group,
-                                     count_squares=self.stage > 0 or buffer.dp_rank == 0)
+        # At ZeRO-0 a bucket's group holds the same gradients: its rank 0 counts them.
+        counts = [self.stage > 0 or buffer.buckets[i].group_rank == 0 for i, _, _ in self.views]
+        totals = squares_and_verdict(pieces, self.device, self.grid, buffer.dp_group, counts)
         if scaler is not None:  # the next step's S, from the verdict, without reading it
             scaler.update(~torch.isfinite(totals).all())
         clip_(grads, totals, self.grad_clip)

@@ -75,9 +75,9 @@ class ParallelGrid:
         self.ep_group = self.expert_dp_group = None
         if world_size > 1:
             self._build_groups()
-            for name in ("tp", "cp", "pp", "grad_sync", "dp", "embedding",
-                         "model_parallel", "ep", "expert_dp"):
-                comm.name_group(getattr(self, f"{name}_group"), name)  # dp wins when cp=1
+            for name in ("tp", "cp", "pp", "ep", "expert_dp", "grad_sync", "dp", "embedding",
+                         "model_parallel"):  # a later name wins: dp when cp = ep = 1
+                comm.name_group(getattr(self, f"{name}_group"), name)
 
     def _groups_along(self, free_dims: tuple[int, ...], ranks: torch.Tensor) -> list[list[int]]:
         """Every group whose members differ only in `free_dims` of `ranks`."""

@@ -1,11 +1,13 @@
 """Flat buckets: how ZeRO lays a rank's parameters and gradients out in memory.
 
 A bucket holds several parameters of one dtype back to back in one flat buffer, padded to split
-into dp equal shards (Rajbhandari et al. 2019, section 5), and is reduced by one collective:
+into equal shards over its group (Rajbhandari et al. 2019, section 5), and is reduced by one
+collective over that group: grad_sync_group (dp x cp), or for experts' weights (ParamInfo.expert,
+never in a bucket with other parameters) expert_dp_group, the ranks holding the same experts:
 
-    bucket (padded_numel = dp * shard_numel)
+    bucket (padded_numel = group_size * shard_numel)
     | p_7 ......... | p_6 ... | p_5 ............... | pad |
-    |   shard of dp rank 0    |   shard of dp rank 1      |
+    |  shard of group rank 0  |  shard of group rank 1    |
 
 Buckets follow reverse parameter order, the order of backward, so the first complete is the
 first sent. A `ShardSegment` is one parameter's piece of my shard: the optimizer walks segments
@@ -18,6 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from nanomt.parallel import comm
+from nanomt.parallel.param_info import param_info
 
 
 @dataclass
@@ -41,6 +46,9 @@ class Bucket:
     names: list[str]
     offsets: list[int]            # start of each parameter in the flat buffer
     dtype: torch.dtype
+    group: comm.Group             # the ranks it is reduced (and sharded) over; None: one
+    group_size: int
+    group_rank: int
     numel: int                    # the parameters' elements; then padding up to padded_numel
     padded_numel: int             # shard_world * shard_numel
     shard_numel: int
@@ -66,10 +74,11 @@ class Bucket:
         return flat[self.shard_lo: self.shard_lo + self.shard_numel]
 
 
-def make_bucket(index: int, named_params: list[tuple[str, nn.Parameter]], shard_world: int,
-                shard_rank: int, owner: nn.Module | None = None) -> Bucket:
-    """Lay `named_params` out back to back, padded to shard_world equal shards (1 at ZeRO-0);
-    note which of their pieces fall in my shard."""
+def make_bucket(index: int, named_params: list[tuple[str, nn.Parameter]], group: comm.Group,
+                sharded: bool, owner: nn.Module | None = None) -> Bucket:
+    """Lay `named_params` out back to back, padded to one equal shard per rank of `group`
+    (sharded: ZeRO 1-3; else one shard, the whole bucket); note which of their pieces fall in
+    my shard."""
     dtypes = {p.dtype for _, p in named_params}
     if len(dtypes) != 1:
         raise ValueError(f"a bucket holds one dtype, got {sorted(map(str, dtypes))}")
@@ -77,11 +86,14 @@ def make_bucket(index: int, named_params: list[tuple[str, nn.Parameter]], shard_
     for _, param in named_params:
         offsets.append(total)
         total += param.numel()
+    group_rank, group_size = comm.rank_and_size(group)
+    shard_world, shard_rank = (group_size, group_rank) if sharded else (1, 0)
     shard_numel = -(-max(total, 1) // shard_world)  # rounded up
     lo, hi = shard_rank * shard_numel, (shard_rank + 1) * shard_numel
     bucket = Bucket(index=index, params=[p for _, p in named_params],
                     names=[n for n, _ in named_params], offsets=offsets, dtype=dtypes.pop(),
-                    numel=total, padded_numel=shard_world * shard_numel,
+                    group=group, group_size=group_size, group_rank=group_rank, numel=total,
+                    padded_numel=shard_world * shard_numel,
                     shard_numel=shard_numel, shard_lo=lo, owner=owner)
     for param, offset in zip(bucket.params, offsets):
         start, end = max(offset, lo), min(offset + param.numel(), hi)
@@ -94,8 +106,8 @@ def make_bucket(index: int, named_params: list[tuple[str, nn.Parameter]], shard_
 def plan_by_size(named_params: list[tuple[str, nn.Parameter]], bucket_size_mb: float,
                  separate: list[nn.Parameter]) -> list[tuple[list, nn.Module | None]]:
     """ZeRO 0-2: buckets of one dtype in backward order, each closed once it holds
-    bucket_size_mb. `separate` (the tied embedding under pp) gets its own, so its shard is the
-    same on the first and the last stage."""
+    bucket_size_mb, experts' weights never with others. `separate` (the tied embedding under
+    pp) gets its own, so its shard is the same on the first and the last stage."""
     alone = {id(p) for p in separate}
     plans = [([(n, p)], None) for n, p in named_params if id(p) in alone]
     ordered = [(n, p) for n, p in reversed(named_params) if id(p) not in alone]
@@ -104,7 +116,8 @@ def plan_by_size(named_params: list[tuple[str, nn.Parameter]], bucket_size_mb: f
     group: list[tuple[str, nn.Parameter]] = []
     size = 0
     for name, param in ordered:
-        if group and (param.dtype != group[0][1].dtype or size >= bucket_numel):
+        if group and (param.dtype != group[0][1].dtype or size >= bucket_numel
+                      or is_expert(param) != is_expert(group[0][1])):
             plans.append((group, None))
             group, size = [], 0
         group.append((name, param))
@@ -112,6 +125,16 @@ def plan_by_size(named_params: list[tuple[str, nn.Parameter]], bucket_size_mb: f
     if group:
         plans.append((group, None))
     return plans
+
+
+def is_expert(param: nn.Parameter) -> bool:
+    return param_info(param).expert
+
+
+def split_experts(named_params: list[tuple[str, nn.Parameter]]) -> list[list]:
+    """The non-empty of [the parameters that are not experts' weights, those that are]."""
+    groups = [[(n, p) for n, p in named_params if is_expert(p) == expert] for expert in (0, 1)]
+    return [group for group in groups if group]
 
 
 # Private, as FSDP2 uses it: the public `untyped_storage().resize_()` bypasses the dispatcher,

@@ -4,13 +4,16 @@ At every ZeRO stage the buffer lays the parameters out in flat buckets (buckets.
 gradient into its bucket as backward produces it (a post-accumulate-grad hook counts arrivals,
 so any schedule works), and reduces a bucket,
 
-    g <- (1/N_d) sum_r g_r   over the dp ranks r,
+    g <- (1/N_d) sum_r g_r   over the ranks r of the bucket's group, N_d = dp * cp,
 
 as soon as all its parameters have their last gradient of the step, overlapped with the rest
-of backward; after the optimizer's update it makes every rank's parameters whole again. Which
-collective, and which buffers persist, is the stage's (zero_stages.py). A first gradient is
-copied into its slot; if the dtypes agree `param.grad` becomes a view of the slot, so autograd
-adds the later micro-batches there in place.
+of backward; after the optimizer's update it makes every rank's parameters whole again. The
+group is grad_sync_group, or expert_dp_group for experts' weights, still divided by dp * cp:
+my ep group's tokens that reached my experts were all computed here, so the sum over
+expert_dp_group already covers every rank's tokens (docs/moe.md). Which collective, and which
+buffers persist, is the stage's (zero_stages.py). A first gradient is copied into its slot; if
+the dtypes agree `param.grad` becomes a view of the slot, so autograd adds the later
+micro-batches there in place.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nanomt.parallel import comm
-from nanomt.parallel.data_parallel.buckets import Bucket, make_bucket, plan_by_size
+from nanomt.parallel.data_parallel.buckets import Bucket, is_expert, make_bucket, plan_by_size
 from nanomt.parallel.data_parallel.memory_accounting import GradientMemoryMeter
 from nanomt.parallel.deferred_init import InitialValues
 from nanomt.parallel.pipeline.partition import shared_embedding_params
@@ -47,7 +50,7 @@ class GradientBuffer(GradientMemoryMeter):
     """`GradientBuffer(chunks, grid, zero_stage=s, ...)` builds the class of stage s."""
 
     stage: int
-    shards_over_dp = True  # ZeRO-1..3 split every bucket into dp shards; ZeRO-0 does not
+    shards_over_dp = True  # ZeRO-1..3 split every bucket over its group; ZeRO-0 does not
     gathers_params_after_step = False  # ZeRO-1/2: each rank updated only its shard
     _class_for: dict[tuple[int, bool], type[GradientBuffer]] = {}
 
@@ -76,17 +79,18 @@ class GradientBuffer(GradientMemoryMeter):
         self.zero3_prefetch = zero3_prefetch
         self.in_flight_limit = int((reduce_in_flight_mb or bucket_size_mb) * 2**20)
         self.dp_group = grid.grad_sync_group if grid is not None else None  # dp x cp
-        self.dp = comm.group_size(self.dp_group)
-        self.dp_rank = dist.get_rank(self.dp_group) if self.dp > 1 else 0
+        self.dp_rank, self.dp = comm.rank_and_size(self.dp_group)
+        expert_dp_group = grid.expert_dp_group if grid is not None else None
         self.gatherer: ParameterGatherer | None = None  # ZeRO-3 (stage3.py)
 
         named = [(f"{chunk_index}.{name}", param) for chunk_index, chunk in enumerate(self.chunks)
                  for name, param in chunk.named_parameters() if param.requires_grad]
         self.names = {id(param): name for name, param in named}
         self.shared_ids = {id(p) for p in self.shared_embedding_params()}
-        shard_world, shard_rank = (self.dp, self.dp_rank) if self.shards_over_dp else (1, 0)
-        self.buckets = [make_bucket(index, params, shard_world, shard_rank, owner)
-                        for index, (params, owner) in enumerate(self._plan(named))]
+        self.buckets = []
+        for index, (params, owner) in enumerate(self._plan(named)):
+            group = expert_dp_group if is_expert(params[0][1]) else self.dp_group
+            self.buckets.append(make_bucket(index, params, group, self.shards_over_dp, owner))
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self.offset_of = {id(p): offset for b in self.buckets
                           for p, offset in zip(b.params, b.offsets)}
@@ -202,7 +206,7 @@ class GradientBuffer(GradientMemoryMeter):
     def _retire(self, r: Reduction) -> None:
         """Wait for one reduction (stages that free or add something extend this)."""
         if r.work is not None:
-            comm.note_operation("wait for the gradients' reduction", self.dp_group)
+            comm.note_operation("wait for the gradients' reduction", r.bucket.group)
             r.work.wait()
 
     def _wait_for_reductions(self) -> None:
@@ -240,11 +244,12 @@ class GradientBuffer(GradientMemoryMeter):
 
     def _all_gather_params(self) -> None:
         """All-gather each bucket in place (my shard is already my slot of the output)."""
-        works = [comm.all_gather_into(b.param_buffer, self.own_param_shard(b), self.dp_group,
+        works = [comm.all_gather_into(b.param_buffer, self.own_param_shard(b), b.group,
                                       async_op=True) for b in self.buckets]
         comm.note_operation("wait for all_gather (parameters)", self.dp_group)
         for work in works:
-            work.wait()
+            if work is not None:  # None: a bucket whose group has one rank
+                work.wait()
 
     def wait_for_params(self) -> None:
         """Wait for the gathers a step left in flight (param_gather.py), before reading the

@@ -42,7 +42,7 @@ class ReduceEveryMicrobatch:
     def _reduce_scatter(self, b: Bucket, full: torch.Tensor) -> Reduction:
         if b.rounds_launched == 1:
             return super()._reduce_scatter(b, full)
-        work = comm.reduce_scatter_into(b.shard_of(full), full, self.dp_group, async_op=True)
+        work = comm.reduce_scatter_into(b.shard_of(full), full, b.group, async_op=True)
         return Reduction(b, work, full, adds_to_shard=True)
 
     def _retire(self, r: Reduction) -> None:

@@ -51,9 +51,9 @@ class ChunkRecord:
 class PendingParamGathers:
     """The parameter all-gathers a step launched and no one has waited for, by bucket index."""
 
-    def __init__(self, chunks: list[nn.Module], buckets: list, group):
+    def __init__(self, chunks: list[nn.Module], buckets: list):
         bucket_index_of = {id(p): b.index for b in buckets for p in b.params}
-        self.group = group
+        self.buckets = buckets
         self.pending: dict[int, dist.Work] = {}  # bucket index -> its all-gather in flight
         self.use_order: list[int] = []  # bucket indices as the forward first waits for them
         self.waited_in_forward = 0
@@ -84,7 +84,7 @@ class PendingParamGathers:
         """Start every bucket's all-gather, first-needed first, and leave it in flight."""
         for index in self.launch_order(len(buckets)):
             b = buckets[index]
-            work = comm.all_gather_into(b.param_buffer, own_shard(b), self.group, async_op=True)
+            work = comm.all_gather_into(b.param_buffer, own_shard(b), b.group, async_op=True)
             if work is not None:
                 self.pending[index] = work
 
@@ -92,7 +92,7 @@ class PendingParamGathers:
         """Wait for the pending gathers of `indices`; returns how many there were."""
         due = [index for index in indices if index in self.pending]
         if due:
-            comm.note_operation("wait for all_gather (parameters)", self.group)
+            comm.note_operation("wait for all_gather (parameters)", self.buckets[due[0]].group)
         for index in due:
             self.pending.pop(index).wait()
         return len(due)
@@ -132,7 +132,7 @@ class OverlappedParamGather:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if kwargs.get("overlap_param_gather") and self.gathers_params_after_step and self.dp > 1:
-            self.param_gathers = PendingParamGathers(self.chunks, self.buckets, self.dp_group)
+            self.param_gathers = PendingParamGathers(self.chunks, self.buckets)
 
     def _all_gather_params(self) -> None:
         if self.param_gathers is None:

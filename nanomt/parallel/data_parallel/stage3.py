@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from nanomt.parallel import comm
-from nanomt.parallel.data_parallel.buckets import Bucket, resize_storage
+from nanomt.parallel.data_parallel.buckets import Bucket, resize_storage, split_experts
 
 
 def plan_by_layer(chunks: list[nn.Module], names: dict[int, str],
                   separate: list[nn.Parameter]) -> list[tuple[list, nn.Module]]:
-    """One bucket per transformer layer, in backward order, and for the rest of each chunk two:
+    """One bucket per transformer layer (experts' weights in a second), in backward order,
+    and for the rest of each chunk two:
     the parameters registered after the layers (their gradients arrive first in backward) and
     those before them (they arrive last), so neither waits through the whole backward."""
     alone = {id(p) for p in separate}
@@ -38,8 +39,7 @@ def plan_by_layer(chunks: list[nn.Module], names: dict[int, str],
         for layer in reversed(layers):
             params = [(names[id(p)], p) for p in layer.parameters() if p.requires_grad]
             in_layers.update(id(p) for _, p in params)
-            if params:
-                plans.append((params, layer))
+            plans += [(group, layer) for group in split_experts(params)]
         before_layers, after_layers, seen_layer = [], [], False
         for param in chunk.parameters():
             if id(param) in in_layers:
@@ -100,8 +100,7 @@ def running_backward() -> bool:
 class ParameterGatherer:
     """The hooks that gather each unit before its forward and backward and free it after."""
 
-    def __init__(self, chunks: list[nn.Module], buckets: list[Bucket], group):
-        self.dp_group, self.dp = group, comm.group_size(group)
+    def __init__(self, chunks: list[nn.Module], buckets: list[Bucket]):
         self.units: dict[int, GatherUnit] = {}
         chunk_ids = {id(chunk) for chunk in chunks}
         for bucket in buckets:
@@ -123,14 +122,15 @@ class ParameterGatherer:
             if b.gathered:
                 continue
             materialise_params(b)
-            work = comm.all_gather_into(b.param_buffer, b.param_shard, self.dp_group,
+            work = comm.all_gather_into(b.param_buffer, b.param_shard, b.group,
                                         async_op=async_op)
             if work is not None:
                 unit.works.append(work)
 
     def _wait(self, unit: GatherUnit) -> None:
         if unit.works:
-            comm.note_operation("wait for all_gather (ZeRO-3 parameters)", self.dp_group)
+            comm.note_operation("wait for all_gather (ZeRO-3 parameters)",
+                                unit.buckets[0].group)
         for work in unit.works:
             work.wait()
         unit.works.clear()

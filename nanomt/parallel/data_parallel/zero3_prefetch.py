@@ -38,8 +38,8 @@ from nanomt.parallel.data_parallel.stage3 import GatherUnit, ParameterGatherer, 
 class PrefetchingGatherer(ParameterGatherer):
     """ParameterGatherer that launches the next unit's gather when a unit starts."""
 
-    def __init__(self, chunks: list[nn.Module], buckets: list[Bucket], group, prefetch: int):
-        super().__init__(chunks, buckets, group)
+    def __init__(self, chunks: list[nn.Module], buckets: list[Bucket], prefetch: int):
+        super().__init__(chunks, buckets)
         self.prefetch = prefetch
         self.ahead: list[GatherUnit] = []  # prefetched, not yet claimed, oldest first
         self.next_forward: dict[GatherUnit, GatherUnit] = {}

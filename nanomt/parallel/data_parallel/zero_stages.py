@@ -52,7 +52,7 @@ class AllReduceBuffer(GradientBuffer, stage=0):
         return Reduction(b, self._collective(b), b.grad_buffer)
 
     def _collective(self, b: Bucket) -> dist.Work | None:
-        return comm.all_reduce_async(b.grad_buffer, self.dp_group)
+        return comm.all_reduce_async(b.grad_buffer, b.group)
 
 
 class Zero1Buffer(OverlappedParamGather, AllReduceBuffer, stage=1):
@@ -62,8 +62,7 @@ class Zero1Buffer(OverlappedParamGather, AllReduceBuffer, stage=1):
     gathers_params_after_step = True
 
     def _collective(self, b: Bucket) -> dist.Work | None:
-        return comm.reduce_scatter_into(b.grad_shard, b.grad_buffer, self.dp_group,
-                                        async_op=True)
+        return comm.reduce_scatter_into(b.grad_shard, b.grad_buffer, b.group, async_op=True)
 
 
 class Zero2Buffer(OverlappedParamGather, BoundedReductionsInFlight, GradientBuffer, stage=2):
@@ -102,7 +101,7 @@ class Zero2Buffer(OverlappedParamGather, BoundedReductionsInFlight, GradientBuff
 
     def _reduce_scatter(self, b: Bucket, full: torch.Tensor) -> Reduction:
         """The step's reduction writes my shard directly."""
-        work = comm.reduce_scatter_into(b.grad_shard, full, self.dp_group, async_op=True)
+        work = comm.reduce_scatter_into(b.grad_shard, full, b.group, async_op=True)
         return Reduction(b, work, full)
 
     def _start_reduction(self, b: Bucket, final: bool) -> None:
@@ -123,10 +122,9 @@ class Zero3Buffer(Zero2Buffer, stage=3):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.zero3_prefetch > 0:
-            self.gatherer = PrefetchingGatherer(self.chunks, self.buckets, self.dp_group,
-                                                self.zero3_prefetch)
+            self.gatherer = PrefetchingGatherer(self.chunks, self.buckets, self.zero3_prefetch)
         else:
-            self.gatherer = ParameterGatherer(self.chunks, self.buckets, self.dp_group)
+            self.gatherer = ParameterGatherer(self.chunks, self.buckets)
 
     def _plan(self, named: list[tuple[str, nn.Parameter]]) -> list[tuple[list, nn.Module]]:
         return plan_by_layer(self.chunks, self.names, self.shared_embedding_params())
