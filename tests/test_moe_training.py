@@ -18,6 +18,8 @@ also reducing every micro-batch), two micro-batches per step:
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -229,11 +231,11 @@ def test_expert_buckets_reduce_norm_and_step_as_one_process():
 
 # ---- the real layer (nanomt.model.moe) in every layout --------------------------------------
 SEED, M, BATCH = 1234, 2, 2  # micro-batches per rank, sequences per micro-batch
-# (style, tp, pp, dp, ep, ZeRO stage, sequence parallel) on 4 ranks
-REAL_LAYOUTS = (("llama", 1, 1, 4, 2, 1, False), ("llama", 1, 1, 4, 2, 3, False),
-                ("llama", 1, 1, 4, 4, 1, False), ("gpt", 1, 1, 4, 4, 3, False),
-                ("llama", 2, 1, 2, 2, 3, True), ("gpt", 2, 1, 2, 2, 1, True),
-                ("llama", 1, 2, 2, 2, 1, False))
+# (style, tp, pp, dp, ep, ZeRO stage, sequence parallel, pipeline schedule) on 4 ranks
+REAL_LAYOUTS = (("llama", 1, 1, 4, 2, 1, False, "1f1b"), ("llama", 1, 1, 4, 2, 3, False, "1f1b"),
+                ("llama", 1, 1, 4, 4, 1, False, "1f1b"), ("gpt", 1, 1, 4, 4, 3, False, "1f1b"),
+                ("llama", 2, 1, 2, 2, 3, True, "1f1b"), ("gpt", 2, 1, 2, 2, 1, True, "1f1b"),
+                ("llama", 1, 2, 2, 2, 1, False, "1f1b"), ("llama", 1, 2, 2, 2, 3, False, "zb_h1"))
 
 
 def moe_config(style: str):
@@ -270,7 +272,8 @@ def real_reference(style: str, dp: int) -> dict:
     return {"loss": float(loss_sum) / len(micro_batches), "grads": grads, "norm": norm}
 
 
-def _real_layout(style: str, tp: int, pp: int, dp: int, ep: int, stage: int, sp: bool) -> dict:
+def _real_layout(style: str, tp: int, pp: int, dp: int, ep: int, stage: int, sp: bool,
+                 schedule: str) -> dict:
     from nanomt.model.chunks import build_model_chunks
     from nanomt.model.moe import set_aux_loss_scale
     from nanomt.optim.grad_norm import read_norm
@@ -278,8 +281,7 @@ def _real_layout(style: str, tp: int, pp: int, dp: int, ep: int, stage: int, sp:
     from nanomt.parallel import comm
     from nanomt.parallel.data_parallel import GradientBuffer, finalize_grads
     from nanomt.parallel.grid import ParallelGrid
-    from nanomt.parallel.no_pipelining import forward_backward_no_pipelining
-    from nanomt.parallel.pipeline import forward_backward_pipelining
+    from nanomt.parallel.forward_backward import get_forward_backward_func
 
     grid = ParallelGrid(tp=tp, pp=pp, dp=dp, ep=ep)
     cfg = moe_config(style)
@@ -287,8 +289,8 @@ def _real_layout(style: str, tp: int, pp: int, dp: int, ep: int, stage: int, sp:
     buffer = GradientBuffer(chunks, grid, zero_stage=stage, num_microbatches=M)
     optimizer = ShardedAdamW(buffer, **OPTIM, grad_clip=0.0)  # for the norm only
     set_aux_loss_scale(chunks, 1.0 / M)
-    schedule = forward_backward_pipelining if pp > 1 else forward_backward_no_pipelining
-    loss = schedule(chunks, rank_micro_batches(grid.dp_rank, cfg), grid) / M
+    forward_backward = get_forward_backward_func(SimpleNamespace(pp=pp), schedule)
+    loss = forward_backward(chunks, rank_micro_batches(grid.dp_rank, cfg), grid) / M
     finalize_grads(buffer)
     norm, _, _ = read_norm(optimizer.clip_grads())
     comm.all_reduce(loss, grid.pp_group)  # only the last stage holds it
@@ -305,14 +307,15 @@ def _every_real_layout() -> dict:
 
 def test_moe_loss_and_every_gradient_equal_one_process():
     """Router, experts, shared expert and dense parts, at ep=2 and 4 with dp, ZeRO-1 and 3,
-    tp=2 + SP (both styles: fc1 split along dims 1 and 2), pp=2: the loss, every gradient
+    tp=2 + SP (both styles: fc1 split along dims 1 and 2), pp=2 (1F1B, and ZB-H1 under
+    ZeRO-3): the loss, every gradient
     after finalize_grads (at its global place: tp slice, experts at their global index) and
     the global norm equal the single process's."""
     results = run_distributed(_every_real_layout, world_size=4, timeout_s=300)
     references = {(style, dp): real_reference(style, dp) for style in ("llama", "gpt")
                   for dp in (2, 4)}
     for layout in REAL_LAYOUTS:
-        style, tp, pp, dp, ep, stage, sp = layout
+        style, tp, pp, dp, ep, stage, sp, schedule = layout
         ref = references[(style, dp)]
         shapes = {name: tuple(g.shape) for name, g in ref["grads"].items()}
         per_rank = [r[layout] for r in results]

@@ -28,7 +28,8 @@ from nanomt.parallel.pipeline.engine import forward_backward_pipelining
 from nanomt.parallel.pipeline.posting import checked_plans
 from nanomt.parallel.pipeline.zero_bubble_step import ZeroBubbleStep, ZeroBubbleVStep
 
-ZERO_BUBBLE_STEPS = {"zb_h1": ZeroBubbleStep, "zbv": ZeroBubbleVStep}  # schedule -> the engine step that runs B and W
+# schedule -> the engine step that runs its B and W passes
+ZERO_BUBBLE_STEPS = {"zb_h1": ZeroBubbleStep, "zbv": ZeroBubbleVStep}
 
 
 def get_forward_backward_func(layout, schedule: str = "1f1b") -> Callable[..., torch.Tensor]:
