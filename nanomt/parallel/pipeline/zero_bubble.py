@@ -15,12 +15,16 @@ the next forward's slot, after the batch that sends the B's gradient and receive
 input (1F1B's batch); in the cool-down it has a slot of its own.
 
 ZB-V (parallel.schedule=zbv, two chunks per rank in a V: rank r holds chunks r and 2p-1-r, so
-the first and the last are on rank 0 and chunks p-1 and p, the V's turn, share rank p-1). The
-order is played out time step by time step (`zbv_steps`: B first, then F within 1F1B's first
-stage's activations, then W), and its slots are those steps: every message is posted at the
-step after its pass on both sides (posting.lockstep_plans). With F = B = W its bubble is
-(p-1)/(6m), a third of interleaved 1F1B's (p-1)/(2m) at v = 2, at the activations of 1F1B's
-first stage on every rank.
+the first and the last are on rank 0 and chunks p-1 and p, the V's turn, share rank p-1). Each
+rank runs a fixed pattern up to its last forward, as the paper's ZB-V figure does (`zbv_head`: a warm-up to 2p chunk passes
+held, 1F1B's first stage's activations, then F, B, W of each chunk in turn, each B followed by
+its own W), then B first, else its oldest W, so the W of the cool-down fill the waits for the
+last gradients. The order is played out time step by time step (`zbv_steps`), and its slots are
+those steps: every message is posted at the end of the step that made it, on both sides
+(posting.lockstep_plans); the engine waits for a batch only before the pass that takes its
+message (zero_bubble_step.ZeroBubbleVStep). With F = B = W its bubble is (p-1)/(6m), a third of
+interleaved 1F1B's (p-1)/(2m) at v = 2; with B = 2F = 2W, as on this CPU, it stays below
+interleaved's (tests/test_zero_bubble.py times both).
 """
 
 from __future__ import annotations
@@ -73,13 +77,15 @@ def zb_h1_slots(pp: int, rank: int, m: int) -> list[tuple[PipelineOp, ...]]:
 
 
 def zbv_head(pp: int, rank: int, m: int) -> list[PipelineOp]:
-    """ZB-V on rank `rank` up to its last forward (the paper's pattern; chunk 0 is global chunk
-    `rank`, chunk 1 is 2p-1-rank):
+    """ZB-V on rank `rank` up to its last forward (chunk 0 is global chunk `rank`, chunk 1 is
+    2p-1-rank):
 
       warm-up   2(p-r)-1 forwards of chunk 0, then r pairs (F chunk 1, F chunk 0), then p-r
                 times F, B, W of chunk 1: 2p chunk passes held at most, 1F1B's first stage;
       steady    F, B, W of chunk 0, then F, B, W of chunk 1, each B followed by its own W, so
-                the cycle is 1F1B's with the backward split in two (as robust to T_B != T_F).
+                the cycle is 1F1B's with the backward split in two. Timed with B = 2F = 2W
+                at p = 2, m = 8 it idles 0.03 (tests/test_zero_bubble.py), where the greedy
+                order before it, B first in the steady state too, idled 0.27.
 
     Passes past m micro-batches (or before their F or B) are left out."""
     pattern = [("F", 0)] * (2 * (pp - rank) - 1) + [("F", 1), ("F", 0)] * rank
