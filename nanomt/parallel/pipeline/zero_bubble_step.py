@@ -14,13 +14,15 @@ evaluation (forward_only) has no backward and runs the core step unchanged.
 
 ZB-V's step also places its two chunks in a V (rank r holds chunks r and 2p-1-r,
 partition.global_chunk_index): the last rank holds chunks p-1 and p, and what one of them would
-send the other is handed over on the rank, as the message would arrive (`hand_over`). Its
-plan posts every message at the end of the time step that made it (posting.lockstep_plans), so
-waiting for each batch there would make every step as long as the slower rank's pass; instead
-a batch is posted and left in flight, and waited for only before the first pass that takes one
-of its messages (`take`), and its sent outputs are freed once it is done, all by the end of
-the step. The posting order is the plan's, so the ordering rule holds as replayed; waiting
-later than the replay's model only removes waits, so a plan that the replay runs cannot hang.
+send the other is handed over on the rank, as the message would arrive (`hand_over`).
+
+ZB-V's plan posts every message at the end of the time step that made it
+(posting.lockstep_plans), so waiting for each batch there would make every step as long as the
+slower rank's pass. Instead a batch is posted and left in flight, and waited for only before
+the first pass that takes one of its messages (`take`), with the batches before it to the same
+peers (their sent outputs' data freed there); the rest by the end of the step. The posting
+order is the plan's, so the ordering rule holds as replayed; waiting later than the replay's
+model only removes waits, so a plan that the replay runs cannot hang.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ from nanomt.parallel.weight_grad_store import STORE, deferring_weight_grads
 
 @dataclass
 class InFlightBatch:
-    """A posted batch not yet waited for: the passes its receives are for, and what it sends."""
+    """A posted batch not yet waited for: its peers, the passes its receives are for, and what
+    it sends."""
 
     batch: P2PBatch
+    peers: set[int]
     receives: set[PipelineOp]
     sending: dict[PipelineOp, torch.Tensor]
 
@@ -80,15 +84,19 @@ class ZeroBubbleVStep(ZeroBubbleStep):
         sending = {t.op: self.outgoing.pop(t.op) for t in transfers if t.is_send}
         batch, buffers = self.comm.post(transfers, sending)
         self.received.update(buffers)  # filled once the batch is waited for (take)
-        self.posted.append(InFlightBatch(batch, set(buffers), sending))
+        self.posted.append(InFlightBatch(batch, {t.peer for t in transfers}, set(buffers),
+                                         sending))
 
     def take(self, op: PipelineOp) -> None:
-        """Before pass `op`: wait for the batch holding its message, if any, and finish the
-        batches already done (their sent outputs' data is freed there)."""
-        for posted in [p for p in self.posted if op in p.receives]:
-            self.wait_for(posted)
-        for posted in [p for p in self.posted if all(w.is_completed() for w in p.batch.works)]:
-            self.wait_for(posted)
+        """Before pass `op`: wait for the batch holding its message, if any, and for the
+        batches posted before it with the same peers, which those peers have posted too (the
+        ordering rule), so they cost no further wait; their sent outputs' data is freed there
+        (gloo reports a send done only once waited for)."""
+        taken = next((i for i, p in enumerate(self.posted) if op in p.receives), None)
+        if taken is not None:
+            peers = self.posted[taken].peers
+            for posted in [p for p in self.posted[:taken + 1] if p.peers <= peers]:
+                self.wait_for(posted)
 
     def wait_for(self, posted: InFlightBatch) -> None:
         with maybe_span(self.timeline, "wait"):
