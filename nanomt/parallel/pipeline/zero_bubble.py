@@ -16,10 +16,10 @@ input (1F1B's batch); in the cool-down it has a slot of its own.
 
 ZB-V (parallel.schedule=zbv, two chunks per rank in a V: rank r holds chunks r and 2p-1-r, so
 the first and the last are on rank 0 and chunks p-1 and p, the V's turn, share rank p-1). Each
-rank runs a fixed pattern up to its last forward, as the paper's ZB-V figure does (`zbv_head`: a warm-up to 2p chunk passes
-held, 1F1B's first stage's activations, then F, B, W of each chunk in turn, each B followed by
-its own W), then B first, else its oldest W, so the W of the cool-down fill the waits for the
-last gradients. The order is played out time step by time step (`zbv_steps`), and its slots are
+rank runs a fixed pattern up to its last forward, as the paper's ZB-V figure does (`zbv_head`:
+a warm-up to 2p chunk passes held, 1F1B's first stage's activations, then F, B, W of each chunk
+in turn, each B followed by its own W), then B first, else its oldest W, so the W of the
+cool-down fill the waits for the last gradients. The order is played out time step by time step (`zbv_steps`), and its slots are
 those steps: every message is posted at the end of the step that made it, on both sides
 (posting.lockstep_plans); the engine waits for a batch only before the pass that takes its
 message (zero_bubble_step.ZeroBubbleVStep). With F = B = W its bubble is (p-1)/(6m), a third of
