@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from nanomt.parallel.pipeline.partition import global_chunk_index, rank_of_chunk
-from nanomt.parallel.pipeline.posting import checked_plans
+from nanomt.parallel.pipeline.posting import checked_plans, match_batches
 from nanomt.parallel.pipeline.schedules import PipelineOp, schedule_order
 from nanomt.parallel.pipeline.zero_bubble import zb_h1_order, zb_h1_slots, zbv_steps
 from nanomt.testing import run_distributed
@@ -282,3 +282,49 @@ def test_zero_bubble_training_matches_one_process():
         assert len(got) == 10, name
         for mine, ref in zip(got, expected[references[name]]):
             assert math.isclose(mine["loss"], ref["loss"], rel_tol=1e-5), (name, mine, ref)
+
+
+def step_time_waiting_where_taken(plans, forward: float, backward: float,
+                                  weights: float) -> float:
+    """As test_pipeline.step_time, with ZeroBubbleVStep's waits (v = 2): a rank posts each
+    batch without waiting, and waits for one only before the pass that takes its message,
+    until every partner batch is posted (test-side timing of its model)."""
+    partners, length = match_batches(plans), {"F": forward, "B": backward, "W": weights}
+    taken_from = {(rank, t.op): u for rank, plan in enumerate(plans)
+                  for u, exchange in enumerate(plan) for t in exchange.transfers if not t.is_send}
+    posted, clock, at = {}, [0.0] * len(plans), [0] * len(plans)
+    while any(u < len(plan) for u, plan in zip(at, plans)):
+        moved = False
+        for rank, plan in enumerate(plans):
+            if at[rank] == len(plan):
+                continue
+            posted.setdefault((rank, at[rank]), clock[rank])
+            t = clock[rank]
+            for op in plan[at[rank]].passes:
+                u = taken_from.get((rank, op))
+                batch = [] if u is None else [(rank, u)] + partners.get((rank, u), [])
+                if not all(b in posted for b in batch):
+                    break  # its message's batch is not posted on the far side yet
+                t = max([t] + [posted[b] for b in batch]) + length[op.kind] / 2
+            else:
+                clock[rank], at[rank], moved = t, at[rank] + 1, True
+        assert moved, "the timed plan is stuck"
+    return max(clock)
+
+
+@pytest.mark.parametrize("pp,m", [(2, 8), (4, 8), (4, 16), (8, 16)])
+def test_zbv_bubble_below_interleaved_when_b_is_twice_f(pp, m):
+    """T_B = 2 T_F = 2 T_W (this CPU's B is about twice its F): waiting for a batch only where
+    its message is taken, ZB-V's bubble stays below interleaved 1F1B's (p-1)/(2m), which no
+    ratio of the times changes; waiting at every batch (lockstep) it would not be."""
+    ideal = 4 * m
+    plans = checked_plans("zbv", pp, m, 2, False)
+    zbv = step_time_waiting_where_taken(plans, forward=1, backward=2, weights=1)
+    lockstep = step_time(plans, 2, forward=1, backward=2, weights=1)
+    interleaved = step_time(checked_plans("1f1b", pp, m, 2, False), 2, forward=1, backward=3)
+    assert (interleaved - ideal) / ideal == pytest.approx((pp - 1) / (2 * m))
+    assert (zbv - ideal) / ideal < 0.6 * (pp - 1) / (2 * m), (pp, m, zbv)
+    assert lockstep > interleaved, (pp, m, lockstep)
+    # at F = B = W the waits cost nothing: the lockstep's (p-1)/(6m)
+    assert step_time_waiting_where_taken(plans, 1, 1, 1) == pytest.approx(3 * m * (
+        1 + (pp - 1) / (6 * m)))

@@ -80,9 +80,12 @@ class PipelineStep:
             if exchange.transfers:
                 self.exchange(exchange.transfers)
             for op in exchange.passes:
-                with maybe_span(self.timeline, op.kind, op.microbatch, op.chunk):
-                    self.forward(op) if op.kind == "F" else self.backward(op)
+                self.run_pass(op)
         return self.loss_sum
+
+    def run_pass(self, op: PipelineOp) -> None:
+        with maybe_span(self.timeline, op.kind, op.microbatch, op.chunk):
+            self.forward(op) if op.kind == "F" else self.backward(op)
 
     def exchange(self, transfers: tuple[Transfer, ...]) -> None:
         """Post one batch, wait for all of it, then free the data of the outputs it sent."""

@@ -129,7 +129,7 @@ def lockstep_plans(slots: Sequence[Sequence[Sequence[PipelineOp]]], v: int, m: i
     """Every rank's batches and passes when slot t of every rank is one time step (ZB-V's,
     zero_bubble.zbv_steps; () an idle step): each message is sent and received in the batch
     at the end of the step that produced it, both sides in the same order, however many steps
-    later the pass that takes it runs (it waits in the engine's received messages)."""
+    later the pass that takes it runs (ZeroBubbleVStep waits for the batch only before it)."""
     pp, num_steps = len(slots), len(slots[0])
     taker = {t.tag: (rank, t) for rank, rank_slots in enumerate(slots) for slot in rank_slots
              for t in (receive_of(op, rank, pp, v, m, v_shape) for op in slot) if t is not None}

@@ -15,12 +15,16 @@ the next forward's slot, after the batch that sends the B's gradient and receive
 input (1F1B's batch); in the cool-down it has a slot of its own.
 
 ZB-V (parallel.schedule=zbv, two chunks per rank in a V: rank r holds chunks r and 2p-1-r, so
-the first and the last are on rank 0 and chunks p-1 and p, the V's turn, share rank p-1). The
-order is played out time step by time step (`zbv_steps`: B first, then F within 1F1B's first
-stage's activations, then W), and its slots are those steps: every message is posted at the
-step after its pass on both sides (posting.lockstep_plans). With F = B = W its bubble is
-(p-1)/(6m), a third of interleaved 1F1B's (p-1)/(2m) at v = 2, at the activations of 1F1B's
-first stage on every rank.
+the first and the last are on rank 0 and chunks p-1 and p, the V's turn, share rank p-1). Each
+rank runs a fixed pattern up to its last forward, as the paper's ZB-V figure does (`zbv_head`:
+a warm-up to 2p chunk passes held, 1F1B's first stage's activations, then F, B, W of each chunk
+in turn, each B followed by its own W), then B first, else its oldest W, so the W of the
+cool-down fill the waits for the last gradients. The order is played out time step by time step (`zbv_steps`), and its slots are
+those steps: every message is posted at the end of the step that made it, on both sides
+(posting.lockstep_plans); the engine waits for a batch only before the pass that takes its
+message (zero_bubble_step.ZeroBubbleVStep). With F = B = W its bubble is (p-1)/(6m), a third of
+interleaved 1F1B's (p-1)/(2m) at v = 2; with B = 2F = 2W, as on this CPU, it stays below
+interleaved's (tests/test_zero_bubble.py times both).
 """
 
 from __future__ import annotations
@@ -72,52 +76,85 @@ def zb_h1_slots(pp: int, rank: int, m: int) -> list[tuple[PipelineOp, ...]]:
     return slots
 
 
+def zbv_head(pp: int, rank: int, m: int) -> list[PipelineOp]:
+    """ZB-V on rank `rank` up to its last forward (chunk 0 is global chunk `rank`, chunk 1 is
+    2p-1-rank):
+
+      warm-up   2(p-r)-1 forwards of chunk 0, then r pairs (F chunk 1, F chunk 0), then p-r
+                times F, B, W of chunk 1: 2p chunk passes held at most, 1F1B's first stage;
+      steady    F, B, W of chunk 0, then F, B, W of chunk 1, each B followed by its own W, so
+                the cycle is 1F1B's with the backward split in two. Timed with B = 2F = 2W
+                at p = 2, m = 8 it idles 0.03 (tests/test_zero_bubble.py), where the greedy
+                order before it, B first in the steady state too, idled 0.27.
+
+    Passes past m micro-batches (or before their F or B) are left out."""
+    pattern = [("F", 0)] * (2 * (pp - rank) - 1) + [("F", 1), ("F", 0)] * rank
+    pattern += [("F", 1), ("B", 1), ("W", 1)] * (pp - rank)
+    pattern += [("F", 0), ("B", 0), ("W", 0), ("F", 1), ("B", 1), ("W", 1)] * m
+    count = {(kind, c): 0 for kind in "FBW" for c in (0, 1)}
+    order = []
+    for kind, c in pattern:
+        if count[("F", 0)] == count[("F", 1)] == m:
+            break
+        before = {"F": m, "B": count[("F", c)], "W": count[("B", c)]}[kind]
+        if count[(kind, c)] < before:
+            order.append(PipelineOp(kind, count[(kind, c)], c))
+            count[(kind, c)] += 1
+    return order
+
+
 @functools.lru_cache(maxsize=32)
 def zbv_steps(pp: int, m: int, forward_only: bool = False
               ) -> tuple[tuple[tuple[PipelineOp, ...], ...], ...]:
     """ZB-V on every rank, time step by time step (one pass, or () idle), played out with F, B
-    and W one step each and messages arriving by the next step. At each step every rank runs
-    the first of these that can run:
+    and W one step each and messages arriving by the next step. A rank runs its head
+    (`zbv_head`) in order, idling where a pass's input is not there yet; after its last forward
+    (evaluation: from the start), at each step the first of these that can run:
 
       1. a B whose output gradient is there, chunk 0's first (the previous stage waits);
-      2. an F whose input is there, chunk 1's first (nearer the loss: its B comes sooner),
-         unless the rank holds 2p passes whose W has not run (the activations of 1F1B's first
-         stage: p micro-batches of two chunks each);
-      3. the oldest W waiting.
+         under forward_only an F whose input is there, chunk 1's first;
+      2. the oldest W waiting: the cool-down's W fill the waits for the last gradients.
 
-    Each micro-batch's passes of one chunk run in micro-batch order (F, B and W alike)."""
+    Each chunk's F and B run in micro-batch order."""
     last = 2 * pp - 1
     finished: dict[tuple[str, int, int], int] = {}  # (kind, micro-batch, global chunk): step
     steps: list[list[tuple[PipelineOp, ...]]] = [[] for _ in range(pp)]
+    heads = [[] if forward_only else zbv_head(pp, rank, m)[::-1] for rank in range(pp)]
     next_op = [{(kind, c): 0 for kind in "FB" for c in (0, 1)} for _ in range(pp)]
     waiting_w: list[list[PipelineOp]] = [[] for _ in range(pp)]
-    held, left = [0] * pp, [2 * m * (1 if forward_only else 3)] * pp
+    tail = [("F", 1), ("F", 0)] if forward_only else [("B", 0), ("B", 1)]
 
-    def can_run(rank: int, kind: str, c: int, step: int) -> bool:
-        i, k = next_op[rank][(kind, c)], global_chunk_index(c, rank, pp, v_shape=True)
-        inputs = [("F", i, k - 1)] if kind == "F" else [("F", i, k), ("B", i, k + 1)]
-        return i < m and all(finished.get(need, step) < step for need in inputs
+    def ready(rank: int, op: PipelineOp, step: int) -> bool:
+        i, k = op.microbatch, global_chunk_index(op.chunk, rank, pp, v_shape=True)
+        inputs = {"F": [("F", i, k - 1)], "B": [("F", i, k), ("B", i, k + 1)], "W": []}
+        return i < m and all(finished.get(need, step) < step for need in inputs[op.kind]
                              if 0 <= need[2] <= last)
 
-    while any(left):
-        step = len(steps[0])
+    def choose(rank: int, step: int) -> PipelineOp | None:
+        if heads[rank]:
+            return heads[rank].pop() if ready(rank, heads[rank][-1], step) else None
+        for kind, c in tail:
+            op = PipelineOp(kind, next_op[rank][(kind, c)], c)
+            if ready(rank, op, step):
+                return op
+        return waiting_w[rank].pop(0) if waiting_w[rank] else None
+
+    left = pp * 2 * m * (1 if forward_only else 3)  # passes still to run, all ranks
+    while left:
+        step, ran = len(steps[0]), 0
         for rank in range(pp):
-            candidates = [] if forward_only else [("B", 0), ("B", 1)]
-            candidates += [("F", 1), ("F", 0)] if held[rank] < 2 * pp else []
-            kind, c = next(((kind, c) for kind, c in candidates
-                            if can_run(rank, kind, c, step)), ("W", -1))
-            if kind != "W":
-                op = PipelineOp(kind, next_op[rank][(kind, c)], c)
-                next_op[rank][(kind, c)] += 1
-                finished[(kind, op.microbatch, global_chunk_index(c, rank, pp, True))] = step
-                held[rank] += 1 if kind == "F" and not forward_only else 0
-                waiting_w[rank] += [PipelineOp("W", op.microbatch, c)] if kind == "B" else []
-            elif waiting_w[rank]:
-                op = waiting_w[rank].pop(0)
-                held[rank] -= 1
-            else:
-                steps[rank].append(())  # idle: nothing can run yet
+            op = choose(rank, step)
+            steps[rank].append(() if op is None else (op,))
+            if op is None:
                 continue
-            steps[rank].append((op,))
-            left[rank] -= 1
+            finished[(op.kind, op.microbatch, global_chunk_index(op.chunk, rank, pp, True))] = step
+            if op.kind in "FB":
+                next_op[rank][(op.kind, op.chunk)] = op.microbatch + 1
+            if op.kind == "B":
+                waiting_w[rank].append(PipelineOp("W", op.microbatch, op.chunk))
+            elif op.kind == "W" and op in waiting_w[rank]:
+                waiting_w[rank].remove(op)
+            left, ran = left - 1, ran + 1
+        if not ran and not any(s == step - 1 for s in finished.values()):
+            raise ValueError(f"ZB-V's order is stuck at step {step} (pp={pp}, m={m})")
     return tuple(tuple(rank_steps) for rank_steps in steps)
