@@ -14,7 +14,7 @@ m (T_F + T_B + T_W) per step and idles, at the start and at the end of the step:
                                                         (T_W less each stage), and the W held
                                                         back fill (p-1) T_W of the wait
     ZB-V (v = 2, a V)      (p-1)(T_F + T_B - T_W) / 2   ZB-H1's in chunks half as long:
-                                                        nanomt's greedy V order
+                                                        nanomt's V order
                                                         (zero_bubble.zbv_steps, replayed in
                                                         tests/test_zero_bubble.py); the paper's
                                                         hand-placed ZB-V reaches 0 at equal times
