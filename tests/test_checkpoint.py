@@ -132,6 +132,23 @@ def test_seq_len_refused_only_where_it_shapes_a_tensor(tmp_path):
             load_checkpoint(tmp_path / style, [GPT(longer)], None, None, longer.to_dict())
 
 
+
+def test_dense_width_refused_only_where_a_layer_is_dense(tmp_path):
+    """With experts in every layer the dense ffn_hidden_size shapes no tensor (a Mixtral import
+    sets it to the experts' width): it may differ; with one dense layer it may not."""
+    for every in (1, 2):
+        moe = {"num_experts": 2, "top_k": 1, "ffn_hidden_size": 16, "every": every}
+        saved = ModelConfig(style="llama", num_layers=2, hidden_size=16, num_heads=2,
+                            seq_len=8, vocab_size=32, ffn_hidden_size=32, moe=moe)
+        save_checkpoint(tmp_path / str(every), 1, [GPT(saved)], None, None,
+                        {"model": saved.to_dict()})
+        wider = ModelConfig(**{**saved.to_dict(), "ffn_hidden_size": 48, "moe": moe})
+        if every == 2:
+            with pytest.raises(CheckpointError, match="model.ffn_hidden_size: checkpoint 32"):
+                load_checkpoint(tmp_path / "2", [GPT(wider)], None, None, wider.to_dict())
+        else:
+            load_checkpoint(tmp_path / "1", [GPT(wider)], None, None, wider.to_dict())
+
 # ---- bit-exact resume -------------------------------------------------------------------------
 def test_exit_after_and_resume_is_bit_exact(tmp_path):
     # dropout on: the resumed run must also restore every RNG stream to match bit for bit

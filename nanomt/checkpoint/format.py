@@ -239,9 +239,11 @@ def read_region(stored: list[tuple[Piece, PieceSource]], box: list[list[int]],
 def check_model_config(saved: dict, current: dict, where: str) -> None:
     """Refuse a checkpoint whose tensors belong to a different model."""
     fields = GPT_SHAPE_FIELDS if current.get("style", "gpt") == "gpt" else SHAPE_FIELDS
+    saved_moe, moe = saved.get("moe") or {}, current.get("moe") or {}
+    if moe and moe.get("every", 1) == 1:  # every layer has experts: the dense width shapes nothing
+        fields = tuple(key for key in fields if key != "ffn_hidden_size")
     differences = [f"model.{key}: checkpoint {saved.get(key)!r}, run {current.get(key)!r}"
                    for key in fields if saved.get(key) != current.get(key)]
-    saved_moe, moe = saved.get("moe") or {}, current.get("moe") or {}
     differences += [f"model.moe.{key}: checkpoint {saved_moe.get(key)!r}, run {moe.get(key)!r}"
                     for key in MOE_SHAPE_FIELDS if saved_moe.get(key) != moe.get(key)]
     if differences:
