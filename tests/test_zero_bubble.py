@@ -24,7 +24,8 @@ from nanomt.parallel.pipeline.posting import checked_plans, match_batches
 from nanomt.parallel.pipeline.schedules import PipelineOp, schedule_order
 from nanomt.parallel.pipeline.zero_bubble import zb_h1_order, zb_h1_slots, zbv_steps
 from nanomt.testing import run_distributed
-from test_pipeline import CFG, TRAIN_OVERRIDES, read_metrics, reference, run_case, step_time
+from test_pipeline import CFG, TRAIN_OVERRIDES, read_metrics, reference, run_case
+from test_pipeline_posting import step_time
 
 UNTIED = dataclasses.replace(CFG, tie_embeddings=False)  # ZB-V: first and last chunk on rank 0
 
