@@ -220,7 +220,8 @@ def activation_terms(seq_len: int, micro_batch: int, hidden: int, heads: int, tp
     """Bytes one transformer layer keeps for its backward on one rank, term by term.
 
     s = seq_len, b = micro_batch, h = hidden, a = heads, t = tp, e = bytes_per_element (2 for
-    bf16/fp16, 4 for fp32), m = mask_bytes (a dropout mask element), f = ffn_hidden (4h), style="gpt":
+    bf16/fp16, 4 for fp32), m = mask_bytes (a dropout mask element), f = ffn_hidden (4h);
+    style="gpt" (GPT-3's layer, the paper's):
 
         attention    norm1 input                    e s b h      LayerNorm keeps its input
                      qkv input (norm1 output)       e s b h      a matmul keeps its input
@@ -252,26 +253,22 @@ def activation_terms(seq_len: int, micro_batch: int, hidden: int, heads: int, tp
         + selective      s b h (10 + 24 / t), or 34 s b h / t with sequence parallelism
         full recompute   2 s b h, or 2 s b h / t with sequence parallelism
 
-    style="llama" (RMSNorm, RoPE, SwiGLU; f is the config's, 8h/3 rounded by default) keeps,
-    besides the terms above (gelu's two replaced), what the meter finds in torch's kernels:
+    style="llama" (RMSNorm, RoPE, SwiGLU; f is the config's, 8h/3 rounded by default) keeps
+    besides (gelu's two terms replaced) what the meter finds torch's kernels keep:
 
-        attention    norm1 normalized input         e s b h      RMSNorm (composite in torch)
-                                                                 keeps x and x * rstd
-                     rotated q and k                2 e s b h    RoPE keeps q and k, attention
-                                                                 keeps the rotated ones
-                     attention output (flash)       e s b h      the kernel's output, in q's
-                                                                 contiguous [b, a, s, d/a]
-                                                                 order: the projection's
-                                                                 [s, b, h] input is a copy
-                                                                 (gpt's q is a view of qkv in
-                                                                 [s, b] order, its output too)
-        MLP          norm2 normalized input         e s b h      as norm1
+        attention    norm1 normalized input         e s b h      RMSNorm keeps x and x rstd
+                     rotated q and k                2 e s b h    beside the unrotated q, k
+                     attention output (flash)       e s b h      beside the projection input
+        MLP          norm2 normalized input         e s b h
                      gate and up (fc1 output)       2 e s b f    silu and the product keep them
-                     silu output                    e s b f      the product keeps it
+                     silu output                    e s b f
                      fc2 input (silu(gate) * up)    e s b f
 
-    The rotated q and k and the MLP's terms are split over tp, the normalized inputs whole, the
-    attention output is the core's (selective recompute drops it). At e = 2, no dropout, flash:
+    The attention kernel's output follows q's layout: llama's rotated q is contiguous
+    [b, a, s, d], so the projection's [s, b, h] input is a copy (gpt's q, a view of qkv in
+    [s, b] order, gives an output the projection reads in place). The rotated q and k and the
+    MLP's terms are split over tp, the normalized inputs whole, the attention output is the
+    core's (selective drops it). At e = 2, no dropout, flash:
         no parallelism   s b h (26 + 8 f / h) + 4 a s b        (f = 4h: 58 s b h, gpt's 32)
         tensor parallel  s b h (12 + (14 + 8 f / h) / t) + 4 a s b / t
         tp + sequence    (s b h (26 + 8 f / h) + 4 a s b) / t
