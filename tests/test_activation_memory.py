@@ -7,7 +7,7 @@
     without sequence parallelism (fp32, no dropout: CPU attention keeps no s^2 matrix, the
     formulas' flash case), and so does the saving sequence parallelism brings;
   - the same for llama layers (RMSNorm, RoPE, SwiGLU: their own terms, closed forms and meter),
-    without and with selective recompute.
+    without recompute, with selective and with full recompute.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def test_llama_formulas_reduce_to_their_closed_forms(s, b, h, a, t):
 LAYERS, SEQ, BATCH, HIDDEN, HEADS = 2, 256, 16, 32, 4
 
 
-STYLES = [("gpt", "none"), ("llama", "none"), ("llama", "selective")]  # (style, recompute)
+STYLES = [("gpt", "none"), ("llama", "none"), ("llama", "selective"),  # (style, recompute)
+          ("llama", "full")]
 
 
 def _kept_bytes(grid, sequence_parallel: bool, style: str = "gpt", recompute: str = "none"
