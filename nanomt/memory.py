@@ -172,27 +172,40 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 def _layer_terms(s: int, b: int, h: int, a: int, f: int, e: float, m: float, dropout: bool,
-                 flash: bool) -> list[tuple[str, float, str]]:
+                 flash: bool, llama: bool) -> list[tuple[str, float, str]]:
     """(what is kept, bytes at tp=1, where it lives) for one layer; `where` is "whole" (the
     hidden state between the tensor-parallel regions), "split" (inside them: heads or ffn
     columns) or "core" (the attention core: what selective recompute drops)."""
     sbh = s * b * h
-    terms = [("norm1 input", e * sbh, "whole"),
-             ("qkv input", e * sbh, "whole"),
-             ("q and k", 2 * e * sbh, "split"),
-             ("v", e * sbh, "split")]
+    norm1 = [("norm1 input", e * sbh, "whole")]
+    if llama:
+        norm1.append(("norm1 normalized input", e * sbh, "whole"))
+    terms = norm1 + [("qkv input", e * sbh, "whole"),
+                     ("q and k", 2 * e * sbh, "split"),
+                     ("v", e * sbh, "split")]
+    if llama:
+        terms.append(("rotated q and k", 2 * e * sbh, "split"))
     if flash:
         terms.append(("softmax statistics", 4 * a * s * b, "core"))  # fp32 log-sum-exp per row
+        if llama:
+            terms.append(("attention output", e * sbh, "core"))
     else:
         terms.append(("softmax output", e * a * s * s * b, "core"))
         if dropout:
             terms += [("attention dropout mask", m * a * s * s * b, "core"),
                       ("attention dropout output", e * a * s * s * b, "core")]
     terms += [("projection input", e * sbh, "split"),
-              ("norm2 input", e * sbh, "whole"),
-              ("fc1 input", e * sbh, "whole"),
-              ("gelu input", e * s * b * f, "split"),
-              ("fc2 input", e * s * b * f, "split")]
+              ("norm2 input", e * sbh, "whole")]
+    if llama:
+        terms += [("norm2 normalized input", e * sbh, "whole"),
+                  ("fc1 input", e * sbh, "whole"),
+                  ("gate and up", 2 * e * s * b * f, "split"),
+                  ("silu output", e * s * b * f, "split"),
+                  ("fc2 input", e * s * b * f, "split")]
+    else:
+        terms += [("fc1 input", e * sbh, "whole"),
+                  ("gelu input", e * s * b * f, "split"),
+                  ("fc2 input", e * s * b * f, "split")]
     if dropout:
         terms += [("attention residual dropout mask", m * sbh, "whole"),
                   ("mlp residual dropout mask", m * sbh, "whole")]
@@ -202,11 +215,13 @@ def _layer_terms(s: int, b: int, h: int, a: int, f: int, e: float, m: float, dro
 def activation_terms(seq_len: int, micro_batch: int, hidden: int, heads: int, tp: int = 1,
                      sequence_parallel: bool = False, recompute: str = "none",
                      dropout: bool = True, flash: bool = False, bytes_per_element: float = 2,
-                     mask_bytes: float = 1, ffn_hidden: int | None = None) -> dict[str, float]:
+                     mask_bytes: float = 1, ffn_hidden: int | None = None,
+                     style: str = "gpt") -> dict[str, float]:
     """Bytes one transformer layer keeps for its backward on one rank, term by term.
 
     s = seq_len, b = micro_batch, h = hidden, a = heads, t = tp, e = bytes_per_element (2 for
-    bf16/fp16, 4 for fp32), m = mask_bytes (a dropout mask element), f = ffn_hidden (4h):
+    bf16/fp16, 4 for fp32), m = mask_bytes (a dropout mask element), f = ffn_hidden (4h);
+    style="gpt" (GPT-3's layer, the paper's):
 
         attention    norm1 input                    e s b h      LayerNorm keeps its input
                      qkv input (norm1 output)       e s b h      a matmul keeps its input
@@ -237,15 +252,39 @@ def activation_terms(seq_len: int, micro_batch: int, hidden: int, heads: int, tp
         tp + sequence    s b h (34 + 5 a s / h) / t
         + selective      s b h (10 + 24 / t), or 34 s b h / t with sequence parallelism
         full recompute   2 s b h, or 2 s b h / t with sequence parallelism
+
+    style="llama" (RMSNorm, RoPE, SwiGLU; f is the config's, 8h/3 rounded by default) keeps
+    besides (gelu's two terms replaced) what the meter finds torch's kernels keep:
+
+        attention    norm1 normalized input         e s b h      RMSNorm keeps x and x rstd
+                     rotated q and k                2 e s b h    beside the unrotated q, k
+                     attention output (flash)       e s b h      beside the projection input
+        MLP          norm2 normalized input         e s b h
+                     gate and up (fc1 output)       2 e s b f    silu and the product keep them
+                     silu output                    e s b f
+                     fc2 input (silu(gate) * up)    e s b f
+
+    The attention kernel's output follows q's layout: llama's rotated q is contiguous
+    [b, a, s, d], so the projection's [s, b, h] input is a copy (gpt's q, a view of qkv in
+    [s, b] order, gives an output the projection reads in place). The rotated q and k and the
+    MLP's terms are split over tp, the normalized inputs whole, the attention output is the
+    core's (selective drops it). At e = 2, no dropout, flash:
+        no parallelism   s b h (26 + 8 f / h) + 4 a s b        (f = 4h: 58 s b h, gpt's 32)
+        tensor parallel  s b h (12 + (14 + 8 f / h) / t) + 4 a s b / t
+        tp + sequence    (s b h (26 + 8 f / h) + 4 a s b) / t
+        + selective      s b h (12 + (12 + 8 f / h) / t), or s b h (24 + 8 f / h) / t with SP
+        full recompute   as gpt's
     """
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+    if style not in ("gpt", "llama"):
+        raise ValueError(f"style must be gpt or llama, got {style!r}")
     s, b, h, a, t = seq_len, micro_batch, hidden, heads, tp
     whole_divisor = t if sequence_parallel else 1
     if recompute == "full":
         return {"layer input": bytes_per_element * s * b * h / whole_divisor}
     terms = _layer_terms(s, b, h, a, ffn_hidden or 4 * h, bytes_per_element, mask_bytes,
-                         dropout, flash)
+                         dropout, flash, style == "llama")
     return {name: value / (whole_divisor if where == "whole" else t)
             for name, value, where in terms if not (recompute == "selective" and where == "core")}
 
@@ -254,11 +293,11 @@ def activation_bytes_per_layer(seq_len: int, micro_batch: int, hidden: int, head
                                tp: int = 1, sequence_parallel: bool = False,
                                recompute: str = "none", dropout: bool = True, flash: bool = False,
                                bytes_per_element: float = 2, mask_bytes: float = 1,
-                               ffn_hidden: int | None = None) -> float:
+                               ffn_hidden: int | None = None, style: str = "gpt") -> float:
     """The sum of `activation_terms`: bytes one layer keeps for backward on one rank."""
     return sum(activation_terms(seq_len, micro_batch, hidden, heads, tp, sequence_parallel,
                                 recompute, dropout, flash, bytes_per_element, mask_bytes,
-                                ffn_hidden).values())
+                                ffn_hidden, style).values())
 
 
 __all__ += ["RECOMPUTE_MODES", "activation_bytes_per_layer", "activation_terms"]

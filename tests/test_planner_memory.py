@@ -1,6 +1,7 @@
-"""Planned bytes per rank against the memory meter, for six layouts of one small model on
+"""Planned bytes per rank against the memory meter, for seven layouts of one small model on
 8 gloo ranks (one spawn, one step each): tp x pp x dp at ZeRO-1 and ZeRO-3, interleaved
-stages, GPipe over four stages, full recompute at ZeRO-2, and dp=4 with selective recompute.
+stages, GPipe over four stages, full recompute at ZeRO-2, dp=4 with selective recompute, and
+the llama style (RMSNorm, RoPE, SwiGLU) at tp x pp x dp with sequence parallelism.
 Every rank writes `memory_per_rank` to summary.json (model state after backward from the
 optimizer's own buffers, peak activations from `PeakMemoryMeter`); the plan of the same config
 must be within 10% of the largest rank's, term by term and in total.
@@ -35,6 +36,8 @@ LAYOUTS = {  # name: overrides (8 ranks each)
                                          "train.activation_checkpointing=full"],
     "tp2 dp4 selective recompute": ["parallel.tp=2", "train.activation_checkpointing=selective",
                                     "train.micro_batch_size=2"],
+    "llama tp2 pp2 dp2 sp zero1": ["model.style=llama", "parallel.tp=2", "parallel.pp=2",
+                                   "parallel.sequence_parallel=true", "parallel.zero_stage=1"],
 }
 
 

@@ -140,7 +140,8 @@ class Plan:
 
 def layer_activation_bytes(cfg: ModelConfig, x: PlanInputs, moe: bool = False) -> float:
     """Bytes one layer (`moe`: a mixture-of-experts one) keeps per micro-batch for its backward
-    (Korthikanti et al.; an MoE layer as the module docstring says)."""
+    (Korthikanti et al.'s terms, with the llama style's RMSNorm, RoPE and SwiGLU ones; an MoE
+    layer as the module docstring says: a llama one's active experts are SwiGLU too)."""
     s, b, e = cfg.seq_len // x.cp, x.micro_batch, 4 if x.precision == "fp32" else 2
     routing = 0.0
     if moe and x.recompute != "full":  # full recompute keeps the layer's input only
@@ -149,7 +150,7 @@ def layer_activation_bytes(cfg: ModelConfig, x: PlanInputs, moe: bool = False) -
         s, b, cfg.hidden_size, cfg.num_heads, tp=x.tp,
         sequence_parallel=x.sequence_parallel, recompute=x.recompute,
         dropout=cfg.dropout > 0 or cfg.attention_dropout > 0, flash=True, bytes_per_element=e,
-        ffn_hidden=mlp_width(cfg, moe))
+        ffn_hidden=mlp_width(cfg, moe), style=cfg.style)
 
 
 def mlp_width(cfg: ModelConfig, moe: bool) -> int:
